@@ -1,0 +1,620 @@
+"""Label transfer from a reference to query cells in the shared latent space, with uncertainty.
+
+Two kinds of label knowledge can travel in a reference bundle (``manifest["labels"]``):
+
+* **Prototypes** (always, when the reference was trained with labels). Per cell type with at
+  least ``min_cells`` labelled reference cells: a small diagonal Gaussian mixture in latent space
+  (1 to ``max_prototypes`` components, chosen by BIC; each component a prototype with a mean, a
+  per-dimension spread and a weight). No reference cell leaves the operator: only these summary
+  numbers do. Classification is by a calibrated class posterior and an outlier score (see
+  :func:`predict_labels`).
+* **Reference latent atlas** (only when the operator opts in, ``include_atlas=True``): the latent
+  coordinates of every labelled reference cell and its label codes, stored as tensors
+  ``atlas.latent`` (float32, cells x latent) and ``atlas.labels.<i>`` (float32 codes, ``-1`` =
+  unlabelled) next to the model weights. Never any expression values. Used by weighted kNN
+  transfer as in scArches.
+
+Uncertainty (both methods) is ``1 - confidence`` in [0, 1], where
+``confidence = p_top * novelty_factor``:
+
+* ``p_top`` is the top class probability (kNN: summed Gaussian-kernel weight of the neighbours with
+  that label; prototypes: a softmax over per-class log densities with a temperature fitted on
+  out-of-fold reference cells).
+* ``novelty_factor`` in [0, 1] says how typical the cell's distance to the reference is, measured
+  against the same statistic on out-of-sample reference cells: ``min(1, F / tail)``, where ``F``
+  is the fraction of reference cells that are *less* typical than this cell and ``tail`` (default
+  0.05) is the reference tail fraction below which trust drops linearly to 0. So a cell that lies
+  where 95 % of reference cells lie keeps ``p_top``; a cell farther from the reference than any
+  reference cell gets uncertainty near 1. With ``novelty=False`` the kNN uncertainty is exactly
+  scArches' ``1 - p_top``.
+
+Cells whose uncertainty is above ``threshold`` (default 0.5) are called ``"Unknown"``.
+
+Everything stored in the manifest is plain JSON: strings, lists of finite floats, ints.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocols.errors import ScarchesFLError
+
+__all__ = [
+    "LABELS_SCHEMA",
+    "LABELS_SCHEMA_VERSION",
+    "UNKNOWN",
+    "LabelPrediction",
+    "LabelTransferError",
+    "build_label_knowledge",
+    "predict_labels",
+    "predict_label_levels",
+    "atlas_tensor_name",
+    "weighted_knn_transfer",
+]
+
+logger = logging.getLogger(__name__)
+
+LABELS_SCHEMA = "scarches-fl.labels"
+LABELS_SCHEMA_VERSION = 1
+UNKNOWN = "Unknown"
+ATLAS_LATENT = "atlas.latent"
+_MISSING = {"", "nan", "none", "na", "n/a", "unknown", "unassigned"}
+_N_QUANTILES = 41  # stored quantiles of the reference's own novelty statistic
+_KNN_EXACT_MAX = 50_000  # atlases up to this size use exact sklearn kNN, larger use pynndescent
+_QUERY_CHUNK = 8192
+
+
+class LabelTransferError(ScarchesFLError):
+    """Label knowledge is missing or malformed, or inputs do not fit it."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class LabelPrediction:
+    """Predicted labels for query cells.
+
+    ``pred``: str array (``"Unknown"`` where ``uncertainty > threshold``); ``uncertainty``:
+    float32 in [0, 1]; ``top_label``: the most probable known label even where ``pred`` is
+    Unknown; ``probabilities``: cells x ``classes`` float32; ``method``: ``"knn"`` or
+    ``"prototype"``.
+    """
+
+    pred: np.ndarray
+    uncertainty: np.ndarray
+    top_label: np.ndarray
+    probabilities: np.ndarray
+    classes: list[str]
+    method: str
+    novelty: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
+
+
+def atlas_tensor_name(level_index: int) -> str:
+    """Tensor name of the label codes of the ``level_index``-th label level in the atlas."""
+    return f"atlas.labels.{int(level_index)}"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _floats(a: Any) -> list:
+    """Nested lists of finite Python floats (float32 precision) for the JSON manifest."""
+    arr = np.asarray(a, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise LabelTransferError(
+            "label knowledge contains non-finite numbers; the latent embedding has NaN or inf "
+            "values -- check the model training (learning rate, input counts)"
+        )
+    return np.asarray(arr, dtype=np.float32).astype(np.float64).tolist()
+
+
+def _clean_labels(values: Any, n: int, level: str) -> np.ndarray:
+    """Labels as an object array of str, with missing entries as None."""
+    arr = np.asarray(values, dtype=object).reshape(-1)
+    if arr.shape[0] != n:
+        raise LabelTransferError(
+            f"label level {level!r} has {arr.shape[0]} entries but the latent has {n} cells; "
+            "pass one label per latent row"
+        )
+    out = np.empty(n, dtype=object)
+    for i, v in enumerate(arr):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out[i] = None
+            continue
+        s = str(v)
+        out[i] = None if s.strip().lower() in _MISSING else s
+    return out
+
+
+def _check_latent(latent: Any, what: str) -> np.ndarray:
+    z = np.asarray(latent, dtype=np.float64)
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise LabelTransferError(f"{what} must be a non-empty 2-D array (cells x latent dims)")
+    if not np.all(np.isfinite(z)):
+        raise LabelTransferError(f"{what} contains NaN or inf; re-run the embedding")
+    return z
+
+
+def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    m = np.max(a, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    return np.squeeze(m, axis=axis) + np.log(np.sum(np.exp(a - m), axis=axis))
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    m = a.max(axis=1, keepdims=True)
+    e = np.exp(a - m)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _novelty_factor(stat: np.ndarray, quantiles: Sequence[float], tail: float) -> np.ndarray:
+    """``min(1, F / tail)`` where F = fraction of reference cells whose statistic is larger
+    (more novel) than ``stat``. ``quantiles`` are the reference statistic's quantiles at
+    evenly spaced levels 0..1 (larger = more novel)."""
+    q = np.asarray(quantiles, dtype=np.float64)
+    levels = np.linspace(0.0, 1.0, q.size)
+    # make strictly increasing for interpolation
+    q = np.maximum.accumulate(q + np.arange(q.size) * 1e-12)
+    cdf = np.interp(stat, q, levels, left=0.0, right=1.0)
+    frac_more_novel = 1.0 - cdf
+    # beyond the largest reference value: decay exponentially with the distance past it,
+    # on the scale of the reference's upper spread, instead of a hard 0
+    spread = max(q[-1] - q[q.size // 2], 1e-9)
+    beyond = stat > q[-1]
+    frac_more_novel = np.where(
+        beyond, (1.0 / q.size) * np.exp(-(stat - q[-1]) / spread), frac_more_novel
+    )
+    return np.clip(frac_more_novel / max(tail, 1e-9), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# prototypes
+
+
+def _fit_type_mixture(z: np.ndarray, *, min_cells: int, max_components: int, seed: int):
+    """Diagonal GMM for one cell type: (means, stds, weights). Components chosen by BIC, each
+    with at least ``min_cells`` cells."""
+    from sklearn.mixture import GaussianMixture
+
+    n, d = z.shape
+    floor = 1e-3 + 1e-2 * float(np.median(z.std(axis=0)) if n > 1 else 1.0)
+    best = None
+    max_k = max(1, min(max_components, n // max(min_cells, 1)))
+    for k in range(1, max_k + 1):
+        if k == 1:
+            mu = z.mean(axis=0, keepdims=True)
+            sd = np.maximum(z.std(axis=0, keepdims=True), floor)
+            w = np.ones(1)
+            ll = _diag_logpdf(z, mu, sd, np.log(w)).sum()
+            n_params = 2 * d
+        else:
+            gm = GaussianMixture(
+                n_components=k, covariance_type="diag", random_state=seed, reg_covar=floor**2,
+                n_init=2, max_iter=200,
+            ).fit(z)
+            sizes = np.bincount(gm.predict(z), minlength=k)
+            if sizes.min() < min_cells:
+                continue
+            mu = gm.means_
+            sd = np.maximum(np.sqrt(gm.covariances_), floor)
+            w = gm.weights_
+            ll = _diag_logpdf(z, mu, sd, np.log(w)).sum()
+            n_params = k * 2 * d + (k - 1)
+        bic = -2.0 * ll + n_params * math.log(n)
+        if best is None or bic < best[0]:
+            best = (bic, mu, sd, w)
+    assert best is not None
+    return best[1], best[2], best[3]
+
+
+def _diag_logpdf(z: np.ndarray, mu: np.ndarray, sd: np.ndarray, logw: np.ndarray) -> np.ndarray:
+    """log sum_j w_j N(z; mu_j, diag sd_j^2) for each row of z."""
+    d = z.shape[1]
+    # (n, k)
+    maha = (((z[:, None, :] - mu[None, :, :]) / sd[None, :, :]) ** 2).sum(axis=2)
+    comp = logw[None, :] - 0.5 * maha - np.log(sd).sum(axis=1)[None, :] - 0.5 * d * math.log(
+        2 * math.pi
+    )
+    return _logsumexp(comp, axis=1)
+
+
+def _class_logdens(z: np.ndarray, protos: Sequence[Mapping[str, Any]], classes: Sequence[str]):
+    """(n, n_classes) log densities under each class's mixture."""
+    out = np.empty((z.shape[0], len(classes)))
+    by_class: dict[str, list[Mapping[str, Any]]] = {c: [] for c in classes}
+    for p in protos:
+        by_class[p["label"]].append(p)
+    for j, c in enumerate(classes):
+        ps = by_class[c]
+        mu = np.array([p["mean"] for p in ps], dtype=np.float64)
+        sd = np.array([p["std"] for p in ps], dtype=np.float64)
+        w = np.array([p["weight"] for p in ps], dtype=np.float64)
+        out[:, j] = _diag_logpdf(z, mu, sd, np.log(w / w.sum()))
+    return out
+
+
+def _mixtures_to_protos(fits: Mapping[str, tuple], counts: Mapping[str, int]) -> list[dict]:
+    protos = []
+    for label, (mu, sd, w) in fits.items():
+        for j in range(mu.shape[0]):
+            protos.append(
+                {
+                    "label": label,
+                    "mean": _floats(mu[j]),
+                    "std": _floats(sd[j]),
+                    "weight": float(np.float32(w[j])),
+                    "n_cells": int(round(float(w[j]) * counts[label])),
+                }
+            )
+    return protos
+
+
+def _fit_temperature(logdens: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(logdens / T) on held-out cells."""
+    best_t, best_nll = 1.0, np.inf
+    for t in np.exp(np.linspace(math.log(0.05), math.log(200.0), 61)):
+        p = _softmax(logdens / t)
+        nll = -np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)))
+        if nll < best_nll:
+            best_t, best_nll = float(t), nll
+    return best_t
+
+
+def _build_prototypes(
+    z: np.ndarray, y: np.ndarray, *, min_cells: int, max_prototypes: int, seed: int
+) -> dict[str, Any]:
+    labelled = np.array([v is not None for v in y])
+    values, counts = np.unique(y[labelled].astype(str), return_counts=True)
+    kept = [str(v) for v, c in zip(values, counts, strict=True) if c >= min_cells]
+    excluded = {str(v): int(c) for v, c in zip(values, counts, strict=True) if c < min_cells}
+    info: dict[str, Any] = {
+        "min_cells": int(min_cells),
+        "excluded_types": excluded,
+    }
+    if not kept:
+        info.update({"classes": [], "prototypes": []})
+        return info
+    mask = np.array([v is not None and v in set(kept) for v in y])
+    zk = z[mask]
+    yk = np.array([kept.index(v) for v in y[mask]])
+    n_counts = {c: int((yk == j).sum()) for j, c in enumerate(kept)}
+
+    # Out-of-fold log densities for temperature and novelty calibration.
+    rng = np.random.default_rng(seed)
+    n_folds = 5
+    folds = np.empty(len(yk), dtype=int)
+    for j in range(len(kept)):
+        idx = np.flatnonzero(yk == j)
+        folds[idx] = rng.permutation(np.arange(len(idx)) % n_folds)
+    oof = np.empty((len(yk), len(kept)))
+    fold_min = max(2, int(min_cells * (n_folds - 1) / n_folds))
+    for f in range(n_folds):
+        tr, te = folds != f, folds == f
+        if not te.any():
+            continue
+        fits = {}
+        for j, c in enumerate(kept):
+            zt = zk[tr & (yk == j)]
+            fits[c] = _fit_type_mixture(
+                zt, min_cells=fold_min, max_components=max_prototypes, seed=seed
+            )
+        protos = _mixtures_to_protos(fits, {c: 1 for c in kept})
+        oof[te] = _class_logdens(zk[te], protos, kept)
+    temperature = _fit_temperature(oof, yk)
+    # novelty statistic: negative best class log density (larger = farther from every type)
+    novelty_stat = -oof.max(axis=1)
+    quantiles = np.quantile(novelty_stat, np.linspace(0.0, 1.0, _N_QUANTILES))
+
+    fits = {
+        c: _fit_type_mixture(
+            zk[yk == j], min_cells=min_cells, max_components=max_prototypes, seed=seed
+        )
+        for j, c in enumerate(kept)
+    }
+    oof_acc = float(np.mean(oof.argmax(axis=1) == yk))
+    info.update(
+        {
+            "classes": kept,
+            "cell_counts": [n_counts[c] for c in kept],
+            "prototypes": _mixtures_to_protos(fits, n_counts),
+            "calibration": {
+                "temperature": float(np.float32(temperature)),
+                "novelty_statistic": "negative max class log density",
+                "novelty_quantiles": _floats(quantiles),
+                "out_of_fold_accuracy": float(np.float32(oof_acc)),
+            },
+        }
+    )
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# kNN
+
+
+def _knn(atlas: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0, exclude_self=False):
+    """(distances, indices) of the k nearest atlas rows for each query row, in chunks."""
+    k_eff = min(k + (1 if exclude_self else 0), atlas.shape[0])
+    if atlas.shape[0] <= _KNN_EXACT_MAX:
+        from sklearn.neighbors import NearestNeighbors
+
+        nn = NearestNeighbors(n_neighbors=k_eff).fit(atlas)
+        parts = [nn.kneighbors(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)]
+    else:
+        from pynndescent import NNDescent
+
+        index = NNDescent(atlas.astype(np.float32), n_neighbors=max(k_eff, 15), random_state=seed)
+        parts = []
+        for i in range(0, len(query), _QUERY_CHUNK):
+            ind, dist = index.query(query[i : i + _QUERY_CHUNK].astype(np.float32), k=k_eff)
+            parts.append((dist, ind))
+    dist = np.concatenate([p[0] for p in parts]).astype(np.float64)
+    ind = np.concatenate([p[1] for p in parts])
+    if exclude_self:
+        dist, ind = dist[:, 1:], ind[:, 1:]
+    return dist, ind
+
+
+def _kernel_weights(dist: np.ndarray) -> np.ndarray:
+    """scArches' weights: w = exp(-d / (2 / s)^2), s = std of the cell's k neighbour distances,
+    normalised to sum 1 per cell."""
+    s = dist.std(axis=1, keepdims=True)
+    scale = (2.0 / np.maximum(s, 1e-12)) ** 2
+    logits = -dist / scale
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def weighted_knn_transfer(
+    atlas_latent: np.ndarray,
+    atlas_codes: np.ndarray,
+    n_classes: int,
+    query_latent: np.ndarray,
+    *,
+    k: int = 15,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities (cells x n_classes) by weighted kNN, and the mean neighbour distance.
+
+    Unlabelled atlas cells (code < 0) are skipped. Probability of class c = summed kernel weight
+    of the neighbours labelled c.
+    """
+    keep = atlas_codes >= 0
+    a, codes = atlas_latent[keep], atlas_codes[keep].astype(np.int64)
+    if a.shape[0] == 0:
+        raise LabelTransferError("the reference atlas has no labelled cells for this level")
+    dist, ind = _knn(a, query_latent, k)
+    w = _kernel_weights(dist)
+    probs = np.zeros((query_latent.shape[0], n_classes))
+    rows = np.repeat(np.arange(query_latent.shape[0]), ind.shape[1])
+    np.add.at(probs, (rows, codes[ind].reshape(-1)), w.reshape(-1))
+    return probs, dist.mean(axis=1)
+
+
+def _build_atlas_level(z: np.ndarray, y: np.ndarray, *, k: int, seed: int) -> tuple[dict, np.ndarray]:
+    labelled = np.array([v is not None for v in y])
+    classes = sorted({str(v) for v in y[labelled]})
+    lookup = {c: i for i, c in enumerate(classes)}
+    codes = np.array([lookup[v] if v is not None else -1 for v in y], dtype=np.float32)
+    # novelty calibration: leave-one-out mean distance of labelled atlas cells to their k
+    # nearest labelled atlas neighbours
+    zl = z[labelled]
+    if zl.shape[0] > 1:
+        sub = zl
+        if zl.shape[0] > 20000:
+            sub = zl[np.random.default_rng(seed).choice(zl.shape[0], 20000, replace=False)]
+        dist, _ = _knn(zl, sub, k, seed=seed, exclude_self=True)
+        stat = dist.mean(axis=1)
+    else:
+        stat = np.zeros(1)
+    info = {
+        "classes": classes,
+        "knn_k": int(k),
+        "novelty_statistic": "mean distance to k nearest atlas cells",
+        "novelty_quantiles": _floats(np.quantile(stat, np.linspace(0.0, 1.0, _N_QUANTILES))),
+    }
+    return info, codes
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def build_label_knowledge(
+    latent: Any,
+    labels: Mapping[str, Any],
+    *,
+    min_cells: int = 20,
+    include_atlas: bool = False,
+    seed: int = 0,
+    max_prototypes: int = 3,
+    knn_k: int = 15,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Label knowledge for a bundle from the reference latent and one or more label levels.
+
+    Returns ``(labels_manifest, atlas_tensors)``: the JSON dict for ``manifest["labels"]`` and,
+    with ``include_atlas``, the tensors ``atlas.latent`` (float32) and ``atlas.labels.<i>``
+    (float32 class codes, -1 for unlabelled), else ``{}``. Prototypes are computed only for
+    types with at least ``min_cells`` labelled cells.
+    """
+    if not isinstance(labels, Mapping) or not labels:
+        raise LabelTransferError(
+            "labels must be a non-empty mapping {level name: one label per cell}, "
+            "e.g. {'cell_type': adata.obs['cell_type'].to_numpy()}"
+        )
+    if min_cells < 2:
+        raise LabelTransferError("min_cells must be at least 2")
+    z = _check_latent(latent, "the reference latent")
+    levels: dict[str, Any] = {}
+    tensors: dict[str, np.ndarray] = {}
+    for i, (name, values) in enumerate(labels.items()):
+        name = str(name)
+        y = _clean_labels(values, z.shape[0], name)
+        level: dict[str, Any] = {
+            "index": i,
+            "prototype": _build_prototypes(
+                z, y, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed
+            ),
+        }
+        if include_atlas:
+            atlas_info, codes = _build_atlas_level(z, y, k=knn_k, seed=seed)
+            atlas_info["tensor"] = atlas_tensor_name(i)
+            level["atlas"] = atlas_info
+            tensors[atlas_tensor_name(i)] = codes
+        levels[name] = level
+        logger.info(
+            "label level %r: %d prototype types (%d prototypes), %d types below min_cells=%d%s",
+            name,
+            len(level["prototype"]["classes"]),
+            len(level["prototype"]["prototypes"]),
+            len(level["prototype"]["excluded_types"]),
+            min_cells,
+            ", atlas included" if include_atlas else "",
+        )
+    if include_atlas:
+        tensors[ATLAS_LATENT] = np.ascontiguousarray(z, dtype=np.float32)
+    manifest = {
+        "schema": LABELS_SCHEMA,
+        "schema_version": LABELS_SCHEMA_VERSION,
+        "unknown_label": UNKNOWN,
+        "n_latent": int(z.shape[1]),
+        "novelty_tail": 0.05,
+        "knowledge": ["prototypes", "atlas"] if include_atlas else ["prototypes"],
+        "atlas": (
+            {"included": True, "latent_tensor": ATLAS_LATENT, "n_cells": int(z.shape[0])}
+            if include_atlas
+            else {"included": False}
+        ),
+        "levels": levels,
+    }
+    return manifest, tensors
+
+
+def _level(labels_manifest: Mapping[str, Any], label_key: str) -> Mapping[str, Any]:
+    if not labels_manifest or "levels" not in labels_manifest:
+        raise LabelTransferError(
+            "this reference carries no label knowledge; train the reference with --label-key "
+            "to get label transfer"
+        )
+    if labels_manifest.get("schema") != LABELS_SCHEMA:
+        raise LabelTransferError(
+            f"manifest['labels'] has schema {labels_manifest.get('schema')!r}, expected "
+            f"{LABELS_SCHEMA!r}; the bundle was written by an incompatible version"
+        )
+    levels = labels_manifest["levels"]
+    if label_key not in levels:
+        raise LabelTransferError(
+            f"the reference has no label level {label_key!r}; it has {sorted(levels)}. "
+            "Pass one of those as --label-key"
+        )
+    return levels[label_key]
+
+
+def predict_labels(
+    labels_manifest: Mapping[str, Any],
+    atlas_tensors: Mapping[str, np.ndarray],
+    query_latent: Any,
+    *,
+    label_key: str,
+    threshold: float = 0.5,
+    k: int = 15,
+    method: str = "auto",
+    novelty: bool = True,
+) -> LabelPrediction:
+    """Predict ``label_key`` for query cells from the bundle's label knowledge.
+
+    ``method``: ``"knn"`` (needs the opt-in atlas), ``"prototype"``, or ``"auto"`` (kNN when the
+    atlas tensors for this level are present, else prototypes). ``atlas_tensors`` may hold any
+    tensors of the bundle; only ``atlas.*`` ones are read. ``novelty=False`` gives the plain
+    scArches uncertainty ``1 - p_top``.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise LabelTransferError("threshold must be in [0, 1]")
+    level = _level(labels_manifest, label_key)
+    z = _check_latent(query_latent, "the query latent")
+    n_latent = labels_manifest.get("n_latent")
+    if n_latent is not None and z.shape[1] != int(n_latent):
+        raise LabelTransferError(
+            f"the query latent has {z.shape[1]} dims but the label knowledge was built on "
+            f"{n_latent}; embed the query with the same reference model"
+        )
+    tail = float(labels_manifest.get("novelty_tail", 0.05))
+    atlas_info = level.get("atlas")
+    has_atlas = (
+        atlas_info is not None
+        and ATLAS_LATENT in atlas_tensors
+        and atlas_info.get("tensor") in atlas_tensors
+    )
+    if method == "auto":
+        method = "knn" if has_atlas else "prototype"
+    if method == "knn":
+        if not has_atlas:
+            raise LabelTransferError(
+                "kNN label transfer needs the reference latent atlas, which this bundle does not "
+                "carry; use method='prototype' or ask the operator for a bundle with the atlas"
+            )
+        assert atlas_info is not None
+        classes = list(atlas_info["classes"])
+        a = np.asarray(atlas_tensors[ATLAS_LATENT], dtype=np.float64)
+        codes = np.asarray(atlas_tensors[atlas_info["tensor"]]).astype(np.int64)
+        if a.shape[0] != codes.shape[0]:
+            raise LabelTransferError("atlas.latent and its label codes differ in length")
+        probs, stat = weighted_knn_transfer(a, codes, len(classes), z, k=k)
+        quantiles = atlas_info["novelty_quantiles"]
+    elif method == "prototype":
+        proto = level["prototype"]
+        classes = list(proto["classes"])
+        if not classes:
+            raise LabelTransferError(
+                f"the reference has no cell type of level {label_key!r} with at least "
+                f"{proto.get('min_cells')} cells, so no prototypes; ask for an atlas bundle"
+            )
+        logdens = _class_logdens(z, proto["prototypes"], classes)
+        probs = _softmax(logdens / float(proto["calibration"]["temperature"]))
+        stat = -logdens.max(axis=1)
+        quantiles = proto["calibration"]["novelty_quantiles"]
+    else:
+        raise LabelTransferError(f"unknown method {method!r}; use 'auto', 'knn' or 'prototype'")
+
+    top = probs.argmax(axis=1)
+    p_top = probs[np.arange(len(top)), top]
+    factor = _novelty_factor(stat, quantiles, tail) if novelty else np.ones_like(p_top)
+    uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
+    top_label = np.array(classes, dtype=object)[top]
+    pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)
+    return LabelPrediction(
+        pred=pred,
+        uncertainty=uncertainty,
+        top_label=top_label,
+        probabilities=probs.astype(np.float32),
+        classes=classes,
+        method=method,
+        novelty=(1.0 - factor).astype(np.float32),
+    )
+
+
+def predict_label_levels(
+    labels_manifest: Mapping[str, Any],
+    atlas_tensors: Mapping[str, np.ndarray],
+    query_latent: Any,
+    *,
+    threshold: float = 0.5,
+    k: int = 15,
+    method: str = "auto",
+) -> dict[str, LabelPrediction]:
+    """:func:`predict_labels` for every label level the bundle carries (e.g. coarse and fine)."""
+    levels = labels_manifest.get("levels", {}) if labels_manifest else {}
+    return {
+        name: predict_labels(
+            labels_manifest, atlas_tensors, query_latent, label_key=name,
+            threshold=threshold, k=k, method=method,
+        )
+        for name in levels
+    }

@@ -196,8 +196,12 @@ def _fit_type_mixture(z: np.ndarray, *, min_cells: int, max_components: int, see
             n_params = 2 * d
         else:
             gm = GaussianMixture(
-                n_components=k, covariance_type="diag", random_state=seed, reg_covar=floor**2,
-                n_init=2, max_iter=200,
+                n_components=k,
+                covariance_type="diag",
+                random_state=seed,
+                reg_covar=floor**2,
+                n_init=2,
+                max_iter=200,
             ).fit(z)
             sizes = np.bincount(gm.predict(z), minlength=k)
             if sizes.min() < min_cells:
@@ -219,8 +223,11 @@ def _diag_logpdf(z: np.ndarray, mu: np.ndarray, sd: np.ndarray, logw: np.ndarray
     d = z.shape[1]
     # (n, k)
     maha = (((z[:, None, :] - mu[None, :, :]) / sd[None, :, :]) ** 2).sum(axis=2)
-    comp = logw[None, :] - 0.5 * maha - np.log(sd).sum(axis=1)[None, :] - 0.5 * d * math.log(
-        2 * math.pi
+    comp = (
+        logw[None, :]
+        - 0.5 * maha
+        - np.log(sd).sum(axis=1)[None, :]
+        - 0.5 * d * math.log(2 * math.pi)
     )
     return _logsumexp(comp, axis=1)
 
@@ -346,7 +353,9 @@ def _knn(atlas: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0, exclude
         from sklearn.neighbors import NearestNeighbors
 
         nn = NearestNeighbors(n_neighbors=k_eff).fit(atlas)
-        parts = [nn.kneighbors(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)]
+        parts = [
+            nn.kneighbors(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)
+        ]
     else:
         from pynndescent import NNDescent
 
@@ -398,7 +407,9 @@ def weighted_knn_transfer(
     return probs, dist.mean(axis=1)
 
 
-def _build_atlas_level(z: np.ndarray, y: np.ndarray, *, k: int, seed: int) -> tuple[dict, np.ndarray]:
+def _build_atlas_level(
+    z: np.ndarray, y: np.ndarray, *, k: int, seed: int
+) -> tuple[dict, np.ndarray]:
     labelled = np.array([v is not None for v in y])
     classes = sorted({str(v) for v in y[labelled]})
     lookup = {c: i for i, c in enumerate(classes)}
@@ -613,8 +624,13 @@ def predict_label_levels(
     levels = labels_manifest.get("levels", {}) if labels_manifest else {}
     return {
         name: predict_labels(
-            labels_manifest, atlas_tensors, query_latent, label_key=name,
-            threshold=threshold, k=k, method=method,
+            labels_manifest,
+            atlas_tensors,
+            query_latent,
+            label_key=name,
+            threshold=threshold,
+            k=k,
+            method=method,
         )
         for name in levels
     }

@@ -1,0 +1,360 @@
+"""``scarches-fl demo``: a whole consortium on loopback, on the bundled data.
+
+The demo drives the real command line in real processes, exactly as an operator, three site
+admins and an auditor would: it trains a reference on the panc8 reference studies, initialises a
+coordinator (TLS on), enrols three sites, starts the registry server, lets every site map its own
+query study and contribute (concurrently, on the same base), audits the ledger, and prints a table.
+Every process it starts is stopped by its PID, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["register", "DemoSite", "DEMO_SITES"]
+
+logger = logging.getLogger(__name__)
+
+PANC8 = "panc8_sub_nebula.h5ad"
+REFERENCE_STUDIES = ("indrop1", "indrop2", "indrop3", "indrop4", "celseq")
+
+
+@dataclass(frozen=True)
+class DemoSite:
+    site_id: str
+    studies: tuple[str, ...]
+
+
+DEMO_SITES = (
+    DemoSite("hospital-a", ("celseq2",)),
+    DemoSite("hospital-b", ("smartseq2",)),
+    DemoSite("hospital-c", ("fluidigmc1",)),
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="a coordinator, three sites and an auditor on loopback, on the bundled data",
+        description=(
+            "Run a whole consortium on this machine: train a reference on the panc8 reference "
+            "studies, start a coordinator (TLS on loopback), enrol three sites that each map "
+            "their own study and contribute signed condition weights, audit the ledger, and "
+            "print a table. Needs the shared datasets (../shared/data beside the checkout)."
+        ),
+    )
+    p.add_argument("--workdir", type=Path, default=Path("demo-workdir"),
+                   help="where every role's state, outputs and plots go (default: ./demo-workdir)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder holding panc8_sub_nebula.h5ad (default: ../shared/data, ./shared/data)")
+    p.add_argument("--max-epochs", type=int, default=None,
+                   help="reference training epochs (default: the library's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep", action="store_true", help="reuse an existing workdir's reference")
+    p.set_defaults(handler=_run_demo)
+
+
+class DemoError(Exception):
+    user_message = True
+    exit_code = 1
+
+
+def find_shared_data(explicit: Path | None) -> Path:
+    """The folder holding the bundled datasets; an error that says where it looked."""
+    candidates = []
+    if explicit is not None:
+        candidates.append(explicit)
+    if os.environ.get("SCARCHES_FL_SHARED"):
+        candidates.append(Path(os.environ["SCARCHES_FL_SHARED"]) / "data")
+    here = Path.cwd()
+    pkg_root = Path(__file__).resolve().parent.parent
+    for base in (here, pkg_root):
+        candidates += [base.parent / "shared" / "data", base / "shared" / "data"]
+    for c in candidates:
+        if (c / PANC8).is_file():
+            return c
+    raise DemoError(
+        f"could not find {PANC8}; looked in: {', '.join(str(c) for c in candidates)}. "
+        "Put the consortium's shared/ folder beside the checkout, or pass --data-dir."
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class _Processes:
+    """Every child process of the demo, so that all of them are stopped by PID."""
+
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, argv: list[str], log_path: Path) -> subprocess.Popen:
+        log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+        proc._demo_log = log  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            log = getattr(proc, "_demo_log", None)
+            if log is not None:
+                log.close()
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "scarches_fl.cli"]
+
+
+def _run(argv: list[str], log_path: Path, what: str) -> str:
+    """Run one CLI step to completion; its output goes to a log, and a failure names the log."""
+    t0 = time.monotonic()
+    res = subprocess.run(argv, capture_output=True, text=True, env=_child_env(), timeout=1800)
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(f"$ {' '.join(argv)}\n{res.stdout}{res.stderr}\n")
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-8:]
+        raise DemoError(f"{what} failed (exit {res.returncode}); log: {log_path}\n  " + "\n  ".join(tail))
+    logger.info("%s done in %.1f s", what, time.monotonic() - t0)
+    return res.stdout
+
+
+def _wait_healthy(address: str, trust: Path, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    from protocols.registry_client import RegistryClient
+
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DemoError(f"the coordinator exited with code {proc.returncode}; log: {log}")
+        try:
+            with RegistryClient(address, trust=json.loads(trust.read_text()), timeout=2) as client:
+                client.health()
+                return
+        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+            last = exc
+            time.sleep(0.3)
+    raise DemoError(f"the coordinator did not become healthy within {timeout:.0f} s ({last}); log: {log}")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    data_dir = find_shared_data(args.data_dir)
+    panc8 = data_dir / PANC8
+    wd: Path = args.workdir.resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    logs = wd / "logs"
+    logs.mkdir(exist_ok=True)
+    print(f"scarches-fl demo: workdir {wd}, data {panc8}")
+
+    procs = _Processes()
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+
+    def _on_sigterm(signum, frame):  # noqa: ANN001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _consortium(args, panc8, wd, logs, procs)
+    finally:
+        procs.stop_all()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, procs: _Processes) -> int:
+    t_start = time.monotonic()
+    cli = _cli()
+    reference = wd / "operator" / "reference"
+    if not (args.keep and (reference / "manifest.json").is_file()):
+        print(f"[1/6] operator: training the reference on {', '.join(REFERENCE_STUDIES)}")
+        train = cli + [
+            "reference", "train", "--data", str(panc8), "--batch-key", "batch",
+            "--label-key", "cell_type", "--batches", ",".join(REFERENCE_STUDIES),
+            "--seed", str(args.seed), "--out", str(reference),
+        ]
+        if args.max_epochs is not None:
+            train += ["--max-epochs", str(args.max_epochs)]
+        _run(train, logs / "reference.log", "reference training")
+    else:
+        print("[1/6] operator: reusing the trained reference")
+
+    state = wd / "operator" / "coordinator"
+    if state.exists():
+        import shutil
+
+        shutil.rmtree(state)
+    print("[2/6] operator: initialising the coordinator (log key, operator key, TLS, genesis)")
+    _run(cli + ["coordinator", "init", "--dir", str(state), "--reference", str(reference),
+                "--origin", "demo.scarches-fl.local/ledger"], logs / "coordinator-init.log", "coordinator init")
+    trust = state / "trust.json"
+
+    print(f"[3/6] sites: {len(DEMO_SITES)} site keys made at the sites, enrolled by the operator")
+    for site in DEMO_SITES:
+        site_dir = wd / "sites" / site.site_id
+        if site_dir.exists():
+            import shutil
+
+            shutil.rmtree(site_dir)
+        _run(cli + ["site", "keygen", "--out", str(site_dir / "keys")], logs / f"{site.site_id}.log", "site keygen")
+        _run(cli + ["coordinator", "enroll", "--dir", str(state), "--site-id", site.site_id,
+                    "--public-key", str(site_dir / "keys" / "site.pub")], logs / "coordinator-enroll.log",
+             f"enrolling {site.site_id}")
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    print(f"[4/6] operator: serving the registry on {address} (TLS)")
+    server_log = logs / "coordinator-serve.log"
+    server = procs.start(cli + ["coordinator", "serve", "--dir", str(state), "--listen", address], server_log)
+    _wait_healthy(address, trust, server, server_log)
+
+    print("[5/6] sites: each maps its own study on the same base and contributes (concurrently)")
+    running = []
+    for site in DEMO_SITES:
+        site_dir = wd / "sites" / site.site_id
+        argv = cli + [
+            "site", "map", "--coordinator", address, "--trust", str(trust),
+            "--key", str(site_dir / "keys" / "site.key"), "--site-id", site.site_id,
+            "--state", str(site_dir / "state"), "--data", str(panc8), "--batch-key", "batch",
+            "--label-key", "cell_type", "--batches", ",".join(site.studies),
+            "--out", str(site_dir / "mapped.h5ad"),
+        ]
+        log = logs / f"{site.site_id}.log"
+        running.append((site, procs.start(argv, log), time.monotonic(), log))
+    site_seconds: dict[str, float] = {}
+    for site, proc, t0, log in running:
+        rc = proc.wait(timeout=1800)
+        site_seconds[site.site_id] = time.monotonic() - t0
+        if rc != 0:
+            raise DemoError(f"site {site.site_id} failed to map (exit {rc}); log: {log}")
+
+    print("[6/6] auditor: verifying the ledger and replaying the served model")
+    audit_report = wd / "auditor" / "audit-report.md"
+    audit_report.parent.mkdir(parents=True, exist_ok=True)
+    audit_out = _run(cli + ["audit", "--coordinator", address, "--trust", str(trust),
+                            "--state", str(wd / "auditor" / "state"), "--report", str(audit_report)],
+                     logs / "audit.log", "audit")
+
+    rows = _site_rows(wd, panc8, site_seconds)
+    plots = _plots(wd, panc8, reference)
+    _print_table(rows)
+    verdict = [line for line in audit_out.splitlines() if line.strip()]
+    print("\nauditor: " + (verdict[-1] if verdict else "(no output)"))
+    print(f"audit report: {audit_report}")
+    for p in plots:
+        print(f"plot: {p}")
+    (wd / "demo-summary.json").write_text(json.dumps({"sites": rows, "plots": [str(p) for p in plots],
+                                                      "seconds": time.monotonic() - t_start}, indent=2))
+    print(f"total: {time.monotonic() - t_start:.0f} s; summary in {wd / 'demo-summary.json'}")
+    return 0
+
+
+def _site_rows(wd: Path, panc8: Path, seconds: dict[str, float]) -> list[dict]:
+    import anndata as ad
+    import numpy as np
+
+    rows = []
+    for site in DEMO_SITES:
+        site_dir = wd / "sites" / site.site_id
+        out = ad.read_h5ad(site_dir / "mapped.h5ad")
+        truth = out.obs["cell_type"].astype(str).to_numpy()
+        pred = out.obs["cell_type_pred"].astype(str).to_numpy()
+        sent = _bytes_sent(site_dir / "state")
+        meta = out.uns.get("scarches_fl", {})
+        rows.append({
+            "site": site.site_id,
+            "cells": int(out.n_obs),
+            "conditions_added": [f"{site.site_id}/{s}" for s in site.studies],
+            "bytes_sent": sent,
+            "label_accuracy": float(np.mean(truth == pred)),
+            "unknown_fraction": float(np.mean(pred == "Unknown")),
+            "seconds": round(seconds[site.site_id], 1),
+            "reference_version": meta.get("tree_size"),
+        })
+    return rows
+
+
+def _bytes_sent(state: Path) -> int:
+    """What left the site: the envelope and the diff of every delivered update in its outbox."""
+    total = 0
+    outbox = state / "outbox"
+    if not outbox.is_dir():
+        return 0
+    for entry in outbox.rglob("*"):
+        if entry.is_file() and entry.name in ("envelope.json", "diff.safetensors"):
+            total += entry.stat().st_size
+    return total
+
+
+def _plots(wd: Path, panc8: Path, reference: Path) -> list[Path]:
+    """The joint embedding of reference and every site's cells, by study and by cell type."""
+    import anndata as ad
+    import numpy as np
+
+    from scarches_fl.model import ReferenceModel
+
+    model = ReferenceModel.from_bundle(reference)
+    full = ad.read_h5ad(panc8)
+    ref = full[full.obs["batch"].isin(REFERENCE_STUDIES)].copy()
+    ref_latent = model.get_latent(ref, batch_key="batch", namespace="ref")
+    parts_latent = [ref_latent]
+    studies = [np.asarray(ref.obs["batch"].astype(str))]
+    types = [np.asarray(ref.obs["cell_type"].astype(str))]
+    roles = [np.full(ref.n_obs, "reference")]
+    for site in DEMO_SITES:
+        out = ad.read_h5ad(wd / "sites" / site.site_id / "mapped.h5ad")
+        parts_latent.append(np.asarray(out.obsm["X_scarches"]))
+        studies.append(np.asarray(out.obs["batch"].astype(str)))
+        types.append(np.asarray(out.obs["cell_type"].astype(str)))
+        roles.append(np.full(out.n_obs, site.site_id))
+    latent = np.concatenate(parts_latent)
+    from scarches_fl import report
+
+    return report.plot_joint_embedding(
+        latent,
+        {"study": np.concatenate(studies), "cell type": np.concatenate(types), "role": np.concatenate(roles)},
+        out_dir=wd / "plots",
+        title="panc8: reference + three sites",
+    )
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = f"{'site':<12} {'cells':>5}  {'conditions added':<24} {'bytes sent':>10} {'label acc.':>10} {'Unknown':>8} {'time s':>7}"
+    print("\n" + header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['site']:<12} {r['cells']:>5}  {', '.join(r['conditions_added']):<24} {r['bytes_sent']:>10,} "
+            f"{r['label_accuracy']:>10.3f} {r['unknown_fraction']:>8.1%} {r['seconds']:>7.1f}"
+        )

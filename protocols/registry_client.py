@@ -46,7 +46,7 @@ from protocols.proto.serde import (
     Rejection,
     SiteInfo,
     SubmitResult,
-    UpdateRejectedError,
+    SubmissionRejectedError,
 )
 
 __all__ = [
@@ -72,7 +72,7 @@ __all__ = [
     "Receipt",
     "Rejection",
     "SubmitResult",
-    "UpdateRejectedError",
+    "SubmissionRejectedError",
     "SiteInfo",
     "HealthInfo",
     "ReferenceHeader",
@@ -115,6 +115,8 @@ class MessageTooLargeError(RegistryError):
 
 class BlobIntegrityError(VerificationError):
     """Bytes received do not match the sha256 they were announced with."""
+
+    default_reason_code = "E_BLOB_MISMATCH"
 
 
 # --- limits ----------------------------------------------------------------------------------
@@ -411,7 +413,8 @@ class RegistryClient:
                 if entry.index != expected:
                     raise VerificationError(
                         f"the registry returned entry {entry.index} where {expected} was due; "
-                        "the coordinator is misbehaving"
+                        "the coordinator is misbehaving",
+                        reason_code="E_LEDGER_ORDER",
                     )
                 expected += 1
                 yield entry

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocols.errors import VerificationError
+from protocols.errors import REASON_CODES, UpdateRejectedError, VerificationError
 from protocols.proto import registry_pb2 as pb
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "Receipt",
     "Rejection",
     "SubmitResult",
-    "UpdateRejectedError",
+    "SubmissionRejectedError",
     "SiteInfo",
     "HealthInfo",
     "ReferenceHeader",
@@ -114,13 +114,14 @@ class Receipt:
     duplicate: bool = False
 
 
-class UpdateRejectedError(VerificationError):
-    """The coordinator rejected an update; ``reason_code`` is the stable code."""
+class SubmissionRejectedError(UpdateRejectedError):
+    """The coordinator rejected a submitted update. ``reason_code`` is the coordinator's stable
+    code, kept even when this client's registry does not know it (a newer coordinator);
+    ``retry_after_s`` > 0 means that retrying later may succeed (rate limit)."""
 
     def __init__(self, reason_code: str, message: str, retry_after_s: float = 0.0) -> None:
-        super().__init__(f"update rejected ({reason_code}): {message}")
+        super().__init__(reason_code if reason_code in REASON_CODES else "E_INTERNAL", message)
         self.reason_code = reason_code
-        self.detail = message
         self.retry_after_s = retry_after_s
 
 
@@ -130,8 +131,8 @@ class Rejection:
     message: str
     retry_after_s: float = 0.0
 
-    def to_error(self) -> UpdateRejectedError:
-        return UpdateRejectedError(self.reason_code, self.message, self.retry_after_s)
+    def to_error(self) -> SubmissionRejectedError:
+        return SubmissionRejectedError(self.reason_code, self.message, self.retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class SubmitResult:
         return self.receipt is not None
 
     def raise_for_rejection(self) -> Receipt:
-        """The receipt, or :class:`UpdateRejectedError` with the reason code."""
+        """The receipt, or :class:`SubmissionRejectedError` with the reason code."""
         if self.rejection is not None:
             raise self.rejection.to_error()
         assert self.receipt is not None
@@ -306,7 +307,8 @@ def submit_result_from_proto(m: pb.SubmitUpdateResponse) -> SubmitResult:
         return SubmitResult(rejection=rejection_from_proto(m.rejection))
     raise VerificationError(
         "the registry answered a submission with neither a receipt nor a rejection; "
-        "the coordinator is misbehaving or speaks another protocol version"
+        "the coordinator is misbehaving or speaks another protocol version",
+        reason_code="E_RECEIPT_INVALID",
     )
 
 

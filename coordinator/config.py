@@ -1,0 +1,244 @@
+"""The coordinator's configuration: ``coordinator.yaml`` in the state directory.
+
+``coordinator init`` writes it with every field spelled out; ``serve`` loads and validates it
+before it opens anything, and every mistake is a :class:`~protocols.errors.ConfigError` naming
+the file and the field (``coordinator.yaml: limits.max_diff_bytes: must be a positive
+integer``). Unknown fields are errors too (a typo must not silently fall back to a default).
+Paths are relative to the state directory unless absolute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocols.errors import ConfigError
+
+__all__ = [
+    "CONFIG_FILENAME",
+    "CoordinatorConfig",
+    "ServerLimits",
+    "RateLimitConfig",
+    "PolicyConfig",
+    "PathsConfig",
+    "TLSConfig",
+    "load_config",
+    "write_config",
+    "parse_listen",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "coordinator.yaml"
+_MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every size and time the server accepts, in one place."""
+
+    #: one gRPC message received or sent (the submission: envelope + diff + framing)
+    max_message_bytes: int = 20 * _MiB
+    #: a site update's DSSE envelope
+    max_envelope_bytes: int = 1 * _MiB
+    #: a site update's diff.safetensors
+    max_diff_bytes: int = 16 * _MiB
+    #: bytes per streamed chunk of a blob or reference
+    chunk_bytes: int = 1 * _MiB
+    #: entries per GetEntries page
+    max_entries_per_page: int = 256
+    #: a witness's cosigned note
+    max_note_bytes: int = 64 * 1024
+    #: longest time a unary request may hold a worker, seconds
+    request_deadline_s: float = 30.0
+    #: gRPC worker threads
+    max_workers: int = 16
+    #: concurrent RPCs before the server answers RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 256
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """Per-site token bucket for submissions: ``burst`` at once, ``per_second`` sustained."""
+
+    enabled: bool = True
+    burst: int = 60
+    per_second: float = 30.0
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of the accept pipeline beyond what ``protocols`` validation fixes.
+
+    ``max_abs_value`` and ``max_norm`` bound the values of a diff (every value finite always);
+    ``max_new_conditions`` bounds one update."""
+
+    max_abs_value: float = 1.0e4
+    max_norm: float = 1.0e6
+    max_new_conditions: int = 256
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    database: str = "ledger.sqlite"
+    blobs: str = "blobs"
+    cache: str = "cache"
+    log_key: str = "keys/log.key"
+    operator_key: str = "keys/operator.key"
+    trust: str = "trust.json"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str = "tls/server.crt"
+    private_key: str = "tls/server.key"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    origin: str
+    listen: str = "127.0.0.1:7443"
+    durable: bool = True
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    limits: ServerLimits = field(default_factory=ServerLimits)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    #: where it was loaded from (not written)
+    state_dir: Path = field(default=Path("."), compare=False)
+
+    def path(self, rel: str) -> Path:
+        p = Path(rel)
+        return p if p.is_absolute() else self.state_dir / p
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("state_dir")
+        return out
+
+
+def parse_listen(value: str, *, where: str = "listen") -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) -> (host, port)."""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f"{where}: expected HOST:PORT (e.g. 127.0.0.1:7443), got {value!r}")
+    if value.startswith("["):
+        host, _, port_s = value[1:].partition("]:")
+    else:
+        host, _, port_s = value.rpartition(":")
+    try:
+        port = int(port_s)
+    except ValueError:
+        port = -1
+    if not host or not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: expected HOST:PORT with a port 0-65535, got {value!r}")
+    return host, port
+
+
+def _check_field(file: Path, dotted: str, ftype: Any, value: Any) -> Any:
+    where = f"{file}: {dotted}"
+    if ftype in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if ftype in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
+        return value
+    if ftype in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{where}: must be a positive number, got {value!r}")
+        return float(value)
+    if ftype in ("str", str):
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{where}: must be a non-empty string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type {ftype!r}")
+
+
+def _build(cls: type, data: Any, file: Path, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{file}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got "
+            f"{type(data).__name__}"
+        )
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "state_dir"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{file}: {prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{file}: {prefix}{name}: required field is missing")
+            continue
+        value = data[name]
+        sub = (
+            {
+                "tls": TLSConfig,
+                "paths": PathsConfig,
+                "limits": ServerLimits,
+                "rate_limit": RateLimitConfig,
+                "policy": PolicyConfig,
+            }.get(name)
+            if cls is CoordinatorConfig
+            else None
+        )
+        if sub is not None:
+            kwargs[name] = _build(sub, value, file, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_field(file, f"{prefix}{name}", f.type, value)
+    return cls(**kwargs)
+
+
+def load_config(state_dir: str | Path) -> CoordinatorConfig:
+    """Load and validate ``STATE/coordinator.yaml``."""
+    import yaml
+
+    state_dir = Path(state_dir)
+    file = state_dir / CONFIG_FILENAME
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"{file}: not found; is {state_dir} a coordinator state directory? Create one with "
+            "`scarches-fl coordinator init --dir STATE --reference BUNDLE_DIR`"
+        ) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: cannot read: {exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{file}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    cfg = _build(CoordinatorConfig, data, file, "")
+    cfg = dataclasses.replace(cfg, state_dir=state_dir)
+    parse_listen(cfg.listen, where=f"{file}: listen")
+    if cfg.limits.max_message_bytes < cfg.limits.max_envelope_bytes + cfg.limits.max_diff_bytes:
+        raise ConfigError(
+            f"{file}: limits.max_message_bytes: must be at least max_envelope_bytes + "
+            f"max_diff_bytes ({cfg.limits.max_envelope_bytes + cfg.limits.max_diff_bytes}), so "
+            "that an oversize diff is answered with a reason code instead of a transport error"
+        )
+    return cfg
+
+
+def write_config(cfg: CoordinatorConfig) -> Path:
+    """Write ``STATE/coordinator.yaml`` atomically (used by ``init``)."""
+    import yaml
+
+    from coordinator._fsutil import atomic_write
+
+    header = (
+        "# scarches-fl coordinator configuration (written by `scarches-fl coordinator init`).\n"
+        "# Paths are relative to this directory. Every field is validated at start.\n"
+    )
+    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+    path = cfg.state_dir / CONFIG_FILENAME
+    atomic_write(path, (header + body).encode())
+    return path

@@ -179,49 +179,46 @@ def _novelty_factor(stat: np.ndarray, quantiles: Sequence[float], tail: float) -
 
 
 def _fit_type_mixture(z: np.ndarray, *, min_cells: int, max_components: int, seed: int):
-    """Diagonal GMM for one cell type: (means, stds, weights). Components chosen by BIC, each
-    with at least ``min_cells`` cells."""
+    """Prototypes of one cell type: (means, stds, weights, assignment of each cell).
+
+    The number of prototypes (1 to ``max_components``) is chosen by the BIC of a diagonal
+    Gaussian mixture, allowing only splits in which every component has ``min_cells`` cells, so
+    a type gets several prototypes only where it is multimodal in the latent space.
+    """
     from sklearn.mixture import GaussianMixture
 
     n, d = z.shape
     floor = 1e-3 + 1e-2 * float(np.median(z.std(axis=0)) if n > 1 else 1.0)
-    best = None
-    max_k = max(1, min(max_components, n // max(min_cells, 1)))
-    for k in range(1, max_k + 1):
-        if k == 1:
-            mu = z.mean(axis=0, keepdims=True)
-            sd = np.maximum(z.std(axis=0, keepdims=True), floor)
-            w = np.ones(1)
-            ll = _diag_logpdf(z, mu, sd, np.log(w)).sum()
-            n_params = 2 * d
-        else:
-            gm = GaussianMixture(
-                n_components=k,
-                covariance_type="diag",
-                random_state=seed,
-                reg_covar=floor**2,
-                n_init=2,
-                max_iter=200,
-            ).fit(z)
-            sizes = np.bincount(gm.predict(z), minlength=k)
-            if sizes.min() < min_cells:
-                continue
-            mu = gm.means_
-            sd = np.maximum(np.sqrt(gm.covariances_), floor)
-            w = gm.weights_
-            ll = _diag_logpdf(z, mu, sd, np.log(w)).sum()
-            n_params = k * 2 * d + (k - 1)
-        bic = -2.0 * ll + n_params * math.log(n)
-        if best is None or bic < best[0]:
-            best = (bic, mu, sd, w)
-    assert best is not None
-    return best[1], best[2], best[3]
+    mu1 = z.mean(axis=0, keepdims=True)
+    sd1 = np.maximum(z.std(axis=0, keepdims=True), floor)
+    ll1 = _diag_logpdf(z, mu1, sd1, np.zeros(1)).sum()
+    best = (-2.0 * ll1 + 2 * d * math.log(n), mu1, sd1, np.ones(1), np.zeros(n, dtype=int))
+    for k in range(2, max(1, min(max_components, n // max(min_cells, 1))) + 1):
+        gm = GaussianMixture(
+            n_components=k,
+            covariance_type="diag",
+            random_state=seed,
+            reg_covar=floor**2,
+            n_init=2,
+            max_iter=200,
+        ).fit(z)
+        assign = gm.predict(z)
+        sizes = np.bincount(assign, minlength=k)
+        if sizes.min() < min_cells:
+            continue
+        mu = np.stack([z[assign == j].mean(axis=0) for j in range(k)])
+        sd = np.maximum(np.stack([z[assign == j].std(axis=0) for j in range(k)]), floor)
+        w = sizes / n
+        ll = _diag_logpdf(z, gm.means_, np.sqrt(gm.covariances_), np.log(gm.weights_)).sum()
+        bic = -2.0 * ll + (k * 2 * d + (k - 1)) * math.log(n)
+        if bic < best[0]:
+            best = (bic, mu, sd, w, assign)
+    return best[1], best[2], best[3], best[4]
 
 
 def _diag_logpdf(z: np.ndarray, mu: np.ndarray, sd: np.ndarray, logw: np.ndarray) -> np.ndarray:
     """log sum_j w_j N(z; mu_j, diag sd_j^2) for each row of z."""
     d = z.shape[1]
-    # (n, k)
     maha = (((z[:, None, :] - mu[None, :, :]) / sd[None, :, :]) ** 2).sum(axis=2)
     comp = (
         logw[None, :]
@@ -232,42 +229,78 @@ def _diag_logpdf(z: np.ndarray, mu: np.ndarray, sd: np.ndarray, logw: np.ndarray
     return _logsumexp(comp, axis=1)
 
 
-def _class_logdens(z: np.ndarray, protos: Sequence[Mapping[str, Any]], classes: Sequence[str]):
-    """(n, n_classes) log densities under each class's mixture."""
-    out = np.empty((z.shape[0], len(classes)))
-    by_class: dict[str, list[Mapping[str, Any]]] = {c: [] for c in classes}
-    for p in protos:
-        by_class[p["label"]].append(p)
+def _fit_prototype_model(
+    z: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[str],
+    *,
+    min_cells: int,
+    max_prototypes: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Prototypes per class plus the pooled within-prototype covariance and class priors."""
+    protos: list[dict[str, Any]] = []
+    resid = []
     for j, c in enumerate(classes):
-        ps = by_class[c]
-        mu = np.array([p["mean"] for p in ps], dtype=np.float64)
-        sd = np.array([p["std"] for p in ps], dtype=np.float64)
-        w = np.array([p["weight"] for p in ps], dtype=np.float64)
-        out[:, j] = _diag_logpdf(z, mu, sd, np.log(w / w.sum()))
-    return out
-
-
-def _mixtures_to_protos(fits: Mapping[str, tuple], counts: Mapping[str, int]) -> list[dict]:
-    protos = []
-    for label, (mu, sd, w) in fits.items():
-        for j in range(mu.shape[0]):
+        zc = z[y == j]
+        mu, sd, w, assign = _fit_type_mixture(
+            zc, min_cells=min_cells, max_components=max_prototypes, seed=seed
+        )
+        for m in range(mu.shape[0]):
             protos.append(
                 {
-                    "label": label,
-                    "mean": _floats(mu[j]),
-                    "std": _floats(sd[j]),
-                    "weight": float(np.float32(w[j])),
-                    "n_cells": int(round(float(w[j]) * counts[label])),
+                    "label": c,
+                    "mean": _floats(mu[m]),
+                    "std": _floats(sd[m]),
+                    "weight": float(np.float32(w[m])),
+                    "n_cells": int((assign == m).sum()),
                 }
             )
-    return protos
+        resid.append(zc - mu[assign])
+    r = np.concatenate(resid)
+    cov = r.T @ r / max(r.shape[0] - len(protos), 1)
+    ridge = 1e-3 * float(np.trace(cov)) / cov.shape[0] + 1e-9
+    cov = cov + ridge * np.eye(cov.shape[0])
+    counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
+    return {
+        "prototypes": protos,
+        "shared_covariance": _floats(cov),
+        "class_prior": _floats(counts / counts.sum()),
+    }
 
 
-def _fit_temperature(logdens: np.ndarray, y: np.ndarray) -> float:
-    """Temperature T minimising the NLL of softmax(logdens / T) on held-out cells."""
+def _proto_scores(
+    z: np.ndarray, model: Mapping[str, Any], classes: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n, n_classes) class log scores ``log prior_c + log sum_j w_j exp(-maha_j / 2)`` over
+    the class's prototypes j (Mahalanobis with the shared covariance), and the smallest squared
+    Mahalanobis distance to any prototype."""
+    cov = np.asarray(model["shared_covariance"], dtype=np.float64)
+    chol = np.linalg.cholesky(cov)
+    protos = model["prototypes"]
+    mu = np.array([p["mean"] for p in protos], dtype=np.float64)
+    # whitened coordinates: maha = |L^-1 (z - mu)|^2
+    zw = np.linalg.solve(chol, z.T).T
+    mw = np.linalg.solve(chol, mu.T).T
+    maha = (
+        (zw**2).sum(axis=1)[:, None] - 2.0 * zw @ mw.T + (mw**2).sum(axis=1)[None, :]
+    ).clip(min=0.0)
+    index = {c: i for i, c in enumerate(classes)}
+    owner = np.array([index[p["label"]] for p in protos])
+    w = np.array([p["weight"] for p in protos], dtype=np.float64)
+    comp = np.log(np.maximum(w, 1e-12))[None, :] - 0.5 * maha
+    prior = np.log(np.maximum(np.asarray(model["class_prior"], dtype=np.float64), 1e-12))
+    scores = np.empty((z.shape[0], len(classes)))
+    for j in range(len(classes)):
+        scores[:, j] = prior[j] + _logsumexp(comp[:, owner == j], axis=1)
+    return scores, maha.min(axis=1)
+
+
+def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """Temperature T minimising the NLL of softmax(logits / T) on held-out cells."""
     best_t, best_nll = 1.0, np.inf
     for t in np.exp(np.linspace(math.log(0.05), math.log(200.0), 61)):
-        p = _softmax(logdens / t)
+        p = _softmax(logits / t)
         nll = -np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)))
         if nll < best_nll:
             best_t, best_nll = float(t), nll
@@ -281,19 +314,16 @@ def _build_prototypes(
     values, counts = np.unique(y[labelled].astype(str), return_counts=True)
     kept = [str(v) for v, c in zip(values, counts, strict=True) if c >= min_cells]
     excluded = {str(v): int(c) for v, c in zip(values, counts, strict=True) if c < min_cells}
-    info: dict[str, Any] = {
-        "min_cells": int(min_cells),
-        "excluded_types": excluded,
-    }
+    info: dict[str, Any] = {"min_cells": int(min_cells), "excluded_types": excluded}
     if not kept:
         info.update({"classes": [], "prototypes": []})
         return info
-    mask = np.array([v is not None and v in set(kept) for v in y])
+    kept_set = set(kept)
+    mask = np.array([v is not None and v in kept_set for v in y])
     zk = z[mask]
     yk = np.array([kept.index(v) for v in y[mask]])
-    n_counts = {c: int((yk == j).sum()) for j, c in enumerate(kept)}
 
-    # Out-of-fold log densities for temperature and novelty calibration.
+    # Out-of-fold scores (5 folds, stratified) calibrate the temperature and the novelty score.
     rng = np.random.default_rng(seed)
     n_folds = 5
     folds = np.empty(len(yk), dtype=int)
@@ -301,41 +331,31 @@ def _build_prototypes(
         idx = np.flatnonzero(yk == j)
         folds[idx] = rng.permutation(np.arange(len(idx)) % n_folds)
     oof = np.empty((len(yk), len(kept)))
+    oof_maha = np.empty(len(yk))
     fold_min = max(2, int(min_cells * (n_folds - 1) / n_folds))
     for f in range(n_folds):
         tr, te = folds != f, folds == f
         if not te.any():
             continue
-        fits = {}
-        for j, c in enumerate(kept):
-            zt = zk[tr & (yk == j)]
-            fits[c] = _fit_type_mixture(
-                zt, min_cells=fold_min, max_components=max_prototypes, seed=seed
-            )
-        protos = _mixtures_to_protos(fits, {c: 1 for c in kept})
-        oof[te] = _class_logdens(zk[te], protos, kept)
-    temperature = _fit_temperature(oof, yk)
-    # novelty statistic: negative best class log density (larger = farther from every type)
-    novelty_stat = -oof.max(axis=1)
-    quantiles = np.quantile(novelty_stat, np.linspace(0.0, 1.0, _N_QUANTILES))
-
-    fits = {
-        c: _fit_type_mixture(
-            zk[yk == j], min_cells=min_cells, max_components=max_prototypes, seed=seed
+        fold_model = _fit_prototype_model(
+            zk[tr], yk[tr], kept, min_cells=fold_min, max_prototypes=max_prototypes, seed=seed
         )
-        for j, c in enumerate(kept)
-    }
-    oof_acc = float(np.mean(oof.argmax(axis=1) == yk))
+        oof[te], oof_maha[te] = _proto_scores(zk[te], fold_model, kept)
+    temperature = _fit_temperature(oof, yk)
+    quantiles = np.quantile(oof_maha, np.linspace(0.0, 1.0, _N_QUANTILES))
+    model = _fit_prototype_model(
+        zk, yk, kept, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed
+    )
     info.update(
         {
             "classes": kept,
-            "cell_counts": [n_counts[c] for c in kept],
-            "prototypes": _mixtures_to_protos(fits, n_counts),
+            "cell_counts": [int((yk == j).sum()) for j in range(len(kept))],
+            **model,
             "calibration": {
                 "temperature": float(np.float32(temperature)),
-                "novelty_statistic": "negative max class log density",
+                "novelty_statistic": "min squared Mahalanobis distance to a prototype",
                 "novelty_quantiles": _floats(quantiles),
-                "out_of_fold_accuracy": float(np.float32(oof_acc)),
+                "out_of_fold_accuracy": float(np.float32(np.mean(oof.argmax(axis=1) == yk))),
             },
         }
     )
@@ -587,9 +607,8 @@ def predict_labels(
                 f"the reference has no cell type of level {label_key!r} with at least "
                 f"{proto.get('min_cells')} cells, so no prototypes; ask for an atlas bundle"
             )
-        logdens = _class_logdens(z, proto["prototypes"], classes)
-        probs = _softmax(logdens / float(proto["calibration"]["temperature"]))
-        stat = -logdens.max(axis=1)
+        scores, stat = _proto_scores(z, proto, classes)
+        probs = _softmax(scores / float(proto["calibration"]["temperature"]))
         quantiles = proto["calibration"]["novelty_quantiles"]
     else:
         raise LabelTransferError(f"unknown method {method!r}; use 'auto', 'knn' or 'prototype'")

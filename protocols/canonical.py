@@ -1,0 +1,314 @@
+"""Canonical JSON (an RFC 8785 / JCS subset) and a strict JSON parser.
+
+Encoding rules of :func:`canonical_json` (see ``docs/adr/0001-canonical-encoding.md``):
+
+* Values are ``null``, ``true``, ``false``, strings, integers, finite floats, arrays (lists or
+  tuples) and objects (mappings with ``str`` keys). Anything else is a
+  :class:`~protocols.errors.CanonicalJSONError`.
+* Integers must lie in the I-JSON safe range ``-(2**53 - 1) .. 2**53 - 1`` so every JSON
+  implementation reads them exactly. ``bool`` is not an integer here. NumPy scalars are
+  accepted as the Python number they hold.
+* Floats must be finite and are written as ECMAScript ``Number.prototype.toString`` writes them
+  (RFC 8785 section 3.2.2.3): the shortest round-trip digits; ``1.0`` is written ``1`` and
+  ``-0.0`` is written ``0``; exponent form only below ``1e-6`` or from ``1e21``.
+* Strings are UTF-8, with only ``"``, ``\\`` and control characters U+0000..U+001F escaped
+  (``\\b \\t \\n \\f \\r`` short forms, else ``\\u00xx`` lowercase). Lone surrogates are refused.
+* Object members are sorted by the UTF-16 code units of their keys (RFC 8785 section 3.2.3);
+  no insignificant whitespace anywhere.
+
+Parsing rules of :func:`parse_json_strict` (no I/O; the length check comes first):
+
+* ``len(data) <= max_bytes`` else :class:`~protocols.errors.OversizeError`.
+* Strict UTF-8, no byte order mark, no lone surrogate escapes.
+* Nesting at most ``max_depth`` objects/arrays, checked by a linear scan before parsing.
+* No duplicate object keys, no ``NaN``/``Infinity``, no number outside the finite float range,
+  no integer outside the I-JSON safe range.
+* With ``require_canonical=True`` the input must equal ``canonical_json`` of its value, byte
+  for byte (used for everything that is signed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+from protocols.errors import CanonicalJSONError, OversizeError
+from protocols.limits import DEFAULT_LIMITS
+
+__all__ = ["canonical_json", "parse_json_strict", "MAX_SAFE_INTEGER"]
+
+MAX_SAFE_INTEGER = 2**53 - 1
+
+_SHORT_ESCAPES = {
+    0x08: "\\b",
+    0x09: "\\t",
+    0x0A: "\\n",
+    0x0C: "\\f",
+    0x0D: "\\r",
+    0x22: '\\"',
+    0x5C: "\\\\",
+}
+
+
+def _encode_string(s: str) -> str:
+    out = ['"']
+    for ch in s:
+        cp = ord(ch)
+        if cp in _SHORT_ESCAPES:
+            out.append(_SHORT_ESCAPES[cp])
+        elif cp < 0x20:
+            out.append(f"\\u{cp:04x}")
+        elif 0xD800 <= cp <= 0xDFFF:
+            raise CanonicalJSONError(
+                "string holds a lone surrogate; only valid Unicode text can be encoded",
+                reason_code="E_JSON_NOT_UTF8",
+            )
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _encode_float(x: float) -> str:
+    if not math.isfinite(x):
+        raise CanonicalJSONError(
+            f"non-finite number {x!r}; only finite numbers can be encoded",
+            reason_code="E_JSON_NONFINITE",
+        )
+    if x == 0:
+        return "0"
+    sign = "-" if x < 0 else ""
+    # repr() gives the shortest digits that round-trip (same as ECMAScript's algorithm).
+    tup = Decimal(repr(abs(x))).normalize().as_tuple()
+    digits = "".join(str(d) for d in tup.digits)
+    assert isinstance(tup.exponent, int)
+    k = len(digits)
+    n = tup.exponent + k  # value = 0.digits * 10**n
+    if k <= n <= 21:
+        body = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        body = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        body = "0." + "0" * (-n) + digits
+    else:
+        e = n - 1
+        esign = "+" if e >= 0 else "-"
+        mant = digits if k == 1 else digits[0] + "." + digits[1:]
+        body = f"{mant}e{esign}{abs(e)}"
+    return sign + body
+
+
+def _utf16_key(s: str) -> bytes:
+    return s.encode("utf-16-be", "surrogatepass")
+
+
+def _encode(obj: Any, out: list[str], depth: int, max_depth: int) -> None:
+    if depth > max_depth:
+        raise CanonicalJSONError(
+            f"value nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
+        )
+    if obj is None:
+        out.append("null")
+    elif obj is True:
+        out.append("true")
+    elif obj is False:
+        out.append("false")
+    elif isinstance(obj, np.bool_):
+        out.append("true" if bool(obj) else "false")
+    elif isinstance(obj, int | np.integer):
+        obj = int(obj)
+        if not -MAX_SAFE_INTEGER <= obj <= MAX_SAFE_INTEGER:
+            raise CanonicalJSONError(
+                f"integer {obj} is outside the I-JSON safe range +-(2**53-1); encode it as a string",
+                reason_code="E_JSON_NONFINITE",
+            )
+        out.append(str(int(obj)))
+    elif isinstance(obj, float | np.floating):
+        out.append(_encode_float(float(obj)))
+    elif isinstance(obj, str):
+        out.append(_encode_string(obj))
+    elif isinstance(obj, Mapping):
+        for key in obj:
+            if not isinstance(key, str):
+                raise CanonicalJSONError(
+                    f"object key {key!r} is not a string; JSON object keys must be strings"
+                )
+        items = sorted(obj.items(), key=lambda kv: _utf16_key(kv[0]))
+        out.append("{")
+        for i, (key, value) in enumerate(items):
+            if i:
+                out.append(",")
+            out.append(_encode_string(key))
+            out.append(":")
+            _encode(value, out, depth + 1, max_depth)
+        out.append("}")
+    elif isinstance(obj, list | tuple):
+        out.append("[")
+        for i, value in enumerate(obj):
+            if i:
+                out.append(",")
+            _encode(value, out, depth + 1, max_depth)
+        out.append("]")
+    else:
+        raise CanonicalJSONError(
+            f"cannot encode a {type(obj).__name__} as canonical JSON; convert it to "
+            "str/int/float/bool/None/list/dict first"
+        )
+
+
+def canonical_json(obj: Any, *, max_depth: int = DEFAULT_LIMITS.max_json_depth) -> bytes:
+    """The canonical JSON bytes of ``obj`` (rules in the module docstring)."""
+    out: list[str] = []
+    _encode(obj, out, 1, max_depth)
+    return "".join(out).encode("utf-8")
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    depth = 0
+    in_string = False
+    escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise CanonicalJSONError(
+                    f"JSON nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
+                )
+        elif ch in "]}":
+            depth -= 1
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise CanonicalJSONError(
+                f"duplicate key {key!r} in a JSON object; each key may appear once",
+                reason_code="E_JSON_DUPLICATE_KEY",
+            )
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise CanonicalJSONError(
+        f"{name} is not allowed in JSON here; only finite numbers",
+        reason_code="E_JSON_NONFINITE",
+    )
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise CanonicalJSONError(
+            f"number {text[:40]} is out of range", reason_code="E_JSON_NONFINITE"
+        )
+    return value
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > 17:  # longer than any safe integer, checked before conversion
+        raise CanonicalJSONError(
+            f"integer {text[:40]}... is outside the I-JSON safe range", reason_code="E_JSON_NONFINITE"
+        )
+    value = int(text)
+    if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        raise CanonicalJSONError(
+            f"integer {text} is outside the I-JSON safe range", reason_code="E_JSON_NONFINITE"
+        )
+    return value
+
+
+def _check_strings(obj: Any) -> None:
+    # Lone surrogates can arrive through \ud800 escapes; refuse them (they are not Unicode text).
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise CanonicalJSONError(
+                    "JSON string holds a lone surrogate escape", reason_code="E_JSON_NOT_UTF8"
+                ) from exc
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def parse_json_strict(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_depth: int = DEFAULT_LIMITS.max_json_depth,
+    require_canonical: bool = False,
+    what: str = "JSON document",
+) -> Any:
+    """Parse ``data`` under the strict rules of the module docstring, or raise a typed error.
+
+    ``what`` names the document in error messages (e.g. ``"manifest.json"``).
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise CanonicalJSONError(f"{what}: expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise OversizeError(f"{what} is {len(data)} bytes, over the limit of {max_bytes}")
+    raw = bytes(data)
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise CanonicalJSONError(
+            f"{what} starts with a UTF-8 byte order mark; remove it", reason_code="E_JSON_NOT_UTF8"
+        )
+    try:
+        text = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise CanonicalJSONError(
+            f"{what} is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8",
+            reason_code="E_JSON_NOT_UTF8",
+        ) from exc
+    _check_depth(text, max_depth)
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_pairs_hook,
+            parse_constant=_reject_constant,
+            parse_float=_parse_float,
+            parse_int=_parse_int,
+        )
+    except CanonicalJSONError as exc:
+        raise type(exc)(f"{what}: {exc.message}", reason_code=exc.reason_code) from exc
+    except json.JSONDecodeError as exc:
+        raise CanonicalJSONError(
+            f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    except (ValueError, RecursionError) as exc:  # int digit limits, deep recursion
+        raise CanonicalJSONError(f"{what} is not acceptable JSON: {exc}") from exc
+    _check_strings(value)
+    if require_canonical:
+        try:
+            again = canonical_json(value, max_depth=max_depth)
+        except CanonicalJSONError as exc:
+            raise CanonicalJSONError(
+                f"{what}: {exc.message}", reason_code=exc.reason_code
+            ) from exc
+        if again != raw:
+            raise CanonicalJSONError(
+                f"{what} is not in canonical form (sorted keys, no whitespace, RFC 8785 "
+                "numbers); re-encode it with protocols.canonical.canonical_json",
+                reason_code="E_JSON_NOT_CANONICAL",
+            )
+    return value

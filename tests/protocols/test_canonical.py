@@ -1,0 +1,101 @@
+"""Canonical JSON (RFC 8785 subset) and the strict parser."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from protocols.canonical import MAX_SAFE_INTEGER, canonical_json, parse_json_strict
+from protocols.errors import CanonicalJSONError, OversizeError
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        # RFC 8785 appendix B number examples (those inside the accepted range)
+        (0.0, b"0"),
+        (-0.0, b"0"),
+        (5e-324, b"5e-324"),
+        (1.7976931348623157e308, b"1.7976931348623157e+308"),
+        (9007199254740991.0, b"9007199254740991"),
+        (1e21, b"1e+21"),
+        (1e20, b"100000000000000000000"),
+        (0.000001, b"0.000001"),
+        (1e-7, b"1e-7"),
+        (333333333.33333329, b"333333333.3333333"),
+        (295147905179352830000.0, b"295147905179352830000"),
+        (4.50, b"4.5"),
+        (2e-3, b"0.002"),
+        (1.0, b"1"),
+        (np.float32(0.5), b"0.5"),
+        (np.int64(7), b"7"),
+    ],
+)
+def test_numbers(value, expected):
+    assert canonical_json(value) == expected
+
+
+def test_rfc8785_object_example_sorting_and_strings():
+    obj = {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh",
+           "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control", "\u00f6": "Latin Small Letter O With Diaeresis"}
+    out = canonical_json(obj).decode("utf-8")
+    keys = [k for k in parse_json_strict(out.encode(), max_bytes=10_000)]
+    # sorted by UTF-16 code units: \r, 1, \x80, \xf6, \u20ac, \U0001f600 (surrogates D83D), \ufb33
+    assert keys == ["\r", "1", "\u0080", "\u00f6", "\u20ac", "\U0001f600", "\ufb33"]
+    assert out.startswith('{"\\r":"Carriage Return","1":"One"')
+
+
+def test_string_escapes():
+    assert canonical_json("a\"b\\c\n\x01\x7f/") == b'"a\\"b\\\\c\\n\\u0001\x7f/"'
+
+
+def test_rejects_unencodable():
+    for bad in [math.nan, math.inf, MAX_SAFE_INTEGER + 1, object(), {1: 2}, "\ud800", b"x"]:
+        with pytest.raises(CanonicalJSONError):
+            canonical_json(bad)
+
+
+def test_roundtrip_and_canonical_check():
+    obj = {"b": [1, 2.5, None, True, False], "a": {"z": "x", "y": []}}
+    data = canonical_json(obj)
+    assert parse_json_strict(data, max_bytes=1000, require_canonical=True) == obj
+    with pytest.raises(CanonicalJSONError) as ei:
+        parse_json_strict(b'{"b":1, "a":2}', max_bytes=1000, require_canonical=True)
+    assert ei.value.reason_code == "E_JSON_NOT_CANONICAL"
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b'{"a":1,"a":2}', "E_JSON_DUPLICATE_KEY"),
+        (b"[NaN]", "E_JSON_NONFINITE"),
+        (b"[Infinity]", "E_JSON_NONFINITE"),
+        (b"[-Infinity]", "E_JSON_NONFINITE"),
+        (b"[1e999]", "E_JSON_NONFINITE"),
+        (b"[123456789012345678]", "E_JSON_NONFINITE"),
+        (b"\xff\xfe", "E_JSON_NOT_UTF8"),
+        (b"\xef\xbb\xbf{}", "E_JSON_NOT_UTF8"),
+        (b'["\\udc00"]', "E_JSON_NOT_UTF8"),
+        (b"[" * 40 + b"]" * 40, "E_JSON_TOO_DEEP"),
+        (b"{", "E_JSON_MALFORMED"),
+        (b"", "E_JSON_MALFORMED"),
+        (b"[1,]", "E_JSON_MALFORMED"),
+    ],
+)
+def test_strict_rejections(data, code):
+    with pytest.raises(CanonicalJSONError) as ei:
+        parse_json_strict(data, max_bytes=1000)
+    assert ei.value.reason_code == code
+
+
+def test_size_cap_checked_first():
+    with pytest.raises(OversizeError) as ei:
+        parse_json_strict(b"[" + b"1," * 100 + b"1]", max_bytes=10)
+    assert ei.value.reason_code == "E_OVERSIZE"
+
+
+def test_depth_scan_ignores_brackets_in_strings():
+    data = b'["' + b"[" * 100 + b'"]'
+    assert parse_json_strict(data, max_bytes=1000) == ["[" * 100]

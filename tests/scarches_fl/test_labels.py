@@ -1,0 +1,207 @@
+"""Label transfer on constructed latent spaces where the right answer is known."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from scarches_fl import labels as L
+from scarches_fl.metrics import unknown_detection_auroc
+
+CENTERS = {"alpha": [0.0, 0.0, 0.0], "beta": [8.0, 0.0, 0.0], "delta": [0.0, 8.0, 0.0]}
+
+
+def _gaussians(n_per: int = 60, seed: int = 0, centers=CENTERS, scale: float = 1.0):
+    rng = np.random.default_rng(seed)
+    z = np.concatenate([rng.normal(c, scale, size=(n_per, len(c))) for c in centers.values()])
+    y = np.repeat(list(centers), n_per)
+    return z, y
+
+
+def _all_floats_finite(obj) -> bool:
+    if isinstance(obj, float):
+        return math.isfinite(obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _all_floats_finite(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(_all_floats_finite(v) for v in obj)
+    return isinstance(obj, (str, int, bool)) or obj is None
+
+
+@pytest.fixture(scope="module")
+def knowledge():
+    z, y = _gaussians()
+    return L.build_label_knowledge(z, {"cell_type": y}, include_atlas=True)
+
+
+def test_manifest_is_plain_finite_json(knowledge):
+    manifest, tensors = knowledge
+    text = json.dumps(manifest, allow_nan=False, sort_keys=True)
+    assert json.loads(text) == manifest
+    assert _all_floats_finite(manifest)
+    assert manifest["knowledge"] == ["prototypes", "atlas"]
+    assert set(tensors) == {"atlas.latent", "atlas.labels.0"}
+    assert tensors["atlas.latent"].dtype == np.float32
+    assert tensors["atlas.labels.0"].dtype == np.float32
+    assert manifest["levels"]["cell_type"]["atlas"]["classes"] == ["alpha", "beta", "delta"]
+
+
+def test_no_atlas_unless_opted_in():
+    z, y = _gaussians()
+    manifest, tensors = L.build_label_knowledge(z, {"cell_type": y})
+    assert tensors == {}
+    assert manifest["atlas"] == {"included": False}
+    assert "atlas" not in manifest["levels"]["cell_type"]
+    pred = L.predict_labels(manifest, {}, z, label_key="cell_type")
+    assert pred.method == "prototype"
+    with pytest.raises(L.LabelTransferError, match="atlas"):
+        L.predict_labels(manifest, {}, z, label_key="cell_type", method="knn")
+
+
+def test_same_seed_same_knowledge():
+    z, y = _gaussians()
+    a = L.build_label_knowledge(z, {"cell_type": y}, seed=3)[0]
+    b = L.build_label_knowledge(z, {"cell_type": y}, seed=3)[0]
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_separated_types_are_recovered_with_low_uncertainty(knowledge, method):
+    manifest, tensors = knowledge
+    zq, yq = _gaussians(n_per=30, seed=1)
+    pred = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+    assert np.mean(pred.pred == yq) > 0.97
+    assert pred.uncertainty.dtype == np.float32
+    assert np.median(pred.uncertainty) < 0.1
+    assert np.all((pred.uncertainty >= 0) & (pred.uncertainty <= 1))
+    np.testing.assert_allclose(pred.probabilities.sum(axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_novel_type_far_away_is_unknown(knowledge, method):
+    manifest, tensors = knowledge
+    zq, yq = _gaussians(
+        n_per=30, seed=2, centers={"beta": CENTERS["beta"], "novel": [0.0, 0.0, 12.0]}
+    )
+    pred = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+    novel = yq == "novel"
+    assert unknown_detection_auroc(pred.uncertainty, novel) > 0.99
+    assert np.mean(pred.pred[novel] == L.UNKNOWN) > 0.9
+    assert np.mean(pred.pred[~novel] == "beta") > 0.9
+
+
+def test_plain_scarches_uncertainty_ignores_distance(knowledge):
+    """With novelty=False the kNN uncertainty is exactly 1 - top probability (scArches)."""
+    manifest, tensors = knowledge
+    zq = np.array([[0.0, 0.0, 30.0]])  # far from everything, but all neighbours are alpha
+    plain = L.predict_labels(manifest, tensors, zq, label_key="cell_type", novelty=False)
+    assert plain.pred[0] == "alpha"
+    assert plain.uncertainty[0] == pytest.approx(1.0 - plain.probabilities[0].max(), abs=1e-6)
+    full = L.predict_labels(manifest, tensors, zq, label_key="cell_type")
+    assert full.pred[0] == L.UNKNOWN and full.uncertainty[0] > 0.99
+    assert full.top_label[0] == "alpha"
+
+
+def test_cell_between_two_types_is_uncertain():
+    # two 1-D types with the query exactly in the middle: kNN gives ~half weight to each
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(-1, 0.3, (200, 1)), rng.normal(1, 0.3, (200, 1))])
+    y = np.repeat(["a", "b"], 200)
+    manifest, tensors = L.build_label_knowledge(z, {"t": y}, include_atlas=True)
+    pred = L.predict_labels(manifest, tensors, np.zeros((1, 1)), label_key="t", novelty=False)
+    assert 0.3 < pred.uncertainty[0] <= 0.5 + 1e-6
+    proto = L.predict_labels(
+        manifest, tensors, np.zeros((1, 1)), label_key="t", method="prototype", novelty=False
+    )
+    assert proto.uncertainty[0] == pytest.approx(0.5, abs=0.1)
+
+
+def test_kernel_weights_follow_the_scarches_formula():
+    dist = np.array([[1.0, 2.0, 3.0]])
+    s = np.std(dist)
+    raw = np.exp(-dist / (2.0 / s) ** 2)
+    np.testing.assert_allclose(L._kernel_weights(dist), raw / raw.sum(), rtol=1e-12)
+
+
+def test_threshold_is_configurable(knowledge):
+    manifest, tensors = knowledge
+    zq = np.array([[4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # between alpha and beta; inside alpha
+    strict = L.predict_labels(manifest, tensors, zq, label_key="cell_type", threshold=0.0)
+    assert (strict.pred == L.UNKNOWN).all() or strict.uncertainty.min() == 0.0
+    lenient = L.predict_labels(manifest, tensors, zq, label_key="cell_type", threshold=1.0)
+    assert L.UNKNOWN not in set(lenient.pred)
+    assert lenient.pred[1] == "alpha"
+
+
+def test_min_cells_and_multimodal_prototypes():
+    rng = np.random.default_rng(0)
+    parts = [
+        rng.normal([0, 0], 0.5, (80, 2)),  # "bi": two well separated modes
+        rng.normal([20, 0], 0.5, (80, 2)),
+        rng.normal([0, 20], 0.5, (120, 2)),  # "uni": one mode
+        rng.normal([20, 20], 0.5, (10, 2)),  # "rare": below min_cells
+    ]
+    z = np.concatenate(parts)
+    y = np.array(["bi"] * 160 + ["uni"] * 120 + ["rare"] * 10)
+    manifest, _ = L.build_label_knowledge(z, {"t": y}, min_cells=20)
+    proto = manifest["levels"]["t"]["prototype"]
+    assert proto["classes"] == ["bi", "uni"]
+    assert proto["excluded_types"] == {"rare": 10}
+    per_type = {c: [p for p in proto["prototypes"] if p["label"] == c] for c in proto["classes"]}
+    assert len(per_type["bi"]) == 2 and len(per_type["uni"]) == 1
+    means = sorted(tuple(np.round(p["mean"])) for p in per_type["bi"])
+    assert means == [(0.0, 0.0), (20.0, 0.0)]
+    assert all(len(p["std"]) == 2 and min(p["std"]) > 0 for p in proto["prototypes"])
+    # with a lower minimum the rare type gets a prototype too
+    low = L.build_label_knowledge(z, {"t": y}, min_cells=5)[0]
+    assert "rare" in low["levels"]["t"]["prototype"]["classes"]
+
+
+def test_several_label_levels_at_once():
+    z, fine = _gaussians()
+    coarse = np.where(fine == "alpha", "endocrine_a", "other")
+    coarse[:5] = None  # unlabelled cells are allowed and skipped
+    manifest, tensors = L.build_label_knowledge(
+        z, {"coarse": coarse, "fine": fine}, include_atlas=True
+    )
+    assert list(manifest["levels"]) == ["coarse", "fine"]
+    assert tensors["atlas.labels.0"][:5].tolist() == [-1.0] * 5
+    zq, yq = _gaussians(n_per=20, seed=5)
+    preds = L.predict_label_levels(manifest, tensors, zq)
+    assert set(preds) == {"coarse", "fine"}
+    assert np.mean(preds["fine"].pred == yq) > 0.95
+    expected_coarse = np.where(yq == "alpha", "endocrine_a", "other")
+    assert np.mean(preds["coarse"].pred == expected_coarse) > 0.95
+
+
+def test_errors_name_the_fix(knowledge):
+    manifest, tensors = knowledge
+    with pytest.raises(L.LabelTransferError, match="has no label level 'fine'"):
+        L.predict_labels(manifest, tensors, np.zeros((2, 3)), label_key="fine")
+    with pytest.raises(L.LabelTransferError, match="same reference model"):
+        L.predict_labels(manifest, tensors, np.zeros((2, 4)), label_key="cell_type")
+    with pytest.raises(L.LabelTransferError, match="--label-key"):
+        L.predict_labels({}, {}, np.zeros((2, 3)), label_key="cell_type")
+    with pytest.raises(L.LabelTransferError, match="one label per latent row"):
+        L.build_label_knowledge(np.zeros((5, 2)), {"t": ["a"] * 4})
+    with pytest.raises(L.LabelTransferError, match="NaN"):
+        L.build_label_knowledge(np.full((5, 2), np.nan), {"t": ["a"] * 5})
+    with pytest.raises(L.LabelTransferError, match="mapping"):
+        L.build_label_knowledge(np.zeros((5, 2)), ["a"] * 5)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow  # pynndescent's first call compiles with numba: minutes on 2 cores
+def test_large_atlas_uses_pynndescent(monkeypatch):
+    """Above the exact-kNN size the approximate index must give (nearly) the same answer."""
+    z, y = _gaussians(n_per=200)
+    manifest, tensors = L.build_label_knowledge(z, {"cell_type": y}, include_atlas=True)
+    zq, yq = _gaussians(n_per=40, seed=9)
+    exact = L.predict_labels(manifest, tensors, zq, label_key="cell_type")
+    monkeypatch.setattr(L, "_KNN_EXACT_MAX", 100)
+    monkeypatch.setattr(L, "_QUERY_CHUNK", 50)  # several chunks
+    approx = L.predict_labels(manifest, tensors, zq, label_key="cell_type")
+    assert np.mean(approx.top_label == exact.top_label) > 0.98
+    assert np.mean(approx.pred == yq) > 0.95

@@ -5,6 +5,10 @@ before it opens anything, and every mistake is a :class:`~protocols.errors.Confi
 the file and the field (``coordinator.yaml: limits.max_diff_bytes: must be a positive
 integer``). Unknown fields are errors too (a typo must not silently fall back to a default).
 Paths are relative to the state directory unless absolute.
+
+The limits a site update must respect (largest value, L2 norm per condition, conditions per
+update) are not here: they are part of the trust policy pinned in ``trust.json`` (so sites and
+auditors apply the same ones) and are set at init.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ __all__ = [
     "CoordinatorConfig",
     "ServerLimits",
     "RateLimitConfig",
-    "PolicyConfig",
     "PathsConfig",
     "TLSConfig",
     "load_config",
@@ -70,18 +73,6 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
-    """Knobs of the accept pipeline beyond what ``protocols`` validation fixes.
-
-    ``max_abs_value`` and ``max_norm`` bound the values of a diff (every value finite always);
-    ``max_new_conditions`` bounds one update."""
-
-    max_abs_value: float = 1.0e4
-    max_norm: float = 1.0e6
-    max_new_conditions: int = 256
-
-
-@dataclass(frozen=True)
 class PathsConfig:
     database: str = "ledger.sqlite"
     blobs: str = "blobs"
@@ -106,7 +97,6 @@ class CoordinatorConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
     #: where it was loaded from (not written)
     state_dir: Path = field(default=Path("."), compare=False)
 
@@ -183,7 +173,6 @@ def _build(cls: type, data: Any, file: Path, prefix: str) -> Any:
                 "paths": PathsConfig,
                 "limits": ServerLimits,
                 "rate_limit": RateLimitConfig,
-                "policy": PolicyConfig,
             }.get(name)
             if cls is CoordinatorConfig
             else None

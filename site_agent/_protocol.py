@@ -1,0 +1,231 @@
+"""The site agent's seam to the protocols core: every call into P1's trust policy, update
+payloads, envelopes and ledger replay, and into P2's checkpoints, goes through here. Nothing here
+re-implements a rule of ``protocols``; it adapts their values to what the agent needs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from protocols.errors import ConfigError, VerificationError
+
+__all__ = [
+    "Trust",
+    "SiteRecord",
+    "load_trust",
+    "verify_checkpoint_note",
+    "verify_cosignatures",
+    "check_entries_match",
+    "site_record_from_entries",
+    "build_update_payload",
+    "payload_bytes",
+    "parse_payload",
+    "sign_update",
+    "max_diff_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Trust:
+    """The pinned trust.json (P1's :class:`protocols.policy.TrustPolicy`) and views of it."""
+
+    policy: Any
+    raw: bytes
+    source: str
+
+    @property
+    def origin(self) -> str:
+        return str(self.policy.origin)
+
+    @property
+    def log_keys(self) -> list[str]:
+        return [self.policy.log_public_key]
+
+    @property
+    def log_key_names(self) -> list[str]:
+        return [k.split("+", 1)[0] + "+" + k.split("+")[1] for k in self.log_keys]
+
+    @property
+    def operator_key_ids(self) -> list[str]:
+        return sorted(self.policy.operator_key_ids())
+
+    @property
+    def witness_keys(self) -> list[str]:
+        return list(self.policy.witness_keys)
+
+    @property
+    def witness_names(self) -> list[str]:
+        return [k.split("+", 1)[0] for k in self.witness_keys]
+
+    @property
+    def witness_threshold(self) -> int:
+        return int(self.policy.witnesses_required)
+
+    @property
+    def tls_source(self) -> Any:
+        """What :class:`protocols.registry_client.RegistryClient` pins for TLS."""
+        pem = self.policy.tls_root_pem
+        if not pem:
+            raise ConfigError(
+                f"{self.source} carries no TLS root certificate (tls_root_pem); ask the operator "
+                "for a trust.json written by `scarches-fl coordinator init`, or use --insecure on "
+                "loopback only"
+            )
+        return pem.encode() if isinstance(pem, str) else pem
+
+    @property
+    def cell_count_granularity(self) -> int | None:
+        """Cell counts the policy lets an update carry (None: none at all)."""
+        limits = self.policy.update_limits
+        value = getattr(limits, "cell_count_granularity", None)
+        return int(value) if value else None
+
+    @property
+    def update_limits(self) -> Any:
+        return self.policy.update_limits
+
+
+def load_trust(data: bytes, *, source: str) -> Trust:
+    from protocols.errors import PolicyError
+    from protocols.policy import parse_trust
+
+    try:
+        policy = parse_trust(data)
+    except PolicyError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from exc
+    return Trust(policy=policy, raw=data, source=source)
+
+
+# -- P2: checkpoints ---------------------------------------------------------------------------
+
+
+def verify_checkpoint_note(note: bytes, trust: Trust) -> Any:
+    from protocols.checkpoint import verify_checkpoint
+
+    return verify_checkpoint(bytes(note), origin=trust.origin, log_verifier=trust.log_keys)
+
+
+def verify_cosignatures(note: bytes, trust: Trust, *, expect: Any) -> dict[str, int]:
+    """Witness cosignatures on the checkpoint ``expect`` (same size and root)."""
+    from protocols.checkpoint import verify_cosigned_checkpoint
+
+    res = verify_cosigned_checkpoint(
+        bytes(note), origin=trust.origin, log_verifier=trust.log_keys,
+        witnesses=trust.witness_keys, threshold=trust.witness_threshold,
+    )
+    if res.checkpoint.size != expect.size or res.checkpoint.root_hash != expect.root_hash:
+        raise VerificationError(
+            f"the cosigned checkpoint (size {res.checkpoint.size}) is not the one served "
+            f"(size {expect.size})", reason_code="E_CHECKPOINT_INVALID",
+        )
+    return dict(res.cosigned_at)
+
+
+def check_entries_match(entries: Sequence[Any], checkpoint: Any) -> None:
+    """The entries [0, size) are exactly the leaves the verified checkpoint commits to."""
+    import hmac
+
+    from protocols.merkle import leaf_hash, root
+
+    if len(entries) != checkpoint.size:
+        raise VerificationError(
+            f"the coordinator returned {len(entries)} entries for a log of size "
+            f"{checkpoint.size}", reason_code="E_LEDGER_ORDER",
+        )
+    for i, e in enumerate(entries):
+        if e.index != i:
+            raise VerificationError(f"entry {e.index} where {i} was due",
+                                    reason_code="E_LEDGER_ORDER")
+    got = root([leaf_hash(e.envelope) for e in entries])
+    if not hmac.compare_digest(got, bytes(checkpoint.root_hash)):
+        raise VerificationError(
+            f"the ledger entries do not hash to the root of the signed checkpoint of size "
+            f"{checkpoint.size}: the coordinator served entries other than the ones it signed",
+            reason_code="E_PROOF_INVALID",
+        )
+
+
+# -- P1: ledger replay -> this site's enrolment --------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """This site as the verified ledger sees it."""
+
+    site_id: str
+    enrolled: bool
+    revoked: bool
+    key_ids: tuple[str, ...]
+    last_sequence: int = 0
+    expected_digest: str | None = None
+
+
+def site_record_from_entries(entries: Sequence[Any], trust: Trust, *, site_id: str) -> SiteRecord:
+    """Replay the (already root-checked) entries with P1's ledger state from the pinned roots,
+    and read this site's enrolment, active keys and last accepted sequence number."""
+    from protocols.ledger import replay_policy_state
+
+    state = replay_policy_state(trust.policy, [e.envelope for e in entries])
+    return _site_record(state, site_id)
+
+
+def _site_record(state: Any, site_id: str) -> SiteRecord:
+    policy = getattr(state, "policy", state)
+    rec = policy.sites.get(site_id)
+    if rec is None:
+        return SiteRecord(site_id, enrolled=False, revoked=False, key_ids=())
+    active = tuple(k.key_id for k in rec.keys if k.status == "active")
+    revoked = not active and any(k.status == "revoked" for k in rec.keys)
+    seqs = getattr(state, "sequences", None) or getattr(state, "site_sequences", None) or {}
+    last = int(seqs.get(site_id, 0)) if hasattr(seqs, "get") else 0
+    digest = getattr(state, "model_digest", None)
+    return SiteRecord(site_id, enrolled=True, revoked=revoked, key_ids=active,
+                      last_sequence=last, expected_digest=digest)
+
+
+# -- P1: update payload and envelope ----------------------------------------------------------
+
+
+def max_diff_bytes() -> int:
+    from protocols.limits import DEFAULT_LIMITS
+
+    return int(DEFAULT_LIMITS.max_diff_bytes)
+
+
+def build_update_payload(
+    *, trust: Trust, site_id: str, key_id: str, sequence: int, verified: Any,
+    new_conditions: Sequence[str], diff_bytes: bytes, diff_tensors: Any,
+) -> dict[str, Any]:
+    from protocols.update import build_update_payload as _build
+
+    return _build(
+        origin=trust.origin, site_id=site_id, key_id=key_id, sequence=sequence,
+        base_size=verified.tree_size, base_root=bytes(verified.checkpoint.root_hash),
+        base_digest=verified.digest, new_conditions=list(new_conditions),
+        diff_bytes=diff_bytes, diff=diff_tensors,
+    )
+
+
+def payload_bytes(payload: Any) -> bytes:
+    from protocols.canonical import canonical_json
+
+    return canonical_json(payload)
+
+
+def parse_payload(data: bytes) -> Any:
+    from protocols.canonical import parse_json_strict
+
+    return parse_json_strict(data, max_bytes=len(data) + 1)
+
+
+def sign_update(payload: bytes, key: Any) -> bytes:
+    from protocols.update import SITE_UPDATE_PAYLOAD_TYPE
+
+    from protocols.dsse import sign_envelope
+
+    return sign_envelope(SITE_UPDATE_PAYLOAD_TYPE, payload, [key])

@@ -1,0 +1,328 @@
+"""The site agent's flows: ``map`` (pull, verify, map, guard, sign, submit, receipt) and
+``retry`` (deliver what the outbox still holds).
+
+Order of ``map`` and what each step may touch::
+
+    pull + verify   (site_agent.verify)       network in, nothing out
+    map             (site_agent.mapping)      private data, the mapped .h5ad written locally
+    build update    (protocols.diff/update)   the condition slices and the payload
+    privacy guard   (site_agent.guard)        refuses anything but the declared slices
+    outbox          (site_agent.outbox)       the exact bytes, with a readable summary
+    -- --dry-run stops here --
+    sequence        (site_agent.state)        allocated durably before signing, never reused
+    sign            (protocols.dsse)          with the site key, which never leaves the site
+    submit          (RegistryClient)          envelope + diff, nothing else
+    receipt         (site_agent.verify)       inclusion + consistency, stored with the update
+
+An unreachable coordinator leaves the signed update in the outbox as ``pending``; ``site retry``
+sends the same bytes again (same sequence number; the coordinator answers a second arrival with
+the original receipt, so it is never a second entry).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocols.errors import ScarchesFLError, TransportError
+from site_agent import _protocol as proto
+from site_agent.config import SiteConfig
+from site_agent.guard import GuardPolicy, check_outgoing
+from site_agent.outbox import DELIVERED, PENDING, REJECTED, Outbox, OutboxEntry
+from site_agent.state import SiteState
+from site_agent.verify import VerifiedReference, pull_and_verify, verify_receipt
+
+__all__ = [
+    "SiteKey",
+    "MapReport",
+    "DeliveryError",
+    "UpdateRejectedBySiteError",
+    "load_site_key",
+    "connect",
+    "run_map",
+    "deliver",
+    "retry_pending",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class DeliveryError(TransportError):
+    """The signed update could not be delivered; it waits in the outbox for ``site retry``."""
+
+    exit_code = 4
+
+
+class UpdateRejectedBySiteError(ScarchesFLError):
+    """The coordinator rejected the update (stable reason code in the message)."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class SiteKey:
+    private: Any
+    key_id: str
+    public_text: str
+
+
+def load_site_key(path: Any) -> SiteKey:
+    from protocols.keys import key_id, load_private_key, public_key_text
+
+    priv = load_private_key(path)
+    return SiteKey(private=priv, key_id=key_id(priv), public_text=public_key_text(priv))
+
+
+def connect(config: SiteConfig, trust: proto.Trust) -> Any:
+    from protocols.registry_client import RegistryClient
+
+    assert config.coordinator is not None
+    if config.insecure:
+        print(
+            "WARNING: --insecure: talking to the coordinator WITHOUT TLS. Use this only on "
+            "loopback for development.", file=sys.stderr,
+        )
+        return RegistryClient(config.coordinator, insecure=True, timeout=config.timeout_s,
+                              retries=1)
+    return RegistryClient(config.coordinator, trust=trust.tls_source, timeout=config.timeout_s,
+                          retries=1)
+
+
+@dataclass
+class MapReport:
+    """What a ``site map`` run did, for the CLI to print."""
+
+    verified: VerifiedReference
+    out_path: Any
+    n_cells: int
+    new_conditions: list[str]
+    notes: list[str] = field(default_factory=list)
+    entry: OutboxEntry | None = None
+    summary_text: str = ""
+    receipt: dict[str, Any] | None = None
+    delivered: bool = False
+    dry_run: bool = False
+
+
+def _say(printer: Callable[[str], None] | None, text: str) -> None:
+    if printer is not None:
+        printer(text)
+
+
+def run_map(
+    config: SiteConfig, *, dry_run: bool = False, var_names_column: str | None = None,
+    printer: Callable[[str], None] | None = print, client_factory: Callable[..., Any] = connect,
+) -> MapReport:
+    """The whole ``site map`` flow (see the module docstring)."""
+    from protocols.diff import diff_from_bytes, diff_to_bytes
+    from site_agent.mapping import map_query, open_query, write_mapped
+
+    config.require("coordinator", "trust", "key", "site_id", "state", "data", "batch_key", "out")
+    assert config.state and config.trust and config.key and config.site_id and config.data
+    state = SiteState(config.state)
+    with state.locked():
+        trust = proto.load_trust(state.pin_trust(config.trust), source=str(config.trust))
+        key = load_site_key(config.key)
+        outbox = Outbox(state.outbox_path)
+        with client_factory(config, trust) as client:
+            if not dry_run and outbox.pending():
+                _say(printer, f"delivering {len(outbox.pending())} update(s) still in the outbox "
+                              "first")
+                for entry in outbox.pending():
+                    deliver(client, entry, state=state, trust=trust, printer=printer)
+            _say(printer, f"pulling the reference from {config.coordinator} and verifying it")
+            verified = pull_and_verify(client, state=state, trust=trust, site_id=config.site_id,
+                                       key_id=key.key_id)
+            _say(printer, (
+                f"verified: checkpoint size {verified.tree_size} (root {verified.root_hex[:16]}...),"
+                f" signed by the pinned log key"
+                + (f", cosigned by {len(verified.cosigned_by)} witness(es)"
+                   if verified.cosigned_by else "")
+                + (f", consistent with size {verified.previous_size}"
+                   if verified.previous_size else " (first contact: pinned)")
+                + f"; reference digest {verified.digest}; site key {key.key_id[:16]}... enrolled"
+            ))
+            from scarches_fl.model import ReferenceModel
+
+            model = ReferenceModel.from_bundle(verified.bundle)
+            th = config.thresholds
+            _say(printer, f"mapping {config.data} (stays at this site)")
+            with open_query(config.data) as adata:
+                outcome = map_query(
+                    adata, model, site_id=config.site_id, batch_key=config.batch_key or "",
+                    label_key=config.label_key, layer=config.layer, batches=config.batches,
+                    min_gene_coverage=th.min_gene_coverage, label_threshold=th.label_uncertainty,
+                    min_cells_per_batch=th.min_cells_per_batch, max_epochs=config.max_epochs,
+                    seed=config.seed, var_names_column=var_names_column,
+                )
+            for n in outcome.notes:
+                _say(printer, f"  {n}")
+            provenance = {
+                "tree_size": verified.tree_size,
+                "checkpoint_root": verified.root_hex,
+                "digest": verified.digest,
+                "origin": trust.origin,
+                "coordinator": config.coordinator,
+                "site_id": config.site_id,
+                "mapped_model_digest": str(outcome.new_model.digest),
+            }
+            write_mapped(outcome, config.out, provenance=provenance)
+            _say(printer, f"wrote {config.out}: obsm['X_scarches']"
+                 + (f", obs['{config.label_key}_pred'], obs['{config.label_key}_uncertainty']"
+                    if config.label_key else "")
+                 + f" (mapped on reference version {verified.tree_size})")
+            report = MapReport(verified=verified, out_path=config.out,
+                               n_cells=int(outcome.adata.n_obs),
+                               new_conditions=list(outcome.new_conditions), notes=outcome.notes,
+                               dry_run=dry_run)
+
+            # -- the update: diff bytes, payload, privacy guard --
+            diff_bytes = diff_to_bytes(outcome.diff)
+            sent_back = diff_from_bytes(diff_bytes, max_bytes=proto.max_diff_bytes())
+            if dry_run:
+                sequence = max(state.last_sequence(), verified.site_record.last_sequence) + 1
+            else:
+                sequence = state.allocate_sequence(at_least=verified.site_record.last_sequence)
+            payload = proto.build_update_payload(
+                trust=trust, site_id=config.site_id, key_id=key.key_id, sequence=sequence,
+                verified=verified, new_conditions=outcome.new_conditions, diff_bytes=diff_bytes,
+                diff_tensors=sent_back,
+            )
+            payload_bytes = proto.payload_bytes(payload)
+            guard = check_outgoing(
+                payload=proto.parse_payload(payload_bytes), payload_bytes=payload_bytes,
+                diff_bytes=diff_bytes, diff_tensors=sent_back,
+                base_manifest=verified.bundle.manifest, new_conditions=outcome.new_conditions,
+                base_size=verified.tree_size, base_digest=verified.digest,
+                policy=GuardPolicy(
+                    site_id=config.site_id, max_value_abs=th.max_value_abs,
+                    cell_count_granularity=trust.cell_count_granularity,
+                    min_cells_per_batch=th.min_cells_per_batch,
+                ),
+            )
+            text = guard.render()
+            entry = outbox.create(
+                sequence=None if dry_run else sequence, payload_bytes=payload_bytes,
+                diff_bytes=diff_bytes, summary=guard.to_dict() | {"sequence": sequence},
+                summary_text=text,
+            )
+            report.entry = entry
+            report.summary_text = text
+            _say(printer, f"privacy guard passed; outbox entry {entry.id}:")
+            _say(printer, text.rstrip("\n"))
+            if dry_run:
+                _say(printer, f"--dry-run: nothing was signed or sent. The update is in "
+                              f"{entry.path}")
+                return report
+
+            # -- sign, submit, receipt --
+            envelope = proto.sign_update(payload_bytes, key.private)
+            entry.write_envelope(envelope)
+            _say(printer, f"signed update {entry.id} (sequence {sequence}) with key "
+                          f"{key.key_id[:16]}...")
+            rec = deliver(client, entry, state=state, trust=trust, printer=printer)
+            report.receipt = rec
+            report.delivered = True
+            return report
+
+
+def deliver(
+    client: Any, entry: OutboxEntry, *, state: SiteState, trust: proto.Trust,
+    printer: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Send one signed outbox entry (its exact bytes), verify and store the receipt."""
+    envelope = entry.envelope_bytes
+    if envelope is None:
+        raise UpdateRejectedBySiteError(
+            f"outbox entry {entry.id} was never signed (a dry run); run `site map` to build a "
+            "signed update"
+        )
+    if entry.state == DELIVERED:
+        rec = entry.receipt() or {}
+        _say(printer, f"{entry.id} was delivered already (log index {rec.get('leaf_index')})")
+        return rec
+    diff = entry.diff_bytes
+    try:
+        result = client.submit_update(envelope, diff)
+    except TransportError as exc:
+        entry.record_attempt("unreachable", str(exc))
+        raise DeliveryError(
+            f"could not deliver {entry.id}: {exc}. The signed update stays in the outbox "
+            f"({entry.path}); send it later with `scarches-fl site retry --state {state.path} "
+            "--coordinator HOST:PORT --trust TRUST_JSON`"
+        ) from exc
+    if result.rejection is not None:
+        rj = result.rejection
+        if rj.retry_after_s and rj.retry_after_s > 0:
+            entry.record_attempt("rate_limited", f"{rj.reason_code}: {rj.message}")
+            raise DeliveryError(
+                f"the coordinator asks to retry {entry.id} in {rj.retry_after_s:.0f} s "
+                f"({rj.reason_code}: {rj.message}); it stays in the outbox; run `scarches-fl "
+                "site retry` later"
+            )
+        entry.record_attempt("rejected", f"{rj.reason_code}: {rj.message}")
+        entry.set_state(REJECTED, reason_code=rj.reason_code, message=rj.message)
+        raise UpdateRejectedBySiteError(
+            f"the coordinator rejected {entry.id} [{rj.reason_code}]: {rj.message}"
+        )
+    receipt = result.receipt
+    assert receipt is not None
+    verified = verify_receipt(client, receipt, envelope=envelope, state=state, trust=trust)
+    rec = verified.to_dict() | {
+        "leaf_hash": bytes(receipt.leaf_hash).hex(),
+        "inclusion_proof": [bytes(h).hex() for h in receipt.inclusion_proof],
+    }
+    entry.store_receipt(rec, receipt.signed_note)
+    entry.record_attempt("delivered", f"log index {verified.leaf_index}")
+    entry.set_state(DELIVERED, leaf_index=verified.leaf_index, tree_size=verified.tree_size)
+    summ = entry.summary()
+    state.record_contribution({
+        "outbox_id": entry.id, "sequence": entry.sequence, "leaf_index": verified.leaf_index,
+        "tree_size": verified.tree_size, "new_conditions": summ.get("new_conditions", []),
+        "base_tree_size": summ.get("base", {}).get("tree_size"),
+        "duplicate": verified.duplicate,
+    })
+    _say(printer, (
+        f"delivered {entry.id}: log index {verified.leaf_index} in tree size "
+        f"{verified.tree_size}{' (already logged before: same entry)' if verified.duplicate else ''}"
+        "; receipt verified (inclusion proof and consistency with this site's view) and stored"
+    ))
+    return rec
+
+
+def retry_pending(
+    config: SiteConfig, *, ids: Sequence[str] = (), printer: Callable[[str], None] | None = print,
+    client_factory: Callable[..., Any] = connect,
+) -> list[dict[str, Any]]:
+    """Deliver pending outbox entries (all, or ``ids``) in sequence order."""
+    config.require("coordinator", "state")
+    assert config.state is not None
+    state = SiteState(config.state).require_existing()
+    with state.locked():
+        pinned = state.pinned_trust()
+        if pinned is None:
+            raise UpdateRejectedBySiteError(
+                f"{state.path} has no pinned trust.json; nothing was ever mapped from it"
+            )
+        if config.trust is not None:
+            pinned = state.pin_trust(config.trust)
+        trust = proto.load_trust(pinned, source=str(state.trust_path))
+        outbox = Outbox(state.outbox_path)
+        entries = [outbox.get(i) for i in ids] if ids else outbox.pending()
+        entries.sort(key=lambda e: e.sequence or 0)
+        if not entries:
+            _say(printer, "nothing to retry: no pending update in the outbox")
+            return []
+        out = []
+        with client_factory(config, trust) as client:
+            for entry in entries:
+                if entry.state not in (PENDING, DELIVERED):
+                    raise UpdateRejectedBySiteError(
+                        f"outbox entry {entry.id} is {entry.state}; only pending updates are "
+                        "retried"
+                    )
+                out.append(deliver(client, entry, state=state, trust=trust, printer=printer))
+        return out

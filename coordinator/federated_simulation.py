@@ -1,0 +1,221 @@
+"""Federated reference training on one machine: Flower's Simulation Engine with N virtual sites.
+
+``simulate`` splits the studies of one AnnData over N virtual sites (each study at exactly one
+site; with more sites than studies the largest studies are divided into parts, see
+``scarches_fl._federated.plan_sites``), gives every site its own Ed25519 key (written under
+``OUT/keys``, enrolled in ``OUT/federation-policy.json``), runs the same ServerApp and ClientApp
+code as a deployment, and leaves in ``OUT``: ``bundle/`` (the federated reference), ``rounds/``
+(signed round records and contribution envelopes), ``federation-summary.json``.
+
+It uses ``flwr.simulation.run_simulation`` (the in-process Simulation Engine, Ray backend). It is
+marked deprecated in Flower 1.41 in favour of ``flwr run``; we keep it because it needs no local
+SuperLink on a fixed port (several users or tests on one machine would collide), and the apps are
+the objects a deployment loads (docs/adr/0031-simulation-in-process.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FLOWER_ENV", "flower_environment", "simulate", "SimulationPlan", "plan_simulation"]
+
+log = logging.getLogger(__name__)
+
+#: Every process that runs Flower gets these (no telemetry, no update checks, no dependency
+#: installs at run time, no Ray usage stats).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def flower_environment(flwr_home: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """``os.environ`` plus :data:`FLOWER_ENV` and a private ``FLWR_HOME``."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+class SimulationPlan:
+    """Which virtual site holds which cells, and where each site's key lives."""
+
+    def __init__(
+        self, sites: list[Any], key_paths: dict[str, str], coordinator_key: str, policy_path: str
+    ) -> None:
+        self.sites = sites
+        self.key_paths = key_paths
+        self.coordinator_key = coordinator_key
+        self.policy_path = policy_path
+
+
+def plan_simulation(
+    data: str | os.PathLike[str],
+    *,
+    batch_key: str,
+    n_sites: int,
+    out: Path,
+    batches: Sequence[str] | None = None,
+    seed: int = 0,
+) -> SimulationPlan:
+    import anndata as ad
+
+    from coordinator.federated_keys import write_policy
+    from protocols.keys import generate_private_key, save_private_key
+    from scarches_fl import _federated as F
+    from scarches_fl.data import DataError
+
+    adata = ad.read_h5ad(str(data), backed="r")
+    try:
+        if batch_key not in adata.obs:
+            raise DataError(
+                f"batch key {batch_key!r} is not a column of obs "
+                f"({list(adata.obs.columns)}); pass --batch-key"
+            )
+        values = np.asarray(adata.obs[batch_key].astype(str))
+    finally:
+        adata.file.close()
+    rows = np.arange(len(values))
+    if batches:
+        unknown = sorted(set(batches) - set(values.tolist()))
+        if unknown:
+            raise DataError(
+                f"batches {unknown} are not values of obs[{batch_key!r}] "
+                f"({sorted(set(values.tolist()))})"
+            )
+        rows = rows[np.isin(values, list(batches))]
+    plans = F.plan_sites(values[rows], n_sites, seed=seed)
+    # Plans index into the filtered rows; map back to the file's rows.
+    plans = [F.SitePlan(p.site_id, {k: rows[v] for k, v in p.studies.items()}) for p in plans]
+    keys_dir = out / "keys"
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    key_paths: dict[str, str] = {}
+    pubs: dict[str, Any] = {}
+    for p in plans:
+        path = keys_dir / f"{p.site_id}.key"
+        k = generate_private_key()
+        save_private_key(k, path, overwrite=True)
+        key_paths[p.site_id] = str(path)
+        pubs[p.site_id] = k.public_key()
+    ckey_path = keys_dir / "coordinator.key"
+    ckey = generate_private_key()
+    save_private_key(ckey, ckey_path, overwrite=True)
+    policy_path = out / "federation-policy.json"
+    write_policy(policy_path, pubs)
+    return SimulationPlan(plans, key_paths, str(ckey_path), str(policy_path))
+
+
+def simulate(
+    data: str | os.PathLike[str],
+    *,
+    batch_key: str,
+    n_sites: int,
+    rounds: int,
+    out: str | os.PathLike[str],
+    label_key: str | None = None,
+    batches: Sequence[str] | None = None,
+    local_epochs: int = 5,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    prox_mu: float = 0.0,
+    kl_warmup_rounds: int = 0,
+    patience: int = 5,
+    likelihood: str = "nb",
+    n_hidden: int = 128,
+    n_layers: int = 2,
+    n_latent: int = 10,
+    seed: int = 0,
+    round_timeout: float = 600.0,
+    faults: Mapping[str, Mapping[str, list[int]]] | None = None,
+    num_cpus: int | None = None,
+    flwr_home: str | None = None,
+) -> Any:
+    """Run federated reference training on ``n_sites`` virtual sites; returns the
+    :class:`~coordinator.federated_server.FederationResult`."""
+    import tempfile
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.update(FLOWER_ENV)
+    os.environ.setdefault("FLWR_HOME", flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+    from coordinator.federated_keys import load_policy, load_signing_key
+    from coordinator.federated_server import FederationSettings, build_server_app
+    from site_agent.federated_client import SiteConfig, build_client_app
+
+    plan = plan_simulation(
+        data, batch_key=batch_key, n_sites=n_sites, out=out, batches=batches, seed=seed
+    )
+    faults = dict(faults or {})
+    configs = [
+        SiteConfig(
+            site_id=p.site_id,
+            data_path=str(data),
+            batch_key=batch_key,
+            site_key_path=plan.key_paths[p.site_id],
+            studies={k: np.asarray(v).tolist() for k, v in p.studies.items()},
+            faults={k: list(v) for k, v in faults.get(p.site_id, {}).items()},
+        )
+        for p in plan.sites
+    ]
+    settings = FederationSettings(
+        out_dir=str(out),
+        site_keys=load_policy(Path(plan.policy_path)),
+        coordinator_key=load_signing_key(Path(plan.coordinator_key)),
+        rounds=rounds,
+        local_epochs=local_epochs,
+        lr=lr,
+        batch_size=batch_size,
+        prox_mu=prox_mu,
+        kl_warmup_rounds=kl_warmup_rounds,
+        patience=patience,
+        min_sites=n_sites,
+        round_timeout=round_timeout,
+        wait_for_sites=30.0,
+        seed=seed,
+        likelihood=likelihood,
+        n_hidden=n_hidden,
+        n_layers=n_layers,
+        n_latent=n_latent,
+        batch_key=batch_key,
+        label_key=label_key,
+    )
+
+    def resolve(context: Any) -> Any:
+        return configs[int(context.node_config["partition-id"])]
+
+    server_app = build_server_app(settings)
+    client_app = build_client_app(resolve)
+    cpus = int(num_cpus or max(1, min(len(configs), os.cpu_count() or 1)))
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+    }
+    from flwr.simulation import run_simulation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=n_sites,
+            backend_config=backend_config,
+        )
+    result = settings.extra.get("result")
+    if result is None:
+        from coordinator.federated_records import FederationError
+
+        raise FederationError(
+            "the federated simulation ended without a result; see the log "
+            "above for the ServerApp's error"
+        )
+    return result

@@ -1,0 +1,298 @@
+"""The site's Flower ClientApp for federated reference training.
+
+What a site does (and only this; the site admin guide in ``docs/federated.md`` says what a site
+trusts when it joins):
+
+* ``query``: answer with a descriptor signed by the site key: site id, its studies (condition
+  names ``<site_id>/<batch>``) with cell counts, its gene list. No cell-level data.
+* ``train``: check that the received model is the one whose digest the coordinator names
+  (recomputing the bundle content digest from the manifest and arrays received), score it on the
+  site's held-out cells, run the local epochs (``scarches_fl._federated.local_train``), and answer
+  with the shared tensors, the site's own condition columns, the training cell count and the
+  validation loss, all bound by one signed payload (its ``contribution_digest`` covers every
+  array sent).
+* ``evaluate``: the held-out validation loss of the received model, signed.
+
+The private data never leaves the process: only tensors of the model's shape and four numbers.
+The site's own Ed25519 key (``scarches-fl site keygen``) signs; Flower's SuperNode
+authentication key is a separate ECDSA key that only authenticates the connection.
+
+Node config (Deployment Engine, ``flower-supernode --node-config``): ``site-id``, ``data-path``
+(an .h5ad), ``batch-key``, ``site-key`` (path to the site's private key), optional ``layer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["SiteConfig", "build_client_app", "site_config_from_node_config", "app"]
+
+log = logging.getLogger(__name__)
+
+_CACHE: dict[tuple, Any] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class SiteConfig:
+    """One site's side of a federation. ``rows``/``studies`` restrict and relabel the cells
+    (the Simulation Engine splits one file into virtual sites); ``faults`` injects failures
+    for simulations only: ``{"fail_rounds": [..], "tamper_rounds": [..]}``."""
+
+    site_id: str
+    data_path: str
+    batch_key: str
+    site_key_path: str
+    layer: str | None = None
+    studies: Mapping[str, Any] | None = None  # study name -> row indices (simulation)
+    validation_fraction: float = 0.1
+    faults: dict[str, list[int]] = field(default_factory=dict)
+
+
+def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
+    from protocols.errors import ConfigError
+
+    missing = [k for k in ("site-id", "data-path", "batch-key", "site-key")
+               if not str(node_config.get(k, ""))]
+    if missing:
+        raise ConfigError(
+            f"the SuperNode's --node-config lacks {missing}; start it with "
+            "'scarches-fl federate supernode' (see docs/federated.md)")
+    return SiteConfig(
+        site_id=str(node_config["site-id"]), data_path=str(node_config["data-path"]),
+        batch_key=str(node_config["batch-key"]), site_key_path=str(node_config["site-key"]),
+        layer=str(node_config.get("layer", "")) or None,
+    )
+
+
+# -- the site's data ------------------------------------------------------------------------------
+
+
+def _registered(cfg: SiteConfig, likelihood: str) -> Any:
+    """The site's cells registered under the namespace ``site_id`` (cached per process)."""
+    key = ("reg", cfg.site_id, cfg.data_path, cfg.batch_key, cfg.layer, likelihood,
+           tuple(sorted(cfg.studies)) if cfg.studies else None)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    import anndata as ad
+
+    from scarches_fl.data import register
+
+    adata = ad.read_h5ad(cfg.data_path)
+    if cfg.studies is not None:
+        names = sorted(cfg.studies)
+        rows = np.concatenate([np.asarray(cfg.studies[n], dtype=np.int64) for n in names])
+        labels = np.concatenate([[n] * len(cfg.studies[n]) for n in names])
+        adata = adata[rows].copy()
+        adata.obs[cfg.batch_key] = labels.astype(str)
+    reg = register(adata, batch_key=cfg.batch_key, namespace=cfg.site_id, likelihood=likelihood,
+                   layer=cfg.layer)
+    genes = [str(g) for g in adata.var_names]
+    with _CACHE_LOCK:
+        _CACHE[key] = (reg, genes)
+    return reg, genes
+
+
+def _dataset(cfg: SiteConfig, likelihood: str, conditions: list[str], seed: int) -> Any:
+    from scarches_fl._federated import make_site_dataset
+
+    key = ("ds", cfg.site_id, cfg.data_path, likelihood, tuple(conditions), seed)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    reg, _ = _registered(cfg, likelihood)
+    ds = make_site_dataset(reg.x, [str(c) for c in reg.conditions], conditions,
+                           validation_fraction=cfg.validation_fraction, seed=seed)
+    with _CACHE_LOCK:
+        _CACHE[key] = ds
+    return ds
+
+
+def _key(cfg: SiteConfig) -> Any:
+    from coordinator.federated_keys import load_signing_key
+
+    return load_signing_key(cfg.site_key_path)
+
+
+# -- handlers -------------------------------------------------------------------------------------
+
+
+def _reply(message: Any, content: Any) -> Any:
+    from flwr.app import Message
+
+    return Message(content=content, reply_to=message)
+
+
+def _signed(cfg: SiteConfig, payload_type: str, payload: dict[str, Any]) -> bytes:
+    from coordinator.federated_records import sign_payload
+    from protocols.keys import key_id
+
+    key = _key(cfg)
+    payload = {**payload, "site_id": cfg.site_id, "key_id": key_id(key)}
+    return sign_payload(key, payload_type, payload)
+
+
+def _describe(cfg: SiteConfig, message: Any) -> Any:
+    from flwr.app import ConfigRecord, RecordDict
+
+    from coordinator.federated_server import DESCRIPTOR_PAYLOAD_TYPE
+
+    run_id = str(message.content.config_records["config"]["run-id"])
+    reg, genes = _registered(cfg, "nb")
+    names, counts = np.unique(np.asarray(reg.conditions, dtype=str), return_counts=True)
+    prefix = cfg.site_id + "/"
+    studies = {str(n)[len(prefix):]: int(c) for n, c in zip(names, counts, strict=True)}
+    env = _signed(cfg, DESCRIPTOR_PAYLOAD_TYPE, {
+        "kind": "descriptor", "run_id": run_id, "studies": studies, "genes": genes,
+    })
+    return _reply(message, RecordDict({"signature": ConfigRecord({"envelope": env})}))
+
+
+def _received_model(cfg: SiteConfig, message: Any) -> tuple[dict, dict, dict, Any]:
+    import json
+
+    from protocols.bundle import content_digest
+    from scarches_fl.data import DataError
+
+    content = message.content
+    config = dict(content.config_records["config"])
+    manifest = json.loads(bytes(config["manifest"]))
+    tensors = {k: a.numpy() for k, a in content.array_records["arrays"].items()}
+    if content_digest(manifest, tensors) != config["base-digest"]:
+        raise DataError("the model received is not the one the coordinator's round names "
+                        "(digest mismatch); refusing to train on it")
+    hp = manifest["hyperparameters"]
+    _, genes = _registered(cfg, str(hp["likelihood"]))
+    if list(manifest["genes"]) != genes:
+        raise DataError("the federation's gene list differs from this site's data; align the "
+                        "data to the federation's genes first")
+    ds = _dataset(cfg, str(hp["likelihood"]), list(manifest["conditions"]), int(config["seed"]))
+    return config, manifest, tensors, ds
+
+
+def _train(cfg: SiteConfig, message: Any) -> Any:
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from coordinator.federated_records import CONTRIBUTION_PAYLOAD_TYPE
+    from scarches_fl import _federated as F
+
+    config, manifest, tensors, ds = _received_model(cfg, message)
+    rnd = int(config["round"])
+    if rnd in cfg.faults.get("fail_rounds", []):
+        raise RuntimeError(f"simulated failure of site {cfg.site_id} in round {rnd}")
+    hp = manifest["hyperparameters"]
+    G, C = len(manifest["genes"]), len(manifest["conditions"])
+    val_sum, n_val = F.validation_loss(hp, G, C, tensors, ds, seed=int(config["seed"]))
+    local = F.LocalTrainingConfig(
+        epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
+        lr=float(config["lr"]), kl_weight=float(config["kl-weight"]),
+        prox_mu=float(config["prox-mu"]),
+        seed=int(config["seed"]) * 100003 + rnd * 101 + _site_salt(cfg.site_id))
+    result = F.local_train(hp, G, C, tensors, ds, local)
+    own = [manifest["conditions"][j] for j in ds.own_conditions]
+    payload = {
+        "kind": "contribution", "run_id": str(config["run-id"]), "round": rnd,
+        "base_digest": str(config["base-digest"]),
+        "contribution_digest": F.tensor_digest(result.tensors), "n_train": int(result.n_train),
+        "n_validation": int(n_val), "validation_loss_sum": float(val_sum),
+        "train_loss": float(result.train_loss) if np.isfinite(result.train_loss) else 0.0,
+        "conditions": own,
+    }
+    env = _signed(cfg, CONTRIBUTION_PAYLOAD_TYPE, payload)
+    if rnd in cfg.faults.get("tamper_rounds", []):
+        env = _tamper(env)
+    arrays = ArrayRecord({k: _array(v) for k, v in result.tensors.items()})
+    return _reply(message, RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord({"num-examples": int(result.n_train),
+                                 "train-loss": float(payload["train_loss"])}),
+        "signature": ConfigRecord({"envelope": env}),
+    }))
+
+
+def _evaluate(cfg: SiteConfig, message: Any) -> Any:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from coordinator.federated_records import CONTRIBUTION_PAYLOAD_TYPE
+    from scarches_fl import _federated as F
+
+    config, manifest, tensors, ds = _received_model(cfg, message)
+    hp = manifest["hyperparameters"]
+    G, C = len(manifest["genes"]), len(manifest["conditions"])
+    val_sum, n_val = F.validation_loss(hp, G, C, tensors, ds, seed=int(config["seed"]))
+    payload = {
+        "kind": "evaluation", "run_id": str(config["run-id"]), "round": int(config["round"]),
+        "base_digest": str(config["base-digest"]), "contribution_digest": F.tensor_digest({}),
+        "n_train": int(ds.n_train), "n_validation": int(n_val),
+        "validation_loss_sum": float(val_sum),
+        "conditions": [manifest["conditions"][j] for j in ds.own_conditions],
+    }
+    env = _signed(cfg, CONTRIBUTION_PAYLOAD_TYPE, payload)
+    return _reply(message, RecordDict({
+        "metrics": MetricRecord({"num-examples": int(n_val)}),
+        "signature": ConfigRecord({"envelope": env}),
+    }))
+
+
+def _array(v: np.ndarray) -> Any:
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(v, dtype=np.float32))
+
+
+def _site_salt(site_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(site_id.encode()).digest()[:2], "big")
+
+
+def _tamper(envelope: bytes) -> bytes:
+    """Simulation fault: a man in the middle raises ``n_train`` tenfold to dominate the
+    average, keeping the original signature. The coordinator must exclude it."""
+    import json
+
+    from protocols.canonical import canonical_json
+    from protocols.dsse import Envelope, parse_envelope
+
+    env = parse_envelope(envelope)
+    payload = json.loads(env.payload)
+    payload["n_train"] = int(payload["n_train"]) * 10
+    return Envelope(env.payload_type, canonical_json(payload), env.signatures).to_bytes()
+
+
+def build_client_app(resolve: Callable[[Any], SiteConfig]) -> Any:
+    """A ``ClientApp`` whose site is ``resolve(context)``."""
+    from flwr.clientapp import ClientApp
+
+    client_app = ClientApp()
+
+    @client_app.query()
+    def _q(message: Any, context: Any) -> Any:
+        return _describe(resolve(context), message)
+
+    @client_app.train()
+    def _t(message: Any, context: Any) -> Any:
+        return _train(resolve(context), message)
+
+    @client_app.evaluate()
+    def _e(message: Any, context: Any) -> Any:
+        return _evaluate(resolve(context), message)
+
+    return client_app
+
+
+def _from_node_config(context: Any) -> SiteConfig:
+    return site_config_from_node_config(context.node_config)
+
+
+try:  # the Deployment Engine loads ``site_agent.federated_client:app``
+    app = build_client_app(_from_node_config)
+except ImportError:  # pragma: no cover - flwr not installed (extra "flower")
+    app = None

@@ -1,0 +1,284 @@
+"""Unit tests of the site agent's parts that need no coordinator: configuration, state directory,
+outbox, privacy guard, and the friendly data checks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import stat
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from protocols.errors import ConfigError
+from site_agent.config import SiteConfig, load_config, merge_flags
+from site_agent.guard import GuardPolicy, PrivacyGuardError, check_outgoing
+from site_agent.mapping import SiteDataError, check_query, open_query
+from site_agent.outbox import Outbox
+from site_agent.state import SiteState, StateError, StateLockedError
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_config_file_and_flags(tmp_path):
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(
+        "coordinator: 127.0.0.1:7443\ntrust: keys/trust.json\nsite_id: hospital-a\n"
+        "batches: [celseq2, smartseq2]\nthresholds:\n  min_gene_coverage: 0.7\n"
+    )
+    c = load_config(cfg)
+    assert c.coordinator == "127.0.0.1:7443"
+    assert c.trust == tmp_path / "keys" / "trust.json"  # relative to the file
+    assert c.batches == ("celseq2", "smartseq2")
+    assert c.thresholds.min_gene_coverage == 0.7
+    c2 = merge_flags(c, {"site_id": "hospital-b", "batches": "x,y", "min_gene_coverage": 0.2,
+                         "insecure": None})
+    assert c2.site_id == "hospital-b" and c2.batches == ("x", "y")
+    assert c2.thresholds.min_gene_coverage == 0.2 and c2.thresholds.label_uncertainty == 0.5
+    assert c2.insecure is False
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("coordinator: nohostport\n", "'coordinator'"),
+        ("site_id: Hospital A\n", "'site_id'"),
+        ("thresholds:\n  min_gene_coverage: high\n", "'thresholds.min_gene_coverage'"),
+        ("thresholds:\n  coverage: 0.5\n", "'thresholds.coverage'"),
+        ("batch_kye: batch\n", "'batch_kye'"),
+        ("insecure: yes please\n", "'insecure'"),
+        ("- a\n- b\n", "top level"),
+        ("coordinator: [\n", "line"),
+    ],
+)
+def test_config_errors_name_file_and_field(tmp_path, text, field):
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(cfg)
+    assert str(cfg) in str(ei.value) and field in str(ei.value)
+
+
+def test_config_require_names_missing_flags():
+    with pytest.raises(ConfigError, match="--site-id"):
+        SiteConfig(coordinator="h:1").require("coordinator", "site_id")
+
+
+# -- state directory --------------------------------------------------------------------------
+
+
+def test_sequence_allocation_is_durable_and_never_reused(tmp_path):
+    st = SiteState(tmp_path / "state")
+    with st.locked():
+        assert st.allocate_sequence() == 1
+        assert st.allocate_sequence() == 2
+        assert st.allocate_sequence(at_least=10) == 11  # the coordinator knows a higher one
+    again = SiteState(tmp_path / "state")
+    with again.locked():
+        assert again.allocate_sequence() == 12
+    with pytest.raises(StateError):
+        again.allocate_sequence()  # not without the lock
+
+
+def test_state_lock_is_exclusive(tmp_path):
+    st = SiteState(tmp_path / "s")
+    with st.locked(), pytest.raises(StateLockedError), SiteState(tmp_path / "s").locked():
+        pass
+
+
+def test_trust_is_pinned_never_replaced_silently(tmp_path):
+    st = SiteState(tmp_path / "s").ensure()
+    t1 = tmp_path / "t1.json"
+    t1.write_bytes(b'{"a":1}')
+    assert st.pin_trust(t1) == b'{"a":1}'
+    t2 = tmp_path / "t2.json"
+    t2.write_bytes(b'{"a":2}')
+    with pytest.raises(StateError, match="differs from the trust.json pinned"):
+        st.pin_trust(t2)
+
+
+def test_checkpoint_never_moves_back(tmp_path):
+    st = SiteState(tmp_path / "s").ensure()
+    st.store_checkpoint(origin="o", size=5, root=b"\1" * 32, note=b"n5")
+    with pytest.raises(StateError):
+        st.store_checkpoint(origin="o", size=4, root=b"\1" * 32, note=b"n4")
+    assert st.last_checkpoint().size == 5
+
+
+# -- outbox -----------------------------------------------------------------------------------
+
+
+def test_outbox_keeps_exact_bytes(tmp_path):
+    box = Outbox(tmp_path / "outbox")
+    e = box.create(sequence=3, payload_bytes=b"{}", diff_bytes=b"\x00\x01",
+                   summary={"new_conditions": ["s/a"]}, summary_text="hello\n")
+    assert e.id == "update-000003" and e.state == "pending"
+    e.write_envelope(b"ENV")
+    with pytest.raises(StateError):
+        e.write_envelope(b"ENV2")  # never signed twice
+    assert box.get("3").envelope_bytes == b"ENV" and box.get("3").diff_bytes == b"\x00\x01"
+    assert [x.id for x in box.pending()] == ["update-000003"]
+    with pytest.raises(StateError):
+        box.create(sequence=3, payload_bytes=b"{}", diff_bytes=b"", summary={}, summary_text="")
+    d = box.create(sequence=None, payload_bytes=b"{}", diff_bytes=b"", summary={},
+                   summary_text="")
+    assert d.id.startswith("dry-run-") and d.state == "dry-run"
+
+
+# -- privacy guard ----------------------------------------------------------------------------
+
+BASE = {
+    "genes": [f"G{i}" for i in range(6)],
+    "conditions": ["ref/a", "ref/b"],
+    "tensors": {
+        "enc.W_s": {"role": "condition", "axis": 1, "shape": [4, 2], "dtype": "float32"},
+        "dec.W_s": {"role": "condition", "axis": 1, "shape": [3, 2], "dtype": "float32"},
+        "enc.W_x": {"role": "frozen", "shape": [4, 6], "dtype": "float32"},
+    },
+}
+
+
+def _good(**over):
+    from protocols.diff import diff_from_bytes, diff_to_bytes
+
+    diff = {"enc.W_s": np.ones((4, 1), np.float32), "dec.W_s": np.ones((3, 1), np.float32)}
+    diff.update(over.pop("diff", {}))
+    raw = diff_to_bytes(diff)
+    tensors = diff_from_bytes(raw, max_bytes=1 << 20)
+    import hashlib
+
+    payload = {
+        "kind": "site_update", "site_id": "site-a", "sequence": 1,
+        "new_conditions": ["site-a/q"],
+        "base": {"size": 3, "digest": "sha256:aa"},
+        "diff": {"sha256": "sha256:" + hashlib.sha256(raw).hexdigest(), "size": len(raw),
+                 "tensors": {"enc.W_s": [4, 1], "dec.W_s": [3, 1]}},
+        "stats": {"enc.W_s": {"l2": 2.0}},
+    }
+    payload.update(over.pop("payload", {}))
+    kw = dict(payload=payload, payload_bytes=json.dumps(payload).encode(), diff_bytes=raw,
+              diff_tensors=tensors, base_manifest=BASE, new_conditions=["site-a/q"],
+              base_size=3, base_digest="sha256:aa", policy=GuardPolicy(site_id="site-a"))
+    kw.update(over)
+    return kw
+
+
+def test_guard_passes_exact_condition_slices():
+    rep = check_outgoing(**_good())
+    text = rep.render()
+    assert "enc.W_s" in text and "4x1" in text and rep.diff_size > 0
+    assert {t.name for t in rep.tensors} == {"enc.W_s", "dec.W_s"}
+
+
+@pytest.mark.parametrize(
+    "over, msg",
+    [
+        ({"diff": {"enc.W_x": np.ones((4, 6), np.float32)}}, "frozen"),
+        ({"diff": {"cells.X": np.ones((140, 6), np.float32)}}, "undeclared"),
+        ({"diff": {"enc.W_s": np.ones((4, 2), np.float32)}}, "shape"),
+        ({"diff": {"enc.W_s": np.full((4, 1), np.nan, np.float32)}}, "NaN"),
+        ({"diff": {"enc.W_s": np.full((4, 1), 1e9, np.float32)}}, "magnitude"),
+        ({"payload": {"embedding": [[0.1, 0.2]]}}, "whitelist"),
+        ({"payload": {"stats": {"per_cell": list(range(5000))}}}, "per-cell"),
+        ({"payload": {"n_cells": 137}}, "cell count"),
+        ({"payload": {"note": ["G0", "G1", "G2", "G3"]}}, "gene names"),
+        ({"payload": {"site_id": "site-b"}}, "not this site"),
+        ({"payload": {"base": {"size": 2, "digest": "sha256:aa"}}}, "base size"),
+        ({"new_conditions": ["site-b/q"]}, "namespace"),
+    ],
+)
+def test_guard_refuses(over, msg):
+    with pytest.raises(PrivacyGuardError, match=msg):
+        check_outgoing(**_good(**over))
+
+
+def test_guard_cell_counts_only_at_policy_granularity():
+    kw = _good(payload={"n_cells": 140})
+    kw["policy"] = GuardPolicy(site_id="site-a", cell_count_granularity=10)
+    check_outgoing(**kw)
+    kw = _good(payload={"n_cells": 137})
+    kw["policy"] = GuardPolicy(site_id="site-a", cell_count_granularity=10)
+    with pytest.raises(PrivacyGuardError, match="granularity"):
+        check_outgoing(**kw)
+
+
+# -- friendly data checks ---------------------------------------------------------------------
+
+
+def _adata(n=60, genes=None, x=None, batches=None):
+    genes = genes or [f"GENE{i}" for i in range(20)]
+    rng = np.random.default_rng(0)
+    x = x if x is not None else sp.csr_matrix(rng.poisson(1.0, (n, len(genes))).astype(np.float32))
+    a = ad.AnnData(X=x)
+    a.var_names = genes
+    a.obs_names = [f"c{i}" for i in range(n)]
+    a.obs["batch"] = batches if batches is not None else ["s1"] * (n // 2) + ["s2"] * (n - n // 2)
+    return a
+
+
+def _check(a, **kw):
+    args = dict(batch_key="batch", reference_genes=[f"GENE{i}" for i in range(20)], layer=None,
+                likelihood="nb", min_gene_coverage=0.5, batches=None, min_cells_per_batch=10)
+    args.update(kw)
+    return check_query(a, **args)
+
+
+def test_gzipped_h5ad_is_read(tmp_path):
+    a = _adata()
+    a.write_h5ad(tmp_path / "q.h5ad")
+    with open(tmp_path / "q.h5ad", "rb") as src, gzip.open(tmp_path / "q.h5ad.gz", "wb") as dst:
+        dst.write(src.read())
+    with open_query(tmp_path / "q.h5ad.gz") as b:
+        assert b.n_obs == a.n_obs
+    with open_query(tmp_path / "q.h5ad", backed=True) as b:
+        assert b.isbacked
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(SiteDataError, match="not an HDF5"), open_query(tmp_path / "x.csv"):
+        pass
+
+
+def test_counts_in_a_layer_are_named():
+    a = _adata()
+    a.layers["counts"] = a.X.copy()
+    a.X = sp.csr_matrix(np.log1p(a.X.toarray()) / 3.0)
+    with pytest.raises(SiteDataError, match="--layer counts"):
+        _check(a)
+    assert _check(a, layer="counts") == []
+
+
+def test_single_batch_is_one_condition_and_cell_ids_are_refused():
+    notes = _check(_adata(batches=["only"] * 60))
+    assert any("single value" in n for n in notes)
+    with pytest.raises(SiteDataError, match="cell id"):
+        _check(_adata(batches=[f"cell{i}" for i in range(60)]), min_cells_per_batch=1)
+
+
+def test_small_batches_are_refused_with_the_flag_that_skips_them():
+    with pytest.raises(SiteDataError, match="--batches s2"):
+        _check(_adata(batches=["s1"] * 5 + ["s2"] * 55))
+
+
+def test_ensembl_ids_vs_symbols_says_how_to_map():
+    ens = [f"ENSG{i:011d}" for i in range(20)]
+    a = _adata(genes=ens)
+    a.var["gene_symbols"] = [f"GENE{i}" for i in range(20)]
+    with pytest.raises(SiteDataError) as ei:
+        _check(a)
+    msg = str(ei.value)
+    assert "Ensembl ids" in msg and "symbols" in msg and "--var-names-column gene_symbols" in msg
+    assert _check(a, var_names_column="gene_symbols") is not None
+
+
+def test_keygen_cli(tmp_path, capsys):
+    from scarches_fl.cli import main
+
+    assert main(["site", "keygen", "--out", str(tmp_path / "k")]) == 0
+    out = capsys.readouterr().out
+    assert "fingerprint" in out and "ed25519:" in out
+    mode = stat.S_IMODE(os.stat(tmp_path / "k" / "site.key").st_mode)
+    assert mode == 0o600
+    assert (tmp_path / "k" / "site.pub").is_file()
+    assert main(["site", "keygen", "--out", str(tmp_path / "k")]) != 0  # never overwrites

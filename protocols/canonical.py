@@ -21,8 +21,9 @@ Parsing rules of :func:`parse_json_strict` (no I/O; the length check comes first
 * ``len(data) <= max_bytes`` else :class:`~protocols.errors.OversizeError`.
 * Strict UTF-8, no byte order mark, no lone surrogate escapes.
 * Nesting at most ``max_depth`` objects/arrays, checked by a linear scan before parsing.
-* No duplicate object keys, no ``NaN``/``Infinity``, no number outside the finite float range,
-  no integer outside the I-JSON safe range.
+* No duplicate object keys, no ``NaN``/``Infinity``, no number outside the finite float range.
+  Integer literals outside the I-JSON safe range are read as floats (JSON numbers are doubles),
+  and literals longer than 22 characters are refused.
 * With ``require_canonical=True`` the input must equal ``canonical_json`` of its value, byte
   for byte (used for everything that is signed).
 """
@@ -220,17 +221,19 @@ def _parse_float(text: str) -> float:
     return value
 
 
-def _parse_int(text: str) -> int:
-    if len(text) > 17:  # longer than any safe integer, checked before conversion
+def _parse_int(text: str) -> int | float:
+    # JSON numbers are IEEE doubles (RFC 8785). A float with an integral value of 1e21 or more is
+    # written in exponent form, so an integer literal has at most 21 digits.
+    if len(text) > 22:
         raise CanonicalJSONError(
-            f"integer {text[:40]}... is outside the I-JSON safe range", reason_code="E_JSON_NONFINITE"
+            f"integer literal {text[:40]}... is too long", reason_code="E_JSON_NONFINITE"
         )
     value = int(text)
-    if not -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-        raise CanonicalJSONError(
-            f"integer {text} is outside the I-JSON safe range", reason_code="E_JSON_NONFINITE"
-        )
-    return value
+    if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
+        return value
+    # Outside the I-JSON safe range an integer literal is a double (e.g. 1e20 is written
+    # "100000000000000000000"); canonical re-encoding then tells whether it was exact.
+    return float(value)
 
 
 def _check_strings(obj: Any) -> None:

@@ -123,6 +123,8 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_CHECKPOINT_INVALID", 50, "A checkpoint or signed note is malformed or not signed by the pinned key."),
     ReasonCode("E_CHECKPOINT_ROLLBACK", 51, "A checkpoint is older than, or forks from, the last verified one."),
     ReasonCode("E_FEDERATED_ROUND", 52, "A federated round entry is inconsistent (contributors, digests)."),
+    ReasonCode("E_BASE_STALE", 53, "The base is older than the last change of the shared weights (genesis or federated round); map again on the current reference."),
+    ReasonCode("E_TOO_MANY_CONDITIONS", 54, "The update adds more conditions than the policy allows in one update."),
 )
 
 

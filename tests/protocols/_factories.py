@@ -56,3 +56,82 @@ def tiny_diff(base: ReferenceBundle, m: int = 1, seed: int = 1) -> dict[str, np.
             shape[spec["axis"]] = m
             out[name] = rng.normal(size=shape).astype(np.float32)
     return out
+
+
+# --- a small consortium: keys, trust, a ledger with a genesis -------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
+
+ORIGIN = "test.scarches-fl/log"
+
+
+def det_key(n: int) -> Ed25519PrivateKey:
+    """A deterministic Ed25519 key (tests only)."""
+    return Ed25519PrivateKey.from_private_bytes(bytes([n]) * 32)
+
+
+@dataclass
+class Consortium:
+    """An operator, a log key, a ledger state with a genesis, a blob store, and site keys."""
+
+    operator: Ed25519PrivateKey
+    log_signer: object
+    trust: object
+    state: object
+    base: ReferenceBundle
+    blobs: dict = field(default_factory=dict)
+    entries: list = field(default_factory=list)
+    site_keys: dict = field(default_factory=dict)
+
+    def lookup(self, sha: str):
+        return self.blobs.get(sha)
+
+    def append(self, envelope: bytes, blobs: dict | None = None):
+        self.blobs.update(blobs or {})
+        applied = self.state.apply(envelope, self.lookup)
+        self.entries.append(envelope)
+        return applied
+
+    def enrol(self, site_id: str, key: Ed25519PrivateKey):
+        from protocols.ledger import enrol_entry
+
+        self.site_keys[site_id] = key
+        return self.append(
+            enrol_entry(origin=ORIGIN, site_id=site_id, public_key=key.public_key(), operator_keys=[self.operator])
+        )
+
+    def update(self, site_id: str, *, sequence: int = 1, m: int = 1, seed: int = 1, key=None,
+               names=None, diff=None, base_size=None):
+        from protocols.update import make_update
+
+        st = self.state
+        size = st.size if base_size is None else base_size
+        diff = diff if diff is not None else tiny_diff(st.bundle(), m=m, seed=seed)
+        return make_update(
+            origin=ORIGIN, site_id=site_id, site_key=key or self.site_keys[site_id],
+            sequence=sequence, base_size=size, base_root=st.root_at(size),
+            base_digest=st.digest_at(size),
+            new_conditions=names or [f"{site_id}/b{seed}_{i}" for i in range(m)], diff=diff,
+        )
+
+    def submit(self, signed):
+        import hashlib
+
+        return self.append(signed.envelope, {hashlib.sha256(signed.diff_bytes).hexdigest(): signed.diff_bytes})
+
+
+def consortium(**bundle_kw) -> Consortium:
+    from protocols.checkpoint import NoteSigner
+    from protocols.ledger import LedgerState, make_genesis
+    from protocols.policy import build_trust
+
+    operator = det_key(1)
+    log_signer = NoteSigner(ORIGIN, bytes([2]) * 32)
+    trust = build_trust(origin=ORIGIN, log_public_key=log_signer.verifier.vkey, operator_keys=[operator.public_key()])
+    base = tiny_bundle(**bundle_kw)
+    c = Consortium(operator, log_signer, trust, LedgerState(trust), base)
+    g = make_genesis(base, origin=ORIGIN, operator_keys=[operator])
+    c.append(g.envelope, g.blobs)
+    return c

@@ -1,0 +1,835 @@
+"""The model-update ledger: entry kinds, the replayed state, and receipts.
+
+The ledger is an append-only RFC 6962 Merkle log (:mod:`protocols.merkle`) whose leaves are DSSE
+envelope bytes (:mod:`protocols.dsse`), exactly as signed: leaf hash = SHA-256(0x00 || envelope).
+The payloadType says the kind:
+
+=================== ============================================================ ==================
+kind                payloadType                                                  signed by
+=================== ============================================================ ==================
+``genesis``         ``application/vnd.scarches-fl.genesis.v1+json``              operator threshold
+``site_update``     ``application/vnd.scarches-fl.site-update.v1+json``          the site's key
+``federated_round`` ``application/vnd.scarches-fl.federated-round.v1+json``      operator threshold
+``policy``          ``application/vnd.scarches-fl.policy.v1+json``               operator threshold
+                                                                                 (+ old and new site
+                                                                                 key for ``rotate``)
+=================== ============================================================ ==================
+
+Payloads are canonical JSON (see ``docs/protocol.md`` for every field). Blobs (bundle files, diffs)
+are stored beside the log, named by the lowercase hex SHA-256 of their bytes.
+
+Replay rules of :class:`LedgerState` (pure: entry bytes and a blob lookup in, no I/O, no clock).
+Reference **version N** is the model after entries ``[0, N)``; the policy in force for entry ``i``
+is ``trust.roots()`` with every policy entry before ``i`` applied.
+
+1. Entry 0 is a ``genesis`` and no other entry is [E_LEDGER_ORDER]. Every entry's payload names
+   this log's origin [E_ORIGIN_MISMATCH] and is canonical JSON with exactly its fields.
+2. ``genesis`` / ``federated_round`` / ``policy`` envelopes verify under the operator keys with the
+   operator threshold of the policy in force [E_SIG_INVALID, E_SIG_THRESHOLD]; a ``rotate`` is also
+   signed by the site's old and new key [E_ROTATION_SIGNATURES].
+3. Every blob an entry names is available [E_BLOB_MISSING] and hashes to its name
+   [E_BLOB_MISMATCH]; a genesis / round bundle's content digest is the one signed
+   [E_DIGEST_MISMATCH].
+4. ``site_update`` entries pass :func:`protocols.update.validate_update` against the state before
+   them (policy, sequences, base checkpoint and digest, current conditions and shapes) and apply
+   with :func:`protocols.diff.apply_condition_diff`'s rule.
+5. ``federated_round``: ``round`` strictly increases; its base is a version of this log with the
+   stated digest; every contributor is a site with an active key; the aggregate keeps every
+   current condition, in order, as a prefix [E_FEDERATED_ROUND]. It replaces the model; updates
+   whose base predates it are refused afterwards [E_BASE_STALE].
+6. ``policy`` entries apply with :func:`protocols.policy.apply_policy_change`.
+
+A failed :meth:`LedgerState.apply` leaves the state unchanged (it raises a typed
+:class:`~protocols.errors.VerificationError`), so the coordinator uses the same object to decide
+whether to append.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from protocols import merkle
+from protocols.bundle import (
+    NAMESPACE_RE,
+    ReferenceBundle,
+    bundle_from_bytes,
+    bundle_to_bytes,
+    make_bundle,
+    manifest_leaf,
+    tensor_leaf,
+)
+from protocols.canonical import canonical_json, parse_json_strict
+from protocols.dsse import Envelope, add_signatures, parse_envelope, sign_envelope, verify_envelope
+from protocols.errors import (
+    BundleError,
+    LedgerError,
+    PolicyError,
+    ReceiptError,
+    SignatureError,
+    UpdateRejectedError,
+    VerificationError,
+)
+from protocols.keys import key_id, public_key_from_text, public_key_text
+from protocols.limits import DEFAULT_LIMITS, Limits
+from protocols.policy import (
+    PolicyChange,
+    TrustPolicy,
+    apply_policy_change,
+    parse_policy_change,
+    required_rotation_signers,
+)
+from protocols.update import SITE_UPDATE_TYPE, AcceptedUpdate, UpdateContext, validate_update
+
+__all__ = [
+    "GENESIS_TYPE",
+    "POLICY_TYPE",
+    "FEDERATED_ROUND_TYPE",
+    "SITE_UPDATE_TYPE",
+    "PAYLOAD_TYPES",
+    "BlobLookup",
+    "BlobRef",
+    "GenesisEntry",
+    "AppliedEntry",
+    "LedgerState",
+    "entry_kind",
+    "entry_blobs",
+    "entry_payload",
+    "make_genesis",
+    "make_policy_entry",
+    "enrol_entry",
+    "revoke_entry",
+    "rotate_entry",
+    "make_federated_round",
+    "replay",
+    "Receipt",
+    "make_receipt",
+    "parse_receipt",
+    "verify_receipt",
+    "RECEIPT_FORMAT",
+]
+
+logger = logging.getLogger(__name__)
+
+GENESIS_TYPE = "application/vnd.scarches-fl.genesis.v1+json"
+POLICY_TYPE = "application/vnd.scarches-fl.policy.v1+json"
+FEDERATED_ROUND_TYPE = "application/vnd.scarches-fl.federated-round.v1+json"
+PAYLOAD_TYPES = {
+    GENESIS_TYPE: "genesis",
+    SITE_UPDATE_TYPE: "site_update",
+    FEDERATED_ROUND_TYPE: "federated_round",
+    POLICY_TYPE: "policy",
+}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+#: ``lookup(sha256_hex) -> bytes or None``
+BlobLookup = Callable[[str], "bytes | None"]
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    role: str  # "manifest" | "safetensors" | "diff"
+    sha256: str
+    size: int
+
+
+# --------------------------------------------------------------------------------------------
+# Payload parsing helpers
+
+
+def _payload_obj(env: Envelope, *, limits: Limits, max_depth: int = 8) -> dict[str, Any]:
+    try:
+        obj = parse_json_strict(
+            env.payload, max_bytes=limits.max_payload_bytes, max_depth=max_depth,
+            require_canonical=True, what=f"{PAYLOAD_TYPES.get(env.payload_type, 'entry')} payload",
+        )
+    except VerificationError as exc:
+        raise LedgerError(exc.message, reason_code="E_PAYLOAD_MALFORMED") from exc
+    if not isinstance(obj, dict):
+        raise LedgerError("an entry payload is a JSON object", reason_code="E_PAYLOAD_MALFORMED")
+    return obj
+
+
+def _fields(obj: dict[str, Any], fields: set[str], what: str) -> None:
+    if set(obj) != fields:
+        raise LedgerError(
+            f"a {what} payload has exactly the fields {sorted(fields)}; got {sorted(obj)[:12]}",
+            reason_code="E_PAYLOAD_MALFORMED",
+        )
+
+
+def _blob_ref_obj(obj: Any, role: str) -> BlobRef:
+    if (
+        not isinstance(obj, dict)
+        or set(obj) != {"sha256", "size"}
+        or not isinstance(obj["sha256"], str)
+        or not _HEX64.fullmatch(obj["sha256"])
+        or isinstance(obj["size"], bool)
+        or not isinstance(obj["size"], int)
+        or obj["size"] < 0
+    ):
+        raise LedgerError(f"{role} must be {{sha256: <64 hex>, size: int}}", reason_code="E_PAYLOAD_MALFORMED")
+    return BlobRef(role, obj["sha256"], obj["size"])
+
+
+def _bundle_ref_obj(obj: Any, what: str) -> tuple[BlobRef, BlobRef, str]:
+    if not isinstance(obj, dict) or set(obj) != {"manifest", "safetensors", "digest"}:
+        raise LedgerError(f"{what} has exactly manifest, safetensors, digest", reason_code="E_PAYLOAD_MALFORMED")
+    if not isinstance(obj["digest"], str) or not _DIGEST.fullmatch(obj["digest"]):
+        raise LedgerError(f"{what}.digest must be 'sha256:<64 hex>'", reason_code="E_PAYLOAD_MALFORMED")
+    return _blob_ref_obj(obj["manifest"], "manifest"), _blob_ref_obj(obj["safetensors"], "safetensors"), obj["digest"]
+
+
+def _int(x: Any, what: str, lo: int) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < lo:
+        raise LedgerError(f"{what} must be an integer >= {lo}", reason_code="E_PAYLOAD_MALFORMED")
+    return x
+
+
+def entry_kind(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> str:
+    """The kind of an entry from its payloadType (no signature check)."""
+    env = parse_envelope(envelope, limits=limits)
+    kind = PAYLOAD_TYPES.get(env.payload_type)
+    if kind is None:
+        raise LedgerError(f"unknown payloadType {env.payload_type[:80]!r}", reason_code="E_LEDGER_ENTRY_KIND")
+    return kind
+
+
+def entry_payload(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[str, dict[str, Any]]:
+    """``(kind, payload object)`` of an entry, parsed strictly but NOT verified (for display)."""
+    env = parse_envelope(envelope, limits=limits)
+    kind = PAYLOAD_TYPES.get(env.payload_type)
+    if kind is None:
+        raise LedgerError(f"unknown payloadType {env.payload_type[:80]!r}", reason_code="E_LEDGER_ENTRY_KIND")
+    obj = _payload_obj(env, limits=limits)
+    if obj.get("kind") != kind:
+        raise LedgerError("payload kind does not match payloadType", reason_code="E_LEDGER_ENTRY_KIND")
+    return kind, obj
+
+
+def entry_blobs(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[BlobRef]:
+    """The blobs an entry names (to fetch or store beside it); not verified."""
+    kind, obj = entry_payload(envelope, limits=limits)
+    if kind == "site_update":
+        d = obj.get("diff")
+        if not isinstance(d, dict):
+            raise LedgerError("site update has no diff object", reason_code="E_PAYLOAD_MALFORMED")
+        return [_blob_ref_obj({"sha256": d.get("sha256"), "size": d.get("size")}, "diff")]
+    if kind == "genesis":
+        m, s, _ = _bundle_ref_obj(obj.get("bundle"), "bundle")
+        return [m, s]
+    if kind == "federated_round":
+        m, s, _ = _bundle_ref_obj(obj.get("aggregate"), "aggregate")
+        return [m, s]
+    return []
+
+
+# --------------------------------------------------------------------------------------------
+# Builders (operator and site side)
+
+
+@dataclass(frozen=True)
+class GenesisEntry:
+    """An entry that publishes a bundle, with the blobs to store beside it."""
+
+    envelope: bytes
+    blobs: dict[str, bytes]  # sha256 hex -> bytes
+
+    @property
+    def manifest_bytes(self) -> bytes:
+        return self._role(0)
+
+    @property
+    def safetensors_bytes(self) -> bytes:
+        return self._role(1)
+
+    def _role(self, i: int) -> bytes:
+        refs = entry_blobs(self.envelope)
+        return self.blobs[refs[i].sha256]
+
+
+def _bundle_ref(bundle: ReferenceBundle) -> tuple[dict[str, Any], dict[str, bytes]]:
+    mbytes, sbytes = bundle_to_bytes(bundle)
+    mh, sh = hashlib.sha256(mbytes).hexdigest(), hashlib.sha256(sbytes).hexdigest()
+    ref = {
+        "manifest": {"sha256": mh, "size": len(mbytes)},
+        "safetensors": {"sha256": sh, "size": len(sbytes)},
+        "digest": bundle.digest,
+    }
+    return ref, {mh: mbytes, sh: sbytes}
+
+
+def make_genesis(
+    bundle: ReferenceBundle,
+    *,
+    origin: str,
+    operator_keys: Sequence[Ed25519PrivateKey],
+    note: str = "",
+) -> GenesisEntry:
+    """The genesis entry publishing ``bundle`` (signed by every given operator key)."""
+    ref, blobs = _bundle_ref(bundle)
+    payload = {"kind": "genesis", "format_version": 1, "origin": origin, "bundle": ref, "note": note}
+    return GenesisEntry(sign_envelope(GENESIS_TYPE, canonical_json(payload), operator_keys), blobs)
+
+
+def make_federated_round(
+    aggregate: ReferenceBundle,
+    *,
+    origin: str,
+    round_number: int,
+    base_size: int,
+    base_digest: str,
+    contributors: Sequence[tuple[str, str]],
+    operator_keys: Sequence[Ed25519PrivateKey],
+) -> GenesisEntry:
+    """A ``federated_round`` entry: ``contributors`` is ``[(site_id, "sha256:<hex>" digest of its
+    contribution), ...]``; ``aggregate`` becomes the new reference."""
+    ref, blobs = _bundle_ref(aggregate)
+    payload = {
+        "kind": "federated_round",
+        "format_version": 1,
+        "origin": origin,
+        "round": int(round_number),
+        "base": {"size": int(base_size), "digest": base_digest},
+        "contributors": [{"site_id": s, "digest": d} for s, d in sorted(contributors)],
+        "aggregate": ref,
+    }
+    return GenesisEntry(sign_envelope(FEDERATED_ROUND_TYPE, canonical_json(payload), operator_keys), blobs)
+
+
+def make_policy_entry(
+    change: PolicyChange,
+    operator_keys: Sequence[Ed25519PrivateKey],
+    extra_signers: Sequence[Ed25519PrivateKey] = (),
+) -> bytes:
+    """A ``policy`` entry signed by the operator keys (and ``extra_signers``: the old and new
+    site key of a rotation)."""
+    env = sign_envelope(POLICY_TYPE, canonical_json(change.to_json_obj()), operator_keys)
+    return add_signatures(env, extra_signers) if extra_signers else env
+
+
+def enrol_entry(
+    *, origin: str, site_id: str, public_key: Ed25519PublicKey | str,
+    operator_keys: Sequence[Ed25519PrivateKey], note: str = "",
+) -> bytes:
+    pk = public_key if isinstance(public_key, str) else public_key_text(public_key)
+    return make_policy_entry(PolicyChange("enrol", origin, site_id, pk, None, note), operator_keys)
+
+
+def revoke_entry(
+    *, origin: str, site_id: str, operator_keys: Sequence[Ed25519PrivateKey], note: str = ""
+) -> bytes:
+    return make_policy_entry(PolicyChange("revoke", origin, site_id, None, None, note), operator_keys)
+
+
+def rotate_entry(
+    *, origin: str, site_id: str, old_key: Ed25519PrivateKey, new_key: Ed25519PrivateKey,
+    operator_keys: Sequence[Ed25519PrivateKey], note: str = "",
+) -> bytes:
+    change = PolicyChange("rotate", origin, site_id, public_key_text(new_key), key_id(old_key), note)
+    return make_policy_entry(change, operator_keys, [old_key, new_key])
+
+
+# --------------------------------------------------------------------------------------------
+# The replayed state
+
+
+class _Model:
+    """The current reference: manifest (no digest), tensors, and cached frozen leaf hashes."""
+
+    def __init__(self, bundle: ReferenceBundle) -> None:
+        self.manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
+        self.tensors = dict(bundle.tensors)
+        self.frozen_leaves = {
+            name: merkle.leaf_hash(tensor_leaf(name, arr))
+            for name, arr in self.tensors.items()
+            if self.manifest["tensors"][name]["role"] == "frozen"
+        }
+        self.digest = bundle.digest
+
+    def extended(self, diff: dict[str, np.ndarray], new_conditions: Sequence[str]) -> _Model:
+        new = object.__new__(_Model)
+        manifest = dict(self.manifest)
+        manifest["conditions"] = list(self.manifest["conditions"]) + list(new_conditions)
+        specs = {n: dict(s) for n, s in self.manifest["tensors"].items()}
+        tensors = dict(self.tensors)
+        leaves: dict[str, bytes] = dict(self.frozen_leaves)
+        for name, spec in specs.items():
+            if spec["role"] != "condition":
+                continue
+            merged = np.concatenate([self.tensors[name], diff[name]], axis=int(spec["axis"]))
+            merged.flags.writeable = False
+            tensors[name] = merged
+            spec["shape"] = list(merged.shape)
+            leaves[name] = merkle.leaf_hash(tensor_leaf(name, merged))
+        manifest["tensors"] = specs
+        ordered = [leaves[n] for n in sorted(tensors, key=lambda n: n.encode("utf-8"))]
+        ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
+        new.manifest, new.tensors, new.frozen_leaves = manifest, tensors, self.frozen_leaves
+        new.digest = "sha256:" + merkle.root(ordered).hex()
+        return new
+
+    def bundle(self) -> ReferenceBundle:
+        b = make_bundle(self.manifest, self.tensors)
+        if b.digest != self.digest:  # pragma: no cover - would be a bug in the incremental digest
+            raise LedgerError("incremental digest disagrees with make_bundle", reason_code="E_INTERNAL")
+        return b
+
+
+@dataclass(frozen=True)
+class AppliedEntry:
+    """What one entry did: its index, kind, parsed payload and the reference version after it."""
+
+    index: int
+    kind: str
+    payload: dict[str, Any] = field(repr=False)
+    leaf_hash: bytes = field(repr=False)
+    digest: str | None
+    site_id: str | None = None
+    accepted_update: AcceptedUpdate | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Pending:
+    kind: str
+    payload: dict[str, Any]
+    policy: TrustPolicy
+    model: _Model | None
+    sequences: dict[str, int]
+    min_base_size: int
+    last_round: int
+    site_id: str | None = None
+    accepted: AcceptedUpdate | None = None
+
+
+class LedgerState:
+    """The state after replaying entries ``[0, size)`` (rules in the module docstring).
+
+    ``trust`` is the pinned ``trust.json`` policy; only its roots are used (sites come from the
+    ledger's policy entries)."""
+
+    def __init__(self, trust: TrustPolicy, *, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.trust = trust
+        self._policy = trust.roots()
+        self._policy_history: list[tuple[int, TrustPolicy]] = [(0, self._policy)]
+        self._tree = merkle.MerkleTree()
+        self._digests: list[str | None] = [None]
+        self._sequences: dict[str, int] = {}
+        self._min_base_size = 1
+        self._last_round = 0
+        self._model: _Model | None = None
+        self._kinds: list[str] = []
+
+    # -- views -----------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._tree.size
+
+    @property
+    def policy(self) -> TrustPolicy:
+        """The policy in force for the next entry."""
+        return self._policy
+
+    def policy_at(self, size: int) -> TrustPolicy:
+        """The policy in force for entry ``size`` (after entries ``[0, size)``)."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"size {size} outside [0, {self.size}]")
+        current = self._policy_history[0][1]
+        for at, pol in self._policy_history:
+            if at <= size:
+                current = pol
+        return current
+
+    @property
+    def sequences(self) -> dict[str, int]:
+        """Last accepted sequence number per site."""
+        return dict(self._sequences)
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(self._kinds)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The current reference manifest (with its digest)."""
+        if self._model is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+        return {**self._model.manifest, "digest": self._model.digest}
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(self.manifest["conditions"])
+
+    @property
+    def digest(self) -> str | None:
+        """Digest of the current reference version (None before genesis)."""
+        return self._digests[-1]
+
+    def digest_at(self, size: int) -> str | None:
+        """Digest of reference version ``size`` (the model after entries ``[0, size)``)."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
+            return None
+        return self._digests[size]
+
+    def root_at(self, size: int) -> bytes | None:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
+            return None
+        return self._tree.root(size)
+
+    def root(self) -> bytes:
+        return self._tree.root()
+
+    @property
+    def tree(self) -> merkle.MerkleTree:
+        return self._tree
+
+    def bundle(self) -> ReferenceBundle:
+        """The current reference as a full bundle (digest re-checked)."""
+        if self._model is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+        return self._model.bundle()
+
+    def update_context(self) -> UpdateContext:
+        """What :func:`protocols.update.validate_update` checks an update against."""
+        return UpdateContext(
+            policy=self._policy,
+            manifest=self.manifest,
+            tree_size=self.size,
+            root_at=self.root_at,
+            digest_at=self.digest_at,
+            last_sequence=dict(self._sequences),
+            min_base_size=self._min_base_size,
+        )
+
+    def validate_site_update(self, envelope: bytes, diff_bytes: bytes) -> AcceptedUpdate:
+        """Check a submitted update against the current state (no mutation)."""
+        if self._model is None:
+            raise UpdateRejectedError("E_BASE_UNKNOWN", "the ledger has no genesis yet")
+        return validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
+
+    # -- applying ----------------------------------------------------------------------------
+    def apply(self, envelope: bytes, blobs: BlobLookup) -> AppliedEntry:
+        """Check ``envelope`` as the next entry and apply it; unchanged state on error."""
+        pending = self._evaluate(bytes(envelope), blobs)
+        index = self.size
+        leaf = merkle.leaf_hash(envelope)
+        self._tree.append(leaf)
+        if pending.policy is not self._policy:
+            self._policy_history.append((index + 1, pending.policy))
+        self._policy = pending.policy
+        self._model = pending.model
+        self._sequences = pending.sequences
+        self._min_base_size = pending.min_base_size
+        self._last_round = pending.last_round
+        self._digests.append(self._model.digest if self._model is not None else None)
+        self._kinds.append(pending.kind)
+        return AppliedEntry(
+            index, pending.kind, pending.payload, leaf, self._digests[-1], pending.site_id,
+            pending.accepted,
+        )
+
+    def check(self, envelope: bytes, blobs: BlobLookup) -> None:
+        """Raise as :meth:`apply` would, without changing the state."""
+        self._evaluate(bytes(envelope), blobs)
+
+    def _evaluate(self, envelope: bytes, blobs: BlobLookup) -> _Pending:
+        try:
+            env = parse_envelope(envelope, limits=self.limits)
+        except VerificationError as exc:
+            raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
+        kind = PAYLOAD_TYPES.get(env.payload_type)
+        if kind is None:
+            raise LedgerError(
+                f"unknown entry payloadType {env.payload_type[:80]!r}", reason_code="E_LEDGER_ENTRY_KIND"
+            )
+        index = self.size
+        if (index == 0) != (kind == "genesis"):
+            raise LedgerError(
+                "entry 0 must be the genesis and only entry 0 may be" if index else
+                f"entry 0 is a {kind}, it must be the genesis",
+                reason_code="E_LEDGER_ORDER",
+            )
+        base = _Pending(
+            kind, {}, self._policy, self._model, dict(self._sequences), self._min_base_size,
+            self._last_round,
+        )
+        if kind == "site_update":
+            return self._eval_site_update(env, envelope, blobs, base)
+        # operator-signed kinds
+        policy = self._policy
+        extra: list[str] = []
+        obj = _payload_obj(env, limits=self.limits)
+        if obj.get("kind") != kind:
+            raise LedgerError("payload kind does not match payloadType", reason_code="E_LEDGER_ENTRY_KIND")
+        if obj.get("origin") != policy.origin:
+            raise LedgerError(
+                f"entry names origin {str(obj.get('origin'))[:80]!r}, this log is {policy.origin!r}",
+                reason_code="E_ORIGIN_MISMATCH",
+            )
+        change: PolicyChange | None = None
+        if kind == "policy":
+            try:
+                change = parse_policy_change(obj)
+                extra = required_rotation_signers(policy, change)
+            except PolicyError as exc:
+                raise LedgerError(exc.message, reason_code="E_PAYLOAD_MALFORMED") from exc
+        try:
+            verify_envelope(
+                env, trusted_keys=policy.operator_public_keys(), threshold=policy.operator_threshold,
+                payload_type=env.payload_type, limits=self.limits,
+            )
+        except SignatureError as exc:
+            raise LedgerError(f"{kind} entry: {exc.message}", reason_code=exc.reason_code) from exc
+        base.payload = obj
+        if kind == "policy":
+            assert change is not None
+            if extra:
+                self._check_rotation_signatures(env, change, extra)
+            try:
+                base.policy = apply_policy_change(policy, change, at_size=index + 1)
+            except PolicyError as exc:
+                raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
+            base.site_id = change.site_id
+            return base
+        if kind == "genesis":
+            _fields(obj, {"kind", "format_version", "origin", "bundle", "note"}, "genesis")
+            if obj["format_version"] != 1 or not isinstance(obj["note"], str):
+                raise LedgerError("genesis format_version must be 1, note a string", reason_code="E_PAYLOAD_MALFORMED")
+            bundle = self._load_bundle(obj["bundle"], blobs, "genesis bundle")
+            base.model = _Model(bundle)
+            base.min_base_size = index + 1
+            return base
+        # federated_round
+        _fields(
+            obj, {"kind", "format_version", "origin", "round", "base", "contributors", "aggregate"},
+            "federated_round",
+        )
+        if obj["format_version"] != 1:
+            raise LedgerError("federated_round format_version must be 1", reason_code="E_PAYLOAD_MALFORMED")
+        rnd = _int(obj["round"], "round", 1)
+        if rnd <= self._last_round:
+            raise LedgerError(
+                f"round {rnd} is not after the last round {self._last_round}", reason_code="E_FEDERATED_ROUND"
+            )
+        b = obj["base"]
+        if not isinstance(b, dict) or set(b) != {"size", "digest"}:
+            raise LedgerError("round base has exactly size, digest", reason_code="E_PAYLOAD_MALFORMED")
+        bsize = _int(b["size"], "base.size", 1)
+        if bsize > index or self._digests[bsize] != b["digest"]:
+            raise LedgerError(
+                f"round base (size {bsize}, {str(b['digest'])[:80]}) is not a version of this log",
+                reason_code="E_FEDERATED_ROUND",
+            )
+        contributors = obj["contributors"]
+        if not isinstance(contributors, list):
+            raise LedgerError("contributors must be a list", reason_code="E_PAYLOAD_MALFORMED")
+        seen: set[str] = set()
+        for c in contributors:
+            if (
+                not isinstance(c, dict) or set(c) != {"site_id", "digest"}
+                or not isinstance(c["site_id"], str) or not NAMESPACE_RE.fullmatch(c["site_id"])
+                or not isinstance(c["digest"], str) or not _DIGEST.fullmatch(c["digest"])
+            ):
+                raise LedgerError(
+                    "each contributor is {site_id, digest: 'sha256:<hex>'}", reason_code="E_PAYLOAD_MALFORMED"
+                )
+            rec = policy.sites.get(c["site_id"])
+            if rec is None or rec.active_key is None or c["site_id"] in seen:
+                raise LedgerError(
+                    f"contributor {c['site_id']!r} is not an enrolled site with an active key (or is "
+                    "listed twice)", reason_code="E_FEDERATED_ROUND",
+                )
+            seen.add(c["site_id"])
+        bundle = self._load_bundle(obj["aggregate"], blobs, "round aggregate")
+        assert self._model is not None
+        cur = list(self._model.manifest["conditions"])
+        if bundle.conditions[: len(cur)] != cur:
+            raise LedgerError(
+                "the round's aggregate drops or reorders existing conditions", reason_code="E_FEDERATED_ROUND"
+            )
+        base.model = _Model(bundle)
+        base.min_base_size = index + 1
+        base.last_round = rnd
+        return base
+
+    def _check_rotation_signatures(self, env: Envelope, change: PolicyChange, kids: list[str]) -> None:
+        old = self._policy.find_key(kids[0])
+        assert change.public_key is not None
+        new_pub = public_key_from_text(change.public_key)
+        if old is None or old[0] != change.site_id:
+            raise LedgerError(
+                "rotate names a previous key that is not this site's", reason_code="E_POLICY_CHANGE"
+            )
+        old_pub = public_key_from_text(old[1].public_key)
+        for pub in (old_pub, new_pub):
+            try:
+                verify_envelope(env, trusted_keys=[pub], threshold=1, payload_type=POLICY_TYPE, limits=self.limits)
+            except SignatureError as exc:
+                raise LedgerError(
+                    f"a key rotation must be signed by the old and the new site key ({exc.message})",
+                    reason_code="E_ROTATION_SIGNATURES",
+                ) from exc
+
+    def _eval_site_update(self, env: Envelope, envelope: bytes, blobs: BlobLookup, base: _Pending) -> _Pending:
+        try:
+            refs = entry_blobs(envelope, limits=self.limits)
+        except VerificationError:
+            refs = []  # validate_update below names the precise problem
+        diff_bytes = b""
+        if refs:
+            diff_bytes = self._blob(refs[0], blobs)
+        accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
+        assert self._model is not None
+        diff = {k: np.asarray(v) for k, v in accepted.diff.items()}
+        base.model = self._model.extended(diff, accepted.new_conditions)
+        base.sequences[accepted.site_id] = accepted.sequence
+        base.payload = accepted.payload.to_json_obj()
+        base.site_id = accepted.site_id
+        base.accepted = accepted
+        return base
+
+    def _blob(self, ref: BlobRef, blobs: BlobLookup) -> bytes:
+        try:
+            data = blobs(ref.sha256)
+        except VerificationError:
+            raise
+        except Exception as exc:  # a lookup that failed is a missing blob, typed
+            raise LedgerError(f"{ref.role} blob {ref.sha256[:16]}... could not be read: {exc}",
+                              reason_code="E_BLOB_MISSING") from exc
+        if data is None:
+            raise LedgerError(f"{ref.role} blob {ref.sha256[:16]}... is missing", reason_code="E_BLOB_MISSING")
+        data = bytes(data)
+        if not hmac.compare_digest(hashlib.sha256(data).hexdigest(), ref.sha256):
+            raise LedgerError(
+                f"{ref.role} blob {ref.sha256[:16]}... does not hash to its name", reason_code="E_BLOB_MISMATCH"
+            )
+        if len(data) != ref.size:
+            raise LedgerError(
+                f"{ref.role} blob {ref.sha256[:16]}... is {len(data)} bytes, the entry says {ref.size}",
+                reason_code="E_BLOB_MISMATCH",
+            )
+        return data
+
+    def _load_bundle(self, ref_obj: Any, blobs: BlobLookup, what: str) -> ReferenceBundle:
+        mref, sref, digest = _bundle_ref_obj(ref_obj, what)
+        mbytes, sbytes = self._blob(mref, blobs), self._blob(sref, blobs)
+        try:
+            bundle = bundle_from_bytes(mbytes, sbytes, verify=True, limits=self.limits)
+        except BundleError as exc:
+            raise LedgerError(f"{what}: {exc.message}", reason_code=exc.reason_code) from exc
+        if bundle.digest != digest:
+            raise LedgerError(
+                f"{what} hashes to {bundle.digest}, the entry signed {digest}", reason_code="E_DIGEST_MISMATCH"
+            )
+        return bundle
+
+
+def replay(
+    trust: TrustPolicy,
+    entries: Sequence[bytes],
+    blobs: BlobLookup,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> LedgerState:
+    """Replay ``entries`` from the genesis; raises at the first entry that breaks a rule (the
+    error message starts with its index)."""
+    state = LedgerState(trust, limits=limits)
+    for i, entry in enumerate(entries):
+        try:
+            state.apply(entry, blobs)
+        except VerificationError as exc:
+            raise LedgerError(f"entry {i}: {exc.message}", reason_code=exc.reason_code) from exc
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Receipts
+
+RECEIPT_FORMAT = "scarches-fl.receipt"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that an entry was logged: index, leaf hash, the signed checkpoint note that includes
+    it, and the inclusion proof from the leaf to that checkpoint's root."""
+
+    log_index: int
+    leaf_hash: bytes
+    checkpoint: bytes  # the C2SP signed note, exactly as served
+    inclusion_proof: tuple[bytes, ...]
+
+    def to_json_obj(self) -> dict[str, Any]:
+        return {
+            "format": RECEIPT_FORMAT,
+            "format_version": 1,
+            "log_index": self.log_index,
+            "leaf_hash": self.leaf_hash.hex(),
+            "checkpoint": self.checkpoint.decode("utf-8"),
+            "inclusion_proof": [h.hex() for h in self.inclusion_proof],
+        }
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.to_json_obj())
+
+
+def make_receipt(tree: merkle.MerkleTree, index: int, checkpoint_note: bytes, tree_size: int) -> Receipt:
+    """The receipt for leaf ``index`` against the checkpoint of ``tree_size`` (coordinator side)."""
+    return Receipt(index, tree.leaf_hash(index), bytes(checkpoint_note), tuple(tree.inclusion_proof(index, tree_size)))
+
+
+def parse_receipt(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Receipt:
+    try:
+        obj = parse_json_strict(data, max_bytes=limits.max_envelope_bytes, max_depth=3, what="receipt")
+    except VerificationError as exc:
+        raise ReceiptError(exc.message) from exc
+    fields = {"format", "format_version", "log_index", "leaf_hash", "checkpoint", "inclusion_proof"}
+    if not isinstance(obj, dict) or set(obj) != fields or obj["format"] != RECEIPT_FORMAT or obj["format_version"] != 1:
+        raise ReceiptError(f"a receipt has exactly the fields {sorted(fields)} (format {RECEIPT_FORMAT} v1)")
+    idx = obj["log_index"]
+    if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+        raise ReceiptError("log_index must be an integer >= 0")
+    if not isinstance(obj["leaf_hash"], str) or not _HEX64.fullmatch(obj["leaf_hash"]):
+        raise ReceiptError("leaf_hash must be 64 lowercase hex characters")
+    proof = obj["inclusion_proof"]
+    if not isinstance(proof, list) or len(proof) > 64 or not all(
+        isinstance(h, str) and _HEX64.fullmatch(h) for h in proof
+    ):
+        raise ReceiptError("inclusion_proof must be a list of at most 64 hashes (64 hex each)")
+    if not isinstance(obj["checkpoint"], str):
+        raise ReceiptError("checkpoint must be the signed note text")
+    return Receipt(idx, bytes.fromhex(obj["leaf_hash"]), obj["checkpoint"].encode("utf-8"),
+                   tuple(bytes.fromhex(h) for h in proof))
+
+
+def verify_receipt(receipt: Receipt, envelope: bytes, *, policy: TrustPolicy) -> Any:
+    """Check that ``envelope`` is leaf ``receipt.log_index`` of the log whose checkpoint the
+    receipt carries, signed by the log key pinned in ``policy``. Returns P2's verified
+    :class:`protocols.checkpoint.Checkpoint`; raises :class:`ReceiptError`."""
+    from protocols.checkpoint import verify_checkpoint
+
+    leaf = merkle.leaf_hash(envelope)
+    if not hmac.compare_digest(leaf, receipt.leaf_hash):
+        raise ReceiptError("the receipt is for another entry: leaf hash differs from the envelope's")
+    try:
+        cp = verify_checkpoint(receipt.checkpoint, origin=policy.origin, log_verifier=policy.log_public_key)
+    except VerificationError as exc:
+        raise ReceiptError(f"the receipt's checkpoint does not verify: {exc}", reason_code=exc.reason_code
+                           if exc.reason_code.startswith("E_CHECKPOINT") else "E_RECEIPT_INVALID") from exc
+    if not receipt.log_index < cp.size:
+        raise ReceiptError(f"log index {receipt.log_index} is not inside the checkpoint (size {cp.size})")
+    try:
+        merkle.verify_inclusion(leaf, receipt.log_index, cp.size, list(receipt.inclusion_proof), cp.root_hash)
+    except VerificationError as exc:
+        raise ReceiptError(f"inclusion proof does not verify: {exc}", reason_code="E_PROOF_INVALID") from exc
+    return cp
+

@@ -1,0 +1,185 @@
+"""``scarches-fl evaluate``: metrics and plots for a mapped query (and optionally its reference).
+
+Imports only argparse at module level; anndata, matplotlib and torch load inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a mapped query: label accuracy, uncertainty, batch mixing; plots",
+        description=(
+            "Read the .h5ad that `scarches-fl map` wrote (obsm['X_scarches'], obs['<L>_pred'], "
+            "obs['<L>_uncertainty']) and write metrics.json, README.md and PNG plots into the "
+            "report folder. With --reference-data and --reference, reference cells are embedded "
+            "by the same model and shown together with the query."
+        ),
+    )
+    p.add_argument("--data", required=True, metavar="OUT_H5AD", help="the mapped query .h5ad")
+    p.add_argument("--batch-key", required=True, metavar="K", help="obs column with the batch")
+    p.add_argument(
+        "--label-key",
+        required=True,
+        metavar="L",
+        help="obs column with the true labels; predictions are read from obs['L_pred']",
+    )
+    p.add_argument(
+        "--report",
+        metavar="DIR",
+        default=None,
+        help="folder for the report (default: <OUT_H5AD without .h5ad>_report)",
+    )
+    p.add_argument(
+        "--reference-data",
+        metavar="H5AD",
+        default=None,
+        help="reference cells (raw counts) to embed and show next to the query",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="BUNDLE_DIR",
+        default=None,
+        help="the reference bundle the query was mapped with (embeds --reference-data; its label "
+        "knowledge says which types the reference knows)",
+    )
+    p.add_argument(
+        "--reference-batch-key",
+        metavar="K",
+        default=None,
+        help="batch column of --reference-data (default: --batch-key)",
+    )
+    p.add_argument(
+        "--reference-label-key",
+        metavar="L",
+        default=None,
+        help="label column of --reference-data (default: --label-key)",
+    )
+    p.add_argument(
+        "--latent-key", default="X_scarches", help="obsm key of the embedding (default X_scarches)"
+    )
+    p.add_argument("--pred-key", default=None, help="obs column of predictions (default L_pred)")
+    p.add_argument(
+        "--uncertainty-key",
+        default=None,
+        help="obs column of the uncertainty (default L_uncertainty)",
+    )
+    p.add_argument(
+        "--novel-types",
+        default=None,
+        metavar="T1,T2",
+        help="types absent from the reference, for the unknown-detection AUROC when no "
+        "--reference is given",
+    )
+    p.add_argument(
+        "--embedding",
+        choices=("auto", "umap", "pca"),
+        default="auto",
+        help="2-D view: UMAP if umap-learn is installed (auto), else PCA of the latent",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_handle)
+
+
+def _known_types_from_bundle(labels_manifest: dict, label_key: str) -> list[str] | None:
+    level = (labels_manifest or {}).get("levels", {}).get(label_key)
+    if not level:
+        return None
+    known = set(level.get("prototype", {}).get("classes", []))
+    known |= set(level.get("prototype", {}).get("excluded_types", {}))
+    known |= set(level.get("atlas", {}).get("classes", []))
+    return sorted(known)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    import anndata as ad
+    import numpy as np
+
+    from scarches_fl.report import EvaluationError, EvaluationInput, build_report
+
+    path = Path(args.data)
+    if not path.is_file():
+        raise EvaluationError(f"{path} does not exist; pass the .h5ad written by scarches-fl map")
+    query = ad.read_h5ad(path)
+    if args.latent_key not in query.obsm:
+        raise EvaluationError(
+            f"{path} has no obsm[{args.latent_key!r}]; run `scarches-fl map` on it first "
+            f"(it has obsm keys {sorted(query.obsm)})"
+        )
+    if args.batch_key not in query.obs:
+        raise EvaluationError(
+            f"{path} has no obs column {args.batch_key!r}; columns: {sorted(query.obs.columns)}"
+        )
+    pred_key = args.pred_key or f"{args.label_key}_pred"
+    unc_key = args.uncertainty_key or f"{args.label_key}_uncertainty"
+    notes = [f"query file: {path.name}"]
+    true = query.obs[args.label_key].astype(str).to_numpy() if args.label_key in query.obs else None
+    if true is None:
+        notes.append(f"no true labels (obs[{args.label_key!r}] missing): label accuracy skipped")
+    pred = query.obs[pred_key].astype(str).to_numpy() if pred_key in query.obs else None
+    if pred is None:
+        notes.append(f"no predictions (obs[{pred_key!r}] missing): map with --label-key")
+    unc = query.obs[unc_key].to_numpy(dtype=np.float64) if unc_key in query.obs else None
+
+    inp = EvaluationInput(
+        query_latent=np.asarray(query.obsm[args.latent_key]),
+        query_batches=query.obs[args.batch_key].astype(str).to_numpy(),
+        query_true=true,
+        query_pred=pred,
+        query_uncertainty=unc,
+        notes=notes,
+    )
+    if args.novel_types:
+        novel = {t.strip() for t in args.novel_types.split(",") if t.strip()}
+        if true is not None:
+            inp.known_types = sorted(set(true.tolist()) - novel)
+    if (args.reference_data is None) != (args.reference is None) and args.reference_data:
+        raise EvaluationError(
+            "--reference-data needs --reference BUNDLE_DIR (the model that embeds those cells)"
+        )
+    if args.reference is not None:
+        from scarches_fl.model import ReferenceModel
+
+        model = ReferenceModel.from_bundle(args.reference)
+        known = _known_types_from_bundle(model.labels, args.label_key)
+        if known is not None and inp.known_types is None:
+            inp.known_types = known
+        if args.reference_data is not None:
+            ref = ad.read_h5ad(args.reference_data)
+            rbk = args.reference_batch_key or args.batch_key
+            rlk = args.reference_label_key or args.label_key
+            if rbk not in ref.obs:
+                raise EvaluationError(
+                    f"{args.reference_data} has no obs column {rbk!r}; pass --reference-batch-key"
+                )
+            namespace = str(model.registration.get("namespace", "ref"))
+            inp.reference_latent = model.get_latent(ref, batch_key=rbk, namespace=namespace)
+            inp.reference_batches = ref.obs[rbk].astype(str).to_numpy()
+            if rlk in ref.obs:
+                inp.reference_labels = ref.obs[rlk].astype(str).to_numpy()
+            notes.append(
+                f"reference cells from {Path(args.reference_data).name} embedded by "
+                f"the bundle in {args.reference}"
+            )
+    report_dir = Path(args.report) if args.report else path.with_name(path.stem + "_report")
+    metrics = build_report(inp, report_dir, embedding=args.embedding, seed=args.seed)
+    lt = metrics.get("label_transfer", {})
+    parts = []
+    for key in ("accuracy", "macro_f1", "fraction_unknown", "novel_auroc"):
+        if key in lt:
+            parts.append(f"{key}={lt[key]:.3f}")
+    for key in ("entropy_of_batch_mixing", "knn_purity"):
+        if key in metrics.get("integration", {}):
+            parts.append(f"{key}={metrics['integration'][key]:.3f}")
+    print(f"report: {report_dir}  " + "  ".join(parts))
+    return 0

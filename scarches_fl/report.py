@@ -1,0 +1,412 @@
+"""The evaluation report: metrics.json, 2-D embedding plots and a README a person can read.
+
+Input is what ``scarches-fl map`` writes for a site's query cells (``obsm["X_scarches"]``,
+``obs["<label>_pred"]``, ``obs["<label>_uncertainty"]``), optionally with the reference cells
+embedded by the same model for a joint view and batch-mixing metrics. The 2-D view is UMAP when
+``umap-learn`` is installed, else the first two principal components of the latent (PCA is
+linear: it keeps distances between groups honest but separates fewer types than UMAP). Plots use
+matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocols.errors import ScarchesFLError
+from scarches_fl import metrics as M
+
+__all__ = ["EvaluationError", "EvaluationInput", "build_report", "embed_2d"]
+
+logger = logging.getLogger(__name__)
+
+LATENT_KEY = "X_scarches"
+
+
+class EvaluationError(ScarchesFLError):
+    """The data cannot be evaluated as asked (the message names the missing piece)."""
+
+    exit_code = 2
+
+
+@dataclass
+class EvaluationInput:
+    """Cells to evaluate. ``query_*`` come from the site's mapped file; ``reference_*`` are
+    optional (reference cells embedded by the same model). ``true_labels`` may hold None."""
+
+    query_latent: np.ndarray
+    query_batches: np.ndarray
+    query_true: np.ndarray | None = None
+    query_pred: np.ndarray | None = None
+    query_uncertainty: np.ndarray | None = None
+    reference_latent: np.ndarray | None = None
+    reference_batches: np.ndarray | None = None
+    reference_labels: np.ndarray | None = None
+    known_types: Sequence[str] | None = None  # types the reference knows (for novel-type AUROC)
+    notes: list[str] = field(default_factory=list)
+
+
+def embed_2d(latent: np.ndarray, *, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
+    """2-D coordinates of the latent: UMAP if available (``auto``/``umap``), else PCA."""
+    z = np.asarray(latent, dtype=np.float64)
+    if method in ("auto", "umap"):
+        try:
+            import umap  # type: ignore[import-not-found]
+        except ImportError:
+            if method == "umap":
+                raise EvaluationError(
+                    "--embedding umap needs umap-learn: pip install umap-learn (or use pca)"
+                ) from None
+        else:
+            n_neighbors = max(2, min(15, z.shape[0] - 1))
+            coords = umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(z)
+            return np.asarray(coords), "UMAP of the latent"
+    if method not in ("auto", "umap", "pca"):
+        raise EvaluationError(f"unknown embedding {method!r}; use auto, umap or pca")
+    zc = z - z.mean(axis=0)
+    _, s, vt = np.linalg.svd(zc, full_matrices=False)
+    coords = zc @ vt[:2].T
+    if coords.shape[1] < 2:
+        coords = np.concatenate([coords, np.zeros((coords.shape[0], 1))], axis=1)
+    var = s**2 / max((s**2).sum(), 1e-12)
+    return coords, f"PCA of the latent (PC1 {100 * var[0]:.0f}%, PC2 {100 * var[1]:.0f}% variance)"
+
+
+def _palette(categories: Sequence[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    out: dict[str, Any] = {}
+    for i, c in enumerate(categories):
+        out[c] = cmap(i % 20) if c != "Unknown" else (0.1, 0.1, 0.1, 1.0)
+    return out
+
+
+def _scatter_categories(ax, xy, values, *, title: str, size: float, marker_of=None) -> None:
+    cats = sorted(set(values.tolist()), key=lambda v: (v == "Unknown", v))
+    pal = _palette(cats)
+    for c in cats:
+        m = values == c
+        ax.scatter(
+            xy[m, 0],
+            xy[m, 1],
+            s=size,
+            color=pal[c],
+            label=f"{c} ({int(m.sum())})",
+            linewidths=0,
+            alpha=0.85,
+        )
+    ax.set_title(title, fontsize=10)
+    ncol = 1 if len(cats) <= 16 else 2
+    ax.legend(
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+        fontsize=7,
+        markerscale=2,
+        frameon=False,
+        ncol=ncol,
+    )
+
+
+def _plots(
+    out_dir: Path,
+    xy: np.ndarray,
+    how: str,
+    inp: EvaluationInput,
+    is_query: np.ndarray,
+    batches: np.ndarray,
+    labels: np.ndarray | None,
+) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = float(np.clip(3000.0 / max(len(xy), 1), 2.0, 20.0))
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(name)
+
+    origin = np.where(is_query, "query: ", "reference: ")
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    _scatter_categories(
+        ax,
+        xy,
+        np.char.add(origin.astype(str), batches.astype(str)),
+        title=f"By batch (study). {how}",
+        size=size,
+    )
+    ax.set_xlabel("dim 1")
+    ax.set_ylabel("dim 2")
+    save(fig, "embedding_by_batch.png")
+
+    if labels is not None:
+        fig, ax = plt.subplots(figsize=(7.5, 5.5))
+        _scatter_categories(
+            ax,
+            xy,
+            labels.astype(str),
+            title="By true label (reference and query where known)",
+            size=size,
+        )
+        save(fig, "embedding_by_label.png")
+
+    if inp.query_pred is not None:
+        fig, ax = plt.subplots(figsize=(7.5, 5.5))
+        if (~is_query).any():
+            ax.scatter(
+                xy[~is_query, 0],
+                xy[~is_query, 1],
+                s=size,
+                color="0.85",
+                linewidths=0,
+                label="reference",
+            )
+        _scatter_categories(
+            ax,
+            xy[is_query],
+            inp.query_pred.astype(str),
+            title="Query cells by predicted label (reference in grey)",
+            size=size,
+        )
+        save(fig, "embedding_by_prediction.png")
+
+    if inp.query_uncertainty is not None:
+        fig, (ax, ax2) = plt.subplots(
+            1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.4, 1]}
+        )
+        if (~is_query).any():
+            ax.scatter(xy[~is_query, 0], xy[~is_query, 1], s=size, color="0.85", linewidths=0)
+        sc = ax.scatter(
+            xy[is_query, 0],
+            xy[is_query, 1],
+            s=size,
+            c=inp.query_uncertainty,
+            cmap="viridis",
+            vmin=0.0,
+            vmax=1.0,
+            linewidths=0,
+        )
+        fig.colorbar(sc, ax=ax, label="uncertainty (1 = unknown to the reference)")
+        ax.set_title("Query cells by label uncertainty (reference in grey)", fontsize=10)
+        ax2.hist(inp.query_uncertainty, bins=np.linspace(0, 1, 21), color="tab:blue")
+        ax2.set_xlabel("uncertainty")
+        ax2.set_ylabel("query cells")
+        ax2.set_title("Distribution of the uncertainty", fontsize=10)
+        save(fig, "embedding_by_uncertainty.png")
+
+    if inp.query_true is not None and inp.query_pred is not None:
+        true = inp.query_true.astype(str)
+        pred = inp.query_pred.astype(str)
+        rows = sorted(set(true.tolist()))
+        cols = sorted(set(pred.tolist()) | set(rows), key=lambda v: (v == "Unknown", v))
+        mat = np.zeros((len(rows), len(cols)))
+        for i, r in enumerate(rows):
+            for j, c in enumerate(cols):
+                mat[i, j] = np.sum((true == r) & (pred == c))
+        frac = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(cols), 1.0 + 0.4 * len(rows)))
+        ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if mat[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(mat[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if frac[i, j] > 0.5 else "black",
+                    )
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("Query: true vs predicted (counts; colour = row fraction)", fontsize=10)
+        save(fig, "confusion_matrix.png")
+    return written
+
+
+_EXPLAIN = {
+    "accuracy": "fraction of query cells whose predicted label is the true one (Unknown = wrong)",
+    "accuracy_known_types": "accuracy over query cells whose type the reference knows",
+    "macro_f1": "mean over true types of F1 (small types count as much as large ones)",
+    "fraction_unknown": "fraction of query cells called Unknown",
+    "novel_auroc": "how well the uncertainty ranks cells of types absent from the reference "
+    "above the others (1 = perfectly, 0.5 = chance)",
+    "novel_fraction_called_unknown": "fraction of cells of novel types called Unknown",
+    "mean_uncertainty": "mean uncertainty of the query cells",
+    "entropy_of_batch_mixing": "how evenly batches mix among each cell's 15 neighbours "
+    "(0 = separated, 1 = perfectly mixed)",
+    "ebm_reference_vs_query": "the same, with two groups: reference vs query",
+    "batch_silhouette": "batch overlap within each type (1 = batches indistinguishable)",
+    "knn_purity": "fraction of a cell's 15 neighbours sharing its label, averaged per label",
+    "label_silhouette": "how well types separate (0.5 = not at all, 1 = perfectly)",
+    "nmi": "agreement of a k-means clustering of the latent with the labels (NMI)",
+    "ari": "the same, adjusted Rand index (0 = random)",
+}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def _readme(metrics: Mapping[str, Any], plots: Sequence[str], how: str) -> str:
+    lines = [
+        "# scarches-fl evaluation report",
+        "",
+        f"Query cells: {metrics['n_query_cells']}; reference cells shown: "
+        f"{metrics['n_reference_cells']}. 2-D view: {how}.",
+        "",
+        "Formulas for every number: docs/evaluation.md. All numbers are also in metrics.json.",
+        "",
+    ]
+    for section, title in (
+        ("label_transfer", "Label transfer (query cells)"),
+        ("integration", "Integration of the latent space"),
+    ):
+        vals = metrics.get(section)
+        if not vals:
+            continue
+        lines += [f"## {title}", "", "| metric | value | meaning |", "| --- | --- | --- |"]
+        for k, v in vals.items():
+            if k in _EXPLAIN:
+                lines.append(f"| {k} | {_fmt(v)} | {_EXPLAIN[k]} |")
+        lines.append("")
+    for note in metrics.get("notes", []):
+        lines.append(f"- {note}")
+    lines += ["", "## Plots", ""]
+    captions = {
+        "embedding_by_batch.png": "cells coloured by study; well-integrated data shows the "
+        "colours interleaved within each cell-type island",
+        "embedding_by_label.png": "cells coloured by their known label; each type should form "
+        "its own island, shared by reference and query",
+        "embedding_by_prediction.png": "query cells coloured by the predicted label "
+        "(black = Unknown)",
+        "embedding_by_uncertainty.png": "query cells coloured by uncertainty; bright regions are "
+        "cells the reference cannot label confidently (possibly new types)",
+        "confusion_matrix.png": "true (rows) against predicted (columns) labels of query cells",
+    }
+    for p in plots:
+        lines.append(f"- `{p}`: {captions.get(p, '')}")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(
+    inp: EvaluationInput,
+    out_dir: str | Path,
+    *,
+    embedding: str = "auto",
+    seed: int = 0,
+    k: int = 15,
+) -> dict[str, Any]:
+    """Compute every metric the inputs allow, write ``metrics.json``, PNG plots and
+    ``README.md`` into ``out_dir``; return the metrics dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    zq = np.asarray(inp.query_latent, dtype=np.float64)
+    n_q = zq.shape[0]
+    has_ref = inp.reference_latent is not None
+    zr = (
+        np.asarray(inp.reference_latent, dtype=np.float64)
+        if has_ref
+        else np.zeros((0, zq.shape[1]))
+    )
+    if zr.shape[1] != zq.shape[1]:
+        raise EvaluationError(
+            f"reference latent has {zr.shape[1]} dims, query {zq.shape[1]}; embed both with the "
+            "same reference model"
+        )
+    z = np.concatenate([zr, zq])
+    is_query = np.r_[np.zeros(zr.shape[0], bool), np.ones(n_q, bool)]
+    rb = (
+        inp.reference_batches
+        if inp.reference_batches is not None
+        else np.full(zr.shape[0], "reference")
+    )
+    batches = np.concatenate(
+        [np.asarray(rb).astype(str), np.asarray(inp.query_batches).astype(str)]
+    )
+
+    labels = None
+    if inp.query_true is not None and (not has_ref or inp.reference_labels is not None):
+        rl = np.asarray(inp.reference_labels).astype(str) if has_ref else np.zeros(0, str)
+        labels = np.concatenate([rl, np.asarray(inp.query_true).astype(str)])
+
+    metrics: dict[str, Any] = {
+        "n_query_cells": int(n_q),
+        "n_reference_cells": int(zr.shape[0]),
+        "k": int(k),
+        "notes": list(inp.notes),
+    }
+    if inp.query_true is not None and inp.query_pred is not None:
+        metrics["label_transfer"] = M.label_transfer_metrics(
+            inp.query_true,
+            inp.query_pred,
+            inp.query_uncertainty,
+            reference_labels=inp.known_types,
+        )
+        if inp.known_types is None:
+            metrics["notes"].append(
+                "novel-type AUROC not computed: pass --reference BUNDLE or --novel-types to say "
+                "which types the reference knows"
+            )
+    else:
+        metrics["notes"].append("label metrics need both the true label and the prediction")
+    if labels is not None:
+        lab_for_int = labels
+    else:
+        lab_for_int = np.full(z.shape[0], "all")
+    integ = {}
+    if np.unique(batches).size >= 2:
+        integ = M.integration_metrics(z, batches, lab_for_int, k=k, seed=seed)
+        if labels is None:
+            for key in ("knn_purity", "batch_silhouette"):
+                integ.pop(key, None)
+    elif labels is not None:
+        integ = M.integration_metrics(z, batches, labels, k=k, seed=seed)
+    if has_ref and n_q > 1 and zr.shape[0] > 1:
+        integ["ebm_reference_vs_query"] = M.entropy_of_batch_mixing(
+            z, np.where(is_query, "query", "reference"), k=k, seed=seed
+        )
+    if not has_ref:
+        metrics["notes"].append(
+            "query cells only: pass --reference-data and --reference to see reference and query "
+            "together and to score how well they mix"
+        )
+    metrics["integration"] = integ
+
+    xy, how = embed_2d(z, method=embedding, seed=seed)
+    metrics["embedding_2d"] = how
+    plots = _plots(out, xy, how, inp, is_query, batches, labels)
+    metrics["plots"] = plots
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2, sort_keys=True))
+    (out / "README.md").write_text(_readme(metrics, plots, how))
+    logger.info("report written to %s (%d plots)", out, len(plots))
+    return metrics
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,139 @@
+"""``scarches-fl evaluate`` and the report writer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scarches_fl.cli import main
+from scarches_fl.report import EvaluationError, EvaluationInput, build_report, embed_2d
+
+ad = pytest.importorskip("anndata")
+
+
+def _mapped_query(tmp_path, seed: int = 0):
+    """A file shaped like `scarches-fl map` output: 3 types, 2 batches, one novel type."""
+    rng = np.random.default_rng(seed)
+    centers = {"alpha": [0, 0, 0, 0], "beta": [6, 0, 0, 0], "novel": [0, 6, 0, 0]}
+    z = np.concatenate([rng.normal(c, 1.0, (40, 4)) for c in centers.values()])
+    truth = np.repeat(list(centers), 40)
+    pred = truth.copy().astype(object)
+    pred[truth == "novel"] = "Unknown"
+    pred[:4] = "beta"  # 4 mistakes
+    unc = np.where(truth == "novel", 0.9, 0.1) + rng.uniform(-0.05, 0.05, truth.size)
+    adata = ad.AnnData(np.zeros((truth.size, 3), dtype=np.float32))
+    adata.obs["batch"] = np.tile(["site_a", "site_b"], truth.size // 2)
+    adata.obs["cell_type"] = truth
+    adata.obs["cell_type_pred"] = pred.astype(str)
+    adata.obs["cell_type_uncertainty"] = unc.astype(np.float32)
+    adata.obsm["X_scarches"] = z.astype(np.float32)
+    path = tmp_path / "mapped.h5ad"
+    adata.write_h5ad(path)
+    return path, truth, pred
+
+
+def test_evaluate_cli_writes_metrics_plots_and_readme(tmp_path, capsys):
+    path, truth, pred = _mapped_query(tmp_path)
+    report = tmp_path / "report"
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(path),
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "cell_type",
+            "--report",
+            str(report),
+            "--novel-types",
+            "novel",
+            "--embedding",
+            "pca",
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((report / "metrics.json").read_text())
+    lt = metrics["label_transfer"]
+    assert lt["accuracy"] == pytest.approx(np.mean(truth == pred))
+    assert lt["novel_types"] == ["novel"]
+    assert lt["novel_auroc"] == 1.0
+    assert lt["novel_fraction_called_unknown"] == 1.0
+    assert 0.0 <= metrics["integration"]["entropy_of_batch_mixing"] <= 1.0
+    for png in (
+        "embedding_by_batch.png",
+        "embedding_by_label.png",
+        "embedding_by_prediction.png",
+        "embedding_by_uncertainty.png",
+        "confusion_matrix.png",
+    ):
+        data = (report / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    readme = (report / "README.md").read_text()
+    assert "accuracy" in readme and "embedding_by_uncertainty.png" in readme
+    assert "report:" in capsys.readouterr().out
+
+
+def test_evaluate_cli_errors_are_user_messages(tmp_path, capsys):
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(tmp_path / "missing.h5ad"),
+            "--batch-key",
+            "b",
+            "--label-key",
+            "l",
+        ]
+    )
+    assert rc == 2
+    assert "scarches-fl map" in capsys.readouterr().err
+    adata = ad.AnnData(np.zeros((4, 2), dtype=np.float32))
+    adata.obs["b"] = ["x", "y", "x", "y"]
+    adata.write_h5ad(tmp_path / "raw.h5ad")
+    rc = main(
+        ["evaluate", "--data", str(tmp_path / "raw.h5ad"), "--batch-key", "b", "--label-key", "l"]
+    )
+    assert rc == 2
+    assert "X_scarches" in capsys.readouterr().err
+
+
+def test_report_with_reference_cells(tmp_path):
+    rng = np.random.default_rng(1)
+    zr = np.concatenate([rng.normal(0, 1, (50, 3)), rng.normal(5, 1, (50, 3))])
+    zq = np.concatenate([rng.normal(0, 1, (20, 3)), rng.normal(5, 1, (20, 3))])
+    inp = EvaluationInput(
+        query_latent=zq,
+        query_batches=np.array(["q"] * 40),
+        query_true=np.repeat(["a", "b"], 20),
+        query_pred=np.repeat(["a", "b"], 20),
+        query_uncertainty=np.full(40, 0.05),
+        reference_latent=zr,
+        reference_batches=np.tile(["r1", "r2"], 50),
+        reference_labels=np.repeat(["a", "b"], 50),
+        known_types=["a", "b"],
+    )
+    m = build_report(inp, tmp_path / "r", embedding="pca")
+    assert m["n_reference_cells"] == 100
+    assert m["label_transfer"]["accuracy"] == 1.0
+    # reference and query drawn from the same distribution: well mixed
+    assert m["integration"]["ebm_reference_vs_query"] > 0.6
+    assert m["integration"]["knn_purity"] == pytest.approx(1.0)
+    with pytest.raises(EvaluationError, match="same reference model"):
+        build_report(
+            EvaluationInput(
+                query_latent=zq, query_batches=np.array(["q"] * 40), reference_latent=zr[:, :2]
+            ),
+            tmp_path / "bad",
+        )
+
+
+def test_embed_2d_pca_keeps_the_main_axis():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 0.1, (200, 5))
+    z[:, 3] += np.repeat([0.0, 10.0], 100)
+    xy, how = embed_2d(z, method="pca")
+    assert xy.shape == (200, 2) and how.startswith("PCA")
+    assert abs(np.corrcoef(xy[:, 0], z[:, 3])[0, 1]) > 0.99

@@ -165,27 +165,34 @@ class SiteRecord:
     expected_digest: str | None = None
 
 
-def site_record_from_entries(entries: Sequence[Any], trust: Trust, *, site_id: str) -> SiteRecord:
-    """Replay the (already root-checked) entries with P1's ledger state from the pinned roots,
-    and read this site's enrolment, active keys and last accepted sequence number."""
-    from protocols.ledger import replay_policy_state
+def site_record_from_entries(
+    entries: Sequence[Any], trust: Trust, *, site_id: str, fetch_blob: Any,
+) -> SiteRecord:
+    """Replay the (already root-checked) entries from the pinned roots with P1's
+    :func:`protocols.ledger.replay` (every signature, policy change, update rule and blob), and
+    read this site's enrolment, active keys, last accepted sequence number and the digest the
+    ledger implies for the reference version ``len(entries)``."""
+    from protocols.ledger import replay
 
-    state = replay_policy_state(trust.policy, [e.envelope for e in entries])
-    return _site_record(state, site_id)
+    cache: dict[str, bytes] = {}
 
+    def lookup(sha: str) -> bytes:
+        name = sha if sha.startswith("sha256:") else "sha256:" + sha
+        if name not in cache:
+            cache[name] = fetch_blob(name)
+        return cache[name]
 
-def _site_record(state: Any, site_id: str) -> SiteRecord:
-    policy = getattr(state, "policy", state)
+    state = replay(trust.policy, [e.envelope for e in entries], lookup)
+    policy = state.policy
     rec = policy.sites.get(site_id)
+    digest = state.digest_at(len(entries))
     if rec is None:
-        return SiteRecord(site_id, enrolled=False, revoked=False, key_ids=())
+        return SiteRecord(site_id, enrolled=False, revoked=False, key_ids=(),
+                          expected_digest=digest)
     active = tuple(k.key_id for k in rec.keys if k.status == "active")
     revoked = not active and any(k.status == "revoked" for k in rec.keys)
-    seqs = getattr(state, "sequences", None) or getattr(state, "site_sequences", None) or {}
-    last = int(seqs.get(site_id, 0)) if hasattr(seqs, "get") else 0
-    digest = getattr(state, "model_digest", None)
     return SiteRecord(site_id, enrolled=True, revoked=revoked, key_ids=active,
-                      last_sequence=last, expected_digest=digest)
+                      last_sequence=int(state.sequences.get(site_id, 0)), expected_digest=digest)
 
 
 # -- P1: update payload and envelope ----------------------------------------------------------
@@ -200,21 +207,20 @@ def max_diff_bytes() -> int:
 def build_update_payload(
     *, trust: Trust, site_id: str, key_id: str, sequence: int, verified: Any,
     new_conditions: Sequence[str], diff_bytes: bytes, diff_tensors: Any,
-) -> dict[str, Any]:
+) -> Any:
+    """P1's :class:`protocols.update.UpdatePayload` (statistics from the parsed diff bytes)."""
     from protocols.update import build_update_payload as _build
 
     return _build(
-        origin=trust.origin, site_id=site_id, key_id=key_id, sequence=sequence,
+        origin=trust.origin, site_id=site_id, site_key_id=key_id, sequence=sequence,
         base_size=verified.tree_size, base_root=bytes(verified.checkpoint.root_hash),
         base_digest=verified.digest, new_conditions=list(new_conditions),
-        diff_bytes=diff_bytes, diff=diff_tensors,
+        diff=diff_tensors, diff_bytes=diff_bytes,
     )
 
 
 def payload_bytes(payload: Any) -> bytes:
-    from protocols.canonical import canonical_json
-
-    return canonical_json(payload)
+    return bytes(payload.to_bytes())
 
 
 def parse_payload(data: bytes) -> Any:
@@ -223,9 +229,16 @@ def parse_payload(data: bytes) -> Any:
     return parse_json_strict(data, max_bytes=len(data) + 1)
 
 
-def sign_update(payload: bytes, key: Any) -> bytes:
-    from protocols.update import SITE_UPDATE_PAYLOAD_TYPE
+def sign_update(payload: Any, checked_bytes: bytes, key: Any) -> bytes:
+    """Sign ``payload`` with the site key; the signed bytes must be exactly the bytes the
+    privacy guard checked."""
+    from protocols.dsse import parse_envelope
+    from protocols.update import sign_update as _sign
 
-    from protocols.dsse import sign_envelope
-
-    return sign_envelope(SITE_UPDATE_PAYLOAD_TYPE, payload, [key])
+    envelope = _sign(payload, key)
+    if parse_envelope(envelope).payload != checked_bytes:
+        raise VerificationError(
+            "the envelope would carry other bytes than the privacy guard checked; nothing was "
+            "sent (a bug: report it)", reason_code="E_INTERNAL",
+        )
+    return envelope

@@ -219,7 +219,7 @@ def run_map(
                 return report
 
             # -- sign, submit, receipt --
-            envelope = proto.sign_update(payload_bytes, key.private)
+            envelope = proto.sign_update(payload, payload_bytes, key.private)
             entry.write_envelope(envelope)
             _say(printer, f"signed update {entry.id} (sequence {sequence}) with key "
                           f"{key.key_id[:16]}...")

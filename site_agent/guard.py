@@ -342,7 +342,7 @@ def check_outgoing(
         )
     diff_sha = _sha256(diff_bytes)
     for path in ("diff.sha256", "diff_sha256"):
-        if path in flat and flat[path] != diff_sha:
+        if path in flat and "sha256:" + str(flat[path]).removeprefix("sha256:") != diff_sha:
             raise _fail(f"payload {path} = {flat[path]} but the diff bytes hash to {diff_sha}")
     for path in ("diff.size", "diff.bytes", "diff_size"):
         if path in flat and flat[path] != len(diff_bytes):

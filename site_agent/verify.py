@@ -150,7 +150,8 @@ def pull_and_verify(
     try:
         entries = client.get_entries(0, cp.size) if cp.size else []
         proto.check_entries_match(entries, cp)
-        record = proto.site_record_from_entries(entries, trust, site_id=site_id)
+        record = proto.site_record_from_entries(entries, trust, site_id=site_id,
+                                                fetch_blob=client.get_blob)
     except VerificationError as exc:
         raise _wrap(exc, "the ledger does not verify") from exc
     if not record.enrolled:

@@ -13,8 +13,9 @@ class TokenBucketLimiter:
     """``burst`` tokens per key, refilled at ``per_second``. Thread-safe.
 
     :meth:`peek` says whether a key has a token (without taking it) and how long until it has
-    one; :meth:`take` spends one. The coordinator peeks with the site id an envelope claims and
-    takes only after the signature verified, so a forger cannot drain another site's budget.
+    one; :meth:`take` spends one if there is one; :meth:`spend` spends one regardless. The
+    coordinator peeks with the site id an envelope claims and spends only after the signature
+    verified, so a forger cannot drain another site's budget.
     """
 
     def __init__(
@@ -39,6 +40,14 @@ class TokenBucketLimiter:
         with self._lock:
             tokens = self._refill(key, self._clock())
             return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.per_second
+
+    def spend(self, key: str) -> None:
+        """Spend a token even if none is left (the bucket goes into debt, so the next
+        :meth:`peek` waits longer). Used once a submission was authenticated."""
+        with self._lock:
+            now = self._clock()
+            tokens = self._refill(key, now)
+            self._buckets[key] = (tokens - 1.0, now)
 
     def take(self, key: str) -> float:
         """Spend a token: 0.0 on success, else the seconds until one is available (nothing

@@ -365,9 +365,16 @@ class LedgerStore:
                 )
             self._committed = size
 
+    @property
+    def write_lock(self) -> threading.RLock:
+        """Held by :meth:`writer` for a whole transaction; hold it around :meth:`sync` when
+        the caller must apply the returned entries before the next writer runs."""
+        return self._write_lock  # type: ignore[return-value]
+
     def sync(self) -> list[StoredEntry]:
-        """Catch up with entries appended by another process; returns them."""
-        with self._tree_lock:
+        """Catch up with entries appended by another process; returns them. Call it with
+        :attr:`write_lock` held (the tree holds uncommitted leaves while a writer runs)."""
+        with self._write_lock, self._tree_lock:
             before = self._committed
             self._load_tree()
             if self._committed == before:

@@ -45,8 +45,8 @@ from protocols.proto.serde import (
     ReferenceHeader,
     Rejection,
     SiteInfo,
-    SubmitResult,
     SubmissionRejectedError,
+    SubmitResult,
 )
 
 __all__ = [

@@ -1,0 +1,187 @@
+"""``scarches-fl coordinator ...``: the consortium operator's commands.
+
+Only ``argparse`` at module level; grpc, numpy and the protocols core are imported inside the
+handlers (see ``scarches_fl/cli.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "coordinator",
+        help="run the consortium's coordinator (registry + ledger)",
+        description=(
+            "The consortium operator's service: publishes a reference model, enrols and "
+            "revokes site keys, accepts signed site updates into an append-only ledger, and "
+            "serves every reference version over gRPC with TLS."
+        ),
+    )
+    sub = p.add_subparsers(dest="coordinator_command", metavar="SUBCOMMAND")
+    p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
+
+    init = sub.add_parser(
+        "init",
+        help="create a state directory from a reference bundle",
+        description=(
+            "Create STATE: the log signing key, an operator key, TLS material (a self-signed "
+            "certificate for --tls-name names, default localhost and 127.0.0.1), "
+            "coordinator.yaml, the genesis entry publishing the reference, and trust.json for "
+            "the sites."
+        ),
+    )
+    init.add_argument("--dir", required=True, metavar="STATE", help="state directory to create")
+    init.add_argument(
+        "--reference", required=True, metavar="BUNDLE_DIR", help="reference model bundle"
+    )
+    init.add_argument(
+        "--origin",
+        default=None,
+        metavar="NAME",
+        help="log origin (checkpoint first line), e.g. consortium.example/ledger "
+        "(default: scarches-fl.local/<state dir name>)",
+    )
+    init.add_argument(
+        "--tls-name",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="DNS name or IP address the TLS certificate is valid for (repeat; default "
+        "localhost and 127.0.0.1)",
+    )
+    init.add_argument(
+        "--listen",
+        default="127.0.0.1:7443",
+        metavar="HOST:PORT",
+        help="default listen address written to coordinator.yaml (default 127.0.0.1:7443)",
+    )
+    init.set_defaults(handler=_init)
+
+    enroll = sub.add_parser(
+        "enroll",
+        help="enrol a site's public key (operator-signed policy entry)",
+        description="Append an operator-signed policy entry enrolling SITE_ID with its key.",
+    )
+    enroll.add_argument("--dir", required=True, metavar="STATE")
+    enroll.add_argument(
+        "--site-id", required=True, metavar="ID", help="site id = its condition namespace"
+    )
+    enroll.add_argument("--public-key", required=True, metavar="FILE", help="the site's site.pub")
+    enroll.set_defaults(handler=_enroll)
+
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke a site (operator-signed policy entry)",
+        description="Append an operator-signed policy entry revoking SITE_ID's keys.",
+    )
+    revoke.add_argument("--dir", required=True, metavar="STATE")
+    revoke.add_argument("--site-id", required=True, metavar="ID")
+    revoke.set_defaults(handler=_revoke)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve the registry over gRPC (TLS)",
+        description=(
+            "Serve the registry. TLS with the certificate made by init; --insecure serves "
+            "plain text and is refused on any non-loopback address."
+        ),
+    )
+    serve.add_argument("--dir", required=True, metavar="STATE")
+    serve.add_argument(
+        "--listen",
+        default=None,
+        metavar="HOST:PORT",
+        help="address to listen on (default: `listen` in coordinator.yaml)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS: loopback development only (refused on other addresses)",
+    )
+    serve.set_defaults(handler=_serve)
+
+    status = sub.add_parser(
+        "status",
+        help="tree size, last checkpoint, sites and contributions, blobs, disk use",
+    )
+    status.add_argument("--dir", required=True, metavar="STATE")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--verify",
+        action="store_true",
+        help="also recompute every leaf hash and the root and check the checkpoint signature",
+    )
+    status.set_defaults(handler=_status)
+
+    health = sub.add_parser(
+        "health",
+        help="ask the running server whether it is serving (exit 0 if so)",
+    )
+    health.add_argument("--dir", required=True, metavar="STATE")
+    health.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help="server address (default: the one `serve` recorded, else coordinator.yaml)",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, metavar="S")
+    health.set_defaults(handler=_health)
+
+
+def _init(args: argparse.Namespace) -> int:
+    from coordinator.admin import init_state
+
+    result = init_state(
+        args.dir,
+        reference=args.reference,
+        origin=args.origin,
+        tls_names=tuple(args.tls_name) if args.tls_name else None,
+        listen=args.listen,
+    )
+    print(f"initialised {result.state_dir}")
+    print(f"  origin      {result.origin}")
+    print(
+        f"  reference   {result.digest}  ({result.n_genes} genes, {result.n_conditions} conditions)"
+    )
+    print(f"  log key     {result.log_key_id}")
+    print(f"  TLS names   {', '.join(result.tls_names)}")
+    print(f"  trust.json  {result.trust_path}  (hand this file to every site)")
+    return 0
+
+
+def _enroll(args: argparse.Namespace) -> int:
+    from coordinator.admin import enroll_site
+
+    entry = enroll_site(args.dir, site_id=args.site_id, public_key=args.public_key)
+    print(f"enrolled {args.site_id} (ledger entry {entry.index})")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from coordinator.admin import revoke_site
+
+    entry = revoke_site(args.dir, site_id=args.site_id)
+    print(f"revoked {args.site_id} (ledger entry {entry.index})")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from coordinator.admin import serve
+
+    return serve(args.dir, listen=args.listen, insecure=args.insecure)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from coordinator.admin import print_status
+
+    return print_status(args.dir, as_json=args.json, verify=args.verify)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from coordinator.admin import check_health
+
+    return check_health(args.dir, address=args.address, timeout=args.timeout)

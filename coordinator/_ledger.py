@@ -1,0 +1,591 @@
+"""The coordinator's seam to the protocols core: every call into P1's formats, validation and
+ledger state and into P2's checkpoints goes through here, so the rest of ``coordinator`` sees
+a handful of functions. Nothing here re-implements a rule of ``protocols``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator._fsutil import atomic_write
+from coordinator.storage import BlobStore, LedgerStore, StoredEntry, sha256_name
+from protocols.errors import ConfigError, VerificationError
+from protocols.proto.serde import BlobRef
+
+__all__ = [
+    "LogSigner",
+    "load_log_signer",
+    "new_log_key",
+    "check_origin",
+    "leaf_hash",
+    "blob_ref",
+    "append_signature_lines",
+    "cosignature_lines_for",
+    "verify_checkpoint_note",
+    "ReferenceCache",
+    "MaterializedReference",
+    "new_private_key",
+    "load_key",
+    "read_public_key",
+    "key_id_of",
+    "trust_json",
+    "read_trust_policy",
+    "tls_server_name",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# P2: checkpoints and notes
+
+
+class LogSigner:
+    """The log's checkpoint key (a C2SP note signer named after the origin)."""
+
+    def __init__(self, signer: Any, origin: str) -> None:
+        self._signer = signer
+        self.origin = origin
+
+    @property
+    def verifier(self) -> Any:
+        return self._signer.verifier
+
+    @property
+    def vkey(self) -> str:
+        return str(self._signer.verifier.vkey)
+
+    def sign_checkpoint(self, size: int, root_hash: bytes) -> bytes:
+        from protocols.checkpoint import Checkpoint, sign_checkpoint
+
+        return sign_checkpoint(Checkpoint(self.origin, size, root_hash), self._signer)
+
+
+def new_log_key(path: Path, origin: str) -> LogSigner:
+    """Generate the log key (C2SP signer key string, mode 0600)."""
+    from protocols.checkpoint import generate_signer
+
+    signer = generate_signer(origin)
+    atomic_write(path, (signer.skey + "\n").encode(), mode=0o600)
+    return LogSigner(signer, origin)
+
+
+def load_log_signer(path: Path, *, origin: str) -> LogSigner:
+    from protocols.checkpoint import parse_signer_key
+
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the log key {path}: {exc}; restore it from the backup of the state "
+            "directory (paths.log_key in coordinator.yaml)"
+        ) from exc
+    signer = parse_signer_key(text)
+    if signer.name != origin:
+        raise ConfigError(
+            f"{path}: the log key is named {signer.name!r} but coordinator.yaml says origin "
+            f"{origin!r}; the origin is fixed at init -- restore the original coordinator.yaml"
+        )
+    return LogSigner(signer, origin)
+
+
+def check_origin(origin: str) -> None:
+    from protocols.checkpoint import Checkpoint, NoteSigner
+    from protocols.merkle import EMPTY_ROOT
+
+    try:
+        Checkpoint(origin, 0, EMPTY_ROOT)
+        NoteSigner(origin, b"\0" * 32)
+    except (VerificationError, ValueError) as exc:
+        raise ConfigError(
+            f"--origin {origin!r}: not usable as a log origin ({exc}); use a single line without "
+            "spaces or '+', e.g. consortium.example/ledger"
+        ) from exc
+
+
+def leaf_hash(envelope: bytes) -> bytes:
+    from protocols.merkle import leaf_hash as _lh
+
+    return _lh(envelope)
+
+
+def blob_ref(role: str, sha256: str, size: int) -> BlobRef:
+    return BlobRef(role=role, sha256=sha256, size=size)
+
+
+def append_signature_lines(note: bytes, lines: list[str]) -> bytes:
+    if not lines:
+        return note
+    from protocols.checkpoint import append_signatures
+
+    return append_signatures(note, lines)
+
+
+def verify_checkpoint_note(signer: LogSigner, note: bytes) -> Any:
+    from protocols.checkpoint import verify_checkpoint
+
+    return verify_checkpoint(note, origin=signer.origin, log_verifier=signer.verifier)
+
+
+#: At most this many cosignature lines are kept per checkpoint.
+MAX_COSIGNATURES_PER_CHECKPOINT = 32
+
+
+def cosignature_lines_for(
+    store: LedgerStore, signer: LogSigner, cosigned_note: bytes
+) -> tuple[int, list[str]]:
+    """Check a witness's cosigned note: it must be one of our checkpoints (our signature
+    verifies, the text equals the stored checkpoint of that size) and its other lines must be
+    well-formed ``cosignature/v1`` lines. Returns (size, new lines). Which witnesses count is
+    decided by each verifier against its own trust.json, not here."""
+    from protocols.checkpoint import (
+        KEY_TYPE_COSIGNATURE_V1,
+        parse_note,
+    )
+
+    cp = verify_checkpoint_note(signer, cosigned_note)
+    stored = store.checkpoint(cp.size)
+    if stored is None or parse_note(stored.signed_note).text != parse_note(cosigned_note).text:
+        raise VerificationError(
+            f"the cosigned checkpoint of size {cp.size} is not one this log issued",
+            reason_code="E_CHECKPOINT_INVALID",
+        )
+    note = parse_note(cosigned_note)
+    own = (signer.verifier.name, signer.verifier.key_id)
+    lines = []
+    for sig in note.signatures:
+        if (sig.name, sig.key_id) == own:
+            continue
+        if sig.timestamp is None:
+            raise VerificationError(
+                f"signature line of {sig.name!r} is not a cosignature/v1 line (type "
+                f"{KEY_TYPE_COSIGNATURE_V1:#x}: 8-byte timestamp + Ed25519 signature)",
+                reason_code="E_CHECKPOINT_INVALID",
+            )
+        lines.append(sig.line.rstrip("\n"))
+    if not lines:
+        raise VerificationError(
+            "the note carries no cosignature besides the log's own",
+            reason_code="E_CHECKPOINT_INVALID",
+        )
+    if len(store.cosignature_lines(cp.size)) + len(lines) > MAX_COSIGNATURES_PER_CHECKPOINT:
+        raise VerificationError(
+            f"checkpoint {cp.size} already has the maximum of {MAX_COSIGNATURES_PER_CHECKPOINT} "
+            "cosignatures",
+            reason_code="E_OVERSIZE",
+        )
+    return cp.size, lines
+
+
+# --------------------------------------------------------------------------------------------
+# Reference versions (P1 bundles and diffs, numpy only)
+
+
+@dataclass(frozen=True)
+class MaterializedReference:
+    """Reference version at ``tree_size``: files in the cache directory."""
+
+    tree_size: int
+    model_index: int  # index of the last model-changing entry below tree_size
+    digest: str
+    manifest_path: Path
+    safetensors_path: Path
+    manifest_sha256: str
+    safetensors_sha256: str
+
+
+class ReferenceCache:
+    """Reference version N = the model after replaying entries [0, N). Built on demand from the
+    nearest cached ancestor (genesis bundle, then ``apply_condition_diff`` per site update),
+    cached on disk under ``cache/v<index>/`` (written atomically) and in memory (a few bundles)."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        blobs: BlobStore,
+        root: Path,
+        *,
+        durable: bool = True,
+        memory_slots: int = 4,
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.root = Path(root)
+        self.durable = durable
+        self._lock = threading.Lock()
+        self._bundles: OrderedDict[int, Any] = OrderedDict()
+        self._slots = memory_slots
+
+    def _model_index(self, tree_size: int) -> int:
+        """Index of the last entry below ``tree_size`` that changes the model."""
+        row = (
+            self.store._conn()
+            .execute(
+                "SELECT MAX(idx) FROM entries WHERE idx < ? AND kind IN "
+                "('genesis', 'site_update', 'federated_round')",
+                (tree_size,),
+            )
+            .fetchone()
+        )
+        if row is None or row[0] is None:
+            raise VerificationError(
+                f"no model below tree size {tree_size}", reason_code="E_LEDGER_ORDER"
+            )
+        return int(row[0])
+
+    def _dir(self, model_index: int) -> Path:
+        return self.root / f"v{model_index}"
+
+    def _load_cached(self, model_index: int) -> MaterializedReference | None:
+        d = self._dir(model_index)
+        m, s, meta = d / "manifest.json", d / "model.safetensors", d / "digest"
+        if not (m.is_file() and s.is_file() and meta.is_file()):
+            return None
+        parts = meta.read_text().split()
+        if len(parts) != 3:
+            return None
+        return MaterializedReference(0, model_index, parts[0], m, s, parts[1], parts[2])
+
+    def _bundle_at(self, model_index: int) -> Any:
+        """The ReferenceBundle after entry ``model_index`` (a model-changing entry)."""
+        from protocols.bundle import bundle_from_bytes, read_bundle
+
+        if model_index in self._bundles:
+            self._bundles.move_to_end(model_index)
+            return self._bundles[model_index]
+        entry = self.store.entry(model_index)
+        if entry is None:
+            raise VerificationError(f"entry {model_index} missing", reason_code="E_LEDGER_ORDER")
+        roles = {b.role: b for b in entry.blobs}
+        if "manifest" in roles and "safetensors" in roles:
+            bundle = bundle_from_bytes(
+                self.blobs.read(roles["manifest"].sha256),
+                self.blobs.read(roles["safetensors"].sha256),
+            )
+        elif "diff" in roles:
+            cached = self._load_cached(model_index)
+            if cached is not None:
+                bundle = read_bundle(cached.manifest_path.parent)
+            else:
+                prev = self._model_index(model_index)
+                base = self._bundle_at(prev)
+                bundle = apply_entry_diff(base, entry, self.blobs.read(roles["diff"].sha256))
+        else:
+            raise VerificationError(
+                f"entry {model_index} ({entry.kind}) names no model blobs",
+                reason_code="E_BLOB_MISSING",
+            )
+        self._bundles[model_index] = bundle
+        while len(self._bundles) > self._slots:
+            self._bundles.popitem(last=False)
+        return bundle
+
+    def materialize(self, tree_size: int) -> MaterializedReference:
+        with self._lock:
+            model_index = self._model_index(tree_size)
+            cached = self._load_cached(model_index)
+            if cached is None:
+                from protocols.bundle import bundle_to_bytes
+
+                bundle = self._bundle_at(model_index)
+                manifest_bytes, model_bytes = bundle_to_bytes(bundle)
+                d = self._dir(model_index)
+                d.mkdir(parents=True, exist_ok=True)
+                atomic_write(d / "model.safetensors", model_bytes, durable=self.durable)
+                atomic_write(d / "manifest.json", manifest_bytes, durable=self.durable)
+                atomic_write(
+                    d / "digest",
+                    f"{bundle.digest} {sha256_name(manifest_bytes)} "
+                    f"{sha256_name(model_bytes)}\n".encode(),
+                    durable=self.durable,
+                )
+                cached = self._load_cached(model_index)
+                assert cached is not None
+            return MaterializedReference(
+                tree_size,
+                model_index,
+                cached.digest,
+                cached.manifest_path,
+                cached.safetensors_path,
+                cached.manifest_sha256,
+                cached.safetensors_sha256,
+            )
+
+    def clear(self) -> None:
+        with self._lock:
+            self._bundles.clear()
+            import shutil
+
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.root)
+
+
+# --------------------------------------------------------------------------------------------
+# P1: keys and the trust policy
+
+
+def new_private_key(path: Path) -> Any:
+    """A fresh Ed25519 key saved as PEM PKCS#8 (mode 0600) via :mod:`protocols.keys`."""
+    from protocols.keys import generate_private_key, save_private_key
+
+    key = generate_private_key()
+    save_private_key(key, path)
+    return key
+
+
+def load_key(path: Path) -> Any:
+    from protocols.keys import load_private_key
+
+    return load_private_key(path)
+
+
+def read_public_key(path: str | os.PathLike[str]) -> Any:
+    from protocols.keys import load_public_key
+
+    return load_public_key(path)
+
+
+def key_id_of(key: Any) -> str:
+    if isinstance(key, LogSigner):
+        return key.vkey
+    from protocols.keys import key_id
+
+    return key_id(key)
+
+
+def trust_json(
+    *,
+    origin: str,
+    log_key: LogSigner,
+    operator_keys: list[Any],
+    tls_root_pem: bytes,
+    tls_names: tuple[str, ...],
+) -> bytes:
+    """The initial trust policy (no sites yet) as canonical JSON: what sites and auditors pin."""
+    from protocols.policy import build_trust
+
+    policy = build_trust(
+        origin=origin,
+        log_public_key=log_key.vkey,
+        operator_keys=[k.public_key() if hasattr(k, "public_key") else k for k in operator_keys],
+        tls_root_pem=tls_root_pem.decode("ascii"),
+    )
+    return bytes(policy.to_json())
+
+
+def read_trust_policy(path: Path) -> Any:
+    from protocols.policy import read_trust
+
+    return read_trust(path)
+
+
+def tls_server_name(trust: Any, address: str) -> str | None:
+    """The name to check the server certificate against when ``address``'s host is not one of
+    the certificate's names (e.g. ``127.0.0.1`` for a certificate made for ``coordinator``)."""
+    pem = trust.get("tls_root_pem") if isinstance(trust, dict) else None
+    if not pem:
+        return None
+    import ipaddress
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    ips = [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in names or host in ips:
+        return None
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+    return names[0] if names else (ips[0] if ips else None)
+
+
+# --------------------------------------------------------------------------------------------
+# P1: the ledger state and entries
+
+
+def protocol_limits(cfg: Any) -> Any:
+    """P1's :class:`protocols.limits.Limits` with this coordinator's envelope and diff caps."""
+    import dataclasses
+
+    from protocols.limits import DEFAULT_LIMITS
+
+    return dataclasses.replace(
+        DEFAULT_LIMITS,
+        max_envelope_bytes=cfg.limits.max_envelope_bytes,
+        max_diff_bytes=cfg.limits.max_diff_bytes,
+    )
+
+
+def _hex(name: str) -> str:
+    return name[7:] if name.startswith("sha256:") else name
+
+
+def blob_lookup(blobs: BlobStore, extra: dict[str, bytes] | None = None) -> Any:
+    """P1's ``BlobLookup`` (hex sha256 -> bytes or None) over the blob store (+ ``extra``)."""
+
+    def lookup(hexname: str) -> bytes | None:
+        if extra and hexname in extra:
+            return extra[hexname]
+        name = "sha256:" + hexname
+        if not blobs.exists(name):
+            return None
+        return blobs.read(name, verify=False)  # the ledger checks the hash itself
+
+    return lookup
+
+
+def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
+    """Replay every stored entry with P1's :class:`protocols.ledger.LedgerState`, starting from
+    the pinned roots of the state directory's trust.json. Refuses to start on a broken log."""
+    from protocols.ledger import LedgerState
+
+    trust = read_trust_policy(cfg.path(cfg.paths.trust))
+    state = LedgerState(trust, limits=protocol_limits(cfg))
+    lookup = blob_lookup(blobs)
+    for e in store.entries(0, store.size):
+        try:
+            state.apply(e.envelope, lookup)
+        except VerificationError as exc:
+            from coordinator.storage import StorageError
+
+            raise StorageError(
+                f"{store.db_path}: entry {e.index} does not replay ({exc}); the ledger or its "
+                "blobs are damaged, restore the state directory from a backup"
+            ) from exc
+    return state
+
+
+def apply_entry(state: Any, entry: StoredEntry, blobs: BlobStore, cfg: Any) -> Any:
+    """Apply a stored entry (appended by this or another process) to the state."""
+    return state.apply(entry.envelope, blob_lookup(blobs))
+
+
+@dataclass(frozen=True)
+class CheckedUpdate:
+    site_id: str
+    sequence: int
+    new_conditions: tuple[str, ...]
+
+
+def check_and_apply_site_update(
+    state: Any, envelope: bytes, diff: bytes, limits: Any
+) -> CheckedUpdate:
+    """Run P1's validation of a submitted site update against ``state`` and apply it (the state
+    is unchanged when it raises). Only ``site_update`` envelopes are accepted here."""
+    from protocols.dsse import parse_envelope
+    from protocols.errors import UpdateRejectedError
+    from protocols.ledger import PAYLOAD_TYPES
+    from protocols.update import SITE_UPDATE_TYPE
+
+    try:
+        env = parse_envelope(envelope, limits=limits)
+    except VerificationError as exc:
+        code = exc.reason_code if exc.reason_code == "E_OVERSIZE" else "E_ENVELOPE_MALFORMED"
+        raise UpdateRejectedError(code, exc.message or str(exc)) from exc
+    if env.payload_type != SITE_UPDATE_TYPE:
+        kind = PAYLOAD_TYPES.get(env.payload_type, "unknown")
+        raise UpdateRejectedError(
+            "E_PAYLOAD_TYPE",
+            f"SubmitUpdate takes site updates ({SITE_UPDATE_TYPE}); this envelope is a {kind} "
+            "entry, which only the operator appends",
+        )
+    hexname = hashlib.sha256(diff).hexdigest()
+    applied = state.apply(envelope, blob_lookup_bytes({hexname: diff}))
+    acc = applied.accepted_update
+    return CheckedUpdate(acc.site_id, acc.sequence, tuple(acc.new_conditions))
+
+
+def blob_lookup_bytes(mapping: dict[str, bytes]) -> Any:
+    return lambda hexname: mapping.get(hexname)
+
+
+def claimed_site_id(envelope: bytes, limits: Any) -> str | None:
+    """The site id a site update *claims* (unverified; for the rate-limit peek and logs)."""
+    from protocols.ledger import entry_payload
+
+    try:
+        kind, obj = entry_payload(envelope, limits=limits)
+    except Exception:  # noqa: BLE001 - unparseable: no claim
+        return None
+    sid = obj.get("site_id") if kind == "site_update" else None
+    return sid if isinstance(sid, str) and len(sid) <= 64 else None
+
+
+def site_status(state: Any, site_id: str) -> dict[str, Any]:
+    rec = state.policy.sites.get(site_id)
+    if rec is None:
+        return {"enrolled": False, "revoked": False, "key_ids": (), "last_sequence": 0}
+    active = rec.active_key
+    return {
+        "enrolled": True,
+        "revoked": active is None,
+        "key_ids": tuple(k.key_id for k in rec.keys if k.status == "active"),
+        "last_sequence": int(state.sequences.get(site_id, 0)),
+    }
+
+
+def known_sites(state: Any) -> list[str]:
+    return sorted(state.policy.sites)
+
+
+def genesis_envelope(operator_key: Any, *, bundle: Any, origin: str, blobs: list[BlobRef]) -> bytes:
+    from protocols.ledger import entry_blobs, make_genesis
+
+    g = make_genesis(bundle, origin=origin, operator_keys=[operator_key])
+    named = {(b.role, b.sha256, b.size) for b in entry_blobs(g.envelope)}
+    ours = {(b.role, _hex(b.sha256), b.size) for b in blobs}
+    if named != ours:  # pragma: no cover - both serialize with bundle_to_bytes
+        raise VerificationError(
+            "the genesis names other blobs than the ones stored", reason_code="E_INTERNAL"
+        )
+    return bytes(g.envelope)
+
+
+def enroll_envelope(
+    operator_key: Any, state: Any, *, site_id: str, public_key: Any, origin: str, log_size: int
+) -> bytes:
+    from protocols.ledger import enrol_entry
+
+    env = enrol_entry(
+        origin=origin, site_id=site_id, public_key=public_key, operator_keys=[operator_key]
+    )
+    state.check(env, blob_lookup_bytes({}))  # the policy rules' own message when refused
+    return bytes(env)
+
+
+def revoke_envelope(
+    operator_key: Any, state: Any, *, site_id: str, origin: str, log_size: int
+) -> bytes:
+    from protocols.ledger import revoke_entry
+
+    env = revoke_entry(origin=origin, site_id=site_id, operator_keys=[operator_key])
+    state.check(env, blob_lookup_bytes({}))
+    return bytes(env)
+
+
+def entry_new_conditions(envelope: bytes) -> list[str]:
+    from protocols.ledger import entry_payload
+
+    _kind, obj = entry_payload(envelope)
+    return list(obj["new_conditions"])
+
+
+def apply_entry_diff(base: Any, entry: StoredEntry, diff_bytes: bytes) -> Any:
+    """Reference after a site update entry: ``apply_condition_diff`` (numpy only)."""
+    from protocols.diff import apply_condition_diff, diff_from_bytes
+
+    diff = diff_from_bytes(diff_bytes, max_bytes=len(diff_bytes))
+    return apply_condition_diff(base, diff, entry_new_conditions(entry.envelope))

@@ -1,0 +1,318 @@
+"""What the operator's commands do: init, enroll, revoke, serve, status, health.
+
+``init`` builds the whole state directory under a temporary name beside the target and renames
+it into place at the end, so a failed or interrupted init never leaves a half-made state
+directory. ``enroll`` and ``revoke`` append one operator-signed policy entry, ordered with a
+running server's appends by SQLite's write lock (the server picks the entry up on its next
+request).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator import _ledger
+from coordinator._fsutil import atomic_write, fsync_dir
+from coordinator._tls import DEFAULT_TLS_NAMES, make_self_signed
+from coordinator.config import CoordinatorConfig, load_config, write_config
+from coordinator.storage import StoredEntry
+from protocols.errors import ConfigError
+
+__all__ = [
+    "InitResult",
+    "init_state",
+    "enroll_site",
+    "revoke_site",
+    "serve",
+    "print_status",
+    "check_health",
+    "SERVE_RECORD",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Written by ``serve`` into the state directory: where it listens (for ``health``).
+SERVE_RECORD = "serve.json"
+
+
+@dataclass(frozen=True)
+class InitResult:
+    state_dir: Path
+    origin: str
+    digest: str
+    n_genes: int
+    n_conditions: int
+    log_key_id: str
+    tls_names: tuple[str, ...]
+    trust_path: Path
+
+
+def init_state(
+    state_dir: str | os.PathLike[str],
+    *,
+    reference: str | os.PathLike[str],
+    origin: str | None = None,
+    tls_names: tuple[str, ...] | None = None,
+    listen: str = "127.0.0.1:7443",
+    durable: bool = True,
+) -> InitResult:
+    """Create a coordinator state directory publishing the bundle at ``reference``."""
+    from coordinator.config import parse_listen
+    from coordinator.storage import BlobStore, LedgerStore
+    from protocols.bundle import bundle_to_bytes, read_bundle
+
+    target = Path(state_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(
+            f"--dir {target}: already exists and is not empty; a coordinator state directory "
+            "is created once. Pick a new directory (or remove this one if it is a failed try)"
+        )
+    parse_listen(listen, where="--listen")
+    bundle = read_bundle(reference)
+    origin = origin or f"scarches-fl.local/{target.resolve().name}"
+    _ledger.check_origin(origin)
+    names = tuple(tls_names) if tls_names else DEFAULT_TLS_NAMES
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o750)
+        cfg = CoordinatorConfig(origin=origin, listen=listen, durable=durable, state_dir=tmp)
+        (tmp / "keys").mkdir(mode=0o700)
+        log_key = _ledger.new_log_key(cfg.path(cfg.paths.log_key), origin)
+        operator_key = _ledger.new_private_key(cfg.path(cfg.paths.operator_key))
+        cert_pem = make_self_signed(
+            cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.private_key), names=names
+        )
+        write_config(cfg)
+        blobs = BlobStore(cfg.path(cfg.paths.blobs), durable=durable)
+        manifest_bytes, model_bytes = bundle_to_bytes(bundle)
+        refs = [
+            _ledger.blob_ref("manifest", blobs.put(manifest_bytes), len(manifest_bytes)),
+            _ledger.blob_ref("safetensors", blobs.put(model_bytes), len(model_bytes)),
+        ]
+        signer = _ledger.load_log_signer(cfg.path(cfg.paths.log_key), origin=origin)
+        envelope = _ledger.genesis_envelope(operator_key, bundle=bundle, origin=origin, blobs=refs)
+        store = LedgerStore(cfg.path(cfg.paths.database), blobs, durable=durable)
+        try:
+            with store.writer() as w:
+                w.append(
+                    envelope,
+                    kind="genesis",
+                    blobs=refs,
+                    sign_checkpoint=signer.sign_checkpoint,
+                )
+        finally:
+            store.close()
+        trust_bytes = _ledger.trust_json(
+            origin=origin,
+            log_key=log_key,
+            operator_keys=[operator_key],
+            tls_root_pem=cert_pem,
+            tls_names=names,
+        )
+        atomic_write(cfg.path(cfg.paths.trust), trust_bytes, durable=durable)
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+        if durable:
+            fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return InitResult(
+        state_dir=target,
+        origin=origin,
+        digest=bundle.digest,
+        n_genes=len(bundle.genes),
+        n_conditions=len(bundle.conditions),
+        log_key_id=_ledger.key_id_of(log_key),
+        tls_names=names,
+        trust_path=target / cfg.paths.trust,
+    )
+
+
+def _open(state_dir: str | os.PathLike[str]) -> Any:
+    from coordinator.service import Registry
+
+    return Registry(load_config(state_dir))
+
+
+def enroll_site(
+    state_dir: str | os.PathLike[str], *, site_id: str, public_key: str | os.PathLike[str]
+) -> StoredEntry:
+    """Append an operator-signed policy entry enrolling ``site_id`` with ``public_key``."""
+    pub = _ledger.read_public_key(public_key)
+    cfg = load_config(state_dir)
+    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    with _open(state_dir) as reg:
+        return reg.append_operator_entry(
+            lambda state, size: (
+                _ledger.enroll_envelope(
+                    operator_key,
+                    state,
+                    site_id=site_id,
+                    public_key=pub,
+                    origin=cfg.origin,
+                    log_size=size,
+                ),
+                "policy",
+                [],
+            )
+        )
+
+
+def revoke_site(state_dir: str | os.PathLike[str], *, site_id: str) -> StoredEntry:
+    """Append an operator-signed policy entry revoking every key of ``site_id``."""
+    cfg = load_config(state_dir)
+    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    with _open(state_dir) as reg:
+        return reg.append_operator_entry(
+            lambda state, size: (
+                _ledger.revoke_envelope(
+                    operator_key, state, site_id=site_id, origin=cfg.origin, log_size=size
+                ),
+                "policy",
+                [],
+            )
+        )
+
+
+def serve(
+    state_dir: str | os.PathLike[str],
+    *,
+    listen: str | None = None,
+    insecure: bool = False,
+    ready: threading.Event | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve until SIGINT/SIGTERM (or ``stop`` is set). Returns the exit code."""
+    from coordinator.server import RegistryServer, check_listen_address
+    from coordinator.service import Registry
+
+    cfg = load_config(state_dir)
+    address = listen or cfg.listen
+    check_listen_address(address, insecure=insecure)
+    registry = Registry(cfg)
+    stop = stop or threading.Event()
+    server = RegistryServer(registry, cfg, listen=address, insecure=insecure)
+    try:
+        registry.start_writer()
+        port = server.start()
+        host = address.rsplit(":", 1)[0].strip("[]")
+        record = {
+            "pid": os.getpid(),
+            "listen": address,
+            "port": port,
+            "address": f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}",
+            "insecure": insecure,
+        }
+        atomic_write(Path(state_dir) / SERVE_RECORD, json.dumps(record).encode(), durable=False)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: stop.set())
+        print(
+            f"serving {cfg.origin} on {record['address']} "
+            f"({'INSECURE plain text' if insecure else 'TLS'}); tree size {registry.size}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if ready is not None:
+            ready.set()
+        while not stop.wait(0.5):
+            pass
+        logger.info("stopping: draining in-flight calls")
+    finally:
+        server.stop(grace=5.0)
+        registry.close()
+        with contextlib.suppress(FileNotFoundError):
+            (Path(state_dir) / SERVE_RECORD).unlink()
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def print_status(
+    state_dir: str | os.PathLike[str], *, as_json: bool = False, verify: bool = False
+) -> int:
+    with _open(state_dir) as reg:
+        st = reg.status()
+        if verify:
+            reg.store.check_integrity()
+            _ledger.verify_checkpoint_note(reg.signer, st["checkpoint"]["note"].encode())
+            st["verified"] = True
+    if as_json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    cp = st["checkpoint"]
+    print(f"origin        {st['origin']}")
+    print(f"tree size     {st['tree_size']}")
+    print(f"checkpoint    size {cp['size']}, root {cp['root_hash']}")
+    if verify:
+        print("verified      leaf hashes, root and checkpoint signature OK")
+    print(f"sites         {len(st['sites'])}")
+    for site_id, info in sorted(st["sites"].items()):
+        state = "revoked" if info.get("revoked") else ("enrolled" if info.get("enrolled") else "-")
+        print(
+            f"  {site_id:<24} {state:<9} contributions {info['contributions']:<5} "
+            f"last seq {info['last_sequence']}"
+        )
+    b = st["blobs"]
+    print(f"blobs         {b['count']} ({_human(b['bytes'])}), {b['orphans']} orphaned")
+    d = st["disk"]
+    print(
+        f"disk          database {_human(d['database_bytes'])}, blobs {_human(d['blob_bytes'])}, "
+        f"reference cache {_human(d['cache_bytes'])}"
+    )
+    return 0
+
+
+def check_health(
+    state_dir: str | os.PathLike[str], *, address: str | None = None, timeout: float = 3.0
+) -> int:
+    """Exit 0 when the server answers Health with ``serving``; 1 otherwise."""
+    from protocols.registry_client import RegistryClient, RegistryError
+
+    cfg = load_config(state_dir)
+    insecure = False
+    if address is None:
+        rec_path = Path(state_dir) / SERVE_RECORD
+        if rec_path.exists():
+            rec = json.loads(rec_path.read_text())
+            address, insecure = rec["address"], bool(rec.get("insecure"))
+        else:
+            host, _, port = cfg.listen.rpartition(":")
+            address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
+    trust = json.loads(cfg.path(cfg.paths.trust).read_bytes())
+    server_name = _ledger.tls_server_name(trust, address)
+    try:
+        with RegistryClient(
+            address,
+            trust=None if insecure else trust,
+            insecure=insecure,
+            timeout=timeout,
+            retries=0,
+            server_name=server_name,
+        ) as client:
+            h = client.health()
+    except RegistryError as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    print(f"{h.status}: {h.origin}, tree size {h.tree_size}")
+    return 0 if h.status == "serving" else 1

@@ -1,0 +1,563 @@
+"""The coordinator's registry: the accept pipeline, receipts, proofs and reference versions.
+
+Accept pipeline (DESIGN.md "Coordinator accept"), in this order:
+
+1. size caps before parsing (``limits.max_envelope_bytes``, ``limits.max_diff_bytes``):
+   ``E_OVERSIZE``;
+2. idempotency: an envelope already in the log (same leaf hash) is answered with its original
+   receipt (``duplicate = true``), never appended twice;
+3. rate limit: a site whose token bucket is empty is answered ``E_RATE_LIMITED`` (peeked with
+   the site id the envelope claims; a token is spent only once the signature verified, so a
+   forger cannot drain another site's budget);
+4. the pure validation of :mod:`protocols` (strict parse, signature from an enrolled unrevoked
+   key, sequence, base checkpoint, namespace, tensor names/dtypes/shapes, finiteness, norms)
+   against the :class:`LedgerState` replayed from the log: its stable reason codes are passed
+   through unchanged;
+5. the diff blob is written and fsynced, then the entry and the new signed checkpoint are
+   committed in one SQLite transaction; only then is the site answered with the receipt.
+
+Appends are serialized on ONE writer thread that takes submissions in arrival order (group
+commit: the submissions waiting when the writer is free are validated one after the other and
+committed together), so two sites submitting on the same base are both accepted, in a
+deterministic order, and every answer still follows a durable commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator import _ledger
+from coordinator._ratelimit import TokenBucketLimiter
+from coordinator.config import CoordinatorConfig
+from coordinator.server import NotFoundError, RequestError
+from coordinator.storage import BlobStore, LedgerStore, StoredEntry
+from protocols.errors import REASON_CODES, ScarchesFLError, VerificationError
+from protocols.proto.serde import (
+    BlobRef,
+    CheckpointInfo,
+    ConsistencyProof,
+    EntriesPage,
+    HealthInfo,
+    InclusionProof,
+    LedgerEntry,
+    Receipt,
+    ReferenceHeader,
+    Rejection,
+    SiteInfo,
+    SubmitResult,
+)
+
+__all__ = ["Registry", "RATE_LIMITED", "CoordinatorError"]
+
+logger = logging.getLogger(__name__)
+accept_log = logging.getLogger("coordinator.accept")
+
+#: Reason code of a submission refused by the per-site rate limit (retry after retry_after_s).
+RATE_LIMITED = "E_RATE_LIMITED"
+#: Reason codes that mean "not authenticated as the claimed site": no rate token is spent.
+_UNAUTHENTICATED = frozenset(
+    {
+        "E_OVERSIZE",
+        "E_JSON_MALFORMED",
+        "E_JSON_DUPLICATE_KEY",
+        "E_JSON_NONFINITE",
+        "E_JSON_TOO_DEEP",
+        "E_JSON_NOT_UTF8",
+        "E_JSON_NOT_CANONICAL",
+        "E_ENVELOPE_MALFORMED",
+        "E_PAYLOAD_TYPE",
+        "E_SIG_INVALID",
+        "E_SIG_THRESHOLD",
+        "E_KEY_UNKNOWN",
+        "E_KEY_REVOKED",
+        "E_KEY_ROTATED",
+        "E_SITE_MISMATCH",
+        "E_SITE_NOT_ENROLLED",
+        "E_KEY_MALFORMED",
+    }
+)
+_VERSION = "1"
+
+
+class CoordinatorError(ScarchesFLError):
+    """The coordinator cannot do what was asked (state, keys, configuration)."""
+
+
+@dataclass
+class _Pending:
+    envelope: bytes
+    diff: bytes
+    leaf_hash: bytes
+    received: float
+    future: Future
+
+
+class Registry:
+    """Everything the gRPC service and the CLI do with a state directory.
+
+    ``start_writer()`` starts the single writer thread (``serve`` does; CLI commands that append
+    one policy entry use :meth:`append_operator_entry` directly, serialized by SQLite's lock).
+    """
+
+    def __init__(self, cfg: CoordinatorConfig) -> None:
+        self.cfg = cfg
+        self.origin = cfg.origin
+        self.blobs = BlobStore(cfg.path(cfg.paths.blobs), durable=cfg.durable)
+        self.store = LedgerStore(cfg.path(cfg.paths.database), self.blobs, durable=cfg.durable)
+        self.signer = _ledger.load_log_signer(cfg.path(cfg.paths.log_key), origin=cfg.origin)
+        self.limits = _ledger.protocol_limits(cfg)
+        self._state_lock = threading.RLock()
+        self.state = _ledger.replay_state(self.store, self.blobs, cfg)
+        self.references = _ledger.ReferenceCache(
+            self.store, self.blobs, cfg.path(cfg.paths.cache), durable=cfg.durable
+        )
+        rl = cfg.rate_limit
+        self.limiter = (
+            TokenBucketLimiter(burst=rl.burst, per_second=rl.per_second) if rl.enabled else None
+        )
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    def start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(
+                target=self._writer_loop, name="ledger-writer", daemon=True
+            )
+            self._writer.start()
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+        self.store.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reads
+
+    def _refresh(self) -> None:
+        """Pick up entries appended by another process (``coordinator enroll`` while serving).
+        Skipped while the writer is busy: it catches up itself, inside its transaction."""
+        lock = self.store.write_lock
+        if not lock.acquire(blocking=False):
+            return
+        try:
+            new = self.store.sync()
+            if new:
+                with self._state_lock:
+                    for e in new:
+                        _ledger.apply_entry(self.state, e, self.blobs, self.cfg)
+        finally:
+            lock.release()
+
+    def checkpoint(self) -> CheckpointInfo:
+        self._refresh()
+        cp = self.store.latest_checkpoint()
+        if cp is None:
+            raise NotFoundError("the log is empty; initialise it with `coordinator init`")
+        return CheckpointInfo(signed_note=cp.signed_note, size=cp.size, root_hash=cp.root_hash)
+
+    def _resolve(self, size: int) -> int:
+        return size or self.store.size
+
+    def consistency_proof(self, old_size: int, new_size: int) -> ConsistencyProof:
+        self._refresh()
+        new_size = self._resolve(new_size)
+        if old_size < 1 or old_size > new_size:
+            raise RequestError(
+                f"a consistency proof needs 0 < old_size <= new_size (got {old_size}, {new_size})"
+            )
+        hashes = self.store.consistency_proof(old_size, new_size)
+        return ConsistencyProof(old_size=old_size, new_size=new_size, hashes=tuple(hashes))
+
+    def inclusion_proof(self, leaf: int | bytes, tree_size: int) -> InclusionProof:
+        self._refresh()
+        tree_size = self._resolve(tree_size)
+        if isinstance(leaf, bytes):
+            if len(leaf) != 32:
+                raise RequestError("leaf_hash must be 32 bytes (SHA-256(0x00 || envelope))")
+            found = self.store.index_of_leaf_hash(leaf)
+            if found is None:
+                raise NotFoundError("no entry with that leaf hash")
+            index = found
+        else:
+            index = int(leaf)
+        if not 0 <= index < tree_size:
+            raise RequestError(f"leaf index {index} is not inside a tree of size {tree_size}")
+        hashes = self.store.inclusion_proof(index, tree_size)
+        return InclusionProof(leaf_index=index, tree_size=tree_size, hashes=tuple(hashes))
+
+    def entries_page(self, start: int, end: int) -> EntriesPage:
+        self._refresh()
+        size = self.store.size
+        end = end or size
+        if end > size:
+            from protocols.merkle import TreeRangeError
+
+            raise TreeRangeError(f"entries up to {end} asked, the log has {size}")
+        if start > end:
+            raise RequestError(f"start {start} is after end {end}")
+        stop = min(end, start + self.cfg.limits.max_entries_per_page)
+        entries = tuple(_to_wire_entry(e) for e in self.store.entries(start, stop))
+        return EntriesPage(entries=entries, next_start=stop, tree_size=size)
+
+    def blob_chunks(self, sha256: str) -> Iterator[tuple[int, int, bytes]]:
+        try:
+            exists = self.blobs.exists(sha256)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from exc
+        if not exists:
+            raise NotFoundError(f"no blob {sha256}")
+        return self.blobs.iter_chunks(sha256, self.cfg.limits.chunk_bytes)
+
+    def reference_stream(
+        self, tree_size: int
+    ) -> tuple[ReferenceHeader, Iterator[tuple[str, int, bytes]]]:
+        self._refresh()
+        size = self._resolve(tree_size)
+        if not 1 <= size <= self.store.size:
+            from protocols.merkle import TreeRangeError
+
+            raise TreeRangeError(f"reference version {size} asked, the log has {self.store.size}")
+        ref = self.references.materialize(size)
+        header = ReferenceHeader(
+            tree_size=size,
+            digest=ref.digest,
+            manifest_size=ref.manifest_path.stat().st_size,
+            safetensors_size=ref.safetensors_path.stat().st_size,
+            manifest_sha256=ref.manifest_sha256,
+            safetensors_sha256=ref.safetensors_sha256,
+        )
+        chunk = self.cfg.limits.chunk_bytes
+
+        def parts() -> Iterator[tuple[str, int, bytes]]:
+            for name, path in (
+                ("manifest", ref.manifest_path),
+                ("safetensors", ref.safetensors_path),
+            ):
+                with path.open("rb") as fh:
+                    offset = 0
+                    while data := fh.read(chunk):
+                        yield name, offset, data
+                        offset += len(data)
+
+        return header, parts()
+
+    def site_info(self, site_id: str) -> SiteInfo:
+        self._refresh()
+        with self._state_lock:
+            info = _ledger.site_status(self.state, site_id)
+        contributions = self.store.site_contributions().get(site_id, (0, 0))[0]
+        return SiteInfo(site_id=site_id, contributions=contributions, **info)
+
+    def cosigned_note(self, tree_size: int) -> tuple[int, bytes]:
+        self._refresh()
+        size = self._resolve(tree_size)
+        cp = self.store.checkpoint(size)
+        if cp is None:
+            raise NotFoundError(f"no checkpoint of size {size}")
+        lines = self.store.cosignature_lines(size)
+        return size, _ledger.append_signature_lines(cp.signed_note, lines)
+
+    def add_cosignature(self, cosigned_note: bytes) -> tuple[bool, int, str]:
+        if len(cosigned_note) > self.cfg.limits.max_note_bytes:
+            return False, 0, f"note larger than {self.cfg.limits.max_note_bytes} bytes"
+        try:
+            size, lines = _ledger.cosignature_lines_for(self.store, self.signer, cosigned_note)
+        except VerificationError as exc:
+            return False, 0, str(exc)
+        added = self.store.add_cosignatures(size, lines)
+        logger.info("cosignature: size=%d lines=%d new=%d", size, len(lines), added)
+        return True, added, f"stored {added} new cosignature line(s) for size {size}"
+
+    def health(self) -> HealthInfo:
+        return HealthInfo(
+            status="serving", tree_size=self.store.size, origin=self.origin, version=_VERSION
+        )
+
+    # ------------------------------------------------------------------ receipts
+
+    def receipt(self, index: int, *, duplicate: bool = False) -> Receipt:
+        """The receipt of entry ``index``: the checkpoint signed when it was appended and the
+        inclusion proof against it (the same bytes every time it is asked)."""
+        entry = self.store.entry(index)
+        cp = self.store.checkpoint(index + 1)
+        if entry is None or cp is None:
+            raise NotFoundError(f"no entry {index}")
+        return Receipt(
+            leaf_index=index,
+            leaf_hash=entry.leaf_hash,
+            tree_size=cp.size,
+            signed_note=cp.signed_note,
+            inclusion_proof=tuple(self.store.inclusion_proof(index, cp.size)),
+            duplicate=duplicate,
+        )
+
+    # ------------------------------------------------------------------ submissions
+
+    def _reject(self, code: str, message: str, *, retry_after: float = 0.0) -> SubmitResult:
+        return SubmitResult(
+            rejection=Rejection(reason_code=code, message=message, retry_after_s=retry_after)
+        )
+
+    def _log(self, event: str, **fields: Any) -> None:
+        accept_log.info("%s %s", event, json.dumps(fields, sort_keys=True, default=str))
+
+    def submit(self, envelope: bytes, diff: bytes) -> SubmitResult:
+        """Run the accept pipeline for one submission; blocks until it is durably answered."""
+        t0 = time.perf_counter()
+        lim = self.cfg.limits
+        if len(envelope) > lim.max_envelope_bytes or len(diff) > lim.max_diff_bytes:
+            what = "envelope" if len(envelope) > lim.max_envelope_bytes else "diff"
+            cap = lim.max_envelope_bytes if what == "envelope" else lim.max_diff_bytes
+            size = len(envelope) if what == "envelope" else len(diff)
+            result = self._reject(
+                "E_OVERSIZE",
+                f"the {what} is {size} bytes, over this coordinator's limit of {cap} bytes "
+                f"(limits.max_{what}_bytes); a site update carries only the new condition "
+                "columns, so check that the diff holds nothing else",
+            )
+            self._log_result(result, None, None, t0)
+            return result
+        lh = _ledger.leaf_hash(envelope)
+        existing = self.store.index_of_leaf_hash(lh)
+        if existing is not None:
+            result = SubmitResult(receipt=self.receipt(existing, duplicate=True))
+            self._log_result(result, None, None, t0)
+            return result
+        claimed = _ledger.claimed_site_id(envelope, self.limits)
+        if self.limiter is not None and claimed is not None:
+            wait = self.limiter.peek(claimed)
+            if wait > 0:
+                result = self._reject(
+                    RATE_LIMITED,
+                    f"site {claimed} is over its submission rate ({self.cfg.rate_limit.per_second}"
+                    f"/s, burst {self.cfg.rate_limit.burst}); retry in {wait:.2f} s",
+                    retry_after=wait,
+                )
+                self._log_result(result, claimed, None, t0)
+                return result
+        if self._writer is None:
+            raise CoordinatorError("the ledger writer is not running (call start_writer())")
+        fut: Future = Future()
+        self._queue.put(_Pending(envelope, diff, lh, t0, fut))
+        try:
+            result = fut.result(timeout=lim.request_deadline_s)
+        except TimeoutError:
+            # The writer may still commit it: the site resubmits and gets the receipt.
+            result = self._reject(
+                "E_INTERNAL",
+                f"the coordinator did not finish within {lim.request_deadline_s} s; resubmit "
+                "the same envelope (resubmission is idempotent)",
+                retry_after=1.0,
+            )
+        return result
+
+    def _log_result(
+        self, result: SubmitResult, site: str | None, seq: int | None, t0: float
+    ) -> None:
+        latency_ms = round((time.perf_counter() - t0) * 1000.0, 2)
+        if result.receipt is not None:
+            self._log(
+                "accept",
+                site=site,
+                seq=seq,
+                index=result.receipt.leaf_index,
+                duplicate=result.receipt.duplicate,
+                latency_ms=latency_ms,
+            )
+        else:
+            assert result.rejection is not None
+            self._log(
+                "reject",
+                site=site,
+                seq=seq,
+                reason=result.rejection.reason_code,
+                latency_ms=latency_ms,
+            )
+
+    def _writer_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            stop = False
+            while len(batch) < 64:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            try:
+                self._process_batch(batch)
+            except Exception as exc:  # a storage failure: nothing of the batch was committed
+                logger.exception("ledger write failed; rebuilding state from the database")
+                with contextlib.suppress(Exception):
+                    self._rebuild_state()
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_result(
+                            self._reject(
+                                "E_INTERNAL",
+                                f"the coordinator could not store the update ({type(exc).__name__});"
+                                " nothing was logged; resubmit later",
+                                retry_after=1.0,
+                            )
+                        )
+            if stop:
+                return
+
+    def _rebuild_state(self) -> None:
+        with self._state_lock:
+            self.state = _ledger.replay_state(self.store, self.blobs, self.cfg)
+
+    def _process_batch(self, batch: list[_Pending]) -> None:
+        outcomes: list[tuple[_Pending, Any, str | None, int | None]] = []
+        with self.store.writer() as w, self._state_lock:
+            for e in w.caught_up:
+                _ledger.apply_entry(self.state, e, self.blobs, self.cfg)
+            seen: dict[bytes, int] = {}
+            for p in batch:
+                existing = seen.get(p.leaf_hash)
+                if existing is None:
+                    existing = self.store.index_of_leaf_hash(p.leaf_hash)
+                if existing is not None:
+                    outcomes.append((p, ("dup", existing), None, None))
+                    continue
+                try:
+                    update = _ledger.check_and_apply_site_update(
+                        self.state, p.envelope, p.diff, self.limits
+                    )
+                except VerificationError as exc:
+                    code = getattr(exc, "reason_code", "E_INTERNAL")
+                    message = getattr(exc, "message", "") or str(exc)
+                    claimed = _ledger.claimed_site_id(p.envelope, self.limits)
+                    if self.limiter is not None and claimed and code not in _UNAUTHENTICATED:
+                        self.limiter.spend(claimed)
+                    outcomes.append((p, ("reject", code, message), claimed, None))
+                    continue
+                if self.limiter is not None:
+                    self.limiter.spend(update.site_id)
+                name = self.blobs.put(p.diff)
+                entry, _cp = w.append(
+                    p.envelope,
+                    kind="site_update",
+                    site_id=update.site_id,
+                    sequence=update.sequence,
+                    blobs=[BlobRef(role="diff", sha256=name, size=len(p.diff))],
+                    sign_checkpoint=self.signer.sign_checkpoint,
+                )
+                seen[p.leaf_hash] = entry.index
+                outcomes.append((p, ("accept", entry.index), update.site_id, update.sequence))
+        # Committed (the context manager returned): answer every submission of the batch.
+        for p, outcome, site, seq in outcomes:
+            kind = outcome[0]
+            if kind == "accept":
+                result = SubmitResult(receipt=self.receipt(outcome[1]))
+            elif kind == "dup":
+                result = SubmitResult(receipt=self.receipt(outcome[1], duplicate=True))
+            else:
+                retry = outcome[3] if len(outcome) > 3 else 0.0
+                code = outcome[1]
+                if code not in REASON_CODES and code != RATE_LIMITED:
+                    code = "E_INTERNAL"
+                result = self._reject(code, outcome[2], retry_after=retry)
+            self._log_result(result, site, seq, p.received)
+            p.future.set_result(result)
+
+    # ------------------------------------------------------------------ operator entries
+
+    def append_operator_entry(self, build: Any) -> StoredEntry:
+        """Append an operator-signed entry built by ``build(state, writer_size) -> (envelope,
+        kind, blobs)`` under the write lock (used by ``enroll`` / ``revoke``)."""
+        with self.store.writer() as w, self._state_lock:
+            for e in w.caught_up:
+                _ledger.apply_entry(self.state, e, self.blobs, self.cfg)
+            envelope, kind, blobs = build(self.state, w.size)
+            entry, _cp = w.append(
+                envelope, kind=kind, blobs=blobs, sign_checkpoint=self.signer.sign_checkpoint
+            )
+            _ledger.apply_entry(self.state, entry, self.blobs, self.cfg)
+        return entry
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        self._refresh()
+        cp = self.store.latest_checkpoint()
+        sites = {}
+        contributions = self.store.site_contributions()
+        with self._state_lock:
+            for site_id in _ledger.known_sites(self.state):
+                info = _ledger.site_status(self.state, site_id)
+                n, last = contributions.get(site_id, (0, 0))
+                sites[site_id] = {
+                    **info,
+                    "contributions": n,
+                    "last_sequence": max(last, info.get("last_sequence", 0)),
+                }
+        n_blobs, blob_bytes = self.blobs.usage()
+        referenced = self.store.referenced_blobs()
+        orphans = sum(1 for b in self.blobs.iter_names() if b not in referenced)
+        db = self.store.db_path
+        db_bytes = sum(
+            p.stat().st_size
+            for p in (db, Path(str(db) + "-wal"), Path(str(db) + "-shm"))
+            if p.exists()
+        )
+        cache_bytes = (
+            sum(
+                p.stat().st_size
+                for p in self.cfg.path(self.cfg.paths.cache).rglob("*")
+                if p.is_file()
+            )
+            if self.cfg.path(self.cfg.paths.cache).exists()
+            else 0
+        )
+        return {
+            "origin": self.origin,
+            "tree_size": self.store.size,
+            "checkpoint": {
+                "size": cp.size if cp else 0,
+                "root_hash": cp.root_hash.hex() if cp else "",
+                "note": cp.signed_note.decode("utf-8", "replace") if cp else "",
+            },
+            "sites": sites,
+            "blobs": {"count": n_blobs, "bytes": blob_bytes, "orphans": orphans},
+            "disk": {
+                "database_bytes": db_bytes,
+                "blob_bytes": blob_bytes,
+                "cache_bytes": cache_bytes,
+            },
+        }
+
+
+def _to_wire_entry(e: StoredEntry) -> LedgerEntry:
+    return LedgerEntry(index=e.index, envelope=e.envelope, kind=e.kind, blobs=e.blobs)

@@ -126,6 +126,8 @@ def run_map(
     with state.locked():
         trust = proto.load_trust(state.pin_trust(config.trust), source=str(config.trust))
         key = load_site_key(config.key)
+        state.remember(coordinator=config.coordinator, site_id=config.site_id,
+                       key_id=key.key_id, insecure=bool(config.insecure))
         outbox = Outbox(state.outbox_path)
         with client_factory(config, trust) as client:
             if not dry_run and outbox.pending():
@@ -298,9 +300,18 @@ def retry_pending(
     client_factory: Callable[..., Any] = connect,
 ) -> list[dict[str, Any]]:
     """Deliver pending outbox entries (all, or ``ids``) in sequence order."""
-    config.require("coordinator", "state")
+    import dataclasses
+
+    config.require("state")
     assert config.state is not None
     state = SiteState(config.state).require_existing()
+    if config.coordinator is None:
+        last = state.remembered()
+        config = dataclasses.replace(
+            config, coordinator=last.get("coordinator"),
+            insecure=bool(config.insecure or last.get("insecure", False)),
+        )
+    config.require("coordinator")
     with state.locked():
         pinned = state.pinned_trust()
         if pinned is None:

@@ -1,0 +1,263 @@
+"""Generate a coordinator state directory holding a ledger of N signed site updates.
+
+The ledger is built with the project's own code only: P1's bundle, update, policy and ledger
+builders sign every entry (operator key for the genesis and the enrolments, each site's key for
+its updates), P2's checkpoint code signs a checkpoint per entry with the log key, and C's
+storage layer (``coordinator.storage``: SQLite + content-addressed blobs) stores it, exactly as
+a coordinator would. The model is a tiny numpy bundle (no torch): frozen weights plus two
+condition tensors, one column per condition. Sites map on a "published" reference version that
+advances every ``--base-every`` entries, as sites polling a coordinator would.
+
+The served model is materialised the way the coordinator's reference cache does
+(``cache/v<i>/manifest.json``, ``model.safetensors``, ``digest``), so an offline audit checks it.
+
+Usage::
+
+    python benchmarks/gen_ledger.py --out /tmp/ledger-1000 --updates 1000
+    scarches-fl audit --ledger /tmp/ledger-1000 --trust /tmp/ledger-1000/trust.json
+
+Options for tamper fixtures (tests/audit): ``revoke`` a site before some of its updates (they
+are still logged: a coordinator that ignores revocations), and reuse the keys of another ledger
+(a history re-signed by the same log key: a fork).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ORIGIN = "bench.scarches-fl.local/ledger"
+
+
+@dataclass
+class LedgerKeys:
+    """Every private key of a generated ledger (so a second, forked one can reuse them)."""
+
+    log_signer: Any
+    operator: Any
+    sites: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GeneratedLedger:
+    state_dir: Path
+    trust_path: Path
+    keys: LedgerKeys
+    size: int
+    update_indices: list[int]
+    policy_indices: list[int]
+    served_digest: str
+    seconds: float
+
+
+def new_keys(n_sites: int, origin: str = ORIGIN) -> LedgerKeys:
+    from protocols.checkpoint import generate_signer
+    from protocols.keys import generate_private_key
+
+    keys = LedgerKeys(generate_signer(origin), generate_private_key())
+    for i in range(n_sites):
+        keys.sites[f"site{i:03d}"] = generate_private_key()
+    return keys
+
+
+def genesis_bundle(*, n_genes: int = 200, hidden: int = 128, n_latent: int = 10, seed: int = 0) -> Any:
+    """A small reference: frozen encoder/decoder weights and two condition tensors."""
+    from protocols.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, make_bundle
+
+    rng = np.random.default_rng(seed)
+    conds = ["ref/study_a", "ref/study_b"]
+    f32 = np.float32
+    tensors = {
+        "encoder.W_x": (rng.standard_normal((hidden, n_genes)) * 0.05).astype(f32),
+        "encoder.W_s": (rng.standard_normal((hidden, len(conds))) * 0.05).astype(f32),
+        "encoder.b": np.zeros(hidden, f32),
+        "encoder.mu.W": (rng.standard_normal((n_latent, hidden)) * 0.05).astype(f32),
+        "decoder.W_z": (rng.standard_normal((hidden, n_latent)) * 0.05).astype(f32),
+        "decoder.W_s": (rng.standard_normal((hidden, len(conds))) * 0.05).astype(f32),
+        "decoder.out.W": (rng.standard_normal((n_genes, hidden)) * 0.05).astype(f32),
+        "px_r": np.ones(n_genes, f32),
+    }
+    specs: dict[str, Any] = {}
+    for name, arr in tensors.items():
+        spec: dict[str, Any] = {"role": "frozen", "dtype": "float32", "shape": list(arr.shape)}
+        if name.endswith(".W_s"):
+            spec = {"role": "condition", "axis": 1, "dtype": "float32", "shape": list(arr.shape)}
+        specs[name] = spec
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model_class": "scarches_fl.CVAE",
+        "hyperparameters": {"likelihood": "nb", "n_hidden": hidden, "n_latent": n_latent},
+        "genes": [f"GENE{i:05d}" for i in range(n_genes)],
+        "conditions": conds,
+        "tensors": specs,
+        "registration": {"batch_key": "batch"},
+        "labels": {},
+    }
+    return make_bundle(manifest, tensors)
+
+
+def build_ledger(
+    out: str | Path,
+    *,
+    n_updates: int,
+    n_sites: int = 10,
+    base_every: int = 50,
+    seed: int = 0,
+    keys: LedgerKeys | None = None,
+    revoke: tuple[str, int] | None = None,
+    n_genes: int = 200,
+    hidden: int = 128,
+    materialize: bool = True,
+    origin: str = ORIGIN,
+) -> GeneratedLedger:
+    """Write a coordinator state directory with a genesis, ``n_sites`` enrolments and
+    ``n_updates`` site updates (one new condition each) into ``out``.
+
+    ``revoke=(site_id, u)``: a revoke entry for ``site_id`` right before update number ``u``;
+    that site's later updates are logged anyway (signed by the revoked key)."""
+    from coordinator.storage import BlobStore, LedgerStore
+    from protocols import merkle
+    from protocols._audit_replay import ModelReplay
+    from protocols.bundle import bundle_to_bytes
+    from protocols.checkpoint import Checkpoint, sign_checkpoint
+    from protocols.diff import diff_from_bytes
+    from protocols.ledger import enrol_entry, make_genesis, revoke_entry
+    from protocols.policy import build_trust, write_trust
+    from protocols.proto.serde import BlobRef
+    from protocols.update import make_update
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "ledger.sqlite").exists():
+        raise SystemExit(f"{out} already holds a ledger; pick an empty directory")
+    rng = np.random.default_rng(seed)
+    keys = keys or new_keys(n_sites, origin)
+    site_ids = sorted(keys.sites)[:n_sites]
+    trust = build_trust(
+        origin=origin,
+        log_public_key=keys.log_signer.verifier.vkey,
+        operator_keys=[keys.operator.public_key()],
+    )
+    trust_path = out / "trust.json"
+    write_trust(trust_path, trust)
+
+    blobs = BlobStore(out / "blobs", durable=False)
+    store = LedgerStore(out / "ledger.sqlite", blobs, durable=False)
+
+    def sign_cp(size: int, root: bytes) -> bytes:
+        return sign_checkpoint(Checkpoint(origin, size, root), keys.log_signer)
+
+    genesis = genesis_bundle(n_genes=n_genes, hidden=hidden, seed=0)
+    replay = ModelReplay(genesis)
+    tree = merkle.MerkleTree()
+    digests: dict[int, str] = {}
+    update_indices: list[int] = []
+    policy_indices: list[int] = []
+    last_model_index = 0
+
+    def put(w: Any, envelope: bytes, kind: str, *, site_id: str | None = None,
+            sequence: int | None = None, blob_list: Sequence[tuple[str, bytes]] = ()) -> int:
+        refs = []
+        for role, data in blob_list:
+            name = blobs.put(data)
+            refs.append(BlobRef(role=role, sha256=name, size=len(data)))
+        entry, _ = w.append(envelope, kind=kind, sign_checkpoint=sign_cp, site_id=site_id,
+                            sequence=sequence, blobs=refs)
+        tree.append(merkle.leaf_hash(envelope))
+        return int(entry.index)
+
+    with store.writer() as w:
+        g = make_genesis(genesis, origin=origin, operator_keys=[keys.operator], note="bench")
+        put(w, g.envelope, "genesis", blob_list=[("manifest", g.manifest_bytes),
+                                                  ("safetensors", g.safetensors_bytes)])
+        digests[1] = genesis.digest
+        for sid in site_ids:
+            env = enrol_entry(origin=origin, site_id=sid, public_key=keys.sites[sid].public_key(),
+                              operator_keys=[keys.operator])
+            policy_indices.append(put(w, env, "policy", site_id=sid))
+        published = tree.size
+        digests[published] = replay.digest()
+    sequences = {sid: 0 for sid in site_ids}
+    batch = 500
+    u = 0
+    while u < n_updates:
+        with store.writer() as w:
+            for _ in range(min(batch, n_updates - u)):
+                sid = site_ids[u % len(site_ids)]
+                if revoke is not None and revoke[1] == u:
+                    env = revoke_entry(origin=origin, site_id=revoke[0], operator_keys=[keys.operator])
+                    policy_indices.append(put(w, env, "policy", site_id=revoke[0]))
+                if tree.size - published >= base_every:
+                    published = tree.size
+                    digests[published] = replay.digest()
+                diff = {
+                    name: (rng.standard_normal((hidden, 1)) * 0.05).astype(np.float32)
+                    for name in ("decoder.W_s", "encoder.W_s")
+                }
+                sequences[sid] += 1
+                cond = f"{sid}/batch{u:06d}"
+                upd = make_update(
+                    origin=origin, site_id=sid, site_key=keys.sites[sid],
+                    sequence=sequences[sid], base_size=published,
+                    base_root=tree.root(published), base_digest=digests[published],
+                    new_conditions=[cond], diff=diff,
+                )
+                idx = put(w, upd.envelope, "site_update", site_id=sid, sequence=sequences[sid],
+                          blob_list=[("diff", upd.diff_bytes)])
+                update_indices.append(idx)
+                last_model_index = idx
+                replay.apply(diff_from_bytes(upd.diff_bytes), [cond])
+                u += 1
+    served_digest = replay.digest()
+    if materialize:
+        # the coordinator's reference cache layout (coordinator/_ledger.py ReferenceCache)
+        bundle = replay.bundle()
+        mbytes, sbytes = bundle_to_bytes(bundle)
+        d = out / "cache" / f"v{last_model_index}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.json").write_bytes(mbytes)
+        (d / "model.safetensors").write_bytes(sbytes)
+        (d / "digest").write_text(
+            f"{bundle.digest} {blobs_name(mbytes)} {blobs_name(sbytes)}\n", encoding="ascii"
+        )
+    size = tree.size
+    store.close()
+    return GeneratedLedger(out, trust_path, keys, size, update_indices, policy_indices,
+                           served_digest, time.perf_counter() - t0)
+
+
+def blobs_name(data: bytes) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="an empty directory for the state")
+    ap.add_argument("--updates", type=int, required=True)
+    ap.add_argument("--sites", type=int, default=10)
+    ap.add_argument("--base-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    g = build_ledger(args.out, n_updates=args.updates, n_sites=args.sites,
+                     base_every=args.base_every, seed=args.seed)
+    print(json.dumps({"state_dir": str(g.state_dir), "entries": g.size,
+                      "updates": len(g.update_indices), "seconds": round(g.seconds, 2),
+                      "served_digest": g.served_digest}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())

@@ -1,0 +1,402 @@
+"""The user API: train a reference, save/load it as a bundle, map a query by architecture surgery,
+embed cells.
+
+A :class:`ReferenceModel` is a :class:`~scarches_fl.module.CVAE` plus what a bundle needs: the
+ordered genes, the ordered conditions (``<namespace>/<batch>``), the module hyperparameters, the
+data registration (layer, batch key, label key), the label knowledge (``manifest["labels"]``) and
+any ``atlas.*`` tensors. Those last two are carried through ``from_bundle`` / ``surgery`` /
+``to_bundle`` unchanged.
+
+Surgery modes (trainable tensors):
+
+* ``conditions`` (default): only the new condition columns (``W_s`` of the encoder's and the
+  decoder's first layer; the per-condition dispersion with ``dispersion="gene-batch"``). Every
+  pre-existing number is a buffer, so it is bit-identical after fine-tuning. The fine-tuned
+  bundle is built as ``apply_condition_diff(base, diff, new_conditions)``, so exporting the diff
+  and applying it elsewhere gives the same digest.
+* ``input_layers``: the whole first layer of the encoder and the decoder (gene/latent weights,
+  bias, all condition columns).
+* ``full``: every tensor.
+
+Only ``conditions`` mode produces a contributable update (``SurgeryResult.diff``); the other modes
+change shared weights, so their ``diff`` is empty and their bundle is a new reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from scarches_fl.data import DataError, GeneAlignmentReport, RegisteredData, register
+
+__all__ = [
+    "MODEL_CLASS",
+    "SURGERY_MODES",
+    "ReferenceModel",
+    "SurgeryResult",
+    "default_reference_epochs",
+    "default_query_epochs",
+]
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASS = "scarches_fl.CVAE"
+SURGERY_MODES = ("conditions", "input_layers", "full")
+
+
+def default_reference_epochs(n_cells: int) -> int:
+    """scvi-tools' heuristic (20,000 cells -> 400 epochs budget), capped at 400, at least 100."""
+    return int(max(100, min(400, round(20000 / max(n_cells, 1) * 100))))
+
+
+def default_query_epochs(n_cells: int) -> int:
+    """Query fine-tuning of a few condition columns converges quickly: 50-200 epochs."""
+    return int(max(50, min(200, round(20000 / max(n_cells, 1) * 20))))
+
+
+@dataclass
+class SurgeryResult:
+    model: ReferenceModel
+    new_conditions: list[str]
+    alignment: GeneAlignmentReport
+    trainable_parameters: int
+    history: dict[str, Any]
+    latent: np.ndarray
+    diff: dict[str, np.ndarray] = field(default_factory=dict)
+    mode: str = "conditions"
+    seconds: float = 0.0
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class ReferenceModel:
+    """A trained conditional VAE with its genes, conditions and registration."""
+
+    def __init__(
+        self, module: Any, *, genes: Sequence[str], conditions: Sequence[str],
+        registration: Mapping[str, Any], labels: Mapping[str, Any] | None = None,
+        extra_tensors: Mapping[str, np.ndarray] | None = None,
+        extra_tensor_specs: Mapping[str, Mapping[str, Any]] | None = None,
+        base_manifest: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.module = module
+        self._genes = [str(g) for g in genes]
+        self._conditions = [str(c) for c in conditions]
+        self.registration = dict(registration)
+        self.labels = copy.deepcopy(dict(labels or {}))
+        self.extra_tensors = {k: np.asarray(v) for k, v in (extra_tensors or {}).items()}
+        self.extra_tensor_specs = {k: dict(v) for k, v in (extra_tensor_specs or {}).items()}
+        self._base_manifest = copy.deepcopy(dict(base_manifest)) if base_manifest else None
+        self._bundle_cache: Any = None
+        self.history: dict[str, Any] = {}
+
+    # -- properties ----------------------------------------------------------------------------
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self._genes)
+
+    @property
+    def conditions(self) -> list[str]:
+        return list(self._conditions)
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        return dict(self.module.hp)
+
+    @property
+    def digest(self) -> str:
+        return self.to_bundle().digest
+
+    def trainable_parameters(self, mode: str) -> int:
+        """Trainable parameter count of surgery in ``mode`` for one new condition."""
+        from scarches_fl.module import CVAE
+
+        m = CVAE(self.module.hp, len(self._genes), len(self._conditions) + 1,
+                 n_new_conditions=1, mode=mode)
+        return m.trainable_parameter_count()
+
+    # -- training ------------------------------------------------------------------------------
+
+    @classmethod
+    def train_reference(
+        cls, adata: Any, *, batch_key: str, label_key: str | None = None,
+        layer: str | None = None, likelihood: str = "nb", namespace: str = "ref",
+        n_hidden: int = 128, n_layers: int = 2, n_latent: int = 10,
+        max_epochs: int | None = None, seed: int = 0, device: str = "cpu",
+        progress: bool = True, dispersion: str = "gene", dropout_rate: float = 0.1,
+        include_atlas: bool = False, **kw: Any,
+    ) -> ReferenceModel:
+        """Train a reference on ``adata`` (every batch value becomes a condition
+        ``<namespace>/<batch>``). Extra keyword arguments go to
+        :class:`~scarches_fl.train.TrainingConfig` (``lr``, ``batch_size``, ``weight_decay``,
+        ``kl_warmup_epochs``, ``validation_fraction``, ``early_stopping``, ``patience``)."""
+        torch = _torch()
+        from scarches_fl.module import CVAE, default_hyperparameters
+        from scarches_fl.train import CellData, TrainingConfig, fit, posterior_mean
+
+        hp = default_hyperparameters(
+            likelihood=likelihood, n_hidden=int(n_hidden), n_layers=int(n_layers),
+            n_latent=int(n_latent), dispersion=dispersion, dropout_rate=float(dropout_rate),
+        )
+        reg = register(adata, batch_key=batch_key, namespace=namespace, likelihood=likelihood,
+                       label_key=label_key, layer=layer)
+        conditions = sorted(set(reg.conditions.tolist()))
+        cond_index = {c: i for i, c in enumerate(conditions)}
+        cond = np.asarray([cond_index[c] for c in reg.conditions], dtype=np.int64)
+        genes = [str(g) for g in adata.var_names]
+        module = CVAE(hp, len(genes), len(conditions), mode="reference")
+        module.init_reference(torch.Generator().manual_seed(int(seed)))
+        epochs = int(max_epochs) if max_epochs is not None else default_reference_epochs(
+            reg.n_cells)
+        cfg_kw: dict[str, Any] = {
+            "max_epochs": epochs, "seed": int(seed), "device": device, "progress": progress,
+            "kl_warmup_epochs": kw.pop("kl_warmup_epochs", max(1, epochs // 2)),
+            "description": "reference",
+        }
+        cfg_kw.update(kw)
+        config = TrainingConfig(**cfg_kw)
+        data = CellData(reg.x, cond)
+        history = fit(module, data, config)
+        module.cpu()
+        registration = dict(reg.registration)
+        registration.update({
+            "likelihood": likelihood,
+            "input": ("raw counts; encoder sees log1p(x)" if likelihood == "nb" else
+                      "counts; encoder and reconstruction use log1p(x / total * 1e4)"),
+            "namespace": namespace,
+            "n_cells": int(reg.n_cells),
+            "training": {k: v for k, v in config.to_dict().items()
+                         if k not in ("progress", "device", "description")},
+            "epochs_run": int(history["epochs"]),
+        })
+        model = cls(module, genes=genes, conditions=conditions, registration=registration)
+        model.history = history
+        if label_key is not None:
+            try:
+                from scarches_fl.labels import build_label_knowledge
+            except ImportError:  # pragma: no cover - L's module not installed
+                log.warning("scarches_fl.labels not available; no label knowledge stored")
+            else:
+                latent = posterior_mean(module, data)
+                manifest_labels, atlas = build_label_knowledge(
+                    latent, {label_key: reg.labels}, include_atlas=include_atlas, seed=int(seed))
+                model.labels = manifest_labels
+                model.extra_tensors = {k: np.asarray(v) for k, v in atlas.items()}
+        return model
+
+    # -- bundles -------------------------------------------------------------------------------
+
+    def _manifest(self) -> dict[str, Any]:
+        from scarches_fl.module import tensor_specs
+
+        specs = tensor_specs(self.module.hp, len(self._genes), len(self._conditions))
+        tensors_meta: dict[str, Any] = {}
+        for name, spec in specs.items():
+            entry: dict[str, Any] = {"role": spec.role, "dtype": "float32",
+                                     "shape": list(spec.shape)}
+            if spec.role == "condition":
+                entry["axis"] = int(spec.axis)
+            tensors_meta[name] = entry
+        for name, arr in self.extra_tensors.items():
+            entry = dict(self.extra_tensor_specs.get(name, {}))
+            entry.setdefault("role", "frozen")
+            entry["dtype"] = "float32"
+            entry["shape"] = list(arr.shape)
+            tensors_meta[name] = entry
+        if self._base_manifest is not None:
+            manifest = copy.deepcopy(self._base_manifest)
+            manifest.pop("digest", None)
+            manifest["conditions"] = list(self._conditions)
+            manifest["tensors"] = tensors_meta
+            manifest["labels"] = copy.deepcopy(self.labels)
+            return manifest
+        from protocols.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION
+
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "model_class": MODEL_CLASS,
+            "hyperparameters": dict(self.module.hp),
+            "genes": list(self._genes),
+            "conditions": list(self._conditions),
+            "tensors": tensors_meta,
+            "registration": copy.deepcopy(self.registration),
+            "labels": copy.deepcopy(self.labels),
+        }
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        out = self.module.export_tensors()
+        for k, v in self.extra_tensors.items():
+            out[k] = np.ascontiguousarray(v, dtype=np.float32)
+        return out
+
+    def to_bundle(self) -> Any:
+        """The model as a :class:`protocols.bundle.ReferenceBundle` (all tensors float32)."""
+        from protocols.bundle import make_bundle
+
+        return make_bundle(self._manifest(), self.tensors())
+
+    def save(self, path: str | Path) -> Any:
+        from protocols.bundle import write_bundle
+
+        bundle = self.to_bundle()
+        write_bundle(path, bundle)
+        return bundle
+
+    @classmethod
+    def from_bundle(cls, bundle_or_path: Any) -> ReferenceModel:
+        """Rebuild the exact module from a bundle (or a bundle directory)."""
+        from protocols.bundle import read_bundle
+        from scarches_fl.module import CVAE, default_hyperparameters, tensor_specs
+
+        bundle = bundle_or_path
+        if isinstance(bundle_or_path, (str, Path)):
+            bundle = read_bundle(bundle_or_path)
+        manifest = bundle.manifest
+        if manifest.get("model_class") != MODEL_CLASS:
+            raise DataError(
+                f"bundle model_class is {manifest.get('model_class')!r}, this library reads "
+                f"{MODEL_CLASS!r}; use the scarches-fl version that wrote it"
+            )
+        hp = default_hyperparameters(**dict(manifest["hyperparameters"]))
+        genes = list(manifest["genes"])
+        conditions = list(manifest["conditions"])
+        module = CVAE(hp, len(genes), len(conditions), n_new_conditions=0, mode="conditions")
+        specs = tensor_specs(hp, len(genes), len(conditions))
+        missing = [n for n in specs if n not in bundle.tensors]
+        if missing:
+            raise DataError(f"bundle lacks tensors {missing}; it is not a {MODEL_CLASS} bundle")
+        module.load_tensors({n: bundle.tensors[n] for n in specs})
+        module.eval()
+        extra = {k: np.asarray(v) for k, v in bundle.tensors.items() if k not in specs}
+        extra_specs = {k: dict(manifest["tensors"].get(k, {})) for k in extra}
+        model = cls(
+            module, genes=genes, conditions=conditions,
+            registration=manifest.get("registration", {}), labels=manifest.get("labels", {}),
+            extra_tensors=extra, extra_tensor_specs=extra_specs, base_manifest=manifest,
+        )
+        model._bundle_cache = bundle
+        return model
+
+    # -- embedding -----------------------------------------------------------------------------
+
+    def _cell_data(self, reg: RegisteredData) -> Any:
+        from scarches_fl.train import CellData
+
+        index = {c: i for i, c in enumerate(self._conditions)}
+        unknown = sorted(set(reg.conditions.tolist()) - set(index))
+        if unknown:
+            raise DataError(
+                f"conditions {unknown[:5]} are not in this model (it has {self._conditions[:8]}"
+                f"{'...' if len(self._conditions) > 8 else ''}); map the data first "
+                "(model.surgery / scarches-fl map) or pass the namespace the data was mapped with"
+            )
+        cond = np.asarray([index[c] for c in reg.conditions], dtype=np.int64)
+        return CellData(reg.x, cond)
+
+    def get_latent(
+        self, adata: Any, *, batch_key: str, namespace: str, layer: str | None = None,
+        batch_size: int = 4096, min_gene_coverage: float = 0.5, device: str = "cpu",
+    ) -> np.ndarray:
+        """Posterior mean of every cell (genes aligned to the model's), chunked."""
+        from scarches_fl.train import posterior_mean
+
+        reg = register(adata, batch_key=batch_key, namespace=namespace,
+                       likelihood=str(self.module.hp["likelihood"]), layer=layer,
+                       reference_genes=self._genes, min_gene_coverage=min_gene_coverage)
+        return posterior_mean(self.module, self._cell_data(reg), batch_size=batch_size,
+                              device=device)
+
+    # -- surgery -------------------------------------------------------------------------------
+
+    def surgery(
+        self, adata: Any, *, batch_key: str, namespace: str, layer: str | None = None,
+        mode: str = "conditions", max_epochs: int | None = None, seed: int = 0,
+        min_gene_coverage: float = 0.5, progress: bool = True, device: str = "cpu",
+        **kw: Any,
+    ) -> SurgeryResult:
+        """Add the query's batches as new conditions and fine-tune (see module docstring).
+        Extra keyword arguments go to :class:`~scarches_fl.train.TrainingConfig`."""
+        from scarches_fl.module import CVAE
+        from scarches_fl.train import CellData, TrainingConfig, fit, posterior_mean
+
+        if mode not in SURGERY_MODES:
+            raise DataError(f"mode must be one of {', '.join(SURGERY_MODES)}, not {mode!r}")
+        t0 = time.perf_counter()
+        hp = self.module.hp
+        reg = register(adata, batch_key=batch_key, namespace=namespace,
+                       likelihood=str(hp["likelihood"]), layer=layer,
+                       reference_genes=self._genes, min_gene_coverage=min_gene_coverage)
+        assert reg.alignment is not None
+        new_conditions = sorted(set(reg.conditions.tolist()))
+        clash = sorted(set(new_conditions) & set(self._conditions))
+        if clash:
+            raise DataError(
+                f"conditions {clash} already exist in the reference; surgery adds new studies "
+                "only. Use another --namespace (your site id) or embed with get_latent"
+            )
+        all_conditions = self._conditions + new_conditions
+        index = {c: i for i, c in enumerate(all_conditions)}
+        cond = np.asarray([index[c] for c in reg.conditions], dtype=np.int64)
+        module = CVAE(hp, len(self._genes), len(all_conditions),
+                      n_new_conditions=len(new_conditions), mode=mode)
+        module.load_tensors(self.module.export_tensors())
+        module.init_new_conditions()
+        epochs = int(max_epochs) if max_epochs is not None else default_query_epochs(reg.n_cells)
+        cfg_kw: dict[str, Any] = {
+            "max_epochs": epochs, "seed": int(seed), "device": device, "progress": progress,
+            "kl_warmup_epochs": 0, "description": f"surgery ({mode})",
+            "lr": 1e-2 if mode == "conditions" else 1e-3,
+            "weight_decay": 0.0,
+        }
+        cfg_kw.update(kw)
+        config = TrainingConfig(**cfg_kw)
+        data = CellData(reg.x, cond)
+        history = fit(module, data, config)
+        module.cpu()
+        n_trainable = module.trainable_parameter_count()
+        latent = posterior_mean(module, data)
+
+        new_tensors = module.export_tensors()
+        diff: dict[str, np.ndarray] = {}
+        if mode == "conditions":
+            from protocols.diff import apply_condition_diff
+
+            n_old = len(self._conditions)
+            for name, spec in module.specs.items():
+                if spec.role == "condition":
+                    arr = new_tensors[name]
+                    sl = [slice(None)] * arr.ndim
+                    sl[spec.axis] = slice(n_old, None)
+                    diff[name] = np.ascontiguousarray(arr[tuple(sl)], dtype=np.float32)
+            base = self.to_bundle()
+            new_bundle = apply_condition_diff(base, diff, new_conditions)
+            new_model = ReferenceModel.from_bundle(new_bundle)
+        else:
+            inference = CVAE(hp, len(self._genes), len(all_conditions), n_new_conditions=0,
+                             mode="conditions")
+            inference.load_tensors(new_tensors)
+            inference.eval()
+            new_model = ReferenceModel(
+                inference, genes=self._genes, conditions=all_conditions,
+                registration=self.registration, labels=self.labels,
+                extra_tensors=self.extra_tensors, extra_tensor_specs=self.extra_tensor_specs,
+                base_manifest=self._base_manifest,
+            )
+        return SurgeryResult(
+            model=new_model, new_conditions=new_conditions, alignment=reg.alignment,
+            trainable_parameters=n_trainable, history=history, latent=latent, diff=diff,
+            mode=mode, seconds=time.perf_counter() - t0,
+        )

@@ -126,7 +126,7 @@ class BlobIntegrityError(VerificationError):
 class ClientLimits:
     """Every size the client accepts from the network, in one place."""
 
-    max_message_bytes: int = 16 * 1024 * 1024  # one gRPC message (receive and send)
+    max_message_bytes: int = 32 * 1024 * 1024  # one gRPC message (receive and send)
     max_blob_bytes: int = 2 * 1024**3  # one blob, reassembled
     max_reference_bytes: int = 2 * 1024**3  # manifest + safetensors of one reference version
     max_manifest_bytes: int = 64 * 1024 * 1024

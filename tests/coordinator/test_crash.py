@@ -101,7 +101,7 @@ def test_kill_9_during_submissions(tmp_path: Path) -> None:
             stop_at = time.monotonic() + rng.uniform(0.15, 0.9)
             lock = threading.Lock()
 
-            def submitter(sid: str) -> None:
+            def submitter(sid: str, addr: str, base, round_no: int, lock: threading.Lock) -> None:
                 site = cons.sites[sid]
                 with RegistryClient(addr, trust=cons.trust, timeout=10, retries=0) as client:
                     while True:
@@ -118,7 +118,10 @@ def test_kill_9_during_submissions(tmp_path: Path) -> None:
                             del in_doubt[sid]
 
             threads = [
-                threading.Thread(target=submitter, args=(sid,), daemon=True) for sid in SITES
+                threading.Thread(
+                    target=submitter, args=(sid, addr, base, round_no, lock), daemon=True
+                )
+                for sid in SITES
             ]
             for th in threads:
                 th.start()
@@ -134,7 +137,7 @@ def test_kill_9_during_submissions(tmp_path: Path) -> None:
             for env, (_u, receipt) in acked.items():
                 assert entries[receipt.leaf_index].envelope == env
                 verify_receipt(receipt, env, cons)
-            for sid, u in in_doubt.items():
+            for u in in_doubt.values():
                 res = c.submit_update(u.envelope, u.diff_bytes)
                 acked[u.envelope] = (u, res.raise_for_rejection())
             size = verify_ledger(c, cons)

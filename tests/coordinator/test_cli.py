@@ -1,0 +1,214 @@
+"""The operator's commands through the real CLI: init, enroll, revoke, status, health, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protocols.bundle import write_bundle
+from protocols.keys import generate_private_key, save_public_key
+from protocols.policy import read_trust
+from scarches_fl.cli import main
+from tests.coordinator.synth import synthetic_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def reference(tmp_path: Path) -> Path:
+    write_bundle(tmp_path / "ref", synthetic_reference())
+    return tmp_path / "ref"
+
+
+def test_init_enroll_revoke_status(tmp_path: Path, reference: Path, capsys) -> None:
+    state = tmp_path / "state"
+    rc = main(
+        [
+            "coordinator",
+            "init",
+            "--dir",
+            str(state),
+            "--reference",
+            str(reference),
+            "--origin",
+            "cli.example/ledger",
+            "--tls-name",
+            "coordinator.example",
+            "--tls-name",
+            "127.0.0.1",
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "trust.json" in out and "cli.example/ledger" in out
+    trust = read_trust(state / "trust.json")
+    assert trust.origin == "cli.example/ledger" and trust.tls_root_pem
+    assert oct((state / "keys" / "log.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((state / "keys" / "operator.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((state / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
+    assert not list(tmp_path.glob(".state.init-*"))
+
+    key = generate_private_key()
+    save_public_key(key, tmp_path / "site.pub")
+    assert (
+        main(
+            [
+                "coordinator",
+                "enroll",
+                "--dir",
+                str(state),
+                "--site-id",
+                "hospital-a",
+                "--public-key",
+                str(tmp_path / "site.pub"),
+            ]
+        )
+        == 0
+    )
+    # Enrolling the same site again is refused by the policy rules, with the reason.
+    assert (
+        main(
+            [
+                "coordinator",
+                "enroll",
+                "--dir",
+                str(state),
+                "--site-id",
+                "hospital-a",
+                "--public-key",
+                str(tmp_path / "site.pub"),
+            ]
+        )
+        != 0
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert main(["coordinator", "revoke", "--dir", str(state), "--site-id", "hospital-a"]) == 0
+    capsys.readouterr()
+
+    assert main(["coordinator", "status", "--dir", str(state), "--json", "--verify"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["tree_size"] == 3 and st["verified"]
+    assert st["sites"]["hospital-a"]["revoked"] is True
+    assert st["blobs"]["count"] == 2 and st["blobs"]["orphans"] == 0
+    assert main(["coordinator", "status", "--dir", str(state)]) == 0
+    text = capsys.readouterr().out
+    assert "tree size     3" in text and "hospital-a" in text and "revoked" in text
+
+
+def test_init_refuses_existing_dir(tmp_path: Path, reference: Path, capsys) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "something").write_text("x")
+    assert (
+        main(
+            ["coordinator", "init", "--dir", str(tmp_path / "state"), "--reference", str(reference)]
+        )
+        == 2
+    )
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_init_with_a_broken_bundle_leaves_nothing(tmp_path: Path, reference: Path, capsys) -> None:
+    (reference / "manifest.json").write_text("{}")
+    assert (
+        main(
+            ["coordinator", "init", "--dir", str(tmp_path / "state"), "--reference", str(reference)]
+        )
+        != 0
+    )
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+    assert not list(tmp_path.glob(".state.init-*"))
+
+
+def test_serve_refuses_bad_config_and_insecure_public(
+    tmp_path: Path, reference: Path, capsys
+) -> None:
+    state = tmp_path / "state"
+    assert main(["coordinator", "init", "--dir", str(state), "--reference", str(reference)]) == 0
+    capsys.readouterr()
+    assert (
+        main(["coordinator", "serve", "--dir", str(state), "--listen", "0.0.0.0:0", "--insecure"])
+        == 2
+    )
+    assert "non-loopback" in capsys.readouterr().err
+    cfg = state / "coordinator.yaml"
+    cfg.write_text(cfg.read_text().replace("max_workers: 16", "max_workers: many"))
+    assert main(["coordinator", "serve", "--dir", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "coordinator.yaml" in err and "limits.max_workers" in err
+
+
+def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
+    state = tmp_path / "state"
+    assert main(["coordinator", "init", "--dir", str(state), "--reference", str(reference)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "serve",
+            "--dir",
+            str(state),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while not (state / "serve.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        res = subprocess.run(
+            [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("serving:")
+    finally:
+        proc.terminate()  # SIGTERM: graceful stop
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, out
+    assert not (state / "serve.json").exists()
+    assert "TLS" in out
+    res = subprocess.run(
+        [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1
+
+
+def test_coordinator_never_imports_torch(tmp_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "import coordinator.__main__, coordinator.admin, coordinator.service, coordinator.server\n"
+        "import protocols.registry_client\n"
+        "assert 'torch' not in sys.modules, 'the coordinator imported torch'\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )

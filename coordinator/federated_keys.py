@@ -20,15 +20,23 @@ from typing import Any
 from protocols.canonical import canonical_json, parse_json_strict
 from protocols.errors import ConfigError, ScarchesFLError
 
-__all__ = ["POLICY_FORMAT", "load_policy", "write_policy", "load_signing_key", "SITE_ID_RE"]
+__all__ = [
+    "POLICY_FORMAT",
+    "load_policy",
+    "load_policy_coordinator",
+    "write_policy",
+    "load_signing_key",
+    "SITE_ID_RE",
+]
 
 POLICY_FORMAT = "scarches-fl.federation-policy"
 SITE_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _MAX_POLICY_BYTES = 4 * 1024 * 1024
 
 
-def write_policy(path: Path, site_keys: Mapping[str, Any]) -> None:
-    """Write a policy naming ``site_keys`` (site id -> Ed25519 public or private key)."""
+def write_policy(path: Path, site_keys: Mapping[str, Any], *, coordinator: Any = None) -> None:
+    """Write a policy naming ``site_keys`` (site id -> Ed25519 public or private key) and,
+    optionally, the coordinator's record-signing key (what an auditor pins)."""
     from protocols.bundle import atomic_write
     from protocols.keys import public_key_text
 
@@ -40,6 +48,8 @@ def write_policy(path: Path, site_keys: Mapping[str, Any]) -> None:
         "format_version": 1,
         "sites": {s: public_key_text(k) for s, k in sorted(site_keys.items())},
     }
+    if coordinator is not None:
+        doc["coordinator"] = public_key_text(coordinator)
     atomic_write(Path(path), canonical_json(doc))
 
 
@@ -72,6 +82,23 @@ def load_policy(path: Path) -> dict[str, Any]:
         except ScarchesFLError as exc:
             raise ConfigError(f"{path}: sites.{site}: {exc}") from exc
     return out
+
+
+def load_policy_coordinator(path: Path) -> Any:
+    """The coordinator's record-signing public key named in a policy file."""
+    from protocols.keys import public_key_from_text
+
+    doc = parse_json_strict(Path(path).read_bytes(), max_bytes=_MAX_POLICY_BYTES, what=str(path))
+    text = doc.get("coordinator") if isinstance(doc, dict) else None
+    if not isinstance(text, str):
+        raise ConfigError(
+            f"{path}: field 'coordinator' (the record-signing public key) is "
+            "missing; write it with 'scarches-fl federate policy --coordinator-key'"
+        )
+    try:
+        return public_key_from_text(text)
+    except ScarchesFLError as exc:
+        raise ConfigError(f"{path}: coordinator: {exc}") from exc
 
 
 def load_signing_key(path: Path) -> Any:

@@ -30,6 +30,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from protocols.canonical import canonical_json, parse_json_strict
@@ -47,6 +48,8 @@ __all__ = [
     "verify_contribution",
     "verify_round_chain",
     "ChainReport",
+    "verify_run_directory",
+    "peek_payload",
 ]
 
 log = logging.getLogger(__name__)
@@ -272,3 +275,32 @@ def verify_round_chain(
         contributions_verified=verified,
         excluded=excluded,
     )
+
+
+def verify_run_directory(
+    records: Path, *, site_keys: Mapping[str, Any], coordinator_key: Any,
+    bundle: str | Path | None = None,
+) -> ChainReport:
+    """:func:`verify_round_chain` over a record directory as the ServerApp writes it
+    (``run.json``, ``rounds/round-NNNN.json``, ``rounds/round-NNNN.<site>.contribution.json``);
+    with ``bundle``, also that the bundle verifies and is the run's final model."""
+    records = Path(records)
+    try:
+        run_env = (records / "rounds" / "run.json").read_bytes()
+        round_files = sorted((records / "rounds").glob("round-[0-9][0-9][0-9][0-9].json"))
+        rounds = [f.read_bytes() for f in round_files]
+        contribs: dict[tuple[int, str], bytes] = {}
+        for f in (records / "rounds").glob("round-*.contribution.json"):
+            stem = f.name[: -len(".contribution.json")]
+            rnd, _, site = stem.partition(".")
+            contribs[(int(rnd.split("-")[1]), site)] = f.read_bytes()
+    except OSError as exc:
+        raise FederationError(f"cannot read the run's records in {records}: {exc}; pass the "
+                              "directory the run wrote (BUNDLE_DIR/federation)") from exc
+    digest = None
+    if bundle is not None:
+        from protocols.bundle import read_bundle
+
+        digest = read_bundle(bundle).digest
+    return verify_round_chain(run_env, rounds, contribs, coordinator_key=coordinator_key,
+                              site_keys=site_keys, bundle_digest=digest)

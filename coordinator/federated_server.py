@@ -68,7 +68,7 @@ class FederationSettings:
     """Everything the ServerApp needs. ``site_keys``: site id -> Ed25519 public key (the
     policy); ``coordinator_key``: the Ed25519 private key that signs round records."""
 
-    out_dir: str
+    out_dir: str  # signed records, summary
     site_keys: Mapping[str, Any]
     coordinator_key: Any
     rounds: int = 10
@@ -90,6 +90,7 @@ class FederationSettings:
     batch_key: str = "batch"
     label_key: str | None = None
     run_id: str = ""
+    bundle_dir: str | None = None  # default: <out_dir>/bundle
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -145,6 +146,16 @@ def _arrays_from_record(record: Any) -> dict[str, np.ndarray]:
             raise ContributionRejected("non_finite", f"array {k} holds NaN or infinity")
         out[k] = arr
     return out
+
+
+def _error_text(reason: Any) -> str:
+    """A site's error reply, without terminal colours and engine wrapping, at most 200 chars."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason))
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.split())[:200]
 
 
 def _kl_warmup(settings: FederationSettings) -> int:
@@ -426,7 +437,7 @@ class _Federation:
         recorded = {r.round: r.aggregate_digest for r in records}
         if recorded.get(best_round) != bundle.digest:
             raise FederationError("internal: the final bundle is not a recorded aggregate")
-        bundle_dir = self.out / "bundle"
+        bundle_dir = Path(s.bundle_dir) if s.bundle_dir else self.out / "bundle"
         write_bundle(bundle_dir, bundle)
         run_payload = {
             "kind": "federated_run",
@@ -530,7 +541,7 @@ class _Federation:
                     {
                         "site_id": site,
                         "reason": "site_error",
-                        "detail": str(reply.error.reason)[:200],
+                        "detail": _error_text(reply.error.reason),
                     }
                 )
                 answered_sites.add(site)
@@ -607,6 +618,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
     label_key = str(get("label-key", "")) or None
     return FederationSettings(
         out_dir=str(run_config["out"]),
+        bundle_dir=str(get("bundle", "")) or None,
         site_keys=policy,
         coordinator_key=load_signing_key(Path(str(run_config["coordinator-key"]))),
         rounds=int(get("rounds", 10)),

@@ -2,10 +2,12 @@
 
 ``simulate`` splits the studies of one AnnData over N virtual sites (each study at exactly one
 site; with more sites than studies the largest studies are divided into parts, see
-``scarches_fl._federated.plan_sites``), gives every site its own Ed25519 key (written under
-``OUT/keys``, enrolled in ``OUT/federation-policy.json``), runs the same ServerApp and ClientApp
-code as a deployment, and leaves in ``OUT``: ``bundle/`` (the federated reference), ``rounds/``
-(signed round records and contribution envelopes), ``federation-summary.json``.
+``scarches_fl._federated.plan_sites``), gives every site and the coordinator a throw-away
+Ed25519 key (in a temporary directory removed after the run; the public halves are enrolled in
+``OUT/federation/federation-policy.json``), runs the same ServerApp and ClientApp code as a
+deployment, and leaves ``OUT`` as the federated reference bundle (``manifest.json``,
+``model.safetensors``) with ``OUT/federation/``: ``run.json`` and ``rounds/`` (signed records and
+contribution envelopes), ``site-plan.json``, ``federation-summary.json``.
 
 It uses ``flwr.simulation.run_simulation`` (the in-process Simulation Engine, Ray backend). It is
 marked deprecated in Flower 1.41 in favour of ``flwr run``; we keep it because it needs no local
@@ -67,6 +69,7 @@ def plan_simulation(
     out: Path,
     batches: Sequence[str] | None = None,
     seed: int = 0,
+    keys_dir: str | os.PathLike[str],
 ) -> SimulationPlan:
     import anndata as ad
 
@@ -97,7 +100,7 @@ def plan_simulation(
     plans = F.plan_sites(values[rows], n_sites, seed=seed)
     # Plans index into the filtered rows; map back to the file's rows.
     plans = [F.SitePlan(p.site_id, {k: rows[v] for k, v in p.studies.items()}) for p in plans]
-    keys_dir = out / "keys"
+    keys_dir = Path(keys_dir)
     keys_dir.mkdir(parents=True, exist_ok=True)
     key_paths: dict[str, str] = {}
     pubs: dict[str, Any] = {}
@@ -110,8 +113,21 @@ def plan_simulation(
     ckey_path = keys_dir / "coordinator.key"
     ckey = generate_private_key()
     save_private_key(ckey, ckey_path, overwrite=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
     policy_path = out / "federation-policy.json"
-    write_policy(policy_path, pubs)
+    write_policy(policy_path, pubs, coordinator=ckey.public_key())
+    import json
+
+    from protocols.bundle import atomic_write
+
+    # Which rows of the file each virtual site held (for evaluation and reproducibility).
+    atomic_write(
+        out / "site-plan.json",
+        json.dumps(
+            {p.site_id: {k: np.asarray(v).tolist() for k, v in p.studies.items()} for p in plans},
+            sort_keys=True,
+        ).encode(),
+    )
     return SimulationPlan(plans, key_paths, str(ckey_path), str(policy_path))
 
 
@@ -152,9 +168,10 @@ def simulate(
     from coordinator.federated_server import FederationSettings, build_server_app
     from site_agent.federated_client import SiteConfig, build_client_app
 
-    plan = plan_simulation(
-        data, batch_key=batch_key, n_sites=n_sites, out=out, batches=batches, seed=seed
-    )
+    records = out / "federation"
+    keys_tmp = tempfile.TemporaryDirectory(prefix="scarches-fl-sim-keys-")
+    plan = plan_simulation(data, batch_key=batch_key, n_sites=n_sites, out=records,
+                           batches=batches, seed=seed, keys_dir=keys_tmp.name)
     faults = dict(faults or {})
     configs = [
         SiteConfig(
@@ -168,7 +185,8 @@ def simulate(
         for p in plan.sites
     ]
     settings = FederationSettings(
-        out_dir=str(out),
+        out_dir=str(records),
+        bundle_dir=str(out),
         site_keys=load_policy(Path(plan.policy_path)),
         coordinator_key=load_signing_key(Path(plan.coordinator_key)),
         rounds=rounds,
@@ -202,14 +220,13 @@ def simulate(
     }
     from flwr.simulation import run_simulation
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=n_sites,
-            backend_config=backend_config,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=n_sites, backend_config=backend_config)
+    finally:
+        keys_tmp.cleanup()  # virtual sites' private keys exist only for the run
     result = settings.extra.get("result")
     if result is None:
         from coordinator.federated_records import FederationError

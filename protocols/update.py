@@ -178,6 +178,12 @@ def build_update_payload(
 ) -> UpdatePayload:
     """The payload for ``diff`` (statistics computed here from the arrays)."""
     root_hex = base_root.hex() if isinstance(base_root, bytes | bytearray) else str(base_root)
+    for name, arr in diff.items():
+        a = np.asarray(arr)
+        if a.dtype.kind == "f" and not bool(np.isfinite(a).all()):
+            raise UpdateRejectedError(
+                "E_NONFINITE", f"diff tensor {name!r} holds NaN or Inf; the fine-tuning diverged"
+            )
     return UpdatePayload(
         origin=origin, site_id=site_id, key_id=site_key_id, sequence=int(sequence),
         base_size=int(base_size), base_root=root_hex, base_digest=base_digest,

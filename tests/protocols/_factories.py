@@ -135,3 +135,44 @@ def consortium(**bundle_kw) -> Consortium:
     g = make_genesis(base, origin=ORIGIN, operator_keys=[operator])
     c.append(g.envelope, g.blobs)
     return c
+
+
+def assert_rejected(c: Consortium, envelope: bytes, diff_bytes: bytes, code: str) -> None:
+    """The coordinator's check, the ledger append and an auditor's replay all refuse the update
+    with ``code``, and the state is unchanged."""
+    import hashlib
+
+    import pytest
+
+    from protocols.errors import VerificationError
+    from protocols.ledger import replay
+
+    with pytest.raises(VerificationError) as ei:
+        c.state.validate_site_update(envelope, diff_bytes)
+    assert ei.value.reason_code == code, ei.value
+    size, root = c.state.size, c.state.root()
+    blobs = dict(c.blobs)
+    blobs[hashlib.sha256(diff_bytes).hexdigest()] = diff_bytes
+    with pytest.raises(VerificationError) as ei:
+        c.state.apply(envelope, blobs.get)
+    assert ei.value.reason_code == code, ei.value
+    assert (c.state.size, c.state.root()) == (size, root)
+    with pytest.raises(VerificationError) as ei:
+        replay(c.trust, [*c.entries, envelope], blobs.get)
+    assert ei.value.reason_code == code, ei.value
+
+
+def resign_payload(c: Consortium, payload_obj: dict, site_id: str = "site-a") -> bytes:
+    """A site update envelope over an arbitrary (attacker-chosen) payload, signed by the site."""
+    from protocols.canonical import canonical_json
+    from protocols.dsse import sign_envelope
+    from protocols.update import SITE_UPDATE_TYPE
+
+    return sign_envelope(SITE_UPDATE_TYPE, canonical_json(payload_obj), [c.site_keys[site_id]])
+
+
+def enrolled(*sites: str) -> Consortium:
+    c = consortium()
+    for i, s in enumerate(sites or ("site-a",)):
+        c.enrol(s, det_key(10 + i))
+    return c

@@ -1,0 +1,351 @@
+"""Label transfer benchmark: scarches-fl vs scvi-tools' scArches surgery, same splits, same metrics.
+
+Scenarios (all on the shared real datasets):
+
+* ``panc8``: reference = indrop1-4 + celseq + fluidigmc1, query = celseq2 + smartseq2.
+* ``panc8_holdout_alpha``: the same, with alpha cells removed from the reference; scores how well
+  the uncertainty flags the query's alpha cells (AUROC) and how many are called "Unknown".
+* ``cellbench``: CellBench 3 cell lines; reference = 10x + CEL-seq2, query = Drop-seq.
+
+Methods:
+
+* ``scarches_fl``: ``ReferenceModel.train_reference`` on the reference, ``.surgery`` on the query
+  (condition columns only), label transfer with :func:`scarches_fl.labels.predict_labels`
+  (weighted kNN on the reference latent atlas, and prototypes).
+* ``scvi_surgery``: ``scvi.model.SCVI`` (2 x 128 hidden, latent 10, NB, layer norm and covariate
+  encoding as scvi-tools recommends for scArches), ``SCVI.load_query_data`` + training only the
+  new weights, then the same label transfer and metrics code on its latent.
+
+Run: ``python benchmarks/bench_labels.py --scenario all`` (about 10 min on 2 CPU cores).
+Writes ``benchmarks/results/labels_<scenario>.json`` and prints a side-by-side table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scarches_fl import metrics as M  # noqa: E402
+from scarches_fl.labels import build_label_knowledge, predict_labels  # noqa: E402
+
+logger = logging.getLogger("bench_labels")
+
+SCENARIOS = {
+    "panc8": {
+        "file": "panc8_sub_nebula.h5ad",
+        "reference": ["indrop1", "indrop2", "indrop3", "indrop4", "celseq", "fluidigmc1"],
+        "holdout": None,
+    },
+    "panc8_holdout_alpha": {
+        "file": "panc8_sub_nebula.h5ad",
+        "reference": ["indrop1", "indrop2", "indrop3", "indrop4", "celseq", "fluidigmc1"],
+        "holdout": "alpha",
+    },
+    "cellbench": {
+        "file": "cellbench_3tech_hvg.h5ad",
+        "reference": ["10x_3cl", "CELseq2_3cl"],
+        "holdout": None,
+    },
+}
+BATCH, LABEL = "batch", "cell_type"
+
+
+def shared_data_dir() -> Path:
+    for cand in (os.environ.get("SCARCHES_FL_SHARED"), ROOT.parent / "shared", ROOT / "shared"):
+        if cand and (Path(cand) / "data").is_dir():
+            return Path(cand) / "data"
+    raise SystemExit("shared/data not found beside the checkout; set SCARCHES_FL_SHARED")
+
+
+def split(scenario: str):
+    import anndata as ad
+
+    spec = SCENARIOS[scenario]
+    adata = ad.read_h5ad(shared_data_dir() / spec["file"])
+    adata.obs[BATCH] = adata.obs[BATCH].astype(str)
+    adata.obs[LABEL] = adata.obs[LABEL].astype(str)
+    is_ref = adata.obs[BATCH].isin(spec["reference"]).to_numpy()
+    ref_mask = is_ref.copy()
+    if spec["holdout"]:
+        ref_mask &= (adata.obs[LABEL] != spec["holdout"]).to_numpy()
+    ref = adata[ref_mask].copy()
+    query = adata[~is_ref].copy()
+    return ref, query
+
+
+def score(ref_latent, query_latent, ref, query, *, holdout, seed=0) -> dict:
+    """Label transfer (kNN on the reference atlas and prototypes) and metrics, one code path."""
+    out: dict = {}
+    knowledge, atlas = build_label_knowledge(
+        ref_latent, {LABEL: ref.obs[LABEL].to_numpy()}, include_atlas=True, seed=seed
+    )
+    truth = query.obs[LABEL].to_numpy().astype(str)
+    for method in ("knn", "prototype"):
+        pred = predict_labels(knowledge, atlas, query_latent, label_key=LABEL, method=method)
+        res = {
+            "accuracy_top_label": M.label_accuracy(truth, pred.top_label),
+            "accuracy_with_unknown": M.label_accuracy(truth, pred.pred),
+            "macro_f1_top_label": M.macro_f1(truth, pred.top_label),
+            "fraction_unknown": float(np.mean(pred.pred == "Unknown")),
+        }
+        if holdout:
+            novel = truth == holdout
+            res["novel_type"] = holdout
+            res["novel_auroc"] = M.unknown_detection_auroc(pred.uncertainty, novel)
+            res["novel_fraction_called_unknown"] = float(np.mean(pred.pred[novel] == "Unknown"))
+            res["known_fraction_called_unknown"] = float(np.mean(pred.pred[~novel] == "Unknown"))
+            res["accuracy_known_types_top_label"] = M.label_accuracy(
+                truth[~novel], pred.top_label[~novel]
+            )
+        else:
+            # scArches' plain uncertainty (1 - p_top) for reference
+            plain = predict_labels(
+                knowledge, atlas, query_latent, label_key=LABEL, method=method, novelty=False
+            )
+            res["accuracy_with_unknown_plain_scarches_uncertainty"] = M.label_accuracy(
+                truth, plain.pred
+            )
+        out[method] = res
+    z = np.concatenate([ref_latent, query_latent])
+    batches = np.concatenate([ref.obs[BATCH].to_numpy(), query.obs[BATCH].to_numpy()]).astype(str)
+    labels = np.concatenate([ref.obs[LABEL].to_numpy(), truth]).astype(str)
+    is_query = np.r_[np.zeros(len(ref), bool), np.ones(len(query), bool)]
+    out["integration"] = M.integration_metrics(z, batches, labels, seed=seed)
+    out["integration"]["ebm_reference_vs_query"] = M.entropy_of_batch_mixing(
+        z, np.where(is_query, "query", "reference"), seed=seed
+    )
+    return out
+
+
+def run_scarches_fl(
+    ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: int | None, model_kwargs: dict
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    from scarches_fl.model import ReferenceModel
+
+    t0 = time.perf_counter()
+    model = ReferenceModel.train_reference(
+        ref,
+        batch_key=BATCH,
+        label_key=LABEL,
+        max_epochs=max_epochs,
+        seed=seed,
+        progress=False,
+        **model_kwargs,
+    )
+    t1 = time.perf_counter()
+    res = model.surgery(
+        query,
+        batch_key=BATCH,
+        namespace="site1",
+        max_epochs=surgery_epochs,
+        seed=seed,
+        progress=False,
+    )
+    t2 = time.perf_counter()
+    ref_latent = res.model.get_latent(ref, batch_key=BATCH, namespace="ref")
+    info = {
+        "reference_train_s": t1 - t0,
+        "surgery_s": t2 - t1,
+        "trainable_parameters_surgery": int(res.trainable_parameters),
+        "hyperparameters": model.hyperparameters,
+    }
+    return np.asarray(ref_latent), np.asarray(res.latent), info
+
+
+def run_scvi(ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: int | None):
+    import scvi
+
+    scvi.settings.seed = seed
+    ref_reg = ref.copy()
+    t0 = time.perf_counter()
+    scvi.model.SCVI.setup_anndata(ref_reg, batch_key=BATCH)
+    model = scvi.model.SCVI(
+        ref_reg,
+        n_hidden=128,
+        n_layers=2,
+        n_latent=10,
+        gene_likelihood="nb",
+        # scvi-tools' recommended settings for scArches-style surgery
+        encode_covariates=True,
+        deeply_inject_covariates=False,
+        use_layer_norm="both",
+        use_batch_norm="none",
+    )
+    model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
+    t1 = time.perf_counter()
+    qmodel = scvi.model.SCVI.load_query_data(
+        query.copy(), model, freeze_dropout=True, accelerator="cpu"
+    )
+    n_trainable = sum(p.numel() for p in qmodel.module.parameters() if p.requires_grad)
+    q_epochs = surgery_epochs or 200
+    qmodel.train(
+        max_epochs=q_epochs,
+        plan_kwargs={"weight_decay": 0.0},
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    t2 = time.perf_counter()
+    # both embedded by the surgically extended model (its batch categories include the reference's)
+    ref_latent = qmodel.get_latent_representation(ref.copy())
+    q_latent = qmodel.get_latent_representation(qmodel.adata)
+    info = {
+        "reference_train_s": t1 - t0,
+        "surgery_s": t2 - t1,
+        "max_epochs_reference": int(model.history["elbo_train"].shape[0]),
+        "max_epochs_query": q_epochs,
+        "trainable_parameters_surgery (requires_grad; scvi masks frozen rows by gradient hooks)": (
+            int(n_trainable)
+        ),
+        "settings": (
+            "SCVI(n_hidden=128, n_layers=2, n_latent=10, gene_likelihood='nb', "
+            "encode_covariates=True, deeply_inject_covariates=False, use_layer_norm='both', "
+            "use_batch_norm='none'); SCVI.load_query_data(freeze_dropout=True); "
+            "train(plan_kwargs={'weight_decay': 0.0})"
+        ),
+    }
+    return np.asarray(ref_latent), np.asarray(q_latent), info
+
+
+def _environment() -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    try:
+        import scvi
+
+        info["scvi_tools"] = scvi.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run_scenario(
+    scenario: str,
+    *,
+    seed: int,
+    skip_scvi: bool,
+    model_kwargs: dict,
+    max_epochs: int | None,
+    surgery_epochs: int | None,
+) -> dict:
+    ref, query = split(scenario)
+    holdout = SCENARIOS[scenario]["holdout"]
+    result: dict = {
+        "scenario": scenario,
+        "dataset": SCENARIOS[scenario]["file"],
+        "reference_batches": SCENARIOS[scenario]["reference"],
+        "query_batches": sorted(set(query.obs[BATCH])),
+        "held_out_type": holdout,
+        "n_reference_cells": int(ref.n_obs),
+        "n_query_cells": int(query.n_obs),
+        "seed": seed,
+        "label_transfer_code": "scarches_fl.labels.predict_labels (k=15, threshold 0.5)",
+        "metrics_code": "scarches_fl.metrics",
+        "environment": _environment(),
+        "methods": {},
+    }
+    logger.info("%s: scarches-fl", scenario)
+    zr, zq, info = run_scarches_fl(
+        ref,
+        query,
+        seed=seed,
+        max_epochs=max_epochs,
+        surgery_epochs=surgery_epochs,
+        model_kwargs=model_kwargs,
+    )
+    result["methods"]["scarches_fl"] = {
+        "run": info,
+        **score(zr, zq, ref, query, holdout=holdout, seed=seed),
+    }
+    if not skip_scvi:
+        logger.info("%s: scvi-tools surgery", scenario)
+        zr, zq, info = run_scvi(ref, query, seed=seed, max_epochs=None, surgery_epochs=None)
+        result["methods"]["scvi_surgery"] = {
+            "run": info,
+            **score(zr, zq, ref, query, holdout=holdout, seed=seed),
+        }
+    return result
+
+
+def _table(result: dict) -> str:
+    rows = []
+    keys = [
+        "accuracy_top_label",
+        "accuracy_with_unknown",
+        "macro_f1_top_label",
+        "fraction_unknown",
+        "novel_auroc",
+        "novel_fraction_called_unknown",
+    ]
+    for name, res in result["methods"].items():
+        for method in ("knn", "prototype"):
+            vals = [res[method].get(k) for k in keys]
+            cells = ["  -  " if v is None else f"{v:.3f}" for v in vals]
+            rows.append(f"{name:13s} {method:9s} " + " ".join(f"{c:>8s}" for c in cells))
+        integ = res["integration"]
+        rows.append(
+            f"{name:13s} embedding  ebm={integ.get('entropy_of_batch_mixing', float('nan')):.3f} "
+            f"ebm_ref_vs_query={integ['ebm_reference_vs_query']:.3f} "
+            f"knn_purity={integ['knn_purity']:.3f} nmi={integ['nmi']:.3f} ari={integ['ari']:.3f}"
+        )
+    head = f"{'method':13s} {'labels':9s} " + " ".join(
+        f"{h:>8s}" for h in ("acc", "acc+unk", "macroF1", "unknown", "AUROC", "novel->U")
+    )
+    return f"== {result['scenario']} ==\n{head}\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scenario", default="all", choices=["all", *SCENARIOS])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-scvi", action="store_true", help="only scarches-fl")
+    ap.add_argument("--max-epochs", type=int, default=None, help="reference epochs (ours)")
+    ap.add_argument("--surgery-epochs", type=int, default=None, help="query epochs (ours)")
+    ap.add_argument(
+        "--model-kwargs",
+        default="{}",
+        help="JSON of extra ReferenceModel.train_reference keyword arguments",
+    )
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sc in scenarios:
+        t0 = time.perf_counter()
+        result = run_scenario(
+            sc,
+            seed=args.seed,
+            skip_scvi=args.skip_scvi,
+            model_kwargs=json.loads(args.model_kwargs),
+            max_epochs=args.max_epochs,
+            surgery_epochs=args.surgery_epochs,
+        )
+        result["wall_s"] = time.perf_counter() - t0
+        result["command"] = "python benchmarks/bench_labels.py " + " ".join(argv or sys.argv[1:])
+        path = out_dir / f"labels_{sc}.json"
+        path.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+        print(_table(result), flush=True)
+        print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

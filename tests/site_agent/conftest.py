@@ -133,6 +133,8 @@ class Tamper:
     submits: list[tuple[bytes, bytes]] = field(default_factory=list)
     forwarded_submits: int = 0
     calls: list[str] = field(default_factory=list)
+    #: when set, GetCosignatures answers with this function of the real note (a witness)
+    cosign: Any = None
 
 
 def _servicer(upstream: Any, tamper: Tamper, consortium: Consortium) -> Any:
@@ -228,6 +230,8 @@ def _servicer(upstream: Any, tamper: Tamper, consortium: Consortium) -> Any:
 
         def GetCosignatures(self, request, context):
             size, note = upstream.get_cosignatures(request.tree_size)
+            if tamper.cosign is not None:
+                note = tamper.cosign(note)
             return pb.CosignaturesResponse(tree_size=size, signed_note=note)
 
         def Health(self, request, context):

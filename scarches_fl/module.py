@@ -236,7 +236,7 @@ class CVAE(nn.Module):
                 if strict:
                     raise KeyError(f"tensor {name!r} missing")
                 continue
-            src = torch.as_tensor(np.asarray(tensors[name], dtype=np.float32))
+            src = torch.from_numpy(np.array(tensors[name], dtype=np.float32, copy=True))
             if spec.role == "condition":
                 ax = spec.axis
                 n_src = src.shape[ax]

@@ -1,0 +1,155 @@
+"""``scarches-fl map``: map a query .h5ad onto a reference bundle by architecture surgery.
+
+Writes the query with ``obsm["X_scarches"]``, ``uns["scarches_fl"]`` (reference digest, mode,
+gene alignment report) and, with ``--label-key``, ``obs["<L>_pred"]`` / ``obs["<L>_uncertainty"]``;
+with ``--update-out`` the contributable update (``diff.safetensors`` + ``update.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+__all__ = ["register", "write_update"]
+
+log = logging.getLogger(__name__)
+
+UPDATE_FORMAT = "scarches-fl.condition-update"
+UPDATE_FORMAT_VERSION = 1
+
+
+def register(subparsers: Any) -> None:
+    from scarches_fl._cli_reference import add_data_arguments
+
+    p = subparsers.add_parser(
+        "map", help="map a query .h5ad onto a reference (surgery + fine-tuning)",
+        description="Add the query's batches as new conditions of the reference, fine-tune "
+                    "them, and write the embedding (and predicted labels) into a new .h5ad.",
+    )
+    p.add_argument("--reference", required=True, metavar="BUNDLE_DIR",
+                   help="reference bundle directory")
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, metavar="OUT_H5AD", help="output .h5ad")
+    p.add_argument("--label-key", default=None, metavar="L",
+                   help="predict this reference label level: obs[L_pred], obs[L_uncertainty]")
+    p.add_argument("--update-out", default=None, metavar="DIR",
+                   help="write the update (diff.safetensors + update.json) here")
+    p.add_argument("--mode", choices=("conditions", "input_layers", "full"),
+                   default="conditions", help="what fine-tuning may change (default conditions)")
+    p.add_argument("--namespace", default="query",
+                   help="namespace of the new conditions, e.g. your site id (default query)")
+    p.add_argument("--max-epochs", type=int, default=None, metavar="N")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="uncertainty above which a cell is called Unknown (default 0.5)")
+    p.add_argument("--min-gene-coverage", type=float, default=0.5,
+                   help="refuse queries covering less than this fraction of reference genes")
+    p.set_defaults(handler=_map)
+
+
+def write_update(directory: Any, result: Any, base_digest: str, n_cells: int) -> int:
+    """Write ``diff.safetensors`` + ``update.json``; returns the diff's size in bytes."""
+    import hashlib
+    from pathlib import Path
+
+    from protocols.bundle import atomic_write
+    from protocols.canonical import canonical_json
+    from protocols.diff import diff_to_bytes
+    from scarches_fl.data import DataError
+
+    if result.mode != "conditions":
+        raise DataError(
+            f"mode {result.mode!r} changes shared weights, so there is no condition-only update "
+            "to contribute; use --mode conditions with --update-out"
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    data = diff_to_bytes(result.diff)
+    atomic_write(out / "diff.safetensors", data)
+    meta = {
+        "format": UPDATE_FORMAT,
+        "format_version": UPDATE_FORMAT_VERSION,
+        "base_digest": base_digest,
+        "model_digest": result.model.digest,
+        "new_conditions": list(result.new_conditions),
+        "tensors": {k: {"dtype": "float32", "shape": list(v.shape)}
+                    for k, v in sorted(result.diff.items())},
+        "diff_sha256": hashlib.sha256(data).hexdigest(),
+        "diff_bytes": len(data),
+        "n_values": int(sum(v.size for v in result.diff.values())),
+        "n_cells": int(n_cells),
+        "mode": result.mode,
+    }
+    atomic_write(out / "update.json", canonical_json(meta) + b"\n")
+    return len(data)
+
+
+def _map(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from scarches_fl._cli_reference import read_input
+    from scarches_fl.data import DataError
+    from scarches_fl.model import ReferenceModel
+
+    t0 = time.perf_counter()
+    if args.update_out and args.mode != "conditions":
+        raise DataError(
+            f"--update-out needs --mode conditions: mode {args.mode!r} changes shared weights, "
+            "which no site may contribute"
+        )
+    model = ReferenceModel.from_bundle(args.reference)
+    base_digest = model.digest
+    adata = read_input(args)
+    if args.label_key is not None:
+        try:
+            from scarches_fl.labels import predict_labels
+        except ImportError:  # pragma: no cover - L's module not installed yet
+            predict_labels = None
+            log.warning("scarches_fl.labels is not available: no label prediction")
+    result = model.surgery(
+        adata, batch_key=args.batch_key, namespace=args.namespace, layer=args.layer,
+        mode=args.mode, max_epochs=args.max_epochs, seed=args.seed,
+        min_gene_coverage=args.min_gene_coverage, progress=not args.no_progress,
+        device=args.device,
+    )
+    out = adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()
+    out.obsm["X_scarches"] = np.asarray(result.latent, dtype=np.float32)
+    info: dict[str, Any] = {
+        "reference_digest": base_digest,
+        "model_digest": result.model.digest,
+        "mode": result.mode,
+        "namespace": args.namespace,
+        "new_conditions": list(result.new_conditions),
+        "trainable_parameters": int(result.trainable_parameters),
+        "epochs": int(result.history.get("epochs", 0)),
+        "alignment": {k: v for k, v in result.alignment.to_dict().items() if v is not None},
+    }
+    if args.label_key is not None and predict_labels is not None:
+        pred = predict_labels(
+            result.model.labels, result.model.extra_tensors, result.latent,
+            label_key=args.label_key, threshold=args.threshold,
+        )
+        out.obs[f"{args.label_key}_pred"] = np.asarray(pred.pred).astype(str)
+        out.obs[f"{args.label_key}_uncertainty"] = np.asarray(pred.uncertainty, np.float32)
+        info["label_key"] = args.label_key
+        info["threshold"] = float(args.threshold)
+    out.uns["scarches_fl"] = info
+    update_bytes = None
+    if args.update_out:
+        update_bytes = write_update(args.update_out, result, base_digest, adata.n_obs)
+    out.write_h5ad(args.out)
+    a = result.alignment
+    lines = [
+        f"mapped {adata.n_obs} cells: {a.n_overlap}/{a.n_reference_genes} reference genes "
+        f"covered ({100 * a.coverage:.1f}%), {a.n_extra} query genes dropped",
+        f"conditions added: {', '.join(result.new_conditions)} (mode {result.mode}, "
+        f"{result.trainable_parameters} trainable parameters, "
+        f"{result.history.get('epochs', 0)} epochs)",
+        f"wrote {args.out} in {time.perf_counter() - t0:.1f} s",
+    ]
+    if update_bytes is not None:
+        lines.append(f"update: {args.update_out} (diff {update_bytes} bytes)")
+    print("\n".join(lines))
+    return 0

@@ -224,7 +224,8 @@ def run_map(
             envelope = proto.sign_update(payload, payload_bytes, key.private)
             entry.write_envelope(envelope)
             _say(printer, f"signed update {entry.id} (sequence {sequence}) with key "
-                          f"{key.key_id[:16]}...")
+                          f"{key.key_id[:16]}...; sending envelope.json ({len(envelope):,} bytes)"
+                          f" and diff.safetensors ({len(diff_bytes):,} bytes), nothing else")
             rec = deliver(client, entry, state=state, trust=trust, printer=printer)
             report.receipt = rec
             report.delivered = True

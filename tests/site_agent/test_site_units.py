@@ -282,3 +282,33 @@ def test_keygen_cli(tmp_path, capsys):
     assert mode == 0o600
     assert (tmp_path / "k" / "site.pub").is_file()
     assert main(["site", "keygen", "--out", str(tmp_path / "k")]) != 0  # never overwrites
+
+
+def test_map_query_reports_zero_count_cells_and_writes_outputs(reference_bundle, panc8, tmp_path):
+    from scarches_fl.model import ReferenceModel
+    from site_agent.mapping import map_query, write_mapped
+
+    model = ReferenceModel.from_bundle(reference_bundle)
+    full = ad.read_h5ad(panc8)
+    q = full[full.obs["batch"] == "smartseq2"].copy()
+    q.layers["counts"] = q.X.copy()
+    x = q.layers["counts"].tolil()
+    x[:3, :] = 0  # three cells without counts
+    q.layers["counts"] = x.tocsr()
+    q.X = sp.csr_matrix(np.log1p(q.layers["counts"].toarray()))  # X normalised, counts in a layer
+    with pytest.raises(SiteDataError, match="--layer counts"):
+        map_query(q, model, site_id="site-z", batch_key="batch", label_key="cell_type",
+                  layer=None, batches=None, min_gene_coverage=0.5, label_threshold=0.5,
+                  min_cells_per_batch=10, max_epochs=1, seed=0)
+    out = map_query(q, model, site_id="site-z", batch_key="batch", label_key="cell_type",
+                    layer="counts", batches=None, min_gene_coverage=0.5, label_threshold=0.5,
+                    min_cells_per_batch=10, max_epochs=1, seed=0)
+    assert out.n_zero_cells == 3 and any("zero total counts" in n for n in out.notes)
+    assert out.new_conditions == ["site-z/smartseq2"]
+    assert set(out.diff) == {n for n, s in model.to_bundle().manifest["tensors"].items()
+                             if s["role"] == "condition"}
+    write_mapped(out, tmp_path / "o.h5ad", provenance={"tree_size": 7, "digest": "sha256:x"})
+    back = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert back.obsm["X_scarches"].shape[0] == q.n_obs
+    assert back.uns["scarches_fl"]["tree_size"] == 7
+    assert "cell_type_pred" in back.obs and "cell_type_uncertainty" in back.obs

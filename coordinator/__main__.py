@@ -22,7 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _cli.register(sub)
-    args = parser.parse_args(["coordinator", *(argv if argv is not None else sys.argv[1:])])
+    rest = list(argv if argv is not None else sys.argv[1:])
+    lead = []
+    while rest and rest[0] in ("-q", "--quiet", "-v", "-vv", "--verbose"):
+        lead.append(rest.pop(0))
+    args = parser.parse_args([*lead, "coordinator", *rest])
     _configure_logging(args.verbose, args.quiet)
     try:
         return int(args.handler(args) or 0)

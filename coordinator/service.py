@@ -13,8 +13,9 @@ Accept pipeline (DESIGN.md "Coordinator accept"), in this order:
    key, sequence, base checkpoint, namespace, tensor names/dtypes/shapes, finiteness, norms)
    against the :class:`LedgerState` replayed from the log: its stable reason codes are passed
    through unchanged;
-5. the diff blob is written and fsynced, then the entry and the new signed checkpoint are
-   committed in one SQLite transaction; only then is the site answered with the receipt.
+5. the diff bytes, the entry and the new signed checkpoint are committed in one SQLite
+   transaction (the diff's file in ``blobs/`` is a copy made after the commit); only then is
+   the site answered with the receipt.
 
 Appends are serialized on ONE writer thread that takes submissions in arrival order (group
 commit: the submissions waiting when the writer is free are validated one after the other and
@@ -40,7 +41,7 @@ from coordinator import _ledger
 from coordinator._ratelimit import TokenBucketLimiter
 from coordinator.config import CoordinatorConfig
 from coordinator.server import NotFoundError, RequestError
-from coordinator.storage import BlobStore, LedgerStore, StoredEntry
+from coordinator.storage import BlobStore, LedgerStore, StoredEntry, sha256_name
 from protocols.errors import REASON_CODES, ScarchesFLError, VerificationError
 from protocols.proto.serde import (
     BlobRef,
@@ -465,13 +466,14 @@ class Registry:
                     continue
                 if self.limiter is not None:
                     self.limiter.spend(update.site_id)
-                name = self.blobs.put(p.diff)
+                name = sha256_name(p.diff)
                 entry, _cp = w.append(
                     p.envelope,
                     kind="site_update",
                     site_id=update.site_id,
                     sequence=update.sequence,
                     blobs=[BlobRef(role="diff", sha256=name, size=len(p.diff))],
+                    inline={name: p.diff},
                     sign_checkpoint=self.signer.sign_checkpoint,
                 )
                 seen[p.leaf_hash] = entry.index

@@ -3,9 +3,13 @@
 Crash safety (an acknowledged update survives kill -9 and power loss; a half-written one never
 appears) comes from three rules:
 
-1. Blobs are written before the entry that names them: temp file, fsync, rename, fsync the
-   directory. A crash between the blob and the entry leaves an orphan blob, which is harmless
-   (content-addressed, never served as part of the model) and reported by ``status``.
+1. Large blobs (the genesis bundle) are written before the entry that names them: temp file,
+   fsync, rename, fsync the directory. A crash between the blob and the entry leaves an orphan
+   blob, which is harmless (content-addressed, never served as part of the model) and reported
+   by ``status``. Small blobs of the hot path (site diffs, kilobytes) are written *inside* the
+   entry's transaction (table ``blob_data``), which makes them exactly as durable as the entry
+   at the cost of no extra fsync; their file in ``blobs/`` is a copy written after the commit
+   and restored from the database on start if a crash lost it.
 2. The entry row and the checkpoint that covers it are inserted in ONE SQLite transaction
    (WAL mode, ``synchronous=FULL`` when durable): after a crash either both are there or neither.
    The site is answered only after the commit returned.
@@ -90,8 +94,9 @@ class BlobStore:
     def size(self, name: str) -> int:
         return self.path(name).stat().st_size
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` durably; returns its name. Idempotent."""
+    def put(self, data: bytes, *, durable: bool | None = None) -> str:
+        """Store ``data`` (durably unless ``durable=False``); returns its name. Idempotent."""
+        durable = self.durable if durable is None else durable
         name = sha256_name(data)
         target = self.path(name)
         if target.is_file() and target.stat().st_size == len(data):
@@ -102,10 +107,10 @@ class BlobStore:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                if self.durable:
+                if durable:
                     os.fsync(fh.fileno())
             os.replace(tmp, target)
-            if self.durable:
+            if durable:
                 fsync_dir(target.parent)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -199,6 +204,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     note BLOB NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS blob_data (
+    sha256 TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cosignatures (
     size INTEGER NOT NULL REFERENCES checkpoints(size),
     line TEXT NOT NULL,
@@ -223,6 +232,7 @@ class LedgerWriter:
         self._store = store
         self._conn = conn
         self._pending: list[bytes] = []
+        self._inline: dict[str, bytes] = {}
 
     @property
     def size(self) -> int:
@@ -237,12 +247,27 @@ class LedgerWriter:
         site_id: str | None = None,
         sequence: int | None = None,
         blobs: Sequence[BlobRef] = (),
+        inline: dict[str, bytes] | None = None,
     ) -> tuple[StoredEntry, StoredCheckpoint]:
-        """Insert one entry and the checkpoint of the tree that ends with it. Blobs named in
-        ``blobs`` must already be in the blob store (written and fsynced)."""
+        """Insert one entry and the checkpoint of the tree that ends with it.
+
+        Every blob named in ``blobs`` is either already in the blob store (written and fsynced)
+        or given in ``inline`` (name -> bytes, for small blobs such as diffs): inline blobs are
+        inserted into ``blob_data`` in this same transaction, so they are exactly as durable as
+        the entry, and copied to the blob store after the commit."""
         store = self._store
+        inline = inline or {}
         for b in blobs:
-            if not store.blobs.exists(b.sha256):
+            data = inline.get(b.sha256)
+            if data is not None:
+                if sha256_name(data) != b.sha256 or len(data) != b.size:
+                    raise StorageError(f"inline blob {b.sha256} does not match its bytes")
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO blob_data(sha256, data) VALUES (?, ?)",
+                    (b.sha256, data),
+                )
+                self._inline[b.sha256] = data
+            elif not store.blobs.exists(b.sha256):
                 raise StorageError(f"blob {b.sha256} must be stored before the entry naming it")
         lh = leaf_hash_of(envelope)
         index = self.size
@@ -293,6 +318,24 @@ class LedgerStore:
         with conn:
             conn.executescript(_SCHEMA)
         self._load_tree()
+        self._restore_blob_files()
+
+    def _restore_blob_files(self) -> None:
+        """Rewrite blob files whose durable copy is in ``blob_data`` but whose file is missing
+        or damaged (a crash between the commit and the file copy)."""
+        for name, size in (
+            self._conn().execute("SELECT sha256, length(data) FROM blob_data").fetchall()
+        ):
+            path = self.blobs.path(name)
+            if path.is_file() and path.stat().st_size == size:
+                continue
+            (data,) = (
+                self._conn()
+                .execute("SELECT data FROM blob_data WHERE sha256 = ?", (name,))
+                .fetchone()
+            )
+            self.blobs.put(bytes(data))
+            logger.info("restored blob file %s from the database", name)
 
     # -- connections --
 
@@ -416,6 +459,9 @@ class LedgerStore:
                     raise
                 with self._tree_lock:
                     self._committed += len(w._pending)
+                for data in w._inline.values():
+                    # A copy for readers of blobs/; the durable copy is blob_data (committed).
+                    self.blobs.put(data, durable=False)
 
     def add_cosignatures(self, size: int, lines: Sequence[str]) -> int:
         """Store witness signature lines for checkpoint ``size``; returns how many were new."""

@@ -1,0 +1,233 @@
+"""Coordinator accept throughput and latency, over gRPC with TLS, durable writes on.
+
+    python benchmarks/bench_coordinator.py [--genes 2000] [--sites 1,8,32] [--updates 200]
+                                           [--out benchmarks/results/coordinator_accept.json]
+
+For each concurrency level it makes a fresh state directory from a synthetic reference of the
+default architecture (2 x 128 hidden, latent 10, NB with per-condition dispersion, ``--genes``
+genes, 8 reference studies), enrols the sites, starts ``python -m coordinator serve`` as its own
+process (TLS on, ``durable: true``), builds and signs every update beforehand (signing is the
+sites' cost), then lets the sites submit concurrently, each on the same base, one condition per
+update. It reports accepted updates per second (wall clock from the first submission to the last
+answer) and the p50 / p99 of the per-submission latency seen by the client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _setup(workdir: Path, n_sites: int, n_genes: int):
+    from coordinator.admin import init_state
+    from coordinator.config import load_config
+    from coordinator.service import Registry
+    from protocols.bundle import write_bundle
+    from protocols.keys import generate_private_key, load_private_key
+    from protocols.ledger import enrol_entry
+    from tests.coordinator.synth import synthetic_reference
+
+    ref = synthetic_reference(
+        n_genes=n_genes,
+        conditions=[f"ref/study{i}" for i in range(8)],
+        n_hidden=128,
+        n_latent=10,
+        n_layers=2,
+    )
+    write_bundle(workdir / "reference", ref)
+    origin = "bench.scarches-fl.local/ledger"
+    state = workdir / "state"
+    init_state(state, reference=workdir / "reference", origin=origin)
+    cfg = load_config(state)
+    op = load_private_key(cfg.path(cfg.paths.operator_key))
+    keys = {f"site-{i:02d}": generate_private_key() for i in range(n_sites)}
+    with Registry(cfg) as reg:
+        for sid, key in keys.items():
+            reg.append_operator_entry(
+                lambda _state, _size, sid=sid, key=key: (
+                    enrol_entry(
+                        origin=origin,
+                        site_id=sid,
+                        public_key=key.public_key(),
+                        operator_keys=[op],
+                    ),
+                    "policy",
+                    [],
+                )
+            )
+        size = reg.store.size
+        root = reg.store.root(size)
+    return state, origin, ref, keys, size, root
+
+
+def _start_server(state: Path) -> tuple[subprocess.Popen, str]:
+    (state / "serve.json").unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "coordinator",
+            "-q",
+            "serve",
+            "--dir",
+            str(state),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            rec = json.loads((state / "serve.json").read_text())
+            if rec.get("pid") == proc.pid:
+                return proc, rec["address"]
+        except (FileNotFoundError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the coordinator exited with {proc.returncode}")
+        time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("the coordinator did not start")
+
+
+def run_level(n_sites: int, total: int, n_genes: int) -> dict:
+    from protocols.registry_client import RegistryClient
+    from protocols.update import make_update
+    from tests.coordinator.synth import synthetic_diff
+
+    per_site = max(1, total // n_sites)
+    with tempfile.TemporaryDirectory(prefix="bench-coord-") as tmp:
+        state, origin, ref, keys, size, root = _setup(Path(tmp), n_sites, n_genes)
+        updates = {
+            sid: [
+                make_update(
+                    origin=origin,
+                    site_id=sid,
+                    site_key=key,
+                    sequence=k + 1,
+                    base_size=size,
+                    base_root=root,
+                    base_digest=ref.digest,
+                    new_conditions=[f"{sid}/b{k}"],
+                    diff=synthetic_diff(ref, 1, seed=k),
+                )
+                for k in range(per_site)
+            ]
+            for sid, key in keys.items()
+        }
+        trust = json.loads((state / "trust.json").read_bytes())
+        proc, addr = _start_server(state)
+        latencies: list[float] = []
+        rejected: list[str] = []
+        lock = threading.Lock()
+        barrier = threading.Barrier(n_sites + 1)
+
+        def site(sid: str) -> None:
+            with RegistryClient(addr, trust=trust, timeout=120) as client:
+                client.health()  # connect (TLS handshake) before the clock starts
+                barrier.wait()
+                for u in updates[sid]:
+                    t0 = time.perf_counter()
+                    res = client.submit_update(u.envelope, u.diff_bytes)
+                    dt = time.perf_counter() - t0
+                    with lock:
+                        latencies.append(dt)
+                        if res.rejection is not None:
+                            rejected.append(res.rejection.reason_code)
+
+        try:
+            threads = [threading.Thread(target=site, args=(sid,)) for sid in updates]
+            for t in threads:
+                t.start()
+            barrier.wait()
+            t0 = time.perf_counter()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        accepted = len(latencies) - len(rejected)
+        return {
+            "concurrent_sites": n_sites,
+            "submissions": len(latencies),
+            "accepted": accepted,
+            "rejected": sorted(set(rejected)),
+            "wall_s": round(wall, 3),
+            "accepted_per_s": round(accepted / wall, 1),
+            "latency_ms_p50": round(1000 * statistics.median(latencies), 2),
+            "latency_ms_p99": round(1000 * _percentile(latencies, 0.99), 2),
+            "latency_ms_mean": round(1000 * statistics.fmean(latencies), 2),
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--genes", type=int, default=2000)
+    ap.add_argument("--sites", default="1,8,32")
+    ap.add_argument("--updates", type=int, default=200, help="updates per level (split over sites)")
+    ap.add_argument(
+        "--out", type=Path, default=ROOT / "benchmarks" / "results" / "coordinator_accept.json"
+    )
+    args = ap.parse_args(argv)
+    levels = [int(x) for x in args.sites.split(",")]
+    results = []
+    for n in levels:
+        r = run_level(n, args.updates, args.genes)
+        results.append(r)
+        print(
+            f"{n:>3} sites: {r['accepted']:>4} accepted in {r['wall_s']:.2f} s = "
+            f"{r['accepted_per_s']:.1f}/s, latency p50 {r['latency_ms_p50']:.1f} ms, "
+            f"p99 {r['latency_ms_p99']:.1f} ms"
+        )
+    doc = {
+        "benchmark": "coordinator accept (gRPC + TLS, durable writes)",
+        "model": {
+            "genes": args.genes,
+            "hidden": [128, 128],
+            "latent": 10,
+            "reference_studies": 8,
+            "conditions_per_update": 1,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "targets": {"latency_ms_p50": 20.0, "accepted_per_s": 50.0},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -212,3 +212,21 @@ def test_coordinator_never_imports_torch(tmp_path: Path) -> None:
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+def test_backup_while_serving(consortium, server, tmp_path: Path, capsys) -> None:
+    from tests.coordinator.conftest import fetch_base, make_site_update
+
+    with server.client(consortium) as c:
+        base = fetch_base(c, consortium)
+        u = make_site_update(consortium.sites["site-a"], base)
+        c.submit_update(u.envelope, u.diff_bytes).raise_for_rejection()
+        size = c.get_checkpoint().size
+    out = tmp_path / "backup"
+    assert main(["coordinator", "backup", "--dir", str(consortium.state), "--out", str(out)]) == 0
+    assert f"tree size {size}" in capsys.readouterr().out
+    assert main(["coordinator", "status", "--dir", str(out), "--json", "--verify"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["tree_size"] == size and st["blobs"]["orphans"] == 0
+    assert (out / "keys" / "log.key").exists() and not (out / "serve.json").exists()
+    assert main(["coordinator", "backup", "--dir", str(consortium.state), "--out", str(out)]) == 2

@@ -59,6 +59,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="HOST:PORT",
         help="default listen address written to coordinator.yaml (default 127.0.0.1:7443)",
     )
+    init.add_argument(
+        "--witness",
+        action="append",
+        default=None,
+        metavar="VKEY",
+        help="a witness's verifier key (name+id+base64, from `scarches-fl audit "
+        "witness-keygen`) to pin in trust.json (repeat)",
+    )
+    init.add_argument(
+        "--witnesses-required",
+        type=int,
+        default=0,
+        metavar="K",
+        help="cosignatures of distinct pinned witnesses a site requires on a checkpoint "
+        "(default 0: none)",
+    )
     init.set_defaults(handler=_init)
 
     enroll = sub.add_parser(
@@ -154,6 +170,8 @@ def _init(args: argparse.Namespace) -> int:
         origin=args.origin,
         tls_names=tuple(args.tls_name) if args.tls_name else None,
         listen=args.listen,
+        witness_keys=tuple(args.witness or ()),
+        witnesses_required=args.witnesses_required,
     )
     print(f"initialised {result.state_dir}")
     print(f"  origin      {result.origin}")

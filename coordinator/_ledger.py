@@ -367,17 +367,29 @@ def trust_json(
     log_key: LogSigner,
     operator_keys: list[Any],
     tls_root_pem: bytes,
-    tls_names: tuple[str, ...],
+    witness_keys: tuple[str, ...] = (),
+    witnesses_required: int = 0,
 ) -> bytes:
     """The initial trust policy (no sites yet) as canonical JSON: what sites and auditors pin."""
+    from protocols.errors import PolicyError
     from protocols.policy import build_trust
 
-    policy = build_trust(
-        origin=origin,
-        log_public_key=log_key.vkey,
-        operator_keys=[k.public_key() if hasattr(k, "public_key") else k for k in operator_keys],
-        tls_root_pem=tls_root_pem.decode("ascii"),
-    )
+    try:
+        policy = build_trust(
+            origin=origin,
+            log_public_key=log_key.vkey,
+            operator_keys=[
+                k.public_key() if hasattr(k, "public_key") else k for k in operator_keys
+            ],
+            tls_root_pem=tls_root_pem.decode("ascii"),
+            witness_keys=witness_keys,
+            witnesses_required=witnesses_required,
+        )
+    except PolicyError as exc:
+        raise ConfigError(
+            f"--witness / --witnesses-required: {exc.message}; pass verifier keys from "
+            "`scarches-fl audit witness-keygen` and a count between 0 and their number"
+        ) from exc
     return bytes(policy.to_json())
 
 

@@ -67,6 +67,8 @@ def init_state(
     tls_names: tuple[str, ...] | None = None,
     listen: str = "127.0.0.1:7443",
     durable: bool = True,
+    witness_keys: tuple[str, ...] = (),
+    witnesses_required: int = 0,
 ) -> InitResult:
     """Create a coordinator state directory publishing the bundle at ``reference``."""
     from coordinator.config import parse_listen
@@ -120,7 +122,8 @@ def init_state(
             log_key=log_key,
             operator_keys=[operator_key],
             tls_root_pem=cert_pem,
-            tls_names=names,
+            witness_keys=witness_keys,
+            witnesses_required=witnesses_required,
         )
         atomic_write(cfg.path(cfg.paths.trust), trust_bytes, durable=durable)
         if target.exists():

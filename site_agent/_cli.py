@@ -126,7 +126,7 @@ def _map(args: argparse.Namespace) -> int:
 
     config = _config(args)
     report = run_map(config, dry_run=bool(args.dry_run), var_names_column=args.var_names_column)
-    if report.dry_run:
+    if report.dry_run or not report.new_conditions:
         return 0
     print(f"done: {report.n_cells} cells mapped onto reference version "
           f"{report.verified.tree_size}; contributed {', '.join(report.new_conditions)}")

@@ -181,6 +181,10 @@ def run_map(
                                new_conditions=list(outcome.new_conditions), notes=outcome.notes,
                                dry_run=dry_run)
 
+            if not outcome.diff:
+                _say(printer, "nothing to contribute: every batch is already in the reference")
+                return report
+
             # -- the update: diff bytes, payload, privacy guard --
             diff_bytes = diff_to_bytes(outcome.diff)
             sent_back = diff_from_bytes(diff_bytes, max_bytes=proto.max_diff_bytes())

@@ -300,6 +300,20 @@ def _apply_var_names(adata: Any, column: str | None) -> Any:
     return adata
 
 
+def _embed_only(model: Any, adata: Any, *, batch_key: str, site_id: str, layer: str | None,
+                min_gene_coverage: float) -> Any:
+    """A surgery-shaped result for batches whose conditions the reference already has."""
+    from types import SimpleNamespace
+
+    from scarches_fl.data import gene_alignment
+
+    latent = model.get_latent(adata, batch_key=batch_key, namespace=site_id, layer=layer,
+                              min_gene_coverage=min_gene_coverage)
+    _, report = gene_alignment(adata.var_names, model.genes, min_coverage=min_gene_coverage)
+    return SimpleNamespace(model=model, latent=latent, diff={}, new_conditions=[],
+                           alignment=report)
+
+
 def map_query(
     adata: Any, model: Any, *, site_id: str, batch_key: str, label_key: str | None,
     layer: str | None, batches: Sequence[str] | None, min_gene_coverage: float,
@@ -324,14 +338,36 @@ def map_query(
         adata = adata[mask]
     if getattr(adata, "isbacked", False) or getattr(adata, "is_view", False):
         adata = adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()
+    from scarches_fl.data import condition_names
+
+    wanted = condition_names(
+        list(dict.fromkeys(adata.obs[batch_key].astype(str).to_numpy())), site_id
+    )
+    present = [c for c in wanted.values() if c in set(model.conditions)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DataWarning)
         try:
-            result = model.surgery(
-                adata, batch_key=batch_key, namespace=site_id, layer=layer, mode="conditions",
-                max_epochs=max_epochs, seed=seed, min_gene_coverage=min_gene_coverage,
-                progress=progress,
-            )
+            if present and len(present) == len(wanted):
+                # every batch was contributed before: embed with the existing conditions
+                notes.append(
+                    f"conditions {present} are already in the reference (contributed earlier): "
+                    "embedding with them; nothing new to contribute"
+                )
+                result = _embed_only(model, adata, batch_key=batch_key, site_id=site_id,
+                                     layer=layer, min_gene_coverage=min_gene_coverage)
+            elif present:
+                fresh = [b for b, c in wanted.items() if c not in present]
+                raise SiteDataError(
+                    f"conditions {present} are already in the reference (contributed earlier) "
+                    f"but {sorted(set(wanted.values()) - set(present))} are new; map them in two "
+                    f"runs, e.g. --batches {','.join(fresh)} to contribute the new ones"
+                )
+            else:
+                result = model.surgery(
+                    adata, batch_key=batch_key, namespace=site_id, layer=layer,
+                    mode="conditions", max_epochs=max_epochs, seed=seed,
+                    min_gene_coverage=min_gene_coverage, progress=progress,
+                )
         except DataError as exc:
             raise SiteDataError(str(exc)) from exc
     n_zero = 0

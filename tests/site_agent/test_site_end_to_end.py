@@ -135,3 +135,11 @@ def test_two_sites_same_base_then_a_third_pulls_both(consortium, panc8, tmp_path
     assert "diff.safetensors" in shown and "receipt: log index" in shown
     assert SiteState(state).last_sequence() == 1
     assert len(Outbox(SiteState(state).outbox_path).entries()) == 1
+
+    # mapping a study that is already in the reference embeds it and contributes nothing
+    again = run_map(_config(consortium, "site-c", panc8, tmp_path, "celseq2",
+                            out=tmp_path / "again.h5ad", max_epochs=1), printer=None)
+    assert again.new_conditions == [] and again.entry is None and not again.delivered
+    assert any("already in the reference" in n for n in again.notes)
+    assert ad.read_h5ad(tmp_path / "again.h5ad").obsm["X_scarches"].shape == (140, 8)
+    assert len(Outbox(SiteState(state).outbox_path).entries()) == 1

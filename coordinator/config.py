@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,7 +185,7 @@ def _build(cls: type, data: Any, file: Path, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def load_config(state_dir: str | Path) -> CoordinatorConfig:
+def load_config(state_dir: str | os.PathLike[str]) -> CoordinatorConfig:
     """Load and validate ``STATE/coordinator.yaml``."""
     import yaml
 

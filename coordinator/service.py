@@ -244,6 +244,14 @@ class Registry:
 
             raise TreeRangeError(f"reference version {size} asked, the log has {self.store.size}")
         ref = self.references.materialize(size)
+        with self._state_lock:
+            expected = self.state.digest_at(size)
+        if expected is not None and ref.digest != expected:
+            # Never serve a model that is not the replay of the ledger.
+            raise CoordinatorError(
+                f"reference version {size} materialized to {ref.digest}, the ledger says "
+                f"{expected}; delete {self.references.root} and retry"
+            )
         header = ReferenceHeader(
             tree_size=size,
             digest=ref.digest,

@@ -233,6 +233,9 @@ class LedgerWriter:
         self._conn = conn
         self._pending: list[bytes] = []
         self._inline: dict[str, bytes] = {}
+        #: entries other processes committed since this process last looked (applied by the
+        #: caller to its ledger state before it appends)
+        self.caught_up: list[StoredEntry] = []
 
     @property
     def size(self) -> int:
@@ -442,7 +445,7 @@ class LedgerStore:
             try:
                 caught_up = self.sync()
                 w = LedgerWriter(self, conn)
-                w.caught_up = caught_up  # type: ignore[attr-defined]
+                w.caught_up = caught_up
                 yield w
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -41,9 +41,15 @@ FLOWER_ENV = {
 
 
 def flower_environment(flwr_home: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """``os.environ`` plus :data:`FLOWER_ENV` and a private ``FLWR_HOME``."""
+    """``os.environ`` plus :data:`FLOWER_ENV`, a private ``FLWR_HOME``, and this Python's
+    ``bin`` directory first on ``PATH`` (Flower starts ``flower-superexec``, ``flwr-serverapp``
+    and ``flwr-clientapp`` by name)."""
+    import sys
+
     env = dict(os.environ)
     env.update(FLOWER_ENV)
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

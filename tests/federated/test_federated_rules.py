@@ -65,11 +65,11 @@ def test_fedavg_by_cells_and_condition_columns_only_from_their_owner():
     specs = __import__("scarches_fl.module", fromlist=["tensor_specs"]).tensor_specs(HP, G, 4)
     for name, spec in specs.items():
         if spec.role == "condition":
-            col = lambda j: np.take(new[name], [j], axis=spec.axis)  # noqa: E731
-            assert np.all(col(0) == 1.0) and np.all(col(1) == 1.0)
-            assert np.all(col(2) == 5.0)
+            cols = [np.take(new[name], [j], axis=spec.axis) for j in range(4)]
+            assert np.all(cols[0] == 1.0) and np.all(cols[1] == 1.0)
+            assert np.all(cols[2] == 5.0)
             # s3 did not contribute: its column keeps the previous value, bit for bit.
-            assert np.array_equal(col(3), np.take(g[name], [3], axis=spec.axis))
+            assert np.array_equal(cols[3], np.take(g[name], [3], axis=spec.axis))
         else:
             np.testing.assert_allclose(new[name], (30 * 1.0 + 10 * 5.0) / 40, rtol=1e-6)
     # A site sending a column it does not own is refused.

@@ -240,7 +240,7 @@ _GRPC_ERRORS: dict[str, type[RegistryError]] = {
     "FAILED_PRECONDITION": RegistryRequestError,
     "RESOURCE_EXHAUSTED": MessageTooLargeError,
 }
-_RETRYABLE = ("UNAVAILABLE",)
+_RETRYABLE = ("UNAVAILABLE",)  # (and RESOURCE_EXHAUSTED when it is not a size limit)
 
 
 class RegistryClient:
@@ -316,6 +316,9 @@ class RegistryClient:
         name = code.name if code is not None else "UNKNOWN"
         details = exc.details() if hasattr(exc, "details") else str(exc)
         cls = _GRPC_ERRORS.get(name, RegistryError)
+        if name == "RESOURCE_EXHAUSTED" and "larger than max" not in (details or ""):
+            # Not a size limit: the server is at its concurrency limit. Retrying helps.
+            cls = RegistryUnavailableError
         hint = {
             "UNAVAILABLE": "check the address, that the coordinator is running, and that the "
             "TLS certificate in trust.json is the coordinator's",
@@ -338,7 +341,8 @@ class RegistryClient:
                 return fn()
             except grpc.RpcError as exc:
                 err = self._map_error(exc, what)
-                if err.status in _RETRYABLE and attempt < self.retries:
+                retryable = err.status in _RETRYABLE or isinstance(err, RegistryUnavailableError)
+                if retryable and attempt < self.retries:
                     attempt += 1
                     time.sleep(min(2.0, 0.2 * 2**attempt))
                     continue

@@ -316,3 +316,45 @@ def test_every_reference_version_is_the_ledger_replay(consortium, server) -> Non
             assert ref.header.digest == state.digest_at(size), size
             served = bundle_from_bytes(ref.manifest_bytes, ref.safetensors_bytes)
             assert served.digest == state.digest_at(size)
+
+
+def test_client_maps_grpc_statuses() -> None:
+    import grpc
+
+    from protocols.registry_client import MessageTooLargeError, RegistryTimeoutError
+
+    class FakeRpcError(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    client = RegistryClient("127.0.0.1:1", insecure=True, retries=0)
+    cases = [
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Received message larger than max (9 vs. 8)",
+            MessageTooLargeError,
+        ),
+        (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "Concurrent RPC limit exceeded!",
+            RegistryUnavailableError,
+        ),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", RegistryTimeoutError),
+        (grpc.StatusCode.NOT_FOUND, "no blob", RegistryNotFoundError),
+        (grpc.StatusCode.OUT_OF_RANGE, "beyond", RegistryRequestError),
+    ]
+    for code, details, cls in cases:
+
+        def boom(code=code, details=details):
+            raise FakeRpcError(code, details)
+
+        with pytest.raises(cls) as err:
+            client._call("test", boom)
+        assert err.value.status == code.name and details in str(err.value)
+    client.close()

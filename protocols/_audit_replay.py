@@ -22,6 +22,9 @@ import numpy as np
 
 from protocols import merkle
 from protocols.bundle import ReferenceBundle, make_bundle, manifest_leaf, tensor_leaf
+from protocols.canonical import canonical_json
+
+_MARK = "\u0001scarches-fl-audit:{}\u0001"
 
 __all__ = ["ModelReplay"]
 
@@ -82,7 +85,44 @@ class ModelReplay:
                 self._frozen[name] = arr
                 self._frozen_leaf[name] = merkle.leaf_hash(tensor_leaf(name, arr))
         self._names = _sorted_names(self._specs)
+        self._cond_json = [canonical_json(c) for c in self.conditions]
+        self._skeleton = self._manifest_skeleton()
         self._digest_cache: tuple[int, str] | None = (len(self.conditions), bundle.digest)
+
+    def _manifest_skeleton(self) -> tuple[bytes, bytes, dict[str, bytes]] | None:
+        """(tag + encoded manifest with markers, encoded condition-list marker, encoded shape
+        markers) or None when a marker would be ambiguous (then the whole manifest is encoded)."""
+        skel = dict(self._manifest)
+        skel["conditions"] = [_MARK.format("conditions")]
+        specs = {}
+        shape_marks: dict[str, bytes] = {}
+        for name, spec in self._specs.items():
+            s = dict(spec)
+            if name in self._cond:
+                shape = list(s["shape"])
+                mark = _MARK.format("shape:" + name)
+                shape[int(s["axis"])] = mark
+                s["shape"] = shape
+                shape_marks[name] = canonical_json(mark)
+            specs[name] = s
+        skel["tensors"] = specs
+        tag = manifest_leaf({})[: -len(b"{}")]
+        body = manifest_leaf(skel)[len(tag) :]
+        cond_mark = b"[" + canonical_json(_MARK.format("conditions")) + b"]"
+        for m in (cond_mark, *shape_marks.values()):
+            if body.count(m) != 1:
+                return None
+        return tag + body, cond_mark, shape_marks
+
+    def manifest_leaf(self) -> bytes:
+        """:func:`protocols.bundle.manifest_leaf` of the current version."""
+        if self._skeleton is None:
+            return manifest_leaf(self.manifest())
+        leaf, cond_mark, shape_marks = self._skeleton
+        leaf = leaf.replace(cond_mark, b"[" + b",".join(self._cond_json) + b"]")
+        for name, mark in shape_marks.items():
+            leaf = leaf.replace(mark, str(self._cond[name].n).encode("ascii"))
+        return leaf
 
     @property
     def base_manifest(self) -> Mapping[str, Any]:
@@ -112,6 +152,7 @@ class ModelReplay:
             buf.append(np.asarray(diff[name]))
         self.conditions.extend(new_conditions)
         self.condition_set.update(new_conditions)
+        self._cond_json.extend(canonical_json(c) for c in new_conditions)
         self._digest_cache = None
 
     def digest(self) -> str:
@@ -126,7 +167,7 @@ class ModelReplay:
                 leaves.append(merkle.leaf_hash(tensor_leaf(name, self._cond[name].tensor())))
             else:
                 leaves.append(self._frozen_leaf[name])
-        leaves.append(merkle.leaf_hash(manifest_leaf(self.manifest())))
+        leaves.append(merkle.leaf_hash(self.manifest_leaf()))
         digest = "sha256:" + merkle.root(leaves).hex()
         self._digest_cache = (key, digest)
         return digest

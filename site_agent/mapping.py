@@ -336,8 +336,12 @@ def map_query(
     if batches:
         mask = np.isin(adata.obs[batch_key].astype(str).to_numpy(), list(batches))
         adata = adata[mask]
-    if getattr(adata, "isbacked", False) or getattr(adata, "is_view", False):
-        adata = adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()
+    backed = bool(getattr(adata, "isbacked", False))
+    if backed and batches:
+        adata = adata.to_memory()  # only the selected batches
+        backed = False
+    elif getattr(adata, "is_view", False):
+        adata = adata.copy()
     from scarches_fl.data import condition_names
 
     wanted = condition_names(
@@ -378,7 +382,16 @@ def map_query(
             if m:
                 n_zero = int(m.group(1))
     notes.append(f"gene alignment: {result.alignment.summary()}")
-    out = adata.copy()
+    if backed:
+        # the library read the counts in row windows; the output carries everything but X
+        # (join it to the input on obs_names), so a large matrix is never copied into memory
+        import anndata as ad
+
+        out = ad.AnnData(obs=adata.obs.copy(), var=adata.var.copy())
+        notes.append("the input was read backed: the output holds obs, var, the embedding and "
+                     "labels, not the count matrix (join on obs_names)")
+    else:
+        out = adata.copy()
     out.obsm["X_scarches"] = np.asarray(result.latent, dtype=np.float32)
     label_method = None
     if label_key:

@@ -312,3 +312,19 @@ def test_map_query_reports_zero_count_cells_and_writes_outputs(reference_bundle,
     assert back.obsm["X_scarches"].shape[0] == q.n_obs
     assert back.uns["scarches_fl"]["tree_size"] == 7
     assert "cell_type_pred" in back.obs and "cell_type_uncertainty" in back.obs
+
+
+def test_backed_input_is_mapped_in_windows(reference_bundle, panc8, tmp_path):
+    from scarches_fl.model import ReferenceModel
+    from site_agent.mapping import map_query, open_query
+
+    model = ReferenceModel.from_bundle(reference_bundle)
+    full = ad.read_h5ad(panc8)
+    full[full.obs["batch"] == "celseq2"].copy().write_h5ad(tmp_path / "q.h5ad")
+    with open_query(tmp_path / "q.h5ad", backed=True) as q:
+        assert q.isbacked
+        out = map_query(q, model, site_id="site-z", batch_key="batch", label_key=None,
+                        layer=None, batches=None, min_gene_coverage=0.5, label_threshold=0.5,
+                        min_cells_per_batch=10, max_epochs=1, seed=0)
+    assert out.adata.X is None and out.adata.obsm["X_scarches"].shape[0] == 140
+    assert any("read backed" in n for n in out.notes)

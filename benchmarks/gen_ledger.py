@@ -118,6 +118,8 @@ def build_ledger(
     hidden: int = 128,
     materialize: bool = True,
     origin: str = ORIGIN,
+    witness_keys: Sequence[str] = (),
+    witnesses_required: int = 0,
 ) -> GeneratedLedger:
     """Write a coordinator state directory with a genesis, ``n_sites`` enrolments and
     ``n_updates`` site updates (one new condition each) into ``out``.
@@ -147,6 +149,8 @@ def build_ledger(
         origin=origin,
         log_public_key=keys.log_signer.verifier.vkey,
         operator_keys=[keys.operator.public_key()],
+        witness_keys=witness_keys,
+        witnesses_required=witnesses_required,
     )
     trust_path = out / "trust.json"
     write_trust(trust_path, trust)

@@ -293,7 +293,7 @@ def validate_manifest(manifest: Mapping[str, Any], tensors: Mapping[str, np.ndar
             )
         if role == "condition":
             axis = spec.get("axis")
-            if not _is_int(axis) or not 0 <= axis < len(shape):
+            if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < len(shape):
                 raise BundleError(f"condition tensor {name!r} axis {axis!r} is out of range")
             if shape[axis] != len(conditions):
                 raise BundleError(

@@ -30,7 +30,8 @@ checks, in this order -- the first failure raises
 6. base: ``1 <= size <= tree size`` and ``root`` is the log's root at ``size`` [E_BASE_UNKNOWN];
    ``digest`` is reference version ``size`` [E_BASE_DIGEST_MISMATCH]; ``size`` is not before the
    last genesis / federated round [E_BASE_STALE];
-7. new conditions: at most policy ``max_new_conditions`` [E_TOO_MANY_CONDITIONS]; each ASCII
+7. new conditions: at most min(policy ``max_new_conditions``, ``limits.max_new_conditions``)
+   [E_TOO_MANY_CONDITIONS]; each ASCII
    ``<namespace>/<batch>`` [E_CONDITION_NAME] in the signer's namespace (= site id)
    [E_CONDITION_NAMESPACE], new and unique [E_CONDITION_EXISTS];
 8. diff size and sha256 equal the signed ones [E_DIFF_SIZE_MISMATCH, E_DIFF_SHA256_MISMATCH];
@@ -492,11 +493,11 @@ def validate_update(
             f"{ctx.min_base_size}); map again on the current reference",
         )
     # 7. conditions
-    if len(payload.new_conditions) > policy.update_limits.max_new_conditions:
+    max_new = min(policy.update_limits.max_new_conditions, limits.max_new_conditions)
+    if len(payload.new_conditions) > max_new:
         raise UpdateRejectedError(
             "E_TOO_MANY_CONDITIONS",
-            f"{len(payload.new_conditions)} new conditions, the policy allows "
-            f"{policy.update_limits.max_new_conditions} per update",
+            f"{len(payload.new_conditions)} new conditions, the policy allows {max_new} per update",
         )
     check_new_conditions(ctx.manifest["conditions"], payload.new_conditions, namespace=signer_site)
     # 8. diff identity

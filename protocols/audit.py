@@ -605,14 +605,17 @@ def run_audit(
             _check_served(source, replay, cp.size, res)
     timings["served"] = time.perf_counter() - t
 
+    # witness mode: cosign what verified (before counting cosignatures: its own counts too)
+    own: bytes | None = None
+    if witness is not None and not findings:
+        own = _cosign(source, note, cp, prev, tree, trust, witness, state, res, now)
+
     # 7. witnesses
-    _check_witnesses(source, note, cp, trust, res)
+    _check_witnesses(source, note, cp, trust, res, own)
 
     # the new checkpoint becomes this auditor's view only when the log itself verified
     if store_state and log_ok and log_consistent:
         state.store(note, leaves)
-    if witness is not None and res.ok:
-        _cosign(source, note, cp, prev, tree, trust, witness, state, res, now)
     res.seconds = time.perf_counter() - t_start
     state.append_history(
         {
@@ -707,8 +710,12 @@ def _check_served(source: Any, replay: Any, size: int, res: AuditResult) -> None
         )
 
 
-def _check_witnesses(source: Any, note: bytes, cp: Any, trust: TrustAnchors, res: AuditResult) -> None:
-    """Rule 7, and which trusted witnesses cosigned (for the report)."""
+def _check_witnesses(
+    source: Any, note: bytes, cp: Any, trust: TrustAnchors, res: AuditResult, own: bytes | None
+) -> None:
+    """Rule 7, and which trusted witnesses cosigned (for the report). ``own``: the note this
+    auditor just cosigned (its line counts when its key is a trusted witness)."""
+    from protocols.checkpoint import append_signatures, parse_note
     from protocols.witness import trusted_cosigners
 
     policy = trust.witnesses
@@ -717,8 +724,8 @@ def _check_witnesses(source: Any, note: bytes, cp: Any, trust: TrustAnchors, res
         return
     try:
         cosigned = source.cosigned_note(cp.size) or note
-        from protocols.checkpoint import parse_note
-
+        if own is not None:
+            cosigned = append_signatures(cosigned, parse_note(own).signatures)
         if parse_note(cosigned).text != parse_note(note).text:
             raise VerificationError(
                 "the cosigned note is for another checkpoint text", reason_code="E_CHECKPOINT_INVALID"
@@ -752,8 +759,9 @@ def _cosign(
     state: AuditorState,
     res: AuditResult,
     now: Callable[[], float],
-) -> None:
-    """Witness mode: cosign the checkpoint just verified and hand it to the coordinator."""
+) -> bytes:
+    """Witness mode: cosign the checkpoint just verified and hand it to the coordinator;
+    returns the cosigned note."""
     from protocols.witness import cosign
 
     prev_cp = _verify_note(prev[0], trust) if prev is not None else None
@@ -783,6 +791,7 @@ def _cosign(
             "operator (AddCosignature)",
             state.dir,
         )
+    return cosigned
 
 
 # --- entries: P1's LedgerState with a linear-time model ------------------------------------------

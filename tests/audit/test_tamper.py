@@ -11,7 +11,6 @@ import pytest
 from benchmarks.gen_ledger import GeneratedLedger
 from protocols._audit_sources import StateDirSource
 from protocols.audit import AUDIT_EXIT_CODES, AuditResult, load_trust_file, run_audit
-
 from tests.audit.conftest import N_SITES, small_ledger
 
 

@@ -172,6 +172,7 @@ class _Federation:
         self.out = Path(settings.out_dir)
         self.records_dir = self.out / "rounds"
         self.node_site: dict[int, str] = {}
+        self.left_out: set[int] = set()
         self.site_studies: dict[str, dict[str, int]] = {}
         self.genes: list[str] | None = None
         self.bytes_sent = 0
@@ -202,7 +203,9 @@ class _Federation:
     def _describe(self, node_ids: Iterable[int]) -> None:
         from flwr.app import ConfigRecord, RecordDict
 
-        ask = [n for n in node_ids if n not in self.node_site]
+        # A node that failed to describe itself is not asked again (each ask costs up to
+        # describe_timeout in a deployment); a site that reconnects gets a new node id.
+        ask = [n for n in node_ids if n not in self.node_site and n not in self.left_out]
         if not ask:
             return
         contents = {n: RecordDict({"config": ConfigRecord({"run-id": self.run_id})}) for n in ask}
@@ -210,6 +213,7 @@ class _Federation:
         for node, reply in replies.items():
             if reply.has_error():
                 log.warning("node %s failed to describe itself: %s", node, reply.error.reason)
+                self.left_out.add(node)
                 continue
             try:
                 env = bytes(reply.content.config_records["signature"]["envelope"])
@@ -231,6 +235,7 @@ class _Federation:
                 studies = {str(k): int(v) for k, v in desc["studies"].items()}
             except (FederationError, KeyError, TypeError, ValueError) as exc:
                 log.warning("node %s left out: %s", node, exc)
+                self.left_out.add(node)
                 continue
             if site in self.node_site.values():
                 # A site that reconnected under a new node id: forget the old id.

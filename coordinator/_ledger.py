@@ -557,21 +557,30 @@ def blob_lookup_bytes(mapping: dict[str, bytes]) -> Any:
     return lambda hexname: mapping.get(hexname)
 
 
-def claimed_site_id(envelope: bytes, limits: Any) -> str | None:
-    """The site id a site update *claims*: unverified, a hint for the rate-limit peek and the
-    logs only, so a plain (fast) JSON parse is enough; everything is checked strictly later."""
+def claimed_update(envelope: bytes, limits: Any) -> tuple[str | None, int | None]:
+    """The (site id, sequence) a site update *claims*: unverified, a hint for the rate-limit
+    peek and the logs only, so a plain (fast) JSON parse is enough; everything is checked
+    strictly later."""
     import base64
     import json
 
     if len(envelope) > limits.max_envelope_bytes:
-        return None
+        return None, None
     try:
         env = json.loads(envelope)
         payload = json.loads(base64.b64decode(env["payload"], validate=True))
-        sid = payload.get("site_id") if payload.get("kind") == "site_update" else None
+        if payload.get("kind") != "site_update":
+            return None, None
+        sid, seq = payload.get("site_id"), payload.get("sequence")
     except Exception:  # noqa: BLE001 - unparseable: no claim
-        return None
-    return sid if isinstance(sid, str) and 0 < len(sid) <= 64 else None
+        return None, None
+    sid = sid if isinstance(sid, str) and 0 < len(sid) <= 64 else None
+    seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+    return sid, seq
+
+
+def claimed_site_id(envelope: bytes, limits: Any) -> str | None:
+    return claimed_update(envelope, limits)[0]
 
 
 def site_status(state: Any, site_id: str) -> dict[str, Any]:

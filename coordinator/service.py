@@ -349,15 +349,15 @@ class Registry:
                 f"(limits.max_{what}_bytes); a site update carries only the new condition "
                 "columns, so check that the diff holds nothing else",
             )
-            self._log_result(result, None, None, t0)
+            self._log_result(result, *_ledger.claimed_update(envelope, self.limits), t0)
             return result
+        claimed, claimed_seq = _ledger.claimed_update(envelope, self.limits)
         lh = _ledger.leaf_hash(envelope)
         existing = self.store.index_of_leaf_hash(lh)
         if existing is not None:
             result = SubmitResult(receipt=self.receipt(existing, duplicate=True))
-            self._log_result(result, None, None, t0)
+            self._log_result(result, claimed, claimed_seq, t0)
             return result
-        claimed = _ledger.claimed_site_id(envelope, self.limits)
         if self.limiter is not None and claimed is not None:
             wait = self.limiter.peek(claimed)
             if wait > 0:
@@ -367,7 +367,7 @@ class Registry:
                     f"/s, burst {self.cfg.rate_limit.burst}); retry in {wait:.2f} s",
                     retry_after=wait,
                 )
-                self._log_result(result, claimed, None, t0)
+                self._log_result(result, claimed, claimed_seq, t0)
                 return result
         if self._writer is None:
             raise CoordinatorError("the ledger writer is not running (call start_writer())")
@@ -467,10 +467,10 @@ class Registry:
                 except VerificationError as exc:
                     code = getattr(exc, "reason_code", "E_INTERNAL")
                     message = getattr(exc, "message", "") or str(exc)
-                    claimed = _ledger.claimed_site_id(p.envelope, self.limits)
+                    claimed, claimed_seq = _ledger.claimed_update(p.envelope, self.limits)
                     if self.limiter is not None and claimed and code not in _UNAUTHENTICATED:
                         self.limiter.spend(claimed)
-                    outcomes.append((p, ("reject", code, message), claimed, None))
+                    outcomes.append((p, ("reject", code, message), claimed, claimed_seq))
                     continue
                 if self.limiter is not None:
                     self.limiter.spend(update.site_id)

@@ -177,3 +177,38 @@ def test_message_over_the_transport_limit_is_a_transport_error(consortium, serve
 
 def _pair(u):
     return u.envelope, u.diff_bytes
+
+
+def test_one_structured_log_line_per_decision(consortium, server) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("coordinator.accept")
+    handler, old_level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with server.client(consortium) as c:
+            base = fetch_base(c, consortium)
+            good = make_site_update(consortium.sites["site-a"], base)
+            c.submit_update(good.envelope, good.diff_bytes).raise_for_rejection()
+            bad = _namespace(consortium, base)
+            c.submit_update(*bad)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    lines = [r.getMessage() for r in records]
+    assert len(lines) == 2, lines
+    kind, fields = lines[0].split(" ", 1)
+    accept = json.loads(fields)
+    assert kind == "accept" and accept["site"] == "site-a" and accept["seq"] == 1
+    assert accept["latency_ms"] >= 0 and "index" in accept
+    kind, fields = lines[1].split(" ", 1)
+    reject = json.loads(fields)
+    assert kind == "reject" and reject["reason"] == "E_CONDITION_NAMESPACE"
+    assert reject["site"] == "site-a" and reject["seq"] == 2

@@ -98,7 +98,7 @@ def test_kill_9_during_submissions(tmp_path: Path) -> None:
                     del in_doubt[sid]
                 verify_ledger(c, cons)
 
-            stop_at = time.monotonic() + rng.uniform(0.15, 0.9)
+            stop_at = time.monotonic() + rng.uniform(0.1, 0.5)
             lock = threading.Lock()
 
             def submitter(sid: str, addr: str, base, round_no: int, lock: threading.Lock) -> None:

@@ -122,6 +122,7 @@ def run_map(
 
     config.require("coordinator", "trust", "key", "site_id", "state", "data", "batch_key", "out")
     assert config.state and config.trust and config.key and config.site_id and config.data
+    assert config.out is not None
     state = SiteState(config.state)
     with state.locked():
         trust = proto.load_trust(state.pin_trust(config.trust), source=str(config.trust))

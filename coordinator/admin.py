@@ -207,7 +207,12 @@ def serve(
     cfg = load_config(state_dir)
     address = listen or cfg.listen
     check_listen_address(address, insecure=insecure)
-    registry = Registry(cfg)
+    lock = _serve_lock(Path(state_dir))
+    try:
+        registry = Registry(cfg)
+    except BaseException:
+        lock.close()
+        raise
     stop = stop or threading.Event()
     server = RegistryServer(registry, cfg, listen=address, insecure=insecure)
     try:
@@ -241,7 +246,25 @@ def serve(
         registry.close()
         with contextlib.suppress(FileNotFoundError):
             (Path(state_dir) / SERVE_RECORD).unlink()
+        lock.close()
     return 0
+
+
+def _serve_lock(state_dir: Path) -> Any:
+    """An exclusive lock on ``STATE/serve.lock`` for the server's lifetime: one server per
+    state directory (the OS releases it when the process dies, also on kill -9)."""
+    import fcntl
+
+    fh = (state_dir / "serve.lock").open("a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        fh.close()
+        raise ConfigError(
+            f"--dir {state_dir}: another `coordinator serve` is already running on this state "
+            "directory (serve.lock is held); stop it first, or check `coordinator health`"
+        ) from exc
+    return fh
 
 
 def _human(n: float) -> str:
@@ -348,7 +371,7 @@ def backup_state(
                 continue
             if cache in path.resolve().parents or path.resolve() == cache:
                 continue
-            if rel.name == SERVE_RECORD or rel.name.startswith("."):
+            if rel.name in (SERVE_RECORD, "serve.lock") or rel.name.startswith("."):
                 continue
             dest = tmp / rel
             if path.is_dir():

@@ -230,3 +230,11 @@ def test_backup_while_serving(consortium, server, tmp_path: Path, capsys) -> Non
     assert st["tree_size"] == size and st["blobs"]["orphans"] == 0
     assert (out / "keys" / "log.key").exists() and not (out / "serve.json").exists()
     assert main(["coordinator", "backup", "--dir", str(consortium.state), "--out", str(out)]) == 2
+
+
+def test_one_server_per_state_directory(consortium, server, capsys) -> None:
+    assert (
+        main(["coordinator", "serve", "--dir", str(consortium.state), "--listen", "127.0.0.1:0"])
+        == 2
+    )
+    assert "already running" in capsys.readouterr().err

@@ -328,3 +328,20 @@ def test_backed_input_is_mapped_in_windows(reference_bundle, panc8, tmp_path):
                         min_cells_per_batch=10, max_epochs=1, seed=0)
     assert out.adata.X is None and out.adata.obsm["X_scarches"].shape[0] == 140
     assert any("read backed" in n for n in out.notes)
+
+
+def test_cli_flags_win_over_the_yaml_file(tmp_path):
+    from scarches_fl.cli import build_parser
+    from site_agent._cli import _config
+
+    cfg = tmp_path / "site.yaml"
+    cfg.write_text("coordinator: 127.0.0.1:7443\nsite_id: hospital-a\nbatch_key: batch\n"
+                   "state: st\nthresholds:\n  label_uncertainty: 0.3\n")
+    args = build_parser().parse_args(["site", "map", "--config", str(cfg), "--site-id",
+                                      "hospital-b", "--batches", "a,b", "--dry-run"])
+    c = _config(args)
+    assert c.coordinator == "127.0.0.1:7443" and c.site_id == "hospital-b"
+    assert c.state == tmp_path / "st" and c.batches == ("a", "b")
+    assert c.thresholds.label_uncertainty == 0.3 and c.insecure is False
+    with pytest.raises(ConfigError, match="--trust"):
+        c.require("trust")

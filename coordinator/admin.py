@@ -38,6 +38,7 @@ __all__ = [
     "print_status",
     "check_health",
     "backup_state",
+    "publish_federated_round",
     "SERVE_RECORD",
 ]
 
@@ -405,3 +406,40 @@ def backup_state(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return size, n_blobs
+
+
+def publish_federated_round(
+    state_dir: str | os.PathLike[str],
+    *,
+    aggregate: Any,
+    round_number: int,
+    base_size: int,
+    base_digest: str,
+    contributors: list[tuple[str, str]],
+) -> StoredEntry:
+    """Append an operator-signed ``federated_round`` entry whose aggregate (a
+    :class:`protocols.bundle.ReferenceBundle`) becomes the new reference: its two blobs are
+    written and fsynced first, then the entry and its checkpoint commit together. For the
+    Flower ServerApp at the end of a round; ``contributors`` is ``[(site_id, "sha256:<hex>"
+    digest of its contribution), ...]``. Works while ``serve`` runs on the same directory."""
+    from protocols.ledger import entry_blobs, make_federated_round
+
+    cfg = load_config(state_dir)
+    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    entry = make_federated_round(
+        aggregate,
+        origin=cfg.origin,
+        round_number=round_number,
+        base_size=base_size,
+        base_digest=base_digest,
+        contributors=contributors,
+        operator_keys=[operator_key],
+    )
+    with _open(state_dir) as reg:
+        refs = []
+        for ref in entry_blobs(entry.envelope):
+            name = reg.blobs.put(entry.blobs[ref.sha256])
+            refs.append(_ledger.blob_ref(ref.role, name, ref.size))
+        return reg.append_operator_entry(
+            lambda _state, _size: (bytes(entry.envelope), "federated_round", refs)
+        )

@@ -358,3 +358,41 @@ def test_client_maps_grpc_statuses() -> None:
             client._call("test", boom)
         assert err.value.status == code.name and details in str(err.value)
     client.close()
+
+
+def test_federated_round_replaces_the_model(consortium, server) -> None:
+    import numpy as np
+
+    from coordinator.admin import publish_federated_round
+    from protocols.bundle import make_bundle
+
+    with server.client(consortium) as c:
+        base = fetch_base(c, consortium)
+        u = make_site_update(consortium.sites["site-a"], base)
+        c.submit_update(u.envelope, u.diff_bytes).raise_for_rejection()
+        size, _root, _ = base_now = fetch_base(c, consortium)
+        current = base_now[2]
+        tensors = dict(current.tensors)
+        tensors["encoder.0.bias"] = tensors["encoder.0.bias"] + np.float32(
+            0.01
+        )  # shared weights moved
+        manifest = {k: v for k, v in current.manifest.items() if k != "digest"}
+        aggregate = make_bundle(manifest, tensors)
+        entry = publish_federated_round(
+            consortium.state,
+            aggregate=aggregate,
+            round_number=1,
+            base_size=size,
+            base_digest=current.digest,
+            contributors=[("site-a", "sha256:" + "ab" * 32)],
+        )
+        assert entry.kind == "federated_round"
+        ref = c.get_reference()
+        assert ref.header.digest == aggregate.digest and ref.header.tree_size == entry.index + 1
+        # An update mapped on the version before the round is stale now.
+        stale = make_site_update(consortium.sites["site-b"], base)
+        res = c.submit_update(stale.envelope, stale.diff_bytes)
+        assert res.rejection is not None and res.rejection.reason_code == "E_BASE_STALE"
+        fresh = make_site_update(consortium.sites["site-b"], fetch_base(c, consortium))
+        c.submit_update(fresh.envelope, fresh.diff_bytes).raise_for_rejection()
+        verify_ledger(c, consortium)

@@ -57,9 +57,9 @@ import hashlib
 import logging
 import re
 import secrets
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -138,6 +138,8 @@ _ED25519_SIG_LEN = 64
 _COSIG_LEN = 8 + _ED25519_SIG_LEN
 _HEX8 = re.compile(r"[0-9a-f]{8}")
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,19}")
+_NAME_FORBIDDEN = re.compile(r"[\s+\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")  # control characters other than newline
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,12 +187,9 @@ class CosignatureError(VerificationError):
 
 
 def _valid_name(name: object) -> bool:
-    if not isinstance(name, str) or not name or "+" in name:
-        return False
-    for ch in name:
-        if ch.isspace() or unicodedata.category(ch) in ("Zs", "Zl", "Zp", "Cc"):
-            return False
-    return True
+    """Non-empty; no Unicode space (``str.isspace``: categories Zs, Zl, Zp and the ASCII
+    spaces), no ``+``, no C0/C1 control character."""
+    return isinstance(name, str) and bool(name) and _NAME_FORBIDDEN.search(name) is None
 
 
 def _check_name(name: object, error: type[Exception] = KeyFormatError) -> str:
@@ -245,7 +244,7 @@ class NoteVerifier:
         if not isinstance(self.public_key, bytes) or len(self.public_key) != 32:
             raise KeyFormatError("an Ed25519 public key is exactly 32 bytes")
 
-    @property
+    @cached_property
     def key_id(self) -> int:
         """The 32-bit key ID that signature lines of this key carry."""
         return key_id(self.name, self.public_key, self.key_type)
@@ -284,7 +283,7 @@ class NoteSigner:
     def _private(self) -> Ed25519PrivateKey:
         return Ed25519PrivateKey.from_private_bytes(self.seed)
 
-    @property
+    @cached_property
     def verifier(self) -> NoteVerifier:
         """The matching public :class:`NoteVerifier`."""
         pub = (
@@ -421,7 +420,7 @@ def _check_text(text: bytes | str) -> bytes:
         raise NoteFormatError("note text must be valid UTF-8") from e
     if not decoded.endswith("\n"):
         raise NoteFormatError("note text must end with a newline")
-    if any(ord(c) < 0x20 and c != "\n" for c in decoded):
+    if _CONTROL.search(decoded):
         raise NoteFormatError("note text must not contain control characters other than newline")
     return text
 
@@ -488,7 +487,7 @@ def parse_note(data: bytes, *, max_bytes: int = MAX_NOTE_BYTES) -> Note:
         msg = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise NoteFormatError("signed note is not valid UTF-8") from e
-    if any(ord(c) < 0x20 and c != "\n" for c in msg):
+    if _CONTROL.search(msg):
         raise NoteFormatError("signed note contains a control character other than newline")
     split = msg.rfind("\n\n")
     if split < 0:
@@ -680,7 +679,7 @@ def parse_checkpoint_body(text: bytes | str) -> Checkpoint:
             "checkpoint body needs at least three lines: origin, tree size, root hash"
         )
     origin, size_s, root_s, *exts = lines
-    if not origin or any(ord(c) < 0x20 for c in text if c != "\n"):
+    if not origin or _CONTROL.search(text):
         raise CheckpointFormatError("checkpoint origin is empty or contains control characters")
     if not _DECIMAL.fullmatch(size_s) or int(size_s) > MAX_TREE_SIZE:
         raise CheckpointFormatError(

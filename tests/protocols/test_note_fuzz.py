@@ -87,7 +87,9 @@ def mutate(seed: int, seeds: list[bytes], tokens: list[bytes]) -> bytes:
 
 
 SEED = st.integers(min_value=0, max_value=2**64 - 1)
-NOTE_INPUTS = st.one_of(st.binary(max_size=300), SEED.map(lambda s: mutate(s, SEEDS, TOKENS)))
+# One integer per example (random bytes, token soup or a mutated genuine note): the cheapest
+# input Hypothesis can draw, so 10,000 examples stay fast.
+NOTE_INPUTS = SEED.map(lambda s: mutate(s, SEEDS, TOKENS))
 
 
 @pytest.mark.timeout(120)
@@ -129,9 +131,9 @@ KEY_TOKENS = [b"+", b"=", b"/", b"PRIVATE+KEY+", b" ", b"a", b"0", b"\xc2\xa0", 
 
 @pytest.mark.timeout(120)
 @FUZZ
-@given(st.one_of(st.text(max_size=80), SEED.map(lambda s: mutate(s, KEY_SEEDS_B, KEY_TOKENS))))
-def test_key_string_parsers_fuzz(raw: str | bytes) -> None:
-    text = raw if isinstance(raw, str) else raw.decode("utf-8", errors="replace")
+@given(SEED.map(lambda s: mutate(s, KEY_SEEDS_B, KEY_TOKENS)))
+def test_key_string_parsers_fuzz(raw: bytes) -> None:
+    text = raw.decode("utf-8", errors="replace")
     try:
         v = parse_verifier_key(text)
     except ScarchesFLError:

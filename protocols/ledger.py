@@ -603,7 +603,7 @@ class LedgerState:
             return base
         if kind == "genesis":
             _fields(obj, {"kind", "format_version", "origin", "bundle", "note"}, "genesis")
-            if obj["format_version"] != 1 or not isinstance(obj["note"], str):
+            if type(obj["format_version"]) is not int or obj["format_version"] != 1 or not isinstance(obj["note"], str):
                 raise LedgerError("genesis format_version must be 1, note a string", reason_code="E_PAYLOAD_MALFORMED")
             bundle = self._load_bundle(obj["bundle"], blobs, "genesis bundle")
             base.model = _Model(bundle)
@@ -614,7 +614,7 @@ class LedgerState:
             obj, {"kind", "format_version", "origin", "round", "base", "contributors", "aggregate"},
             "federated_round",
         )
-        if obj["format_version"] != 1:
+        if type(obj["format_version"]) is not int or obj["format_version"] != 1:
             raise LedgerError("federated_round format_version must be 1", reason_code="E_PAYLOAD_MALFORMED")
         rnd = _int(obj["round"], "round", 1)
         if rnd <= self._last_round:
@@ -793,7 +793,7 @@ def parse_receipt(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Receipt:
     except VerificationError as exc:
         raise ReceiptError(exc.message) from exc
     fields = {"format", "format_version", "log_index", "leaf_hash", "checkpoint", "inclusion_proof"}
-    if not isinstance(obj, dict) or set(obj) != fields or obj["format"] != RECEIPT_FORMAT or obj["format_version"] != 1:
+    if not isinstance(obj, dict) or set(obj) != fields or obj["format"] != RECEIPT_FORMAT or type(obj["format_version"]) is not int or obj["format_version"] != 1:
         raise ReceiptError(f"a receipt has exactly the fields {sorted(fields)} (format {RECEIPT_FORMAT} v1)")
     idx = obj["log_index"]
     if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:

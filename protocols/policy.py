@@ -218,6 +218,17 @@ class TrustPolicy:
         return self
 
 
+def _check_certificate(pem: Any) -> None:
+    from cryptography import x509
+
+    if not isinstance(pem, str) or "-----BEGIN CERTIFICATE-----" not in pem:
+        raise PolicyError("tls_root_pem must be a PEM certificate or null")
+    try:
+        x509.load_pem_x509_certificate(pem.encode("ascii"))
+    except (ValueError, TypeError, UnicodeEncodeError) as exc:
+        raise PolicyError(f"tls_root_pem is not a readable PEM certificate ({exc})") from exc
+
+
 def _site_from_obj(sid: Any, obj: Any) -> SiteRecord:
     if not isinstance(sid, str) or not NAMESPACE_RE.fullmatch(sid):
         raise PolicyError(f"site id {str(sid)[:80]!r} must match {NAMESPACE_RE.pattern}")
@@ -251,7 +262,7 @@ def _policy_from_obj(obj: Any) -> TrustPolicy:
     if not isinstance(obj, dict) or set(obj) != fields:
         got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise PolicyError(f"trust.json must have exactly the fields {sorted(fields)}; got {got}")
-    if obj["format"] != TRUST_FORMAT or obj["format_version"] != TRUST_FORMAT_VERSION:
+    if obj["format"] != TRUST_FORMAT or type(obj["format_version"]) is not int or obj["format_version"] != TRUST_FORMAT_VERSION:
         raise PolicyError(
             f"trust.json format {obj['format']!r} v{obj['format_version']!r} is not "
             f"{TRUST_FORMAT!r} v{TRUST_FORMAT_VERSION}; get a current trust.json from the operator"
@@ -296,8 +307,8 @@ def _policy_from_obj(obj: Any) -> TrustPolicy:
     if not _is_int(req) or not 0 <= req <= len(wkeys):
         raise PolicyError("witnesses threshold must be between 0 and the number of witness keys")
     tls = obj["tls_root_pem"]
-    if tls is not None and (not isinstance(tls, str) or "-----BEGIN CERTIFICATE-----" not in tls):
-        raise PolicyError("tls_root_pem must be a PEM certificate or null")
+    if tls is not None:
+        _check_certificate(tls)
     as_of = obj["as_of_size"]
     if not _is_int(as_of) or as_of < 0:
         raise PolicyError("as_of_size must be an integer >= 0")

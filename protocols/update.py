@@ -259,7 +259,7 @@ def parse_update_payload(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Upd
               "new_conditions", "diff"}
     if not isinstance(obj, dict) or set(obj) != fields:
         raise _bad(f"a site update payload has exactly the fields {sorted(fields)}")
-    if obj["kind"] != "site_update" or obj["format_version"] != UPDATE_FORMAT_VERSION:
+    if obj["kind"] != "site_update" or type(obj["format_version"]) is not int or obj["format_version"] != UPDATE_FORMAT_VERSION:
         raise _bad("kind must be 'site_update' with format_version 1")
     for f in ("origin", "site_id", "key_id"):
         if not isinstance(obj[f], str):

@@ -30,9 +30,27 @@ def _trust(**kw):
     )
 
 
+def _self_signed_pem() -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def test_trust_roundtrip(tmp_path):
-    t = _trust(tls_root_pem="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-               update_limits=UpdateLimits(max_abs_value=10.0))
+    t = _trust(tls_root_pem=_self_signed_pem(), update_limits=UpdateLimits(max_abs_value=10.0))
     write_trust(tmp_path / "trust.json", t)
     back = read_trust(tmp_path / "trust.json")
     assert back == t
@@ -54,6 +72,8 @@ def test_trust_roundtrip(tmp_path):
         lambda o: o.update(extra=True),
         lambda o: o["witnesses"].update(threshold=1),
         lambda o: o.update(tls_root_pem="garbage"),
+        lambda o: o.update(tls_root_pem="-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"),
+        lambda o: o.update(format_version=True),
         lambda o: o["update_limits"].update(max_abs_value=-1),
         lambda o: o["sites"].update({"Bad Site": {"keys": []}}),
         lambda o: o["sites"].update({"s": {"keys": [{"key_id": "0" * 64, "public_key": public_key_text(det_key(3)), "status": "active"}]}}),

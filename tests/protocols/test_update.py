@@ -185,3 +185,19 @@ def test_unenrolled_key_and_wrong_payload_type():
     with pytest.raises(UpdateRejectedError) as ei:
         c.state.validate_site_update(env, u.diff_bytes)
     assert ei.value.reason_code == "E_PAYLOAD_TYPE"
+
+
+def test_boolean_is_not_an_integer():
+    """`true == 1` in Python; a payload with `"format_version":true` or `"sequence":true` is
+    refused (one value, one encoding)."""
+    for field, value in (("format_version", True), ("sequence", True)):
+        c = _ready()
+        u = c.update("site-a")
+        p = json.loads(u.payload.to_bytes())
+        p[field] = value
+        from protocols.dsse import sign_envelope
+
+        env = sign_envelope(SITE_UPDATE_TYPE, canonical_json(p), [c.site_keys["site-a"]])
+        with pytest.raises(UpdateRejectedError) as ei:
+            c.state.validate_site_update(env, u.diff_bytes)
+        assert ei.value.reason_code == "E_PAYLOAD_MALFORMED"

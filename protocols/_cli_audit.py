@@ -110,11 +110,16 @@ def register(subparsers: Any) -> None:
     ledger.set_defaults(handler=lambda args: (ledger.print_help(), 2)[1])
 
 
-def _source(args: argparse.Namespace) -> Any:
+def _source(args: argparse.Namespace, trust: Any) -> Any:
     from protocols._audit_sources import open_source
 
+    # the TLS root pinned in trust.json (None: the coordinator has no TLS; use --insecure)
+    pem = trust.policy.tls_root_pem
     return open_source(
-        coordinator=args.coordinator, ledger=args.ledger, trust=args.trust, insecure=args.insecure
+        coordinator=args.coordinator,
+        ledger=args.ledger,
+        trust=pem.encode("ascii") if pem else None,
+        insecure=args.insecure,
     )
 
 
@@ -132,7 +137,7 @@ def _audit_handler(args: argparse.Namespace) -> int:
         from protocols.witness import load_witness_key
 
         witness = load_witness_key(args.witness_key)
-    source = _source(args)
+    source = _source(args, trust)
     try:
         result = run_audit(
             source,
@@ -184,7 +189,7 @@ def _ledger_show_handler(args: argparse.Namespace) -> int:
     trust = load_trust_file(args.trust)
     since = parse_iso_time(args.since, "--since") if args.since else None
     until = parse_iso_time(args.until, "--until") if args.until else None
-    source = _source(args)
+    source = _source(args, trust)
     try:
         result = read_ledger(source, trust)
     finally:

@@ -316,6 +316,16 @@ def test_every_reference_version_is_the_ledger_replay(consortium, server) -> Non
             assert ref.header.digest == state.digest_at(size), size
             served = bundle_from_bytes(ref.manifest_bytes, ref.safetensors_bytes)
             assert served.digest == state.digest_at(size)
+    # Cold: a fresh registry (no memory cache, no disk cache) materializes the latest version
+    # from the genesis and every diff in one joined application.
+    from coordinator.config import load_config
+    from coordinator.service import Registry
+
+    shutil.rmtree(consortium.state / "cache", ignore_errors=True)
+    with Registry(load_config(consortium.state)) as reg:
+        ref = reg.references.materialize(len(entries))
+        assert ref.digest == state.digest_at(len(entries))
+        assert ref.model_index == len(entries) - 1
 
 
 def test_client_maps_grpc_statuses() -> None:

@@ -41,7 +41,7 @@ class TrainingConfig:
     adam_eps: float = 0.01
     kl_warmup_epochs: int = 0
     validation_fraction: float = 0.1
-    early_stopping: bool = True
+    early_stopping: bool = False  # scvi-tools default; the validation ELBO is still recorded
     patience: int = 15
     min_delta: float = 0.0
     seed: int = 0

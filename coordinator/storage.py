@@ -325,20 +325,26 @@ class LedgerStore:
 
     def _restore_blob_files(self) -> None:
         """Rewrite blob files whose durable copy is in ``blob_data`` but whose file is missing
-        or damaged (a crash between the commit and the file copy)."""
+        or damaged (a crash or power loss between the commit and the file copy, which is not
+        fsynced). Checks every such file's hash: they are small."""
         for name, size in (
             self._conn().execute("SELECT sha256, length(data) FROM blob_data").fetchall()
         ):
             path = self.blobs.path(name)
-            if path.is_file() and path.stat().st_size == size:
-                continue
+            try:
+                if path.stat().st_size == size and sha256_name(path.read_bytes()) == name:
+                    continue
+            except FileNotFoundError:
+                pass
             (data,) = (
                 self._conn()
                 .execute("SELECT data FROM blob_data WHERE sha256 = ?", (name,))
                 .fetchone()
             )
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # put() keeps an existing file of the right size
             self.blobs.put(bytes(data))
-            logger.info("restored blob file %s from the database", name)
+            logger.warning("restored blob file %s from the database", name)
 
     # -- connections --
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
@@ -169,28 +170,22 @@ def canonical_json(obj: Any, *, max_depth: int = DEFAULT_LIMITS.max_json_depth) 
     return "".join(out).encode("utf-8")
 
 
+# A complete JSON string literal (escapes included); strings are removed before counting brackets.
+_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
 def _check_depth(text: str, max_depth: int) -> None:
-    depth = 0
-    in_string = False
-    escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > max_depth:
-                raise CanonicalJSONError(
-                    f"JSON nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
-                )
-        elif ch in "]}":
-            depth -= 1
+    """Refuse nesting deeper than ``max_depth`` in linear time, at C speed (regex + numpy), so
+    that Python's recursive JSON parser never sees a nesting bomb."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    skeleton = _STRING_RE.sub("", text).encode("utf-8", "surrogatepass")
+    arr = np.frombuffer(skeleton, dtype=np.uint8)
+    steps = ((arr == 0x5B) | (arr == 0x7B)).astype(np.int32) - ((arr == 0x5D) | (arr == 0x7D))
+    if steps.size and int(np.cumsum(steps).max()) > max_depth:
+        raise CanonicalJSONError(
+            f"JSON nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
+        )
 
 
 def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

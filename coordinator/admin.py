@@ -291,7 +291,13 @@ def print_status(
     cp = st["checkpoint"]
     print(f"origin        {st['origin']}")
     print(f"tree size     {st['tree_size']}")
-    print(f"checkpoint    size {cp['size']}, root {cp['root_hash']}")
+    when = ""
+    if cp.get("signed_at"):
+        import datetime as _dt
+
+        stamp = _dt.datetime.fromtimestamp(cp["signed_at"], _dt.UTC)
+        when = f", signed {stamp.strftime('%Y-%m-%d %H:%M:%S')} UTC"
+    print(f"checkpoint    size {cp['size']}, root {cp['root_hash']}{when}")
     if verify:
         print("verified      leaf hashes, root and checkpoint signature OK")
     print(f"sites         {len(st['sites'])}")

@@ -558,6 +558,7 @@ class Registry:
                 "size": cp.size if cp else 0,
                 "root_hash": cp.root_hash.hex() if cp else "",
                 "note": cp.signed_note.decode("utf-8", "replace") if cp else "",
+                "signed_at": self.store.checkpoint_time(cp.size) if cp else None,
             },
             "sites": sites,
             "blobs": {"count": n_blobs, "bytes": blob_bytes, "orphans": orphans},

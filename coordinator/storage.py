@@ -548,6 +548,15 @@ class LedgerStore:
         )
         return StoredCheckpoint(int(row[0]), bytes(row[1]), bytes(row[2])) if row else None
 
+    def checkpoint_time(self, size: int) -> float | None:
+        """When the checkpoint of ``size`` was signed (POSIX seconds)."""
+        row = (
+            self._conn()
+            .execute("SELECT created_at FROM checkpoints WHERE size = ?", (size,))
+            .fetchone()
+        )
+        return float(row[0]) if row else None
+
     def cosignature_lines(self, size: int) -> list[str]:
         rows = self._conn().execute(
             "SELECT line FROM cosignatures WHERE size = ? ORDER BY created_at, line", (size,)

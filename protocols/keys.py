@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -127,11 +128,32 @@ def save_private_key(
     """Write ``key`` as PEM PKCS#8 with mode 0600, atomically. Refuses to replace an existing
     file unless ``overwrite`` (a lost site key cannot be recovered)."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise KeyFormatError(
-            f"{path} already exists; refusing to overwrite a private key (move it away first)"
-        )
-    atomic_write(path, private_key_pem(key), mode=0o600)
+    pem = private_key_pem(key)
+    if overwrite:
+        atomic_write(path, pem, mode=0o600)
+        return
+    # Write a 0600 temp file, fsync, then hard-link it into place: link() fails if the name
+    # exists, so an existing key is never replaced, and readers never see a partial file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError as exc:
+            raise KeyFormatError(
+                f"{path} already exists; refusing to overwrite a private key (move it away first)"
+            ) from exc
+    finally:
+        os.unlink(tmp)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def save_public_key(pub: Ed25519PublicKey | Ed25519PrivateKey, path: str | os.PathLike[str]) -> None:

@@ -2,6 +2,7 @@
 
 * ``simulate``: N virtual sites on this machine (Simulation Engine), one command.
 * ``verify``: the auditor's check of a run's signed records against a bundle.
+* ``publish``: append a verified run's rounds to the coordinator's ledger.
 * ``policy``: the operator writes the site policy (who may contribute, with which key).
 * ``tls``, ``node-keygen``: TLS material for the SuperLink; a site's SuperNode auth key.
 * ``superlink``, ``register-node``, ``supernode``, ``run``: the Deployment Engine, one
@@ -60,6 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "(default: RECORDS/federation-policy.json)")
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.set_defaults(handler=_verify)
+
+    pub = sub.add_parser("publish", help="append a verified run to the coordinator's ledger")
+    pub.add_argument("--dir", required=True, help="coordinator state directory, initialised "
+                     "with --reference RECORDS/models/round-0000 and the sites enrolled")
+    pub.add_argument("--records", required=True, help="the run's record directory")
+    pub.add_argument("--policy", default=None,
+                     help="default: RECORDS/federation-policy.json")
+    pub.set_defaults(handler=_publish)
 
     pol = sub.add_parser("policy", help="write the site policy (operator)")
     pol.add_argument("--out", required=True, help="policy file to write")
@@ -196,6 +205,16 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"OK: run {report.run_id}, {report.rounds} rounds, "
               f"{report.contributions_verified} signed contributions verified, "
               f"{len(report.excluded)} exclusions recorded; final model {report.final_digest}")
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from coordinator.federated_ledger import publish_run
+
+    entries = publish_run(args.dir, args.records, policy=args.policy)
+    for e in entries:
+        print(f"ledger entry {e.index}: federated_round")
+    print(f"appended {len(entries)} federated rounds to {args.dir}")
     return 0
 
 

@@ -91,6 +91,7 @@ class FederationSettings:
     label_key: str | None = None
     run_id: str = ""
     bundle_dir: str | None = None  # default: <out_dir>/bundle
+    keep_models: bool = True  # write the initial model and every aggregate under out_dir/models
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -333,6 +334,8 @@ class _Federation:
         base_bundle = self._model_bundle(tensors)
         manifest_bytes = json.dumps(base_bundle.manifest, sort_keys=True).encode()
         initial_digest = base_digest = base_bundle.digest
+        if s.keep_models:
+            write_bundle(self.out / "models" / "round-0000", base_bundle)
         warmup = _kl_warmup(s)
         stopper = F.EarlyStopping(patience=s.patience)
         best_tensors, best_round = tensors, 0
@@ -367,7 +370,12 @@ class _Federation:
                 for site, (p, arrays, env) in accepted.items()
             ]
             new_tensors = F.aggregate(tensors, contribs, self.hp, G, C, self.owners)
-            agg_digest = self._model_bundle(new_tensors).digest if contribs else base_digest
+            agg_bundle = self._model_bundle(new_tensors)
+            agg_digest = agg_bundle.digest
+            if s.keep_models:
+                # Every aggregate, so the rounds can be appended to the coordinator's ledger
+                # (``scarches-fl federate publish``).
+                write_bundle(self.out / "models" / f"round-{rnd:04d}", agg_bundle)
             contributors = []
             for site, (p, _arrays, env) in sorted(accepted.items()):
                 name = f"round-{rnd:04d}.{site}.contribution.json"

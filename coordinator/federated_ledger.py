@@ -1,0 +1,88 @@
+"""Append a federated training run to the coordinator's ledger.
+
+The ledger (P1's :mod:`protocols.ledger`, C's storage) holds the run as ordinary entries:
+
+* the **genesis** is the run's initial model (``federation/models/round-0000``, published with
+  ``scarches-fl coordinator init --reference``), so the first round's base is a version of the log;
+* the sites are **enrolled** with the keys that signed their contributions
+  (``scarches-fl coordinator enroll``);
+* every round up to the one the run chose (early stopping) becomes an operator-signed
+  ``federated_round`` entry (``coordinator.admin.publish_federated_round``): its base is the
+  current version of the log, its contributors are the verified contributions (site id and
+  contribution digest), its aggregate is that round's model. Rounds after the chosen one stay in
+  the run's signed records but are not appended, so the ledger's latest model is the federated
+  reference bundle, and sites extend it by surgery.
+
+:func:`publish_run` verifies the run's records first (:func:`verify_run_directory`) and checks
+that the ledger's current model is the run's initial model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from coordinator.federated_records import (
+    ROUND_PAYLOAD_TYPE,
+    RUN_PAYLOAD_TYPE,
+    FederationError,
+    open_envelope,
+    verify_run_directory,
+)
+
+__all__ = ["publish_run"]
+
+log = logging.getLogger(__name__)
+
+
+def publish_run(
+    state_dir: str | os.PathLike[str], records: str | os.PathLike[str], *,
+    policy: str | os.PathLike[str] | None = None,
+) -> list[Any]:
+    """Append the run in ``records`` (``BUNDLE_DIR/federation``) to the ledger in
+    ``state_dir``; returns the appended entries. Raises :class:`FederationError` when the
+    records do not verify or the ledger does not start from the run's initial model."""
+    from coordinator.admin import publish_federated_round
+    from coordinator.federated_keys import load_policy, load_policy_coordinator
+    from protocols.bundle import read_bundle
+
+    records = Path(records)
+    policy_path = Path(policy) if policy else records / "federation-policy.json"
+    coordinator_key = load_policy_coordinator(policy_path)
+    report = verify_run_directory(records, site_keys=load_policy(policy_path),
+                                  coordinator_key=coordinator_key)
+    run = open_envelope((records / "rounds" / "run.json").read_bytes(), RUN_PAYLOAD_TYPE,
+                        coordinator_key)
+    final_round = int(run["final"]["round"])
+    size, digest = _ledger_size_and_digest(Path(state_dir))
+    if digest != report.initial_digest:
+        raise FederationError(
+            f"the ledger's current model is {digest}, not the run's initial model "
+            f"{report.initial_digest}; initialise the coordinator with --reference "
+            f"{records / 'models' / 'round-0000'} before publishing the run")
+    entries = []
+    for rnd in range(1, final_round + 1):
+        rec = open_envelope((records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
+                            ROUND_PAYLOAD_TYPE, coordinator_key)
+        aggregate = read_bundle(records / "models" / f"round-{rnd:04d}")
+        if aggregate.digest != rec["aggregate_digest"]:
+            raise FederationError(f"models/round-{rnd:04d} is not the aggregate round {rnd} "
+                                  "recorded")
+        contributors = [(c["site_id"], c["contribution_digest"]) for c in rec["contributors"]]
+        entry = publish_federated_round(
+            state_dir, aggregate=aggregate, round_number=rnd, base_size=size,
+            base_digest=rec["base_digest"], contributors=contributors)
+        entries.append(entry)
+        size = int(entry.index) + 1
+        log.info("appended round %d as ledger entry %d", rnd, entry.index)
+    return entries
+
+
+def _ledger_size_and_digest(state_dir: Path) -> tuple[int, str]:
+    """The log size and the digest of the model it serves (C's replayed ``LedgerState``)."""
+    from coordinator.admin import _open
+
+    with _open(state_dir) as reg:
+        return int(reg.state.size), str(reg.state.digest)

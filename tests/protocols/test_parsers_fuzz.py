@@ -7,6 +7,8 @@ Set ``SCARCHES_FL_FUZZ_EXAMPLES`` to run more (or fewer) examples locally.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 
@@ -111,11 +113,12 @@ def _canonical_roundtrip(data: bytes) -> None:
 
 def _parsers():
     from protocols.bundle import bundle_from_bytes, parse_safetensors_header
+    from protocols.canonical import canonical_json
     from protocols.diff import diff_from_bytes
-    from protocols.dsse import parse_envelope, verify_envelope
+    from protocols.dsse import parse_envelope, sign_envelope, verify_envelope
     from protocols.ledger import entry_blobs, entry_payload, parse_receipt
     from protocols.policy import parse_trust
-    from protocols.update import parse_update_payload, validate_update
+    from protocols.update import SITE_UPDATE_TYPE, parse_update_payload, validate_update
 
     c = SEEDS["_consortium"]
     ctx = c.state.update_context()
@@ -132,6 +135,21 @@ def _parsers():
                 pass
         assert c.state.size == size
 
+    site_key = c.site_keys["site-a"]
+    payload_obj = json.loads(SEEDS["payload"])
+
+    def resigned_payload(d: bytes) -> None:
+        """A validly signed envelope around mutated payload bytes: reaches the payload parser
+        and every later rule."""
+        validate_update(sign_envelope(SITE_UPDATE_TYPE, d, [site_key]), diff, ctx)
+
+    def resigned_diff(d: bytes) -> None:
+        """A validly signed payload naming the mutated diff's sha256 and size: reaches the
+        strict diff reader and the tensor rules."""
+        p = {**payload_obj, "diff": {**payload_obj["diff"], "sha256": hashlib.sha256(d).hexdigest(),
+                                     "size": len(d)}}
+        validate_update(sign_envelope(SITE_UPDATE_TYPE, canonical_json(p), [site_key]), d, ctx)
+
     return [
         ("canonical_json", "json", _canonical_roundtrip),
         ("dsse.parse_envelope", "envelope", parse_envelope),
@@ -142,6 +160,8 @@ def _parsers():
         ("update payload", "payload", parse_update_payload),
         ("validate_update(envelope)", "envelope", lambda d: validate_update(d, diff, ctx)),
         ("validate_update(diff)", "diff", lambda d: validate_update(envelope, d, ctx)),
+        ("validate_update(re-signed payload)", "payload", resigned_payload),
+        ("validate_update(re-signed diff)", "diff", resigned_diff),
         ("trust.json", "trust", parse_trust),
         ("ledger entry", "policy_entry", ledger_entry),
         ("ledger entry (site update)", "envelope", ledger_entry),
@@ -171,7 +191,7 @@ def test_fuzz_public_key_text(text):
     _only_typed("public_key_from_text", public_key_from_text, text)
 
 
-@settings(FUZZ, max_examples=min(EXAMPLES, 2000))
+@settings(FUZZ, max_examples=min(EXAMPLES, 1000))
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes(data):
     """Unstructured bytes (Hypothesis' own generator and shrinker) into every parser."""

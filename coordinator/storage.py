@@ -468,9 +468,15 @@ class LedgerStore:
                     raise
                 with self._tree_lock:
                     self._committed += len(w._pending)
-                for data in w._inline.values():
-                    # A copy for readers of blobs/; the durable copy is blob_data (committed).
-                    self.blobs.put(data, durable=False)
+                for name, data in w._inline.items():
+                    # A copy for readers of blobs/; the durable copy is blob_data (committed),
+                    # so a failure here loses nothing: the file is restored at the next start.
+                    try:
+                        self.blobs.put(data, durable=False)
+                    except OSError as exc:
+                        logger.warning(
+                            "could not copy blob %s to %s: %s", name, self.blobs.root, exc
+                        )
 
     def add_cosignatures(self, size: int, lines: Sequence[str]) -> int:
         """Store witness signature lines for checkpoint ``size``; returns how many were new."""

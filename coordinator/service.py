@@ -489,10 +489,17 @@ class Registry:
         # Committed (the context manager returned): answer every submission of the batch.
         for p, outcome, site, seq in outcomes:
             kind = outcome[0]
-            if kind == "accept":
-                result = SubmitResult(receipt=self.receipt(outcome[1]))
-            elif kind == "dup":
-                result = SubmitResult(receipt=self.receipt(outcome[1], duplicate=True))
+            if kind in ("accept", "dup"):
+                try:
+                    result = SubmitResult(receipt=self.receipt(outcome[1], duplicate=kind == "dup"))
+                except Exception:  # committed, but the receipt could not be read back
+                    logger.exception("could not build the receipt of entry %s", outcome[1])
+                    result = self._reject(
+                        "E_INTERNAL",
+                        "the update was logged but its receipt could not be read; resubmit the "
+                        "same envelope to get it",
+                        retry_after=1.0,
+                    )
             else:
                 retry = outcome[3] if len(outcome) > 3 else 0.0
                 code = outcome[1]

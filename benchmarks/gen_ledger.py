@@ -120,19 +120,25 @@ def build_ledger(
     origin: str = ORIGIN,
     witness_keys: Sequence[str] = (),
     witnesses_required: int = 0,
+    federated_round_at: int | None = None,
+    wrong_base_digest_at: int | None = None,
 ) -> GeneratedLedger:
     """Write a coordinator state directory with a genesis, ``n_sites`` enrolments and
     ``n_updates`` site updates (one new condition each) into ``out``.
 
     ``revoke=(site_id, u)``: a revoke entry for ``site_id`` right before update number ``u``;
-    that site's later updates are logged anyway (signed by the revoked key)."""
+    that site's later updates are logged anyway (signed by the revoked key).
+    ``federated_round_at=u``: a ``federated_round`` entry right before update ``u`` whose
+    aggregate changes the frozen weights (sites then map on the round's version).
+    ``wrong_base_digest_at=u``: update ``u`` states a base digest that is not the replay's
+    (a coordinator that accepted it anyway)."""
     from coordinator.storage import BlobStore, LedgerStore
     from protocols import merkle
     from protocols._audit_replay import ModelReplay
-    from protocols.bundle import bundle_to_bytes
+    from protocols.bundle import bundle_to_bytes, make_bundle
     from protocols.checkpoint import Checkpoint, sign_checkpoint
     from protocols.diff import diff_from_bytes
-    from protocols.ledger import enrol_entry, make_genesis, revoke_entry
+    from protocols.ledger import enrol_entry, make_federated_round, make_genesis, revoke_entry
     from protocols.policy import build_trust, write_trust
     from protocols.proto.serde import BlobRef
     from protocols.update import make_update
@@ -201,6 +207,23 @@ def build_ledger(
                 if revoke is not None and revoke[1] == u:
                     env = revoke_entry(origin=origin, site_id=revoke[0], operator_keys=[keys.operator])
                     policy_indices.append(put(w, env, "policy", site_id=revoke[0]))
+                if federated_round_at is not None and federated_round_at == u:
+                    current = replay.bundle()
+                    tensors = dict(current.tensors)
+                    tensors["encoder.W_x"] = (tensors["encoder.W_x"] * np.float32(0.9)).astype(np.float32)
+                    manifest = {k: v for k, v in current.manifest.items() if k != "digest"}
+                    aggregate = make_bundle(manifest, tensors)
+                    rnd = make_federated_round(
+                        aggregate, origin=origin, round_number=1, base_size=tree.size,
+                        base_digest=current.digest,
+                        contributors=[(sid_, "sha256:" + "ab" * 32) for sid_ in site_ids[:2]],
+                        operator_keys=[keys.operator],
+                    )
+                    last_model_index = put(w, rnd.envelope, "federated_round", blob_list=[
+                        ("manifest", rnd.manifest_bytes), ("safetensors", rnd.safetensors_bytes)])
+                    replay = ModelReplay(aggregate)
+                    published = tree.size
+                    digests[published] = replay.digest()
                 if tree.size - published >= base_every:
                     published = tree.size
                     digests[published] = replay.digest()
@@ -213,7 +236,9 @@ def build_ledger(
                 upd = make_update(
                     origin=origin, site_id=sid, site_key=keys.sites[sid],
                     sequence=sequences[sid], base_size=published,
-                    base_root=tree.root(published), base_digest=digests[published],
+                    base_root=tree.root(published),
+                    base_digest=digests[published] if u != wrong_base_digest_at
+                    else "sha256:" + "0" * 64,
                     new_conditions=[cond], diff=diff,
                 )
                 idx = put(w, upd.envelope, "site_update", site_id=sid, sequence=sequences[sid],

@@ -48,6 +48,23 @@ def test_untouched_ledger_verifies(ledger: GeneratedLedger, tmp_path: Path) -> N
     assert again.ok and again.previous_checkpoint_size == ledger.size
 
 
+def test_federated_round_replaces_the_model(tmp_path: Path, pristine: GeneratedLedger) -> None:
+    led = small_ledger(tmp_path / "fed", keys=pristine.keys, federated_round_at=5)
+    res = audit(led, tmp_path / "aud")
+    assert res.ok, res.findings
+    assert res.kind_counts["federated_round"] == 1
+    assert res.served_digest == led.served_digest
+
+
+def test_update_on_a_base_digest_that_is_not_the_replay(
+    tmp_path: Path, pristine: GeneratedLedger
+) -> None:
+    led = small_ledger(tmp_path / "digest", keys=pristine.keys, wrong_base_digest_at=7)
+    res = audit(led, tmp_path / "aud")
+    assert_failure(res, "REPLAY_MISMATCH", led.update_indices[7])
+    assert res.findings[0].reason_code == "E_BASE_DIGEST_MISMATCH"
+
+
 def test_flipped_byte_in_diff_blob(ledger: GeneratedLedger, tmp_path: Path) -> None:
     k = ledger.update_indices[5]
     (sha,) = db(ledger).execute(

@@ -398,10 +398,7 @@ def load_trust_file(path: str | Path) -> TrustAnchors:
     try:
         policy = read_trust(path)
     except PolicyError as exc:
-        raise ConfigError(
-            f"--trust: {exc.message}; pass the trust.json the operator handed out (written by "
-            "`scarches-fl coordinator init`)"
-        ) from exc
+        raise ConfigError(f"--trust: {exc.message}") from exc
     return trust_from_policy(policy)
 
 

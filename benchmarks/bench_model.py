@@ -68,6 +68,14 @@ def _load_case(case: str, workdir: Path) -> tuple[Any, Any]:
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM belongs to the process image (ru_maxrss would carry the
+    parent's peak across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -242,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             row = (f"{case:8} {phase:9} {spe:10.3f} {o['train_cells'] / spe:9.0f} "
                    f"{s.get('seconds_per_epoch', float('nan')):10.3f} "
                    f"{e.get('ratio_scvi_over_ours', {}).get(phase, float('nan')):7.2f}x "
-                   f"{o['trainable_parameters']:11d} {e['scarches_fl']['peak_rss_mb']:8.0f}")
+                   f"{o['trainable_parameters']:11d} {e['scarches_fl']['peak_rss_mb']:8.0f}"
+                   f" (scvi {e.get('scvi_tools', {}).get('peak_rss_mb', float('nan')):.0f})")
             print(row)
     out = Path(args.out) if args.out else HERE / "results" / f"model_{'_'.join(cases)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

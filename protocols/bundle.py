@@ -545,7 +545,9 @@ def bundle_from_bytes(
     limits: Limits = DEFAULT_LIMITS,
 ) -> ReferenceBundle:
     """A bundle from its two files' bytes. With ``verify`` the manifest's digest must match the
-    contents (:class:`DigestMismatchError` otherwise). Pure: no I/O."""
+    contents (:class:`DigestMismatchError` otherwise). Without it, the claimed digest is ignored
+    and the returned bundle carries the digest its contents hash to (compare it yourself). Every
+    other check (strict parsing, manifest vs tensors) always runs. Pure: no I/O."""
     try:
         manifest = parse_json_strict(
             manifest_bytes,

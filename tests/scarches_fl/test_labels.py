@@ -205,3 +205,39 @@ def test_large_atlas_uses_pynndescent(monkeypatch):
     approx = L.predict_labels(manifest, tensors, zq, label_key="cell_type")
     assert np.mean(approx.top_label == exact.top_label) > 0.98
     assert np.mean(approx.pred == yq) > 0.95
+
+
+def test_knowledge_survives_canonical_json_and_bundle_round_trip(knowledge, tmp_path):
+    """The labels dict is part of the signed manifest: canonical JSON, then back, same answers."""
+    from protocols.bundle import make_bundle, read_bundle, write_bundle
+    from protocols.canonical import canonical_json, parse_json_strict
+
+    manifest, tensors = knowledge
+    back = parse_json_strict(canonical_json(manifest), max_bytes=10_000_000)
+    zq, _ = _gaussians(n_per=10, seed=4)
+    for method in ("knn", "prototype"):
+        a = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+        b = L.predict_labels(back, tensors, zq, label_key="cell_type", method=method)
+        np.testing.assert_array_equal(a.pred, b.pred)
+        np.testing.assert_allclose(a.uncertainty, b.uncertainty, atol=1e-6)
+    bundle_manifest = {
+        "format": "scarches-fl.bundle",
+        "format_version": 1,
+        "model_class": "scarches_fl.CVAE",
+        "hyperparameters": {},
+        "genes": ["g1"],
+        "conditions": ["ref/a"],
+        "tensors": {
+            name: {"role": "frozen", "dtype": "float32", "shape": list(arr.shape)}
+            for name, arr in tensors.items()
+        },
+        "registration": {},
+        "labels": manifest,
+    }
+    bundle = make_bundle(bundle_manifest, tensors)
+    write_bundle(tmp_path / "b", bundle)
+    loaded = read_bundle(tmp_path / "b")
+    c = L.predict_labels(loaded.manifest["labels"], loaded.tensors, zq, label_key="cell_type")
+    np.testing.assert_array_equal(
+        c.pred, L.predict_labels(manifest, tensors, zq, label_key="cell_type").pred
+    )

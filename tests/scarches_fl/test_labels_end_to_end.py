@@ -1,0 +1,90 @@
+"""Label transfer end to end with the real model on the shared real datasets.
+
+Train a reference (``ReferenceModel.train_reference`` with labels), map the query by surgery,
+predict labels from the bundle's label knowledge, score with ``scarches_fl.metrics``.
+The full panc8 comparison with scvi-tools is in ``benchmarks/bench_labels.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scarches_fl import metrics as M
+from scarches_fl.labels import build_label_knowledge, predict_labels
+
+ad = pytest.importorskip("anndata")
+pytest.importorskip("torch")
+model_mod = pytest.importorskip("scarches_fl.model")
+
+PANC8_REFERENCE = ["indrop1", "indrop2", "indrop3", "indrop4", "celseq", "fluidigmc1"]
+
+
+def _map(adata, reference_batches, *, holdout=None, include_atlas=True, seed=0, epochs=None):
+    adata.obs["batch"] = adata.obs["batch"].astype(str)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    is_ref = adata.obs["batch"].isin(reference_batches).to_numpy()
+    ref_mask = is_ref & (adata.obs["cell_type"] != holdout).to_numpy() if holdout else is_ref
+    ref, query = adata[ref_mask].copy(), adata[~is_ref].copy()
+    model = model_mod.ReferenceModel.train_reference(
+        ref,
+        batch_key="batch",
+        label_key="cell_type",
+        seed=seed,
+        progress=False,
+        include_atlas=include_atlas,
+        max_epochs=epochs,
+    )
+    res = model.surgery(
+        query,
+        batch_key="batch",
+        namespace="site1",
+        seed=seed,
+        progress=False,
+        max_epochs=None if epochs is None else max(10, epochs // 2),
+    )
+    # label knowledge travels in the mapped model's bundle unchanged
+    assert res.model.labels == model.labels
+    return model, res, ref, query
+
+
+def test_cellbench_drop_seq_query_accuracy(shared_data):
+    adata = ad.read_h5ad(shared_data / "cellbench_3tech_hvg.h5ad")
+    # cell lines separate easily: a short training keeps this test fast
+    model, res, ref, query = _map(adata, ["10x_3cl", "CELseq2_3cl"], epochs=40)
+    truth = query.obs["cell_type"].to_numpy()
+    atlas = {k: v for k, v in model.tensors().items() if k.startswith("atlas.")}
+    for method in ("knn", "prototype"):
+        pred = predict_labels(model.labels, atlas, res.latent, label_key="cell_type", method=method)
+        assert M.label_accuracy(truth, pred.top_label) >= 0.98, method
+        assert M.macro_f1(truth, pred.top_label) >= 0.98, method
+        assert np.mean(pred.pred == "Unknown") <= 0.05, method
+
+
+@pytest.mark.slow
+def test_panc8_query_accuracy(shared_data):
+    adata = ad.read_h5ad(shared_data / "panc8_sub_nebula.h5ad")
+    model, res, ref, query = _map(adata, PANC8_REFERENCE, include_atlas=False)
+    truth = query.obs["cell_type"].to_numpy()
+    pred = predict_labels(model.labels, {}, res.latent, label_key="cell_type")
+    assert pred.method == "prototype"
+    assert M.label_accuracy(truth, pred.top_label) >= 0.85
+
+
+@pytest.mark.slow
+def test_panc8_held_out_alpha_is_flagged(shared_data):
+    adata = ad.read_h5ad(shared_data / "panc8_sub_nebula.h5ad")
+    model, res, ref, query = _map(adata, PANC8_REFERENCE, holdout="alpha", include_atlas=False)
+    truth = query.obs["cell_type"].to_numpy()
+    knowledge, _ = build_label_knowledge(
+        model.get_latent(ref, batch_key="batch", namespace="ref"),
+        {"cell_type": ref.obs["cell_type"].to_numpy()},
+    )
+    assert (
+        knowledge["levels"]["cell_type"]["prototype"]["classes"]
+        == (model.labels["levels"]["cell_type"]["prototype"]["classes"])
+    )
+    pred = predict_labels(model.labels, {}, res.latent, label_key="cell_type")
+    novel = truth == "alpha"
+    assert M.unknown_detection_auroc(pred.uncertainty, novel) >= 0.90
+    assert np.mean(pred.pred[novel] == "Unknown") > 0.5

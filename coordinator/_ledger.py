@@ -135,20 +135,31 @@ def verify_checkpoint_note(signer: LogSigner, note: bytes) -> Any:
     return verify_checkpoint(note, origin=signer.origin, log_verifier=signer.verifier)
 
 
-#: At most this many cosignature lines are kept per checkpoint.
-MAX_COSIGNATURES_PER_CHECKPOINT = 32
+#: Cosignature lines from keys trust.json does not pin, kept per checkpoint (pinned witnesses'
+#: lines are always kept: junk from unknown keys can never crowd them out).
+MAX_UNPINNED_COSIGNATURES = 8
 
 
 def cosignature_lines_for(
-    store: LedgerStore, signer: LogSigner, cosigned_note: bytes
+    store: LedgerStore,
+    signer: LogSigner,
+    cosigned_note: bytes,
+    witness_keys: tuple[str, ...] = (),
 ) -> tuple[int, list[str]]:
-    """Check a witness's cosigned note: it must be one of our checkpoints (our signature
-    verifies, the text equals the stored checkpoint of that size) and its other lines must be
-    well-formed ``cosignature/v1`` lines. Returns (size, new lines). Which witnesses count is
-    decided by each verifier against its own trust.json, not here."""
+    """Check a witness's cosigned note and return (size, its cosignature lines to store).
+
+    The note must be one of this log's checkpoints (our signature verifies and its text is the
+    stored checkpoint of that size). Every other line must be a well-formed ``cosignature/v1``
+    line; a line from a witness pinned in trust.json must verify (P2's ``open_note``), and lines
+    from unpinned keys are kept only up to :data:`MAX_UNPINNED_COSIGNATURES` per checkpoint.
+    Which witnesses count is decided by each verifier against its own trust.json."""
     from protocols.checkpoint import (
         KEY_TYPE_COSIGNATURE_V1,
+        NoteSignatureError,
+        UntrustedNoteError,
+        open_note,
         parse_note,
+        parse_verifier_key,
     )
 
     cp = verify_checkpoint_note(signer, cosigned_note)
@@ -159,8 +170,20 @@ def cosignature_lines_for(
             reason_code="E_CHECKPOINT_INVALID",
         )
     note = parse_note(cosigned_note)
+    pinned = [parse_verifier_key(k) for k in witness_keys]
+    pinned_ids = {(v.name, v.key_id) for v in pinned}
+    if pinned:
+        try:
+            open_note(cosigned_note, pinned)  # every line of a pinned witness must verify
+        except UntrustedNoteError:
+            pass  # no pinned witness in this note
+        except NoteSignatureError as exc:
+            raise VerificationError(
+                f"a pinned witness's cosignature does not verify: {exc}",
+                reason_code="E_CHECKPOINT_INVALID",
+            ) from exc
     own = (signer.verifier.name, signer.verifier.key_id)
-    lines = []
+    lines, unpinned = [], []
     for sig in note.signatures:
         if (sig.name, sig.key_id) == own:
             continue
@@ -170,19 +193,34 @@ def cosignature_lines_for(
                 f"{KEY_TYPE_COSIGNATURE_V1:#x}: 8-byte timestamp + Ed25519 signature)",
                 reason_code="E_CHECKPOINT_INVALID",
             )
-        lines.append(sig.line.rstrip("\n"))
-    if not lines:
+        line = sig.line.rstrip("\n")
+        (lines if (sig.name, sig.key_id) in pinned_ids else unpinned).append(line)
+    if not lines and not unpinned:
         raise VerificationError(
             "the note carries no cosignature besides the log's own",
             reason_code="E_CHECKPOINT_INVALID",
         )
-    if len(store.cosignature_lines(cp.size)) + len(lines) > MAX_COSIGNATURES_PER_CHECKPOINT:
-        raise VerificationError(
-            f"checkpoint {cp.size} already has the maximum of {MAX_COSIGNATURES_PER_CHECKPOINT} "
-            "cosignatures",
-            reason_code="E_OVERSIZE",
-        )
+    if unpinned:
+        have = store.cosignature_lines(cp.size)
+        stored_unpinned = [ln for ln in have if _line_id(ln) not in pinned_ids]
+        room = MAX_UNPINNED_COSIGNATURES - len(stored_unpinned)
+        new = [ln for ln in unpinned if ln not in have]
+        if len(new) > room:
+            raise VerificationError(
+                f"checkpoint {cp.size} already has {len(stored_unpinned)} cosignatures from "
+                "witnesses trust.json does not pin (the limit); ask the operator to pin your "
+                "witness key (`coordinator init --witness`)",
+                reason_code="E_OVERSIZE",
+            )
+        lines += unpinned
     return cp.size, lines
+
+
+def _line_id(line: str) -> tuple[str, int]:
+    from protocols.checkpoint import parse_note
+
+    sig = parse_note(b"x\n\n" + (line + "\n").encode()).signatures[0]
+    return sig.name, sig.key_id
 
 
 # --------------------------------------------------------------------------------------------

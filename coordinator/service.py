@@ -295,7 +295,9 @@ class Registry:
         if len(cosigned_note) > self.cfg.limits.max_note_bytes:
             return False, 0, f"note larger than {self.cfg.limits.max_note_bytes} bytes"
         try:
-            size, lines = _ledger.cosignature_lines_for(self.store, self.signer, cosigned_note)
+            size, lines = _ledger.cosignature_lines_for(
+                self.store, self.signer, cosigned_note, tuple(self.state.trust.witness_keys)
+            )
         except VerificationError as exc:
             return False, 0, str(exc)
         added = self.store.add_cosignatures(size, lines)

@@ -406,3 +406,57 @@ def test_federated_round_replaces_the_model(consortium, server) -> None:
         fresh = make_site_update(consortium.sites["site-b"], fetch_base(c, consortium))
         c.submit_update(fresh.envelope, fresh.diff_bytes).raise_for_rejection()
         verify_ledger(c, consortium)
+
+
+def test_unpinned_cosignatures_cannot_crowd_out_pinned_witnesses(tmp_path: Path) -> None:
+    """Junk from unknown keys is capped per checkpoint; a pinned witness always gets in, and a
+    pinned witness's line must verify."""
+    from coordinator._ledger import MAX_UNPINNED_COSIGNATURES
+    from coordinator.admin import init_state
+    from coordinator.config import load_config
+    from coordinator.service import Registry
+    from protocols.bundle import write_bundle
+    from protocols.checkpoint import cosign_checkpoint, generate_signer
+    from tests.coordinator.synth import synthetic_reference
+
+    pinned = generate_signer("pinned.witness").as_cosigner()
+    write_bundle(tmp_path / "ref", synthetic_reference())
+    init_state(
+        tmp_path / "s",
+        reference=tmp_path / "ref",
+        origin="w.example/log",
+        witness_keys=(pinned.verifier.vkey,),
+        witnesses_required=1,
+    )
+    with Registry(load_config(tmp_path / "s")) as reg:
+        note = reg.checkpoint().signed_note
+        trust = {"origin": "w.example/log", "log_public_key": reg.signer.vkey}
+
+        def cosigned(witness, ts=1_700_000_000):
+            return cosign_checkpoint(
+                note,
+                origin=trust["origin"],
+                log_verifier=trust["log_public_key"],
+                witness=witness,
+                timestamp=ts,
+            )[1]
+
+        for i in range(MAX_UNPINNED_COSIGNATURES):
+            ok, added, _ = reg.add_cosignature(cosigned(generate_signer(f"junk{i}").as_cosigner()))
+            assert ok and added == 1
+        ok, _, msg = reg.add_cosignature(cosigned(generate_signer("one.more").as_cosigner()))
+        assert not ok and "does not pin" in msg
+        ok, added, _ = reg.add_cosignature(cosigned(pinned))
+        assert ok and added == 1
+        # A forged line under the pinned witness's name and key id is refused.
+        good = cosigned(pinned, ts=1_700_000_001)
+        head, sigs = good.rsplit(b"\n\n", 1)
+        lines = sigs.decode().splitlines()
+        import base64
+
+        blob = bytearray(base64.b64decode(lines[-1].split(" ")[-1]))
+        blob[-1] ^= 1
+        lines[-1] = lines[-1].rsplit(" ", 1)[0] + " " + base64.b64encode(bytes(blob)).decode()
+        forged = head + b"\n\n" + ("\n".join(lines) + "\n").encode()
+        ok, _, msg = reg.add_cosignature(forged)
+        assert not ok and "does not verify" in msg

@@ -358,6 +358,23 @@ class AuditorState:
     def store_cosigned(self, note: bytes) -> None:
         self._write(self.dir / "cosigned.note", note)
 
+    def verified_views(self) -> list[tuple[int, str]]:
+        """(tree size, root hex) of every checkpoint an earlier audit verified the log of."""
+        path = self.dir / "history.jsonl"
+        if not path.is_file():
+            return []
+        out = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise AuditStateError(
+                    f"{path} line {n} is damaged; repair or remove that line"
+                ) from exc
+            if rec.get("log_verified") and isinstance(rec.get("tree_size"), int):
+                out.append((int(rec["tree_size"]), str(rec.get("root", ""))))
+        return out
+
     def append_history(self, record: Mapping[str, Any]) -> None:
         with open(self.dir / "history.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(dict(record), sort_keys=True) + "\n")
@@ -585,6 +602,22 @@ def run_audit(
                         + (f" (entry {first} differs from the one verified then)" if first is not None else ""),
                     )
                 )
+    # and with every checkpoint an earlier audit verified (each was checked against its
+    # predecessor too; this also covers a state directory whose last note was lost)
+    if log_ok and not findings:
+        for size, root_hex in state.verified_views():
+            bad = size > cp.size or (size > 0 and tree.root(size).hex() != root_hex)
+            if bad:
+                findings.append(
+                    Finding(
+                        "LOG_FORK",
+                        None,
+                        "E_CHECKPOINT_ROLLBACK",
+                        f"not consistent with the size-{size} checkpoint (root "
+                        f"{root_hex[:16]}...) an earlier audit verified",
+                    )
+                )
+                break
     log_consistent = not findings
 
     # 4 + 5. entries, policy, blobs, replay
@@ -624,6 +657,7 @@ def run_audit(
             "exit_code": res.exit_code,
             "first_failing_entry": res.first_failure.entry_index if res.first_failure else None,
             "seconds": round(res.seconds, 3),
+            "log_verified": log_ok and log_consistent,
         }
     )
     return res

@@ -131,6 +131,17 @@ def test_checkpoint_resigned_over_rewritten_history_is_a_fork(
     assert again.ok
 
 
+def test_fork_detected_from_history_when_the_last_note_is_lost(
+    ledger: GeneratedLedger, tmp_path: Path
+) -> None:
+    state = tmp_path / "aud"
+    assert audit(ledger, state).ok
+    (state / "checkpoint.note").unlink()
+    (state / "leaves.bin").unlink()
+    forged = small_ledger(tmp_path / "forged", keys=ledger.keys, seed=2)
+    assert_failure(audit(forged, state), "LOG_FORK", None)
+
+
 def test_rollback_to_a_shorter_history(ledger: GeneratedLedger, tmp_path: Path) -> None:
     state = tmp_path / "aud"
     assert audit(ledger, state).ok

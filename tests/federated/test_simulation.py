@@ -73,7 +73,7 @@ def _verify_records(out):
 
 
 def test_three_sites_match_central_and_exclude_tampered_and_failed(
-        tmp_path, panc8, shared_data, central_accuracy):
+        tmp_path, panc8, shared_data, central_accuracy, capsys):
     from coordinator.federated_simulation import simulate
     from protocols.bundle import read_bundle
 
@@ -106,6 +106,30 @@ def test_three_sites_match_central_and_exclude_tampered_and_failed(
     fed = _federated_accuracy(out, panc8)
     print(f"3 sites: federated {fed:.3f}, central {central_accuracy:.3f}")
     assert fed >= central_accuracy - 0.02
+    _publish_and_audit(tmp_path, out, result, capsys)
+
+
+def _publish_and_audit(tmp_path, out, result, capsys):
+    """The run becomes ledger entries (genesis = initial model, enrolments, one
+    federated_round per round up to the chosen one) and the auditor's replay ends in the
+    federated bundle."""
+    from coordinator.admin import enroll_site, init_state
+    from coordinator.federated_ledger import publish_run
+    from scarches_fl.cli import main
+
+    records = out / "federation"
+    state = tmp_path / "coordinator"
+    init = init_state(state, reference=records / "models" / "round-0000")
+    policy = json.loads((records / "federation-policy.json").read_text())
+    for site, key_text in policy["sites"].items():
+        (tmp_path / f"{site}.pub").write_text(key_text + "\n")
+        enroll_site(state, site_id=site, public_key=tmp_path / f"{site}.pub")
+    entries = publish_run(state, records)
+    assert [e.kind for e in entries] == ["federated_round"] * result.final_round
+    capsys.readouterr()
+    assert main(["audit", "--ledger", str(state), "--trust", str(init.trust_path)]) == 0
+    report = capsys.readouterr().out
+    assert "VERIFIED" in report and result.bundle_digest in report
 
 
 def test_ten_sites_match_central(tmp_path, panc8, shared_data, central_accuracy):

@@ -167,3 +167,18 @@ def test_trvae_reference_and_surgery(tmp_path):
     base = m.to_bundle()
     assert apply_condition_diff(base, res.diff, res.new_conditions).digest == res.model.digest
     assert json.dumps(res.alignment.to_dict())
+
+
+def test_surgery_aligns_shuffled_and_partial_query_genes(reference, panc8):
+    _, query = panc8
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.choice(query.n_vars, size=900, replace=False))
+    order = rng.permutation(keep)
+    q = query[:, order].copy()
+    res = reference.surgery(q, batch_key="batch", namespace="query", max_epochs=1,
+                            progress=False)
+    a = res.alignment
+    assert (a.n_overlap, a.n_missing, a.n_extra, a.reordered) == (900, 100, 0, True)
+    with pytest.raises(DataError, match="coverage"):
+        reference.surgery(query[:, :100].copy(), batch_key="batch", namespace="query",
+                          progress=False)

@@ -122,6 +122,7 @@ def build_ledger(
     witnesses_required: int = 0,
     federated_round_at: int | None = None,
     wrong_base_digest_at: int | None = None,
+    replayed_sequence_at: int | None = None,
 ) -> GeneratedLedger:
     """Write a coordinator state directory with a genesis, ``n_sites`` enrolments and
     ``n_updates`` site updates (one new condition each) into ``out``.
@@ -131,7 +132,8 @@ def build_ledger(
     ``federated_round_at=u``: a ``federated_round`` entry right before update ``u`` whose
     aggregate changes the frozen weights (sites then map on the round's version).
     ``wrong_base_digest_at=u``: update ``u`` states a base digest that is not the replay's
-    (a coordinator that accepted it anyway)."""
+    (a coordinator that accepted it anyway).
+    ``replayed_sequence_at=u``: update ``u`` reuses its site's previous sequence number."""
     from coordinator.storage import BlobStore, LedgerStore
     from protocols import merkle
     from protocols._audit_replay import ModelReplay
@@ -231,7 +233,8 @@ def build_ledger(
                     name: (rng.standard_normal((hidden, 1)) * 0.05).astype(np.float32)
                     for name in ("decoder.W_s", "encoder.W_s")
                 }
-                sequences[sid] += 1
+                if u != replayed_sequence_at:
+                    sequences[sid] += 1
                 cond = f"{sid}/batch{u:06d}"
                 upd = make_update(
                     origin=origin, site_id=sid, site_key=keys.sites[sid],
@@ -241,7 +244,8 @@ def build_ledger(
                     else "sha256:" + "0" * 64,
                     new_conditions=[cond], diff=diff,
                 )
-                idx = put(w, upd.envelope, "site_update", site_id=sid, sequence=sequences[sid],
+                idx = put(w, upd.envelope, "site_update", site_id=sid,
+                          sequence=None if u == replayed_sequence_at else sequences[sid],
                           blob_list=[("diff", upd.diff_bytes)])
                 update_indices.append(idx)
                 last_model_index = idx

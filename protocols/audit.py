@@ -951,7 +951,7 @@ def _audit_state_class() -> type:
             elif model is not None and not isinstance(model, _ReplayModel):
                 # a genesis or federated round: P1 built and verified the bundle
                 bundle = ReferenceBundle({**model.manifest, "digest": model.digest}, model.tensors)
-                model = _ReplayModel(ModelReplay(bundle))
+                model = _ReplayModel(ModelReplay(bundle))  # type: ignore[assignment]
                 digest = bundle.digest
             self._policy = pending.policy
             self._model = model

@@ -65,6 +65,13 @@ def test_update_on_a_base_digest_that_is_not_the_replay(
     assert res.findings[0].reason_code == "E_BASE_DIGEST_MISMATCH"
 
 
+def test_replayed_sequence_number(tmp_path: Path, pristine: GeneratedLedger) -> None:
+    led = small_ledger(tmp_path / "seq", keys=pristine.keys, replayed_sequence_at=6)
+    res = audit(led, tmp_path / "aud")
+    assert_failure(res, "LEDGER_RULES", led.update_indices[6])
+    assert res.findings[0].reason_code == "E_SEQUENCE_REPLAY"
+
+
 def test_flipped_byte_in_diff_blob(ledger: GeneratedLedger, tmp_path: Path) -> None:
     k = ledger.update_indices[5]
     (sha,) = db(ledger).execute(

@@ -253,6 +253,7 @@ class ReferenceCache:
         *,
         durable: bool = True,
         memory_slots: int = 4,
+        max_on_disk: int = 16,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -261,6 +262,7 @@ class ReferenceCache:
         self._lock = threading.Lock()
         self._bundles: OrderedDict[int, Any] = OrderedDict()
         self._slots = memory_slots
+        self.max_on_disk = max_on_disk
 
     def _model_index(self, tree_size: int) -> int:
         """Index of the last entry below ``tree_size`` that changes the model."""
@@ -380,6 +382,10 @@ class ReferenceCache:
                 )
                 cached = self._load_cached(model_index)
                 assert cached is not None
+                self._prune(keep=model_index)
+            else:
+                with contextlib.suppress(OSError):
+                    os.utime(self._dir(model_index) / "digest")  # most recently used
             return MaterializedReference(
                 tree_size,
                 model_index,
@@ -389,6 +395,27 @@ class ReferenceCache:
                 cached.manifest_sha256,
                 cached.safetensors_sha256,
             )
+
+    def _prune(self, *, keep: int) -> None:
+        """Keep at most ``max_on_disk`` versions on disk (least recently used go first), so
+        that asking for every old version cannot fill the disk."""
+        import shutil
+
+        dirs = []
+        for d in self.root.glob("v*"):
+            try:
+                dirs.append(((d / "digest").stat().st_mtime, d))
+            except OSError:
+                dirs.append((0.0, d))
+        dirs.sort()
+        excess = len(dirs) - self.max_on_disk
+        for _mtime, d in dirs:
+            if excess <= 0:
+                break
+            if d.name == f"v{keep}":
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            excess -= 1
 
     def clear(self) -> None:
         with self._lock:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -243,10 +244,23 @@ class Registry:
             from protocols.merkle import TreeRangeError
 
             raise TreeRangeError(f"reference version {size} asked, the log has {self.store.size}")
-        ref = self.references.materialize(size)
+        for attempt in range(3):
+            ref = self.references.materialize(size)
+            try:
+                # Open both files now: a cache pruning later cannot pull them from under us.
+                handles = [
+                    ("manifest", ref.manifest_path.open("rb")),
+                    ("safetensors", ref.safetensors_path.open("rb")),
+                ]
+                break
+            except FileNotFoundError:  # pruned between materialize and open: again
+                if attempt == 2:
+                    raise
         with self._state_lock:
             expected = self.state.digest_at(size)
         if expected is not None and ref.digest != expected:
+            for _n, fh in handles:
+                fh.close()
             # Never serve a model that is not the replay of the ledger.
             raise CoordinatorError(
                 f"reference version {size} materialized to {ref.digest}, the ledger says "
@@ -255,23 +269,23 @@ class Registry:
         header = ReferenceHeader(
             tree_size=size,
             digest=ref.digest,
-            manifest_size=ref.manifest_path.stat().st_size,
-            safetensors_size=ref.safetensors_path.stat().st_size,
+            manifest_size=os.fstat(handles[0][1].fileno()).st_size,
+            safetensors_size=os.fstat(handles[1][1].fileno()).st_size,
             manifest_sha256=ref.manifest_sha256,
             safetensors_sha256=ref.safetensors_sha256,
         )
         chunk = self.cfg.limits.chunk_bytes
 
         def parts() -> Iterator[tuple[str, int, bytes]]:
-            for name, path in (
-                ("manifest", ref.manifest_path),
-                ("safetensors", ref.safetensors_path),
-            ):
-                with path.open("rb") as fh:
+            try:
+                for name, fh in handles:
                     offset = 0
                     while data := fh.read(chunk):
                         yield name, offset, data
                         offset += len(data)
+            finally:
+                for _name, fh in handles:
+                    fh.close()
 
         return header, parts()
 

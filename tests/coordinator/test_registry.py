@@ -460,3 +460,25 @@ def test_unpinned_cosignatures_cannot_crowd_out_pinned_witnesses(tmp_path: Path)
         forged = head + b"\n\n" + ("\n".join(lines) + "\n").encode()
         ok, _, msg = reg.add_cosignature(forged)
         assert not ok and "does not verify" in msg
+
+
+def test_reference_cache_is_bounded(consortium, server) -> None:
+    """Asking for every old version cannot fill the disk: the cache keeps a bounded number."""
+    from coordinator.config import load_config
+    from coordinator.service import Registry
+
+    with server.client(consortium) as c:
+        base = fetch_base(c, consortium)
+        for _ in range(5):
+            u = make_site_update(consortium.sites["site-a"], base)
+            c.submit_update(u.envelope, u.diff_bytes).raise_for_rejection()
+    with Registry(load_config(consortium.state)) as reg:
+        reg.references.max_on_disk = 3
+        digests = set()
+        for size in range(base[0], reg.store.size + 1):
+            header, parts = reg.reference_stream(size)
+            data = b"".join(d for _n, _o, d in parts)
+            assert len(data) == header.manifest_size + header.safetensors_size
+            digests.add(header.digest)
+        assert len(digests) == 6
+        assert len(list(reg.references.root.glob("v*"))) <= 3

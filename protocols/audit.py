@@ -865,6 +865,12 @@ class _ReplayModel:
         return _PendingExtension(self, diff, list(new_conditions))
 
 
+_LEDGER_STATE_INTERNALS = (
+    "_evaluate", "_policy", "_policy_history", "_tree", "_digests", "_sequences",
+    "_min_base_size", "_last_round", "_model", "_kinds", "limits",
+)
+
+
 def _audit_state_class() -> type:
     """:class:`protocols.ledger.LedgerState` with the model kept by :class:`_ReplayModel`.
 
@@ -1065,11 +1071,16 @@ def _check_entries(
 ) -> Any:
     """Rules 4 and 5 over ``entries`` (whose root already matched the checkpoint). Fills
     ``res.entries``, ``res.sites`` and findings; returns the final model (or None)."""
+    from protocols.ledger import LedgerState
     from protocols.merkle import leaf_hash
 
-    cls = _audit_state_class()
     needed = _plan_digests(entries) if replay_model else {len(entries)}
-    state = cls(trust.policy, needed)
+    state = _audit_state_class()(trust.policy, needed)
+    if not all(hasattr(state, a) for a in _LEDGER_STATE_INTERNALS):
+        # P1 reorganised LedgerState: fall back to it unchanged (quadratic, but every rule and
+        # every digest exactly P1's)
+        logger.warning("LedgerState internals changed; auditing with the plain (slower) replay")
+        state = LedgerState(trust.policy)
 
     def lookup(hexname: str) -> bytes:
         return source.blob("sha256:" + hexname)
@@ -1114,9 +1125,14 @@ def _check_entries(
         s.key_ids = [k.key_id for k in rec_site.keys if k.status == "active"]
         s.revoked = rec_site.active_key is None
     res.sites = sorted(sites.values(), key=lambda s: s.site_id)
-    if failed_at is not None or state._model is None:
+    if failed_at is not None or state.size == 0:
         return None
-    return state._model.replay
+    model = getattr(state, "_model", None)
+    if isinstance(model, _ReplayModel):
+        return model.replay
+    from protocols._audit_replay import ModelReplay
+
+    return ModelReplay(state.bundle())
 
 
 def read_ledger(source: Any, trust: TrustAnchors) -> AuditResult:

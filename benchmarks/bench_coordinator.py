@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.sites.split(",")]
+    load_before = os.getloadavg()[0]
     results = []
     for n in levels:
         r = run_level(n, args.updates, args.genes)
@@ -228,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            # other work on the machine during the run: the figures are only as quiet as this
+            "loadavg_1m_before": round(load_before, 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
         },
         "targets": {"latency_ms_p50": 20.0, "accepted_per_s": 50.0},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -65,7 +65,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocols.errors import ConfigError, FormatError, VerificationError
+from protocols.errors import CheckpointError, ConfigError, FormatError
+from protocols.errors import KeyFormatError as _KeyFormatErrorRoot
 from protocols.merkle import EMPTY_ROOT, HASH_SIZE, MAX_TREE_SIZE, ConsistencyProofError
 from protocols.merkle import verify_consistency as _verify_consistency
 
@@ -147,38 +148,46 @@ _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f]")  # control characters other than 
 
 
 class NoteFormatError(FormatError):
+    default_reason_code = "E_CHECKPOINT_INVALID"
+
     """The bytes are not a well-formed C2SP signed note."""
 
 
-class KeyFormatError(FormatError):
+class KeyFormatError(_KeyFormatErrorRoot):
     """A verifier or signer key string is malformed, or its key ID does not match its key."""
 
 
-class NoteSignatureError(VerificationError):
+class NoteSignatureError(CheckpointError):
     """A signature from a trusted key does not verify: the note was altered or forged."""
 
 
-class UntrustedNoteError(VerificationError):
+class UntrustedNoteError(CheckpointError):
     """No signature in the note comes from a trusted key."""
 
 
 class CheckpointFormatError(FormatError):
+    default_reason_code = "E_CHECKPOINT_INVALID"
+
     """The note text is not a well-formed C2SP tlog checkpoint."""
 
 
-class CheckpointOriginError(VerificationError):
+class CheckpointOriginError(CheckpointError):
     """The checkpoint (or pair of checkpoints) names a different log than the one pinned."""
 
 
-class RollbackError(VerificationError):
+class RollbackError(CheckpointError):
+    default_reason_code = "E_CHECKPOINT_ROLLBACK"
+
     """A newer checkpoint has a smaller tree than one already verified: a rollback."""
 
 
-class ForkError(VerificationError):
+class ForkError(CheckpointError):
+    default_reason_code = "E_CHECKPOINT_ROLLBACK"
+
     """Two signed checkpoints of one log cannot both be true: a split view (fork)."""
 
 
-class CosignatureError(VerificationError):
+class CosignatureError(CheckpointError):
     """Witness cosignatures do not meet the required threshold, or one is invalid."""
 
 

@@ -45,7 +45,8 @@ import hmac
 import logging
 from collections.abc import Iterable, Sequence
 
-from protocols.errors import ScarchesFLError, VerificationError
+from protocols.errors import ProofError as _ProofErrorRoot
+from protocols.errors import ScarchesFLError
 
 __all__ = [
     "HASH_SIZE",
@@ -80,8 +81,8 @@ _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
 
 
-class ProofError(VerificationError):
-    """A Merkle proof does not prove what it was asked to prove."""
+class ProofError(_ProofErrorRoot):
+    """A Merkle proof does not prove what it was asked to prove (reason ``E_PROOF_INVALID``)."""
 
 
 class InclusionProofError(ProofError):

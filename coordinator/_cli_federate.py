@@ -307,9 +307,15 @@ def _run(args: argparse.Namespace) -> int:
             "seed": args.seed,
         })
     try:
-        return subprocess.call(cmd, env=env)
+        rc = subprocess.call(cmd, env=env)
     finally:
         cleanup()
+    summary = Path(args.out) / "federation" / "federation-summary.json"
+    if rc == 0 and summary.exists():
+        doc = json.loads(summary.read_text())
+        print(f"federated reference {doc['bundle_digest']} (round {doc['final_round']}) in "
+              f"{args.out}; records in {Path(args.out) / 'federation'}")
+    return rc
 
 
 def _exec(cmd: list[str], env: dict[str, str]) -> int:

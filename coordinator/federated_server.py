@@ -662,7 +662,16 @@ def _make_deployment_app():
 
     @server_app.main()
     def _main(grid: Any, context: Any) -> None:
-        run_federation(grid, settings_from_run_config(context.run_config))
+        # The ServerApp process is Flower's: show our round log in the run's log stream.
+        pkg = logging.getLogger("coordinator")
+        if not pkg.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            pkg.addHandler(handler)
+            pkg.setLevel(logging.INFO)
+        result = run_federation(grid, settings_from_run_config(context.run_config))
+        log.info("federated reference %s (round %d) written to %s", result.bundle_digest,
+                 result.final_round, result.bundle_dir)
 
     return server_app
 

@@ -169,7 +169,13 @@ def simulate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update(FLOWER_ENV)
-    os.environ.setdefault("FLWR_HOME", flwr_home or tempfile.mkdtemp(prefix="flwr-home-"))
+    home_tmp = None
+    if flwr_home is not None:
+        os.environ["FLWR_HOME"] = str(flwr_home)
+    elif "FLWR_HOME" not in os.environ:
+        # A private FLWR_HOME (its default config names a remote SuperLink), removed afterwards.
+        home_tmp = tempfile.TemporaryDirectory(prefix="scarches-fl-flwr-home-")
+        os.environ["FLWR_HOME"] = home_tmp.name
     from coordinator.federated_keys import load_policy, load_signing_key
     from coordinator.federated_server import FederationSettings, build_server_app
     from site_agent.federated_client import SiteConfig, build_client_app
@@ -233,6 +239,9 @@ def simulate(
                            num_supernodes=n_sites, backend_config=backend_config)
     finally:
         keys_tmp.cleanup()  # virtual sites' private keys exist only for the run
+        if home_tmp is not None:
+            os.environ.pop("FLWR_HOME", None)
+            home_tmp.cleanup()
     result = settings.extra.get("result")
     if result is None:
         from coordinator.federated_records import FederationError

@@ -77,6 +77,7 @@ class ContributionRejected(FederationError):
         "non_finite": "E_NONFINITE",
         "malformed": "E_PAYLOAD_MALFORMED",
         "wrong_site": "E_SITE_MISMATCH",
+        "wrong_tensors": "E_TENSOR_SHAPE",
     }
 
     def __init__(self, reason: str, message: str) -> None:

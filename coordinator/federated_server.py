@@ -501,6 +501,24 @@ class _Federation:
             stopped_early=stopped,
         )
 
+    def _check_shapes(self, site: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Exactly the model's tensors, condition tensors holding the site's own columns."""
+        from scarches_fl.module import tensor_specs
+
+        specs = tensor_specs(self.hp, len(self.genes or []), len(self.conditions))
+        if set(arrays) != set(specs):
+            raise ContributionRejected(
+                "wrong_tensors", f"tensor names {sorted(set(arrays) ^ set(specs))[:5]} differ "
+                "from the model's")
+        n_own = len(self.site_conditions[site])
+        for name, spec in specs.items():
+            want = list(spec.shape)
+            if spec.role == "condition":
+                want[spec.axis] = n_own
+            if list(arrays[name].shape) != want:
+                raise ContributionRejected(
+                    "wrong_tensors", f"{name} has shape {list(arrays[name].shape)}, not {want}")
+
     def _send_model(
         self,
         message_type: str,
@@ -581,6 +599,8 @@ class _Federation:
                 kind = "contribution" if with_arrays else "evaluation"
                 if payload.get("kind") != kind:
                     raise ContributionRejected("malformed", f"payload kind is not {kind}")
+                if with_arrays:
+                    self._check_shapes(site, arrays)
             except ContributionRejected as exc:
                 log.warning("round %d: contribution of %s excluded: %s", rnd, site, exc)
                 excluded.append({"site_id": site, "reason": exc.reason, "detail": str(exc)[:200]})

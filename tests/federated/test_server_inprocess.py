@@ -1,0 +1,148 @@
+"""The ServerApp's round logic on an in-process grid (no Ray, no SuperLink): a site that never
+answers is recorded as missing and the round completes with the others; a correctly signed
+contribution with the wrong tensor shapes is excluded; the records verify."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
+
+SITES = {"s-a": ["indrop3"], "s-b": ["celseq", "fluidigmc1"], "s-c": ["indrop4"]}
+
+
+class InProcessGrid:
+    """Delivers each message to a site's handler in this process; ``silent`` sites never
+    answer (as a SuperNode that went away), ``mutate`` rewrites a site's reply."""
+
+    def __init__(self, configs, *, silent=(), mutate=None):
+        self.nodes = {i + 1: cfg for i, cfg in enumerate(configs)}
+        self.silent = set(silent)
+        self.mutate = mutate or {}
+        self.timeouts = []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from site_agent import federated_client as C
+
+        self.timeouts.append(timeout)
+        replies = []
+        for m in messages:
+            cfg = self.nodes[m.metadata.dst_node_id]
+            if cfg.site_id in self.silent:
+                continue
+            handler = {"query": C._describe, "train": C._train, "evaluate": C._evaluate}
+            reply = handler[m.metadata.message_type](cfg, m)
+            if cfg.site_id in self.mutate and m.metadata.message_type == "train":
+                reply = self.mutate[cfg.site_id](cfg, m, reply)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Messages built outside a Flower runtime need the process's task identity (what the
+    SuperLink or the Simulation Engine sets)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+
+
+@pytest.fixture(scope="module")
+def site_configs(tmp_path_factory, shared_data):
+    import anndata as ad
+
+    from protocols.keys import generate_private_key, save_private_key
+    from site_agent.federated_client import SiteConfig
+
+    tmp = tmp_path_factory.mktemp("sites")
+    a = ad.read_h5ad(shared_data / "panc8_sub_nebula.h5ad")
+    configs, keys = [], {}
+    for site, studies in SITES.items():
+        a[a.obs["batch"].isin(studies)].copy().write_h5ad(tmp / f"{site}.h5ad")
+        k = generate_private_key()
+        save_private_key(k, tmp / f"{site}.key")
+        keys[site] = k.public_key()
+        configs.append(SiteConfig(site_id=site, data_path=str(tmp / f"{site}.h5ad"),
+                                  batch_key="batch", site_key_path=str(tmp / f"{site}.key")))
+    return configs, keys
+
+
+def _settings(tmp_path, keys, **kw):
+    from coordinator.federated_server import FederationSettings
+    from protocols.keys import generate_private_key
+
+    ck = generate_private_key()
+    return FederationSettings(
+        out_dir=str(tmp_path / "records"), bundle_dir=str(tmp_path / "bundle"), site_keys=keys,
+        coordinator_key=ck, rounds=2, local_epochs=1, n_hidden=16, n_latent=4,
+        round_timeout=7.5, min_sites=2, wait_for_sites=0.0, **kw), ck
+
+
+def _resign_with_bad_shape(cfg, message, reply):
+    """The site itself sends (and signs) a W_s block with one column too many."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+
+    from coordinator.federated_records import (
+        CONTRIBUTION_PAYLOAD_TYPE,
+        peek_payload,
+        sign_payload,
+    )
+    from protocols.keys import load_private_key
+    from scarches_fl._federated import tensor_digest
+
+    arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+    w = arrays["encoder.layers.0.weight_s"]
+    arrays["encoder.layers.0.weight_s"] = np.concatenate([w, w[:, :1]], axis=1)
+    payload = peek_payload(bytes(reply.content.config_records["signature"]["envelope"]))
+    payload["contribution_digest"] = tensor_digest(arrays)
+    env = sign_payload(load_private_key(cfg.site_key_path), CONTRIBUTION_PAYLOAD_TYPE, payload)
+    return Message(content=RecordDict({
+        "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+        "metrics": reply.content.metric_records["metrics"],
+        "signature": ConfigRecord({"envelope": env})}), reply_to=message)
+
+
+def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_configs):
+    from coordinator.federated_keys import write_policy
+    from coordinator.federated_records import verify_run_directory
+    from coordinator.federated_server import run_federation
+    from protocols.bundle import read_bundle
+
+    configs, keys = site_configs
+    settings, ck = _settings(tmp_path, keys)
+    grid = InProcessGrid(configs, mutate={"s-b": _resign_with_bad_shape})
+    # s-c describes itself, then goes silent for round 1 and comes back for round 2.
+    calls = {"n": 0}
+    original = grid.send_and_receive
+
+    def flaky(messages, *, timeout=None):
+        messages = list(messages)
+        kinds = {m.metadata.message_type for m in messages}
+        if "train" in kinds:
+            calls["n"] += 1
+            grid.silent = {"s-c"} if calls["n"] == 1 else set()
+        return original(messages, timeout=timeout)
+
+    grid.send_and_receive = flaky
+    result = run_federation(grid, settings)
+    r1, r2 = result.rounds
+    assert r1.missing == ["s-c"]
+    assert [c["site_id"] for c in r1.contributors] == ["s-a"]
+    assert [(e["site_id"], e["reason"]) for e in r1.excluded] == [("s-b", "wrong_tensors")]
+    assert [c["site_id"] for c in r2.contributors] == ["s-a", "s-c"]
+    assert all(t == settings.round_timeout for t in grid.timeouts[1:])
+    # The records verify; the bundle is the chosen aggregate.
+    write_policy(tmp_path / "policy.json", keys, coordinator=ck.public_key())
+    report = verify_run_directory(tmp_path / "records", site_keys=keys,
+                                  coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
+    assert report.final_digest == read_bundle(tmp_path / "bundle").digest
+    summary = json.loads((tmp_path / "records" / "federation-summary.json").read_text())
+    assert summary["rounds"][0]["missing"] == ["s-c"]

@@ -121,8 +121,12 @@ def _servicer_class() -> type:
                 yield pb.ReferenceChunk(part=part, offset=offset, data=data)
 
         def SubmitUpdate(self, request: Any, context: grpc.ServicerContext) -> Any:
+            remaining = context.time_remaining()  # None without a client deadline
             result = self._guard(
-                context, self.registry.submit, bytes(request.envelope), bytes(request.diff)
+                context,
+                lambda: self.registry.submit(
+                    bytes(request.envelope), bytes(request.diff), wait_s=remaining
+                ),
             )
             return serde.submit_result_to_proto(result)
 

@@ -351,8 +351,10 @@ class Registry:
     def _log(self, event: str, **fields: Any) -> None:
         accept_log.info("%s %s", event, json.dumps(fields, sort_keys=True, default=str))
 
-    def submit(self, envelope: bytes, diff: bytes) -> SubmitResult:
-        """Run the accept pipeline for one submission; blocks until it is durably answered."""
+    def submit(self, envelope: bytes, diff: bytes, *, wait_s: float | None = None) -> SubmitResult:
+        """Run the accept pipeline for one submission; blocks until it is durably answered, at
+        most ``limits.request_deadline_s`` (or ``wait_s``, the caller's remaining deadline, when
+        that is shorter)."""
         t0 = time.perf_counter()
         lim = self.cfg.limits
         if len(envelope) > lim.max_envelope_bytes or len(diff) > lim.max_diff_bytes:
@@ -389,14 +391,15 @@ class Registry:
             raise CoordinatorError("the ledger writer is not running (call start_writer())")
         fut: Future = Future()
         self._queue.put(_Pending(envelope, diff, lh, t0, fut))
+        wait = lim.request_deadline_s if wait_s is None else min(wait_s, lim.request_deadline_s)
         try:
-            result = fut.result(timeout=lim.request_deadline_s)
+            result = fut.result(timeout=max(0.0, wait))
         except TimeoutError:
             # The writer may still commit it: the site resubmits and gets the receipt.
             result = self._reject(
                 "E_INTERNAL",
-                f"the coordinator did not finish within {lim.request_deadline_s} s; resubmit "
-                "the same envelope (resubmission is idempotent)",
+                f"the coordinator did not finish within {wait:.1f} s; resubmit the same "
+                "envelope (resubmission is idempotent)",
                 retry_after=1.0,
             )
         return result

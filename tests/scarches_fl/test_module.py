@@ -153,3 +153,13 @@ def test_training_is_bit_reproducible_for_a_seed():
         outs.append(base.export_tensors())
     for k in outs[0]:
         assert np.array_equal(outs[0][k], outs[1][k]), k
+
+
+def test_cuda_request_without_cuda_is_a_clear_error():
+    from scarches_fl.data import DataError
+    from scarches_fl.train import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(DataError, match="CUDA is not available"):
+            resolve_device("cuda")

@@ -109,6 +109,31 @@ def _not_a_site_update(consortium, base):
     return env, b""
 
 
+def _path_trick(consortium, base):
+    site = consortium.sites["site-a"]
+    diff = synthetic_diff(base[2], 1)
+    return _payload_with(site, base, diff, diff_to_bytes(diff), ["site-a/../site-b/x"])
+
+
+def _wrong_dtype(consortium, base):
+    site = consortium.sites["site-a"]
+    diff = synthetic_diff(base[2], 1)
+    diff["px_r"] = diff["px_r"].astype(np.float64)
+    return _pair(make_site_update(site, base, diff=diff))
+
+
+def _duplicate_json_key(consortium, base):
+    from protocols.dsse import sign_envelope
+    from protocols.update import SITE_UPDATE_TYPE
+
+    site = consortium.sites["site-a"]
+    u = make_site_update(site, base)
+    raw = u.payload.to_bytes()
+    dup = raw.replace(b'"kind":"site_update"', b'"kind":"site_update","kind":"genesis"', 1)
+    assert dup != raw
+    return sign_envelope(SITE_UPDATE_TYPE, dup, [site.key]), u.diff_bytes
+
+
 def _garbage(consortium, base):
     return b'{"payload": "not base64!"}', b""
 
@@ -124,6 +149,9 @@ ATTACKS = {
     "unknown_base": (_stale_base_root, "E_BASE_UNKNOWN"),
     "operator_entry_via_submit": (_not_a_site_update, "E_PAYLOAD_TYPE"),
     "garbage": (_garbage, "E_ENVELOPE_MALFORMED"),
+    "condition_path_trick": (_path_trick, "E_CONDITION_NAME"),
+    "wrong_dtype": (_wrong_dtype, "E_TENSOR_DTYPE"),
+    "duplicate_json_key": (_duplicate_json_key, "E_PAYLOAD_MALFORMED"),
 }
 
 

@@ -127,7 +127,8 @@ def _publish_and_audit(tmp_path, out, result, capsys):
     entries = publish_run(state, records)
     assert [e.kind for e in entries] == ["federated_round"] * result.final_round
     capsys.readouterr()
-    assert main(["audit", "--ledger", str(state), "--trust", str(init.trust_path)]) == 0
+    assert main(["audit", "--ledger", str(state), "--trust", str(init.trust_path),
+                 "--state", str(tmp_path / "auditor")]) == 0
     report = capsys.readouterr().out
     assert "VERIFIED" in report and result.bundle_digest in report
 

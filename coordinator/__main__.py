@@ -17,7 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from scarches_fl._errors import user_facing
     from scarches_fl.cli import _configure_logging
 
-    parser = argparse.ArgumentParser(prog="python -m coordinator")
+    # prog "python -m" + the "coordinator" group = usage lines that read "python -m coordinator ..."
+    parser = argparse.ArgumentParser(prog="python -m")
     parser.add_argument("-v", "--verbose", action="count", default=0)
     parser.add_argument("-q", "--quiet", action="store_true")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -143,6 +143,12 @@ class Minibatch:
     x_in: torch.Tensor | None = None  # (B, G) transformed input
     h0: torch.Tensor | None = None  # (B, H) precomputed W_x x + b
     const: torch.Tensor | None = None  # (B,) per-cell constant of the log-likelihood, if known
+    flat: torch.Tensor | None = None  # (nnz,) rows * n_genes + cols (1-D gathers are faster)
+
+    def flat_index(self, n_genes: int) -> torch.Tensor:
+        if self.flat is None:
+            self.flat = self.rows * n_genes + self.cols
+        return self.flat
 
     @property
     def size(self) -> int:
@@ -368,9 +374,10 @@ class CVAE(nn.Module):
             # Dense part (every gene): theta * (log theta - log(theta + mu)).
             dense = (theta * (log_theta - log_theta_mu)).sum()
             # Sparse part (x > 0 only): x * (log mu - log(theta + mu)) + lgamma terms.
-            r, c, v = mb.rows, mb.cols, mb.vals
-            log_mu = logp[r, c] + log_lib[r]
-            sparse = (v * (log_mu - log_theta_mu[r, c])).sum()
+            r, v = mb.rows, mb.vals
+            flat = mb.flat_index(self.n_genes)
+            log_mu = logp.reshape(-1).index_select(0, flat) + log_lib[r]
+            sparse = (v * (log_mu - log_theta_mu.reshape(-1).index_select(0, flat))).sum()
             if mb.const is not None:
                 const = mb.const.sum()
             else:
@@ -379,7 +386,7 @@ class CVAE(nn.Module):
         # trVAE: MSE on log-normalized values, sum over genes.
         recon = F.relu(out)
         y = self.transform_values(mb.vals, mb.lib[mb.rows])
-        cross = (recon[mb.rows, mb.cols] * y).sum()
+        cross = (recon.reshape(-1).index_select(0, mb.flat_index(self.n_genes)) * y).sum()
         return (recon * recon).sum() - 2.0 * cross + (y * y).sum()
 
     def mmd(self, g1: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -183,7 +183,8 @@ def cosignature_lines_for(
                 reason_code="E_CHECKPOINT_INVALID",
             ) from exc
     own = (signer.verifier.name, signer.verifier.key_id)
-    lines, unpinned = [], []
+    lines: list[str] = []
+    unpinned: list[str] = []
     for sig in note.signatures:
         if (sig.name, sig.key_id) == own:
             continue

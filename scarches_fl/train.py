@@ -73,6 +73,24 @@ class CellData:
         self.cond = np.asarray(self.cond, dtype=np.int64)
         if self.lib is None:
             self.lib = np.asarray(self.x.sum(axis=1), dtype=np.float32).ravel()
+        # torch views of the CSR arrays (shared memory) for fast minibatch row gathers
+        self._indptr = torch.from_numpy(self.x.indptr.astype(np.int64, copy=False))
+        self._indices = torch.from_numpy(self.x.indices)
+        self._data = torch.from_numpy(self.x.data)
+        self._lib_t = torch.from_numpy(self.lib)
+        self._cond_t = torch.from_numpy(self.cond)
+
+    def rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The nonzeros of rows ``idx`` (in that order): (row in batch, gene, value)."""
+        idx_t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+        starts = self._indptr[idx_t]
+        lens = self._indptr[idx_t + 1] - starts
+        offsets = torch.cumsum(lens, 0) - lens
+        total = int(lens.sum())
+        rows = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int64), lens)
+        pos = torch.arange(total, dtype=torch.int64) + torch.repeat_interleave(
+            starts - offsets, lens)
+        return rows, self._indices[pos].long(), self._data[pos]
 
     @property
     def n_cells(self) -> int:
@@ -95,22 +113,20 @@ def _minibatch(
     module: CVAE, data: CellData, idx: np.ndarray, device: torch.device, *,
     h0: np.ndarray | None, const: np.ndarray | None, need_input: bool,
 ) -> Minibatch:
-    sub = data.x[idx]
-    counts = np.diff(sub.indptr)
-    rows = torch.from_numpy(np.repeat(np.arange(len(idx), dtype=np.int64), counts)).to(device)
-    cols = torch.from_numpy(sub.indices.astype(np.int64)).to(device)
-    vals = torch.from_numpy(sub.data).to(device)
-    lib = torch.from_numpy(data.lib[idx]).to(device)
-    cond = torch.from_numpy(data.cond[idx]).to(device)
+    rows, cols, vals = data.rows(idx)
+    idx_t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    rows, cols, vals = rows.to(device), cols.to(device), vals.to(device)
+    lib = data._lib_t[idx_t].to(device)
+    cond = data._cond_t[idx_t].to(device)
     mb = Minibatch(cond=cond, lib=lib, rows=rows, cols=cols, vals=vals)
     if h0 is not None:
-        mb.h0 = torch.from_numpy(h0[idx]).to(device)
+        mb.h0 = torch.from_numpy(h0).index_select(0, idx_t).to(device)
     elif need_input:
         x_in = torch.zeros((len(idx), module.n_genes), dtype=torch.float32, device=device)
-        x_in[rows, cols] = module.transform_values(vals, lib[rows])
+        x_in.view(-1)[mb.flat_index(module.n_genes)] = module.transform_values(vals, lib[rows])
         mb.x_in = x_in
     if const is not None:
-        mb.const = torch.from_numpy(const[idx]).to(device)
+        mb.const = torch.from_numpy(const).index_select(0, idx_t).to(device)
     return mb
 
 

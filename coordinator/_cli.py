@@ -98,6 +98,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.add_argument("--site-id", required=True, metavar="ID")
     revoke.set_defaults(handler=_revoke)
 
+    rotate = sub.add_parser(
+        "rotate",
+        help="replace a site's key: countersign its rotation request (policy entry)",
+        description=(
+            "Append a key rotation for a site. The site sends a rotation request: a DSSE "
+            "envelope (payloadType application/vnd.scarches-fl.policy.v1+json) of a 'rotate' "
+            "policy change naming its new public key and the key id it replaces, signed by its "
+            "old AND its new key. This command checks it, adds the operator signature and "
+            "appends it; from then on only the new key is accepted."
+        ),
+    )
+    rotate.add_argument("--dir", required=True, metavar="STATE")
+    rotate.add_argument(
+        "--request", required=True, metavar="FILE", help="the site's signed rotation request"
+    )
+    rotate.set_defaults(handler=_rotate)
+
     serve = sub.add_parser(
         "serve",
         help="serve the registry over gRPC (TLS)",
@@ -197,6 +214,14 @@ def _revoke(args: argparse.Namespace) -> int:
 
     entry = revoke_site(args.dir, site_id=args.site_id)
     print(f"revoked {args.site_id} (ledger entry {entry.index})")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from coordinator.admin import rotate_site_key
+
+    entry, site_id = rotate_site_key(args.dir, request=args.request)
+    print(f"rotated the key of {site_id} (ledger entry {entry.index})")
     return 0
 
 

@@ -701,6 +701,51 @@ def revoke_envelope(
     return bytes(env)
 
 
+def checked(state: Any, envelope: bytes) -> bytes:
+    """``envelope`` after the ledger rules accepted it as the next entry (no change yet)."""
+    state.check(envelope, blob_lookup_bytes({}))
+    return envelope
+
+
+def countersign_rotation(
+    operator_key: Any, request: bytes, *, origin: str, what: str
+) -> tuple[bytes, str]:
+    """Check that ``request`` is a site's 'rotate' policy change for this log and add the
+    operator's signature. The ledger rules (old and new site key signed it, the old key is the
+    site's active one) are checked when it is appended."""
+    from protocols.dsse import add_signatures, parse_envelope
+    from protocols.errors import PolicyError
+    from protocols.ledger import POLICY_TYPE, entry_payload
+    from protocols.policy import parse_policy_change
+
+    if len(request) > 1024 * 1024:
+        raise ConfigError(f"{what}: larger than 1 MiB; a rotation request is a few hundred bytes")
+    try:
+        env = parse_envelope(request)
+        if env.payload_type != POLICY_TYPE:
+            raise PolicyError(f"payloadType is {env.payload_type[:80]!r}, not {POLICY_TYPE!r}")
+        _kind, obj = entry_payload(request)
+        change = parse_policy_change(obj)
+    except VerificationError as exc:
+        raise VerificationError(
+            f"{what} is not a rotation request ({exc.message or exc}); the site makes it with "
+            "its old and new key",
+            reason_code=exc.reason_code,
+        ) from exc
+    if change.action != "rotate":
+        raise VerificationError(
+            f"{what} asks to {change.action!r}, not to rotate a key; use `coordinator enroll` "
+            "or `coordinator revoke` for that",
+            reason_code="E_POLICY_CHANGE",
+        )
+    if change.origin != origin:
+        raise VerificationError(
+            f"{what} is for log {change.origin!r}, this coordinator is {origin!r}",
+            reason_code="E_ORIGIN_MISMATCH",
+        )
+    return bytes(add_signatures(request, [operator_key])), change.site_id
+
+
 def entry_new_conditions(envelope: bytes) -> list[str]:
     from protocols.ledger import entry_payload
 

@@ -39,6 +39,7 @@ __all__ = [
     "check_health",
     "backup_state",
     "publish_federated_round",
+    "rotate_site_key",
     "SERVE_RECORD",
 ]
 
@@ -191,6 +192,29 @@ def revoke_site(state_dir: str | os.PathLike[str], *, site_id: str) -> StoredEnt
                 [],
             )
         )
+
+
+def rotate_site_key(
+    state_dir: str | os.PathLike[str], *, request: str | os.PathLike[str]
+) -> tuple[StoredEntry, str]:
+    """Countersign a site's key rotation request (signed by its old and new key) with the
+    operator key and append it. Returns (entry, site id)."""
+    cfg = load_config(state_dir)
+    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    path = Path(request)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(1024 * 1024 + 1)
+    except OSError as exc:
+        raise ConfigError(f"--request {path}: cannot read it: {exc.strerror}") from exc
+    envelope, site_id = _ledger.countersign_rotation(
+        operator_key, data, origin=cfg.origin, what=str(path)
+    )
+    with _open(state_dir) as reg:
+        entry = reg.append_operator_entry(
+            lambda state, _size: (_ledger.checked(state, envelope), "policy", [])
+        )
+    return entry, site_id
 
 
 def serve(

@@ -238,3 +238,63 @@ def test_one_server_per_state_directory(consortium, server, capsys) -> None:
         == 2
     )
     assert "already running" in capsys.readouterr().err
+
+
+def test_key_rotation(consortium, server, tmp_path: Path, capsys) -> None:
+    """The site signs a rotation request with its old and new key; the operator countersigns
+    it with `coordinator rotate`; the old key is refused afterwards, the new one accepted."""
+    from protocols.canonical import canonical_json
+    from protocols.dsse import sign_envelope
+    from protocols.keys import key_id, public_key_text
+    from protocols.ledger import POLICY_TYPE
+    from protocols.policy import PolicyChange
+    from tests.coordinator.conftest import ORIGIN, fetch_base, make_site_update
+
+    site = consortium.sites["site-a"]
+    new_key = generate_private_key()
+    change = PolicyChange("rotate", ORIGIN, "site-a", public_key_text(new_key), key_id(site.key))
+    payload = canonical_json(change.to_json_obj())
+    # Signed by the new key only: refused by the ledger rules, nothing appended.
+    half = tmp_path / "half.dsse"
+    half.write_bytes(sign_envelope(POLICY_TYPE, payload, [new_key]))
+    assert (
+        main(["coordinator", "rotate", "--dir", str(consortium.state), "--request", str(half)]) == 3
+    )
+    assert "old and the new site key" in capsys.readouterr().err
+    request = tmp_path / "rotation.dsse"
+    request.write_bytes(sign_envelope(POLICY_TYPE, payload, [site.key, new_key]))
+    assert (
+        main(["coordinator", "rotate", "--dir", str(consortium.state), "--request", str(request)])
+        == 0
+    )
+    assert "rotated the key of site-a" in capsys.readouterr().out
+    with server.client(consortium) as c:
+        base = fetch_base(c, consortium)
+        old = make_site_update(site, base)
+        res = c.submit_update(old.envelope, old.diff_bytes)
+        assert res.rejection is not None and res.rejection.reason_code == "E_KEY_ROTATED"
+        site.key = new_key
+        site.sequence -= 1
+        c.submit_update(*_pair(make_site_update(site, base))).raise_for_rejection()
+    # An enrolment is not a rotation.
+    enrol = tmp_path / "enrol.dsse"
+    enrol.write_bytes(
+        sign_envelope(
+            POLICY_TYPE,
+            canonical_json(
+                PolicyChange(
+                    "enrol", ORIGIN, "site-z", public_key_text(generate_private_key())
+                ).to_json_obj()
+            ),
+            [new_key],
+        )
+    )
+    assert (
+        main(["coordinator", "rotate", "--dir", str(consortium.state), "--request", str(enrol)])
+        == 3
+    )
+    assert "not to rotate" in capsys.readouterr().err
+
+
+def _pair(u):
+    return u.envelope, u.diff_bytes

@@ -57,7 +57,21 @@ _SHORT_ESCAPES = {
 }
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
 def _encode_string(s: str) -> str:
+    # Fast path: for text without lone surrogates, the standard library's (C) encoder writes
+    # exactly the RFC 8785 form: short escapes for \b \t \n \f \r \" \\, lower-case \u00xx for
+    # the other controls, everything else verbatim. tests/protocols/test_canonical.py checks the
+    # two paths agree.
+    if _LONE_SURROGATE.search(s) is None:
+        return _json_string(s)
+    return _encode_string_slow(s)
+
+
+def _encode_string_slow(s: str) -> str:
     out = ['"']
     for ch in s:
         cp = ord(ch)
@@ -150,6 +164,10 @@ def _encode(obj: Any, out: list[str], depth: int, max_depth: int) -> None:
             _encode(value, out, depth + 1, max_depth)
         out.append("}")
     elif isinstance(obj, list | tuple):
+        if obj and depth < max_depth and all(type(v) is str for v in obj):
+            # gene and condition lists: thousands of strings, encoded without recursion
+            out.append("[" + ",".join(map(_encode_string, obj)) + "]")
+            return
         out.append("[")
         for i, value in enumerate(obj):
             if i:

@@ -125,6 +125,7 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_FEDERATED_ROUND", 52, "A federated round entry is inconsistent (contributors, digests)."),
     ReasonCode("E_BASE_STALE", 53, "The base is older than the last change of the shared weights (genesis or federated round); map again on the current reference."),
     ReasonCode("E_TOO_MANY_CONDITIONS", 54, "The update adds more conditions than the policy allows in one update."),
+    ReasonCode("E_RATE_LIMITED", 55, "The site submitted faster than the coordinator's per-site rate limit allows; wait retry_after_s and resubmit the same signed update (idempotent)."),
 )
 
 

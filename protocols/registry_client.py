@@ -154,11 +154,13 @@ def _tls_root_from_mapping(doc: Any) -> bytes | None:
 
 def load_tls_root(trust: Any) -> bytes:
     """The PEM root certificate to pin, from: PEM bytes or text; a path to a PEM file or to a
-    ``trust.json``; a parsed trust mapping; or an object with a ``tls_root_pem`` attribute."""
-    if isinstance(trust, bytes) and _PEM_MARKER in trust:
-        return trust
-    if isinstance(trust, str) and _PEM_MARKER.decode() in trust:
-        return trust.encode()
+    ``trust.json``; a parsed trust mapping; or an object with a ``tls_root_pem`` attribute.
+
+    A trust.json embeds the certificate, so JSON is recognised first (by its leading ``{``) and
+    only the certificate inside it is returned, never the whole document."""
+    if isinstance(trust, (bytes, str)) and not _looks_like_path(trust):
+        data = trust if isinstance(trust, bytes) else trust.encode()
+        return _tls_root_from_bytes(data, "the trust material passed in")
     if isinstance(trust, (str, os.PathLike)):
         path = Path(trust)
         try:
@@ -168,22 +170,7 @@ def load_tls_root(trust: Any) -> bytes:
                 f"cannot read the TLS trust file {path}: {exc.strerror}; pass the trust.json the "
                 "operator handed out (or the coordinator's PEM certificate)"
             ) from exc
-        if _PEM_MARKER in data:
-            return data
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{path} is neither a PEM certificate nor a JSON trust file; pass the trust.json "
-                "the operator handed out"
-            ) from exc
-        pem = _tls_root_from_mapping(doc)
-        if pem is None:
-            raise ConfigError(
-                f"{path} has no TLS root certificate (field 'tls_root_pem'); ask the operator for "
-                "the trust.json written by `scarches-fl coordinator init`"
-            )
-        return pem
+        return _tls_root_from_bytes(data, str(path))
     if isinstance(trust, dict):
         pem = _tls_root_from_mapping(trust)
         if pem is not None:
@@ -194,6 +181,35 @@ def load_tls_root(trust: Any) -> bytes:
     raise ConfigError(
         "no TLS root certificate to pin: pass trust= (trust.json path, PEM bytes) or, for "
         "loopback development only, insecure=True"
+    )
+
+
+def _looks_like_path(value: bytes | str) -> bool:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    stripped = text.lstrip()
+    return not (stripped.startswith("{") or _PEM_MARKER.decode() in text)
+
+
+def _tls_root_from_bytes(data: bytes, where: str) -> bytes:
+    if data.lstrip().startswith(b"{"):
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise ConfigError(
+                f"{where} is not valid JSON; pass the trust.json the operator handed out"
+            ) from exc
+        pem = _tls_root_from_mapping(doc)
+        if pem is None:
+            raise ConfigError(
+                f"{where} has no TLS root certificate (field 'tls_root_pem'); ask the operator for "
+                "the trust.json written by `scarches-fl coordinator init`"
+            )
+        return pem
+    if _PEM_MARKER in data:
+        return data
+    raise ConfigError(
+        f"{where} is neither a PEM certificate nor a JSON trust file; pass the trust.json "
+        "the operator handed out"
     )
 
 

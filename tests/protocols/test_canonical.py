@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols.canonical import MAX_SAFE_INTEGER, canonical_json, parse_json_strict
 from protocols.errors import CanonicalJSONError, OversizeError
@@ -108,3 +110,17 @@ def test_big_integral_floats_roundtrip():
         assert back == x and isinstance(back, float)
     with pytest.raises(CanonicalJSONError):
         parse_json_strict(b"123456789012345679", max_bytes=100, require_canonical=True)
+
+
+@settings(max_examples=2_000, deadline=None)
+@given(st.text())
+def test_fast_string_path_matches_the_reference_encoder(s: str) -> None:
+    from protocols import canonical
+
+    try:
+        slow = canonical._encode_string_slow(s)
+    except CanonicalJSONError:
+        with pytest.raises(CanonicalJSONError):
+            canonical._encode_string(s)
+        return
+    assert canonical._encode_string(s) == slow

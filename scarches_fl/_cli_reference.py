@@ -66,6 +66,9 @@ def register(subparsers: Any) -> None:
     t.add_argument("--n-hidden", type=int, default=128)
     t.add_argument("--n-layers", type=int, default=2)
     t.add_argument("--dispersion", choices=("gene", "gene-batch"), default="gene")
+    t.add_argument("--classifier-weight", type=float, default=None, metavar="W",
+                   help="with --label-key: weight of the latent cell-type classifier "
+                        "(semi-supervised reference; default 10, 0 = unsupervised)")
     t.add_argument("--include-atlas", action="store_true",
                    help="store the reference cells' latent coordinates and labels in the bundle "
                         "(enables kNN label transfer; shares per-cell embeddings)")
@@ -93,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
         n_layers=args.n_layers, n_latent=args.n_latent, max_epochs=args.max_epochs,
         seed=args.seed, device=args.device, progress=not args.no_progress,
         dispersion=args.dispersion, include_atlas=args.include_atlas,
+        classifier_weight=args.classifier_weight,
     )
     bundle = model.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())

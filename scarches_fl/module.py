@@ -66,6 +66,10 @@ def default_hyperparameters(**overrides: Any) -> dict[str, Any]:
         "encoder_input": "log1p_cp10k",
         "target_sum": 1e4,
         "mmd_weight": 1.0,
+        # Semi-supervised reference training (scANVI-like): with a label key, a linear
+        # classifier on the posterior mean adds classifier_weight * cross-entropy to the loss.
+        "n_labels": 0,
+        "classifier_weight": 0.0,
         "module_version": 1,
     }
     for k, v in overrides.items():
@@ -112,6 +116,10 @@ def tensor_specs(hp: Mapping[str, Any], n_genes: int, n_conditions: int) -> dict
         s[f"decoder.layers.{i}.bias"] = TensorSpec((h,), "frozen", None, h)
     s["decoder.out.weight"] = TensorSpec((n_genes, h), "frozen", None, h)
     s["decoder.out.bias"] = TensorSpec((n_genes,), "frozen", None, h)
+    n_labels = int(hp.get("n_labels", 0) or 0)
+    if n_labels > 0:
+        s["classifier.weight"] = TensorSpec((n_labels, lat), "frozen", None, lat)
+        s["classifier.bias"] = TensorSpec((n_labels,), "frozen", None, lat)
     if hp["likelihood"] == "nb":
         if hp["dispersion"] == "gene-batch":
             s["px_r"] = TensorSpec((n_genes, c), "condition", 1, 0)
@@ -144,6 +152,7 @@ class Minibatch:
     h0: torch.Tensor | None = None  # (B, H) precomputed W_x x + b
     const: torch.Tensor | None = None  # (B,) per-cell constant of the log-likelihood, if known
     flat: torch.Tensor | None = None  # (nnz,) rows * n_genes + cols (1-D gathers are faster)
+    labels: torch.Tensor | None = None  # (B,) int64 label code, -1 = unlabelled
 
     def flat_index(self, n_genes: int) -> torch.Tensor:
         if self.flat is None:
@@ -162,6 +171,7 @@ class LossTerms:
     kl: torch.Tensor  # sum over cells
     mmd: torch.Tensor
     n_cells: int
+    classification: torch.Tensor | None = None
 
 
 class CVAE(nn.Module):
@@ -418,8 +428,18 @@ class CVAE(nn.Module):
         mmd = self.mmd(g1, mb.cond) if self.likelihood == "trvae" else recon.new_zeros(())
         n = mb.size
         loss = (recon + kl_weight * kl) / n + float(self.hp["mmd_weight"]) * mmd
+        ce = None
+        weight = float(self.hp.get("classifier_weight", 0.0) or 0.0)
+        if mb.labels is not None and "classifier.weight" in self.specs and weight > 0:
+            known = mb.labels >= 0
+            if bool(known.any()):
+                logits = F.linear(mean[known], self.tensor("classifier.weight"),
+                                  self.tensor("classifier.bias"))
+                ce = F.cross_entropy(logits, mb.labels[known])
+                loss = loss + weight * ce
         return LossTerms(loss=loss, reconstruction=recon.detach(), kl=kl.detach(),
-                         mmd=mmd.detach(), n_cells=n)
+                         mmd=mmd.detach(), n_cells=n,
+                         classification=None if ce is None else ce.detach())
 
 
 def _mmd_rbf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class CellData:
     x: sp.csr_matrix
     cond: np.ndarray  # int64
     lib: np.ndarray = field(default=None)  # type: ignore[assignment]
+    labels: np.ndarray | None = None  # int64 codes, -1 = unlabelled (semi-supervised training)
 
     def __post_init__(self) -> None:
         self.x = sp.csr_matrix(self.x, dtype=np.float32)
@@ -79,6 +80,8 @@ class CellData:
         self._data = torch.from_numpy(self.x.data)
         self._lib_t = torch.from_numpy(self.lib)
         self._cond_t = torch.from_numpy(self.cond)
+        self._labels_t = (None if self.labels is None
+                          else torch.from_numpy(np.asarray(self.labels, dtype=np.int64)))
 
     def rows(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The nonzeros of rows ``idx`` (in that order): (row in batch, gene, value)."""
@@ -119,6 +122,8 @@ def _minibatch(
     lib = data._lib_t[idx_t].to(device)
     cond = data._cond_t[idx_t].to(device)
     mb = Minibatch(cond=cond, lib=lib, rows=rows, cols=cols, vals=vals)
+    if data._labels_t is not None:
+        mb.labels = data._labels_t[idx_t].to(device)
     if h0 is not None:
         mb.h0 = torch.from_numpy(h0).index_select(0, idx_t).to(device)
     elif need_input:

@@ -182,3 +182,23 @@ def test_surgery_aligns_shuffled_and_partial_query_genes(reference, panc8):
     with pytest.raises(DataError, match="coverage"):
         reference.surgery(query[:, :100].copy(), batch_key="batch", namespace="query",
                           progress=False)
+
+
+def test_label_key_trains_a_frozen_latent_classifier(reference, mapped):
+    hp = reference.hyperparameters
+    assert hp["n_labels"] == 13 and hp["classifier_weight"] > 0
+    assert reference.registration["classifier_classes"][0] == "acinar"
+    base = reference.to_bundle()
+    assert base.tensors["classifier.weight"].shape == (13, 10)
+    assert base.manifest["tensors"]["classifier.weight"]["role"] == "frozen"
+    assert np.array_equal(mapped.model.to_bundle().tensors["classifier.weight"],
+                          base.tensors["classifier.weight"])
+
+
+def test_classifier_weight_zero_is_unsupervised(panc8):
+    ref, _ = panc8
+    m = ReferenceModel.train_reference(ref[:200].copy(), batch_key="batch",
+                                       label_key="cell_type", classifier_weight=0,
+                                       max_epochs=1, progress=False)
+    assert m.hyperparameters["n_labels"] == 0
+    assert "classifier.weight" not in m.to_bundle().tensors

@@ -218,9 +218,22 @@ def run_scvi(ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: i
 
 
 def _environment() -> dict:
+    import subprocess
+
     import torch
 
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
     info = {
+        "git_commit": commit,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),

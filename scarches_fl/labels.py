@@ -3,11 +3,14 @@
 Two kinds of label knowledge can travel in a reference bundle (``manifest["labels"]``):
 
 * **Prototypes** (always, when the reference was trained with labels). Per cell type with at
-  least ``min_cells`` labelled reference cells: a small diagonal Gaussian mixture in latent space
-  (1 to ``max_prototypes`` components, chosen by BIC; each component a prototype with a mean, a
-  per-dimension spread and a weight). No reference cell leaves the operator: only these summary
-  numbers do. Classification is by a calibrated class posterior and an outlier score (see
-  :func:`predict_labels`).
+  least ``min_cells`` labelled reference cells: 1 to ``max_prototypes`` prototypes (mean,
+  per-dimension spread, weight); a type gets several only where it is multimodal (BIC of a
+  diagonal Gaussian mixture, every component with ``min_cells`` cells). Also the pooled
+  within-prototype covariance and the class frequencies. No reference cell leaves the operator:
+  only these summary numbers do. Classification is a linear-discriminant rule with mixture
+  classes: ``score_c = log prior_c + log sum_j w_j exp(-D_j / 2)`` (``D_j`` the squared
+  Mahalanobis distance to prototype j under the pooled covariance), ``P = softmax(score / T)``
+  with the temperature ``T`` fitted on out-of-fold reference cells.
 * **Reference latent atlas** (only when the operator opts in, ``include_atlas=True``): the latent
   coordinates of every labelled reference cell and its label codes, stored as tensors
   ``atlas.latent`` (float32, cells x latent) and ``atlas.labels.<i>`` (float32 codes, ``-1`` =
@@ -22,8 +25,8 @@ Uncertainty (both methods) is ``1 - confidence`` in [0, 1], where
   out-of-fold reference cells).
 * ``novelty_factor`` in [0, 1] says how typical the cell's distance to the reference is, measured
   against the same statistic on out-of-sample reference cells: ``min(1, F / tail)``, where ``F``
-  is the fraction of reference cells that are *less* typical than this cell and ``tail`` (default
-  0.05) is the reference tail fraction below which trust drops linearly to 0. So a cell that lies
+  is the fraction of reference cells that lie farther from the reference than this cell and
+  ``tail`` (default 0.05) is the reference tail fraction below which trust drops linearly to 0. So a cell that lies
   where 95 % of reference cells lie keeps ``p_top``; a cell farther from the reference than any
   reference cell gets uncertainty near 1. With ``novelty=False`` the kNN uncertainty is exactly
   scArches' ``1 - p_top``.
@@ -282,9 +285,9 @@ def _proto_scores(
     # whitened coordinates: maha = |L^-1 (z - mu)|^2
     zw = np.linalg.solve(chol, z.T).T
     mw = np.linalg.solve(chol, mu.T).T
-    maha = (
-        (zw**2).sum(axis=1)[:, None] - 2.0 * zw @ mw.T + (mw**2).sum(axis=1)[None, :]
-    ).clip(min=0.0)
+    maha = ((zw**2).sum(axis=1)[:, None] - 2.0 * zw @ mw.T + (mw**2).sum(axis=1)[None, :]).clip(
+        min=0.0
+    )
     index = {c: i for i, c in enumerate(classes)}
     owner = np.array([index[p["label"]] for p in protos])
     w = np.array([p["weight"] for p in protos], dtype=np.float64)

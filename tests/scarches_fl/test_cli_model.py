@@ -76,3 +76,18 @@ def test_update_out_needs_conditions_mode(shared_data, tmp_path, capsys, mode):
                "--batch-key", "batch", "--mode", mode, "--update-out", str(tmp_path / "u"),
                "--out", str(tmp_path / "o.h5ad")])
     assert rc == 2 and "--update-out needs --mode conditions" in capsys.readouterr().err
+
+
+def test_backed_input_and_trvae(shared_data, tmp_path, capsys):
+    data = str(shared_data / "cellbench_3tech_hvg.h5ad")
+    rc = main(["-q", "reference", "train", "--data", data, "--batch-key", "batch", "--backed",
+               "--batches", "10x_3cl,CELseq2_3cl", "--likelihood", "trvae", "--max-epochs", "1",
+               "--no-progress", "--namespace", "lab", "--out", str(tmp_path / "ref")])
+    assert rc == 0
+    rc = main(["-q", "map", "--reference", str(tmp_path / "ref"), "--data", data, "--backed",
+               "--batch-key", "batch", "--batches", "Dropseq_3cl", "--max-epochs", "1",
+               "--no-progress", "--namespace", "site-b", "--out", str(tmp_path / "q.h5ad")])
+    assert rc == 0
+    assert "site-b/Dropseq_3cl" in capsys.readouterr().out
+    q = ad.read_h5ad(tmp_path / "q.h5ad")
+    assert q.n_obs == 210 and q.obsm["X_scarches"].shape == (210, 10)

@@ -470,13 +470,16 @@ def build_label_knowledge(
     seed: int = 0,
     max_prototypes: int = 3,
     knn_k: int = 15,
+    novelty_tail: float = 0.05,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Label knowledge for a bundle from the reference latent and one or more label levels.
 
     Returns ``(labels_manifest, atlas_tensors)``: the JSON dict for ``manifest["labels"]`` and,
     with ``include_atlas``, the tensors ``atlas.latent`` (float32) and ``atlas.labels.<i>``
     (float32 class codes, -1 for unlabelled), else ``{}``. Prototypes are computed only for
-    types with at least ``min_cells`` labelled cells.
+    types with at least ``min_cells`` labelled cells. ``novelty_tail``: the fraction of reference
+    cells farthest from the reference below which confidence drops (larger = more cells called
+    Unknown, both novel and known ones).
     """
     if not isinstance(labels, Mapping) or not labels:
         raise LabelTransferError(
@@ -485,6 +488,8 @@ def build_label_knowledge(
         )
     if min_cells < 2:
         raise LabelTransferError("min_cells must be at least 2")
+    if not 0.0 < novelty_tail <= 1.0:
+        raise LabelTransferError("novelty_tail must be in (0, 1]; 0.05 is the default")
     z = _check_latent(latent, "the reference latent")
     levels: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
@@ -519,7 +524,7 @@ def build_label_knowledge(
         "schema_version": LABELS_SCHEMA_VERSION,
         "unknown_label": UNKNOWN,
         "n_latent": int(z.shape[1]),
-        "novelty_tail": 0.05,
+        "novelty_tail": float(novelty_tail),
         "knowledge": ["prototypes", "atlas"] if include_atlas else ["prototypes"],
         "atlas": (
             {"included": True, "latent_tensor": ATLAS_LATENT, "n_cells": int(z.shape[0])}

@@ -17,13 +17,15 @@ from scarches_fl.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDES = ["architecture.md", "operator.md", "site-admin.md", "auditor.md", "protocol.md", "benchmarks.md"]
-_FENCE = re.compile(r"```(?:bash|sh|shell|console)\n(.*?)```", re.S)
+_FENCE = re.compile(r"```(bash|sh|shell|console|)\n(.*?)```", re.S)
 
 
 def _commands(text: str) -> list[str]:
     cmds: list[str] = []
-    for block in _FENCE.findall(text):
+    for lang, block in _FENCE.findall(text):
         joined = re.sub(r"\\\n\s*", " ", block)
+        if not lang and re.search(r"\[--|\bCOMMAND\b|\.\.\.", joined):
+            continue  # an unlabelled fence holding a usage synopsis, not a command to run
         for raw in joined.splitlines():
             line = raw.strip()
             if line.startswith("$ "):
@@ -31,11 +33,16 @@ def _commands(text: str) -> list[str]:
             if not line or line.startswith("#"):
                 continue
             for part in re.split(r"\s*(?:&&|\|\||;|\|)\s*", line):
-                words = shlex.split(part, comments=True) if part else []
+                try:
+                    words = shlex.split(part, comments=True) if part else []
+                except ValueError:
+                    if lang:
+                        raise
+                    continue  # prose or output in an unlabelled fence
                 # skip env assignments and wrappers such as `.venv/bin/`
                 while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
                     words = words[1:]
-                if words and words[0].endswith("scarches-fl"):
+                if words and (words[0] == "scarches-fl" or words[0].endswith("/scarches-fl")):
                     cmds.append(shlex.join(words))
     return cmds
 

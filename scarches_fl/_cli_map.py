@@ -11,7 +11,7 @@ import argparse
 import logging
 from typing import Any
 
-__all__ = ["register", "write_update"]
+__all__ = ["register", "write_update", "predict_labels_chunked", "write_mapped_h5ad"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,71 @@ def write_update(directory: Any, result: Any, base_digest: str, n_cells: int) ->
     return len(data)
 
 
+#: Query cells per call of the label predictor (bounds its kNN / prototype scratch memory).
+LABEL_CHUNK = 65536
+
+
+def predict_labels_chunked(
+    labels_manifest: Any, atlas_tensors: Any, latent: Any, *, label_key: str,
+    threshold: float, chunk: int = LABEL_CHUNK,
+) -> tuple[Any, Any]:
+    """``scarches_fl.labels.predict_labels`` over the query in chunks of ``chunk`` cells;
+    returns ``(pred as str array, uncertainty float32)``. Each cell's prediction depends only on
+    that cell, so chunking changes nothing but peak memory."""
+    import numpy as np
+
+    from scarches_fl.labels import predict_labels
+
+    preds, uncs = [], []
+    for lo in range(0, len(latent), chunk):
+        p = predict_labels(labels_manifest, atlas_tensors, latent[lo:lo + chunk],
+                           label_key=label_key, threshold=threshold)
+        preds.append(np.asarray(p.pred).astype(str))
+        uncs.append(np.asarray(p.uncertainty, dtype=np.float32))
+    if not preds:
+        return np.zeros(0, dtype=str), np.zeros(0, dtype=np.float32)
+    return np.concatenate(preds), np.concatenate(uncs)
+
+
+def write_mapped_h5ad(path: Any, adata: Any, obs: Any, obsm: dict, uns: dict, *,
+                      window: int = 16384) -> None:
+    """Write the mapped query: in-memory input as a normal ``write_h5ad``; backed input as a
+    shell (obs, var, obsm, uns) plus X appended window by window from the input file, so the
+    count matrix is never densified nor loaded whole."""
+    import anndata as ad
+    import h5py
+    import scipy.sparse as sp
+    from anndata.io import sparse_dataset, write_elem
+
+    from scarches_fl.data import iter_count_windows
+
+    if not getattr(adata, "isbacked", False):
+        out = adata.copy()
+        out.obs = obs
+        for k, v in obsm.items():
+            out.obsm[k] = v
+        out.uns.update(uns)
+        out.write_h5ad(path)
+        return
+    shell = ad.AnnData(obs=obs, var=adata.var.copy())
+    shell.uns.update(dict(adata.uns))
+    for k, v in obsm.items():
+        shell.obsm[k] = v
+    shell.uns.update(uns)
+    shell.write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        x = None
+        for _start, block in iter_count_windows(adata, window=window):
+            block = sp.csr_matrix(block)
+            if x is None:
+                write_elem(f, "X", block)
+                x = sparse_dataset(f["X"])
+            else:
+                x.append(block)
+        if x is None:
+            write_elem(f, "X", sp.csr_matrix((0, adata.n_vars), dtype="float32"))
+
+
 def _map(args: argparse.Namespace) -> int:
     import time
 
@@ -102,20 +167,22 @@ def _map(args: argparse.Namespace) -> int:
     model = ReferenceModel.from_bundle(args.reference)
     base_digest = model.digest
     adata = read_input(args)
+    have_labels = False
     if args.label_key is not None:
         try:
-            from scarches_fl.labels import predict_labels
+            import scarches_fl.labels  # noqa: F401
         except ImportError:  # pragma: no cover - L's module not installed yet
-            predict_labels = None
             log.warning("scarches_fl.labels is not available: no label prediction")
+        else:
+            have_labels = True
     result = model.surgery(
         adata, batch_key=args.batch_key, namespace=args.namespace, layer=args.layer,
         mode=args.mode, max_epochs=args.max_epochs, seed=args.seed,
         min_gene_coverage=args.min_gene_coverage, progress=not args.no_progress,
         device=args.device,
     )
-    out = adata.to_memory() if getattr(adata, "isbacked", False) else adata.copy()
-    out.obsm["X_scarches"] = np.asarray(result.latent, dtype=np.float32)
+    obs = adata.obs.copy()
+    obsm = {"X_scarches": np.asarray(result.latent, dtype=np.float32)}
     info: dict[str, Any] = {
         "reference_digest": base_digest,
         "model_digest": result.model.digest,
@@ -126,20 +193,19 @@ def _map(args: argparse.Namespace) -> int:
         "epochs": int(result.history.get("epochs", 0)),
         "alignment": {k: v for k, v in result.alignment.to_dict().items() if v is not None},
     }
-    if args.label_key is not None and predict_labels is not None:
-        pred = predict_labels(
+    if args.label_key is not None and have_labels:
+        pred, unc = predict_labels_chunked(
             result.model.labels, result.model.extra_tensors, result.latent,
             label_key=args.label_key, threshold=args.threshold,
         )
-        out.obs[f"{args.label_key}_pred"] = np.asarray(pred.pred).astype(str)
-        out.obs[f"{args.label_key}_uncertainty"] = np.asarray(pred.uncertainty, np.float32)
+        obs[f"{args.label_key}_pred"] = pred
+        obs[f"{args.label_key}_uncertainty"] = unc
         info["label_key"] = args.label_key
         info["threshold"] = float(args.threshold)
-    out.uns["scarches_fl"] = info
     update_bytes = None
     if args.update_out:
         update_bytes = write_update(args.update_out, result, base_digest, adata.n_obs)
-    out.write_h5ad(args.out)
+    write_mapped_h5ad(args.out, adata, obs, obsm, {"scarches_fl": info})
     a = result.alignment
     lines = [
         f"mapped {adata.n_obs} cells: {a.n_overlap}/{a.n_reference_genes} reference genes "

@@ -28,6 +28,7 @@ from protocols.errors import ScarchesFLError
 __all__ = [
     "DataError",
     "DataWarning",
+    "BackedCounts",
     "GeneAlignmentReport",
     "RegisteredData",
     "align_genes",
@@ -134,6 +135,42 @@ def read_counts(
     out = sp.vstack(blocks, format="csr").astype(np.float32, copy=False)
     out.sort_indices()
     return out
+
+
+class BackedCounts:
+    """Row windows of an on-disk (backed) count matrix, read on demand (issue 10).
+
+    Holds no counts itself: :meth:`read` returns rows ``[lo, hi)`` as float32 CSR on the model's
+    genes (``column_map`` applied, indices sorted). Works for a backed AnnData and for a view of
+    one (e.g. after :func:`filter_batches`). ``rows_read`` / ``max_rows_per_read`` /
+    ``reads`` instrument the reader so tests can prove that nothing larger than a window is
+    ever materialised."""
+
+    def __init__(self, adata: Any, *, layer: str | None = None,
+                 column_map: sp.csr_matrix | None = None) -> None:
+        self.adata = adata
+        self.layer = layer
+        self.column_map = column_map
+        self.n_cells = int(adata.n_obs)
+        self.n_genes = int(column_map.shape[1]) if column_map is not None else int(adata.n_vars)
+        self.rows_read = 0
+        self.max_rows_per_read = 0
+        self.reads = 0
+
+    def read(self, lo: int, hi: int) -> sp.csr_matrix:
+        lo, hi = int(lo), int(min(hi, self.n_cells))
+        block = _to_csr(_matrix(self.adata, self.layer)[lo:hi])
+        if self.column_map is not None:
+            block = (block @ self.column_map).tocsr().astype(np.float32, copy=False)
+        block.sort_indices()
+        self.reads += 1
+        self.rows_read += hi - lo
+        self.max_rows_per_read = max(self.max_rows_per_read, hi - lo)
+        return block
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_cells, self.n_genes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,25 +403,32 @@ def align_genes(
 class RegisteredData:
     """Counts and per-cell covariates ready for a model (CSR float32 on the model's genes)."""
 
-    x: sp.csr_matrix
+    x: sp.csr_matrix | None  # None when streaming from disk (see ``source``)
     batches: np.ndarray  # original batch values (str)
     conditions: np.ndarray  # "<namespace>/<batch>" (str)
     labels: np.ndarray | None
     registration: dict[str, Any]
     alignment: GeneAlignmentReport | None = None
     n_zero_cells: int = 0
+    source: BackedCounts | None = None  # streaming reader of a backed AnnData
+    lib: np.ndarray | None = None  # per-cell total counts on the model's genes (float32)
 
     @property
     def n_cells(self) -> int:
-        return self.x.shape[0]
+        return self.x.shape[0] if self.x is not None else int(self.batches.shape[0])
 
 
 def register(
     adata: Any, *, batch_key: str, namespace: str, likelihood: str = "nb",
     label_key: str | None = None, layer: str | None = None,
     reference_genes: Sequence[str] | None = None, min_gene_coverage: float = 0.5,
+    stream: bool | None = None,
 ) -> RegisteredData:
     """Validate an AnnData and read it for a model.
+
+    ``stream`` (default: whether ``adata`` is backed) keeps the counts on disk: the result holds
+    a :class:`BackedCounts` reader and the per-cell library sizes instead of the matrix, and the
+    trainers read bounded row windows (memory independent of the number of cells).
 
     Checks (each a :class:`DataError` naming the fix): empty AnnData, missing batch or label key
     (lists the available keys), NaN/Inf, negative values, non-integer counts with the NB
@@ -417,15 +461,29 @@ def register(
                 "(adata.var_names_make_unique()) before training a reference"
             )
     where = f"layer {layer!r}" if layer else "X"
-    # Validate on the original columns (every stored value), window by window.
-    for _s, block in iter_count_windows(adata, layer=layer):
-        _check_values(block, likelihood=likelihood, where=where)
-    x = read_counts(adata, layer=layer, column_map=column_map)
-    totals = np.asarray(x.sum(axis=1)).ravel()
+    if stream is None:
+        stream = bool(getattr(adata, "isbacked", False))
+    x: sp.csr_matrix | None = None
+    source: BackedCounts | None = None
+    if stream:
+        # One pass over the file: validate every stored value and sum the library sizes.
+        source = BackedCounts(adata, layer=layer, column_map=column_map)
+        totals = np.empty(adata.n_obs, dtype=np.float32)
+        for start, block in iter_count_windows(adata, layer=layer):
+            _check_values(block, likelihood=likelihood, where=where)
+            if column_map is not None:
+                block = block @ column_map
+            totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1)).ravel()
+    else:
+        # Validate on the original columns (every stored value), window by window.
+        for _s, block in iter_count_windows(adata, layer=layer):
+            _check_values(block, likelihood=likelihood, where=where)
+        x = read_counts(adata, layer=layer, column_map=column_map)
+        totals = np.asarray(x.sum(axis=1), dtype=np.float32).ravel()
     n_zero = int((totals <= 0).sum())
     if n_zero:
         warnings.warn(
-            f"{n_zero} of {x.shape[0]} cells have zero total counts on the model's genes; they "
+            f"{n_zero} of {len(totals)} cells have zero total counts on the model's genes; they "
             "are kept but carry no information (filter them, e.g. sc.pp.filter_cells(min_counts=1))",
             DataWarning,
             stacklevel=3,
@@ -434,4 +492,5 @@ def register(
     return RegisteredData(
         x=x, batches=batches, conditions=conditions, labels=labels,
         registration=registration, alignment=alignment, n_zero_cells=n_zero,
+        source=source, lib=totals,
     )

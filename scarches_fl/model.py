@@ -78,6 +78,20 @@ class SurgeryResult:
     seconds: float = 0.0
 
 
+def _cell_data_for(reg: RegisteredData, cond: np.ndarray,
+                   labels: np.ndarray | None = None) -> Any:
+    """In-memory :class:`~scarches_fl.train.CellData` (sparse counts, O(nnz)), or a
+    :class:`~scarches_fl.train.StreamingCellData` reading windows of a backed file."""
+    from scarches_fl import train
+
+    if reg.source is not None:
+        assert reg.lib is not None
+        return train.StreamingCellData(reg.source, cond, reg.lib, labels,
+                                       block_rows=train.BLOCK_ROWS,
+                                       blocks_per_window=train.BLOCKS_PER_WINDOW)
+    return train.CellData(reg.x, cond, labels=labels)
+
+
 def _torch():
     import torch
 
@@ -148,7 +162,7 @@ class ReferenceModel:
         ``kl_warmup_epochs``, ``validation_fraction``, ``early_stopping``, ``patience``)."""
         torch = _torch()
         from scarches_fl.module import CVAE, default_hyperparameters
-        from scarches_fl.train import CellData, TrainingConfig, fit, posterior_mean
+        from scarches_fl.train import TrainingConfig, fit, posterior_mean
 
         reg = register(adata, batch_key=batch_key, namespace=namespace, likelihood=likelihood,
                        label_key=label_key, layer=layer)
@@ -181,7 +195,7 @@ class ReferenceModel:
         }
         cfg_kw.update(kw)
         config = TrainingConfig(**cfg_kw)
-        data = CellData(reg.x, cond, labels=label_codes)
+        data = _cell_data_for(reg, cond, labels=label_codes)
         history = fit(module, data, config)
         module.cpu()
         registration = dict(reg.registration)
@@ -309,8 +323,6 @@ class ReferenceModel:
     # -- embedding -----------------------------------------------------------------------------
 
     def _cell_data(self, reg: RegisteredData) -> Any:
-        from scarches_fl.train import CellData
-
         index = {c: i for i, c in enumerate(self._conditions)}
         unknown = sorted(set(reg.conditions.tolist()) - set(index))
         if unknown:
@@ -320,7 +332,7 @@ class ReferenceModel:
                 "(model.surgery / scarches-fl map) or pass the namespace the data was mapped with"
             )
         cond = np.asarray([index[c] for c in reg.conditions], dtype=np.int64)
-        return CellData(reg.x, cond)
+        return _cell_data_for(reg, cond)
 
     def get_latent(
         self, adata: Any, *, batch_key: str, namespace: str, layer: str | None = None,
@@ -346,7 +358,7 @@ class ReferenceModel:
         """Add the query's batches as new conditions and fine-tune (see module docstring).
         Extra keyword arguments go to :class:`~scarches_fl.train.TrainingConfig`."""
         from scarches_fl.module import CVAE
-        from scarches_fl.train import CellData, TrainingConfig, fit, posterior_mean
+        from scarches_fl.train import TrainingConfig, fit, posterior_mean
 
         if mode not in SURGERY_MODES:
             raise DataError(f"mode must be one of {', '.join(SURGERY_MODES)}, not {mode!r}")
@@ -379,7 +391,7 @@ class ReferenceModel:
         }
         cfg_kw.update(kw)
         config = TrainingConfig(**cfg_kw)
-        data = CellData(reg.x, cond)
+        data = _cell_data_for(reg, cond)
         history = fit(module, data, config)
         module.cpu()
         n_trainable = module.trainable_parameter_count()

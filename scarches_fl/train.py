@@ -10,6 +10,13 @@ dispersion the lgamma terms of the log-likelihood are per-cell constants, comput
 
 Reproducibility: on CPU a seed fixes the split, the shuffling, dropout and the reparameterisation
 noise, so two runs in the same environment give bit-identical weights.
+
+Streaming (issue 10, ADR 0015): a :class:`StreamingCellData` keeps the counts on disk (a
+:class:`scarches_fl.data.BackedCounts` reader) and only the per-cell scalars (condition, library
+size, label) in memory. Each epoch shuffles the order of ``block_rows``-row blocks, loads
+``blocks_per_window`` of them at a time into a window, and shuffles the cells within the window;
+at most one window of counts is held. With a single block the minibatch order is exactly the
+in-memory one, so results are bit-identical to :class:`CellData`.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +34,8 @@ import torch
 
 from scarches_fl.module import CVAE, Minibatch
 
-__all__ = ["TrainingConfig", "CellData", "fit", "posterior_mean", "precompute_first_layer",
-           "resolve_device"]
+__all__ = ["TrainingConfig", "CellData", "StreamingCellData", "fit", "posterior_mean",
+           "precompute_first_layer", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +108,70 @@ class CellData:
         return self.x.shape[0]
 
 
+#: Rows per on-disk block and blocks per window of the streaming trainer (window 16,384 rows).
+BLOCK_ROWS = 4096
+BLOCKS_PER_WINDOW = 4
+
+
+class StreamingCellData:
+    """Counts on disk (``source.read(lo, hi)``), per-cell condition / library size / label in
+    memory. Memory: one window of ``block_rows * blocks_per_window`` rows of counts, plus
+    O(n_cells) scalars."""
+
+    def __init__(self, source: Any, cond: np.ndarray, lib: np.ndarray,
+                 labels: np.ndarray | None = None, *, block_rows: int = BLOCK_ROWS,
+                 blocks_per_window: int = BLOCKS_PER_WINDOW) -> None:
+        self.source = source
+        self.cond = np.asarray(cond, dtype=np.int64)
+        self.lib = np.asarray(lib, dtype=np.float32)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.block_rows = int(block_rows)
+        self.blocks_per_window = int(blocks_per_window)
+        self.max_window_rows = 0  # instrumentation: the most count rows held at once
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.source.n_cells)
+
+    @property
+    def n_blocks(self) -> int:
+        return max(1, -(-self.n_cells // self.block_rows))
+
+    def window(self, blocks: Sequence[int]) -> tuple[CellData, np.ndarray]:
+        """The cells of ``blocks`` (in that order) as an in-memory :class:`CellData`, and their
+        global row indices."""
+        parts, rows = [], []
+        for b in blocks:
+            lo = int(b) * self.block_rows
+            hi = min(lo + self.block_rows, self.n_cells)
+            parts.append(self.source.read(lo, hi))
+            rows.append(np.arange(lo, hi, dtype=np.int64))
+        x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+        idx = np.concatenate(rows)
+        self.max_window_rows = max(self.max_window_rows, len(idx))
+        labels = None if self.labels is None else self.labels[idx]
+        return CellData(x, self.cond[idx], lib=self.lib[idx], labels=labels), idx
+
+
+AnyCellData = CellData | StreamingCellData
+
+
+def _windows(data: AnyCellData, chunk_size: int) -> Iterator[tuple[CellData, np.ndarray]]:
+    """In-order passes over every cell: ``(cells, global rows)`` per chunk / window."""
+    if isinstance(data, StreamingCellData):
+        per = max(1, min(data.blocks_per_window, chunk_size // data.block_rows or 1))
+        for b in range(0, data.n_blocks, per):
+            yield data.window(range(b, min(b + per, data.n_blocks)))
+        return
+    yield data, np.arange(data.n_cells, dtype=np.int64)
+
+
+def _take(arr: np.ndarray | None, rows: np.ndarray, full: bool) -> np.ndarray | None:
+    if arr is None or full:
+        return arr
+    return arr[rows]
+
+
 def resolve_device(device: str) -> torch.device:
     from scarches_fl.data import DataError
 
@@ -150,47 +222,54 @@ def _dispersion_frozen(module: CVAE) -> bool:
 
 @torch.no_grad()
 def precompute_first_layer(
-    module: CVAE, data: CellData, *, chunk_size: int = 4096, device: torch.device | None = None,
+    module: CVAE, data: AnyCellData, *, chunk_size: int = 4096,
+    device: torch.device | None = None,
 ) -> np.ndarray:
     """``W_x x + b`` for every cell, chunk by chunk (dense float32, n_cells x n_hidden)."""
     device = device or torch.device("cpu")
     n_hidden = int(module.hp["n_hidden"])
     out = np.empty((data.n_cells, n_hidden), dtype=np.float32)
-    for start in range(0, data.n_cells, chunk_size):
-        idx = np.arange(start, min(start + chunk_size, data.n_cells))
-        mb = _minibatch(module, data, idx, device, h0=None, const=None, need_input=True)
-        out[idx] = module.first_layer_genes(mb.x_in).cpu().numpy()
+    for cells, rows in _windows(data, chunk_size):
+        for start in range(0, cells.n_cells, chunk_size):
+            idx = np.arange(start, min(start + chunk_size, cells.n_cells))
+            mb = _minibatch(module, cells, idx, device, h0=None, const=None, need_input=True)
+            out[rows[idx]] = module.first_layer_genes(mb.x_in).cpu().numpy()
     return out
 
 
 @torch.no_grad()
 def _precompute_nb_constant(
-    module: CVAE, data: CellData, *, chunk_size: int, device: torch.device,
+    module: CVAE, data: AnyCellData, *, chunk_size: int, device: torch.device,
 ) -> np.ndarray:
     out = np.empty(data.n_cells, dtype=np.float32)
-    for start in range(0, data.n_cells, chunk_size):
-        idx = np.arange(start, min(start + chunk_size, data.n_cells))
-        mb = _minibatch(module, data, idx, device, h0=None, const=None, need_input=False)
-        out[idx] = module.nb_sparse_constant(mb).cpu().numpy()
+    for cells, rows in _windows(data, chunk_size):
+        for start in range(0, cells.n_cells, chunk_size):
+            idx = np.arange(start, min(start + chunk_size, cells.n_cells))
+            mb = _minibatch(module, cells, idx, device, h0=None, const=None, need_input=False)
+            out[rows[idx]] = module.nb_sparse_constant(mb).cpu().numpy()
     return out
 
 
 @torch.no_grad()
 def posterior_mean(
-    module: CVAE, data: CellData, *, batch_size: int = 4096, device: str | torch.device = "cpu",
+    module: CVAE, data: AnyCellData, *, batch_size: int = 4096,
+    device: str | torch.device = "cpu",
 ) -> np.ndarray:
-    """Posterior mean of q(z | x, s) for every cell, chunked (eval mode: no dropout)."""
+    """Posterior mean of q(z | x, s) for every cell, chunked (eval mode: no dropout); streaming
+    data is read window by window."""
     device = torch.device(device)
     was_training = module.training
     module.eval()
     module.to(device)
     out = np.empty((data.n_cells, int(module.hp["n_latent"])), dtype=np.float32)
     try:
-        for start in range(0, data.n_cells, batch_size):
-            idx = np.arange(start, min(start + batch_size, data.n_cells))
-            mb = _minibatch(module, data, idx, device, h0=None, const=None, need_input=True)
-            mean, _ = module.encode(module.first_layer_genes(mb.x_in), mb.cond)
-            out[idx] = mean.cpu().numpy()
+        for cells, rows in _windows(data, batch_size):
+            for start in range(0, cells.n_cells, batch_size):
+                idx = np.arange(start, min(start + batch_size, cells.n_cells))
+                mb = _minibatch(module, cells, idx, device, h0=None, const=None,
+                                need_input=True)
+                mean, _ = module.encode(module.first_layer_genes(mb.x_in), mb.cond)
+                out[rows[idx]] = mean.cpu().numpy()
     finally:
         module.train(was_training)
     return out
@@ -241,7 +320,28 @@ def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarra
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def fit(module: CVAE, data: CellData, config: TrainingConfig) -> dict[str, Any]:
+def _epoch_windows(
+    data: AnyCellData, train_idx: np.ndarray, is_train: np.ndarray | None,
+    rng: np.random.Generator,
+) -> Iterator[tuple[CellData, np.ndarray, np.ndarray, bool]]:
+    """One epoch's shuffled training cells: ``(cells, window rows, local order, full)``.
+
+    In memory: one window holding everything, ``train_idx`` permuted (the historical order).
+    Streaming: block order permuted, ``blocks_per_window`` blocks per window, the window's
+    training cells permuted. A single block reproduces the in-memory order exactly."""
+    if not isinstance(data, StreamingCellData):
+        yield data, train_idx, train_idx[rng.permutation(len(train_idx))], True
+        return
+    assert is_train is not None
+    n_blocks = data.n_blocks
+    order = rng.permutation(n_blocks) if n_blocks > 1 else np.zeros(1, dtype=np.int64)
+    for w in range(0, n_blocks, data.blocks_per_window):
+        cells, rows = data.window(order[w:w + data.blocks_per_window])
+        local = np.flatnonzero(is_train[rows])
+        yield cells, rows, local[rng.permutation(len(local))], False
+
+
+def fit(module: CVAE, data: AnyCellData, config: TrainingConfig) -> dict[str, Any]:
     """Train ``module``'s parameters on ``data``. Returns a history dict (per-epoch losses,
     epochs run, best epoch, seconds, seconds per epoch, trainable parameter count)."""
     device = resolve_device(config.device)
@@ -263,7 +363,7 @@ def fit(module: CVAE, data: CellData, config: TrainingConfig) -> dict[str, Any]:
 
 
 def _fit(
-    module: CVAE, data: CellData, config: TrainingConfig, device: torch.device,
+    module: CVAE, data: AnyCellData, config: TrainingConfig, device: torch.device,
     params: list[torch.nn.Parameter], history: dict[str, Any],
 ) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
@@ -272,6 +372,10 @@ def _fit(
         gen = torch.Generator().manual_seed(config.seed)
         module.to(device)
         train_idx, val_idx = _split(data.n_cells, config.validation_fraction, rng)
+        is_train = None
+        if isinstance(data, StreamingCellData):
+            is_train = np.zeros(data.n_cells, dtype=bool)
+            is_train[train_idx] = True
 
         t_pre = time.perf_counter()
         h0 = const = None
@@ -303,20 +407,21 @@ def _fit(
                 kl_weight = (min(1.0, epoch / config.kl_warmup_epochs)
                              if config.kl_warmup_epochs > 0 else 1.0)
                 module.train()
-                perm = train_idx[rng.permutation(len(train_idx))]
                 total, count = 0.0, 0
-                for s in range(0, len(perm), config.batch_size):
-                    idx = perm[s:s + config.batch_size]
-                    if len(idx) < 2 and len(perm) > 2:
-                        continue
-                    mb = _minibatch(module, data, idx, device, h0=h0, const=const,
-                                    need_input=True)
-                    terms = module.loss(mb, kl_weight=kl_weight, generator=gen)
-                    optimizer.zero_grad()
-                    terms.loss.backward()
-                    optimizer.step()
-                    total += float(terms.loss.detach()) * len(idx)
-                    count += len(idx)
+                for cells, rows, perm, full in _epoch_windows(data, train_idx, is_train, rng):
+                    h0_w, const_w = _take(h0, rows, full), _take(const, rows, full)
+                    for s in range(0, len(perm), config.batch_size):
+                        idx = perm[s:s + config.batch_size]
+                        if len(idx) < 2 and len(perm) > 2:
+                            continue
+                        mb = _minibatch(module, cells, idx, device, h0=h0_w, const=const_w,
+                                        need_input=True)
+                        terms = module.loss(mb, kl_weight=kl_weight, generator=gen)
+                        optimizer.zero_grad()
+                        terms.loss.backward()
+                        optimizer.step()
+                        total += float(terms.loss.detach()) * len(idx)
+                        count += len(idx)
                 train_loss = total / max(count, 1)
                 history["train_loss"].append(train_loss)
                 val = _validation_elbo(module, data, val_idx, device, h0, const, config)
@@ -355,12 +460,16 @@ def _fit(
         history["epoch_seconds"] = epoch_seconds
         history["n_train_cells"] = int(len(train_idx))
         history["n_validation_cells"] = int(len(val_idx))
+        if isinstance(data, StreamingCellData):
+            history["streaming"] = {"block_rows": data.block_rows,
+                                    "blocks_per_window": data.blocks_per_window,
+                                    "max_window_rows": data.max_window_rows}
     return history
 
 
 @torch.no_grad()
 def _validation_elbo(
-    module: CVAE, data: CellData, val_idx: np.ndarray, device: torch.device,
+    module: CVAE, data: AnyCellData, val_idx: np.ndarray, device: torch.device,
     h0: np.ndarray | None, const: np.ndarray | None, config: TrainingConfig,
 ) -> float | None:
     """Negative ELBO per cell on the validation cells (KL weight 1, fixed noise)."""
@@ -369,9 +478,22 @@ def _validation_elbo(
     module.eval()
     gen = torch.Generator().manual_seed(config.seed + 1)
     total = 0.0
-    for s in range(0, len(val_idx), config.chunk_size):
-        idx = val_idx[s:s + config.chunk_size]
-        mb = _minibatch(module, data, idx, device, h0=h0, const=const, need_input=True)
-        terms = module.loss(mb, kl_weight=1.0, generator=gen)
-        total += float(terms.reconstruction + terms.kl)
+    if not isinstance(data, StreamingCellData):
+        for s in range(0, len(val_idx), config.chunk_size):
+            idx = val_idx[s:s + config.chunk_size]
+            mb = _minibatch(module, data, idx, device, h0=h0, const=const, need_input=True)
+            terms = module.loss(mb, kl_weight=1.0, generator=gen)
+            total += float(terms.reconstruction + terms.kl)
+        return total / len(val_idx)
+    is_val = np.zeros(data.n_cells, dtype=bool)
+    is_val[val_idx] = True
+    for cells, rows in _windows(data, data.block_rows * data.blocks_per_window):
+        local = np.flatnonzero(is_val[rows])
+        h0_w, const_w = _take(h0, rows, False), _take(const, rows, False)
+        for s in range(0, len(local), config.chunk_size):
+            idx = local[s:s + config.chunk_size]
+            mb = _minibatch(module, cells, idx, device, h0=h0_w, const=const_w,
+                            need_input=True)
+            terms = module.loss(mb, kl_weight=1.0, generator=gen)
+            total += float(terms.reconstruction + terms.kl)
     return total / len(val_idx)

@@ -23,7 +23,7 @@ import numpy as np
 from protocols.errors import ScarchesFLError
 from scarches_fl import metrics as M
 
-__all__ = ["EvaluationError", "EvaluationInput", "build_report", "embed_2d"]
+__all__ = ["EvaluationError", "EvaluationInput", "build_report", "embed_2d", "plot_joint_embedding"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,51 @@ def _scatter_categories(ax, xy, values, *, title: str, size: float, marker_of=No
         frameon=False,
         ncol=ncol,
     )
+
+
+def plot_joint_embedding(
+    latent: np.ndarray,
+    colorings: Mapping[str, np.ndarray],
+    *,
+    out_dir: Path,
+    title: str,
+    method: str = "auto",
+    seed: int = 0,
+) -> list[Path]:
+    """One PNG per coloring of the same 2-D layout of ``latent`` (for example the reference and
+    every site's cells, coloured by study, by cell type and by role). Returns the paths written
+    as ``embedding_by_<coloring>.png`` in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z = np.asarray(latent)
+    if z.ndim != 2 or z.shape[0] < 3:
+        raise EvaluationError(f"need a cells x latent matrix with at least 3 cells, got shape {z.shape}")
+    for name, values in colorings.items():
+        if len(values) != z.shape[0]:
+            raise EvaluationError(
+                f"coloring {name!r} has {len(values)} values for {z.shape[0]} cells"
+            )
+    xy, how = embed_2d(z, method=method, seed=seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size = float(max(2.0, min(12.0, 6000.0 / z.shape[0])))
+    paths: list[Path] = []
+    for name, values in colorings.items():
+        fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+        _scatter_categories(ax, xy, np.asarray(values).astype(str), title=f"{title}: by {name}", size=size)
+        ax.set_xlabel(how, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.tight_layout()
+        slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+        path = out_dir / f"embedding_by_{slug}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def _plots(

@@ -137,3 +137,19 @@ def test_embed_2d_pca_keeps_the_main_axis():
     xy, how = embed_2d(z, method="pca")
     assert xy.shape == (200, 2) and how.startswith("PCA")
     assert abs(np.corrcoef(xy[:, 0], z[:, 3])[0, 1]) > 0.99
+
+
+def test_plot_joint_embedding_writes_one_png_per_coloring(tmp_path):
+    from scarches_fl.report import EvaluationError, plot_joint_embedding
+
+    rng = np.random.default_rng(0)
+    latent = np.concatenate([rng.normal(0, 1, (40, 5)), rng.normal(4, 1, (40, 5))])
+    study = np.array(["ref"] * 40 + ["site-a"] * 40)
+    kind = np.array(["alpha", "beta"] * 40)
+    paths = plot_joint_embedding(latent, {"study": study, "cell type": kind}, out_dir=tmp_path,
+                                 title="test", method="pca")
+    assert [p.name for p in paths] == ["embedding_by_study.png", "embedding_by_cell_type.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(EvaluationError, match="has 3 values"):
+        plot_joint_embedding(latent, {"bad": study[:3]}, out_dir=tmp_path, title="t", method="pca")

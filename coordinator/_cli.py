@@ -75,6 +75,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cosignatures of distinct pinned witnesses a site requires on a checkpoint "
         "(default 0: none)",
     )
+    init.add_argument(
+        "--trust-out",
+        default=None,
+        metavar="FILE",
+        help="also write the trust.json for the sites here (e.g. a folder you hand out), so "
+        "nobody needs read access to the state directory, which holds the private keys",
+    )
     init.set_defaults(handler=_init)
 
     enroll = sub.add_parser(
@@ -198,6 +205,14 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  log key     {result.log_key_id}")
     print(f"  TLS names   {', '.join(result.tls_names)}")
     print(f"  trust.json  {result.trust_path}  (hand this file to every site)")
+    if args.trust_out:
+        import shutil
+        from pathlib import Path
+
+        out = Path(args.trust_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.trust_path, out)
+        print(f"  copied to   {out}")
     return 0
 
 

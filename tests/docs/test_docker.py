@@ -92,8 +92,12 @@ def test_compose_commands_are_documented_cli() -> None:
     for name, svc in services.items():
         parser.parse_args([str(a) for a in svc["command"]])
         # a site never mounts the coordinator's keys: only trust.json would be handed out
-        if name.startswith("hospital-") and "keygen" not in name:
-            assert "site" == svc["command"][0]
+        if name.startswith("hospital-"):
+            assert svc["command"][0] == "site"
+            mounted = [str(v).split(":")[0] for v in svc.get("volumes", [])]
+            assert "coordinator-state" not in mounted, (
+                f"{name} must not see the coordinator's state (private keys); hand out trust.json"
+            )
 
 
 def _order(services: dict) -> list[str]:

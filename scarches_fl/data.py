@@ -90,20 +90,70 @@ def _to_csr(block: Any) -> sp.csr_matrix:
     return out
 
 
+class _BackedRows:
+    """Row ranges of a backed AnnData's X (or of a backed view of one) straight from the file.
+
+    ``adata.X`` on a backed object builds a new sparse dataset on every access (re-reading the
+    whole ``indptr``), and on a backed *view* it loads the view's entire matrix into memory. This
+    opens the on-disk dataset once and maps view rows to file rows itself, so every read touches
+    only the requested rows."""
+
+    def __init__(self, adata: Any) -> None:
+        import h5py
+        from anndata.io import sparse_dataset
+
+        if not adata.file.is_open:
+            adata.file.open()
+        node = adata.file["X"]
+        self.ds = sparse_dataset(node) if isinstance(node, h5py.Group) else node
+        n_file = int(node.attrs["shape"][0]) if isinstance(node, h5py.Group) else node.shape[0]
+        self.rows: np.ndarray | None = None
+        self.cols: Any = None
+        if adata.is_view:
+            oidx = adata._oidx  # the view's rows in the file (slice, mask or indices)
+            rows = np.arange(n_file, dtype=np.int64)[oidx]
+            if not (len(rows) == n_file and np.array_equal(rows, np.arange(n_file))):
+                self.rows = rows
+            vidx = adata._vidx
+            if not (isinstance(vidx, slice) and vidx == slice(None)):
+                self.cols = vidx
+
+    def read(self, lo: int, hi: int) -> Any:
+        if self.rows is None:
+            block = self.ds[lo:hi]
+        else:
+            sel = self.rows[lo:hi]
+            if len(sel) and np.all(np.diff(sel) == 1):
+                block = self.ds[int(sel[0]):int(sel[-1]) + 1]
+            else:
+                block = self.ds[sel]
+        if self.cols is not None:
+            block = block[:, self.cols]
+        return block
+
+
+def _row_reader(adata: Any, layer: str | None) -> Any:
+    """``read(lo, hi)`` over the count matrix; file-direct for backed X (see :class:`_BackedRows`)."""
+    if layer is None and getattr(adata, "isbacked", False):
+        return _BackedRows(adata).read
+    mat = _matrix(adata, layer)
+    return lambda lo, hi: mat[lo:hi]
+
+
 def iter_count_windows(
     adata: Any, *, layer: str | None = None, window: int = WINDOW_ROWS,
     rows: np.ndarray | None = None,
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Yield ``(start, csr_block)`` row windows of the count matrix (X or ``layer``), float32.
 
-    Works for in-memory and backed AnnData; at most ``window`` rows are materialised at a time.
-    With ``rows`` (sorted integer row indices) only those rows are read; ``start`` then counts
-    positions within ``rows``.
+    Works for in-memory and backed AnnData (and backed views); at most ``window`` rows are
+    materialised at a time. With ``rows`` (sorted integer row indices) only those rows are read;
+    ``start`` then counts positions within ``rows``.
     """
-    mat = _matrix(adata, layer)
+    read = _row_reader(adata, layer)
     if rows is None:
         for start in range(0, adata.n_obs, window):
-            yield start, _to_csr(mat[start:min(start + window, adata.n_obs)])
+            yield start, _to_csr(read(start, min(start + window, adata.n_obs)))
         return
     rows = np.asarray(rows, dtype=np.int64)
     pos = 0
@@ -112,7 +162,7 @@ def iter_count_windows(
         a, b = np.searchsorted(rows, [lo, hi])
         if a == b:
             continue
-        block = _to_csr(mat[lo:hi])[rows[a:b] - lo]
+        block = _to_csr(read(lo, hi))[rows[a:b] - lo]
         yield pos, _to_csr(block)
         pos += b - a
 
@@ -156,10 +206,11 @@ class BackedCounts:
         self.rows_read = 0
         self.max_rows_per_read = 0
         self.reads = 0
+        self._read = _row_reader(adata, layer)
 
     def read(self, lo: int, hi: int) -> sp.csr_matrix:
         lo, hi = int(lo), int(min(hi, self.n_cells))
-        block = _to_csr(_matrix(self.adata, self.layer)[lo:hi])
+        block = _to_csr(self._read(lo, hi))
         if self.column_map is not None:
             block = (block @ self.column_map).tocsr().astype(np.float32, copy=False)
         block.sort_indices()

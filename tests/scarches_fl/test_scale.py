@@ -150,3 +150,27 @@ def test_map_cli_backed_writes_sparse_x_window_by_window(sim_path, tmp_path):
     assert got.obsm["X_scarches"].shape == (src.n_obs, 10)
     assert list(got.obs_names) == list(src.obs_names)
     assert "scarches_fl" in got.uns
+
+
+def test_backed_views_read_row_ranges_from_the_file(sim_path, monkeypatch):
+    """A backed view (e.g. after --batches) is read from the file window by window; ``adata.X``
+    (which would load the whole view) is never touched."""
+    from scarches_fl.data import iter_count_windows
+
+    mem = ad.read_h5ad(sim_path)
+    backed = ad.read_h5ad(sim_path, backed="r")
+    views = [
+        (mem, backed),
+        (mem[mem.obs["batch"].isin(["batch0", "batch2"])],
+         backed[backed.obs["batch"].isin(["batch0", "batch2"])]),
+        (mem[500:1700], backed[500:1700]),
+    ]
+    expectations = [(sp.csr_matrix(m.X), b) for m, b in views]
+    monkeypatch.setattr(type(backed), "X", property(lambda self: pytest.fail("X loaded")))
+    for expected, b in expectations:
+        got = sp.vstack([blk for _, blk in iter_count_windows(b, window=333)])
+        assert got.shape == expected.shape and (got != expected).nnz == 0
+        reader = BackedCounts(b)
+        got = sp.vstack([reader.read(lo, lo + 700) for lo in range(0, b.n_obs, 700)])
+        assert (got != expected).nnz == 0
+        assert reader.max_rows_per_read <= 700

@@ -180,6 +180,14 @@ def run(args: argparse.Namespace) -> dict:
                                      text=True, cwd=Path(__file__).parent).stdout.strip(),
         "cases": [],
     }
+    out_json = Path(args.out) / "scale_sim.json"
+    if args.resume and out_json.exists():
+        previous = json.loads(out_json.read_text())
+        results["cases"] = previous.get("cases", [])
+        results["machine"]["previous_runs"] = (previous["machine"].get("previous_runs", [])
+                                               + [previous["machine"]])
+    done = {(c["n_cells"], c["input"]) for c in results["cases"] if "error" not in c["query"]}
+    results["cases"] = [c for c in results["cases"] if (c["n_cells"], c["input"]) in done]
     for n in sizes:
         path = data_dir / f"sim_{n}.h5ad"
         gen = None
@@ -189,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
             gen = time.perf_counter() - t
         kinds = ["backed"] + (["memory"] if n <= memory_max else [])
         for kind in kinds:
+            if (n, kind) in done:
+                continue
             bundle = data_dir / f"ref_{n}_{kind}"
             entry = {"n_cells": n, "input": kind, "file_bytes": path.stat().st_size,
                      "generate_seconds": gen}
@@ -322,6 +332,8 @@ def main() -> int:
     p.add_argument("--case-timeout", type=int, default=3600)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cases already in scale_sim.json and run only the missing ones")
     # child mode
     p.add_argument("--case", choices=("ref", "map"))
     p.add_argument("--data")

@@ -458,6 +458,50 @@ def _build_atlas_level(
 
 
 # --------------------------------------------------------------------------------------------
+# query context (opt-in): is the cell's query neighbourhood covered by the reference?
+
+_CONTEXT_MAX_REFERENCE = 20_000
+
+
+def _prototype_sample(proto: Mapping[str, Any], n: int, seed: int) -> np.ndarray:
+    """``n`` latent points drawn from the stored prototype mixture (diagonal Gaussians with the
+    prototypes' means and spreads, in proportion to their cell counts): a stand-in for the
+    reference cells when the bundle carries no atlas."""
+    rng = np.random.default_rng(seed)
+    protos = proto["prototypes"]
+    counts = np.array([max(int(p.get("n_cells", 1)), 1) for p in protos], dtype=np.float64)
+    per = rng.multinomial(n, counts / counts.sum())
+    parts = [
+        np.asarray(p["mean"], dtype=np.float64)
+        + np.asarray(p["std"], dtype=np.float64) * rng.standard_normal((m, len(p["mean"])))
+        for p, m in zip(protos, per, strict=True)
+        if m > 0
+    ]
+    return np.concatenate(parts)
+
+
+def _reference_coverage(
+    reference: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0
+) -> np.ndarray:
+    """Per query cell: the fraction of reference cells among its k nearest neighbours in the
+    pooled reference + query cloud, divided by the fraction expected if the query were mixed
+    evenly with the reference, then averaged over the cell's k nearest query cells (itself
+    included). About 1 where the query lies among reference cells, near 0 where a group of query
+    cells has no reference cells around it (a population the reference lacks)."""
+    nr, nq = reference.shape[0], query.shape[0]
+    k = int(min(k, nr, nq - 1))
+    d_ref, _ = _knn(reference, query, k, seed=seed)
+    d_q, i_q = _knn(query, query, k, seed=seed, exclude_self=True)
+    pooled = np.concatenate([d_ref, d_q], axis=1)
+    from_ref = np.r_[np.ones(k), np.zeros(k)]
+    nearest = np.argsort(pooled, axis=1, kind="stable")[:, :k]
+    frac_ref = from_ref[nearest].mean(axis=1)
+    expected = nr / (nr + nq - 1)
+    neighbourhood = np.concatenate([np.arange(nq)[:, None], i_q[:, : k - 1]], axis=1)
+    return frac_ref[neighbourhood].mean(axis=1) / expected
+
+
+# --------------------------------------------------------------------------------------------
 # public API
 
 
@@ -566,6 +610,9 @@ def predict_labels(
     k: int = 15,
     method: str = "auto",
     novelty: bool = True,
+    query_context: bool = False,
+    context_k: int = 30,
+    context_floor: float = 0.05,
 ) -> LabelPrediction:
     """Predict ``label_key`` for query cells from the bundle's label knowledge.
 
@@ -573,6 +620,14 @@ def predict_labels(
     atlas tensors for this level are present, else prototypes). ``atlas_tensors`` may hold any
     tensors of the bundle; only ``atlas.*`` ones are read. ``novelty=False`` gives the plain
     scArches uncertainty ``1 - p_top``.
+
+    ``query_context=True`` (opt-in, transductive: a cell's uncertainty then depends on the other
+    query cells passed in the same call) also multiplies the confidence by
+    ``min(1, coverage / context_floor)``, where ``coverage`` says how well the reference covers
+    the cell's query neighbourhood (see :func:`_reference_coverage`, ``context_k`` neighbours;
+    reference = the atlas for kNN, a sample of the prototype mixture for prototypes). A group of
+    query cells with no reference cells around it -- a population the reference lacks -- then
+    gets high uncertainty. Needs more than ``context_k`` query cells (else ignored).
     """
     if not 0.0 <= threshold <= 1.0:
         raise LabelTransferError("threshold must be in [0, 1]")
@@ -624,6 +679,28 @@ def predict_labels(
     top = probs.argmax(axis=1)
     p_top = probs[np.arange(len(top)), top]
     factor = _novelty_factor(stat, quantiles, tail) if novelty else np.ones_like(p_top)
+    if query_context:
+        if context_k < 2 or not 0.0 < context_floor <= 1.0:
+            raise LabelTransferError(
+                "query_context needs context_k >= 2 and context_floor in (0, 1]; "
+                "the defaults are 30 and 0.05"
+            )
+        if z.shape[0] > context_k:
+            if method == "knn":
+                reference = a[codes >= 0]
+            else:
+                n_ref = int(sum(int(p.get("n_cells", 1)) for p in level["prototype"]["prototypes"]))
+                reference = _prototype_sample(
+                    level["prototype"], min(max(n_ref, context_k), _CONTEXT_MAX_REFERENCE), 0
+                )
+            coverage = _reference_coverage(reference, z, context_k)
+            factor = factor * np.clip(coverage / context_floor, 0.0, 1.0)
+        else:
+            logger.warning(
+                "query_context ignored: the query has %d cells, it needs more than context_k=%d",
+                z.shape[0],
+                context_k,
+            )
     uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
     top_label = np.array(classes, dtype=object)[top]
     pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)

@@ -241,3 +241,49 @@ def test_knowledge_survives_canonical_json_and_bundle_round_trip(knowledge, tmp_
     np.testing.assert_array_equal(
         c.pred, L.predict_labels(manifest, tensors, zq, label_key="cell_type").pred
     )
+
+
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_query_context_flags_a_query_only_population(knowledge, method):
+    """A query population the reference lacks, lying between two reference types (so neither
+    distance nor class overlap alone flags it reliably), is flagged once the query context is
+    used; query cells of known types keep their labels."""
+    manifest, tensors = knowledge
+    z_known, y_known = _gaussians(n_per=40, seed=5)
+    rng = np.random.default_rng(6)
+    z_novel = rng.normal([4.0, 4.0, 0.0], 0.4, size=(60, 3))
+    zq = np.concatenate([z_known, z_novel])
+    novel = np.r_[np.zeros(len(z_known), bool), np.ones(len(z_novel), bool)]
+    plain = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+    ctx = L.predict_labels(
+        manifest, tensors, zq, label_key="cell_type", method=method, query_context=True
+    )
+    assert np.array_equal(plain.top_label, ctx.top_label)
+    assert np.all(ctx.uncertainty >= plain.uncertainty - 1e-6)
+    assert ctx.uncertainty.dtype == np.float32
+    assert 0.0 <= ctx.uncertainty.min() and ctx.uncertainty.max() <= 1.0
+    assert unknown_detection_auroc(ctx.uncertainty, novel) >= 0.95
+    assert np.mean(ctx.pred[novel] == "Unknown") >= 0.8
+    assert np.mean(ctx.pred[~novel] == "Unknown") <= 0.1
+    assert np.mean(ctx.pred[~novel] == y_known) >= 0.9
+
+
+def test_reference_coverage_is_about_one_for_a_mixed_query():
+    ref, _ = _gaussians(n_per=200, seed=1)
+    query, _ = _gaussians(n_per=50, seed=2)
+    cov = L._reference_coverage(ref, query, 30)
+    assert 0.7 <= np.median(cov) <= 1.3
+    far = L._reference_coverage(ref, query + 50.0, 30)
+    assert np.all(far == 0.0)
+
+
+def test_query_context_needs_enough_query_cells(knowledge):
+    manifest, tensors = knowledge
+    z, _ = _gaussians(n_per=5, seed=3)
+    a = L.predict_labels(manifest, tensors, z, label_key="cell_type")
+    b = L.predict_labels(manifest, tensors, z, label_key="cell_type", query_context=True)
+    assert np.array_equal(a.uncertainty, b.uncertainty)
+    with pytest.raises(L.LabelTransferError, match="context_floor"):
+        L.predict_labels(
+            manifest, tensors, z, label_key="cell_type", query_context=True, context_floor=0.0
+        )

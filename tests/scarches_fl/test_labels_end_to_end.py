@@ -62,11 +62,14 @@ def test_cellbench_drop_seq_query_accuracy(shared_data):
 
 
 # The issue's targets on panc8 (query accuracy >= 0.85; held-out alpha AUROC >= 0.90 with most
-# alpha cells called Unknown) are not reached yet: benchmarks/results/labels_panc8*.json has the
-# measured figures. With the semi-supervised reference (model default since d9b4528) accuracy is
-# 0.86-0.87 (scvi-tools' surgery 0.81-0.84 on the same code) but the held-out alpha AUROC is 0.82
-# with ~1 % of alpha cells called Unknown (scvi-tools 0.76 / 24 %). These tests guard against
-# regressions below what is measured now and carry the targets as non-strict expected failures.
+# alpha cells called Unknown): benchmarks/results/labels_panc8*.json has the measured figures.
+# With the semi-supervised reference (model default since d9b4528) accuracy is 0.86-0.87
+# (scvi-tools' surgery 0.81-0.84 on the same code). The query's alpha cells land inside the
+# reference's beta/gamma/delta region, so the per-cell uncertainty gives AUROC 0.82 with ~1 % of
+# alpha cells called Unknown. The opt-in query context (``query_context=True``: does the
+# reference cover the cell's query neighbourhood?) raises that to AUROC 0.87 with ~60 % called
+# Unknown (known query cells called Unknown 4 % -> 12 %). These tests guard against regressions
+# below what is measured now and carry the 0.90 AUROC target as a non-strict expected failure.
 
 
 def _panc8(shared_data, holdout=None):
@@ -75,11 +78,11 @@ def _panc8(shared_data, holdout=None):
     truth = query.obs["cell_type"].to_numpy()
     pred = predict_labels(model.labels, {}, res.latent, label_key="cell_type")
     assert pred.method == "prototype"
-    return model, ref, truth, pred
+    return model, ref, truth, pred, res.latent
 
 
 def test_panc8_query_accuracy(shared_data):
-    _, _, truth, pred = _panc8(shared_data)
+    _, _, truth, pred, _ = _panc8(shared_data)
     accuracy = M.label_accuracy(truth, pred.top_label)
     assert accuracy >= 0.75
     if accuracy < 0.85:
@@ -87,7 +90,7 @@ def test_panc8_query_accuracy(shared_data):
 
 
 def test_panc8_held_out_alpha_is_flagged(shared_data):
-    model, ref, truth, pred = _panc8(shared_data, holdout="alpha")
+    model, ref, truth, pred, latent = _panc8(shared_data, holdout="alpha")
     knowledge, _ = build_label_knowledge(
         model.get_latent(ref, batch_key="batch", namespace="ref"),
         {"cell_type": ref.obs["cell_type"].to_numpy()},
@@ -95,10 +98,15 @@ def test_panc8_held_out_alpha_is_flagged(shared_data):
     assert "alpha" not in knowledge["levels"]["cell_type"]["prototype"]["classes"]
     novel = truth == "alpha"
     auroc = M.unknown_detection_auroc(pred.uncertainty, novel)
-    called_unknown = float(np.mean(pred.pred[novel] == "Unknown"))
-    assert auroc >= 0.65
-    if auroc < 0.90 or called_unknown <= 0.5:
-        pytest.xfail(
-            f"issue target not reached: AUROC {auroc:.3f} (>= 0.90), "
-            f"alpha called Unknown {called_unknown:.2f} (> 0.5)"
-        )
+    assert auroc >= 0.75
+    ctx = predict_labels(model.labels, {}, latent, label_key="cell_type", query_context=True)
+    assert np.array_equal(ctx.top_label, pred.top_label)
+    ctx_auroc = M.unknown_detection_auroc(ctx.uncertainty, novel)
+    called_unknown = float(np.mean(ctx.pred[novel] == "Unknown"))
+    known_unknown = float(np.mean(ctx.pred[~novel] == "Unknown"))
+    # measured (seed 0): AUROC 0.87, alpha called Unknown 0.60, known types called Unknown 0.12
+    assert ctx_auroc >= 0.82
+    assert called_unknown > 0.5
+    assert known_unknown <= 0.2
+    if ctx_auroc < 0.90:
+        pytest.xfail(f"issue target not reached: AUROC {ctx_auroc:.3f} (>= 0.90) with query context")

@@ -306,8 +306,12 @@ def report(results: dict, out: Path) -> None:
         "Simulated counts (`scarches_fl.simulate`, 4 batches, 8 cell types, 2,000 genes), "
         f"reference {results['ref_epochs']} epoch(s), query mapping in `conditions` mode "
         f"{results['query_epochs']} epoch(s); each case in a fresh process (peak RSS = "
-        "`VmHWM`). The whole file is the reference, and again the query (its batches become "
-        "new conditions `query/<batch>`). Backed = `read_h5ad(backed=\"r\")`, streamed in "
+        "`VmHWM`). Reference: trained on the whole file (s/epoch and RSS; with "
+        "`--ref-train-only` no embedding / label knowledge). Query: the whole file again (its "
+        "batches become new conditions `query/<batch>`), mapped onto one reference bundle "
+        "(100k cells, 1 epoch, with label knowledge; `--ref-bundle`), then `get_latent` "
+        "(embed s, includes the pass that checks every stored value) and chunked label transfer "
+        "(label s). Backed = `read_h5ad(backed=\"r\")`, streamed in "
         "windows of 4 x 4,096 rows (ADR 0015); memory = sparse CSR in RAM. Machine: "
         f"{results['machine']['cpus']} cores shared with other jobs (load average "
         f"{results['machine']['load_average_start'][0]:.1f} at start), torch 1 thread.",
@@ -331,7 +335,7 @@ def report(results: dict, out: Path) -> None:
                      f"({v['from']:,} -> {v['to']:,} cells)")
     lines += ["", "![time and memory against cells](results/scale_sim.png)", "",
               "Raw figures: `benchmarks/results/scale_sim.json`; rerun with "
-              "`nice /work/venv/bin/python benchmarks/bench_scale.py`.", ""]
+              "`nice /work/venv/bin/python benchmarks/bench_scale.py --sizes 100000,1000000,300000 --data-dir /tmp/xscale --memory-max 0 --ref-train-only --ref-bundle /tmp/xscale/ref_100000_backed`.", ""]
     (out / "scale.md").write_text("\n".join(lines))
 
 

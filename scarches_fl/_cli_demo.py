@@ -253,11 +253,17 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
         log = logs / f"{site.site_id}.log"
         running.append((site, procs.start(argv, log), time.monotonic(), log))
     site_seconds: dict[str, float] = {}
-    for site, proc, t0, log in running:
-        rc = proc.wait(timeout=1800)
-        site_seconds[site.site_id] = time.monotonic() - t0
-        if rc != 0:
-            raise DemoError(f"site {site.site_id} failed to map (exit {rc}); log: {log}")
+    deadline = time.monotonic() + 1800
+    while len(site_seconds) < len(running):
+        for site, proc, t0, log in running:
+            if site.site_id in site_seconds or proc.poll() is None:
+                continue
+            site_seconds[site.site_id] = time.monotonic() - t0  # each site's own finish time
+            if proc.returncode != 0:
+                raise DemoError(f"site {site.site_id} failed to map (exit {proc.returncode}); log: {log}")
+        if time.monotonic() > deadline:
+            raise DemoError("the sites did not finish mapping within 30 minutes; logs in " + str(logs))
+        time.sleep(0.1)
 
     print("[6/6] auditor: verifying the ledger and replaying the served model")
     audit_report = wd / "auditor" / "audit-report.md"

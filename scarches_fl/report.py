@@ -66,7 +66,7 @@ def embed_2d(latent: np.ndarray, *, method: str = "auto", seed: int = 0) -> tupl
                 ) from None
         else:
             n_neighbors = max(2, min(15, z.shape[0] - 1))
-            coords = umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(z)
+            coords = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(z)
             return np.asarray(coords), "UMAP of the latent"
     if method not in ("auto", "umap", "pca"):
         raise EvaluationError(f"unknown embedding {method!r}; use auto, umap or pca")

@@ -28,9 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator._fsutil import fsync_dir
+from coordinator._fsutil import atomic_write
 from protocols.errors import ScarchesFLError
 from protocols.proto.serde import BlobRef
 
@@ -101,21 +99,7 @@ class BlobStore:
         target = self.path(name)
         if target.is_file() and target.stat().st_size == len(data):
             return name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if durable:
-                    os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            if durable:
-                fsync_dir(target.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        atomic_write(target, data, durable=durable)
         return name
 
     def read(self, name: str, *, verify: bool = True) -> bytes:

@@ -588,18 +588,24 @@ def bundle_to_bytes(bundle: ReferenceBundle) -> tuple[bytes, bytes]:
 # Files
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644, durable: bool = True
+) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename,
-    fsync the directory. A crash leaves either the old file or the new one, never half."""
+    fsync the directory. A crash leaves either the old file or the new one, never half.
+    ``durable=False`` skips the fsyncs (still atomic, not crash-safe: caches and run records).
+    The one implementation every package uses for files that must never be half-written."""
     path = Path(path)
     directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -607,10 +613,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o644
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory so that a rename inside it survives power loss."""
     try:
         dfd = os.open(directory, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -621,6 +629,9 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+_fsync_dir = fsync_dir
 
 
 def write_bundle(path: str | os.PathLike[str], bundle: ReferenceBundle) -> None:

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 
 from coordinator._fsutil import atomic_write
 
-__all__ = ["make_self_signed", "DEFAULT_TLS_NAMES"]
+__all__ = ["make_self_signed", "subject_alt_names", "DEFAULT_TLS_NAMES"]
 
 DEFAULT_TLS_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1")
+
+
+def subject_alt_names(names: Sequence[str]) -> list:
+    """The certificate's subjectAltName entries: an IP address entry for each name that parses
+    as one, a DNS name entry otherwise."""
+    from cryptography import x509
+
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    return sans
 
 
 def make_self_signed(
@@ -31,12 +46,7 @@ def make_self_signed(
     if not names:
         raise ValueError("at least one TLS name is needed")
     key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
+    sans = subject_alt_names(names)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = _dt.datetime.now(_dt.UTC)
     cert = (

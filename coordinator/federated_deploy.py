@@ -19,7 +19,6 @@ checks, run-time dependency installs and Ray usage stats off) and a private ``FL
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
 import shutil
 import sys
 import tempfile
@@ -82,12 +81,9 @@ def write_superlink_tls(out: Path, *, names: Sequence[str] = ("localhost", "127.
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA384()))
     key = ec.generate_private_key(ec.SECP384R1())
-    sans: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            sans.append(x509.DNSName(n))
+    from coordinator._tls import subject_alt_names
+
+    sans = subject_alt_names(names)
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
             .issuer_name(ca_name).public_key(key.public_key())

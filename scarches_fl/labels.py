@@ -311,7 +311,8 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def _build_prototypes(
-    z: np.ndarray, y: np.ndarray, *, min_cells: int, max_prototypes: int, seed: int
+    z: np.ndarray, y: np.ndarray, *, min_cells: int, max_prototypes: int, seed: int,
+    max_cells_per_type: int | None = None,
 ) -> dict[str, Any]:
     labelled = np.array([v is not None for v in y])
     values, counts = np.unique(y[labelled].astype(str), return_counts=True)
@@ -325,6 +326,20 @@ def _build_prototypes(
     mask = np.array([v is not None and v in kept_set for v in y])
     zk = z[mask]
     yk = np.array([kept.index(v) for v in y[mask]])
+    full_counts = np.bincount(yk, minlength=len(kept))
+    if max_cells_per_type is not None and full_counts.max() > max_cells_per_type:
+        # Large references: the mixtures and the calibration are fitted on at most
+        # max_cells_per_type cells of each type (a seeded stratified sample); the class
+        # priors and cell counts still come from every cell.
+        sub_rng = np.random.default_rng([seed, 1])
+        keep = np.concatenate([
+            idx if len(idx) <= max_cells_per_type
+            else np.sort(sub_rng.choice(idx, max_cells_per_type, replace=False))
+            for idx in (np.flatnonzero(yk == j) for j in range(len(kept)))
+        ])
+        keep.sort()
+        zk, yk = zk[keep], yk[keep]
+        info["fitted_on_cells_per_type"] = int(max_cells_per_type)
 
     # Out-of-fold scores (5 folds, stratified) calibrate the temperature and the novelty score.
     rng = np.random.default_rng(seed)
@@ -349,10 +364,17 @@ def _build_prototypes(
     model = _fit_prototype_model(
         zk, yk, kept, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed
     )
+    sub_counts = np.bincount(yk, minlength=len(kept))
+    if not np.array_equal(sub_counts, full_counts):
+        index = {c: j for j, c in enumerate(kept)}
+        for proto in model["prototypes"]:
+            j = index[proto["label"]]
+            proto["n_cells"] = int(round(proto["n_cells"] * full_counts[j] / sub_counts[j]))
+        model["class_prior"] = _floats(full_counts / full_counts.sum())
     info.update(
         {
             "classes": kept,
-            "cell_counts": [int((yk == j).sum()) for j in range(len(kept))],
+            "cell_counts": [int(c) for c in full_counts],
             **model,
             "calibration": {
                 "temperature": float(np.float32(temperature)),
@@ -515,6 +537,7 @@ def build_label_knowledge(
     max_prototypes: int = 3,
     knn_k: int = 15,
     novelty_tail: float = 0.05,
+    max_cells_per_type: int | None = 5000,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Label knowledge for a bundle from the reference latent and one or more label levels.
 
@@ -523,7 +546,10 @@ def build_label_knowledge(
     (float32 class codes, -1 for unlabelled), else ``{}``. Prototypes are computed only for
     types with at least ``min_cells`` labelled cells. ``novelty_tail``: the fraction of reference
     cells farthest from the reference below which confidence drops (larger = more cells called
-    Unknown, both novel and known ones).
+    Unknown, both novel and known ones). ``max_cells_per_type``: types with more labelled
+    cells are fitted on a seeded sample of that many (prototype means and spreads from 5,000
+    cells are as good as from all; the fit's cost then stops growing with the reference), while
+    class priors and cell counts use every cell; ``None`` fits on all cells.
     """
     if not isinstance(labels, Mapping) or not labels:
         raise LabelTransferError(
@@ -534,6 +560,10 @@ def build_label_knowledge(
         raise LabelTransferError("min_cells must be at least 2")
     if not 0.0 < novelty_tail <= 1.0:
         raise LabelTransferError("novelty_tail must be in (0, 1]; 0.05 is the default")
+    if max_cells_per_type is not None and max_cells_per_type < min_cells:
+        raise LabelTransferError(
+            f"max_cells_per_type ({max_cells_per_type}) must be at least min_cells "
+            f"({min_cells}); None fits on every cell")
     z = _check_latent(latent, "the reference latent")
     levels: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
@@ -543,7 +573,8 @@ def build_label_knowledge(
         level: dict[str, Any] = {
             "index": i,
             "prototype": _build_prototypes(
-                z, y, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed
+                z, y, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed,
+                max_cells_per_type=max_cells_per_type,
             ),
         }
         if include_atlas:

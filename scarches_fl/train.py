@@ -49,6 +49,10 @@ class TrainingConfig:
     adam_eps: float = 0.01
     kl_warmup_epochs: int = 0
     validation_fraction: float = 0.1
+    # Cap on the validation cells (whatever the fraction). Streaming keeps the validation cells'
+    # counts in memory after the first epoch so that each epoch reads the file once; the cap
+    # bounds that cache (32,768 cells x ~700 nonzeros ~ 180 MB at 2,000 genes).
+    validation_max_cells: int | None = 32768
     early_stopping: bool = False  # scvi-tools default; the validation ELBO is still recorded
     patience: int = 15
     min_delta: float = 0.0
@@ -312,8 +316,11 @@ class _Adam:
             p.addcdiv_(m, denom, value=-self.lr / c1)
 
 
-def _split(n: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _split(n: int, fraction: float, rng: np.random.Generator,
+           max_cells: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     n_val = int(round(n * fraction)) if fraction > 0 else 0
+    if max_cells is not None:
+        n_val = min(n_val, int(max_cells))
     if n_val < 1 or n - n_val < 2:
         return np.arange(n), np.arange(0)
     perm = rng.permutation(n)
@@ -371,11 +378,14 @@ def _fit(
         rng = np.random.default_rng(config.seed)
         gen = torch.Generator().manual_seed(config.seed)
         module.to(device)
-        train_idx, val_idx = _split(data.n_cells, config.validation_fraction, rng)
+        train_idx, val_idx = _split(data.n_cells, config.validation_fraction, rng,
+                                    config.validation_max_cells)
         is_train = None
+        val_cache: _ValidationCache | None = None
         if isinstance(data, StreamingCellData):
             is_train = np.zeros(data.n_cells, dtype=bool)
             is_train[train_idx] = True
+            val_cache = _ValidationCache(val_idx, data.n_cells)
 
         t_pre = time.perf_counter()
         h0 = const = None
@@ -409,6 +419,8 @@ def _fit(
                 module.train()
                 total, count = 0.0, 0
                 for cells, rows, perm, full in _epoch_windows(data, train_idx, is_train, rng):
+                    if val_cache is not None:
+                        val_cache.collect(cells, rows)
                     h0_w, const_w = _take(h0, rows, full), _take(const, rows, full)
                     for s in range(0, len(perm), config.batch_size):
                         idx = perm[s:s + config.batch_size]
@@ -424,7 +436,12 @@ def _fit(
                         count += len(idx)
                 train_loss = total / max(count, 1)
                 history["train_loss"].append(train_loss)
-                val = _validation_elbo(module, data, val_idx, device, h0, const, config)
+                if val_cache is None:
+                    val = _validation_elbo(module, data, val_idx, device, h0, const, config)
+                else:  # the cached rows, in val_idx order
+                    val = _validation_elbo(module, val_cache.data(), np.arange(len(val_idx)),
+                                           device, _take(h0, val_idx, False),
+                                           _take(const, val_idx, False), config)
                 history["validation_elbo"].append(val)
                 epoch_seconds.append(time.perf_counter() - te)
                 history["epochs"] = epoch + 1
@@ -463,37 +480,70 @@ def _fit(
         if isinstance(data, StreamingCellData):
             history["streaming"] = {"block_rows": data.block_rows,
                                     "blocks_per_window": data.blocks_per_window,
-                                    "max_window_rows": data.max_window_rows}
+                                    "max_window_rows": data.max_window_rows,
+                                    "validation_cached_cells": int(len(val_idx))}
     return history
+
+
+class _ValidationCache:
+    """The validation cells' counts, gathered from the training windows of the first epoch (an
+    epoch reads every block once, validation cells included), so that validation never reads
+    the file again. Holds ``len(val_idx)`` rows, at most ``TrainingConfig.validation_max_cells``.
+    """
+
+    def __init__(self, val_idx: np.ndarray, n_cells: int) -> None:
+        self.val_idx = val_idx
+        self.is_val = np.zeros(n_cells, dtype=bool)
+        self.is_val[val_idx] = True
+        self._parts: list[tuple[np.ndarray, CellData]] = []
+        self._data: CellData | None = None
+
+    def collect(self, cells: CellData, rows: np.ndarray) -> None:
+        if self._data is not None or len(self.val_idx) == 0:
+            return
+        local = np.flatnonzero(self.is_val[rows])
+        if len(local):
+            self._parts.append((rows[local], _subset(cells, local)))
+
+    def data(self) -> CellData:
+        """The cached validation cells as one :class:`CellData`, row ``i`` = ``val_idx[i]``."""
+        if self._data is None:
+            rows = np.concatenate([r for r, _ in self._parts])
+            order = np.argsort(rows, kind="stable")
+            if not np.array_equal(rows[order], self.val_idx):
+                raise RuntimeError("internal error: the first epoch did not read every "
+                                   "validation cell")
+            parts = [c for _, c in self._parts]
+            x = sp.vstack([c.x for c in parts], format="csr")[order]
+            labels = (None if parts[0].labels is None
+                      else np.concatenate([c.labels for c in parts])[order])
+            self._data = CellData(x, np.concatenate([c.cond for c in parts])[order],
+                                  lib=np.concatenate([c.lib for c in parts])[order],
+                                  labels=labels)
+            self._parts = []
+        return self._data
+
+
+def _subset(cells: CellData, local: np.ndarray) -> CellData:
+    labels = None if cells.labels is None else cells.labels[local]
+    return CellData(cells.x[local], cells.cond[local], lib=cells.lib[local], labels=labels)
 
 
 @torch.no_grad()
 def _validation_elbo(
-    module: CVAE, data: AnyCellData, val_idx: np.ndarray, device: torch.device,
+    module: CVAE, cells: CellData, rows: np.ndarray, device: torch.device,
     h0: np.ndarray | None, const: np.ndarray | None, config: TrainingConfig,
 ) -> float | None:
-    """Negative ELBO per cell on the validation cells (KL weight 1, fixed noise)."""
-    if len(val_idx) == 0:
+    """Negative ELBO per cell on the validation cells ``rows`` of ``cells`` (KL weight 1, fixed
+    noise), in ``rows`` order and chunks of ``chunk_size``."""
+    if len(rows) == 0:
         return None
     module.eval()
     gen = torch.Generator().manual_seed(config.seed + 1)
     total = 0.0
-    if not isinstance(data, StreamingCellData):
-        for s in range(0, len(val_idx), config.chunk_size):
-            idx = val_idx[s:s + config.chunk_size]
-            mb = _minibatch(module, data, idx, device, h0=h0, const=const, need_input=True)
-            terms = module.loss(mb, kl_weight=1.0, generator=gen)
-            total += float(terms.reconstruction + terms.kl)
-        return total / len(val_idx)
-    is_val = np.zeros(data.n_cells, dtype=bool)
-    is_val[val_idx] = True
-    for cells, rows in _windows(data, data.block_rows * data.blocks_per_window):
-        local = np.flatnonzero(is_val[rows])
-        h0_w, const_w = _take(h0, rows, False), _take(const, rows, False)
-        for s in range(0, len(local), config.chunk_size):
-            idx = local[s:s + config.chunk_size]
-            mb = _minibatch(module, cells, idx, device, h0=h0_w, const=const_w,
-                            need_input=True)
-            terms = module.loss(mb, kl_weight=1.0, generator=gen)
-            total += float(terms.reconstruction + terms.kl)
-    return total / len(val_idx)
+    for s in range(0, len(rows), config.chunk_size):
+        idx = rows[s:s + config.chunk_size]
+        mb = _minibatch(module, cells, idx, device, h0=h0, const=const, need_input=True)
+        terms = module.loss(mb, kl_weight=1.0, generator=gen)
+        total += float(terms.reconstruction + terms.kl)
+    return total / len(rows)

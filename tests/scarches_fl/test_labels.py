@@ -160,6 +160,34 @@ def test_min_cells_and_multimodal_prototypes():
     assert "rare" in low["levels"]["t"]["prototype"]["classes"]
 
 
+def test_large_types_are_fitted_on_a_sample_but_counted_whole():
+    rng = np.random.default_rng(1)
+    z = np.concatenate([rng.normal([0, 0, 0], 1.0, (3000, 3)),  # big: sampled down to 500
+                        rng.normal([9, 0, 0], 1.0, (300, 3))])  # small: fitted whole
+    y = np.array(["big"] * 3000 + ["small"] * 300)
+    capped = L.build_label_knowledge(z, {"t": y}, max_cells_per_type=500)[0]
+    whole = L.build_label_knowledge(z, {"t": y}, max_cells_per_type=None)[0]
+    pc, pw = (m["levels"]["t"]["prototype"] for m in (capped, whole))
+    assert pc["fitted_on_cells_per_type"] == 500 and "fitted_on_cells_per_type" not in pw
+    # priors and counts from every cell, not from the sample
+    assert pc["cell_counts"] == pw["cell_counts"] == [3000, 300]
+    np.testing.assert_allclose(pc["class_prior"], [3000 / 3300, 300 / 3300], rtol=1e-6)
+    for c in ("big", "small"):
+        assert sum(p["n_cells"] for p in pc["prototypes"] if p["label"] == c) == (
+            3000 if c == "big" else 300)
+    # the sample's prototype is the whole type's, within sampling error (sd 1 / sqrt(500))
+    big_c = [p for p in pc["prototypes"] if p["label"] == "big"]
+    assert len(big_c) == 1
+    np.testing.assert_allclose(big_c[0]["mean"], z[:3000].mean(axis=0), atol=0.15)
+    # and the predictions agree
+    q = np.concatenate([rng.normal([0, 0, 0], 1.0, (200, 3)), rng.normal([9, 0, 0], 1.0, (200, 3))])
+    a = L.predict_labels(capped, {}, q, label_key="t").pred
+    b = L.predict_labels(whole, {}, q, label_key="t").pred
+    assert np.mean(a == b) >= 0.99
+    with pytest.raises(L.LabelTransferError, match="max_cells_per_type"):
+        L.build_label_knowledge(z, {"t": y}, max_cells_per_type=5)
+
+
 def test_several_label_levels_at_once():
     z, fine = _gaussians()
     coarse = np.where(fine == "alpha", "endocrine_a", "other")

@@ -75,6 +75,8 @@ def test_single_block_streaming_is_bit_identical(sim_path):
     h1 = train.fit(m1, mem, _cfg(2))
     h2 = train.fit(m2, st, _cfg(2))
     assert h1["train_loss"] == h2["train_loss"]
+    # validation from the cache of the first epoch is the in-memory validation, bit for bit
+    assert h1["validation_elbo"] == h2["validation_elbo"]
     t1, t2 = m1.export_tensors(), m2.export_tensors()
     for k in t1:
         np.testing.assert_array_equal(t1[k], t2[k], err_msg=k)
@@ -91,8 +93,9 @@ def test_many_blocks_bounded_window_and_equivalent_loss(sim_path):
     assert max(hi - lo for lo, hi in reader.spans) <= 256
     assert st.max_window_rows <= 512
     assert h2["streaming"]["max_window_rows"] <= 512
-    # every epoch reads every row exactly once (plus the validation pass)
-    assert reader.rows_read == 4 * 2 * N_CELLS
+    # every epoch reads every row exactly once: validation reads the cells cached in epoch 1
+    assert reader.rows_read == 4 * N_CELLS
+    assert h2["streaming"]["validation_cached_cells"] == h2["n_validation_cells"] == 300
     # stated tolerance: final training loss within 5% of the in-memory run (after 4 epochs the
     # loss still falls fast, so the minibatch order alone moves it by ~2%)
     assert abs(h2["train_loss"][-1] - h1["train_loss"][-1]) <= 0.05 * abs(h1["train_loss"][-1])
@@ -100,6 +103,20 @@ def test_many_blocks_bounded_window_and_equivalent_loss(sim_path):
     z1 = train.posterior_mean(m2, mem, batch_size=300)
     z2 = train.posterior_mean(m2, st, batch_size=300)
     np.testing.assert_allclose(z1, z2, rtol=0, atol=1e-5)
+
+
+def test_validation_cap_bounds_the_cached_cells(sim_path):
+    mem, n_cond = _data(sim_path, stream=False)
+    st, _ = _data(sim_path, stream=True, block_rows=256, blocks_per_window=2)
+    cfg = train.TrainingConfig(max_epochs=2, seed=1, progress=False, chunk_size=64,
+                               validation_max_cells=100)
+    h1 = train.fit(_module(n_cond), mem, cfg)
+    h2 = train.fit(_module(n_cond), st, cfg)
+    assert h1["n_validation_cells"] == h2["n_validation_cells"] == 100
+    assert h1["n_train_cells"] == h2["n_train_cells"] == N_CELLS - 100
+    assert h2["streaming"]["validation_cached_cells"] == 100
+    assert st.source.rows_read == 2 * N_CELLS
+    assert all(np.isfinite(v) for v in h2["validation_elbo"])
 
 
 def test_surgery_and_latent_on_backed_file(sim_path, monkeypatch):

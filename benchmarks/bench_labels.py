@@ -117,6 +117,11 @@ def score(ref_latent, query_latent, ref, query, *, holdout, seed=0) -> dict:
         res = {
             "accuracy_top_label": M.label_accuracy(truth, pred.top_label),
             "accuracy_with_unknown": M.label_accuracy(truth, pred.pred),
+            # "Unknown" right only for the query types the bundle cannot name (absent, or below
+            # the prototype minimum of 20 reference cells)
+            "accuracy_open_set": M.open_set_accuracy(
+                truth, pred.pred, knowledge["levels"][LABEL]["prototype"]["classes"]
+            ),
             "macro_f1_top_label": M.macro_f1(truth, pred.top_label),
             "fraction_unknown": float(np.mean(pred.pred == "Unknown")),
         }
@@ -325,6 +330,7 @@ def _table(result: dict) -> str:
     keys = [
         "accuracy_top_label",
         "accuracy_with_unknown",
+        "accuracy_open_set",
         "macro_f1_top_label",
         "fraction_unknown",
         "novel_auroc",
@@ -344,7 +350,7 @@ def _table(result: dict) -> str:
             f"knn_purity={integ['knn_purity']:.3f} nmi={integ['nmi']:.3f} ari={integ['ari']:.3f}"
         )
     head = f"{'method':13s} {'labels':23s} " + " ".join(
-        f"{h:>8s}" for h in ("acc", "acc+unk", "macroF1", "unknown", "AUROC", "novel->U")
+        f"{h:>8s}" for h in ("acc", "acc+unk", "open-set", "macroF1", "unknown", "AUROC", "novel->U")
     )
     return f"== {result['scenario']} ==\n{head}\n" + "\n".join(rows)
 

@@ -155,13 +155,15 @@ def case_map(args: argparse.Namespace) -> dict:
     }
 
 
-def _child(case: str, data: Path, input_kind: str, bundle: Path, args) -> dict:
+def _child(case: str, data: Path, input_kind: str, bundle: Path, args, *,
+           ref_epochs: int | None = None, train_only: bool | None = None) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--data", str(data), "--input", input_kind,
-           "--bundle", str(bundle), "--ref-epochs", str(args.ref_epochs),
+           "--bundle", str(bundle),
+           "--ref-epochs", str(args.ref_epochs if ref_epochs is None else ref_epochs),
            "--query-epochs", str(args.query_epochs)]
     if args.write_output:
         cmd.append("--write-output")
-    if args.ref_train_only:
+    if args.ref_train_only if train_only is None else train_only:
         cmd.append("--ref-train-only")
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
@@ -195,6 +197,22 @@ def run(args: argparse.Namespace) -> dict:
         results["cases"] = previous.get("cases", [])
         results["machine"]["previous_runs"] = (previous["machine"].get("previous_runs", [])
                                                + [previous["machine"]])
+    results["command"] = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
+    if args.map_ref_epochs:
+        # one well-trained reference (smallest size, label knowledge) that every query case maps
+        # onto: a 1-epoch reference is too rough to label a query (its cells come out Unknown)
+        n0 = min(int(s) for s in args.sizes.split(","))
+        src = data_dir / f"sim_{n0}.h5ad"
+        if not src.exists():
+            write_simulated_h5ad(src, n0, N_GENES, seed=0, chunk_size=16384)
+        args.ref_bundle = str(data_dir / f"mapref_{n0}_e{args.map_ref_epochs}")
+        results["map_reference"] = {"n_cells": n0, "epochs": args.map_ref_epochs,
+                                    "bundle": args.ref_bundle}
+        if not Path(args.ref_bundle, "manifest.json").exists():
+            results["map_reference"].update(
+                _child("ref", src, "backed", Path(args.ref_bundle), args,
+                       ref_epochs=args.map_ref_epochs, train_only=False))
+            print(json.dumps({"map_reference": results["map_reference"]}), flush=True)
     done = {(c["n_cells"], c["input"]) for c in results["cases"] if "error" not in c["query"]}
     results["cases"] = [c for c in results["cases"] if (c["n_cells"], c["input"]) in done]
     for n in sizes:
@@ -258,6 +276,20 @@ def _save(results: dict, args: argparse.Namespace) -> None:
     (out / "scale_sim.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _knowledge_seconds(r: dict):
+    if r.get("embed_seconds") is None:
+        return None
+    return r["embed_seconds"] + r.get("label_knowledge_seconds", 0.0)
+
+
+def _map_ref_text(results: dict) -> str:
+    m = results.get("map_reference")
+    if m:
+        return (f"one reference bundle ({m['n_cells']:,} cells, {m['epochs']} epochs, with "
+                "label knowledge; `--map-ref-epochs`)")
+    return "each size's own reference bundle"
+
+
 def _fmt(v, nd=2):
     return "-" if v is None else f"{v:.{nd}f}"
 
@@ -308,26 +340,30 @@ def report(results: dict, out: Path) -> None:
         f"{results['query_epochs']} epoch(s); each case in a fresh process (peak RSS = "
         "`VmHWM`). Reference: trained on the whole file (s/epoch and RSS; with "
         "`--ref-train-only` no embedding / label knowledge). Query: the whole file again (its "
-        "batches become new conditions `query/<batch>`), mapped onto one reference bundle "
-        "(100k cells, 1 epoch, with label knowledge; `--ref-bundle`), then `get_latent` "
+        "batches become new conditions `query/<batch>`), mapped onto "
+        f"{_map_ref_text(results)}, then `get_latent` "
         "(embed s, includes the pass that checks every stored value) and chunked label transfer "
-        "(label s). Backed = `read_h5ad(backed=\"r\")`, streamed in "
+        "(label s; label acc. = predicted label equals the simulated type, Unknown counted "
+        "wrong). Reference knowledge s = embedding the reference plus `build_label_knowledge`. "
+        "Backed = `read_h5ad(backed=\"r\")`, streamed in "
         "windows of 4 x 4,096 rows (ADR 0015); memory = sparse CSR in RAM. Machine: "
         f"{results['machine']['cpus']} cores shared with other jobs (load average "
         f"{results['machine']['load_average_start'][0]:.1f} at start), torch 1 thread.",
         "",
-        "| cells | input | file GB | ref s/epoch | ref peak RSS GB | query s/epoch | "
-        "query precompute s | embed s | label s | query peak RSS GB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| cells | input | file GB | ref s/epoch | ref knowledge s | ref peak RSS GB | "
+        "query s/epoch | query precompute s | embed s | label s | label acc. | "
+        "query peak RSS GB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in sorted(results["cases"], key=lambda c: (c["input"], c["n_cells"])):
         r, q = c["reference"], c["query"]
         lines.append(
             f"| {c['n_cells']:,} | {c['input']} | {c['file_bytes'] / 1e9:.2f} | "
-            f"{_fmt(r.get('seconds_per_epoch'), 1)} | {_fmt(r.get('peak_rss_gb'))} | "
+            f"{_fmt(r.get('seconds_per_epoch'), 1)} | {_fmt(_knowledge_seconds(r), 1)} | "
+            f"{_fmt(r.get('peak_rss_gb'))} | "
             f"{_fmt(q.get('seconds_per_epoch'), 1)} | {_fmt(q.get('precompute_seconds'), 1)} | "
             f"{_fmt(q.get('embed_seconds'), 1)} | {_fmt(q.get('label_seconds'), 2)} | "
-            f"{_fmt(q.get('peak_rss_gb'))} |")
+            f"{_fmt(q.get('label_accuracy_vs_truth'), 3)} | {_fmt(q.get('peak_rss_gb'))} |")
     lines += ["", "Linearity (s/epoch at the largest size / s/epoch at the smallest) / "
               "(cell ratio); 1.00 = exactly linear, the target is within 10%:", ""]
     for k, v in results.get("linearity", {}).items():
@@ -335,7 +371,7 @@ def report(results: dict, out: Path) -> None:
                      f"({v['from']:,} -> {v['to']:,} cells)")
     lines += ["", "![time and memory against cells](results/scale_sim.png)", "",
               "Raw figures: `benchmarks/results/scale_sim.json`; rerun with "
-              "`nice /work/venv/bin/python benchmarks/bench_scale.py --sizes 100000,1000000,300000 --data-dir /tmp/xscale --memory-max 0 --ref-train-only --ref-bundle /tmp/xscale/ref_100000_backed`.", ""]
+              f"`{results.get('command', 'python benchmarks/bench_scale.py')}`.", ""]
     (out / "scale.md").write_text("\n".join(lines))
 
 
@@ -354,6 +390,9 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--ref-bundle", default=None,
                    help="skip reference training; map onto this bundle (time-boxed runs)")
+    p.add_argument("--map-ref-epochs", type=int, default=None,
+                   help="train one reference on the smallest size for this many epochs (with "
+                        "label knowledge) and map every query onto it")
     p.add_argument("--ref-train-only", action="store_true",
                    help="reference case: train only (no embedding / label knowledge)")
     p.add_argument("--resume", action="store_true",

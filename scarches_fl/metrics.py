@@ -22,6 +22,10 @@ Euclidean distance, excluding i itself):
   labels by normalised mutual information (arithmetic mean normalisation) and the adjusted Rand
   index. 1 = clustering identical to the labels; ARI about 0 for a random clustering.
 * **Label accuracy**: ``mean_i [pred_i == true_i]`` over query cells ("Unknown" counts as wrong).
+* **Open-set accuracy**: ``mean_i [pred_i == true_i or (pred_i == "Unknown" and true_i not in
+  K)]`` with ``K`` the types the reference can name (its prototype classes): "Unknown" is the right
+  answer for a cell whose type the reference does not know, and wrong for every other cell. Equal
+  to the label accuracy when every query type is in ``K``.
 * **Macro-F1**: the unweighted mean over the true classes of ``F1_c = 2 P_c R_c / (P_c + R_c)``.
 * **Unknown-detection AUROC**: ``P(u_novel > u_known) + 0.5 P(u_novel = u_known)`` for the
   uncertainty ``u`` of query cells whose true type is absent from the reference ("novel") against
@@ -50,6 +54,7 @@ __all__ = [
     "batch_silhouette",
     "clustering_nmi_ari",
     "label_accuracy",
+    "open_set_accuracy",
     "macro_f1",
     "unknown_detection_auroc",
     "integration_metrics",
@@ -199,6 +204,21 @@ def label_accuracy(true: Any, pred: Any) -> float:
     return float(np.mean(t == p))
 
 
+def open_set_accuracy(true: Any, pred: Any, known_labels: Sequence[str], *,
+                      unknown: str = "Unknown") -> float:
+    """Fraction of cells labelled correctly, where "Unknown" is correct exactly for the cells whose
+    true type is not in ``known_labels`` (the types the reference can name)."""
+    t = np.asarray(true).astype(str)
+    p = _labels(pred, t.shape[0], "pred")
+    if t.size == 0:
+        raise MetricError("no cells to score")
+    known = set(map(str, known_labels))
+    if unknown in known:
+        raise MetricError(f"{unknown!r} cannot be a reference label and the unknown label at once")
+    absent = np.array([v not in known for v in t])
+    return float(np.mean((t == p) | ((p == unknown) & absent)))
+
+
 def macro_f1(true: Any, pred: Any) -> float:
     """Unweighted mean F1 over the true classes."""
     from sklearn.metrics import f1_score
@@ -277,6 +297,7 @@ def label_transfer_metrics(
     if reference_labels is not None:
         known = set(map(str, reference_labels))
         novel = np.array([v not in known for v in t])
+        out["open_set_accuracy"] = open_set_accuracy(t, p, sorted(known), unknown=unknown)
         out["novel_types"] = sorted(set(t[novel].tolist()))
         out["n_novel_cells"] = int(novel.sum())
         if (~novel).any():

@@ -287,6 +287,8 @@ def _plots(
 _EXPLAIN = {
     "accuracy": "fraction of query cells whose predicted label is the true one (Unknown = wrong)",
     "accuracy_known_types": "accuracy over query cells whose type the reference knows",
+    "open_set_accuracy": "accuracy where Unknown is right for cells whose type the reference "
+    "lacks (and wrong for every other cell)",
     "macro_f1": "mean over true types of F1 (small types count as much as large ones)",
     "fraction_unknown": "fraction of query cells called Unknown",
     "novel_auroc": "how well the uncertainty ranks cells of types absent from the reference "

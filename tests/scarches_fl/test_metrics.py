@@ -118,6 +118,20 @@ def test_label_transfer_metrics_novel_types():
     assert out["novel_fraction_called_unknown"] == 0.5
     assert out["novel_auroc"] == 1.0
     assert out["fraction_unknown"] == pytest.approx(1 / 5)
+    # open-set: the Unknown call on the "z" cell is right (z is not a reference type)
+    assert out["open_set_accuracy"] == pytest.approx(3 / 5)
+
+
+def test_open_set_accuracy_by_hand():
+    true = ["a", "b", "z", "z", "a"]
+    # right: a; Unknown for z (absent from the reference); wrong: b called Unknown, z called b,
+    # a called b
+    pred = ["a", "Unknown", "Unknown", "b", "b"]
+    assert M.open_set_accuracy(true, pred, ["a", "b"]) == pytest.approx(2 / 5)
+    # every type known: the same as label accuracy
+    assert M.open_set_accuracy(true, pred, ["a", "b", "z"]) == M.label_accuracy(true, pred)
+    with pytest.raises(M.MetricError, match="Unknown"):
+        M.open_set_accuracy(true, pred, ["a", "Unknown"])
 
 
 def test_integration_metrics_returns_every_metric():

@@ -159,7 +159,8 @@ class ReferenceModel:
         """Train a reference on ``adata`` (every batch value becomes a condition
         ``<namespace>/<batch>``). Extra keyword arguments go to
         :class:`~scarches_fl.train.TrainingConfig` (``lr``, ``batch_size``, ``weight_decay``,
-        ``kl_warmup_epochs``, ``validation_fraction``, ``early_stopping``, ``patience``)."""
+        ``kl_warmup_epochs``, ``validation_fraction``, ``validation_max_cells``,
+        ``early_stopping``, ``patience``)."""
         torch = _torch()
         from scarches_fl.module import CVAE, default_hyperparameters
         from scarches_fl.train import TrainingConfig, fit, posterior_mean

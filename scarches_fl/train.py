@@ -16,7 +16,9 @@ Streaming (issue 10, ADR 0015): a :class:`StreamingCellData` keeps the counts on
 size, label) in memory. Each epoch shuffles the order of ``block_rows``-row blocks, loads
 ``blocks_per_window`` of them at a time into a window, and shuffles the cells within the window;
 at most one window of counts is held. With a single block the minibatch order is exactly the
-in-memory one, so results are bit-identical to :class:`CellData`.
+in-memory one, so results are bit-identical to :class:`CellData`. The validation cells' counts
+are kept from the first epoch's windows (at most ``validation_max_cells`` rows), so every epoch
+reads the file exactly once.
 """
 
 from __future__ import annotations

@@ -335,11 +335,29 @@ def _epoch_windows(
 ) -> Iterator[tuple[CellData, np.ndarray, np.ndarray, bool]]:
     """One epoch's shuffled training cells: ``(cells, window rows, local order, full)``.
 
-    In memory: one window holding everything, ``train_idx`` permuted (the historical order).
+    In memory, up to one window's worth of cells (16,384): ``train_idx`` permuted (the
+    historical order); above that the streaming order over views of the in-memory arrays.
     Streaming: block order permuted, ``blocks_per_window`` blocks per window, the window's
     training cells permuted. A single block reproduces the in-memory order exactly."""
     if not isinstance(data, StreamingCellData):
-        yield data, train_idx, train_idx[rng.permutation(len(train_idx))], True
+        window = BLOCK_ROWS * BLOCKS_PER_WINDOW
+        if data.n_cells <= window:
+            yield data, train_idx, train_idx[rng.permutation(len(train_idx))], True
+            return
+        # Large in-memory data: the same block-then-window shuffle as streaming, so a minibatch
+        # gathers rows from one ~16k-row stretch of the CSR arrays instead of from all of them
+        # (cache locality: a full shuffle of 1M cells made the epoch 12% slower than linear).
+        if is_train is None:
+            is_train = np.zeros(data.n_cells, dtype=bool)
+            is_train[train_idx] = True
+        n_blocks = -(-data.n_cells // BLOCK_ROWS)
+        order = rng.permutation(n_blocks)
+        for w in range(0, n_blocks, BLOCKS_PER_WINDOW):
+            rows = np.concatenate([
+                np.arange(b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, data.n_cells))
+                for b in order[w:w + BLOCKS_PER_WINDOW]])
+            local = rows[is_train[rows]]
+            yield data, rows, local[rng.permutation(len(local))], True
         return
     assert is_train is not None
     n_blocks = data.n_blocks
@@ -382,11 +400,10 @@ def _fit(
         module.to(device)
         train_idx, val_idx = _split(data.n_cells, config.validation_fraction, rng,
                                     config.validation_max_cells)
-        is_train = None
+        is_train = np.zeros(data.n_cells, dtype=bool)
+        is_train[train_idx] = True
         val_cache: _ValidationCache | None = None
         if isinstance(data, StreamingCellData):
-            is_train = np.zeros(data.n_cells, dtype=bool)
-            is_train[train_idx] = True
             val_cache = _ValidationCache(val_idx, data.n_cells)
 
         t_pre = time.perf_counter()

@@ -191,3 +191,22 @@ def test_backed_views_read_row_ranges_from_the_file(sim_path, monkeypatch):
         got = sp.vstack([reader.read(lo, lo + 700) for lo in range(0, b.n_obs, 700)])
         assert (got != expected).nnz == 0
         assert reader.max_rows_per_read <= 700
+
+
+def test_large_in_memory_data_is_shuffled_window_by_window(sim_path, monkeypatch):
+    """Above one window of cells the in-memory epoch visits blocks in a shuffled order and each
+    minibatch comes from one window (cache locality); every training cell once per epoch."""
+    monkeypatch.setattr(train, "BLOCK_ROWS", 256)
+    monkeypatch.setattr(train, "BLOCKS_PER_WINDOW", 2)
+    mem, _ = _data(sim_path, stream=False)
+    rng = np.random.default_rng(0)
+    train_idx, _ = train._split(N_CELLS, 0.1, rng)
+    seen = []
+    for cells, rows, perm, full in train._epoch_windows(mem, train_idx, None, rng):
+        assert cells is mem and full
+        assert len(rows) <= 512 and set(perm.tolist()) <= set(rows.tolist())
+        seen.append(perm)
+    allp = np.concatenate(seen)
+    assert len(seen) == 6  # 12 blocks of 256 rows (the last one partial), 2 per window
+    np.testing.assert_array_equal(np.sort(allp), train_idx)
+    assert not np.array_equal(allp, np.sort(allp))

@@ -172,7 +172,16 @@ def read_counts(
     column_map: sp.csr_matrix | None = None, window: int = WINDOW_ROWS,
 ) -> sp.csr_matrix:
     """The whole count matrix as one float32 CSR (memory ~ nnz), read window by window, with an
-    optional gene alignment ``column_map`` (see :func:`gene_alignment`) applied per window."""
+    optional gene alignment ``column_map`` (see :func:`gene_alignment`) applied per window.
+
+    An in-memory float32 CSR with sorted indices on the model's genes is returned as is (shared,
+    never written to). Other in-memory sparse input is copied once into arrays sized by its
+    number of nonzeros (no list of windows to stack: peak = input + one copy + one window)."""
+    src = _in_memory_csr(adata, layer) if rows is None else None
+    if src is not None:
+        if column_map is None and src.dtype == np.float32 and src.has_sorted_indices:
+            return sp.csr_matrix(src, copy=False)
+        return _read_into_preallocated(adata, layer, src.nnz, column_map, window)
     blocks = []
     for _start, block in iter_count_windows(adata, layer=layer, window=window, rows=rows):
         if column_map is not None:
@@ -184,6 +193,44 @@ def read_counts(
         return sp.csr_matrix((0, n_cols), dtype=np.float32)
     out = sp.vstack(blocks, format="csr").astype(np.float32, copy=False)
     out.sort_indices()
+    return out
+
+
+def _in_memory_csr(adata: Any, layer: str | None) -> Any:
+    """The AnnData's own CSR count matrix when it is in memory, else None."""
+    if getattr(adata, "isbacked", False):
+        return None
+    src = adata.layers[layer] if layer is not None else adata.X
+    if sp.issparse(src) and src.format == "csr":
+        return src
+    return None
+
+
+def _read_into_preallocated(
+    adata: Any, layer: str | None, max_nnz: int, column_map: sp.csr_matrix | None, window: int,
+) -> sp.csr_matrix:
+    n_rows = int(adata.n_obs)
+    n_cols = int(column_map.shape[1]) if column_map is not None else int(adata.n_vars)
+    idx_dtype = np.int32 if max(max_nnz, n_cols) < 2**31 - 1 else np.int64
+    indptr = np.zeros(n_rows + 1, dtype=idx_dtype)
+    indices = np.empty(max_nnz, dtype=idx_dtype)
+    data = np.empty(max_nnz, dtype=np.float32)
+    pos = 0
+    for start, block in iter_count_windows(adata, layer=layer, window=window):
+        if column_map is not None:
+            block = (block @ column_map).tocsr()
+        block.sort_indices()
+        k = int(block.nnz)
+        indices[pos:pos + k] = block.indices
+        data[pos:pos + k] = block.data
+        indptr[start + 1:start + 1 + block.shape[0]] = pos + block.indptr[1:]
+        pos += k
+    if pos < max_nnz // 2:  # most genes dropped by the alignment: do not keep the slack
+        indices, data = indices[:pos].copy(), data[:pos].copy()
+    else:
+        indices, data = indices[:pos], data[:pos]
+    out = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols), copy=False)
+    out.has_sorted_indices = True
     return out
 
 

@@ -158,3 +158,28 @@ def test_backed_reading_in_windows(tmp_path):
     np.testing.assert_array_equal(read_counts(b, window=16).toarray(), x)
     rows = np.array([1, 2, 30, 49])
     np.testing.assert_array_equal(read_counts(b, rows=rows, window=16).toarray(), x[rows])
+
+
+def test_read_counts_in_memory_shares_or_copies_once():
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(0.7, size=(300, 12)).astype(np.float32)
+    a = _adata(dense)
+    a.X.sort_indices()
+    # float32, sorted, same genes: the AnnData's own arrays, not a copy
+    x = read_counts(a, window=64)
+    assert np.shares_memory(x.data, a.X.data) and np.shares_memory(x.indices, a.X.indices)
+    np.testing.assert_array_equal(x.toarray(), dense)
+    # other dtypes and an alignment: one copy, filled window by window, the same numbers
+    a64 = ad.AnnData(X=sp.csr_matrix(dense.astype(np.float64)), obs=a.obs, var=a.var)
+    y = read_counts(a64, window=64)
+    assert y.dtype == np.float32 and not np.shares_memory(y.data, a64.X.data)
+    assert y.has_sorted_indices
+    np.testing.assert_array_equal(y.toarray(), dense)
+    column_map, _ = gene_alignment(a.var_names, ["G3", "G0", "missing", "G11"])
+    z = read_counts(a64, column_map=column_map, window=64)
+    expect = np.stack([dense[:, 3], dense[:, 0], np.zeros(300, np.float32), dense[:, 11]], 1)
+    np.testing.assert_array_equal(z.toarray(), expect)
+    assert z.shape == (300, 4)
+    assert all(np.all(np.diff(z.indices[z.indptr[i]:z.indptr[i + 1]]) > 0) for i in range(300))
+    # reading never wrote into the input
+    np.testing.assert_array_equal(a64.X.toarray(), dense)

@@ -68,8 +68,11 @@ def test_cellbench_drop_seq_query_accuracy(shared_data):
 # reference's beta/gamma/delta region, so the per-cell uncertainty gives AUROC 0.82 with ~1 % of
 # alpha cells called Unknown. The opt-in query context (``query_context=True``: does the
 # reference cover the cell's query neighbourhood?) raises that to AUROC 0.87 with ~60 % called
-# Unknown (known query cells called Unknown 4 % -> 12 %). These tests guard against regressions
-# below what is measured now and carry the 0.90 AUROC target as a non-strict expected failure.
+# Unknown (known query cells called Unknown 4 % -> 12 %). What holds it below 0.90 is mostly the
+# query's 20 delta cells: with alpha in the reference too they are the worst-mapped type (13 of
+# 20 labelled gamma or alpha), and with alpha held out they look as novel as alpha (without them
+# the AUROC is 0.89 default / 0.92 with context). These tests guard against regressions below
+# what is measured now and carry the 0.90 AUROC target as a non-strict expected failure.
 
 
 def _panc8(shared_data, holdout=None):
@@ -82,11 +85,15 @@ def _panc8(shared_data, holdout=None):
 
 
 def test_panc8_query_accuracy(shared_data):
-    _, _, truth, pred, _ = _panc8(shared_data)
-    accuracy = M.label_accuracy(truth, pred.top_label)
-    assert accuracy >= 0.75
-    if accuracy < 0.85:
-        pytest.xfail(f"issue target 0.85 not reached: accuracy {accuracy:.3f}")
+    model, _, truth, pred, _ = _panc8(shared_data)
+    # the issue's target, 0.85, two ways (measured, seed 0: 0.871 and 0.861):
+    # the top label, as scvi-tools' surgery and PCA + logistic regression are scored
+    assert M.label_accuracy(truth, pred.top_label) >= 0.85
+    # and counting every "Unknown" as wrong except on the 8 query cells whose types the
+    # reference cannot name (endothelial, macrophage, quiescent stellate, schwann: fewer than
+    # 20 reference cells, so no prototype)
+    classes = model.labels["levels"]["cell_type"]["prototype"]["classes"]
+    assert M.open_set_accuracy(truth, pred.pred, classes) >= 0.85
 
 
 def test_panc8_held_out_alpha_is_flagged(shared_data):
@@ -106,6 +113,11 @@ def test_panc8_held_out_alpha_is_flagged(shared_data):
     known_unknown = float(np.mean(ctx.pred[~novel] == "Unknown"))
     # measured (seed 0): AUROC 0.87, alpha called Unknown 0.60, known types called Unknown 0.12
     assert ctx_auroc >= 0.82
+    # the query's delta cells are what holds the AUROC down (see the note above); measured
+    # without them: 0.893 default, 0.916 with context
+    nd = truth != "delta"
+    assert M.unknown_detection_auroc(pred.uncertainty[nd], novel[nd]) >= 0.87
+    assert M.unknown_detection_auroc(ctx.uncertainty[nd], novel[nd]) >= 0.90
     assert called_unknown > 0.5
     assert known_unknown <= 0.2
     if ctx_auroc < 0.90:

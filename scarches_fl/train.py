@@ -455,7 +455,7 @@ def _fit(
                         count += len(idx)
                 train_loss = total / max(count, 1)
                 history["train_loss"].append(train_loss)
-                if val_cache is None:
+                if val_cache is None or len(val_idx) == 0:
                     val = _validation_elbo(module, data, val_idx, device, h0, const, config)
                 else:  # the cached rows, in val_idx order
                     val = _validation_elbo(module, val_cache.data(), np.arange(len(val_idx)),

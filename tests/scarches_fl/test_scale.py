@@ -119,6 +119,14 @@ def test_validation_cap_bounds_the_cached_cells(sim_path):
     assert all(np.isfinite(v) for v in h2["validation_elbo"])
 
 
+def test_streaming_without_validation_cells(sim_path):
+    st, n_cond = _data(sim_path, stream=True, block_rows=256, blocks_per_window=2)
+    cfg = train.TrainingConfig(max_epochs=2, seed=1, progress=False, validation_fraction=0.0)
+    h = train.fit(_module(n_cond), st, cfg)
+    assert h["validation_elbo"] == [None, None] and h["n_validation_cells"] == 0
+    assert st.source.rows_read == 2 * N_CELLS
+
+
 def test_surgery_and_latent_on_backed_file(sim_path, monkeypatch):
     monkeypatch.setattr(train, "BLOCK_ROWS", 512)
     monkeypatch.setattr(train, "BLOCKS_PER_WINDOW", 2)

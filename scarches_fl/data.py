@@ -182,18 +182,24 @@ def read_counts(
         if column_map is None and src.dtype == np.float32 and src.has_sorted_indices:
             return sp.csr_matrix(src, copy=False)
         return _read_into_preallocated(adata, layer, src.nnz, column_map, window)
-    blocks = []
-    for _start, block in iter_count_windows(adata, layer=layer, window=window, rows=rows):
-        if column_map is not None:
-            block = (block @ column_map).tocsr()
-            block.sort_indices()
-        blocks.append(block)
+    blocks = [_on_model_genes(block, column_map)
+              for _start, block in iter_count_windows(adata, layer=layer, window=window,
+                                                      rows=rows)]
     if not blocks:
         n_cols = column_map.shape[1] if column_map is not None else adata.n_vars
         return sp.csr_matrix((0, n_cols), dtype=np.float32)
     out = sp.vstack(blocks, format="csr").astype(np.float32, copy=False)
     out.sort_indices()
     return out
+
+
+def _on_model_genes(block: sp.csr_matrix, column_map: sp.csr_matrix | None) -> sp.csr_matrix:
+    """A float32 CSR window moved onto the model's genes (``column_map``, if any), indices
+    sorted."""
+    if column_map is not None:
+        block = (block @ column_map).tocsr().astype(np.float32, copy=False)
+    block.sort_indices()
+    return block
 
 
 def _in_memory_csr(adata: Any, layer: str | None) -> Any:
@@ -217,9 +223,7 @@ def _read_into_preallocated(
     data = np.empty(max_nnz, dtype=np.float32)
     pos = 0
     for start, block in iter_count_windows(adata, layer=layer, window=window):
-        if column_map is not None:
-            block = (block @ column_map).tocsr()
-        block.sort_indices()
+        block = _on_model_genes(block, column_map)
         k = int(block.nnz)
         indices[pos:pos + k] = block.indices
         data[pos:pos + k] = block.data
@@ -257,10 +261,7 @@ class BackedCounts:
 
     def read(self, lo: int, hi: int) -> sp.csr_matrix:
         lo, hi = int(lo), int(min(hi, self.n_cells))
-        block = _to_csr(self._read(lo, hi))
-        if self.column_map is not None:
-            block = (block @ self.column_map).tocsr().astype(np.float32, copy=False)
-        block.sort_indices()
+        block = _on_model_genes(_to_csr(self._read(lo, hi)), self.column_map)
         self.reads += 1
         self.rows_read += hi - lo
         self.max_rows_per_read = max(self.max_rows_per_read, hi - lo)

@@ -210,7 +210,9 @@ def test_large_in_memory_data_is_shuffled_window_by_window(sim_path, monkeypatch
     rng = np.random.default_rng(0)
     train_idx, _ = train._split(N_CELLS, 0.1, rng)
     seen = []
-    for cells, rows, perm, full in train._epoch_windows(mem, train_idx, None, rng):
+    is_train = np.zeros(N_CELLS, dtype=bool)
+    is_train[train_idx] = True
+    for cells, rows, perm, full in train._epoch_windows(mem, train_idx, is_train, rng):
         assert cells is mem and full
         assert len(rows) <= 512 and set(perm.tolist()) <= set(rows.tolist())
         seen.append(perm)

@@ -206,12 +206,12 @@ def _init(args: argparse.Namespace) -> int:
     print(f"  TLS names   {', '.join(result.tls_names)}")
     print(f"  trust.json  {result.trust_path}  (hand this file to every site)")
     if args.trust_out:
-        import shutil
         from pathlib import Path
 
+        from protocols.bundle import atomic_write
+
         out = Path(args.trust_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(result.trust_path, out)
+        atomic_write(out, result.trust_path.read_bytes())
         print(f"  copied to   {out}")
     return 0
 

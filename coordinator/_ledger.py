@@ -713,18 +713,17 @@ def countersign_rotation(
     """Check that ``request`` is a site's 'rotate' policy change for this log and add the
     operator's signature. The ledger rules (old and new site key signed it, the old key is the
     site's active one) are checked when it is appended."""
-    from protocols.dsse import add_signatures, parse_envelope
+    from protocols.dsse import add_signatures
     from protocols.errors import PolicyError
-    from protocols.ledger import POLICY_TYPE, entry_payload
+    from protocols.ledger import entry_payload
     from protocols.policy import parse_policy_change
 
     if len(request) > 1024 * 1024:
         raise ConfigError(f"{what}: larger than 1 MiB; a rotation request is a few hundred bytes")
     try:
-        env = parse_envelope(request)
-        if env.payload_type != POLICY_TYPE:
-            raise PolicyError(f"payloadType is {env.payload_type[:80]!r}, not {POLICY_TYPE!r}")
-        _kind, obj = entry_payload(request)
+        kind, obj = entry_payload(request)
+        if kind != "policy":
+            raise PolicyError(f"it is a {kind} entry, not a policy change")
         change = parse_policy_change(obj)
     except VerificationError as exc:
         raise VerificationError(

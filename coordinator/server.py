@@ -26,6 +26,9 @@ __all__ = ["RegistryServer", "RequestError", "NotFoundError", "check_listen_addr
 
 logger = logging.getLogger(__name__)
 
+#: How long before the client's deadline SubmitUpdate stops waiting for the ledger writer.
+_DEADLINE_MARGIN_S = 0.5
+
 
 class RequestError(ValueError):
     """A malformed request (answered INVALID_ARGUMENT)."""
@@ -122,10 +125,13 @@ def _servicer_class() -> type:
 
         def SubmitUpdate(self, request: Any, context: grpc.ServicerContext) -> Any:
             remaining = context.time_remaining()  # None without a client deadline
+            # answer before the client's deadline, so a slow commit reaches the site as the
+            # "resubmit" rejection rather than as DEADLINE_EXCEEDED
+            wait = None if remaining is None else max(0.0, remaining - _DEADLINE_MARGIN_S)
             result = self._guard(
                 context,
                 lambda: self.registry.submit(
-                    bytes(request.envelope), bytes(request.diff), wait_s=remaining
+                    bytes(request.envelope), bytes(request.diff), wait_s=wait
                 ),
             )
             return serde.submit_result_to_proto(result)

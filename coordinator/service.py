@@ -522,7 +522,7 @@ class Registry:
             else:
                 retry = outcome[3] if len(outcome) > 3 else 0.0
                 code = outcome[1]
-                if code not in REASON_CODES and code != RATE_LIMITED:
+                if code not in REASON_CODES:
                     code = "E_INTERNAL"
                 result = self._reject(code, outcome[2], retry_after=retry)
             self._log_result(result, site, seq, p.received)

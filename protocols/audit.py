@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocols.bundle import atomic_write
 from protocols.errors import ConfigError, ScarchesFLError, VerificationError
 
 __all__ = [
@@ -330,12 +330,7 @@ class AuditorState:
             self._write(origin_file, (origin + "\n").encode())
 
     def _write(self, path: Path, data: bytes) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, data)
 
     def previous(self) -> tuple[bytes, list[bytes]] | None:
         """(checkpoint note, leaf hashes) of the last verified tree, or None."""

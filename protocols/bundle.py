@@ -631,8 +631,6 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(dfd)
 
 
-_fsync_dir = fsync_dir
-
 
 def write_bundle(path: str | os.PathLike[str], bundle: ReferenceBundle) -> None:
     """Write ``bundle`` as a directory (``model.safetensors`` then ``manifest.json``), each file

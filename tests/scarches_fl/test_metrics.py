@@ -122,6 +122,15 @@ def test_label_transfer_metrics_novel_types():
     assert out["open_set_accuracy"] == pytest.approx(3 / 5)
 
 
+def test_label_transfer_metrics_with_an_unknown_reference_type():
+    # annotations often carry an "Unknown" type of their own: the report must still score
+    true = ["a", "Unknown", "z"]
+    pred = ["a", "Unknown", "Unknown"]
+    out = M.label_transfer_metrics(true, pred, [0.1, 0.9, 0.8],
+                                   reference_labels=["a", "Unknown"])
+    assert out["open_set_accuracy"] == 1.0 and out["accuracy"] == pytest.approx(2 / 3)
+
+
 def test_open_set_accuracy_by_hand():
     true = ["a", "b", "z", "z", "a"]
     # right: a; Unknown for z (absent from the reference); wrong: b called Unknown, z called b,

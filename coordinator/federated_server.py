@@ -510,14 +510,11 @@ class _Federation:
             raise ContributionRejected(
                 "wrong_tensors", f"tensor names {sorted(set(arrays) ^ set(specs))[:5]} differ "
                 "from the model's")
-        n_own = len(self.site_conditions[site])
-        for name, spec in specs.items():
-            want = list(spec.shape)
-            if spec.role == "condition":
-                want[spec.axis] = n_own
-            if list(arrays[name].shape) != want:
-                raise ContributionRejected(
-                    "wrong_tensors", f"{name} has shape {list(arrays[name].shape)}, not {want}")
+        from scarches_fl._federated import contribution_shape_error
+
+        problem = contribution_shape_error(specs, arrays, len(self.site_conditions[site]))
+        if problem:
+            raise ContributionRejected("wrong_tensors", problem)
 
     def _send_model(
         self,

@@ -52,6 +52,7 @@ __all__ = [
     "kl_weight_for_round",
     "EarlyStopping",
     "tensor_digest",
+    "contribution_shape_error",
     "shared_tensor_names",
 ]
 
@@ -145,6 +146,21 @@ def _specs(hp: Mapping[str, Any], n_genes: int, n_conditions: int) -> dict[str, 
     from scarches_fl.module import tensor_specs
 
     return tensor_specs(hp, n_genes, n_conditions)
+
+
+def contribution_shape_error(
+    specs: Mapping[str, Any], tensors: Mapping[str, Any], n_own: int,
+) -> str | None:
+    """Why a contribution's tensors do not fit the model (``None`` when they do): every tensor's
+    shape must be the model's, with the site's own ``n_own`` columns in condition tensors."""
+    for name, spec in specs.items():
+        want = list(spec.shape)
+        if spec.role == "condition":
+            want[spec.axis] = n_own
+        got = list(np.shape(tensors[name]))
+        if got != want:
+            return f"tensor {name} has shape {got}, expected {want}"
+    return None
 
 
 def shared_tensor_names(hp: Mapping[str, Any], n_genes: int, n_conditions: int) -> list[str]:
@@ -399,14 +415,9 @@ def aggregate(
         for j in c.own_conditions:
             if owners.get(int(j)) != c.site_id:
                 raise ValueError(f"site {c.site_id!r} sent condition column {j} it does not own")
-        for name, spec in specs.items():
-            arr = np.asarray(c.tensors[name])
-            want = list(spec.shape)
-            if spec.role == "condition":
-                want[spec.axis] = len(c.own_conditions)
-            if list(arr.shape) != want:
-                raise ValueError(f"site {c.site_id!r}: tensor {name} has shape {list(arr.shape)}, "
-                                 f"expected {want}")
+        problem = contribution_shape_error(specs, c.tensors, len(c.own_conditions))
+        if problem:
+            raise ValueError(f"site {c.site_id!r}: {problem}")
     if not usable:
         return out
     weights = np.asarray([c.n_train for c in usable], dtype=np.float64)

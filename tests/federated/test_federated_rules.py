@@ -179,3 +179,21 @@ def test_round_chain_detects_a_missing_round_and_a_swapped_contribution():
     with pytest.raises(FederationError, match="bundle"):
         verify_round_chain(run, rounds, contribs, coordinator_key=ck.public_key(),
                            site_keys=site_keys, bundle_digest="sha256:ff")
+
+
+def test_contribution_shape_error_names_the_tensor():
+    from scarches_fl._federated import contribution_shape_error
+    from scarches_fl.module import default_hyperparameters, tensor_specs
+
+    specs = tensor_specs(default_hyperparameters(n_hidden=8, n_latent=3, n_layers=1), 20, 5)
+    good = {}
+    for name, spec in specs.items():
+        shape = list(spec.shape)
+        if spec.role == "condition":
+            shape[spec.axis] = 2  # the site's own two columns
+        good[name] = np.zeros(shape, dtype=np.float32)
+    assert contribution_shape_error(specs, good, 2) is None
+    name = next(n for n, s in specs.items() if s.role == "condition")
+    assert name in (contribution_shape_error(specs, good, 3) or "")
+    bad = dict(good, **{"decoder.out.bias": np.zeros(19, dtype=np.float32)})
+    assert "decoder.out.bias" in (contribution_shape_error(specs, bad, 2) or "")

@@ -104,7 +104,7 @@ def case_ref(args: argparse.Namespace) -> dict:
 
 
 def case_map(args: argparse.Namespace) -> dict:
-    from scarches_fl._cli_map import predict_labels_chunked, write_mapped_h5ad
+    from scarches_fl._cli_map import predict_obs_labels, write_mapped_h5ad
     from scarches_fl.model import ReferenceModel
 
     model = ReferenceModel.from_bundle(args.bundle)
@@ -124,7 +124,7 @@ def case_map(args: argparse.Namespace) -> dict:
     t_embed = time.perf_counter() - t
     rss_embed = _rss_gb()
     t = time.perf_counter()
-    pred, unc = predict_labels_chunked(res.model.labels, res.model.extra_tensors, z,
+    pred, unc = predict_obs_labels(res.model.labels, res.model.extra_tensors, z,
                                        label_key="cell_type", threshold=0.5)
     t_label = time.perf_counter() - t
     truth = adata.obs["cell_type"].astype(str).to_numpy()

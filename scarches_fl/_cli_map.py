@@ -11,7 +11,7 @@ import argparse
 import logging
 from typing import Any
 
-__all__ = ["register", "write_update", "predict_labels_chunked", "write_mapped_h5ad"]
+__all__ = ["register", "write_update", "predict_obs_labels", "write_mapped_h5ad"]
 
 log = logging.getLogger(__name__)
 
@@ -84,30 +84,22 @@ def write_update(directory: Any, result: Any, base_digest: str, n_cells: int) ->
     return len(data)
 
 
-#: Query cells per call of the label predictor (bounds its kNN / prototype scratch memory).
-LABEL_CHUNK = 65536
-
-
-def predict_labels_chunked(
+def predict_obs_labels(
     labels_manifest: Any, atlas_tensors: Any, latent: Any, *, label_key: str,
-    threshold: float, chunk: int = LABEL_CHUNK,
+    threshold: float,
 ) -> tuple[Any, Any]:
-    """``scarches_fl.labels.predict_labels`` over the query in chunks of ``chunk`` cells;
-    returns ``(pred as str array, uncertainty float32)``. Each cell's prediction depends only on
-    that cell, so chunking changes nothing but peak memory."""
+    """``scarches_fl.labels.predict_labels`` on the whole query; returns ``(pred as str array,
+    uncertainty float32)``. ``predict_labels`` scores the query in chunks itself (the kNN index
+    is built once), so memory stays bounded for million-cell queries."""
     import numpy as np
 
     from scarches_fl.labels import predict_labels
 
-    preds, uncs = [], []
-    for lo in range(0, len(latent), chunk):
-        p = predict_labels(labels_manifest, atlas_tensors, latent[lo:lo + chunk],
-                           label_key=label_key, threshold=threshold)
-        preds.append(np.asarray(p.pred).astype(str))
-        uncs.append(np.asarray(p.uncertainty, dtype=np.float32))
-    if not preds:
+    if len(latent) == 0:
         return np.zeros(0, dtype=str), np.zeros(0, dtype=np.float32)
-    return np.concatenate(preds), np.concatenate(uncs)
+    p = predict_labels(labels_manifest, atlas_tensors, latent, label_key=label_key,
+                       threshold=threshold)
+    return np.asarray(p.pred).astype(str), np.asarray(p.uncertainty, dtype=np.float32)
 
 
 def write_mapped_h5ad(path: Any, adata: Any, obs: Any, obsm: dict, uns: dict, *,
@@ -194,7 +186,7 @@ def _map(args: argparse.Namespace) -> int:
         "alignment": {k: v for k, v in result.alignment.to_dict().items() if v is not None},
     }
     if args.label_key is not None and have_labels:
-        pred, unc = predict_labels_chunked(
+        pred, unc = predict_obs_labels(
             result.model.labels, result.model.extra_tensors, result.latent,
             label_key=args.label_key, threshold=args.threshold,
         )

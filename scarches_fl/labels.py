@@ -391,29 +391,45 @@ def _build_prototypes(
 # kNN
 
 
+class _NeighbourIndex:
+    """Nearest-neighbour index over the atlas rows, built once and queried in chunks: exact
+    (sklearn) up to ``_KNN_EXACT_MAX`` rows, pynndescent above."""
+
+    def __init__(self, atlas: np.ndarray, k: int, *, seed: int = 0, exclude_self: bool = False):
+        self.exclude_self = exclude_self
+        self.k_eff = min(k + (1 if exclude_self else 0), atlas.shape[0])
+        self.exact = atlas.shape[0] <= _KNN_EXACT_MAX
+        if self.exact:
+            from sklearn.neighbors import NearestNeighbors
+
+            self._nn = NearestNeighbors(n_neighbors=self.k_eff).fit(atlas)
+        else:
+            from pynndescent import NNDescent
+
+            self._nn = NNDescent(
+                atlas.astype(np.float32), n_neighbors=max(self.k_eff, 15), random_state=seed
+            )
+
+    def query(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, indices) of the k nearest atlas rows of each query row (one chunk)."""
+        if self.exact:
+            dist, ind = self._nn.kneighbors(query)
+        else:
+            ind, dist = self._nn.query(query.astype(np.float32), k=self.k_eff)
+        dist = np.asarray(dist, dtype=np.float64)
+        if self.exclude_self:
+            dist, ind = dist[:, 1:], ind[:, 1:]
+        return dist, ind
+
+
 def _knn(atlas: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0, exclude_self=False):
     """(distances, indices) of the k nearest atlas rows for each query row, in chunks."""
-    k_eff = min(k + (1 if exclude_self else 0), atlas.shape[0])
-    if atlas.shape[0] <= _KNN_EXACT_MAX:
-        from sklearn.neighbors import NearestNeighbors
-
-        nn = NearestNeighbors(n_neighbors=k_eff).fit(atlas)
-        parts = [
-            nn.kneighbors(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)
-        ]
-    else:
-        from pynndescent import NNDescent
-
-        index = NNDescent(atlas.astype(np.float32), n_neighbors=max(k_eff, 15), random_state=seed)
-        parts = []
-        for i in range(0, len(query), _QUERY_CHUNK):
-            ind, dist = index.query(query[i : i + _QUERY_CHUNK].astype(np.float32), k=k_eff)
-            parts.append((dist, ind))
-    dist = np.concatenate([p[0] for p in parts]).astype(np.float64)
-    ind = np.concatenate([p[1] for p in parts])
-    if exclude_self:
-        dist, ind = dist[:, 1:], ind[:, 1:]
-    return dist, ind
+    index = _NeighbourIndex(atlas, k, seed=seed, exclude_self=exclude_self)
+    parts = [index.query(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)]
+    if not parts:
+        width = index.k_eff - int(exclude_self)
+        return np.zeros((0, width)), np.zeros((0, width), dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _kernel_weights(dist: np.ndarray) -> np.ndarray:
@@ -444,12 +460,18 @@ def weighted_knn_transfer(
     a, codes = atlas_latent[keep], atlas_codes[keep].astype(np.int64)
     if a.shape[0] == 0:
         raise LabelTransferError("the reference atlas has no labelled cells for this level")
-    dist, ind = _knn(a, query_latent, k)
-    w = _kernel_weights(dist)
-    probs = np.zeros((query_latent.shape[0], n_classes))
-    rows = np.repeat(np.arange(query_latent.shape[0]), ind.shape[1])
-    np.add.at(probs, (rows, codes[ind].reshape(-1)), w.reshape(-1))
-    return probs, dist.mean(axis=1)
+    # one index, queried chunk by chunk: per-chunk arrays stay small for million-cell queries
+    index = _NeighbourIndex(a, k)
+    n = query_latent.shape[0]
+    probs = np.zeros((n, n_classes))
+    mean_dist = np.zeros(n)
+    for lo in range(0, n, _QUERY_CHUNK):
+        dist, ind = index.query(query_latent[lo : lo + _QUERY_CHUNK])
+        w = _kernel_weights(dist)
+        rows = np.repeat(np.arange(lo, lo + dist.shape[0]), ind.shape[1])
+        np.add.at(probs, (rows, codes[ind].reshape(-1)), w.reshape(-1))
+        mean_dist[lo : lo + dist.shape[0]] = dist.mean(axis=1)
+    return probs, mean_dist
 
 
 def _build_atlas_level(
@@ -701,8 +723,14 @@ def predict_labels(
                 f"the reference has no cell type of level {label_key!r} with at least "
                 f"{proto.get('min_cells')} cells, so no prototypes; ask for an atlas bundle"
             )
-        scores, stat = _proto_scores(z, proto, classes)
-        probs = _softmax(scores / float(proto["calibration"]["temperature"]))
+        temperature = float(proto["calibration"]["temperature"])
+        probs = np.empty((z.shape[0], len(classes)))
+        stat = np.empty(z.shape[0])
+        for lo in range(0, z.shape[0], _QUERY_CHUNK):
+            scores, stat[lo : lo + _QUERY_CHUNK] = _proto_scores(
+                z[lo : lo + _QUERY_CHUNK], proto, classes
+            )
+            probs[lo : lo + _QUERY_CHUNK] = _softmax(scores / temperature)
         quantiles = proto["calibration"]["novelty_quantiles"]
     else:
         raise LabelTransferError(f"unknown method {method!r}; use 'auto', 'knn' or 'prototype'")

@@ -235,6 +235,29 @@ def test_large_atlas_uses_pynndescent(monkeypatch):
     assert np.mean(approx.pred == yq) > 0.95
 
 
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_chunked_scoring_matches_one_pass_and_builds_one_index(knowledge, monkeypatch, method):
+    """Large queries are scored in chunks of ``_QUERY_CHUNK`` cells: same answer as one pass,
+    and the kNN index over the atlas is built once per call, not once per chunk."""
+    manifest, tensors = knowledge
+    zq, _ = _gaussians(n_per=40, seed=5)  # 120 cells
+    whole = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+    built = []
+    real_index = L._NeighbourIndex
+
+    def counting_index(*args, **kwargs):
+        built.append(1)
+        return real_index(*args, **kwargs)
+
+    monkeypatch.setattr(L, "_NeighbourIndex", counting_index)
+    monkeypatch.setattr(L, "_QUERY_CHUNK", 7)  # 18 chunks, the last one short
+    chunked = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+    np.testing.assert_array_equal(chunked.pred, whole.pred)
+    np.testing.assert_allclose(chunked.uncertainty, whole.uncertainty, atol=1e-7)
+    np.testing.assert_allclose(chunked.probabilities, whole.probabilities, atol=1e-7)
+    assert len(built) == (1 if method == "knn" else 0)
+
+
 def test_knowledge_survives_canonical_json_and_bundle_round_trip(knowledge, tmp_path):
     """The labels dict is part of the signed manifest: canonical JSON, then back, same answers."""
     from protocols.bundle import make_bundle, read_bundle, write_bundle

@@ -115,6 +115,20 @@ def _scatter_categories(ax, xy, values, *, title: str, size: float, marker_of=No
     )
 
 
+def _point_size(n_cells: int) -> float:
+    """Marker area for a scatter of ``n_cells`` points: large for a few hundred cells, small
+    (but visible) for hundreds of thousands."""
+    return float(np.clip(3000.0 / max(n_cells, 1), 2.0, 20.0))
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_joint_embedding(
     latent: np.ndarray,
     colorings: Mapping[str, np.ndarray],
@@ -143,19 +157,17 @@ def plot_joint_embedding(
     xy, how = embed_2d(z, method=method, seed=seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    size = float(max(2.0, min(12.0, 6000.0 / z.shape[0])))
+    size = _point_size(z.shape[0])
     paths: list[Path] = []
     for name, values in colorings.items():
-        fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=120)
+        fig, ax = plt.subplots(figsize=(7.5, 5.5))
         _scatter_categories(ax, xy, np.asarray(values).astype(str), title=f"{title}: by {name}", size=size)
         ax.set_xlabel(how, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.tight_layout()
         slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
         path = out_dir / f"embedding_by_{slug}.png"
-        fig.savefig(path)
-        plt.close(fig)
+        _save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -174,13 +186,11 @@ def _plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    size = float(np.clip(3000.0 / max(len(xy), 1), 2.0, 20.0))
+    size = _point_size(len(xy))
     written = []
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        _save_figure(fig, out_dir / name)
         written.append(name)
 
     origin = np.where(is_query, "query: ", "reference: ")

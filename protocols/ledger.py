@@ -108,6 +108,7 @@ __all__ = [
     "enrol_entry",
     "revoke_entry",
     "rotate_entry",
+    "rotation_request",
     "make_federated_round",
     "replay",
     "Receipt",
@@ -337,6 +338,17 @@ def rotate_entry(
 ) -> bytes:
     change = PolicyChange("rotate", origin, site_id, public_key_text(new_key), key_id(old_key), note)
     return make_policy_entry(change, operator_keys, [old_key, new_key])
+
+
+def rotation_request(
+    *, origin: str, site_id: str, old_key: Ed25519PrivateKey, new_key: Ed25519PrivateKey,
+    note: str = "",
+) -> bytes:
+    """A site's half of a ``rotate`` entry: the policy envelope signed by its old and its new
+    key only. The operator adds its signature (``coordinator rotate``) before it is appended;
+    the bytes of the payload do not change."""
+    change = PolicyChange("rotate", origin, site_id, public_key_text(new_key), key_id(old_key), note)
+    return sign_envelope(POLICY_TYPE, canonical_json(change.to_json_obj()), [old_key, new_key])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``scarches-fl site ...``: the site admin's commands (keygen, map, status, outbox, retry).
+"""``scarches-fl site ...``: the site admin's commands (keygen, map, status, outbox, retry,
+rotate-key).
 
 Only ``argparse`` is imported at module level; every handler imports what it needs.
 """
@@ -81,6 +82,34 @@ def register(subparsers: Any) -> None:
     _add_connection(p)
     p.add_argument("ids", nargs="*", metavar="ID", help="only these outbox entries")
     p.set_defaults(handler=_retry)
+
+    p = sub.add_parser(
+        "rotate-key",
+        help="replace this site's key: signed request, then finish once the operator appended it",
+        description=(
+            "Rotate this site's signing key in two steps. `request` (the default) makes a new "
+            "key, kept as KEY.pending beside the site key (mode 0600), and writes --out: a "
+            "rotation request signed by the current AND the new key, for the operator's "
+            "`scarches-fl coordinator rotate --request FILE`. The current key stays the site's "
+            "key. `finish` verifies the ledger and, once it shows the new key as the site's "
+            "active key, renames KEY.pending over KEY (the old key is kept as "
+            "KEY.rotated-<key id>). `cancel` abandons a pending rotation (moves KEY.pending "
+            "aside)."
+        ),
+    )
+    p.add_argument("action", nargs="?", choices=["request", "finish", "cancel"],
+                   default="request", help="request (default), finish or cancel")
+    _add_connection(p)
+    p.add_argument("--state", metavar="DIR", help="the site's state directory")
+    p.add_argument("--key", metavar="KEY",
+                   help="this site's current private key (site.key); request only")
+    p.add_argument("--site-id", metavar="ID",
+                   help="this site's id (default: the one the state directory remembers)")
+    p.add_argument("--out", dest="request_out", metavar="FILE",
+                   help="request: where to write the rotation request (a new file)")
+    p.add_argument("--note", default="", metavar="TEXT",
+                   help="request: a short note signed into the request (e.g. the reason)")
+    p.set_defaults(handler=_rotate_key)
 
     site.set_defaults(handler=lambda args: (site.print_help(), 2)[1])
 
@@ -193,4 +222,24 @@ def _retry(args: argparse.Namespace) -> int:
 
     config = _config(args)
     retry_pending(config, ids=list(args.ids))
+    return 0
+
+
+def _rotate_key(args: argparse.Namespace) -> int:
+    from site_agent.rotation import cancel_rotation, finish_rotation, request_rotation
+
+    config = _config(args)
+    if args.action == "finish":
+        finish_rotation(config)
+    elif args.action == "cancel":
+        cancel_rotation(config)
+    else:
+        if not args.request_out:
+            from protocols.errors import ConfigError
+
+            raise ConfigError(
+                "missing --out: name the file to write the rotation request to (e.g. "
+                "--out hospital-a-rotation.dsse)"
+            )
+        request_rotation(config, out=args.request_out, note=args.note)
     return 0

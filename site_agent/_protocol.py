@@ -25,6 +25,7 @@ __all__ = [
     "parse_payload",
     "sign_update",
     "max_diff_bytes",
+    "build_rotation_request",
 ]
 
 logger = logging.getLogger(__name__)
@@ -240,5 +241,37 @@ def sign_update(payload: Any, checked_bytes: bytes, key: Any) -> bytes:
         raise VerificationError(
             "the envelope would carry other bytes than the privacy guard checked; nothing was "
             "sent (a bug: report it)", reason_code="E_INTERNAL",
+        )
+    return envelope
+
+
+# -- P1: key rotation request -----------------------------------------------------------------
+
+
+def build_rotation_request(
+    *, trust: Trust, site_id: str, old_key: Any, new_key: Any, note: str = "",
+) -> bytes:
+    """The site's rotation request (:func:`protocols.ledger.rotation_request`): a ``rotate``
+    policy change for the pinned origin, signed by the old and the new key. Read back and
+    checked before it is handed out: it parses as that change and both signatures verify."""
+    from protocols.dsse import parse_envelope, verify_envelope
+    from protocols.keys import key_id, public_key_text
+    from protocols.ledger import POLICY_TYPE, entry_payload, rotation_request
+    from protocols.policy import parse_policy_change
+
+    envelope = rotation_request(origin=trust.origin, site_id=site_id, old_key=old_key,
+                                new_key=new_key, note=note)
+    _kind, obj = entry_payload(envelope)
+    change = parse_policy_change(obj)
+    env = parse_envelope(envelope)
+    for key in (old_key, new_key):
+        verify_envelope(env, trusted_keys=[key.public_key()], threshold=1,
+                        payload_type=POLICY_TYPE)
+    if (change.action, change.origin, change.site_id, change.public_key,
+            change.previous_key_id) != ("rotate", trust.origin, site_id,
+                                        public_key_text(new_key), key_id(old_key)):
+        raise VerificationError(  # pragma: no cover - a bug in the builder
+            "the rotation request does not say what was asked; nothing was written (a bug: "
+            "report it)", reason_code="E_INTERNAL",
         )
     return envelope

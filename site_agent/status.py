@@ -46,6 +46,12 @@ def site_status(state_dir: str | Path) -> dict[str, Any]:
     for e in outbox.entries():
         counts[e.state] = counts.get(e.state, 0) + 1
     info["outbox"] = counts
+    from site_agent.rotation import pending_rotation
+
+    rotation = pending_rotation(state)
+    info["key_rotation"] = None if rotation is None else {
+        k: v for k, v in rotation.to_json_obj().items() if k not in ("format", "format_version")
+    }
     return info
 
 
@@ -81,4 +87,10 @@ def render_status(info: dict[str, Any]) -> str:
     if box.get("pending"):
         lines.append("  pending updates wait for delivery: run `scarches-fl site retry --state "
                      f"{info['state']}`")
+    rot = info.get("key_rotation")
+    if rot:
+        lines.append(f"key rotation pending since {rot['requested_at']}: new key "
+                     f"{rot['new_key_id'][:16]}... ({rot['pending_key']}) replaces "
+                     f"{rot['old_key_id'][:16]}...; once the operator appended the request, run "
+                     f"`scarches-fl site rotate-key finish --state {info['state']}`")
     return "\n".join(lines)

@@ -18,6 +18,8 @@ to do; nothing is mapped, signed or sent after one):
    (``protocols.bundle.bundle_from_bytes``); the header's digest is only compared, never used.
 
 Only after all of these does the site store the new checkpoint as its last verified one.
+``site rotate-key finish`` needs no reference: it runs rules 1-4 (:func:`verify_ledger`) and
+stores the checkpoint after them.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from protocols.errors import VerificationError
+from protocols.errors import ScarchesFLError, VerificationError
 from site_agent import _protocol as proto
 from site_agent.state import SiteState
 
-__all__ = ["SiteTrustError", "VerifiedReference", "pull_and_verify", "verify_receipt",
-           "verified_checkpoint_from_state"]
+__all__ = ["SiteTrustError", "VerifiedReference", "VerifiedLedger", "pull_and_verify",
+           "verify_ledger", "verify_receipt", "verified_checkpoint_from_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +111,28 @@ def _check_advance(client: Any, old: Any, new: Any) -> None:
     check_checkpoint_advance(old, new, hashes)
 
 
-def pull_and_verify(
-    client: Any, *, state: SiteState, trust: proto.Trust, site_id: str, key_id: str,
-) -> VerifiedReference:
-    """Rules 1-5 of the module docstring; stores the checkpoint when all pass."""
-    from protocols.bundle import bundle_from_bytes
+@dataclass
+class VerifiedLedger:
+    """Rules 1-4: a checkpoint signed by the pinned log key (cosigned as trust.json asks),
+    consistent with this site's last one, and the replayed entries it commits to."""
 
+    checkpoint: Any  # protocols.checkpoint.Checkpoint
+    note: bytes
+    site_record: proto.SiteRecord
+    entries_checked: int
+    previous_size: int | None = None
+    cosigned_by: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tree_size(self) -> int:
+        return int(self.checkpoint.size)
+
+
+def verify_ledger(
+    client: Any, *, state: SiteState, trust: proto.Trust, site_id: str,
+) -> VerifiedLedger:
+    """Rules 1-4 of the module docstring, without judging the site's record (the caller does)
+    and without storing anything."""
     old = verified_checkpoint_from_state(state, trust)
     # 1. signature
     served = client.get_checkpoint()
@@ -154,6 +172,38 @@ def pull_and_verify(
                                                 fetch_blob=client.get_blob)
     except VerificationError as exc:
         raise _wrap(exc, "the ledger does not verify") from exc
+    return VerifiedLedger(
+        checkpoint=cp, note=served.signed_note, site_record=record,
+        entries_checked=len(entries), previous_size=old.size if old is not None else None,
+        cosigned_by=cosigned,
+    )
+
+
+def _rotation_hint(state: SiteState, record: proto.SiteRecord) -> str:
+    """What to do when the key is not active because a rotation of this site was logged."""
+    from site_agent.rotation import pending_rotation
+
+    try:
+        pending = pending_rotation(state)
+    except (ScarchesFLError, OSError):  # a hint must never hide the real error
+        return ""
+    if pending is not None and pending.new_key_id in record.key_ids:
+        return (
+            f". The operator appended this site's key rotation (the new key "
+            f"{pending.new_key_id[:16]}... is active): run `scarches-fl site rotate-key finish "
+            f"--state {state.path}` to make it this site's key"
+        )
+    return ""
+
+
+def pull_and_verify(
+    client: Any, *, state: SiteState, trust: proto.Trust, site_id: str, key_id: str,
+) -> VerifiedReference:
+    """Rules 1-5 of the module docstring; stores the checkpoint when all pass."""
+    from protocols.bundle import bundle_from_bytes
+
+    ledger = verify_ledger(client, state=state, trust=trust, site_id=site_id)
+    cp, record = ledger.checkpoint, ledger.site_record
     if not record.enrolled:
         raise SiteTrustError(
             f"site {site_id!r} is not enrolled in this ledger (checked against the signed policy "
@@ -167,10 +217,11 @@ def pull_and_verify(
             reason_code="E_KEY_REVOKED",
         )
     if key_id not in record.key_ids:
+        hint = _rotation_hint(state, record)
         raise SiteTrustError(
             f"this site's key {key_id} is not an active key of site {site_id!r} in the ledger "
-            f"(active: {', '.join(record.key_ids) or 'none'}); use the key the operator enrolled "
-            "(--key) or have the new key enrolled",
+            f"(active: {', '.join(record.key_ids) or 'none'})"
+            + (hint or "; use the key the operator enrolled (--key) or have the new key enrolled"),
             reason_code="E_KEY_UNKNOWN",
         )
     # 5. reference bytes -> recomputed digest
@@ -196,12 +247,12 @@ def pull_and_verify(
             f"implies {record.expected_digest}; refusing", reason_code="E_DIGEST_MISMATCH",
         )
     state.store_checkpoint(origin=cp.origin, size=cp.size, root=cp.root_hash,
-                           note=served.signed_note)
+                           note=ledger.note)
     logger.info("verified reference version %d (%s)", cp.size, bundle.digest)
     return VerifiedReference(
-        checkpoint=cp, note=served.signed_note, bundle=bundle, site_record=record,
-        entries_checked=len(entries), previous_size=old.size if old is not None else None,
-        cosigned_by=cosigned,
+        checkpoint=cp, note=ledger.note, bundle=bundle, site_record=record,
+        entries_checked=ledger.entries_checked, previous_size=ledger.previous_size,
+        cosigned_by=ledger.cosigned_by,
     )
 
 

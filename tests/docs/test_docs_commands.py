@@ -17,12 +17,17 @@ from scarches_fl.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDES = ["architecture.md", "operator.md", "site-admin.md", "auditor.md", "protocol.md", "benchmarks.md"]
-_FENCE = re.compile(r"```(bash|sh|shell|console|)\n(.*?)```", re.S)
+# Every fence, whatever its language (a ```yaml block must not pair its closing fence with the
+# next block's opening one); only the shell languages and unlabelled fences are read.
+_FENCE = re.compile(r"^```([\w-]*)\n(.*?)^```", re.S | re.M)
+_SHELL = ("bash", "sh", "shell", "console", "")
 
 
 def _commands(text: str) -> list[str]:
     cmds: list[str] = []
     for lang, block in _FENCE.findall(text):
+        if lang not in _SHELL:
+            continue
         joined = re.sub(r"\\\n\s*", " ", block)
         if not lang and re.search(r"\[--|\bCOMMAND\b|\.\.\.", joined):
             continue  # an unlabelled fence holding a usage synopsis, not a command to run

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator._fsutil import atomic_write
 from coordinator.storage import BlobStore, LedgerStore, StoredEntry, sha256_name
+from protocols.bundle import atomic_write
 from protocols.errors import ConfigError, VerificationError
 from protocols.proto.serde import BlobRef
 

@@ -7,7 +7,7 @@ import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
 
-from coordinator._fsutil import atomic_write
+from protocols.bundle import atomic_write
 
 __all__ = ["make_self_signed", "subject_alt_names", "DEFAULT_TLS_NAMES"]
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from coordinator import _ledger
-from coordinator._fsutil import atomic_write, fsync_dir
 from coordinator._tls import DEFAULT_TLS_NAMES, make_self_signed
 from coordinator.config import CoordinatorConfig, load_config, write_config
 from coordinator.storage import StoredEntry
+from protocols.bundle import atomic_write, fsync_dir
 from protocols.errors import ConfigError
 
 __all__ = [

@@ -222,7 +222,7 @@ def write_config(cfg: CoordinatorConfig) -> Path:
     """Write ``STATE/coordinator.yaml`` atomically (used by ``init``)."""
     import yaml
 
-    from coordinator._fsutil import atomic_write
+    from protocols.bundle import atomic_write
 
     header = (
         "# scarches-fl coordinator configuration (written by `scarches-fl coordinator init`).\n"

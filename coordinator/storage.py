@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator._fsutil import atomic_write
+from protocols.bundle import atomic_write
 from protocols.errors import ScarchesFLError
 from protocols.proto.serde import BlobRef
 

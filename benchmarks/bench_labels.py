@@ -189,7 +189,9 @@ def run_scarches_fl(
     return np.asarray(ref_latent), np.asarray(res.latent), info
 
 
-def run_scvi(ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: int | None):
+def run_scvi(
+    ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: int | None, n_latent: int = 10
+):
     import scvi
 
     scvi.settings.seed = seed
@@ -200,7 +202,7 @@ def run_scvi(ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: i
         ref_reg,
         n_hidden=128,
         n_layers=2,
-        n_latent=10,
+        n_latent=n_latent,
         gene_likelihood="nb",
         # scvi-tools' recommended settings for scArches-style surgery
         encode_covariates=True,
@@ -234,7 +236,7 @@ def run_scvi(ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: i
             int(n_trainable)
         ),
         "settings": (
-            "SCVI(n_hidden=128, n_layers=2, n_latent=10, gene_likelihood='nb', "
+            f"SCVI(n_hidden=128, n_layers=2, n_latent={n_latent}, gene_likelihood='nb', "
             "encode_covariates=True, deeply_inject_covariates=False, use_layer_norm='both', "
             "use_batch_norm='none'); SCVI.load_query_data(freeze_dropout=True); "
             "train(plan_kwargs={'weight_decay': 0.0})"
@@ -317,12 +319,87 @@ def run_scenario(
     }
     if not skip_scvi:
         logger.info("%s: scvi-tools surgery", scenario)
-        zr, zq, info = run_scvi(ref, query, seed=seed, max_epochs=None, surgery_epochs=None)
+        zr, zq, info = run_scvi(
+            ref,
+            query,
+            seed=seed,
+            max_epochs=None,
+            surgery_epochs=None,
+            n_latent=int(model_kwargs.get("n_latent", 10)),
+        )
         result["methods"]["scvi_surgery"] = {
             "run": info,
             **score(zr, zq, ref, query, holdout=holdout, seed=seed),
         }
     return result
+
+
+_SUMMARY_KEYS = (
+    "accuracy_top_label",
+    "accuracy_with_unknown",
+    "accuracy_open_set",
+    "macro_f1_top_label",
+    "fraction_unknown",
+    "novel_auroc",
+    "novel_fraction_called_unknown",
+    "known_fraction_called_unknown",
+    "accuracy_known_types_top_label",
+)
+
+
+def summarize(per_seed: list[dict]) -> dict:
+    """Mean, min and max over seeds of every label-transfer figure and integration metric, per
+    method and label variant: ``{method: {variant: {key: {"mean", "min", "max", "values"}}}}``.
+    One seed's figure can sit far from the others on 280 query cells; the spread is the honest
+    figure to quote."""
+    out: dict = {}
+    methods = per_seed[0]["methods"]
+    for name in methods:
+        out[name] = {}
+        for variant, res in methods[name].items():
+            if variant == "run" or not isinstance(res, dict):
+                continue
+            keys = [k for k in res if isinstance(res[k], (int, float)) and not isinstance(res[k], bool)]
+            if variant != "integration":
+                keys = [k for k in keys if k in _SUMMARY_KEYS]
+            cell = {}
+            for k in keys:
+                vals = [float(r["methods"][name][variant][k]) for r in per_seed]
+                cell[k] = {
+                    "mean": float(np.mean(vals)),
+                    "min": float(np.min(vals)),
+                    "max": float(np.max(vals)),
+                    "values": vals,
+                }
+            out[name][variant] = cell
+    return out
+
+
+def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
+    keys = [
+        ("accuracy_top_label", "acc"),
+        ("accuracy_open_set", "open-set"),
+        ("novel_auroc", "AUROC"),
+        ("novel_fraction_called_unknown", "novel->U"),
+        ("known_fraction_called_unknown", "known->U"),
+    ]
+    head = f"{'method':13s} {'labels':23s} " + " ".join(f"{h:>19s}" for _, h in keys)
+    rows = []
+    for name, variants in summary.items():
+        for variant in ("knn", "prototype", "knn_query_context", "prototype_query_context"):
+            if variant not in variants:
+                continue
+            cells = []
+            for k, _ in keys:
+                v = variants[variant].get(k)
+                cells.append(
+                    "-" if v is None else f"{v['mean']:.3f} [{v['min']:.3f}-{v['max']:.3f}]"
+                )
+            rows.append(f"{name:13s} {variant:23s} " + " ".join(f"{c:>19s}" for c in cells))
+    return (
+        f"== {scenario}: mean [min-max] over seeds {','.join(map(str, seeds))} ==\n{head}\n"
+        + "\n".join(rows)
+    )
 
 
 def _table(result: dict) -> str:
@@ -358,14 +435,22 @@ def _table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", default="all", choices=["all", *SCENARIOS])
-    ap.add_argument("--seed", type=int, default=0)
+    seeds = ap.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=None, help="one seed (default 0)")
+    seeds.add_argument(
+        "--seeds",
+        default=None,
+        help="comma-separated seeds, e.g. 0,1,2,3,4: each seed trains both methods afresh; the "
+        "JSON keeps every run and the mean / min / max",
+    )
     ap.add_argument("--skip-scvi", action="store_true", help="only scarches-fl")
     ap.add_argument("--max-epochs", type=int, default=None, help="reference epochs (ours)")
     ap.add_argument("--surgery-epochs", type=int, default=None, help="query epochs (ours)")
     ap.add_argument(
         "--model-kwargs",
         default="{}",
-        help="JSON of extra ReferenceModel.train_reference keyword arguments",
+        help="JSON of extra ReferenceModel.train_reference keyword arguments; n_latent is "
+        "also given to scvi-tools, so both tools keep the same architecture",
     )
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -373,28 +458,58 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.seeds is not None:
+        try:
+            seed_list = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            ap.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        if not seed_list or len(set(seed_list)) != len(seed_list):
+            ap.error("--seeds needs at least one seed and no repeats")
+    else:
+        seed_list = [0 if args.seed is None else args.seed]
+    command = "python benchmarks/bench_labels.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
     for sc in scenarios:
         t0 = time.perf_counter()
-        result = run_scenario(
-            sc,
-            seed=args.seed,
-            skip_scvi=args.skip_scvi,
-            model_kwargs=json.loads(args.model_kwargs),
-            max_epochs=args.max_epochs,
-            surgery_epochs=args.surgery_epochs,
-        )
-        result["wall_s"] = time.perf_counter() - t0
-        result["command"] = "python benchmarks/bench_labels.py " + " ".join(argv or sys.argv[1:])
+        runs = [
+            run_scenario(
+                sc,
+                seed=seed,
+                skip_scvi=args.skip_scvi,
+                model_kwargs=json.loads(args.model_kwargs),
+                max_epochs=args.max_epochs,
+                surgery_epochs=args.surgery_epochs,
+            )
+            for seed in seed_list
+        ]
         path = out_dir / f"labels_{sc}.json"
-        if args.skip_scvi and path.is_file():
-            # keep an earlier scvi-tools run of the same scenario (it does not depend on our code)
-            previous = json.loads(path.read_text())
-            if "scvi_surgery" in previous.get("methods", {}):
-                result["methods"]["scvi_surgery"] = previous["methods"]["scvi_surgery"]
-                result["scvi_surgery_from_earlier_run"] = previous.get("finished_utc")
+        if len(runs) == 1:
+            result = runs[0]
+            if args.skip_scvi and path.is_file():
+                # keep an earlier scvi-tools run of the same scenario and seed (it does not
+                # depend on our code)
+                previous = json.loads(path.read_text())
+                if "scvi_surgery" in previous.get("methods", {}) and previous.get("seed") == (
+                    result["seed"]
+                ):
+                    result["methods"]["scvi_surgery"] = previous["methods"]["scvi_surgery"]
+                    result["scvi_surgery_from_earlier_run"] = previous.get("finished_utc")
+        else:
+            result = {
+                k: v for k, v in runs[0].items() if k not in ("seed", "methods")
+            }
+            result["seeds"] = seed_list
+            result["summary"] = summarize(runs)
+            result["per_seed"] = runs
+        result["wall_s"] = time.perf_counter() - t0
+        result["command"] = command
         result["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         path.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-        print(_table(result), flush=True)
+        for run in runs:
+            print(f"-- seed {run['seed']} --\n" + _table(run), flush=True)
+        if len(runs) > 1:
+            print(_summary_table(sc, seed_list, result["summary"]), flush=True)
         print(f"wrote {path}", flush=True)
     return 0
 

@@ -62,17 +62,14 @@ def test_cellbench_drop_seq_query_accuracy(shared_data):
 
 
 # The issue's targets on panc8 (query accuracy >= 0.85; held-out alpha AUROC >= 0.90 with most
-# alpha cells called Unknown): benchmarks/results/labels_panc8*.json has the measured figures.
-# With the semi-supervised reference (model default since d9b4528) accuracy is 0.86-0.87
-# (scvi-tools' surgery 0.81-0.84 on the same code). The query's alpha cells land inside the
-# reference's beta/gamma/delta region, so the per-cell uncertainty gives AUROC 0.82 with ~1 % of
-# alpha cells called Unknown. The opt-in query context (``query_context=True``: does the
-# reference cover the cell's query neighbourhood?) raises that to AUROC 0.87 with ~60 % called
-# Unknown (known query cells called Unknown 4 % -> 12 %). What holds it below 0.90 is mostly the
-# query's 20 delta cells: with alpha in the reference too they are the worst-mapped type (13 of
-# 20 labelled gamma or alpha), and with alpha held out they look as novel as alpha (without them
-# the AUROC is 0.89 default / 0.92 with context). These tests guard against regressions below
-# what is measured now and carry the 0.90 AUROC target as a non-strict expected failure.
+# alpha cells called Unknown): benchmarks/results/labels_panc8*.json has the measured figures,
+# five seeds each. Accuracy (semi-supervised reference, the model default since d9b4528): 0.854-
+# 0.886 over seeds 0-4, above scvi-tools' surgery (0.775-0.850) on every seed. Held-out alpha:
+# AUROC 0.735 [0.662-0.819] by default, 0.775 [0.704-0.870] with the opt-in query context; seed 0,
+# which these tests run, is the best of the five. The alpha cells land inside the reference's
+# beta/gamma region and the query's gamma and delta cells are as poorly covered by reference
+# cells as alpha is (docs/benchmarks.md). These tests guard seed 0 against regressions below what
+# is measured now and carry the 0.90 AUROC target as a non-strict expected failure.
 
 
 def _panc8(shared_data, holdout=None):
@@ -86,7 +83,8 @@ def _panc8(shared_data, holdout=None):
 
 def test_panc8_query_accuracy(shared_data):
     model, _, truth, pred, _ = _panc8(shared_data)
-    # the issue's target, 0.85, two ways (measured, seed 0: 0.871 and 0.861):
+    # the issue's target, 0.85, two ways (measured, seed 0: 0.871 and 0.861; seeds 0-4:
+    # 0.854-0.886 and 0.857-0.893):
     # the top label, as scvi-tools' surgery and PCA + logistic regression are scored
     assert M.label_accuracy(truth, pred.top_label) >= 0.85
     # and counting every "Unknown" as wrong except on the 8 query cells whose types the
@@ -113,8 +111,7 @@ def test_panc8_held_out_alpha_is_flagged(shared_data):
     known_unknown = float(np.mean(ctx.pred[~novel] == "Unknown"))
     # measured (seed 0): AUROC 0.87, alpha called Unknown 0.60, known types called Unknown 0.12
     assert ctx_auroc >= 0.82
-    # the query's delta cells are what holds the AUROC down (see the note above); measured
-    # without them: 0.893 default, 0.916 with context
+    # without the query's 20 delta cells (seed 0): 0.893 default, 0.916 with context
     nd = truth != "delta"
     assert M.unknown_detection_auroc(pred.uncertainty[nd], novel[nd]) >= 0.87
     assert M.unknown_detection_auroc(ctx.uncertainty[nd], novel[nd]) >= 0.90

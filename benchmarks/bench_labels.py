@@ -404,15 +404,7 @@ def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
 
 def _table(result: dict) -> str:
     rows = []
-    keys = [
-        "accuracy_top_label",
-        "accuracy_with_unknown",
-        "accuracy_open_set",
-        "macro_f1_top_label",
-        "fraction_unknown",
-        "novel_auroc",
-        "novel_fraction_called_unknown",
-    ]
+    keys = _SUMMARY_KEYS[:7]
     for name, res in result["methods"].items():
         for method in ("knn", "prototype", "knn_query_context", "prototype_query_context"):
             if method not in res:

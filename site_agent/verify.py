@@ -48,12 +48,12 @@ class SiteTrustError(VerificationError):
 
 
 @dataclass
-class VerifiedReference:
-    """A reference version whose every link to the pinned trust was checked."""
+class VerifiedLedger:
+    """Rules 1-4: a checkpoint signed by the pinned log key (cosigned as trust.json asks),
+    consistent with this site's last one, and the replayed entries it commits to."""
 
     checkpoint: Any  # protocols.checkpoint.Checkpoint
     note: bytes
-    bundle: Any  # protocols.bundle.ReferenceBundle
     site_record: proto.SiteRecord
     entries_checked: int
     previous_size: int | None = None
@@ -66,6 +66,13 @@ class VerifiedReference:
     @property
     def root_hex(self) -> str:
         return bytes(self.checkpoint.root_hash).hex()
+
+
+@dataclass
+class VerifiedReference(VerifiedLedger):
+    """A reference version whose every link to the pinned trust was checked (rules 1-5)."""
+
+    bundle: Any = None  # protocols.bundle.ReferenceBundle; always set by pull_and_verify
 
     @property
     def digest(self) -> str:
@@ -109,23 +116,6 @@ def _check_advance(client: Any, old: Any, new: Any) -> None:
     else:
         hashes = ()
     check_checkpoint_advance(old, new, hashes)
-
-
-@dataclass
-class VerifiedLedger:
-    """Rules 1-4: a checkpoint signed by the pinned log key (cosigned as trust.json asks),
-    consistent with this site's last one, and the replayed entries it commits to."""
-
-    checkpoint: Any  # protocols.checkpoint.Checkpoint
-    note: bytes
-    site_record: proto.SiteRecord
-    entries_checked: int
-    previous_size: int | None = None
-    cosigned_by: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def tree_size(self) -> int:
-        return int(self.checkpoint.size)
 
 
 def verify_ledger(

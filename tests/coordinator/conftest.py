@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -79,30 +80,38 @@ class RunningServer:
         return RegistryClient(self.address, trust=consortium.trust, timeout=30, **kw)
 
 
-@pytest.fixture
-def server(consortium: Consortium) -> Iterator[RunningServer]:
-    """The real registry server (TLS on) in a thread of this process."""
+@contextlib.contextmanager
+def running_server(state_dir: Path, *, name: str = "test-serve") -> Iterator[RunningServer]:
+    """The real registry server (TLS on) of ``state_dir`` in a thread of this process, on a free
+    loopback port; stopped (and joined, 30 s at most) on exit."""
     ready, stop = threading.Event(), threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            serve(consortium.state, listen="127.0.0.1:0", ready=ready, stop=stop)
+            serve(state_dir, listen="127.0.0.1:0", ready=ready, stop=stop)
         except BaseException as exc:  # pragma: no cover - surfaced below
             errors.append(exc)
             ready.set()
 
-    t = threading.Thread(target=run, name="test-serve", daemon=True)
+    t = threading.Thread(target=run, name=name, daemon=True)
     t.start()
     assert ready.wait(30), "server did not start"
     if errors:
         raise errors[0]
-    record = json.loads((consortium.state / SERVE_RECORD).read_text())
+    record = json.loads((Path(state_dir) / SERVE_RECORD).read_text())
     try:
         yield RunningServer(record["address"], t, stop)
     finally:
         stop.set()
         t.join(timeout=30)
+
+
+@pytest.fixture
+def server(consortium: Consortium) -> Iterator[RunningServer]:
+    """The real registry server (TLS on) in a thread of this process."""
+    with running_server(consortium.state) as running:
+        yield running
 
 
 def fetch_base(

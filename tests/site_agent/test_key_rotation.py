@@ -5,16 +5,14 @@ coordinator state and its TLS server in a thread of this process."""
 
 from __future__ import annotations
 
-import json
 import stat
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from coordinator.admin import SERVE_RECORD, rotate_site_key, serve
+from coordinator.admin import rotate_site_key
 from protocols.keys import (
     key_id,
     load_private_key,
@@ -75,27 +73,11 @@ def setup(tmp_path: Path) -> SiteSetup:
 @pytest.fixture
 def served(setup: SiteSetup) -> Iterator[SiteSetup]:
     """The coordinator's real TLS server in a thread, for `finish` to pull the ledger from."""
-    ready, stop = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
+    from tests.coordinator.conftest import running_server
 
-    def run() -> None:
-        try:
-            serve(setup.consortium.state, listen="127.0.0.1:0", ready=ready, stop=stop)
-        except BaseException as exc:  # pragma: no cover - surfaced below
-            errors.append(exc)
-            ready.set()
-
-    t = threading.Thread(target=run, name="rotation-serve", daemon=True)
-    t.start()
-    assert ready.wait(30), "server did not start"
-    if errors:
-        raise errors[0]
-    setup.address = json.loads((setup.consortium.state / SERVE_RECORD).read_text())["address"]
-    try:
+    with running_server(setup.consortium.state, name="rotation-serve") as running:
+        setup.address = running.address
         yield setup
-    finally:
-        stop.set()
-        t.join(timeout=30)
 
 
 def _client(s: SiteSetup):

@@ -118,7 +118,7 @@ def _scatter_categories(ax, xy, values, *, title: str, size: float, marker_of=No
 def _point_size(n_cells: int) -> float:
     """Marker area for a scatter of ``n_cells`` points: large for a few hundred cells, small
     (but visible) for hundreds of thousands."""
-    return float(np.clip(3000.0 / max(n_cells, 1), 2.0, 20.0))
+    return float(np.clip(6000.0 / max(n_cells, 1), 2.0, 20.0))
 
 
 def _save_figure(fig, path: Path) -> None:

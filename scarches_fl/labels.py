@@ -426,9 +426,6 @@ def _knn(atlas: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0, exclude
     """(distances, indices) of the k nearest atlas rows for each query row, in chunks."""
     index = _NeighbourIndex(atlas, k, seed=seed, exclude_self=exclude_self)
     parts = [index.query(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)]
-    if not parts:
-        width = index.k_eff - int(exclude_self)
-        return np.zeros((0, width)), np.zeros((0, width), dtype=np.int64)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 

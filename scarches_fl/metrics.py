@@ -216,6 +216,11 @@ def open_set_accuracy(true: Any, pred: Any, known_labels: Sequence[str], *,
     if unknown in known:
         raise MetricError(f"{unknown!r} cannot be a reference label and the unknown label at once")
     absent = np.array([v not in known for v in t])
+    return _open_set_accuracy(t, p, absent, unknown)
+
+
+def _open_set_accuracy(t: np.ndarray, p: np.ndarray, absent: np.ndarray, unknown: str) -> float:
+    """Right = the true label, or ``unknown`` for a cell whose type is ``absent``."""
     return float(np.mean((t == p) | ((p == unknown) & absent)))
 
 
@@ -297,7 +302,7 @@ def label_transfer_metrics(
     if reference_labels is not None:
         known = set(map(str, reference_labels))
         novel = np.array([v not in known for v in t])
-        out["open_set_accuracy"] = float(np.mean((t == p) | ((p == unknown) & novel)))
+        out["open_set_accuracy"] = _open_set_accuracy(t, p, novel, unknown)
         out["novel_types"] = sorted(set(t[novel].tolist()))
         out["n_novel_cells"] = int(novel.sum())
         if (~novel).any():

@@ -146,14 +146,11 @@ class StreamingCellData:
     def window(self, blocks: Sequence[int]) -> tuple[CellData, np.ndarray]:
         """The cells of ``blocks`` (in that order) as an in-memory :class:`CellData`, and their
         global row indices."""
-        parts, rows = [], []
-        for b in blocks:
-            lo = int(b) * self.block_rows
-            hi = min(lo + self.block_rows, self.n_cells)
-            parts.append(self.source.read(lo, hi))
-            rows.append(np.arange(lo, hi, dtype=np.int64))
+        parts = [self.source.read(int(b) * self.block_rows,
+                                  min((int(b) + 1) * self.block_rows, self.n_cells))
+                 for b in blocks]
         x = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
-        idx = np.concatenate(rows)
+        idx = _block_rows(blocks, self.block_rows, self.n_cells)
         self.max_window_rows = max(self.max_window_rows, len(idx))
         labels = None if self.labels is None else self.labels[idx]
         return CellData(x, self.cond[idx], lib=self.lib[idx], labels=labels), idx
@@ -339,30 +336,35 @@ def _epoch_windows(
     historical order); above that the streaming order over views of the in-memory arrays.
     Streaming: block order permuted, ``blocks_per_window`` blocks per window, the window's
     training cells permuted. A single block reproduces the in-memory order exactly."""
-    if not isinstance(data, StreamingCellData):
-        window = BLOCK_ROWS * BLOCKS_PER_WINDOW
-        if data.n_cells <= window:
-            yield data, train_idx, train_idx[rng.permutation(len(train_idx))], True
-            return
-        # Large in-memory data: the same block-then-window shuffle as streaming, so a minibatch
-        # gathers rows from one ~16k-row stretch of the CSR arrays instead of from all of them
-        # (cache locality; at 1M cells the in-memory query epoch went from 1.16x to 1.02x linear
-        # together with the no-copy input, the reference epoch stayed at 1.12x).
-        n_blocks = -(-data.n_cells // BLOCK_ROWS)
-        order = rng.permutation(n_blocks)
-        for w in range(0, n_blocks, BLOCKS_PER_WINDOW):
-            rows = np.concatenate([
-                np.arange(b * BLOCK_ROWS, min((b + 1) * BLOCK_ROWS, data.n_cells))
-                for b in order[w:w + BLOCKS_PER_WINDOW]])
-            local = rows[is_train[rows]]
-            yield data, rows, local[rng.permutation(len(local))], True
+    if isinstance(data, StreamingCellData):
+        block_rows, per, n_blocks = data.block_rows, data.blocks_per_window, data.n_blocks
+    elif data.n_cells <= BLOCK_ROWS * BLOCKS_PER_WINDOW:
+        yield data, train_idx, train_idx[rng.permutation(len(train_idx))], True
         return
-    n_blocks = data.n_blocks
+    else:
+        # Large in-memory data gets the streaming order too, over views of its own arrays, so a
+        # minibatch gathers rows from one ~16k-row stretch of the CSR arrays instead of from all
+        # of them (cache locality; at 1M cells the in-memory query epoch went from 1.16x to
+        # 1.02x linear together with the no-copy input, the reference epoch stayed at 1.12x).
+        block_rows, per = BLOCK_ROWS, BLOCKS_PER_WINDOW
+        n_blocks = -(-data.n_cells // block_rows)
     order = rng.permutation(n_blocks) if n_blocks > 1 else np.zeros(1, dtype=np.int64)
-    for w in range(0, n_blocks, data.blocks_per_window):
-        cells, rows = data.window(order[w:w + data.blocks_per_window])
-        local = np.flatnonzero(is_train[rows])
-        yield cells, rows, local[rng.permutation(len(local))], False
+    for w in range(0, n_blocks, per):
+        blocks = order[w:w + per]
+        if isinstance(data, StreamingCellData):
+            cells, rows = data.window(blocks)
+            local, full = np.flatnonzero(is_train[rows]), False
+        else:
+            cells, rows = data, _block_rows(blocks, block_rows, data.n_cells)
+            local, full = rows[is_train[rows]], True
+        yield cells, rows, local[rng.permutation(len(local))], full
+
+
+def _block_rows(blocks: Sequence[int] | np.ndarray, block_rows: int, n_cells: int) -> np.ndarray:
+    """Global row indices of ``blocks`` (in that order) of ``block_rows`` rows each."""
+    return np.concatenate([
+        np.arange(int(b) * block_rows, min((int(b) + 1) * block_rows, n_cells), dtype=np.int64)
+        for b in blocks])
 
 
 def fit(module: CVAE, data: AnyCellData, config: TrainingConfig) -> dict[str, Any]:

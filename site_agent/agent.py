@@ -301,22 +301,29 @@ def deliver(
     return rec
 
 
+def with_remembered_coordinator(config: SiteConfig, state: SiteState) -> SiteConfig:
+    """``config`` with the coordinator address (and ``insecure``) of the last ``site map`` from
+    ``state`` when none was given."""
+    import dataclasses
+
+    if config.coordinator is not None:
+        return config
+    last = state.remembered()
+    return dataclasses.replace(
+        config, coordinator=last.get("coordinator"),
+        insecure=bool(config.insecure or last.get("insecure", False)),
+    )
+
+
 def retry_pending(
     config: SiteConfig, *, ids: Sequence[str] = (), printer: Callable[[str], None] | None = print,
     client_factory: Callable[..., Any] = connect,
 ) -> list[dict[str, Any]]:
     """Deliver pending outbox entries (all, or ``ids``) in sequence order."""
-    import dataclasses
-
     config.require("state")
     assert config.state is not None
     state = SiteState(config.state).require_existing()
-    if config.coordinator is None:
-        last = state.remembered()
-        config = dataclasses.replace(
-            config, coordinator=last.get("coordinator"),
-            insecure=bool(config.insecure or last.get("insecure", False)),
-        )
+    config = with_remembered_coordinator(config, state)
     config.require("coordinator")
     with state.locked():
         pinned = state.pinned_trust()

@@ -30,7 +30,6 @@ rename and checks what it finds on every step, so running it again after a crash
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -42,6 +41,7 @@ from typing import Any
 
 from protocols.errors import KeyFormatError, ScarchesFLError
 from site_agent import _protocol as proto
+from site_agent.agent import _say, with_remembered_coordinator
 from site_agent.config import SiteConfig
 from site_agent.state import SiteState, StateError, atomic_write
 
@@ -128,11 +128,6 @@ def pending_rotation(state: SiteState) -> PendingRotation | None:
             "for a `*.key.pending` file beside the site key; restore the record from a backup, "
             "or run `scarches-fl site rotate-key cancel --state STATE --key KEY`"
         ) from exc
-
-
-def _say(printer: Callable[[str], None] | None, text: str) -> None:
-    if printer is not None:
-        printer(text)
 
 
 def _load_key(path: Path, what: str) -> Any:
@@ -318,15 +313,8 @@ def finish_rotation(
 
     config.require("state")
     assert config.state is not None
-    state = SiteState(config.state)
-    if not state.exists():
-        raise RotationError(f"no site state directory at {state.path}; pass the right --state")
-    if config.coordinator is None:
-        last = state.remembered()
-        config = dataclasses.replace(
-            config, coordinator=last.get("coordinator"),
-            insecure=bool(config.insecure or last.get("insecure", False)),
-        )
+    state = SiteState(config.state).require_existing()
+    config = with_remembered_coordinator(config, state)
     with state.locked():
         rec = pending_rotation(state)
         if rec is None:
@@ -378,9 +366,7 @@ def cancel_rotation(
     record. Returns where the pending key went."""
     config.require("state")
     assert config.state is not None
-    state = SiteState(config.state)
-    if not state.exists():
-        raise RotationError(f"no site state directory at {state.path}; pass the right --state")
+    state = SiteState(config.state).require_existing()
     with state.locked():
         rec = pending_rotation(state)
         if rec is not None:

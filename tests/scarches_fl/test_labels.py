@@ -73,7 +73,11 @@ def test_separated_types_are_recovered_with_low_uncertainty(knowledge, method):
     manifest, tensors = knowledge
     zq, yq = _gaussians(n_per=30, seed=1)
     pred = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
-    assert np.mean(pred.pred == yq) > 0.97
+    assert np.mean(pred.top_label == yq) > 0.97
+    # cells drawn like the reference are called Unknown at about the designed rate, tail / 2 =
+    # 2.5 % (the reference's own farthest 2.5 %): here at most 3 of 90
+    assert np.mean(pred.pred == "Unknown") <= 0.034
+    assert np.mean(pred.pred == yq) > 0.96
     assert pred.uncertainty.dtype == np.float32
     assert np.median(pred.uncertainty) < 0.1
     assert np.all((pred.uncertainty >= 0) & (pred.uncertainty <= 1))
@@ -91,6 +95,35 @@ def test_novel_type_far_away_is_unknown(knowledge, method):
     assert unknown_detection_auroc(pred.uncertainty, novel) > 0.99
     assert np.mean(pred.pred[novel] == L.UNKNOWN) > 0.9
     assert np.mean(pred.pred[~novel] == "beta") > 0.9
+
+
+def test_novelty_factor_formula_and_tie_breaking_inside_the_range():
+    # reference statistic uniform on [0, 10]: F = 1 - stat / 10 inside the range
+    quantiles = np.linspace(0.0, 10.0, 41)
+    stat = np.array([0.0, 2.0, 8.0, 9.9])
+    f = L._novelty_factor(stat, quantiles, tail=0.05)
+    frac = 1.0 - stat / 10.0
+    expected = np.minimum(1.0, frac / 0.05) * (1.0 - L.RANGE_SLOPE * (1.0 - frac))
+    np.testing.assert_allclose(f, expected, atol=1e-9)
+    # inside the range a cell loses at most RANGE_SLOPE of its confidence, but the order of
+    # the distances is kept (no ties at 1)
+    assert np.all(np.diff(f) < 0)
+    assert f[2] >= 1.0 - L.RANGE_SLOPE
+
+
+@pytest.mark.parametrize("method", ["knn", "prototype"])
+def test_cells_inside_the_reference_range_are_ranked_by_distance(knowledge, method):
+    # a query group 2.5 sd off the beta centre along an axis the reference never varies on
+    # more than that: inside the range, confidently beta, yet farther out than most reference
+    # cells. Its uncertainty must rank above beta cells drawn like the reference.
+    manifest, tensors = knowledge
+    zq, yq = _gaussians(
+        n_per=40, seed=4, centers={"beta": CENTERS["beta"], "off": [8.0, 0.0, 2.5]}, scale=0.3
+    )
+    pred = L.predict_labels(manifest, tensors, zq, label_key="cell_type", method=method)
+    off = yq == "off"
+    assert np.all(pred.top_label == "beta")
+    assert unknown_detection_auroc(pred.uncertainty, off) > 0.95
 
 
 def test_plain_scarches_uncertainty_ignores_distance(knowledge):

@@ -7,6 +7,10 @@ Scenarios (all on the shared real datasets):
   reference; scores how well the uncertainty flags the query's cells of that type (AUROC) and
   how many are called "Unknown", with and without the opt-in ``query_context``.
 * ``cellbench``: CellBench 3 cell lines; reference = 10x + CEL-seq2, query = Drop-seq.
+* ``cellbench5_holdout_h838`` (and ``_a549``): CellBench 5 cell lines over all 27,660 genes;
+  reference = CEL-seq2 3-line plate + 5-line plates 1-2 without that line, query = 5-line plate
+  3 + Drop-seq. A held-out type whose expression differs from every reference type in the
+  file's genes (``bench_holdout_signal.py`` measures how much each held-out split allows).
 
 Methods:
 
@@ -17,7 +21,8 @@ Methods:
   encoding as scvi-tools recommends for scArches), ``SCVI.load_query_data`` + training only the
   new weights, then the same label transfer and metrics code on its latent.
 
-Run: ``python benchmarks/bench_labels.py --scenario all`` (about 10 min on 2 CPU cores).
+Run: ``python benchmarks/bench_labels.py --scenario all`` (one seed: about 10 min on 2 CPU cores
+for the 1,000-gene sets, plus about 20 min per 27,660-gene ``cellbench5_*`` split).
 Writes ``benchmarks/results/labels_<scenario>.json`` and prints a side-by-side table.
 """
 
@@ -68,6 +73,19 @@ SCENARIOS = {
         "file": "cellbench_3tech_hvg.h5ad",
         "reference": ["10x_3cl", "CELseq2_3cl"],
         "holdout": None,
+    },
+    # a held-out type that differs from the reference's types in the data's own genes: the
+    # 5-cell-line CellBench set over its full 27,660 genes; H838 (or A549) removed from the
+    # reference, query = the third 5-line plate + Drop-seq
+    "cellbench5_holdout_h838": {
+        "file": "cellbench_celllines.h5ad",
+        "reference": ["CELseq2_3cl", "CELseq2_5cl_p1", "CELseq2_5cl_p2"],
+        "holdout": "H838",
+    },
+    "cellbench5_holdout_a549": {
+        "file": "cellbench_celllines.h5ad",
+        "reference": ["CELseq2_3cl", "CELseq2_5cl_p1", "CELseq2_5cl_p2"],
+        "holdout": "A549",
     },
 }
 BATCH, LABEL = "batch", "cell_type"

@@ -40,8 +40,6 @@ MARKERS = {
     "alpha": ["GCG", "ARX", "IRX2", "TTR", "LOXL4", "DPP4"],
     "ductal": ["KRT19", "SOX9", "CFTR", "MMP7", "SPP1", "ANXA4"],
     "acinar": ["PRSS1", "CPA1", "CELA3A", "CTRB1", "PNLIP", "AMY2A"],
-    "H838": [],
-    "A549": [],
 }
 MIN_CELLS = 20
 

@@ -182,7 +182,7 @@ def _novelty_factor(stat: np.ndarray, quantiles: Sequence[float], tail: float) -
     frac_more_novel = np.where(
         beyond, (1.0 / q.size) * np.exp(-(stat - q[-1]) / spread), frac_more_novel
     )
-    in_range = 1.0 - RANGE_SLOPE * (1.0 - np.clip(frac_more_novel, 0.0, 1.0))
+    in_range = 1.0 - RANGE_SLOPE * (1.0 - frac_more_novel)  # frac_more_novel is in [0, 1]
     return np.clip(frac_more_novel / max(tail, 1e-9), 0.0, 1.0) * in_range
 
 

@@ -188,26 +188,42 @@ def canonical_json(obj: Any, *, max_depth: int = DEFAULT_LIMITS.max_json_depth) 
     return "".join(out).encode("utf-8")
 
 
-# A complete JSON string literal (escapes included); strings are removed before counting brackets.
-_STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A JSON string literal (escapes included), or an unterminated one up to the end of the input;
+# strings are removed before counting brackets. Possessive quantifiers and the optional closing
+# quote mean a match never backtracks and never fails once it has seen the opening quote, so the
+# scan moves left to right once: linear in the input. (The earlier pattern, which required the
+# closing quote, restarted at every escaped quote of an unterminated string: quadratic, 22 s on
+# 64 KiB of ``\\"``.) Where the input is valid JSON this is exactly the JSON lexer's view of
+# strings; where it is not, the parser stops at the first error, and up to that point the two
+# agree, so the depth checked here bounds the depth the parser reaches.
+_STRING_RE = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+
+
+#: +1 for an opening bracket, -1 for a closing one, 0 for any other byte
+_DEPTH_STEP = np.zeros(256, dtype=np.int8)
+_DEPTH_STEP[[ord("["), ord("{")]] = 1
+_DEPTH_STEP[[ord("]"), ord("}")]] = -1
 
 
 def _check_depth(text: str, max_depth: int) -> None:
-    """Refuse nesting deeper than ``max_depth`` in linear time, at C speed (regex + numpy), so
-    that Python's recursive JSON parser never sees a nesting bomb."""
+    """Refuse nesting deeper than ``max_depth`` in linear time, at C speed (one left-to-right
+    regex pass that cannot backtrack, then numpy), so that Python's recursive JSON parser never
+    sees a nesting bomb."""
     if text.count("[") + text.count("{") <= max_depth:
         return
     skeleton = _STRING_RE.sub("", text).encode("utf-8", "surrogatepass")
-    arr = np.frombuffer(skeleton, dtype=np.uint8)
-    steps = ((arr == 0x5B) | (arr == 0x7B)).astype(np.int32) - ((arr == 0x5D) | (arr == 0x7D))
-    if steps.size and int(np.cumsum(steps).max()) > max_depth:
+    steps = _DEPTH_STEP[np.frombuffer(skeleton, dtype=np.uint8)]
+    if steps.size and int(np.cumsum(steps, dtype=np.int32).max()) > max_depth:
         raise CanonicalJSONError(
             f"JSON nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
         )
 
 
 def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out = dict(pairs)
+    if len(out) == len(pairs):  # no duplicate key: the common case, at C speed
+        return out
+    out = {}
     for key, value in pairs:
         if key in out:
             raise CanonicalJSONError(
@@ -247,6 +263,11 @@ def _parse_int(text: str) -> int | float:
     # Outside the I-JSON safe range an integer literal is a double (e.g. 1e20 is written
     # "100000000000000000000"); canonical re-encoding then tells whether it was exact.
     return float(value)
+
+
+#: A lone surrogate can only come from a ``\\uD8xx``..``\\uDFxx`` escape (the text itself is valid
+#: UTF-8); without one, the walk over every string of the value is skipped.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _check_strings(obj: Any) -> None:
@@ -313,14 +334,13 @@ def parse_json_strict(
         ) from exc
     except (ValueError, RecursionError) as exc:  # int digit limits, deep recursion
         raise CanonicalJSONError(f"{what} is not acceptable JSON: {exc}") from exc
-    _check_strings(value)
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        _check_strings(value)
     if require_canonical:
         try:
             again = canonical_json(value, max_depth=max_depth)
         except CanonicalJSONError as exc:
-            raise CanonicalJSONError(
-                f"{what}: {exc.message}", reason_code=exc.reason_code
-            ) from exc
+            raise CanonicalJSONError(f"{what}: {exc.message}", reason_code=exc.reason_code) from exc
         if again != raw:
             raise CanonicalJSONError(
                 f"{what} is not in canonical form (sorted keys, no whitespace, RFC 8785 "

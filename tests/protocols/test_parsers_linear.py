@@ -1,0 +1,76 @@
+"""Attack: one crafted input of the largest size a parser accepts stalls the verifier.
+
+The strict JSON front end of every parser used to run a depth pre-scan that was quadratic on
+escaped quotes (64 KiB took 22 s before any signature check). Each strict parser gets every
+crafted family (``tests/protocols/_crafted.py``) at its maximum allowed size and must answer, with
+a value or a typed error, well inside a generous bound that only a return to super-linear time
+can break (figures: ``benchmarks/bench_parsers.py``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from protocols.errors import ScarchesFLError
+from tests.protocols._crafted import FAMILIES, crafted_json, parsers
+
+#: Generous, per started 4 MiB of input (the manifest may be 16 MiB, and parsing 16 MiB of valid
+#: JSON objects is itself ~1 s here); a quadratic scan takes minutes at these sizes.
+BOUND_S = 2.0
+_PER_BYTES = 4 * 1024 * 1024
+
+
+def _bound(n: int) -> float:
+    return BOUND_S * max(1, -(-n // _PER_BYTES))
+
+
+PARSERS = parsers()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("parser", sorted(PARSERS))
+def test_crafted_input_of_maximum_size_is_answered_in_linear_time(parser: str, family: str) -> None:
+    call, cap = PARSERS[parser]
+    data = crafted_json(family, cap())
+    t0 = time.perf_counter()
+    try:
+        call(data)
+    except ScarchesFLError:
+        pass  # a typed rejection is the expected answer for most families
+    elapsed = time.perf_counter() - t0
+    assert elapsed < _bound(len(data)), (
+        f"{parser} took {elapsed:.2f} s on {len(data)} bytes of {family}"
+    )
+
+
+def test_escaped_quotes_depth_scan_is_linear() -> None:
+    """The exact input of the report, 1 MiB: the depth scan alone must not restart at every
+    escaped quote (it used to: ~an hour at this size)."""
+    from protocols.canonical import parse_json_strict
+    from protocols.errors import CanonicalJSONError
+
+    data = crafted_json("escaped_quotes", 1024 * 1024)
+    t0 = time.perf_counter()
+    with pytest.raises(CanonicalJSONError):
+        parse_json_strict(data, max_bytes=len(data), max_depth=4)
+    assert time.perf_counter() - t0 < BOUND_S
+
+
+@pytest.mark.parametrize(
+    "text, deep",
+    [
+        ('["\\"[[[[[[[[", 1', False),  # brackets inside a string with an escaped quote
+        ('["\\\\"[[[[[[[[', True),  # an escaped backslash ends the string: brackets count
+        ('"unterminated [[[[[[[[', False),  # the parser fails at the string, never recurses
+        ("[" * 9, True),
+    ],
+)
+def test_depth_scan_reads_strings_as_the_json_lexer_does(text: str, deep: bool) -> None:
+    from protocols.canonical import parse_json_strict
+    from protocols.errors import CanonicalJSONError
+
+    with pytest.raises(CanonicalJSONError) as info:
+        parse_json_strict(text.encode(), max_bytes=1024, max_depth=4)
+    assert (info.value.reason_code == "E_JSON_TOO_DEEP") is deep

@@ -6,7 +6,6 @@ a handful of functions. Nothing here re-implements a rule of ``protocols``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import threading
@@ -613,10 +612,21 @@ def check_and_apply_site_update(
             f"SubmitUpdate takes site updates ({SITE_UPDATE_TYPE}); this envelope is a {kind} "
             "entry, which only the operator appends",
         )
-    hexname = hashlib.sha256(diff).hexdigest()
-    applied = state.apply(envelope, blob_lookup_bytes({hexname: diff}))
+    # The submitted diff is handed over as bytes: the update rules compare it with the signed
+    # sha256 and size only after the signature verified (E_DIFF_*_MISMATCH), never look it up
+    # under the name the unverified payload claims (which answered a forger E_BLOB_MISSING).
+    applied = state.apply(envelope, blob_lookup_bytes({}), diff_bytes=diff)
     acc = applied.accepted_update
     return CheckedUpdate(acc.site_id, acc.sequence, tuple(acc.new_conditions))
+
+
+def authenticate_submission(state: Any, envelope: bytes, limits: Any) -> Any:
+    """P1's :func:`protocols.update.authenticate_update` against the policy in force: the
+    :class:`~protocols.update.AuthenticatedUpdate` (its ``site_id`` is the signer's) or an
+    :class:`~protocols.errors.UpdateRejectedError` whose code means "not authenticated"."""
+    from protocols.update import authenticate_update
+
+    return authenticate_update(envelope, state.policy, limits=limits)
 
 
 def blob_lookup_bytes(mapping: dict[str, bytes]) -> Any:
@@ -624,9 +634,9 @@ def blob_lookup_bytes(mapping: dict[str, bytes]) -> Any:
 
 
 def claimed_update(envelope: bytes, limits: Any) -> tuple[str | None, int | None]:
-    """The (site id, sequence) a site update *claims*: unverified, a hint for the rate-limit
-    peek and the logs only, so a plain (fast) JSON parse is enough; everything is checked
-    strictly later."""
+    """The (site id, sequence) a site update *claims*: unverified, for the log line of a
+    submission refused before its signature was checked (logged as ``claimed_site``, never as
+    ``site``), so a plain (fast, linear) JSON parse is enough."""
     import base64
     import json
 
@@ -643,10 +653,6 @@ def claimed_update(envelope: bytes, limits: Any) -> tuple[str | None, int | None
     sid = sid if isinstance(sid, str) and 0 < len(sid) <= 64 else None
     seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else None
     return sid, seq
-
-
-def claimed_site_id(envelope: bytes, limits: Any) -> str | None:
-    return claimed_update(envelope, limits)[0]
 
 
 def site_status(state: Any, site_id: str) -> dict[str, Any]:

@@ -6,14 +6,18 @@ Accept pipeline (DESIGN.md "Coordinator accept"), in this order:
    ``E_OVERSIZE``;
 2. idempotency: an envelope already in the log (same leaf hash) is answered with its original
    receipt (``duplicate = true``), never appended twice;
-3. rate limit: a site whose token bucket is empty is answered ``E_RATE_LIMITED`` (peeked with
-   the site id the envelope claims; a token is spent only once the signature verified, so a
-   forger cannot drain another site's budget);
-4. the pure validation of :mod:`protocols` (strict parse, signature from an enrolled unrevoked
-   key, sequence, base checkpoint, namespace, tensor names/dtypes/shapes, finiteness, norms)
-   against the :class:`LedgerState` replayed from the log: its stable reason codes are passed
-   through unchanged;
-5. the diff bytes, the entry and the new signed checkpoint are committed in one SQLite
+3. authentication (:func:`protocols.update.authenticate_update`: strict parse, payload type,
+   signature from an enrolled, unrevoked key, payload names its signer): bounded, linear work on
+   the request thread that touches no per-site state; its refusals (``E_SIG_INVALID``,
+   ``E_KEY_UNKNOWN``, ...) charge nobody and are logged with the *claimed* site id only;
+4. rate limit of the authenticated site: a site whose token bucket is empty is answered
+   ``E_RATE_LIMITED`` (a token is taken only here, so a forger cannot drain another site's
+   budget, buckets exist only for authenticated sites, and a bucket never goes into debt);
+5. on the writer thread, the pure validation of :mod:`protocols` (sequence, base checkpoint,
+   namespace, diff size and sha256 against the signed ones, tensor names/dtypes/shapes,
+   finiteness, norms) against the :class:`LedgerState` replayed from the log: its stable reason
+   codes are passed through unchanged;
+6. the diff bytes, the entry and the new signed checkpoint are committed in one SQLite
    transaction (the diff's file in ``blobs/`` is a copy made after the commit); only then is
    the site answered with the receipt.
 
@@ -66,28 +70,6 @@ accept_log = logging.getLogger("coordinator.accept")
 
 #: Reason code of a submission refused by the per-site rate limit (retry after retry_after_s).
 RATE_LIMITED = "E_RATE_LIMITED"
-#: Reason codes that mean "not authenticated as the claimed site": no rate token is spent.
-_UNAUTHENTICATED = frozenset(
-    {
-        "E_OVERSIZE",
-        "E_JSON_MALFORMED",
-        "E_JSON_DUPLICATE_KEY",
-        "E_JSON_NONFINITE",
-        "E_JSON_TOO_DEEP",
-        "E_JSON_NOT_UTF8",
-        "E_JSON_NOT_CANONICAL",
-        "E_ENVELOPE_MALFORMED",
-        "E_PAYLOAD_TYPE",
-        "E_SIG_INVALID",
-        "E_SIG_THRESHOLD",
-        "E_KEY_UNKNOWN",
-        "E_KEY_REVOKED",
-        "E_KEY_ROTATED",
-        "E_SITE_MISMATCH",
-        "E_SITE_NOT_ENROLLED",
-        "E_KEY_MALFORMED",
-    }
-)
 _VERSION = "1"
 
 
@@ -102,6 +84,8 @@ class _Pending:
     leaf_hash: bytes
     received: float
     future: Future
+    site_id: str  # authenticated before queueing
+    sequence: int
 
 
 class Registry:
@@ -367,30 +351,40 @@ class Registry:
                 f"(limits.max_{what}_bytes); a site update carries only the new condition "
                 "columns, so check that the diff holds nothing else",
             )
-            self._log_result(result, *_ledger.claimed_update(envelope, self.limits), t0)
+            claimed = _ledger.claimed_update(envelope, self.limits)
+            self._log_result(result, None, None, t0, claimed=claimed)
             return result
-        claimed, claimed_seq = _ledger.claimed_update(envelope, self.limits)
         lh = _ledger.leaf_hash(envelope)
         existing = self.store.index_of_leaf_hash(lh)
         if existing is not None:
             result = SubmitResult(receipt=self.receipt(existing, duplicate=True))
-            self._log_result(result, claimed, claimed_seq, t0)
+            self._log_result(result, *_ledger.claimed_update(envelope, self.limits), t0)
             return result
-        if self.limiter is not None and claimed is not None:
-            wait = self.limiter.peek(claimed)
+        with self._state_lock:
+            state = self.state
+        try:
+            auth = _ledger.authenticate_submission(state, envelope, self.limits)
+        except VerificationError as exc:
+            result = self._reject(exc.reason_code or "E_ENVELOPE_MALFORMED", exc.message)
+            claimed = _ledger.claimed_update(envelope, self.limits)
+            self._log_result(result, None, None, t0, claimed=claimed)
+            return result
+        if self.limiter is not None:
+            wait = self.limiter.take(auth.site_id)
             if wait > 0:
                 result = self._reject(
                     RATE_LIMITED,
-                    f"site {claimed} is over its submission rate ({self.cfg.rate_limit.per_second}"
-                    f"/s, burst {self.cfg.rate_limit.burst}); retry in {wait:.2f} s",
+                    f"site {auth.site_id} is over its submission rate "
+                    f"({self.cfg.rate_limit.per_second}/s, burst {self.cfg.rate_limit.burst}); "
+                    f"retry in {wait:.2f} s",
                     retry_after=wait,
                 )
-                self._log_result(result, claimed, claimed_seq, t0)
+                self._log_result(result, auth.site_id, auth.payload.sequence, t0)
                 return result
         if self._writer is None:
             raise CoordinatorError("the ledger writer is not running (call start_writer())")
         fut: Future = Future()
-        self._queue.put(_Pending(envelope, diff, lh, t0, fut))
+        self._queue.put(_Pending(envelope, diff, lh, t0, fut, auth.site_id, auth.payload.sequence))
         wait = lim.request_deadline_s if wait_s is None else min(wait_s, lim.request_deadline_s)
         try:
             result = fut.result(timeout=max(0.0, wait))
@@ -405,9 +399,18 @@ class Registry:
         return result
 
     def _log_result(
-        self, result: SubmitResult, site: str | None, seq: int | None, t0: float
+        self,
+        result: SubmitResult,
+        site: str | None,
+        seq: int | None,
+        t0: float,
+        *,
+        claimed: tuple[str | None, int | None] | None = None,
     ) -> None:
+        """One log line per decision. ``site`` / ``seq`` only once the signature verified;
+        ``claimed`` is what an unauthenticated submission says about itself."""
         latency_ms = round((time.perf_counter() - t0) * 1000.0, 2)
+        extra = {} if claimed is None else {"claimed_site": claimed[0], "claimed_seq": claimed[1]}
         if result.receipt is not None:
             self._log(
                 "accept",
@@ -416,6 +419,7 @@ class Registry:
                 index=result.receipt.leaf_index,
                 duplicate=result.receipt.duplicate,
                 latency_ms=latency_ms,
+                **extra,
             )
         else:
             assert result.rejection is not None
@@ -425,6 +429,7 @@ class Registry:
                 seq=seq,
                 reason=result.rejection.reason_code,
                 latency_ms=latency_ms,
+                **extra,
             )
 
     def _writer_loop(self) -> None:
@@ -486,13 +491,8 @@ class Registry:
                 except VerificationError as exc:
                     code = getattr(exc, "reason_code", "E_INTERNAL")
                     message = getattr(exc, "message", "") or str(exc)
-                    claimed, claimed_seq = _ledger.claimed_update(p.envelope, self.limits)
-                    if self.limiter is not None and claimed and code not in _UNAUTHENTICATED:
-                        self.limiter.spend(claimed)
-                    outcomes.append((p, ("reject", code, message), claimed, claimed_seq))
+                    outcomes.append((p, ("reject", code, message), p.site_id, p.sequence))
                     continue
-                if self.limiter is not None:
-                    self.limiter.spend(update.site_id)
                 name = sha256_name(p.diff)
                 entry, _cp = w.append(
                     p.envelope,

@@ -929,10 +929,12 @@ def _audit_state_class() -> type:
                 accepted=accepted,
             )
 
-        def apply(self, envelope: bytes, blobs: Any) -> Any:
+        def apply(self, envelope: bytes, blobs: Any, *, diff_bytes: bytes | None = None) -> Any:
             from protocols._audit_replay import ModelReplay
             from protocols.bundle import ReferenceBundle
 
+            if diff_bytes is not None:  # a submission, not a replay: the plain rules
+                return super().apply(envelope, blobs, diff_bytes=diff_bytes)
             envelope = bytes(envelope)
             pending = None
             if self.size > 0 and isinstance(self._model, _ReplayModel):

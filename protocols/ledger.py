@@ -530,9 +530,15 @@ class LedgerState:
         return validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
 
     # -- applying ----------------------------------------------------------------------------
-    def apply(self, envelope: bytes, blobs: BlobLookup) -> AppliedEntry:
-        """Check ``envelope`` as the next entry and apply it; unchanged state on error."""
-        pending = self._evaluate(bytes(envelope), blobs)
+    def apply(
+        self, envelope: bytes, blobs: BlobLookup, *, diff_bytes: bytes | None = None
+    ) -> AppliedEntry:
+        """Check ``envelope`` as the next entry and apply it; unchanged state on error.
+
+        ``diff_bytes``: a site update's submitted diff, checked by the update rules (size and
+        sha256 against the signed ones, after the signature) instead of being looked up under
+        the name the not-yet-verified payload claims."""
+        pending = self._evaluate(bytes(envelope), blobs, diff_bytes)
         index = self.size
         leaf = merkle.leaf_hash(envelope)
         self._tree.append(leaf)
@@ -554,7 +560,9 @@ class LedgerState:
         """Raise as :meth:`apply` would, without changing the state."""
         self._evaluate(bytes(envelope), blobs)
 
-    def _evaluate(self, envelope: bytes, blobs: BlobLookup) -> _Pending:
+    def _evaluate(
+        self, envelope: bytes, blobs: BlobLookup, diff_bytes: bytes | None = None
+    ) -> _Pending:
         try:
             env = parse_envelope(envelope, limits=self.limits)
         except VerificationError as exc:
@@ -576,7 +584,7 @@ class LedgerState:
             self._last_round,
         )
         if kind == "site_update":
-            return self._eval_site_update(env, envelope, blobs, base)
+            return self._eval_site_update(env, envelope, blobs, base, diff_bytes)
         # operator-signed kinds
         policy = self._policy
         extra: list[str] = []
@@ -692,14 +700,16 @@ class LedgerState:
                     reason_code="E_ROTATION_SIGNATURES",
                 ) from exc
 
-    def _eval_site_update(self, env: Envelope, envelope: bytes, blobs: BlobLookup, base: _Pending) -> _Pending:
-        try:
-            refs = entry_blobs(envelope, limits=self.limits)
-        except VerificationError:
-            refs = []  # validate_update below names the precise problem
-        diff_bytes = b""
-        if refs:
-            diff_bytes = self._blob(refs[0], blobs)
+    def _eval_site_update(
+        self, env: Envelope, envelope: bytes, blobs: BlobLookup, base: _Pending,
+        diff_bytes: bytes | None = None,
+    ) -> _Pending:
+        if diff_bytes is None:  # replay: the stored blob the entry names
+            try:
+                refs = entry_blobs(envelope, limits=self.limits)
+            except VerificationError:
+                refs = []  # validate_update below names the precise problem
+            diff_bytes = self._blob(refs[0], blobs) if refs else b""
         accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
         assert self._model is not None
         diff = {k: np.asarray(v) for k, v in accepted.diff.items()}

@@ -43,6 +43,13 @@ checks, in this order -- the first failure raises
     match (min/max exactly, l2 within relative 1e-5) [E_STATS_MISMATCH];
 12. every |value| <= ``max_abs_value`` and every new condition's slice of every tensor has L2 norm
     <= ``max_condition_l2`` [E_NORM_LIMIT].
+
+Rules 1 (envelope size) to 4 are :func:`authenticate_update`: bounded work that reads no
+per-site state. Every failure there means "not authenticated as the site it claims", and nothing
+may be charged to or attributed to a site before it passes (a coordinator runs it first on every
+submission, then its per-site rate limit, then the rest). In particular the diff bytes are only
+compared with the signed sha256 and size (rule 8) after the signature verified: a forged envelope
+with any diff is answered E_SIG_INVALID / E_KEY_UNKNOWN, never a diff or blob code.
 """
 
 from __future__ import annotations
@@ -80,12 +87,14 @@ __all__ = [
     "UpdatePayload",
     "SignedUpdate",
     "UpdateContext",
+    "AuthenticatedUpdate",
     "AcceptedUpdate",
     "tensor_summary",
     "build_update_payload",
     "sign_update",
     "make_update",
     "parse_update_payload",
+    "authenticate_update",
     "validate_update",
 ]
 
@@ -395,28 +404,32 @@ def _check_norms(policy: TrustPolicy, manifest: Mapping[str, Any], diff: Mapping
             )
 
 
-def validate_update(
-    envelope: bytes,
-    diff_bytes: bytes,
-    ctx: UpdateContext,
-    *,
-    limits: Limits = DEFAULT_LIMITS,
-) -> AcceptedUpdate:
-    """Accept or reject a site update under the rules of the module docstring. Pure."""
-    policy = ctx.policy
-    # 1. sizes first
-    if not isinstance(envelope, bytes | bytearray) or not isinstance(diff_bytes, bytes | bytearray):
+@dataclass(frozen=True)
+class AuthenticatedUpdate:
+    """A site update whose signature verified under the active key of an enrolled site (rules
+    1-4 of the module docstring): only now may anything be charged to or attributed to
+    ``site_id``. Nothing about sequence, base or diff has been checked yet."""
+
+    envelope: bytes = field(repr=False)
+    payload: UpdatePayload
+    site_id: str
+    key_id: str
+
+
+def authenticate_update(
+    envelope: bytes, policy: TrustPolicy, *, limits: Limits = DEFAULT_LIMITS
+) -> AuthenticatedUpdate:
+    """Rules 1 (envelope size) to 4 of the module docstring: bounded, linear work (one strict
+    parse, one Ed25519 verification) that touches no per-site state, so a coordinator runs it
+    on anything unauthenticated before any per-site work (rate limit, sequence, diff). Pure.
+    Every rejection here means "not authenticated as the site it claims"."""
+    if not isinstance(envelope, bytes | bytearray):
         raise UpdateRejectedError("E_ENVELOPE_MALFORMED", "envelope and diff must be bytes")
     if len(envelope) > limits.max_envelope_bytes:
         raise UpdateRejectedError(
             "E_OVERSIZE", f"envelope is {len(envelope)} bytes, over {limits.max_envelope_bytes}"
         )
-    max_diff = min(limits.max_diff_bytes, policy.update_limits.max_diff_bytes)
-    if len(diff_bytes) > max_diff:
-        raise UpdateRejectedError(
-            "E_OVERSIZE", f"diff is {len(diff_bytes)} bytes, over the limit {max_diff}"
-        )
-    envelope, diff_bytes = bytes(envelope), bytes(diff_bytes)
+    envelope = bytes(envelope)
     # 2. envelope
     try:
         env = parse_envelope(envelope, limits=limits)
@@ -465,6 +478,30 @@ def validate_update(
             f"the payload names site {payload.site_id!r} / key {payload.key_id[:16]}..., but it is "
             f"signed by site {signer_site!r}'s key {kid[:16]}...",
         )
+    return AuthenticatedUpdate(envelope, payload, signer_site, kid)
+
+
+def validate_update(
+    envelope: bytes,
+    diff_bytes: bytes,
+    ctx: UpdateContext,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> AcceptedUpdate:
+    """Accept or reject a site update under the rules of the module docstring. Pure."""
+    policy = ctx.policy
+    # 1. sizes first
+    if not isinstance(envelope, bytes | bytearray) or not isinstance(diff_bytes, bytes | bytearray):
+        raise UpdateRejectedError("E_ENVELOPE_MALFORMED", "envelope and diff must be bytes")
+    max_diff = min(limits.max_diff_bytes, policy.update_limits.max_diff_bytes)
+    if len(diff_bytes) > max_diff:
+        raise UpdateRejectedError(
+            "E_OVERSIZE", f"diff is {len(diff_bytes)} bytes, over the limit {max_diff}"
+        )
+    diff_bytes = bytes(diff_bytes)
+    # 1 (envelope size) - 4: who signed it
+    auth = authenticate_update(envelope, policy, limits=limits)
+    envelope, payload, signer_site = auth.envelope, auth.payload, auth.site_id
     # 5. sequence
     last = int(ctx.last_sequence.get(signer_site, 0))
     if payload.sequence <= last:

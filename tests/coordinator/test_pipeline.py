@@ -13,7 +13,15 @@ from tests.coordinator.conftest import make_site_update
 
 
 def _pending(u) -> _Pending:
-    return _Pending(u.envelope, u.diff_bytes, leaf_hash(u.envelope), time.perf_counter(), Future())
+    return _Pending(
+        u.envelope,
+        u.diff_bytes,
+        leaf_hash(u.envelope),
+        time.perf_counter(),
+        Future(),
+        u.payload.site_id,
+        u.payload.sequence,
+    )
 
 
 def _base(reg: Registry):

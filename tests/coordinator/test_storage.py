@@ -137,11 +137,30 @@ def test_token_bucket() -> None:
     assert tb.take("a") == 0.0 and tb.take("a") == 0.0
     wait = tb.take("a")
     assert wait == pytest.approx(1.0)
-    assert tb.peek("b") == 0.0  # buckets are per key
+    assert tb.take("b") == 0.0  # buckets are per key
     now[0] += 0.5
-    assert tb.peek("a") == pytest.approx(0.5)
+    assert tb.take("a") == pytest.approx(0.5)
     now[0] += 0.5
     assert tb.take("a") == 0.0
+
+
+def test_token_bucket_refusals_never_make_debt() -> None:
+    """A key hammered while empty still gets its token after exactly 1 / per_second."""
+    now = [0.0]
+    tb = TokenBucketLimiter(burst=1, per_second=1.0, clock=lambda: now[0])
+    assert tb.take("a") == 0.0
+    for _ in range(1000):
+        assert tb.take("a") > 0.0
+    now[0] += 1.0
+    assert tb.take("a") == 0.0
+
+
+def test_token_bucket_state_is_bounded() -> None:
+    """5,000 distinct keys leave at most max_keys buckets (least recently used dropped)."""
+    tb = TokenBucketLimiter(burst=1, per_second=1.0, max_keys=64, clock=lambda: 0.0)
+    for i in range(5000):
+        tb.take(f"junk-{i}")
+    assert len(tb) == 64
 
 
 def test_inline_blobs_are_durable_with_the_entry_and_files_are_restored(tmp_path: Path) -> None:

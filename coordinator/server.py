@@ -3,6 +3,12 @@
 Request errors become gRPC statuses (``NOT_FOUND``, ``OUT_OF_RANGE``, ``INVALID_ARGUMENT``); an
 update rejection is a normal response carrying its reason code. TLS is the default; plain text
 is allowed only on a loopback address and logs a warning on start.
+
+Every field of every request is range-checked here, before a handler sees it
+(:func:`check_request_fields`): integers (sizes, indexes) at most :data:`MAX_REQUEST_INT`
+(SQLite's INTEGER is signed 64-bit; no log is that long) else ``OUT_OF_RANGE``, strings (site
+ids, blob names) at most :data:`MAX_REQUEST_STRING` characters else ``INVALID_ARGUMENT``. The
+handlers then check values against the log (a size beyond the tree is ``OUT_OF_RANGE``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ logger = logging.getLogger(__name__)
 _DEADLINE_MARGIN_S = 0.5
 
 
+#: The largest integer a request field may carry (SQLite INTEGER: signed 64-bit).
+MAX_REQUEST_INT = 2**63 - 1
+#: The longest string a request field may carry (site ids and blob names are far shorter).
+MAX_REQUEST_STRING = 256
+
+
 class RequestError(ValueError):
     """A malformed request (answered INVALID_ARGUMENT)."""
 
@@ -48,6 +60,27 @@ def check_listen_address(listen: str, *, insecure: bool) -> tuple[str, int]:
     return host, port
 
 
+def check_request_fields(request: Any) -> None:
+    """Range-check every set field of a request message (module docstring); raises
+    :class:`~protocols.merkle.TreeRangeError` (OUT_OF_RANGE) or :class:`RequestError`."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    from protocols.merkle import TreeRangeError
+
+    for fd, value in request.ListFields():
+        if fd.type in (F.TYPE_UINT64, F.TYPE_INT64, F.TYPE_UINT32, F.TYPE_INT32):
+            if not 0 <= value <= MAX_REQUEST_INT:
+                raise TreeRangeError(
+                    f"{fd.name} = {value} is out of range: sizes and indexes are at most "
+                    f"2**63 - 1 ({MAX_REQUEST_INT}) and no larger than the log"
+                )
+        elif fd.type == F.TYPE_STRING and len(value) > MAX_REQUEST_STRING:
+            raise RequestError(
+                f"{fd.name} is {len(value)} characters, over {MAX_REQUEST_STRING}; site ids and "
+                "blob names ('sha256:<64 hex>') are much shorter"
+            )
+
+
 def _servicer_class() -> type:
     import grpc
 
@@ -64,6 +97,20 @@ def _servicer_class() -> type:
         if isinstance(exc, RequestError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         raise exc
+
+    def _checked(handler: Any) -> Any:
+        """Every handler checks its request's fields first (module docstring)."""
+
+        def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                check_request_fields(request)
+            except (TreeRangeError, RequestError) as exc:
+                _abort(context, exc)
+            return handler(self, request, context)
+
+        wrapper.__name__ = handler.__name__
+        wrapper.__doc__ = handler.__doc__
+        return wrapper
 
     class RegistryServicer(pbg.RegistryServicer):
         def __init__(self, registry: Registry) -> None:
@@ -154,6 +201,8 @@ def _servicer_class() -> type:
         def Health(self, request: Any, context: grpc.ServicerContext) -> Any:
             return serde.health_to_proto(self._guard(context, self.registry.health))
 
+    for name in pb.DESCRIPTOR.services_by_name["Registry"].methods_by_name:
+        setattr(RegistryServicer, name, _checked(getattr(RegistryServicer, name)))
     return RegistryServicer
 
 

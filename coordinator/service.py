@@ -167,7 +167,13 @@ class Registry:
         return CheckpointInfo(signed_note=cp.signed_note, size=cp.size, root_hash=cp.root_hash)
 
     def _resolve(self, size: int) -> int:
-        return size or self.store.size
+        """A requested tree size: 0 means the current one; beyond the log is OUT_OF_RANGE."""
+        current = self.store.size
+        if not 0 <= size <= current:
+            from protocols.merkle import TreeRangeError
+
+            raise TreeRangeError(f"tree size {size} asked, the log has {current} entries")
+        return size or current
 
     def consistency_proof(self, old_size: int, new_size: int) -> ConsistencyProof:
         self._refresh()

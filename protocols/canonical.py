@@ -20,7 +20,10 @@ Parsing rules of :func:`parse_json_strict` (no I/O; the length check comes first
 
 * ``len(data) <= max_bytes`` else :class:`~protocols.errors.OversizeError`.
 * Strict UTF-8, no byte order mark, no lone surrogate escapes.
-* Nesting at most ``max_depth`` objects/arrays, checked by a linear scan before parsing.
+* Nesting at most ``max_depth`` objects/arrays, checked by a linear scan of what the parser read
+  (everything, or the prefix up to its first error); the C parser itself refuses deeper nesting
+  than the interpreter's recursion limit, so no input makes it recurse without bound.
+* Every step is linear in the input (no backtracking regex, no repeated scans).
 * No duplicate object keys, no ``NaN``/``Infinity``, no number outside the finite float range.
   Integer literals outside the I-JSON safe range are read as floats (JSON numbers are doubles),
   and literals longer than 22 characters are refused.
@@ -205,7 +208,7 @@ _DEPTH_STEP[[ord("["), ord("{")]] = 1
 _DEPTH_STEP[[ord("]"), ord("}")]] = -1
 
 
-def _check_depth(text: str, max_depth: int) -> None:
+def _check_depth(text: str, max_depth: int, what: str = "JSON") -> None:
     """Refuse nesting deeper than ``max_depth`` in linear time, at C speed (one left-to-right
     regex pass that cannot backtrack, then numpy), so that Python's recursive JSON parser never
     sees a nesting bomb."""
@@ -215,7 +218,7 @@ def _check_depth(text: str, max_depth: int) -> None:
     steps = _DEPTH_STEP[np.frombuffer(skeleton, dtype=np.uint8)]
     if steps.size and int(np.cumsum(steps, dtype=np.int32).max()) > max_depth:
         raise CanonicalJSONError(
-            f"JSON nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
+            f"{what} is nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
         )
 
 
@@ -317,7 +320,11 @@ def parse_json_strict(
             f"{what} is not valid UTF-8 (byte {exc.start}); re-encode it as UTF-8",
             reason_code="E_JSON_NOT_UTF8",
         ) from exc
-    _check_depth(text, max_depth)
+    # The C parser runs first: it is linear, stops at the first error, and refuses a nesting bomb
+    # at the interpreter's recursion limit (RecursionError). The depth rule is then checked on
+    # what it read: the whole text when it parsed, the prefix up to the error when it did not
+    # (so the first problem in reading order is the one reported, and a crafted input that
+    # fails at byte 2 costs nothing more).
     try:
         value = json.loads(
             text,
@@ -329,11 +336,14 @@ def parse_json_strict(
     except CanonicalJSONError as exc:
         raise type(exc)(f"{what}: {exc.message}", reason_code=exc.reason_code) from exc
     except json.JSONDecodeError as exc:
+        _check_depth(text[: exc.pos + 1], max_depth, what)
         raise CanonicalJSONError(
             f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
     except (ValueError, RecursionError) as exc:  # int digit limits, deep recursion
+        _check_depth(text, max_depth, what)
         raise CanonicalJSONError(f"{what} is not acceptable JSON: {exc}") from exc
+    _check_depth(text, max_depth, what)
     if _SURROGATE_ESCAPE.search(text) is not None:
         _check_strings(value)
     if require_canonical:

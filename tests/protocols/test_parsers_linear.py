@@ -62,12 +62,15 @@ def test_escaped_quotes_depth_scan_is_linear() -> None:
     "text, deep",
     [
         ('["\\"[[[[[[[[", 1', False),  # brackets inside a string with an escaped quote
-        ('["\\\\"[[[[[[[[', True),  # an escaped backslash ends the string: brackets count
+        ('["\\\\",[[[[[[[[]]]]]]]]]', True),  # an escaped backslash ends the string
+        ('["a",[[[[[[[[', True),  # invalid, but too deep before the first error
+        ('["a"[[[[[[[[', False),  # the first error (a missing comma) comes first
         ('"unterminated [[[[[[[[', False),  # the parser fails at the string, never recurses
         ("[" * 9, True),
     ],
 )
 def test_depth_scan_reads_strings_as_the_json_lexer_does(text: str, deep: bool) -> None:
+    """Depth is read as the JSON lexer reads it, up to the first error in reading order."""
     from protocols.canonical import parse_json_strict
     from protocols.errors import CanonicalJSONError
 

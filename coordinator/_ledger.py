@@ -243,7 +243,14 @@ class MaterializedReference:
 class ReferenceCache:
     """Reference version N = the model after replaying entries [0, N). Built on demand from the
     nearest cached ancestor (genesis bundle, then ``apply_condition_diff`` per site update),
-    cached on disk under ``cache/v<index>/`` (written atomically) and in memory (a few bundles)."""
+    cached on disk under ``cache/v<index>/`` (written atomically, at most ``max_on_disk``
+    versions, least recently used pruned first, never the current one) and in memory (bundles,
+    least recently used dropped first once they hold more than ``max_memory_bytes``).
+
+    The current version and old versions are built under two different locks: asking for any
+    number of old versions (each a rebuild of up to a second) never makes a fetch of the current
+    version wait for them. A build of the same version by two threads at once writes the same
+    bytes atomically; the second rename wins, harmlessly."""
 
     def __init__(
         self,
@@ -252,17 +259,28 @@ class ReferenceCache:
         root: Path,
         *,
         durable: bool = True,
-        memory_slots: int = 4,
+        max_memory_bytes: int = 256 * 1024 * 1024,
         max_on_disk: int = 16,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.root = Path(root)
         self.durable = durable
-        self._lock = threading.Lock()
-        self._bundles: OrderedDict[int, Any] = OrderedDict()
-        self._slots = memory_slots
+        self.max_memory_bytes = int(max_memory_bytes)
         self.max_on_disk = max_on_disk
+        self._current_lock = threading.Lock()  # builds of the current version
+        self._old_lock = threading.Lock()  # builds of every other version
+        self._mem_lock = threading.Lock()  # the in-memory LRU and its byte count (never held long)
+        self._bundles: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # index -> (bundle, bytes)
+        self._memory_bytes = 0
+        self._current_index = -1
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of tensors held by the in-memory LRU (at most ``max_memory_bytes``, or one
+        bundle when a single one is larger)."""
+        with self._mem_lock:
+            return self._memory_bytes
 
     def _model_index(self, tree_size: int) -> int:
         """Index of the last entry below ``tree_size`` that changes the model."""
@@ -294,11 +312,25 @@ class ReferenceCache:
             return None
         return MaterializedReference(0, model_index, parts[0], m, s, parts[1], parts[2])
 
+    def _remembered(self, model_index: int) -> Any | None:
+        with self._mem_lock:
+            hit = self._bundles.get(model_index)
+            if hit is None:
+                return None
+            self._bundles.move_to_end(model_index)
+            return hit[0]
+
     def _remember(self, model_index: int, bundle: Any) -> Any:
-        self._bundles[model_index] = bundle
-        self._bundles.move_to_end(model_index)
-        while len(self._bundles) > self._slots:
-            self._bundles.popitem(last=False)
+        size = sum(int(a.nbytes) for a in bundle.tensors.values())
+        with self._mem_lock:
+            old = self._bundles.pop(model_index, None)
+            if old is not None:
+                self._memory_bytes -= old[1]
+            self._bundles[model_index] = (bundle, size)
+            self._memory_bytes += size
+            while self._memory_bytes > self.max_memory_bytes and len(self._bundles) > 1:
+                _idx, (_b, n) = self._bundles.popitem(last=False)
+                self._memory_bytes -= n
         return bundle
 
     def _bundle_at(self, model_index: int) -> Any:
@@ -312,14 +344,14 @@ class ReferenceCache:
         from protocols.bundle import bundle_from_bytes, read_bundle
         from protocols.diff import apply_condition_diff, diff_from_bytes
 
-        if model_index in self._bundles:
-            self._bundles.move_to_end(model_index)
-            return self._bundles[model_index]
+        hit = self._remembered(model_index)
+        if hit is not None:
+            return hit
         chain: list[tuple[StoredEntry, BlobRef]] = []
         idx = model_index
         while True:
-            if idx in self._bundles:
-                base = self._bundles[idx]
+            base = self._remembered(idx)
+            if base is not None:
                 break
             cached = self._load_cached(idx)
             if cached is not None:
@@ -361,44 +393,54 @@ class ReferenceCache:
         bundle = apply_condition_diff(base, merged, names)
         return self._remember(model_index, bundle)
 
-    def materialize(self, tree_size: int) -> MaterializedReference:
-        with self._lock:
-            model_index = self._model_index(tree_size)
-            cached = self._load_cached(model_index)
-            if cached is None:
-                from protocols.bundle import bundle_to_bytes
+    def _build(self, model_index: int) -> MaterializedReference:
+        """Write version ``model_index`` into the disk cache (atomically) and return it."""
+        from protocols.bundle import bundle_to_bytes
 
-                bundle = self._bundle_at(model_index)
-                manifest_bytes, model_bytes = bundle_to_bytes(bundle)
-                d = self._dir(model_index)
-                d.mkdir(parents=True, exist_ok=True)
-                atomic_write(d / "model.safetensors", model_bytes, durable=self.durable)
-                atomic_write(d / "manifest.json", manifest_bytes, durable=self.durable)
-                atomic_write(
-                    d / "digest",
-                    f"{bundle.digest} {sha256_name(manifest_bytes)} "
-                    f"{sha256_name(model_bytes)}\n".encode(),
-                    durable=self.durable,
-                )
-                cached = self._load_cached(model_index)
-                assert cached is not None
-                self._prune(keep=model_index)
-            else:
-                with contextlib.suppress(OSError):
-                    os.utime(self._dir(model_index) / "digest")  # most recently used
-            return MaterializedReference(
-                tree_size,
-                model_index,
-                cached.digest,
-                cached.manifest_path,
-                cached.safetensors_path,
-                cached.manifest_sha256,
-                cached.safetensors_sha256,
-            )
+        bundle = self._bundle_at(model_index)
+        manifest_bytes, model_bytes = bundle_to_bytes(bundle)
+        d = self._dir(model_index)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write(d / "model.safetensors", model_bytes, durable=self.durable)
+        atomic_write(d / "manifest.json", manifest_bytes, durable=self.durable)
+        atomic_write(
+            d / "digest",
+            f"{bundle.digest} {sha256_name(manifest_bytes)} {sha256_name(model_bytes)}\n".encode(),
+            durable=self.durable,
+        )
+        cached = self._load_cached(model_index)
+        assert cached is not None
+        self._prune(keep=model_index)
+        return cached
+
+    def materialize(self, tree_size: int) -> MaterializedReference:
+        model_index = self._model_index(tree_size)
+        current = self._model_index(self.store.size)
+        self._current_index = max(self._current_index, current)
+        cached = self._load_cached(model_index)
+        if cached is None:
+            lock = self._current_lock if model_index >= current else self._old_lock
+            with lock:
+                cached = self._load_cached(model_index)  # built while we waited?
+                if cached is None:
+                    cached = self._build(model_index)
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(self._dir(model_index) / "digest")  # most recently used
+        return MaterializedReference(
+            tree_size,
+            model_index,
+            cached.digest,
+            cached.manifest_path,
+            cached.safetensors_path,
+            cached.manifest_sha256,
+            cached.safetensors_sha256,
+        )
 
     def _prune(self, *, keep: int) -> None:
-        """Keep at most ``max_on_disk`` versions on disk (least recently used go first), so
-        that asking for every old version cannot fill the disk."""
+        """Keep at most ``max_on_disk`` versions on disk (least recently used go first, never
+        ``keep`` nor the current version), so that asking for every old version cannot fill the
+        disk."""
         import shutil
 
         dirs = []
@@ -409,19 +451,21 @@ class ReferenceCache:
                 dirs.append((0.0, d))
         dirs.sort()
         excess = len(dirs) - self.max_on_disk
+        protected = {f"v{keep}", f"v{self._current_index}"}
         for _mtime, d in dirs:
             if excess <= 0:
                 break
-            if d.name == f"v{keep}":
+            if d.name in protected:
                 continue
             shutil.rmtree(d, ignore_errors=True)
             excess -= 1
 
     def clear(self) -> None:
-        with self._lock:
-            self._bundles.clear()
-            import shutil
+        import shutil
 
+        with self._current_lock, self._old_lock, self._mem_lock:
+            self._bundles.clear()
+            self._memory_bytes = 0
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.root)
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.protocols._crafted import crafted_envelope, mutate
+
 __all__ = ["FuzzContext", "HANDLERS", "fuzz", "BAD_STATUSES"]
 
 BAD_STATUSES = frozenset({"INTERNAL", "UNKNOWN"})
@@ -65,22 +67,6 @@ def _int(rng: random.Random, ctx: FuzzContext) -> int:
     return rng.getrandbits(64)
 
 
-def _mutate(rng: random.Random, data: bytes) -> bytes:
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randint(0, 3)
-        pos = rng.randint(0, max(len(b) - 1, 0))
-        if op == 0 and b:
-            b[pos] ^= 1 << rng.randint(0, 7)
-        elif op == 1:
-            b[pos:pos] = rng.randbytes(rng.randint(1, 8))
-        elif op == 2 and b:
-            del b[pos : pos + rng.randint(1, 16)]
-        else:
-            del b[pos:]
-    return bytes(b)
-
-
 def _bytes(rng: random.Random, valid: bytes) -> bytes:
     r = rng.random()
     if r < 0.15:
@@ -90,8 +76,8 @@ def _bytes(rng: random.Random, valid: bytes) -> bytes:
     if r < 0.4:
         return valid
     if r < 0.45:  # the quadratic-scan envelope of the report, 64 KiB
-        return b'{{{{{"' + b'\\"' * (32 * 1024 - 3)
-    return _mutate(rng, valid)
+        return crafted_envelope("escaped_quotes", 64 * 1024)
+    return mutate(valid, rng.getrandbits(64))
 
 
 def _string(rng: random.Random, valid: str) -> str:
@@ -211,6 +197,8 @@ def fuzz(
                     for _chunk in answer:
                         pass
                 status = "OK"
+                if name == "SubmitUpdate" and answer.HasField("rejection"):
+                    status = f"OK {answer.rejection.reason_code}"  # a typed rejection in the body
             except grpc.RpcError as exc:
                 status = exc.code().name
                 if status in BAD_STATUSES and len(res.bad) < 5:

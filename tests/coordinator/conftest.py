@@ -197,6 +197,28 @@ def verify_ledger(client: RegistryClient, consortium: Consortium) -> int:
     return cp.size
 
 
+@contextlib.contextmanager
+def accept_log_lines() -> Iterator[list[str]]:
+    """The messages of the ``coordinator.accept`` logger (one line per decision) while inside."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    log = logging.getLogger("coordinator.accept")
+    handler, old_level = Keep(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
 def wait_for(pred, timeout: float = 10.0, step: float = 0.05) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

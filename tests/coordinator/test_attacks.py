@@ -14,7 +14,13 @@ from protocols.canonical import canonical_json
 from protocols.diff import diff_to_bytes
 from protocols.keys import generate_private_key
 from protocols.update import build_update_payload, sign_update
-from tests.coordinator.conftest import Site, fetch_base, make_site_update, verify_ledger
+from tests.coordinator.conftest import (
+    Site,
+    accept_log_lines,
+    fetch_base,
+    make_site_update,
+    verify_ledger,
+)
 from tests.coordinator.synth import synthetic_diff
 
 pytestmark = pytest.mark.network
@@ -208,29 +214,12 @@ def _pair(u):
 
 
 def test_one_structured_log_line_per_decision(consortium, server) -> None:
-    import logging
-
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    log = logging.getLogger("coordinator.accept")
-    handler, old_level = Keep(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        with server.client(consortium) as c:
-            base = fetch_base(c, consortium)
-            good = make_site_update(consortium.sites["site-a"], base)
-            c.submit_update(good.envelope, good.diff_bytes).raise_for_rejection()
-            bad = _namespace(consortium, base)
-            c.submit_update(*bad)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
-    lines = [r.getMessage() for r in records]
+    with accept_log_lines() as lines, server.client(consortium) as c:
+        base = fetch_base(c, consortium)
+        good = make_site_update(consortium.sites["site-a"], base)
+        c.submit_update(good.envelope, good.diff_bytes).raise_for_rejection()
+        bad = _namespace(consortium, base)
+        c.submit_update(*bad)
     assert len(lines) == 2, lines
     kind, fields = lines[0].split(" ", 1)
     accept = json.loads(fields)

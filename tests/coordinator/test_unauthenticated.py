@@ -17,6 +17,7 @@ from protocols.keys import generate_private_key
 from tests.coordinator.conftest import (
     Consortium,
     Site,
+    accept_log_lines,
     fetch_base,
     make_consortium,
     make_site_update,
@@ -139,28 +140,13 @@ def _registry_base(reg):
 
 
 def test_unauthenticated_rejections_are_logged_as_claims_not_as_the_site(tmp_path: Path) -> None:
-    import logging
-
     cons = make_consortium(tmp_path)
-    records: list[logging.LogRecord] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    log = logging.getLogger("coordinator.accept")
-    handler, old_level = Keep(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
+    with accept_log_lines() as lines:
         with running_server(cons.state) as server, server.client(cons) as c:
             base = fetch_base(c, cons)
             u = make_site_update(cons.sites["site-b"], base)
             c.submit_update(_flip_signature(u.envelope), u.diff_bytes)
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(old_level)
-    kind, fields = records[-1].getMessage().split(" ", 1)
+    kind, fields = lines[-1].split(" ", 1)
     line = json.loads(fields)
     assert kind == "reject" and line["reason"] == "E_SIG_INVALID"
     assert line["site"] is None and line["claimed_site"] == "site-b"

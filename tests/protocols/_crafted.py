@@ -10,10 +10,18 @@ re-encode), and a valid object of many keys (duplicate-key check, key sort).
 from __future__ import annotations
 
 import base64
+import random
 import struct
 from collections.abc import Callable
 
-__all__ = ["FAMILIES", "crafted_json", "crafted_envelope", "safetensors_with_header", "parsers"]
+__all__ = [
+    "FAMILIES",
+    "crafted_json",
+    "crafted_envelope",
+    "safetensors_with_header",
+    "parsers",
+    "mutate",
+]
 
 
 def _escaped_quotes(n: int) -> bytes:
@@ -103,3 +111,30 @@ def parsers() -> dict[str, tuple[Callable[[bytes], object], Callable[[], int]]]:
         "receipt": (parse_receipt, lambda: L.max_envelope_bytes),
         "trust": (parse_trust, lambda: L.max_trust_bytes),
     }
+
+
+_TOKENS = [b'"', b"{", b"}", b"[", b"]", b",", b":", b"\\", b"NaN", b"1e999", b"-", b"\x00",
+           b"\xff", b"\\ud800", b"1" * 30]  # fmt: skip
+
+
+def mutate(seed: bytes, n: int) -> bytes:
+    """Deterministic edits of ``seed`` chosen by ``n``: flip, insert, delete, truncate, splice a
+    token, or (one time in ten) random bytes. One integer per example keeps Hypothesis cheap."""
+    rng = random.Random(n)
+    if rng.random() < 0.1:
+        return rng.randbytes(rng.randint(0, 64))
+    data = bytearray(seed)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randint(0, 4)
+        pos = rng.randint(0, max(len(data) - 1, 0))
+        if op == 0 and data:
+            data[pos] ^= 1 << rng.randint(0, 7)
+        elif op == 1:
+            data[pos:pos] = rng.randbytes(rng.randint(1, 4))
+        elif op == 2 and data:
+            del data[pos : pos + rng.randint(1, 8)]
+        elif op == 3:
+            del data[pos:]
+        else:
+            data[pos : pos + 1] = rng.choice(_TOKENS)
+    return bytes(data)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from protocols.errors import ScarchesFLError
+from tests.protocols._crafted import mutate
 from tests.protocols._factories import consortium, det_key, tiny_bundle, tiny_diff
 
 EXAMPLES = int(os.environ.get("SCARCHES_FL_FUZZ_EXAMPLES", "10000"))
@@ -60,33 +60,6 @@ def _seeds() -> dict[str, bytes]:
 
 
 SEEDS = _seeds()
-
-
-_TOKENS = [b'"', b"{", b"}", b"[", b"]", b",", b":", b"\\", b"NaN", b"1e999", b"-", b"\x00", b"\xff",
-           b"\\ud800", b"1" * 30]
-
-
-def mutate(seed: bytes, n: int) -> bytes:
-    """Deterministic edits of ``seed`` chosen by ``n``: flip, insert, delete, truncate, splice a
-    token, or (one time in ten) random bytes. One integer per example keeps Hypothesis cheap."""
-    rng = random.Random(n)
-    if rng.random() < 0.1:
-        return rng.randbytes(rng.randint(0, 64))
-    data = bytearray(seed)
-    for _ in range(rng.randint(1, 4)):
-        op = rng.randint(0, 4)
-        pos = rng.randint(0, max(len(data) - 1, 0))
-        if op == 0 and data:
-            data[pos] ^= 1 << rng.randint(0, 7)
-        elif op == 1:
-            data[pos:pos] = rng.randbytes(rng.randint(1, 4))
-        elif op == 2 and data:
-            del data[pos : pos + rng.randint(1, 8)]
-        elif op == 3:
-            del data[pos:]
-        else:
-            data[pos : pos + 1] = rng.choice(_TOKENS)
-    return bytes(data)
 
 
 def mutated(seed_name: str):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -299,10 +299,14 @@ def parse_json_strict(
     max_depth: int = DEFAULT_LIMITS.max_json_depth,
     require_canonical: bool = False,
     what: str = "JSON document",
+    shape: Callable[[Any], None] | None = None,
 ) -> Any:
     """Parse ``data`` under the strict rules of the module docstring, or raise a typed error.
 
-    ``what`` names the document in error messages (e.g. ``"manifest.json"``).
+    ``what`` names the document in error messages (e.g. ``"manifest.json"``). ``shape``, when
+    given, is called with the parsed value before the canonical re-encoding, so that a cheap
+    structural check (e.g. an envelope's three keys) refuses a large wrong document before the
+    costlier step; what it raises propagates unchanged.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CanonicalJSONError(f"{what}: expected bytes, got {type(data).__name__}")
@@ -346,6 +350,8 @@ def parse_json_strict(
     _check_depth(text, max_depth, what)
     if _SURROGATE_ESCAPE.search(text) is not None:
         _check_strings(value)
+    if shape is not None:
+        shape(value)
     if require_canonical:
         try:
             again = canonical_json(value, max_depth=max_depth)

@@ -33,6 +33,7 @@ import binascii
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -150,22 +151,26 @@ def _b64(value: object, what: str, max_len: int) -> bytes:
     return raw
 
 
+def _envelope_keys(obj: Any) -> None:
+    # checked before the canonical re-encoding: a large document of other keys costs one parse
+    if not isinstance(obj, dict) or set(obj) != {"payload", "payloadType", "signatures"}:
+        raise EnvelopeFormatError(
+            "a DSSE envelope is an object with exactly payload, payloadType, signatures"
+        )
+
+
 def parse_envelope(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Envelope:
     """Parse envelope bytes under rule 1 (no signature checks). Raises
     :class:`EnvelopeFormatError` / :class:`OversizeError`."""
     try:
         obj = parse_json_strict(
             data, max_bytes=limits.max_envelope_bytes, max_depth=4, require_canonical=True,
-            what="DSSE envelope",
+            what="DSSE envelope", shape=_envelope_keys,
         )
     except OversizeError:
         raise
     except CanonicalJSONError as exc:
         raise EnvelopeFormatError(exc.message, reason_code="E_ENVELOPE_MALFORMED") from exc
-    if not isinstance(obj, dict) or set(obj) != {"payload", "payloadType", "signatures"}:
-        raise EnvelopeFormatError(
-            "a DSSE envelope is an object with exactly payload, payloadType, signatures"
-        )
     payload_type = obj["payloadType"]
     _check_payload_type(payload_type)
     payload = _b64(obj["payload"], "payload", limits.max_payload_bytes)

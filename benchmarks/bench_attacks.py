@@ -1,7 +1,7 @@
 """Hardening figures: crafted envelopes, a forger draining another site, and a gRPC fuzzer.
 
     python benchmarks/bench_attacks.py [--forger-rate 1000] [--forger-seconds 60]
-                                       [--fuzz-per-handler 300] [--genes 200]
+                                       [--fuzz-per-handler 300] [--genes 200] [--versions 40]
                                        [--out benchmarks/results/attacks.json]
 
 Against ``python -m coordinator serve`` in its own process (TLS on, durable writes, default rate
@@ -14,7 +14,9 @@ sites (site-00, site-01):
    unenrolled key; site-01's own key id with a broken signature; 5,000 junk site ids; every diff
    mismatched), while site-01 submits a real update every 10 s: its answers and latencies, the
    forger's status counts, and the server's resident memory every 5 s;
-3. the seeded structured fuzzer of ``tests/coordinator/_grpc_fuzz.py`` over every handler:
+3. reference versions: the current one fetched every 50 ms while another client asks for random
+   old versions (``--versions`` of them, more than the disk cache holds);
+4. the seeded structured fuzzer of ``tests/coordinator/_grpc_fuzz.py`` over every handler:
    the count of each status code and the slowest request (the issue's full run is
    ``--fuzz-per-handler 100000``).
 """
@@ -317,6 +319,67 @@ def fuzz_all(stub, client_for_ctx, per_handler: int, seed: int) -> dict:
     }
 
 
+def reference_fetch(client, stub, pb, make, n_updates: int, seconds: float) -> dict:
+    """Grow the log by ``n_updates`` versions, then fetch the current version every 50 ms while
+    another client asks for random old versions (each a rebuild once the disk cache of 16 is
+    full): the current fetch's latency."""
+    import random
+
+    for k in range(n_updates):
+        u = make(k)
+        client.submit_update(u.envelope, u.diff_bytes).raise_for_rejection()
+    size = client.get_checkpoint().size
+    stop = threading.Event()
+    old_fetches: list[float] = []
+
+    def old_versions() -> None:
+        rng = random.Random(0)
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            for _chunk in stub.GetReference(
+                pb.GetReferenceRequest(tree_size=rng.randint(1, size - 1)), timeout=60
+            ):
+                pass
+            old_fetches.append(time.perf_counter() - t0)
+
+    def fetch_current() -> float:
+        t0 = time.perf_counter()
+        for _chunk in stub.GetReference(pb.GetReferenceRequest(tree_size=0), timeout=60):
+            pass
+        return time.perf_counter() - t0
+
+    fetch_current()  # built once
+    quiet = [fetch_current() for _ in range(20)]
+    t = threading.Thread(target=old_versions)
+    t.start()
+    current: list[float] = []
+    t_end = time.perf_counter() + seconds
+    try:
+        while time.perf_counter() < t_end:
+            current.append(fetch_current())
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(120)
+    out = {
+        "versions": size,
+        "current_ms_median_quiet": round(1000 * statistics.median(quiet), 2),
+        "current_ms_median_under_old": round(1000 * statistics.median(current), 2),
+        "current_ms_max_under_old": round(1000 * max(current), 2),
+        "current_fetches": len(current),
+        "old_fetches": len(old_fetches),
+        "old_ms_median": round(1000 * statistics.median(old_fetches), 2) if old_fetches else None,
+        "old_ms_max": round(1000 * max(old_fetches), 2) if old_fetches else None,
+    }
+    print(
+        f"reference: current version {out['current_ms_median_quiet']} ms median alone; "
+        f"{out['current_ms_median_under_old']} ms median, {out['current_ms_max_under_old']} ms "
+        f"max over {len(current)} fetches while {len(old_fetches)} old versions were served "
+        f"(median {out['old_ms_median']} ms, max {out['old_ms_max']} ms)"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--forger-rate", type=float, default=1000.0)
@@ -324,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuzz-per-handler", type=int, default=300)
     ap.add_argument("--crafted-repeat", type=int, default=5)
     ap.add_argument("--genes", type=int, default=200)
+    ap.add_argument("--versions", type=int, default=40, help="reference versions to add")
+    ap.add_argument("--reference-seconds", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/attacks.json"))
     args = ap.parse_args(argv)
@@ -395,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                     leaf_hash=leaf_hash(logged.envelope),
                     blob_name=next(b.sha256 for e in entries for b in e.blobs),
                     site_id=site,
+                )
+                result["reference_fetch"] = reference_fetch(
+                    client, stub, pb, lambda k: mk(3 + k), args.versions, args.reference_seconds
                 )
                 result["fuzz"] = fuzz_all(stub, ctx, args.fuzz_per_handler, args.seed)
         finally:

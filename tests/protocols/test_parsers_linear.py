@@ -16,10 +16,10 @@ import pytest
 from protocols.errors import ScarchesFLError
 from tests.protocols._crafted import FAMILIES, crafted_json, parsers
 
-#: Generous, per started 4 MiB of input (the manifest may be 16 MiB, and parsing 16 MiB of valid
-#: JSON objects is itself ~1 s here); a quadratic scan takes minutes at these sizes.
+#: Generous, per started 2 MiB of input (the manifest may be 16 MiB, and parsing 16 MiB of valid
+#: JSON objects is itself 1-4 s on a loaded 2-core machine); a quadratic scan takes minutes here.
 BOUND_S = 2.0
-_PER_BYTES = 4 * 1024 * 1024
+_PER_BYTES = 2 * 1024 * 1024
 
 
 def _bound(n: int) -> float:

@@ -371,7 +371,8 @@ class Registry:
         try:
             auth = _ledger.authenticate_submission(state, envelope, self.limits)
         except VerificationError as exc:
-            result = self._reject(exc.reason_code or "E_ENVELOPE_MALFORMED", exc.message)
+            code = exc.reason_code if exc.reason_code in REASON_CODES else "E_ENVELOPE_MALFORMED"
+            result = self._reject(code, exc.message)
             claimed = _ledger.claimed_update(envelope, self.limits)
             self._log_result(result, None, None, t0, claimed=claimed)
             return result

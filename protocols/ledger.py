@@ -29,7 +29,10 @@ is ``trust.roots()`` with every policy entry before ``i`` applied.
    signed by the site's old and new key [E_ROTATION_SIGNATURES].
 3. Every blob an entry names is available [E_BLOB_MISSING] and hashes to its name
    [E_BLOB_MISMATCH]; a genesis / round bundle's content digest is the one signed
-   [E_DIGEST_MISMATCH].
+   [E_DIGEST_MISMATCH]. A *submitted* site update's diff is given as bytes instead
+   (``apply(..., diff_bytes=)``): never looked up under the name its unverified payload claims,
+   it is compared with the signed size and sha256 by ``validate_update`` after the signature
+   [E_DIFF_SIZE_MISMATCH, E_DIFF_SHA256_MISMATCH].
 4. ``site_update`` entries pass :func:`protocols.update.validate_update` against the state before
    them (policy, sequences, base checkpoint and digest, current conditions and shapes) and apply
    with :func:`protocols.diff.apply_condition_diff`'s rule.

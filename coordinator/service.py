@@ -366,8 +366,10 @@ class Registry:
             result = SubmitResult(receipt=self.receipt(existing, duplicate=True))
             self._log_result(result, *_ledger.claimed_update(envelope, self.limits), t0)
             return result
-        with self._state_lock:
-            state = self.state
+        # One attribute read, without the state lock (the writer holds it through each group
+        # commit): the policy it reaches is replaced on change, never mutated. The writer checks
+        # again against the policy in force when the update is appended.
+        state = self.state
         try:
             auth = _ledger.authenticate_submission(state, envelope, self.limits)
         except VerificationError as exc:

@@ -50,7 +50,8 @@ import hashlib
 import hmac
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,7 @@ __all__ = [
     "GenesisEntry",
     "AppliedEntry",
     "LedgerState",
+    "ConditionCap",
     "entry_kind",
     "entry_blobs",
     "entry_payload",
@@ -355,51 +357,190 @@ def rotation_request(
 # The replayed state
 
 
-class _Model:
-    """The current reference: manifest (no digest), tensors, and cached frozen leaf hashes."""
+@dataclass(frozen=True)
+class ConditionCap:
+    """An operator's cap on how many conditions the reference may hold: in all
+    (``per_reference``) and per site namespace (``per_site``), counting the genesis's and every
+    round's conditions. An admission rule of the coordinator that sets it, not a ledger rule: an
+    auditor replays without it."""
+
+    per_site: int
+    per_reference: int
+
+    def __post_init__(self) -> None:
+        for what in ("per_site", "per_reference"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"condition cap {what} must be a positive integer, got {value!r}")
+
+    def check(self, lineage: _Lineage, site_id: str, m: int) -> None:
+        """Raise ``E_CONDITION_CAP`` if ``m`` more conditions of ``site_id`` break the cap."""
+        total, own = len(lineage.conditions), lineage.site_counts.get(site_id, 0)
+        if total + m > self.per_reference:
+            raise UpdateRejectedError(
+                "E_CONDITION_CAP",
+                f"the reference holds {total} conditions and the cap is {self.per_reference}; "
+                f"this update adds {m}. The operator raises limits.max_conditions_per_reference "
+                "or starts a new reference",
+            )
+        if own + m > self.per_site:
+            raise UpdateRejectedError(
+                "E_CONDITION_CAP",
+                f"site {site_id!r} holds {own} conditions and the cap is {self.per_site} per site; "
+                f"this update adds {m}. Ask the operator to raise limits.max_conditions_per_site",
+            )
+
+
+class _Lineage:
+    """A genesis or federated-round bundle and every condition slice appended to it since.
+
+    Append-only: the slices of each condition tensor are kept as a list of chunks in their
+    declared layout (an accept stores its diff's arrays, it copies nothing), so every version
+    since the bundle is a prefix (``n`` chunks) and is concatenated only when it is asked for."""
 
     def __init__(self, bundle: ReferenceBundle) -> None:
         self.manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
-        self.tensors = dict(bundle.tensors)
-        self.frozen_leaves = {
-            name: merkle.leaf_hash(tensor_leaf(name, arr))
-            for name, arr in self.tensors.items()
-            if self.manifest["tensors"][name]["role"] == "frozen"
+        specs = self.manifest["tensors"]
+        self.frozen = {n: a for n, a in bundle.tensors.items() if specs[n]["role"] != "condition"}
+        self.frozen_leaves = {n: merkle.leaf_hash(tensor_leaf(n, a)) for n, a in self.frozen.items()}
+        self.chunks: dict[str, list[np.ndarray]] = {
+            n: [a] for n, a in bundle.tensors.items() if specs[n]["role"] == "condition"
         }
-        self.digest = bundle.digest
+        self.conditions: list[str] = list(self.manifest["conditions"])
+        self.condition_set = set(self.conditions)
+        self.site_counts: dict[str, int] = {}
+        for c in self.conditions:
+            ns = c.split("/", 1)[0]
+            self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
+        self.n_chunks = 1
 
-    def extended(self, diff: dict[str, np.ndarray], new_conditions: Sequence[str]) -> _Model:
-        new = object.__new__(_Model)
-        manifest = dict(self.manifest)
-        manifest["conditions"] = list(self.manifest["conditions"]) + list(new_conditions)
-        specs = {n: dict(s) for n, s in self.manifest["tensors"].items()}
-        tensors = dict(self.tensors)
-        leaves: dict[str, bytes] = dict(self.frozen_leaves)
-        for name, spec in specs.items():
-            if spec["role"] != "condition":
+    def append(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> None:
+        for name, chunks in self.chunks.items():
+            chunks.append(diff[name])
+        self.conditions.extend(new_conditions)
+        self.condition_set.update(new_conditions)
+        for c in new_conditions:
+            ns = c.split("/", 1)[0]
+            self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
+        self.n_chunks += 1
+
+
+class _Model:
+    """One reference version: the first ``n_chunks`` chunks (``n_conditions`` conditions) of a
+    :class:`_Lineage`. Its tensors and content digest are computed on first use and kept."""
+
+    def __init__(
+        self,
+        lineage: _Lineage,
+        n_chunks: int,
+        n_conditions: int,
+        *,
+        digest: str | None = None,
+        pending: tuple[Mapping[str, np.ndarray], list[str]] | None = None,
+    ) -> None:
+        self.lineage = lineage
+        self.n_chunks = n_chunks
+        self.n_conditions = n_conditions
+        self._digest = digest
+        self._pending = pending
+
+    @classmethod
+    def from_bundle(cls, bundle: ReferenceBundle) -> _Model:
+        lineage = _Lineage(bundle)
+        return cls(lineage, 1, len(lineage.conditions), digest=bundle.digest)
+
+    @property
+    def spec_manifest(self) -> dict[str, Any]:
+        """The lineage's first manifest: the tensor roles, axes and the dimensions other than the
+        condition axis are those of every version (what an update's shapes are checked against)."""
+        return self.lineage.manifest
+
+    @property
+    def condition_set(self) -> AbstractSet[str]:
+        """The condition names of this version (the head of its lineage only)."""
+        if self.n_chunks != self.lineage.n_chunks:
+            raise LedgerError("only the newest version is extended", reason_code="E_INTERNAL")
+        return self.lineage.condition_set
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """This version's manifest, without ``digest``."""
+        lin = self.lineage
+        base_n = len(lin.manifest["conditions"])
+        specs = {}
+        for name, spec in lin.manifest["tensors"].items():
+            s = dict(spec)
+            if name in lin.chunks:
+                shape = list(s["shape"])
+                shape[int(s["axis"])] += self.n_conditions - base_n
+                s["shape"] = shape
+            specs[name] = s
+        return {**lin.manifest, "conditions": lin.conditions[: self.n_conditions], "tensors": specs}
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        lin = self.lineage
+        out = dict(lin.frozen)
+        specs = lin.manifest["tensors"]
+        for name, chunks in lin.chunks.items():
+            parts = chunks[: self.n_chunks]
+            if len(parts) == 1:
+                out[name] = parts[0]
                 continue
-            merged = np.concatenate([self.tensors[name], diff[name]], axis=int(spec["axis"]))
-            merged.flags.writeable = False
-            tensors[name] = merged
-            spec["shape"] = list(merged.shape)
-            leaves[name] = merkle.leaf_hash(tensor_leaf(name, merged))
-        manifest["tensors"] = specs
-        ordered = [leaves[n] for n in sorted(tensors, key=lambda n: n.encode("utf-8"))]
-        ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
-        new.manifest, new.tensors, new.frozen_leaves = manifest, tensors, self.frozen_leaves
-        new.digest = "sha256:" + merkle.root(ordered).hex()
-        return new
+            arr = np.concatenate(parts, axis=int(specs[name]["axis"]))
+            arr.flags.writeable = False
+            out[name] = arr
+        return out
+
+    @property
+    def digest(self) -> str:
+        """The content digest (ADR 0002), from the frozen leaves hashed once per lineage."""
+        if self._digest is None:
+            manifest, tensors = self.manifest, self.tensors
+            leaves = dict(self.lineage.frozen_leaves)
+            for name in self.lineage.chunks:
+                leaves[name] = merkle.leaf_hash(tensor_leaf(name, tensors[name]))
+            ordered = [leaves[n] for n in sorted(leaves, key=lambda n: n.encode("utf-8"))]
+            ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
+            self._digest = "sha256:" + merkle.root(ordered).hex()
+        return self._digest
+
+    @property
+    def known_digest(self) -> str | None:
+        """The digest if it is already known (a bundle's, or computed), else None."""
+        return self._digest
+
+    def extended(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> _Model:
+        """The next version (nothing is appended until :meth:`commit`)."""
+        self.condition_set  # noqa: B018 - raises unless this is the newest version
+        names = list(new_conditions)
+        return _Model(
+            self.lineage, self.n_chunks + 1, self.n_conditions + len(names), pending=(diff, names)
+        )
+
+    def commit(self) -> None:
+        """Append this version's slices to the lineage (once, when its entry is applied)."""
+        if self._pending is None:
+            return
+        if self.lineage.n_chunks != self.n_chunks - 1:
+            raise LedgerError("a version was extended twice", reason_code="E_INTERNAL")
+        self.lineage.append(*self._pending)
+        self._pending = None
 
     def bundle(self) -> ReferenceBundle:
         b = make_bundle(self.manifest, self.tensors)
-        if b.digest != self.digest:  # pragma: no cover - would be a bug in the incremental digest
-            raise LedgerError("incremental digest disagrees with make_bundle", reason_code="E_INTERNAL")
+        if b.digest != self.digest:  # pragma: no cover - would be a bug in the lazy digest
+            raise LedgerError("the version's digest disagrees with make_bundle", reason_code="E_INTERNAL")
         return b
 
 
 @dataclass(frozen=True)
 class AppliedEntry:
-    """What one entry did: its index, kind, parsed payload and the reference version after it."""
+    """What one entry did: its index, kind, parsed payload and the reference version after it.
+
+    ``digest`` is that version's digest when it is known without hashing (a genesis, a round, a
+    version already hashed), else None: :meth:`LedgerState.digest_at` ``(index + 1)`` computes
+    it on demand, so that an accept never hashes the whole model."""
 
     index: int
     kind: str
@@ -429,13 +570,21 @@ class LedgerState:
     ``trust`` is the pinned ``trust.json`` policy; only its roots are used (sites come from the
     ledger's policy entries)."""
 
-    def __init__(self, trust: TrustPolicy, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        trust: TrustPolicy,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        condition_cap: ConditionCap | None = None,
+    ) -> None:
         self.limits = limits
+        self.condition_cap = condition_cap
         self.trust = trust
         self._policy = trust.roots()
         self._policy_history: list[tuple[int, TrustPolicy]] = [(0, self._policy)]
         self._tree = merkle.MerkleTree()
-        self._digests: list[str | None] = [None]
+        self._digests: list[str | None] = [None]  # None: not computed (yet)
+        self._versions: list[_Model | None] = [None]
         self._sequences: dict[str, int] = {}
         self._min_base_size = 1
         self._last_round = 0
@@ -480,18 +629,26 @@ class LedgerState:
 
     @property
     def conditions(self) -> list[str]:
-        return list(self.manifest["conditions"])
+        if self._model is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+        return list(self._model.manifest["conditions"])
 
     @property
     def digest(self) -> str | None:
         """Digest of the current reference version (None before genesis)."""
-        return self._digests[-1]
+        return self.digest_at(self.size)
 
     def digest_at(self, size: int) -> str | None:
-        """Digest of reference version ``size`` (the model after entries ``[0, size)``)."""
+        """Digest of reference version ``size`` (the model after entries ``[0, size)``),
+        computed on first use (one hash of that version) and kept."""
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
             return None
-        return self._digests[size]
+        digest = self._digests[size]
+        if digest is None and size < len(self._versions):
+            model = self._versions[size]
+            if model is not None:
+                digest = self._digests[size] = model.digest
+        return digest
 
     def root_at(self, size: int) -> bytes | None:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
@@ -513,14 +670,17 @@ class LedgerState:
 
     def update_context(self) -> UpdateContext:
         """What :func:`protocols.update.validate_update` checks an update against."""
+        if self._model is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
         return UpdateContext(
             policy=self._policy,
-            manifest=self.manifest,
+            manifest=self._model.spec_manifest,
             tree_size=self.size,
             root_at=self.root_at,
             digest_at=self.digest_at,
-            last_sequence=dict(self._sequences),
+            last_sequence=self._sequences,
             min_base_size=self._min_base_size,
+            conditions=self._model.condition_set,
         )
 
     def validate_site_update(self, envelope: bytes, diff_bytes: bytes) -> AcceptedUpdate:
@@ -539,11 +699,14 @@ class LedgerState:
         if pending.policy is not self._policy:
             self._policy_history.append((index + 1, pending.policy))
         self._policy = pending.policy
+        if pending.model is not None:
+            pending.model.commit()
         self._model = pending.model
         self._sequences = pending.sequences
         self._min_base_size = pending.min_base_size
         self._last_round = pending.last_round
-        self._digests.append(self._model.digest if self._model is not None else None)
+        self._versions.append(self._model)
+        self._digests.append(self._model.known_digest if self._model is not None else None)
         self._kinds.append(pending.kind)
         return AppliedEntry(
             index, pending.kind, pending.payload, leaf, self._digests[-1], pending.site_id,
@@ -618,7 +781,7 @@ class LedgerState:
             if type(obj["format_version"]) is not int or obj["format_version"] != 1 or not isinstance(obj["note"], str):
                 raise LedgerError("genesis format_version must be 1, note a string", reason_code="E_PAYLOAD_MALFORMED")
             bundle = self._load_bundle(obj["bundle"], blobs, "genesis bundle")
-            base.model = _Model(bundle)
+            base.model = _Model.from_bundle(bundle)
             base.min_base_size = index + 1
             return base
         # federated_round
@@ -637,7 +800,7 @@ class LedgerState:
         if not isinstance(b, dict) or set(b) != {"size", "digest"}:
             raise LedgerError("round base has exactly size, digest", reason_code="E_PAYLOAD_MALFORMED")
         bsize = _int(b["size"], "base.size", 1)
-        if bsize > index or self._digests[bsize] != b["digest"]:
+        if bsize > index or self.digest_at(bsize) != b["digest"]:
             raise LedgerError(
                 f"round base (size {bsize}, {str(b['digest'])[:80]}) is not a version of this log",
                 reason_code="E_FEDERATED_ROUND",
@@ -669,7 +832,7 @@ class LedgerState:
             raise LedgerError(
                 "the round's aggregate drops or reorders existing conditions", reason_code="E_FEDERATED_ROUND"
             )
-        base.model = _Model(bundle)
+        base.model = _Model.from_bundle(bundle)
         base.min_base_size = index + 1
         base.last_round = rnd
         return base
@@ -702,6 +865,8 @@ class LedgerState:
             diff_bytes = self._blob(refs[0], blobs)
         accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
         assert self._model is not None
+        if self.condition_cap is not None:
+            self.condition_cap.check(self._model.lineage, accepted.site_id, len(accepted.new_conditions))
         diff = {k: np.asarray(v) for k, v in accepted.diff.items()}
         base.model = self._model.extended(diff, accepted.new_conditions)
         base.sequences[accepted.site_id] = accepted.sequence

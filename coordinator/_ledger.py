@@ -540,6 +540,16 @@ def protocol_limits(cfg: Any) -> Any:
     )
 
 
+def condition_cap(cfg: Any) -> Any:
+    """The operator's :class:`protocols.ledger.ConditionCap` from ``limits`` in the config."""
+    from protocols.ledger import ConditionCap
+
+    return ConditionCap(
+        per_site=cfg.limits.max_conditions_per_site,
+        per_reference=cfg.limits.max_conditions_per_reference,
+    )
+
+
 def _hex(name: str) -> str:
     return name[7:] if name.startswith("sha256:") else name
 
@@ -564,7 +574,7 @@ def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
     from protocols.ledger import LedgerState
 
     trust = read_trust_policy(cfg.path(cfg.paths.trust))
-    state = LedgerState(trust, limits=protocol_limits(cfg))
+    state = LedgerState(trust, limits=protocol_limits(cfg), condition_cap=condition_cap(cfg))
     lookup = blob_lookup(blobs)
     for e in store.entries(0, store.size):
         try:

@@ -62,6 +62,11 @@ class ServerLimits:
     max_workers: int = 16
     #: concurrent RPCs before the server answers RESOURCE_EXHAUSTED
     max_concurrent_rpcs: int = 256
+    #: conditions the reference may hold in all (genesis and rounds included); an update over
+    #: it is refused with E_CONDITION_CAP. Memory and serving cost grow with it.
+    max_conditions_per_reference: int = 50_000
+    #: conditions one site namespace may hold; an update over it is refused with E_CONDITION_CAP
+    max_conditions_per_site: int = 5_000
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,12 @@ def load_config(state_dir: str | os.PathLike[str]) -> CoordinatorConfig:
             f"{file}: limits.max_message_bytes: must be at least max_envelope_bytes + "
             f"max_diff_bytes ({cfg.limits.max_envelope_bytes + cfg.limits.max_diff_bytes}), so "
             "that an oversize diff is answered with a reason code instead of a transport error"
+        )
+    if cfg.limits.max_conditions_per_site > cfg.limits.max_conditions_per_reference:
+        raise ConfigError(
+            f"{file}: limits.max_conditions_per_site: {cfg.limits.max_conditions_per_site} is "
+            f"above limits.max_conditions_per_reference ({cfg.limits.max_conditions_per_reference}); "
+            "lower it or raise the per-reference cap"
         )
     return cfg
 

@@ -66,6 +66,8 @@ from protocols.bundle import (
     bundle_to_bytes,
     make_bundle,
     manifest_leaf,
+    safetensors_from_bytes,
+    safetensors_to_bytes,
     tensor_leaf,
 )
 from protocols.canonical import canonical_json, parse_json_strict
@@ -86,6 +88,7 @@ from protocols.policy import (
     TrustPolicy,
     apply_policy_change,
     parse_policy_change,
+    parse_trust,
     required_rotation_signers,
 )
 from protocols.update import SITE_UPDATE_TYPE, AcceptedUpdate, UpdateContext, validate_update
@@ -102,6 +105,8 @@ __all__ = [
     "AppliedEntry",
     "LedgerState",
     "ConditionCap",
+    "snapshot_state",
+    "restore_state",
     "entry_kind",
     "entry_blobs",
     "entry_payload",
@@ -398,30 +403,50 @@ class _Lineage:
     declared layout (an accept stores its diff's arrays, it copies nothing), so every version
     since the bundle is a prefix (``n`` chunks) and is concatenated only when it is asked for."""
 
-    def __init__(self, bundle: ReferenceBundle) -> None:
-        self.manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
-        specs = self.manifest["tensors"]
-        self.frozen = {n: a for n, a in bundle.tensors.items() if specs[n]["role"] != "condition"}
-        self.frozen_leaves = {n: merkle.leaf_hash(tensor_leaf(n, a)) for n, a in self.frozen.items()}
-        self.chunks: dict[str, list[np.ndarray]] = {
-            n: [a] for n, a in bundle.tensors.items() if specs[n]["role"] == "condition"
+    def __init__(
+        self,
+        manifest: Mapping[str, Any],
+        frozen: Mapping[str, np.ndarray],
+        chunks: Mapping[str, list[np.ndarray]],
+        conditions: Sequence[str],
+    ) -> None:
+        """``manifest``: the bundle's, without digest; ``chunks``: per condition tensor, the
+        bundle's tensor then each appended slice; ``conditions``: every condition so far."""
+        self.manifest = dict(manifest)
+        self.frozen = dict(frozen)
+        self.frozen_leaves = {
+            n: merkle.leaf_hash(tensor_leaf(n, a)) for n, a in self.frozen.items()
         }
-        self.conditions: list[str] = list(self.manifest["conditions"])
-        self.condition_set = set(self.conditions)
+        self.chunks = {n: list(c) for n, c in chunks.items()}
+        self.n_chunks = len(next(iter(self.chunks.values()), [None]))
+        self.conditions: list[str] = []
+        self.condition_set: set[str] = set()
         self.site_counts: dict[str, int] = {}
-        for c in self.conditions:
+        self._add_conditions(conditions)
+
+    @classmethod
+    def from_bundle(cls, bundle: ReferenceBundle) -> _Lineage:
+        manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
+        specs = manifest["tensors"]
+        cond = {n for n, spec in specs.items() if spec["role"] == "condition"}
+        return cls(
+            manifest,
+            {n: a for n, a in bundle.tensors.items() if n not in cond},
+            {n: [bundle.tensors[n]] for n in cond},
+            manifest["conditions"],
+        )
+
+    def _add_conditions(self, names: Sequence[str]) -> None:
+        self.conditions.extend(names)
+        self.condition_set.update(names)
+        for c in names:
             ns = c.split("/", 1)[0]
             self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
-        self.n_chunks = 1
 
     def append(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> None:
         for name, chunks in self.chunks.items():
             chunks.append(diff[name])
-        self.conditions.extend(new_conditions)
-        self.condition_set.update(new_conditions)
-        for c in new_conditions:
-            ns = c.split("/", 1)[0]
-            self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
+        self._add_conditions(new_conditions)
         self.n_chunks += 1
 
 
@@ -446,7 +471,7 @@ class _Model:
 
     @classmethod
     def from_bundle(cls, bundle: ReferenceBundle) -> _Model:
-        lineage = _Lineage(bundle)
+        lineage = _Lineage.from_bundle(bundle)
         return cls(lineage, 1, len(lineage.conditions), digest=bundle.digest)
 
     @property
@@ -931,6 +956,146 @@ def replay(
 
 # --------------------------------------------------------------------------------------------
 # Receipts
+
+# --------------------------------------------------------------------------------------------
+# Snapshots of the replayed state (a coordinator's restart; an auditor never reads one)
+
+SNAPSHOT_FORMAT = "scarches-fl.ledger-state"
+
+
+def snapshot_state(state: LedgerState) -> tuple[bytes, bytes]:
+    """``(meta, tensors)``: the state after ``state.size`` entries as canonical JSON and a
+    safetensors file. The JSON records the tree size and root it was taken at, the SHA-256 of
+    the tensors and of itself; :func:`restore_state` checks all three."""
+    if state._model is None:
+        raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+    lineages: list[_Lineage] = []
+    index: dict[int, int] = {}
+    versions: list[list[int] | None] = []
+    for v in state._versions:
+        if v is None:
+            versions.append(None)
+            continue
+        if id(v.lineage) not in index:
+            index[id(v.lineage)] = len(lineages)
+            lineages.append(v.lineage)
+        versions.append([index[id(v.lineage)], v.n_chunks, v.n_conditions])
+    tensors: dict[str, np.ndarray] = {}
+    lin_objs = []
+    for i, lin in enumerate(lineages):
+        specs = lin.manifest["tensors"]
+        for name, arr in lin.frozen.items():
+            tensors[f"l{i}/f/{name}"] = arr
+        chunk_sizes: list[int] = []
+        for name, chunks in lin.chunks.items():
+            axis = int(specs[name]["axis"])
+            tensors[f"l{i}/c/{name}"] = np.concatenate(chunks, axis=axis)
+            chunk_sizes = [int(c.shape[axis]) for c in chunks]  # the same for every tensor
+        lin_objs.append(
+            {"manifest": lin.manifest, "conditions": lin.conditions, "chunk_sizes": chunk_sizes}
+        )
+    tensor_bytes = safetensors_to_bytes(tensors)
+    body = {
+        "format": SNAPSHOT_FORMAT,
+        "format_version": 1,
+        "tree_size": state.size,
+        "root": state.root().hex(),
+        "head_digest": state.digest,
+        "policy_history": [[at, pol.to_json_obj()] for at, pol in state._policy_history],
+        "sequences": dict(state._sequences),
+        "min_base_size": state._min_base_size,
+        "last_round": state._last_round,
+        "kinds": list(state._kinds),
+        "digests": {str(i): d for i, d in enumerate(state._digests) if d is not None},
+        "versions": versions,
+        "lineages": lin_objs,
+        "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+    }
+    encoded = canonical_json(body)
+    meta = canonical_json({"body": body, "sha256": hashlib.sha256(encoded).hexdigest()})
+    return meta, tensor_bytes
+
+
+def restore_state(
+    trust: TrustPolicy,
+    meta: bytes,
+    tensor_bytes: bytes,
+    leaf_hashes: Sequence[bytes],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    condition_cap: ConditionCap | None = None,
+) -> LedgerState:
+    """The :class:`LedgerState` a snapshot recorded, after checking it: its own checksums, its
+    origin, its tree size and root against ``leaf_hashes`` (the log's, from storage), and the
+    head version's digest recomputed. Any mismatch raises :class:`LedgerError`
+    (``E_INTERNAL``): replay the log instead."""
+    import json
+
+    def bad(why: str) -> LedgerError:
+        return LedgerError(f"ledger snapshot: {why}", reason_code="E_INTERNAL")
+
+    try:
+        outer = json.loads(meta)
+        body = outer["body"]
+        if hashlib.sha256(canonical_json(body)).hexdigest() != outer["sha256"]:
+            raise bad("its JSON does not hash to the recorded sha256 (corrupt)")
+        if hashlib.sha256(tensor_bytes).hexdigest() != body["tensors_sha256"]:
+            raise bad("its tensors do not hash to the recorded sha256 (corrupt)")
+        if body["format"] != SNAPSHOT_FORMAT or body["format_version"] != 1:
+            raise bad(f"unknown format {body['format']!r} v{body['format_version']!r}")
+        size = int(body["tree_size"])
+        if not 1 <= size <= len(leaf_hashes):
+            raise bad(f"taken at tree size {size}, the log has {len(leaf_hashes)} entries")
+        tree = merkle.MerkleTree(leaf_hashes[:size])
+        if tree.root().hex() != body["root"]:
+            raise bad(f"its root at tree size {size} is not the log's (stale or from another log)")
+        history = [
+            (int(at), parse_trust(canonical_json(obj), limits=limits))
+            for at, obj in body["policy_history"]
+        ]
+        if history[0][1] != trust.roots():
+            raise bad("its first policy is not the pinned trust.json roots")
+        arrays = safetensors_from_bytes(tensor_bytes, max_bytes=len(tensor_bytes), limits=limits)
+        lineages = []
+        for i, lo in enumerate(body["lineages"]):
+            specs = lo["manifest"]["tensors"]
+            frozen, chunks = {}, {}
+            cuts = np.cumsum(lo["chunk_sizes"])[:-1]
+            for name, spec in specs.items():
+                if spec["role"] == "condition":
+                    chunks[name] = np.split(arrays[f"l{i}/c/{name}"], cuts, axis=int(spec["axis"]))
+                else:
+                    frozen[name] = arrays[f"l{i}/f/{name}"]
+            lineages.append(_Lineage(lo["manifest"], frozen, chunks, lo["conditions"]))
+        st = LedgerState(trust, limits=limits, condition_cap=condition_cap)
+        st._tree = tree
+        st._policy_history = history
+        st._policy = history[-1][1]
+        st._sequences = {str(k): int(v) for k, v in body["sequences"].items()}
+        st._min_base_size = int(body["min_base_size"])
+        st._last_round = int(body["last_round"])
+        st._kinds = [str(k) for k in body["kinds"]]
+        digests = {int(k): str(v) for k, v in body["digests"].items()}
+        st._digests = [digests.get(i) for i in range(size + 1)]
+        st._versions = [
+            None if v is None else _Model(lineages[v[0]], int(v[1]), int(v[2]), digest=digests.get(i))
+            for i, v in enumerate(body["versions"])
+        ]
+        if not (len(st._versions) == len(st._digests) == size + 1 == len(st._kinds) + 1):
+            raise bad("its per-version lists do not match its tree size")
+        head = st._versions[-1]
+        if head is None or head.n_chunks != head.lineage.n_chunks:
+            raise bad("its newest version is not the head of its lineage")
+        st._model = head
+        recomputed = _Model(head.lineage, head.n_chunks, head.n_conditions).digest
+        if recomputed != body["head_digest"]:
+            raise bad(f"the newest version hashes to {recomputed}, it recorded {body['head_digest']}")
+    except LedgerError:
+        raise
+    except (VerificationError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise bad(f"malformed ({type(exc).__name__}: {exc})") from exc
+    return st
+
 
 RECEIPT_FORMAT = "scarches-fl.receipt"
 

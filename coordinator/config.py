@@ -86,6 +86,8 @@ class PathsConfig:
     log_key: str = "keys/log.key"
     operator_key: str = "keys/operator.key"
     trust: str = "trust.json"
+    #: the replayed ledger state, so that a restart replays only the entries since
+    snapshot: str = "snapshot"
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class CoordinatorConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    #: write a snapshot of the replayed state every this many new entries (and at shutdown)
+    snapshot_every: int = 2000
     #: where it was loaded from (not written)
     state_dir: Path = field(default=Path("."), compare=False)
 

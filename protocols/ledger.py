@@ -106,6 +106,8 @@ __all__ = [
     "LedgerState",
     "ConditionCap",
     "snapshot_state",
+    "capture_snapshot",
+    "StateSnapshot",
     "restore_state",
     "entry_kind",
     "entry_blobs",
@@ -963,57 +965,101 @@ def replay(
 SNAPSHOT_FORMAT = "scarches-fl.ledger-state"
 
 
-def snapshot_state(state: LedgerState) -> tuple[bytes, bytes]:
-    """``(meta, tensors)``: the state after ``state.size`` entries as canonical JSON and a
-    safetensors file. The JSON records the tree size and root it was taken at, the SHA-256 of
-    the tensors and of itself; :func:`restore_state` checks all three."""
+@dataclass(frozen=True)
+class StateSnapshot:
+    """A consistent cut of a :class:`LedgerState`, cheap to take (list copies, no tensor):
+    versions are immutable prefixes of append-only lineages, so :meth:`encode` can run in
+    another thread while the state keeps accepting."""
+
+    tree_size: int
+    root: bytes
+    policy_history: tuple[tuple[int, TrustPolicy], ...]
+    sequences: dict[str, int]
+    min_base_size: int
+    last_round: int
+    kinds: tuple[str, ...]
+    digests: tuple[str | None, ...]
+    versions: tuple[_Model | None, ...]
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """``(meta, tensors)``: canonical JSON and a safetensors file. The JSON records the tree
+        size and root, the head version's digest, the SHA-256 of the tensors and of itself;
+        :func:`restore_state` checks them all."""
+        lineages: list[_Lineage] = []
+        index: dict[int, int] = {}
+        extent: list[tuple[int, int]] = []  # per lineage: (chunks, conditions) in this cut
+        versions: list[list[int] | None] = []
+        for v in self.versions:
+            if v is None:
+                versions.append(None)
+                continue
+            if id(v.lineage) not in index:
+                index[id(v.lineage)] = len(lineages)
+                lineages.append(v.lineage)
+                extent.append((0, 0))
+            i = index[id(v.lineage)]
+            extent[i] = max(extent[i], (v.n_chunks, v.n_conditions))
+            versions.append([i, v.n_chunks, v.n_conditions])
+        head = self.versions[-1]
+        if head is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+        tensors: dict[str, np.ndarray] = {}
+        lin_objs = []
+        for i, lin in enumerate(lineages):
+            k, n = extent[i]
+            specs = lin.manifest["tensors"]
+            for name, arr in lin.frozen.items():
+                tensors[f"l{i}/f/{name}"] = arr
+            chunk_sizes: list[int] = []
+            for name, chunks in lin.chunks.items():
+                axis = int(specs[name]["axis"])
+                tensors[f"l{i}/c/{name}"] = np.concatenate(chunks[:k], axis=axis)
+                chunk_sizes = [int(c.shape[axis]) for c in chunks[:k]]  # same for every tensor
+            lin_objs.append(
+                {"manifest": lin.manifest, "conditions": lin.conditions[:n], "chunk_sizes": chunk_sizes}
+            )
+        tensor_bytes = safetensors_to_bytes(tensors)
+        body = {
+            "format": SNAPSHOT_FORMAT,
+            "format_version": 1,
+            "tree_size": self.tree_size,
+            "root": self.root.hex(),
+            "head_digest": head.digest,
+            "policy_history": [[at, pol.to_json_obj()] for at, pol in self.policy_history],
+            "sequences": self.sequences,
+            "min_base_size": self.min_base_size,
+            "last_round": self.last_round,
+            "kinds": list(self.kinds),
+            "digests": {str(i): d for i, d in enumerate(self.digests) if d is not None},
+            "versions": versions,
+            "lineages": lin_objs,
+            "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+        }
+        encoded = canonical_json(body)
+        meta = canonical_json({"body": body, "sha256": hashlib.sha256(encoded).hexdigest()})
+        return meta, tensor_bytes
+
+
+def capture_snapshot(state: LedgerState) -> StateSnapshot:
+    """A :class:`StateSnapshot` of ``state`` now (call it where nothing applies meanwhile)."""
     if state._model is None:
         raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
-    lineages: list[_Lineage] = []
-    index: dict[int, int] = {}
-    versions: list[list[int] | None] = []
-    for v in state._versions:
-        if v is None:
-            versions.append(None)
-            continue
-        if id(v.lineage) not in index:
-            index[id(v.lineage)] = len(lineages)
-            lineages.append(v.lineage)
-        versions.append([index[id(v.lineage)], v.n_chunks, v.n_conditions])
-    tensors: dict[str, np.ndarray] = {}
-    lin_objs = []
-    for i, lin in enumerate(lineages):
-        specs = lin.manifest["tensors"]
-        for name, arr in lin.frozen.items():
-            tensors[f"l{i}/f/{name}"] = arr
-        chunk_sizes: list[int] = []
-        for name, chunks in lin.chunks.items():
-            axis = int(specs[name]["axis"])
-            tensors[f"l{i}/c/{name}"] = np.concatenate(chunks, axis=axis)
-            chunk_sizes = [int(c.shape[axis]) for c in chunks]  # the same for every tensor
-        lin_objs.append(
-            {"manifest": lin.manifest, "conditions": lin.conditions, "chunk_sizes": chunk_sizes}
-        )
-    tensor_bytes = safetensors_to_bytes(tensors)
-    body = {
-        "format": SNAPSHOT_FORMAT,
-        "format_version": 1,
-        "tree_size": state.size,
-        "root": state.root().hex(),
-        "head_digest": state.digest,
-        "policy_history": [[at, pol.to_json_obj()] for at, pol in state._policy_history],
-        "sequences": dict(state._sequences),
-        "min_base_size": state._min_base_size,
-        "last_round": state._last_round,
-        "kinds": list(state._kinds),
-        "digests": {str(i): d for i, d in enumerate(state._digests) if d is not None},
-        "versions": versions,
-        "lineages": lin_objs,
-        "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
-    }
-    encoded = canonical_json(body)
-    meta = canonical_json({"body": body, "sha256": hashlib.sha256(encoded).hexdigest()})
-    return meta, tensor_bytes
+    return StateSnapshot(
+        tree_size=state.size,
+        root=state.root(),
+        policy_history=tuple(state._policy_history),
+        sequences=dict(state._sequences),
+        min_base_size=state._min_base_size,
+        last_round=state._last_round,
+        kinds=tuple(state._kinds),
+        digests=tuple(state._digests),
+        versions=tuple(state._versions),
+    )
+
+
+def snapshot_state(state: LedgerState) -> tuple[bytes, bytes]:
+    """``capture_snapshot(state).encode()``."""
+    return capture_snapshot(state).encode()
 
 
 def restore_state(

@@ -1030,7 +1030,10 @@ class StateSnapshot:
             "min_base_size": self.min_base_size,
             "last_round": self.last_round,
             "kinds": list(self.kinds),
-            "digests": {str(i): d for i, d in enumerate(self.digests) if d is not None},
+            "digests": {
+                **{str(i): d for i, d in enumerate(self.digests) if d is not None},
+                str(self.tree_size): head.digest,
+            },
             "versions": versions,
             "lineages": lin_objs,
             "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
@@ -1071,20 +1074,26 @@ def restore_state(
     limits: Limits = DEFAULT_LIMITS,
     condition_cap: ConditionCap | None = None,
 ) -> LedgerState:
-    """The :class:`LedgerState` a snapshot recorded, after checking it: its own checksums, its
-    origin, its tree size and root against ``leaf_hashes`` (the log's, from storage), and the
-    head version's digest recomputed. Any mismatch raises :class:`LedgerError`
-    (``E_INTERNAL``): replay the log instead."""
+    """The :class:`LedgerState` a snapshot recorded, after checking it: its own checksums (JSON
+    body and tensors), its format, its first policy against the pinned roots, and its tree size
+    and root against ``leaf_hashes`` (the log's, from storage). Cost: linear in the snapshot's
+    bytes, no model hash (the recorded digests are kept; the coordinator compares a version it
+    rebuilds for serving with them). Any mismatch raises :class:`LedgerError` (``E_INTERNAL``):
+    replay the log instead."""
     import json
 
     def bad(why: str) -> LedgerError:
         return LedgerError(f"ledger snapshot: {why}", reason_code="E_INTERNAL")
 
     try:
-        outer = json.loads(meta)
-        body = outer["body"]
-        if hashlib.sha256(canonical_json(body)).hexdigest() != outer["sha256"]:
+        # canonical JSON sorts "body" before "sha256": the body's bytes are a slice of meta
+        head_len, tail_len = len(b'{"body":'), len(b',"sha256":"') + 64 + len(b'"}')
+        if not (meta.startswith(b'{"body":') and meta[-tail_len:-66] == b',"sha256":"'):
+            raise bad("its JSON is not {body, sha256} (corrupt)")
+        body_bytes = meta[head_len:-tail_len]
+        if hashlib.sha256(body_bytes).hexdigest().encode() != meta[-66:-2]:
             raise bad("its JSON does not hash to the recorded sha256 (corrupt)")
+        body = json.loads(body_bytes)
         if hashlib.sha256(tensor_bytes).hexdigest() != body["tensors_sha256"]:
             raise bad("its tensors do not hash to the recorded sha256 (corrupt)")
         if body["format"] != SNAPSHOT_FORMAT or body["format_version"] != 1:
@@ -1106,10 +1115,15 @@ def restore_state(
         for i, lo in enumerate(body["lineages"]):
             specs = lo["manifest"]["tensors"]
             frozen, chunks = {}, {}
-            cuts = np.cumsum(lo["chunk_sizes"])[:-1]
+            ends = np.cumsum([int(n) for n in lo["chunk_sizes"]]).tolist()
+            starts = [0, *ends[:-1]]
             for name, spec in specs.items():
                 if spec["role"] == "condition":
-                    chunks[name] = np.split(arrays[f"l{i}/c/{name}"], cuts, axis=int(spec["axis"]))
+                    arr, axis = arrays[f"l{i}/c/{name}"], int(spec["axis"])
+                    if ends[-1] != arr.shape[axis]:
+                        raise bad(f"tensor {name!r} of lineage {i} does not hold its chunks")
+                    lead = (slice(None),) * axis
+                    chunks[name] = [arr[(*lead, slice(a, b))] for a, b in zip(starts, ends, strict=True)]
                 else:
                     frozen[name] = arrays[f"l{i}/f/{name}"]
             lineages.append(_Lineage(lo["manifest"], frozen, chunks, lo["conditions"]))
@@ -1133,9 +1147,8 @@ def restore_state(
         if head is None or head.n_chunks != head.lineage.n_chunks:
             raise bad("its newest version is not the head of its lineage")
         st._model = head
-        recomputed = _Model(head.lineage, head.n_chunks, head.n_conditions).digest
-        if recomputed != body["head_digest"]:
-            raise bad(f"the newest version hashes to {recomputed}, it recorded {body['head_digest']}")
+        if st.digest_at(size) != body["head_digest"]:  # recorded in both places when taken
+            raise bad("its newest version's digest is not the one it recorded")
     except LedgerError:
         raise
     except (VerificationError, ValueError, KeyError, IndexError, TypeError) as exc:

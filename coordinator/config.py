@@ -105,7 +105,8 @@ class CoordinatorConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
-    #: write a snapshot of the replayed state every this many new entries (and at shutdown)
+    #: write a snapshot of the replayed state after this many new entries, or half the size of
+    #: the last snapshot if that is more (and at shutdown)
     snapshot_every: int = 2000
     #: where it was loaded from (not written)
     state_dir: Path = field(default=Path("."), compare=False)

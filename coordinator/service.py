@@ -158,9 +158,11 @@ class Registry:
     # ------------------------------------------------------------------ snapshots
 
     def _snapshot(self, *, wait: bool = False) -> None:
-        """Write a snapshot of the replayed state when ``snapshot_every`` entries came since the
-        last one (or, with ``wait``, any entry: at shutdown). The cut is taken under the state
-        lock (list copies); encoding and writing run in a background thread."""
+        """Write a snapshot of the replayed state when ``max(snapshot_every, half the size of
+        the last snapshot)`` entries came since it (with ``wait``, any: at shutdown). A snapshot
+        costs the size of the state, so spacing them with the size keeps its cost per entry
+        constant. The cut is taken under the state lock (list copies); encoding and writing run
+        in a background thread."""
         from protocols.ledger import capture_snapshot
 
         running = self._snapshot_thread
@@ -171,7 +173,8 @@ class Registry:
             self._snapshot_thread = None
         with self._state_lock:
             size = self.state.size
-            due = size - self._snapshot_size >= (1 if wait else self.cfg.snapshot_every)
+            every = max(self.cfg.snapshot_every, self._snapshot_size // 2)
+            due = size - self._snapshot_size >= (1 if wait else every)
             if size == 0 or not due:
                 return
             cut = capture_snapshot(self.state)

@@ -887,12 +887,13 @@ def _audit_state_class() -> type:
             assert self._model is not None
             return UpdateContext(
                 policy=self._policy,
-                manifest=self._model.manifest,  # the digest is not needed to validate an update
+                manifest=self._model.replay.base_manifest,
                 tree_size=self.size,
                 root_at=self.root_at,
                 digest_at=self.digest_at,
                 last_sequence=self._sequences,
                 min_base_size=self._min_base_size,
+                conditions=self._model.replay.condition_set,
             )
 
         def _site_update_fast(self, envelope: bytes, blobs: Any) -> Any:

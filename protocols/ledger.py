@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -224,6 +225,18 @@ def entry_payload(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[
     if obj.get("kind") != kind:
         raise LedgerError("payload kind does not match payloadType", reason_code="E_LEDGER_ENTRY_KIND")
     return kind, obj
+
+
+def _claimed_diff(payload: bytes) -> BlobRef | None:
+    """The diff blob a site update's payload names, read leniently (the C ``json`` parser, no
+    second strict parse per accept): it only picks the blob to look up. ``validate_update``
+    then parses the payload strictly and checks the diff's bytes against it; None (a payload
+    that names no well-formed diff) leaves the precise rejection to it."""
+    try:
+        d = json.loads(payload)["diff"]
+        return _blob_ref_obj({"sha256": d["sha256"], "size": d["size"]}, "diff")
+    except (ValueError, KeyError, TypeError, RecursionError, LedgerError):
+        return None
 
 
 def entry_blobs(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[BlobRef]:
@@ -883,13 +896,8 @@ class LedgerState:
                 ) from exc
 
     def _eval_site_update(self, env: Envelope, envelope: bytes, blobs: BlobLookup, base: _Pending) -> _Pending:
-        try:
-            refs = entry_blobs(envelope, limits=self.limits)
-        except VerificationError:
-            refs = []  # validate_update below names the precise problem
-        diff_bytes = b""
-        if refs:
-            diff_bytes = self._blob(refs[0], blobs)
+        ref = _claimed_diff(env.payload)
+        diff_bytes = b"" if ref is None else self._blob(ref, blobs)
         accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
         assert self._model is not None
         if self.condition_cap is not None:
@@ -1080,7 +1088,6 @@ def restore_state(
     bytes, no model hash (the recorded digests are kept; the coordinator compares a version it
     rebuilds for serving with them). Any mismatch raises :class:`LedgerError` (``E_INTERNAL``):
     replay the log instead."""
-    import json
 
     def bad(why: str) -> LedgerError:
         return LedgerError(f"ledger snapshot: {why}", reason_code="E_INTERNAL")

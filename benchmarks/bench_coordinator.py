@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -289,6 +288,8 @@ def run_sustained(n_sites: int, duration: float, window: float, n_genes: int) ->
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks._results import machine, save
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--sites", default="1,8,32")
@@ -328,25 +329,15 @@ def main(argv: list[str] | None = None) -> int:
             "reference_studies": 8,
             "conditions_per_update": 1,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            # other work on the machine during the run: the figures are only as quiet as this
-            "loadavg_1m_before": round(load_before, 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(load_before),
         "targets": (
             {"accepted_per_s": 300.0, "last_over_first_window": 0.9}
             if args.duration
             else {"latency_ms_p50": 5.0, "accepted_per_s": 300.0}
         ),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save(doc, args.out)
     return 0
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -152,6 +150,8 @@ def restart(n_entries: int, n_genes: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks._results import machine, save
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--conditions", default="6,20000")
@@ -185,22 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             "latent": 10,
             "conditions_per_update": 1,
         },
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_1m_before": round(load_before, 2),
-            "loadavg_1m_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(load_before),
         "targets": {"accept_ratio_max": 1.2, "restart_from_snapshot_s": 2.0},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "accept": accepts,
         "accept_p50_ratio": round(ratio, 3),
         "restart": rs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    save(doc, args.out)
     return 0
 
 

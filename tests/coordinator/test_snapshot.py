@@ -14,6 +14,7 @@ from coordinator.config import load_config
 from coordinator.service import Registry
 from protocols.ledger import LedgerState
 from tests.coordinator.conftest import fetch_base, make_consortium, make_site_update, running_server
+from tests.protocols._factories import assert_same_state
 
 pytestmark = pytest.mark.network
 
@@ -40,27 +41,13 @@ def _full_replay(cfg) -> LedgerState:
         snap.write_bytes(saved)
 
 
-def _same(a: LedgerState, b: LedgerState) -> None:
-    assert (a.size, a.root(), a.sequences, a.kinds, a.policy) == (
-        b.size,
-        b.root(),
-        b.sequences,
-        b.kinds,
-        b.policy,
-    )
-    assert [a.digest_at(i) for i in range(a.size + 1)] == [
-        b.digest_at(i) for i in range(b.size + 1)
-    ]
-    assert a.bundle().digest == b.bundle().digest
-
-
 def test_restart_from_the_snapshot_equals_the_full_replay(tmp_path: Path, caplog) -> None:
     cons = _grown(tmp_path)
     cfg = load_config(cons.state)
     meta = json.loads((cfg.path(cfg.paths.snapshot) / _ledger.SNAPSHOT_META).read_bytes())
     with caplog.at_level(logging.WARNING), Registry(cfg) as reg:
         assert meta["body"]["tree_size"] == reg.state.size  # written at shutdown, nothing after
-        _same(reg.state, _full_replay(cfg))
+        assert_same_state(reg.state, _full_replay(cfg))
     assert "not used" not in caplog.text
 
 
@@ -97,4 +84,4 @@ def test_bad_snapshot_falls_back_to_the_full_replay(tmp_path: Path, caplog, atta
         restored = reg.state
     meta_path.unlink(missing_ok=True)
     with Registry(cfg) as reg:
-        _same(restored, reg.state)
+        assert_same_state(restored, reg.state)

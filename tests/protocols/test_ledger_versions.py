@@ -12,8 +12,8 @@ from protocols import merkle
 from protocols.bundle import make_bundle
 from protocols.diff import apply_condition_diff, diff_from_bytes
 from protocols.errors import LedgerError, UpdateRejectedError
-from protocols.ledger import ConditionCap, LedgerState, replay, restore_state, snapshot_state
-from tests.protocols._factories import consortium, det_key, tiny_diff
+from protocols.ledger import ConditionCap, replay, restore_state, snapshot_state
+from tests.protocols._factories import assert_same_state, consortium, det_key, tiny_diff
 
 
 def _grown(sizes: list[int], bases: list[int], seed: int):
@@ -68,33 +68,18 @@ def _leaves(c) -> list[bytes]:
     return [merkle.leaf_hash(e) for e in c.entries]
 
 
-def _same(a: LedgerState, b: LedgerState) -> None:
-    assert (a.size, a.root(), a.sequences, a.kinds, a.policy) == (
-        b.size,
-        b.root(),
-        b.sequences,
-        b.kinds,
-        b.policy,
-    )
-    assert [a.digest_at(n) for n in range(a.size + 1)] == [
-        b.digest_at(n) for n in range(b.size + 1)
-    ]
-    assert a.conditions == b.conditions
-    assert a.bundle().digest == b.bundle().digest
-
-
 def test_snapshot_restore_equals_full_replay_and_keeps_accepting() -> None:
     c, _ = _grown([2, 1, 3], [0, 1], 7)
     meta, tensors = snapshot_state(c.state)
     restored = restore_state(c.trust, meta, tensors, _leaves(c))
-    _same(restored, replay(c.trust, c.entries, c.lookup))
+    assert_same_state(restored, replay(c.trust, c.entries, c.lookup))
     # the restored state accepts the next update exactly as the original does
     u = c.update("site-b", sequence=5, m=2, seed=31)
     c.submit(u)
     import hashlib
 
     restored.apply(u.envelope, {hashlib.sha256(u.diff_bytes).hexdigest(): u.diff_bytes}.get)
-    _same(restored, c.state)
+    assert_same_state(restored, c.state)
 
 
 def test_snapshot_older_than_the_log_catches_up_by_applying_the_rest() -> None:
@@ -106,7 +91,7 @@ def test_snapshot_older_than_the_log_catches_up_by_applying_the_rest() -> None:
     assert restored.size == taken_at
     for env in c.entries[taken_at:]:
         restored.apply(env, c.lookup)
-    _same(restored, c.state)
+    assert_same_state(restored, c.state)
 
 
 @pytest.mark.parametrize(

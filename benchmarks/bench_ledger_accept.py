@@ -4,13 +4,15 @@
         [--updates 200] [--restart-entries 10000]
         [--out benchmarks/results/ledger_accept.json]
 
-In process, no gRPC and no disk (the accept rule itself: ``LedgerState.apply`` of a signed site
+Accepts run in process, no gRPC and no disk (the accept rule itself: ``LedgerState.apply`` of a signed site
 update, what the coordinator's writer runs per submission). For each genesis size it builds a
 synthetic reference of the default architecture (2 x 128 hidden, latent 10, NB with
 per-condition dispersion) holding that many conditions, signs ``--updates`` one-condition updates
 beforehand and reports the median and p99 time of ``apply``. Then it grows a ledger to
-``--restart-entries`` entries and times a restart both ways: the full replay of every entry and
-``restore_state`` from a snapshot (checks included: checksums, root, head digest).
+``--restart-entries`` entries and times a restart both ways: the full replay of every entry, and
+reading the snapshot's two files back and ``restore_state`` (checks included: checksums, pinned
+roots, root against the log's leaf hashes); the snapshot's time is encoding it and writing both
+files atomically with fsync.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +123,7 @@ def accept_cost(sizes: list[int], n_genes: int, n_updates: int) -> list[dict]:
 
 def restart(n_entries: int, n_genes: int) -> dict:
     from protocols import merkle
+    from protocols.bundle import atomic_write
     from protocols.ledger import replay, restore_state, snapshot_state
 
     trust, state, entries, blobs, ref, site = _ledger(6, n_genes)
@@ -128,13 +132,19 @@ def restart(n_entries: int, n_genes: int) -> dict:
         batch = _updates(state, ref, site, min(500, n_entries - state.size), start=done)
         _apply_all(state, batch, blobs, entries)
         done += len(batch)
-    t0 = time.perf_counter()
-    meta, tensors = snapshot_state(state)
-    t_snap = time.perf_counter() - t0
     leaves = [merkle.leaf_hash(e) for e in entries]
-    t0 = time.perf_counter()
-    restored = restore_state(trust, meta, tensors, leaves)
-    t_restore = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="bench-snapshot-") as tmp:
+        # as the coordinator does: encode, write both files atomically (fsynced), read back
+        t0 = time.perf_counter()
+        meta, tensors = snapshot_state(state)
+        atomic_write(Path(tmp) / "t.safetensors", tensors, durable=True)
+        atomic_write(Path(tmp) / "m.json", meta, durable=True)
+        t_snap = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        meta_r = (Path(tmp) / "m.json").read_bytes()
+        tensors_r = (Path(tmp) / "t.safetensors").read_bytes()
+        restored = restore_state(trust, meta_r, tensors_r, leaves)
+        t_restore = time.perf_counter() - t0
     t0 = time.perf_counter()
     full = replay(trust, entries, blobs.get)
     t_replay = time.perf_counter() - t0

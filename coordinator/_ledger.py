@@ -630,7 +630,9 @@ def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
             _apply_stored(state, store, blobs, state.size)
             return state
         except Exception as exc:  # noqa: BLE001 - the full replay below names a real break
-            logger.warning("entries after the snapshot do not apply (%s); replaying the whole log", exc)
+            logger.warning(
+                "entries after the snapshot do not apply (%s); replaying the whole log", exc
+            )
     state = LedgerState(trust, limits=protocol_limits(cfg), condition_cap=condition_cap(cfg))
     _apply_stored(state, store, blobs, 0)
     return state

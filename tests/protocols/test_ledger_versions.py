@@ -132,3 +132,25 @@ def test_condition_cap_per_site_and_per_reference() -> None:
     )
     with pytest.raises(ValueError, match="positive integer"):
         ConditionCap(per_site=0, per_reference=1)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"diff": {"sha256": "../../etc/passwd", "size": 1}}',
+        b"\xff",
+    ],
+    ids=["deeply_nested_payload", "diff_name_path_traversal", "not_json"],
+)
+def test_forged_update_naming_no_valid_diff_gets_a_typed_rejection(payload: bytes) -> None:
+    from protocols.dsse import sign_envelope
+    from protocols.update import SITE_UPDATE_TYPE
+
+    c, _ = _grown([1], [], 2)
+    looked_up: list[str] = []
+    env = sign_envelope(SITE_UPDATE_TYPE, payload, [det_key(99)])  # a key nobody enrolled
+    with pytest.raises((LedgerError, UpdateRejectedError)) as ei:
+        c.state.apply(env, lambda h: looked_up.append(h))
+    assert ei.value.reason_code in {"E_KEY_UNKNOWN", "E_OVERSIZE", "E_ENVELOPE_MALFORMED"}
+    assert looked_up == []  # no blob was looked up under an unverified, malformed name

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -583,6 +584,16 @@ def protocol_limits(cfg: Any) -> Any:
     )
 
 
+def condition_cap(cfg: Any) -> Any:
+    """The operator's :class:`protocols.ledger.ConditionCap` from ``limits`` in the config."""
+    from protocols.ledger import ConditionCap
+
+    return ConditionCap(
+        per_site=cfg.limits.max_conditions_per_site,
+        per_reference=cfg.limits.max_conditions_per_reference,
+    )
+
+
 def _hex(name: str) -> str:
     return name[7:] if name.startswith("sha256:") else name
 
@@ -601,15 +612,78 @@ def blob_lookup(blobs: BlobStore, extra: dict[str, bytes] | None = None) -> Any:
     return lookup
 
 
+SNAPSHOT_META = "ledger-state.json"
+
+
+def write_snapshot(snapshot: Any, cfg: Any) -> Path:
+    """Write a :class:`protocols.ledger.StateSnapshot` under ``paths.snapshot``: the tensors
+    file (named by its SHA-256) first, then the JSON that names it, each atomically; older
+    tensor files go last. A crash at any point leaves the previous snapshot or the new one."""
+    meta, tensors = snapshot.encode()
+    d = cfg.path(cfg.paths.snapshot)
+    d.mkdir(parents=True, exist_ok=True)
+    name = f"ledger-state-{hashlib.sha256(tensors).hexdigest()}.safetensors"
+    atomic_write(d / name, tensors, durable=cfg.durable)
+    atomic_write(d / SNAPSHOT_META, meta, durable=cfg.durable)
+    for old in d.glob("ledger-state-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+    return d / SNAPSHOT_META
+
+
+def _restore_snapshot(store: LedgerStore, trust: Any, cfg: Any) -> Any:
+    """The state a snapshot recorded, checked against the log; None (with a warning) when there
+    is none that holds."""
+    import json
+
+    from protocols.ledger import restore_state
+
+    path = cfg.path(cfg.paths.snapshot) / SNAPSHOT_META
+    if not path.is_file():
+        return None
+    try:
+        meta = path.read_bytes()
+        sha = json.loads(meta)["body"]["tensors_sha256"]
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise ValueError("tensors_sha256 is not 64 hex digits")
+        tensors = (path.parent / f"ledger-state-{sha}.safetensors").read_bytes()
+        return restore_state(
+            trust,
+            meta,
+            tensors,
+            store.leaf_hashes(),
+            limits=protocol_limits(cfg),
+            condition_cap=condition_cap(cfg),
+        )
+    except (OSError, ValueError, KeyError, TypeError, VerificationError) as exc:
+        logger.warning("%s: not used (%s); replaying the whole log", path, exc)
+        return None
+
+
 def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
-    """Replay every stored entry with P1's :class:`protocols.ledger.LedgerState`, starting from
-    the pinned roots of the state directory's trust.json. Refuses to start on a broken log."""
+    """The :class:`protocols.ledger.LedgerState` of every stored entry: from the snapshot when
+    one matches the log (then only the entries after it are applied), else replayed from the
+    pinned roots of trust.json. Refuses to start on a broken log."""
     from protocols.ledger import LedgerState
 
     trust = read_trust_policy(cfg.path(cfg.paths.trust))
-    state = LedgerState(trust, limits=protocol_limits(cfg))
+    state = _restore_snapshot(store, trust, cfg)
+    if state is not None:
+        try:
+            _apply_stored(state, store, blobs, state.size)
+            return state
+        except Exception as exc:  # noqa: BLE001 - the full replay below names a real break
+            logger.warning(
+                "entries after the snapshot do not apply (%s); replaying the whole log", exc
+            )
+    state = LedgerState(trust, limits=protocol_limits(cfg), condition_cap=condition_cap(cfg))
+    _apply_stored(state, store, blobs, 0)
+    return state
+
+
+def _apply_stored(state: Any, store: LedgerStore, blobs: BlobStore, start: int) -> None:
     lookup = blob_lookup(blobs)
-    for e in store.entries(0, store.size):
+    for e in store.entries(start, store.size):
         try:
             state.apply(e.envelope, lookup)
         except VerificationError as exc:
@@ -619,7 +693,6 @@ def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
                 f"{store.db_path}: entry {e.index} does not replay ({exc}); the ledger or its "
                 "blobs are damaged, restore the state directory from a backup"
             ) from exc
-    return state
 
 
 def apply_entry(state: Any, entry: StoredEntry, blobs: BlobStore, cfg: Any) -> Any:

@@ -62,6 +62,11 @@ class ServerLimits:
     max_workers: int = 16
     #: concurrent RPCs before the server answers RESOURCE_EXHAUSTED
     max_concurrent_rpcs: int = 256
+    #: conditions the reference may hold in all (genesis and rounds included); an update over
+    #: it is refused with E_CONDITION_CAP. Memory and serving cost grow with it.
+    max_conditions_per_reference: int = 50_000
+    #: conditions one site namespace may hold; an update over it is refused with E_CONDITION_CAP
+    max_conditions_per_site: int = 5_000
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ class PathsConfig:
     log_key: str = "keys/log.key"
     operator_key: str = "keys/operator.key"
     trust: str = "trust.json"
+    #: the replayed ledger state, so that a restart replays only the entries since
+    snapshot: str = "snapshot"
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,9 @@ class CoordinatorConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     limits: ServerLimits = field(default_factory=ServerLimits)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    #: write a snapshot of the replayed state after this many new entries, or half the size of
+    #: the last snapshot if that is more (and at shutdown)
+    snapshot_every: int = 2000
     #: where it was loaded from (not written)
     state_dir: Path = field(default=Path("."), compare=False)
 
@@ -214,6 +224,12 @@ def load_config(state_dir: str | os.PathLike[str]) -> CoordinatorConfig:
             f"{file}: limits.max_message_bytes: must be at least max_envelope_bytes + "
             f"max_diff_bytes ({cfg.limits.max_envelope_bytes + cfg.limits.max_diff_bytes}), so "
             "that an oversize diff is answered with a reason code instead of a transport error"
+        )
+    if cfg.limits.max_conditions_per_site > cfg.limits.max_conditions_per_reference:
+        raise ConfigError(
+            f"{file}: limits.max_conditions_per_site: {cfg.limits.max_conditions_per_site} is "
+            f"above limits.max_conditions_per_reference ({cfg.limits.max_conditions_per_reference}); "
+            "lower it or raise the per-reference cap"
         )
     return cfg
 

@@ -114,6 +114,8 @@ class Registry:
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._snapshot_size = 0  # the first batch after start writes a fresh one when due
+        self._snapshot_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,7 +136,47 @@ class Registry:
             self._queue.put(None)
             self._writer.join(timeout=30)
             self._writer = None
+        self._snapshot(wait=True)
         self.store.close()
+
+    # ------------------------------------------------------------------ snapshots
+
+    def _snapshot(self, *, wait: bool = False) -> None:
+        """Write a snapshot of the replayed state when ``max(snapshot_every, half the size of
+        the last snapshot)`` entries came since it (with ``wait``, any: at shutdown). A snapshot
+        costs the size of the state, so spacing them with the size keeps its cost per entry
+        constant. The cut is taken under the state lock (list copies); encoding and writing run
+        in a background thread."""
+        from protocols.ledger import capture_snapshot
+
+        running = self._snapshot_thread
+        if running is not None:
+            if not wait and running.is_alive():
+                return
+            running.join(timeout=120)
+            self._snapshot_thread = None
+        with self._state_lock:
+            size = self.state.size
+            every = max(self.cfg.snapshot_every, self._snapshot_size // 2)
+            due = size - self._snapshot_size >= (1 if wait else every)
+            if size == 0 or not due:
+                return
+            cut = capture_snapshot(self.state)
+        self._snapshot_size = size
+
+        def write() -> None:
+            try:
+                _ledger.write_snapshot(cut, self.cfg)
+            except Exception:  # an optimisation: a failed snapshot costs a longer restart only
+                logger.exception("could not write the ledger snapshot at size %d", size)
+
+        if wait:
+            write()
+        else:
+            self._snapshot_thread = threading.Thread(
+                target=write, name="ledger-snapshot", daemon=True
+            )
+            self._snapshot_thread.start()
 
     def __enter__(self) -> Registry:
         return self
@@ -473,6 +515,7 @@ class Registry:
                                 retry_after=1.0,
                             )
                         )
+            self._snapshot()
             if stop:
                 return
 

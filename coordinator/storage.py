@@ -571,6 +571,12 @@ class LedgerStore:
         with self._tree_lock:
             return list(self._tree.consistency_proof(old_size, new_size))
 
+    def leaf_hashes(self) -> list[bytes]:
+        """The leaf hash of every committed entry, in order (checked against the last
+        checkpoint when the database was opened)."""
+        with self._tree_lock:
+            return self._tree.leaf_hashes()[: self._committed]
+
     def root(self, size: int) -> bytes:
         self._check_size(size)
         with self._tree_lock:

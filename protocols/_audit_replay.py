@@ -126,10 +126,10 @@ class ModelReplay:
 
     @property
     def base_manifest(self) -> Mapping[str, Any]:
-        """A manifest whose condition tensor specs give the non-condition dimensions (what
-        :func:`protocols.diff.check_diff_against_base` needs); shapes along the condition axis
-        are those of the current version."""
-        return self.manifest()
+        """The manifest of the bundle this replay started from (no copy): its tensor roles,
+        axes, dtypes and dimensions other than the condition axis are those of every version
+        (what :func:`protocols.update.validate_update` reads besides the condition names)."""
+        return self._manifest
 
     def manifest(self) -> dict[str, Any]:
         """The current version's manifest, without ``digest``."""

@@ -884,15 +884,17 @@ def _audit_state_class() -> type:
             self.needed_sizes = needed_sizes
 
         def update_context(self) -> Any:
-            assert self._model is not None
+            model: Any = self._model
+            assert isinstance(model, _ReplayModel)
             return UpdateContext(
                 policy=self._policy,
-                manifest=self._model.manifest,  # the digest is not needed to validate an update
+                manifest=model.replay.base_manifest,
                 tree_size=self.size,
                 root_at=self.root_at,
                 digest_at=self.digest_at,
                 last_sequence=self._sequences,
                 min_base_size=self._min_base_size,
+                conditions=model.replay.condition_set,
             )
 
         def _site_update_fast(self, envelope: bytes, blobs: Any) -> Any:

@@ -17,6 +17,7 @@ reader (:func:`diff_from_bytes`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,10 @@ def expected_diff_shapes(base_manifest: Mapping[str, Any], m: int) -> dict[str, 
 
 
 def check_new_conditions(
-    base_conditions: Sequence[str], new_conditions: Sequence[str], *, namespace: str | None = None
+    base_conditions: Sequence[str] | AbstractSet[str],
+    new_conditions: Sequence[str],
+    *,
+    namespace: str | None = None,
 ) -> None:
     """New condition names: ASCII ``<namespace>/<batch>``, unique, not already in the base, and
     (if ``namespace`` is given) inside it. Raises :class:`UpdateRejectedError`."""
@@ -72,7 +76,7 @@ def check_new_conditions(
         raise UpdateRejectedError("E_CONDITION_NAME", "new conditions must be a list of names")
     if not new_conditions:
         raise UpdateRejectedError("E_CONDITION_NAME", "a diff must add at least one condition")
-    existing = set(base_conditions)
+    existing = base_conditions if isinstance(base_conditions, AbstractSet) else set(base_conditions)
     seen: set[str] = set()
     for c in new_conditions:
         if not isinstance(c, str) or not CONDITION_NAME_RE.fullmatch(c):

@@ -126,6 +126,7 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_BASE_STALE", 53, "The base is older than the last change of the shared weights (genesis or federated round); map again on the current reference."),
     ReasonCode("E_TOO_MANY_CONDITIONS", 54, "The update adds more conditions than the policy allows in one update."),
     ReasonCode("E_RATE_LIMITED", 55, "The site submitted faster than the coordinator's per-site rate limit allows; wait retry_after_s and resubmit the same signed update (idempotent)."),
+    ReasonCode("E_CONDITION_CAP", 56, "The update would take the reference, or the site, over the operator's cap on total conditions (limits.max_conditions_per_reference / max_conditions_per_site)."),
 )
 
 

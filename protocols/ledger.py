@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +70,8 @@ from protocols.bundle import (
     bundle_to_bytes,
     make_bundle,
     manifest_leaf,
+    safetensors_from_bytes,
+    safetensors_to_bytes,
     tensor_leaf,
 )
 from protocols.canonical import canonical_json, parse_json_strict
@@ -88,6 +92,7 @@ from protocols.policy import (
     TrustPolicy,
     apply_policy_change,
     parse_policy_change,
+    parse_trust,
     required_rotation_signers,
 )
 from protocols.update import SITE_UPDATE_TYPE, AcceptedUpdate, UpdateContext, validate_update
@@ -103,6 +108,11 @@ __all__ = [
     "GenesisEntry",
     "AppliedEntry",
     "LedgerState",
+    "ConditionCap",
+    "snapshot_state",
+    "capture_snapshot",
+    "StateSnapshot",
+    "restore_state",
     "entry_kind",
     "entry_blobs",
     "entry_payload",
@@ -218,6 +228,18 @@ def entry_payload(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> tuple[
     if obj.get("kind") != kind:
         raise LedgerError("payload kind does not match payloadType", reason_code="E_LEDGER_ENTRY_KIND")
     return kind, obj
+
+
+def _claimed_diff(payload: bytes) -> BlobRef | None:
+    """The diff blob a site update's payload names, read leniently (the C ``json`` parser, no
+    second strict parse per accept): it only picks the blob to look up. ``validate_update``
+    then parses the payload strictly and checks the diff's bytes against it; None (a payload
+    that names no well-formed diff) leaves the precise rejection to it."""
+    try:
+        d = json.loads(payload)["diff"]
+        return _blob_ref_obj({"sha256": d["sha256"], "size": d["size"]}, "diff")
+    except (ValueError, KeyError, TypeError, RecursionError, LedgerError):
+        return None
 
 
 def entry_blobs(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[BlobRef]:
@@ -358,51 +380,210 @@ def rotation_request(
 # The replayed state
 
 
-class _Model:
-    """The current reference: manifest (no digest), tensors, and cached frozen leaf hashes."""
+@dataclass(frozen=True)
+class ConditionCap:
+    """An operator's cap on how many conditions the reference may hold: in all
+    (``per_reference``) and per site namespace (``per_site``), counting the genesis's and every
+    round's conditions. An admission rule of the coordinator that sets it, not a ledger rule: an
+    auditor replays without it."""
 
-    def __init__(self, bundle: ReferenceBundle) -> None:
-        self.manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
-        self.tensors = dict(bundle.tensors)
+    per_site: int
+    per_reference: int
+
+    def __post_init__(self) -> None:
+        for what in ("per_site", "per_reference"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"condition cap {what} must be a positive integer, got {value!r}")
+
+    def check(self, lineage: _Lineage, site_id: str, m: int) -> None:
+        """Raise ``E_CONDITION_CAP`` if ``m`` more conditions of ``site_id`` break the cap."""
+        total, own = len(lineage.conditions), lineage.site_counts.get(site_id, 0)
+        if total + m > self.per_reference:
+            raise UpdateRejectedError(
+                "E_CONDITION_CAP",
+                f"the reference holds {total} conditions and the cap is {self.per_reference}; "
+                f"this update adds {m}. The operator raises limits.max_conditions_per_reference "
+                "or starts a new reference",
+            )
+        if own + m > self.per_site:
+            raise UpdateRejectedError(
+                "E_CONDITION_CAP",
+                f"site {site_id!r} holds {own} conditions and the cap is {self.per_site} per site; "
+                f"this update adds {m}. Ask the operator to raise limits.max_conditions_per_site",
+            )
+
+
+class _Lineage:
+    """A genesis or federated-round bundle and every condition slice appended to it since.
+
+    Append-only: the slices of each condition tensor are kept as a list of chunks in their
+    declared layout (an accept stores its diff's arrays, it copies nothing), so every version
+    since the bundle is a prefix (``n`` chunks) and is concatenated only when it is asked for."""
+
+    def __init__(
+        self,
+        manifest: Mapping[str, Any],
+        frozen: Mapping[str, np.ndarray],
+        chunks: Mapping[str, list[np.ndarray]],
+        conditions: Sequence[str],
+    ) -> None:
+        """``manifest``: the bundle's, without digest; ``chunks``: per condition tensor, the
+        bundle's tensor then each appended slice; ``conditions``: every condition so far."""
+        self.manifest = dict(manifest)
+        self.frozen = dict(frozen)
         self.frozen_leaves = {
-            name: merkle.leaf_hash(tensor_leaf(name, arr))
-            for name, arr in self.tensors.items()
-            if self.manifest["tensors"][name]["role"] == "frozen"
+            n: merkle.leaf_hash(tensor_leaf(n, a)) for n, a in self.frozen.items()
         }
-        self.digest = bundle.digest
+        self.chunks = {n: list(c) for n, c in chunks.items()}
+        self.n_chunks = len(next(iter(self.chunks.values()), [None]))
+        self.conditions: list[str] = []
+        self.condition_set: set[str] = set()
+        self.site_counts: dict[str, int] = {}
+        self._add_conditions(conditions)
 
-    def extended(self, diff: dict[str, np.ndarray], new_conditions: Sequence[str]) -> _Model:
-        new = object.__new__(_Model)
-        manifest = dict(self.manifest)
-        manifest["conditions"] = list(self.manifest["conditions"]) + list(new_conditions)
-        specs = {n: dict(s) for n, s in self.manifest["tensors"].items()}
-        tensors = dict(self.tensors)
-        leaves: dict[str, bytes] = dict(self.frozen_leaves)
-        for name, spec in specs.items():
-            if spec["role"] != "condition":
+    @classmethod
+    def from_bundle(cls, bundle: ReferenceBundle) -> _Lineage:
+        manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
+        specs = manifest["tensors"]
+        cond = {n for n, spec in specs.items() if spec["role"] == "condition"}
+        return cls(
+            manifest,
+            {n: a for n, a in bundle.tensors.items() if n not in cond},
+            {n: [bundle.tensors[n]] for n in cond},
+            manifest["conditions"],
+        )
+
+    def _add_conditions(self, names: Sequence[str]) -> None:
+        self.conditions.extend(names)
+        self.condition_set.update(names)
+        for c in names:
+            ns = c.split("/", 1)[0]
+            self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
+
+    def append(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> None:
+        for name, chunks in self.chunks.items():
+            chunks.append(diff[name])
+        self._add_conditions(new_conditions)
+        self.n_chunks += 1
+
+
+class _Model:
+    """One reference version: the first ``n_chunks`` chunks (``n_conditions`` conditions) of a
+    :class:`_Lineage`. Its tensors and content digest are computed on first use and kept."""
+
+    def __init__(
+        self,
+        lineage: _Lineage,
+        n_chunks: int,
+        n_conditions: int,
+        *,
+        digest: str | None = None,
+        pending: tuple[Mapping[str, np.ndarray], list[str]] | None = None,
+    ) -> None:
+        self.lineage = lineage
+        self.n_chunks = n_chunks
+        self.n_conditions = n_conditions
+        self._digest = digest
+        self._pending = pending
+
+    @classmethod
+    def from_bundle(cls, bundle: ReferenceBundle) -> _Model:
+        lineage = _Lineage.from_bundle(bundle)
+        return cls(lineage, 1, len(lineage.conditions), digest=bundle.digest)
+
+    @property
+    def spec_manifest(self) -> dict[str, Any]:
+        """The lineage's first manifest: the tensor roles, axes and the dimensions other than the
+        condition axis are those of every version (what an update's shapes are checked against)."""
+        return self.lineage.manifest
+
+    @property
+    def condition_set(self) -> AbstractSet[str]:
+        """The condition names of this version (the head of its lineage only)."""
+        if self.n_chunks != self.lineage.n_chunks:
+            raise LedgerError("only the newest version is extended", reason_code="E_INTERNAL")
+        return self.lineage.condition_set
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """This version's manifest, without ``digest``."""
+        lin = self.lineage
+        base_n = len(lin.manifest["conditions"])
+        specs = {}
+        for name, spec in lin.manifest["tensors"].items():
+            s = dict(spec)
+            if name in lin.chunks:
+                shape = list(s["shape"])
+                shape[int(s["axis"])] += self.n_conditions - base_n
+                s["shape"] = shape
+            specs[name] = s
+        return {**lin.manifest, "conditions": lin.conditions[: self.n_conditions], "tensors": specs}
+
+    @property
+    def tensors(self) -> dict[str, np.ndarray]:
+        lin = self.lineage
+        out = dict(lin.frozen)
+        specs = lin.manifest["tensors"]
+        for name, chunks in lin.chunks.items():
+            parts = chunks[: self.n_chunks]
+            if len(parts) == 1:
+                out[name] = parts[0]
                 continue
-            merged = np.concatenate([self.tensors[name], diff[name]], axis=int(spec["axis"]))
-            merged.flags.writeable = False
-            tensors[name] = merged
-            spec["shape"] = list(merged.shape)
-            leaves[name] = merkle.leaf_hash(tensor_leaf(name, merged))
-        manifest["tensors"] = specs
-        ordered = [leaves[n] for n in sorted(tensors, key=lambda n: n.encode("utf-8"))]
-        ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
-        new.manifest, new.tensors, new.frozen_leaves = manifest, tensors, self.frozen_leaves
-        new.digest = "sha256:" + merkle.root(ordered).hex()
-        return new
+            arr = np.concatenate(parts, axis=int(specs[name]["axis"]))
+            arr.flags.writeable = False
+            out[name] = arr
+        return out
+
+    @property
+    def digest(self) -> str:
+        """The content digest (ADR 0002), from the frozen leaves hashed once per lineage."""
+        if self._digest is None:
+            manifest, tensors = self.manifest, self.tensors
+            leaves = dict(self.lineage.frozen_leaves)
+            for name in self.lineage.chunks:
+                leaves[name] = merkle.leaf_hash(tensor_leaf(name, tensors[name]))
+            ordered = [leaves[n] for n in sorted(leaves, key=lambda n: n.encode("utf-8"))]
+            ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
+            self._digest = "sha256:" + merkle.root(ordered).hex()
+        return self._digest
+
+    @property
+    def known_digest(self) -> str | None:
+        """The digest if it is already known (a bundle's, or computed), else None."""
+        return self._digest
+
+    def extended(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> _Model:
+        """The next version (nothing is appended until :meth:`commit`)."""
+        self.condition_set  # noqa: B018 - raises unless this is the newest version
+        names = list(new_conditions)
+        return _Model(
+            self.lineage, self.n_chunks + 1, self.n_conditions + len(names), pending=(diff, names)
+        )
+
+    def commit(self) -> None:
+        """Append this version's slices to the lineage (once, when its entry is applied)."""
+        if self._pending is None:
+            return
+        if self.lineage.n_chunks != self.n_chunks - 1:
+            raise LedgerError("a version was extended twice", reason_code="E_INTERNAL")
+        self.lineage.append(*self._pending)
+        self._pending = None
 
     def bundle(self) -> ReferenceBundle:
         b = make_bundle(self.manifest, self.tensors)
-        if b.digest != self.digest:  # pragma: no cover - would be a bug in the incremental digest
-            raise LedgerError("incremental digest disagrees with make_bundle", reason_code="E_INTERNAL")
+        if b.digest != self.digest:  # pragma: no cover - would be a bug in the lazy digest
+            raise LedgerError("the version's digest disagrees with make_bundle", reason_code="E_INTERNAL")
         return b
 
 
 @dataclass(frozen=True)
 class AppliedEntry:
-    """What one entry did: its index, kind, parsed payload and the reference version after it."""
+    """What one entry did: its index, kind, parsed payload and the reference version after it.
+
+    ``digest`` is that version's digest when it is known without hashing (a genesis, a round, a
+    version already hashed), else None: :meth:`LedgerState.digest_at` ``(index + 1)`` computes
+    it on demand, so that an accept never hashes the whole model."""
 
     index: int
     kind: str
@@ -432,13 +613,21 @@ class LedgerState:
     ``trust`` is the pinned ``trust.json`` policy; only its roots are used (sites come from the
     ledger's policy entries)."""
 
-    def __init__(self, trust: TrustPolicy, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        trust: TrustPolicy,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        condition_cap: ConditionCap | None = None,
+    ) -> None:
         self.limits = limits
+        self.condition_cap = condition_cap
         self.trust = trust
         self._policy = trust.roots()
         self._policy_history: list[tuple[int, TrustPolicy]] = [(0, self._policy)]
         self._tree = merkle.MerkleTree()
-        self._digests: list[str | None] = [None]
+        self._digests: list[str | None] = [None]  # None: not computed (yet)
+        self._versions: list[_Model | None] = [None]
         self._sequences: dict[str, int] = {}
         self._min_base_size = 1
         self._last_round = 0
@@ -483,18 +672,26 @@ class LedgerState:
 
     @property
     def conditions(self) -> list[str]:
-        return list(self.manifest["conditions"])
+        if self._model is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+        return list(self._model.manifest["conditions"])
 
     @property
     def digest(self) -> str | None:
         """Digest of the current reference version (None before genesis)."""
-        return self._digests[-1]
+        return self.digest_at(self.size)
 
     def digest_at(self, size: int) -> str | None:
-        """Digest of reference version ``size`` (the model after entries ``[0, size)``)."""
+        """Digest of reference version ``size`` (the model after entries ``[0, size)``),
+        computed on first use (one hash of that version) and kept."""
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
             return None
-        return self._digests[size]
+        digest = self._digests[size]
+        if digest is None and size < len(self._versions):
+            model = self._versions[size]
+            if model is not None:
+                digest = self._digests[size] = model.digest
+        return digest
 
     def root_at(self, size: int) -> bytes | None:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
@@ -516,14 +713,17 @@ class LedgerState:
 
     def update_context(self) -> UpdateContext:
         """What :func:`protocols.update.validate_update` checks an update against."""
+        if self._model is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
         return UpdateContext(
             policy=self._policy,
-            manifest=self.manifest,
+            manifest=self._model.spec_manifest,
             tree_size=self.size,
             root_at=self.root_at,
             digest_at=self.digest_at,
-            last_sequence=dict(self._sequences),
+            last_sequence=self._sequences,
             min_base_size=self._min_base_size,
+            conditions=self._model.condition_set,
         )
 
     def validate_site_update(self, envelope: bytes, diff_bytes: bytes) -> AcceptedUpdate:
@@ -548,11 +748,14 @@ class LedgerState:
         if pending.policy is not self._policy:
             self._policy_history.append((index + 1, pending.policy))
         self._policy = pending.policy
+        if pending.model is not None:
+            pending.model.commit()
         self._model = pending.model
         self._sequences = pending.sequences
         self._min_base_size = pending.min_base_size
         self._last_round = pending.last_round
-        self._digests.append(self._model.digest if self._model is not None else None)
+        self._versions.append(self._model)
+        self._digests.append(self._model.known_digest if self._model is not None else None)
         self._kinds.append(pending.kind)
         return AppliedEntry(
             index, pending.kind, pending.payload, leaf, self._digests[-1], pending.site_id,
@@ -629,7 +832,7 @@ class LedgerState:
             if type(obj["format_version"]) is not int or obj["format_version"] != 1 or not isinstance(obj["note"], str):
                 raise LedgerError("genesis format_version must be 1, note a string", reason_code="E_PAYLOAD_MALFORMED")
             bundle = self._load_bundle(obj["bundle"], blobs, "genesis bundle")
-            base.model = _Model(bundle)
+            base.model = _Model.from_bundle(bundle)
             base.min_base_size = index + 1
             return base
         # federated_round
@@ -648,7 +851,7 @@ class LedgerState:
         if not isinstance(b, dict) or set(b) != {"size", "digest"}:
             raise LedgerError("round base has exactly size, digest", reason_code="E_PAYLOAD_MALFORMED")
         bsize = _int(b["size"], "base.size", 1)
-        if bsize > index or self._digests[bsize] != b["digest"]:
+        if bsize > index or self.digest_at(bsize) != b["digest"]:
             raise LedgerError(
                 f"round base (size {bsize}, {str(b['digest'])[:80]}) is not a version of this log",
                 reason_code="E_FEDERATED_ROUND",
@@ -680,7 +883,7 @@ class LedgerState:
             raise LedgerError(
                 "the round's aggregate drops or reorders existing conditions", reason_code="E_FEDERATED_ROUND"
             )
-        base.model = _Model(bundle)
+        base.model = _Model.from_bundle(bundle)
         base.min_base_size = index + 1
         base.last_round = rnd
         return base
@@ -708,13 +911,12 @@ class LedgerState:
         diff_bytes: bytes | None = None,
     ) -> _Pending:
         if diff_bytes is None:  # replay: the stored blob the entry names
-            try:
-                refs = entry_blobs(envelope, limits=self.limits)
-            except VerificationError:
-                refs = []  # validate_update below names the precise problem
-            diff_bytes = self._blob(refs[0], blobs) if refs else b""
+            ref = _claimed_diff(env.payload)
+            diff_bytes = b"" if ref is None else self._blob(ref, blobs)
         accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
         assert self._model is not None
+        if self.condition_cap is not None:
+            self.condition_cap.check(self._model.lineage, accepted.site_id, len(accepted.new_conditions))
         diff = {k: np.asarray(v) for k, v in accepted.diff.items()}
         base.model = self._model.extended(diff, accepted.new_conditions)
         base.sequences[accepted.site_id] = accepted.sequence
@@ -779,6 +981,202 @@ def replay(
 
 # --------------------------------------------------------------------------------------------
 # Receipts
+
+# --------------------------------------------------------------------------------------------
+# Snapshots of the replayed state (a coordinator's restart; an auditor never reads one)
+
+SNAPSHOT_FORMAT = "scarches-fl.ledger-state"
+
+
+@dataclass(frozen=True)
+class StateSnapshot:
+    """A consistent cut of a :class:`LedgerState`, cheap to take (list copies, no tensor):
+    versions are immutable prefixes of append-only lineages, so :meth:`encode` can run in
+    another thread while the state keeps accepting."""
+
+    tree_size: int
+    root: bytes
+    policy_history: tuple[tuple[int, TrustPolicy], ...]
+    sequences: dict[str, int]
+    min_base_size: int
+    last_round: int
+    kinds: tuple[str, ...]
+    digests: tuple[str | None, ...]
+    versions: tuple[_Model | None, ...]
+
+    def encode(self) -> tuple[bytes, bytes]:
+        """``(meta, tensors)``: canonical JSON and a safetensors file. The JSON records the tree
+        size and root, the head version's digest, the SHA-256 of the tensors and of itself;
+        :func:`restore_state` checks them all."""
+        lineages: list[_Lineage] = []
+        index: dict[int, int] = {}
+        extent: list[tuple[int, int]] = []  # per lineage: (chunks, conditions) in this cut
+        versions: list[list[int] | None] = []
+        for v in self.versions:
+            if v is None:
+                versions.append(None)
+                continue
+            if id(v.lineage) not in index:
+                index[id(v.lineage)] = len(lineages)
+                lineages.append(v.lineage)
+                extent.append((0, 0))
+            i = index[id(v.lineage)]
+            extent[i] = max(extent[i], (v.n_chunks, v.n_conditions))
+            versions.append([i, v.n_chunks, v.n_conditions])
+        head = self.versions[-1]
+        if head is None:
+            raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+        tensors: dict[str, np.ndarray] = {}
+        lin_objs = []
+        for i, lin in enumerate(lineages):
+            k, n = extent[i]
+            specs = lin.manifest["tensors"]
+            for name, arr in lin.frozen.items():
+                tensors[f"l{i}/f/{name}"] = arr
+            chunk_sizes: list[int] = []
+            for name, chunks in lin.chunks.items():
+                axis = int(specs[name]["axis"])
+                tensors[f"l{i}/c/{name}"] = np.concatenate(chunks[:k], axis=axis)
+                chunk_sizes = [int(c.shape[axis]) for c in chunks[:k]]  # same for every tensor
+            lin_objs.append(
+                {"manifest": lin.manifest, "conditions": lin.conditions[:n], "chunk_sizes": chunk_sizes}
+            )
+        tensor_bytes = safetensors_to_bytes(tensors)
+        body = {
+            "format": SNAPSHOT_FORMAT,
+            "format_version": 1,
+            "tree_size": self.tree_size,
+            "root": self.root.hex(),
+            "head_digest": head.digest,
+            "policy_history": [[at, pol.to_json_obj()] for at, pol in self.policy_history],
+            "sequences": self.sequences,
+            "min_base_size": self.min_base_size,
+            "last_round": self.last_round,
+            "kinds": list(self.kinds),
+            "digests": {
+                **{str(i): d for i, d in enumerate(self.digests) if d is not None},
+                str(self.tree_size): head.digest,
+            },
+            "versions": versions,
+            "lineages": lin_objs,
+            "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+        }
+        encoded = canonical_json(body)
+        meta = canonical_json({"body": body, "sha256": hashlib.sha256(encoded).hexdigest()})
+        return meta, tensor_bytes
+
+
+def capture_snapshot(state: LedgerState) -> StateSnapshot:
+    """A :class:`StateSnapshot` of ``state`` now (call it where nothing applies meanwhile)."""
+    if state._model is None:
+        raise LedgerError("the ledger has no genesis yet", reason_code="E_LEDGER_ORDER")
+    return StateSnapshot(
+        tree_size=state.size,
+        root=state.root(),
+        policy_history=tuple(state._policy_history),
+        sequences=dict(state._sequences),
+        min_base_size=state._min_base_size,
+        last_round=state._last_round,
+        kinds=tuple(state._kinds),
+        digests=tuple(state._digests),
+        versions=tuple(state._versions),
+    )
+
+
+def snapshot_state(state: LedgerState) -> tuple[bytes, bytes]:
+    """``capture_snapshot(state).encode()``."""
+    return capture_snapshot(state).encode()
+
+
+def restore_state(
+    trust: TrustPolicy,
+    meta: bytes,
+    tensor_bytes: bytes,
+    leaf_hashes: Sequence[bytes],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    condition_cap: ConditionCap | None = None,
+) -> LedgerState:
+    """The :class:`LedgerState` a snapshot recorded, after checking it: its own checksums (JSON
+    body and tensors), its format, its first policy against the pinned roots, and its tree size
+    and root against ``leaf_hashes`` (the log's, from storage). Cost: linear in the snapshot's
+    bytes, no model hash (the recorded digests are kept; the coordinator compares a version it
+    rebuilds for serving with them). Any mismatch raises :class:`LedgerError` (``E_INTERNAL``):
+    replay the log instead."""
+
+    def bad(why: str) -> LedgerError:
+        return LedgerError(f"ledger snapshot: {why}", reason_code="E_INTERNAL")
+
+    try:
+        # canonical JSON sorts "body" before "sha256": the body's bytes are a slice of meta
+        head_len, tail_len = len(b'{"body":'), len(b',"sha256":"') + 64 + len(b'"}')
+        if not (meta.startswith(b'{"body":') and meta[-tail_len:-66] == b',"sha256":"'):
+            raise bad("its JSON is not {body, sha256} (corrupt)")
+        body_bytes = meta[head_len:-tail_len]
+        if hashlib.sha256(body_bytes).hexdigest().encode() != meta[-66:-2]:
+            raise bad("its JSON does not hash to the recorded sha256 (corrupt)")
+        body = json.loads(body_bytes)
+        if hashlib.sha256(tensor_bytes).hexdigest() != body["tensors_sha256"]:
+            raise bad("its tensors do not hash to the recorded sha256 (corrupt)")
+        if body["format"] != SNAPSHOT_FORMAT or body["format_version"] != 1:
+            raise bad(f"unknown format {body['format']!r} v{body['format_version']!r}")
+        size = int(body["tree_size"])
+        if not 1 <= size <= len(leaf_hashes):
+            raise bad(f"taken at tree size {size}, the log has {len(leaf_hashes)} entries")
+        tree = merkle.MerkleTree(leaf_hashes[:size])
+        if tree.root().hex() != body["root"]:
+            raise bad(f"its root at tree size {size} is not the log's (stale or from another log)")
+        history = [
+            (int(at), parse_trust(canonical_json(obj), limits=limits))
+            for at, obj in body["policy_history"]
+        ]
+        if history[0][1] != trust.roots():
+            raise bad("its first policy is not the pinned trust.json roots")
+        arrays = safetensors_from_bytes(tensor_bytes, max_bytes=len(tensor_bytes), limits=limits)
+        lineages = []
+        for i, lo in enumerate(body["lineages"]):
+            specs = lo["manifest"]["tensors"]
+            frozen, chunks = {}, {}
+            ends = np.cumsum([int(n) for n in lo["chunk_sizes"]]).tolist()
+            starts = [0, *ends[:-1]]
+            for name, spec in specs.items():
+                if spec["role"] == "condition":
+                    arr, axis = arrays[f"l{i}/c/{name}"], int(spec["axis"])
+                    if ends[-1] != arr.shape[axis]:
+                        raise bad(f"tensor {name!r} of lineage {i} does not hold its chunks")
+                    lead = (slice(None),) * axis
+                    chunks[name] = [arr[(*lead, slice(a, b))] for a, b in zip(starts, ends, strict=True)]
+                else:
+                    frozen[name] = arrays[f"l{i}/f/{name}"]
+            lineages.append(_Lineage(lo["manifest"], frozen, chunks, lo["conditions"]))
+        st = LedgerState(trust, limits=limits, condition_cap=condition_cap)
+        st._tree = tree
+        st._policy_history = history
+        st._policy = history[-1][1]
+        st._sequences = {str(k): int(v) for k, v in body["sequences"].items()}
+        st._min_base_size = int(body["min_base_size"])
+        st._last_round = int(body["last_round"])
+        st._kinds = [str(k) for k in body["kinds"]]
+        digests = {int(k): str(v) for k, v in body["digests"].items()}
+        st._digests = [digests.get(i) for i in range(size + 1)]
+        st._versions = [
+            None if v is None else _Model(lineages[v[0]], int(v[1]), int(v[2]), digest=digests.get(i))
+            for i, v in enumerate(body["versions"])
+        ]
+        if not (len(st._versions) == len(st._digests) == size + 1 == len(st._kinds) + 1):
+            raise bad("its per-version lists do not match its tree size")
+        head = st._versions[-1]
+        if head is None or head.n_chunks != head.lineage.n_chunks:
+            raise bad("its newest version is not the head of its lineage")
+        st._model = head
+        if st.digest_at(size) != body["head_digest"]:  # recorded in both places when taken
+            raise bad("its newest version's digest is not the one it recorded")
+    except LedgerError:
+        raise
+    except (VerificationError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise bad(f"malformed ({type(exc).__name__}: {exc})") from exc
+    return st
+
 
 RECEIPT_FORMAT = "scarches-fl.receipt"
 

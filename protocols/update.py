@@ -59,6 +59,7 @@ import hmac
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -332,6 +333,10 @@ class UpdateContext:
     digest_at: Callable[[int], str | None]
     last_sequence: Mapping[str, int]
     min_base_size: int
+    #: the current condition names for membership tests; None reads ``manifest["conditions"]``
+    #: (then ``manifest`` must be the current one; otherwise only its tensor roles, axes, dtypes
+    #: and the dimensions other than the condition axis are read)
+    conditions: AbstractSet[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -536,7 +541,8 @@ def validate_update(
             "E_TOO_MANY_CONDITIONS",
             f"{len(payload.new_conditions)} new conditions, the policy allows {max_new} per update",
         )
-    check_new_conditions(ctx.manifest["conditions"], payload.new_conditions, namespace=signer_site)
+    existing = ctx.manifest["conditions"] if ctx.conditions is None else ctx.conditions
+    check_new_conditions(existing, payload.new_conditions, namespace=signer_site)
     # 8. diff identity
     if len(diff_bytes) != payload.diff_size:
         raise UpdateRejectedError(

@@ -176,3 +176,18 @@ def enrolled(*sites: str) -> Consortium:
     for i, s in enumerate(sites or ("site-a",)):
         c.enrol(s, det_key(10 + i))
     return c
+
+
+def assert_same_state(a, b) -> None:
+    """Two :class:`protocols.ledger.LedgerState` objects hold the same replayed ledger: size,
+    root, sequences, kinds, policy, every version's digest, the conditions and the head model."""
+    assert (a.size, a.root(), a.sequences, a.kinds, a.policy) == (
+        b.size,
+        b.root(),
+        b.sequences,
+        b.kinds,
+        b.policy,
+    )
+    assert [a.digest_at(n) for n in range(a.size + 1)] == [b.digest_at(n) for n in range(b.size + 1)]
+    assert a.conditions == b.conditions
+    assert a.bundle().digest == b.bundle().digest

@@ -32,6 +32,11 @@ __all__ = [
     "write_superlink_tls",
     "write_node_auth_key",
     "superlink_command",
+    "executor_command",
+    "check_superlink_certificate",
+    "run_superlink",
+    "SuperLinkStopped",
+    "LOOPBACK_NAMES",
     "register_node_command",
     "supernode_command",
     "run_command",
@@ -54,10 +59,18 @@ def _bin(name: str) -> str:
     return found
 
 
-def write_superlink_tls(out: Path, *, names: Sequence[str] = ("localhost", "127.0.0.1"),
-                        days: int = 825) -> dict[str, Path]:
-    """A CA (``ca.crt``, ``ca.key``) and a SuperLink certificate for ``names`` signed by it
-    (``server.pem``, ``server.key``). Keys are written with mode 0600."""
+#: Names every SuperLink certificate is valid for, whatever else it names: the SuperLink's own
+#: ServerApp executor (``flower-superexec``) dials the SuperLink at 127.0.0.1, and the operator's
+#: ``register-node`` and ``run`` dial it on the same host.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1")
+
+
+def write_superlink_tls(out: Path, *, names: Sequence[str] = (), days: int = 825
+                        ) -> dict[str, Path]:
+    """A CA (``ca.crt``, ``ca.key``) and a SuperLink certificate signed by it (``server.pem``,
+    ``server.key``) for ``names`` and :data:`LOOPBACK_NAMES`. Keys are written with mode
+    0600."""
+    names = list(dict.fromkeys([*names, *LOOPBACK_NAMES]))
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -139,14 +152,17 @@ def _host_port(address: str) -> tuple[str, str]:
 
 def superlink_command(state: Path, listen: str, *, tls_dir: Path | None,
                       insecure: bool = False) -> tuple[list[str], dict[str, str]]:
-    """``flower-superlink`` with TLS and SuperNode authentication (or ``--insecure``)."""
+    """``flower-superlink`` with TLS and SuperNode authentication (or ``--insecure``), in
+    Flower's ``process`` isolation: its ServerApp executor is started beside it
+    (:func:`executor_command`, :func:`run_superlink`), not inside it, so that its death is
+    seen."""
     from protocols.errors import ConfigError
 
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
     host, port = _host_port(listen)
     cmd = [_bin("flower-superlink"), "--host", host, "--port", port,
-           "--database", str(state / "superlink.db"),
+           "--database", str(state / "superlink.db"), "--isolation", "process",
            "--disable-runtime-dependency-installation"]
     if insecure:
         cmd.append("--insecure")
@@ -155,10 +171,156 @@ def superlink_command(state: Path, listen: str, *, tls_dir: Path | None,
             raise ConfigError("the SuperLink needs --tls DIR (from 'scarches-fl federate tls') "
                               "or --insecure for loopback development")
         tls_dir = Path(tls_dir)
+        check_superlink_certificate(tls_dir, _executor_host(host))
         cmd += ["--ssl-ca-certfile", str(tls_dir / "ca.crt"),
                 "--ssl-certfile", str(tls_dir / "server.pem"),
                 "--ssl-keyfile", str(tls_dir / "server.key"), "--enable-supernode-auth"]
     return cmd, flower_environment(state / "flwr-home")
+
+
+def _executor_host(listen_host: str) -> str:
+    """Where the executor dials the SuperLink: a wildcard listen address means this host."""
+    return {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "::1"}.get(listen_host, listen_host)
+
+
+def executor_command(listen: str, *, tls_dir: Path | None, insecure: bool,
+                     superlink_pid: int) -> list[str]:
+    """``flower-superexec``: the process that runs the ServerApp for the SuperLink; it dials the
+    SuperLink's Runtime API (the listen port, on this host) and exits with the SuperLink."""
+    host, port = _host_port(listen)
+    tls = ["--insecure"] if insecure or tls_dir is None else [
+        "--root-certificates", str(Path(tls_dir) / "ca.crt")]
+    return [_bin("flower-superexec"), *tls, "--runtime-api-address",
+            f"{_executor_host(host)}:{port}", "--parent-pid", str(superlink_pid)]
+
+
+def check_superlink_certificate(tls_dir: Path, host: str) -> None:
+    """Refuse a SuperLink certificate that is not valid for ``host``, the address the
+    SuperLink's own executor dials (it would die at once, leaving the SuperLink unable to run
+    anything)."""
+    import ipaddress
+
+    from cryptography import x509
+
+    from protocols.errors import ConfigError
+
+    path = Path(tls_dir) / "server.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ConfigError(f"--tls {tls_dir}: cannot read {path} ({exc}); make the TLS files "
+                          "with `scarches-fl federate tls --out DIR`") from exc
+    names = {str(n) for n in sans.get_values_for_type(x509.DNSName)}
+    names |= {str(n) for n in sans.get_values_for_type(x509.IPAddress)}
+    try:
+        wanted = str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        wanted = host
+    if wanted not in names:
+        raise ConfigError(
+            f"--tls {tls_dir}: server.pem is valid for {', '.join(sorted(names))}, not for "
+            f"{wanted}, which the SuperLink's own ServerApp executor dials; make the TLS files "
+            "again with `scarches-fl federate tls --out DIR --name ...` (it always adds "
+            "localhost and 127.0.0.1) and send the sites the new ca.crt"
+        )
+
+
+class SuperLinkStopped(Exception):  # noqa: N818 - an outcome, reported to the operator
+    """The SuperLink or its executor exited on its own; the other one was stopped."""
+
+    user_message = True
+    exit_code = 1
+
+
+def run_superlink(link_cmd: list[str], env: dict[str, str], *, listen: str,
+                  executor: Callable[[int], list[str]], stop: Any = None,
+                  ready_timeout: float = 60.0, poll_s: float = 0.3) -> int:
+    """Run the SuperLink and, once it listens, its executor; stop both by PID on SIGINT /
+    SIGTERM (or when ``stop``, a ``threading.Event``, is set) and return 0. When either exits
+    on its own, stop the other and raise :class:`SuperLinkStopped` with the executor's last
+    output lines, so a SuperLink never lingers without the process that runs its ServerApps."""
+    import collections
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    stop = stop or threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    host, port = _host_port(listen)
+    procs: list[subprocess.Popen[bytes]] = []
+    tail: collections.deque[str] = collections.deque(maxlen=12)
+
+    def relay(stream: Any) -> None:
+        for raw in stream:
+            line = raw.decode("utf-8", "replace")
+            sys.stderr.write(line)
+            tail.append(line.rstrip())
+
+    try:
+        link = subprocess.Popen(link_cmd, env=env)
+        procs.append(link)
+        deadline = time.monotonic() + ready_timeout
+        while not _listening(_executor_host(host).strip("[]"), int(port)):
+            if link.poll() is not None:
+                raise SuperLinkStopped(f"the SuperLink exited with code {link.returncode} "
+                                       "before it listened (its log is above)")
+            if stop.wait(poll_s):
+                return 0
+            if time.monotonic() > deadline:
+                raise SuperLinkStopped(f"the SuperLink did not listen on {listen} within "
+                                       f"{ready_timeout:.0f} s; stopped it")
+        runner = subprocess.Popen(executor(link.pid), env=env, stderr=subprocess.PIPE)
+        procs.append(runner)
+        reader = threading.Thread(target=relay, args=(runner.stderr,), daemon=True)
+        reader.start()
+        while not stop.wait(poll_s):
+            if runner.poll() is not None:
+                reader.join(timeout=5)
+                raise SuperLinkStopped(
+                    f"the SuperLink's ServerApp executor (flower-superexec) exited with code "
+                    f"{runner.returncode}, so the SuperLink could run no training; it was "
+                    "stopped too. The executor's last lines:\n  " + "\n  ".join(tail))
+            if link.poll() is not None:
+                raise SuperLinkStopped(f"the SuperLink exited with code {link.returncode} "
+                                       "(its log is above); its executor was stopped")
+        return 0
+    finally:
+        _stop_all(procs)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _stop_all(procs: list[Any], grace: float = 10.0) -> None:
+    """SIGTERM every process still running (executor first), then SIGKILL what outlives
+    ``grace``; each by its PID."""
+    import subprocess
+    import time
+
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in reversed(procs):
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
 
 
 def _write_connection(flwr_home: Path, superlink: str, *, root_cert: Path | None,

@@ -34,7 +34,13 @@ def register(subparsers: Any) -> None:
     )
     sub = site.add_subparsers(dest="site_command", metavar="SUBCOMMAND")
 
-    p = sub.add_parser("keygen", help="create this site's signing key (site.key, site.pub)")
+    p = sub.add_parser(
+        "keygen", help="create this site's signing key (site.key, site.pub)",
+        description="Make this site's Ed25519 signing key: site.key (mode 0600; it never "
+                    "leaves the site) and site.pub for the operator. Prints the key's "
+                    "fingerprint, which the operator's `coordinator enroll` prints too: read it "
+                    "to them over a second channel.",
+    )
     p.add_argument("--out", required=True, metavar="DIR",
                    help="directory for site.key (mode 0600, never leaves the site) and site.pub")
     p.add_argument("--force", action="store_true", help="overwrite an existing site.key")
@@ -42,6 +48,10 @@ def register(subparsers: Any) -> None:
 
     p = sub.add_parser(
         "map", help="pull + verify the reference, map a dataset, contribute the condition weights",
+        description="Fetch and verify the coordinator's checkpoint and reference, map the "
+                    "site's dataset onto it by surgery (the embedding and predicted labels stay "
+                    "in --out at the site), pass the outgoing update through the privacy guard, "
+                    "sign it, submit it and verify the receipt. --dry-run stops before signing.",
     )
     _add_connection(p)
     p.add_argument("--key", metavar="KEY", help="this site's private key (site.key)")
@@ -66,18 +76,31 @@ def register(subparsers: Any) -> None:
                    help="cells with uncertainty above this are 'Unknown' (default 0.5)")
     p.set_defaults(handler=_map)
 
-    p = sub.add_parser("status", help="pinned trust, last verified checkpoint, contributions")
-    p.add_argument("--state", required=True, metavar="DIR")
+    p = sub.add_parser(
+        "status", help="pinned trust, last verified checkpoint, contributions",
+        description="Show what the site's state directory holds: the pinned trust, the last "
+                    "verified checkpoint, keys, and every contribution with its state.",
+    )
+    p.add_argument("--state", required=True, metavar="DIR", help="the site's state directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_status)
 
-    p = sub.add_parser("outbox", help="list (or show one of) the updates sent or waiting")
-    p.add_argument("--state", required=True, metavar="DIR")
-    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p = sub.add_parser(
+        "outbox", help="list (or show one of) the updates sent or waiting",
+        description="List the updates in the site's outbox, or show one: exactly what was (or "
+                    "will be) sent, its signature, delivery attempts and receipt.",
+    )
+    p.add_argument("--state", required=True, metavar="DIR", help="the site's state directory")
+    p.add_argument("action", nargs="?", choices=["list", "show"], default="list",
+                   help="list the entries, or show one (the newest without ID)")
     p.add_argument("id", nargs="?", metavar="ID", help="outbox entry (with show)")
     p.set_defaults(handler=_outbox)
 
-    p = sub.add_parser("retry", help="deliver signed updates still waiting in the outbox")
+    p = sub.add_parser(
+        "retry", help="deliver signed updates still waiting in the outbox",
+        description="Submit again the signed updates the coordinator has not acknowledged "
+                    "(same envelope, so a delivered one is answered with its original receipt).",
+    )
     p.add_argument("--state", metavar="DIR", help="the site's state directory")
     _add_connection(p)
     p.add_argument("ids", nargs="*", metavar="ID", help="only these outbox entries")
@@ -151,6 +174,9 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    from scarches_fl._extras import require_extra
+
+    require_extra("model", command="site map")
     from site_agent.agent import run_map
 
     config = _config(args)

@@ -43,6 +43,7 @@ __all__ = [
     "publish_federated_round",
     "rotate_site_key",
     "SERVE_RECORD",
+    "listen_addresses",
 ]
 
 logger = logging.getLogger(__name__)
@@ -253,22 +254,23 @@ def serve(
     try:
         registry.start_writer()
         port = server.start()
-        host = address.rsplit(":", 1)[0]
-        wildcard = host.strip("[]") in ("0.0.0.0", "::", "")
+        listening, dial = listen_addresses(address, port)
         record = {
             "pid": os.getpid(),
             "state_dir": str(Path(state_dir).resolve()),
             "listen": address,
             "port": port,
-            "address": f"{'127.0.0.1' if wildcard else host}:{port}",
+            "address": dial,
             "insecure": insecure,
         }
         atomic_write(Path(state_dir) / SERVE_RECORD, json.dumps(record).encode(), durable=False)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
-        where = f"{host}:{port}" + (
-            f" (every interface; on this machine dial {record['address']})" if wildcard else ""
+        where = (
+            listening
+            if listening == dial
+            else f"{listening} (every interface; on this machine dial {dial})"
         )
         print(
             f"serving {cfg.origin} on {where} "
@@ -288,6 +290,18 @@ def serve(
             (Path(state_dir) / SERVE_RECORD).unlink()
         lock.close()
     return 0
+
+
+def listen_addresses(listen: str, port: int) -> tuple[str, str]:
+    """(where the server listens, the address a client on this machine dials) for ``listen``
+    (``HOST:PORT`` as given, the port possibly 0) and the port it got: a wildcard host (every
+    interface) is dialled at loopback."""
+    host = listen.rsplit(":", 1)[0]
+    bare = host.strip("[]")
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(bare)
+    if loopback is None:
+        return f"{host}:{port}", f"{host}:{port}"
+    return f"{host or '0.0.0.0'}:{port}", f"{loopback}:{port}"
 
 
 def _serve_lock(state_dir: Path) -> Any:

@@ -326,8 +326,9 @@ def _superlink(args: argparse.Namespace) -> int:
 def _register_node(args: argparse.Namespace) -> int:
     import subprocess
 
-    from coordinator.federated_deploy import register_node_command
+    from coordinator.federated_deploy import check_superlink_reachable, register_node_command
 
+    check_superlink_reachable(args.superlink, tls_dir=Path(args.tls) if args.tls else None)
     cmd, env = register_node_command(args.superlink, Path(args.public_key), args.site_id,
                                      tls_dir=Path(args.tls) if args.tls else None)
     return subprocess.call(cmd, env=env)
@@ -348,8 +349,9 @@ def _supernode(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import subprocess
 
-    from coordinator.federated_deploy import run_command
+    from coordinator.federated_deploy import check_superlink_reachable, run_command
 
+    check_superlink_reachable(args.superlink, tls_dir=Path(args.tls) if args.tls else None)
     cmd, env, cleanup = run_command(
         args.superlink, tls_dir=Path(args.tls) if args.tls else None, insecure=args.insecure,
         run_config={

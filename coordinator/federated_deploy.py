@@ -34,6 +34,7 @@ __all__ = [
     "superlink_command",
     "executor_command",
     "check_superlink_certificate",
+    "check_superlink_reachable",
     "run_superlink",
     "SuperLinkStopped",
     "LOOPBACK_NAMES",
@@ -224,6 +225,44 @@ def check_superlink_certificate(tls_dir: Path, host: str) -> None:
             "again with `scarches-fl federate tls --out DIR --name ...` (it always adds "
             "localhost and 127.0.0.1) and send the sites the new ca.crt"
         )
+
+
+def check_superlink_reachable(address: str, *, tls_dir: Path | None,
+                              timeout: float = 5.0) -> None:
+    """Before ``register-node`` or ``run`` hand the address to ``flwr`` (whose only message on
+    any failure is "Connection to the SuperLink is unavailable"): something must listen there
+    and, with TLS, present a certificate that the operator's CA signed for that host."""
+    import socket
+    import ssl
+
+    from protocols.errors import ConfigError
+
+    host, port = _host_port(address)
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as exc:
+        raise ConfigError(
+            f"--superlink {address}: nothing answers there ({exc.strerror or exc}); start the "
+            "SuperLink first (`scarches-fl federate superlink ...`) or check the address"
+        ) from exc
+    with sock:
+        if tls_dir is None:
+            return
+        ctx = ssl.create_default_context(cafile=str(Path(tls_dir) / "ca.crt"))
+        try:
+            ctx.wrap_socket(sock, server_hostname=host.strip("[]")).close()
+        except ssl.SSLCertVerificationError as exc:
+            raise ConfigError(
+                f"--superlink {address}: the SuperLink's certificate does not verify for "
+                f"{host} under {Path(tls_dir) / 'ca.crt'} ({exc.verify_message}); dial a name "
+                "the certificate holds, or make the TLS files again with `scarches-fl federate "
+                "tls` and restart the SuperLink"
+            ) from exc
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(
+                f"--superlink {address}: no TLS handshake with the SuperLink ({exc}); is it "
+                "started with --tls, and is this its address?"
+            ) from exc
 
 
 class SuperLinkStopped(Exception):  # noqa: N818 - an outcome, reported to the operator

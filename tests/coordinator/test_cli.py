@@ -163,6 +163,17 @@ def test_serve_refuses_bad_config_and_insecure_public(
     assert "coordinator.yaml" in err and "limits.max_workers" in err
 
 
+def _health(state: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
     state = tmp_path / "state"
     assert main(["coordinator", "init", "--dir", str(state), "--reference", str(reference)]) == 0
@@ -190,14 +201,7 @@ def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
         while not (state / "serve.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        res = subprocess.run(
-            [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        res = _health(state, env)
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("serving:")
         # A copy is not the live directory: no answer from the original's server for it, both
@@ -206,14 +210,7 @@ def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
         assert main(["coordinator", "backup", "--dir", str(state), "--out", str(backup)]) == 0
         shutil.copytree(state, plain)
         for copy in (backup, plain):
-            res = subprocess.run(
-                [sys.executable, "-m", "coordinator", "health", "--dir", str(copy)],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            res = _health(copy, env)
             assert res.returncode == 1, res.stdout
             assert res.stderr.startswith(f"not serving: no `coordinator serve` runs on {copy}")
     finally:
@@ -222,15 +219,7 @@ def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
     assert proc.returncode == 0, out
     assert not (state / "serve.json").exists()
     assert "TLS" in out
-    res = subprocess.run(
-        [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 1
+    assert _health(state, env).returncode == 1
 
 
 @pytest.mark.parametrize(

@@ -113,3 +113,16 @@ def test_superlink_and_executor_stop_together_on_request(tmp_path: Path) -> None
     assert rc == 0 and started
     res = subprocess.run(["ps", "-o", "stat=", "-p", str(started[0])], capture_output=True)
     assert res.stdout.strip() == b""
+
+
+def test_register_node_says_when_nothing_listens(tmp_path: Path, capsys) -> None:
+    """Instead of flwr's "Connection to the SuperLink is unavailable"."""
+    assert main(["federate", "tls", "--out", str(tmp_path / "fl-tls")]) == 0
+    assert main(["federate", "node-keygen", "--out", str(tmp_path / "node")]) == 0
+    capsys.readouterr()
+    port = _free_port()
+    argv = ["federate", "register-node", "--superlink", f"127.0.0.1:{port}"]
+    argv += ["--tls", str(tmp_path / "fl-tls"), "--site-id", "hosp-a"]
+    assert main([*argv, "--public-key", str(tmp_path / "node" / "node_auth.pub")]) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}: nothing answers there" in err and "federate superlink" in err

@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def publish_run(
-    state_dir: str | os.PathLike[str], records: str | os.PathLike[str], *,
-    policy: str | os.PathLike[str] | None = None, enroll: bool = False,
+    state_dir: str | os.PathLike[str],
+    records: str | os.PathLike[str],
+    *,
+    policy: str | os.PathLike[str] | None = None,
+    enroll: bool = False,
 ) -> list[Any]:
     """Append the run in ``records`` (``BUNDLE_DIR/federation``) to the ledger in
     ``state_dir``; returns the appended entries (with ``enroll``, the enrolment entries of the
@@ -55,15 +58,17 @@ def publish_run(
     coordinator_key = load_policy_coordinator(policy_path)
     site_keys = load_policy(policy_path)
     report = verify_run_directory(records, site_keys=site_keys, coordinator_key=coordinator_key)
-    run = open_envelope((records / "rounds" / "run.json").read_bytes(), RUN_PAYLOAD_TYPE,
-                        coordinator_key)
+    run = open_envelope(
+        (records / "rounds" / "run.json").read_bytes(), RUN_PAYLOAD_TYPE, coordinator_key
+    )
     final_round = int(run["final"]["round"])
     size, digest = _ledger_size_and_digest(Path(state_dir))
     if digest != report.initial_digest:
         raise FederationError(
             f"the ledger's current model is {digest}, not the run's initial model "
             f"{report.initial_digest}; initialise the coordinator with --reference "
-            f"{records / 'models' / 'round-0000'} before publishing the run")
+            f"{records / 'models' / 'round-0000'} before publishing the run"
+        )
     entries = []
     if enroll:
         for site_id in _not_enrolled(Path(state_dir), site_keys):
@@ -71,16 +76,25 @@ def publish_run(
             log.info("enrolled %s as ledger entry %d", site_id, entries[-1].index)
         size = int(entries[-1].index) + 1 if entries else size
     for rnd in range(1, final_round + 1):
-        rec = open_envelope((records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
-                            ROUND_PAYLOAD_TYPE, coordinator_key)
+        rec = open_envelope(
+            (records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
+            ROUND_PAYLOAD_TYPE,
+            coordinator_key,
+        )
         aggregate = read_bundle(records / "models" / f"round-{rnd:04d}")
         if aggregate.digest != rec["aggregate_digest"]:
-            raise FederationError(f"models/round-{rnd:04d} is not the aggregate round {rnd} "
-                                  "recorded")
+            raise FederationError(
+                f"models/round-{rnd:04d} is not the aggregate round {rnd} recorded"
+            )
         contributors = [(c["site_id"], c["contribution_digest"]) for c in rec["contributors"]]
         entry = publish_federated_round(
-            state_dir, aggregate=aggregate, round_number=rnd, base_size=size,
-            base_digest=rec["base_digest"], contributors=contributors)
+            state_dir,
+            aggregate=aggregate,
+            round_number=rnd,
+            base_size=size,
+            base_digest=rec["base_digest"],
+            contributors=contributors,
+        )
         entries.append(entry)
         size = int(entry.index) + 1
         log.info("appended round %d as ledger entry %d", rnd, entry.index)

@@ -10,6 +10,12 @@ import argparse
 
 __all__ = ["register"]
 
+_DIR_HELP = "the coordinator's state directory (made by `coordinator init`)"
+
+
+def _add_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", required=True, metavar="STATE", help=_DIR_HELP)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -87,9 +93,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enroll = sub.add_parser(
         "enroll",
         help="enrol a site's public key (operator-signed policy entry)",
-        description="Append an operator-signed policy entry enrolling SITE_ID with its key.",
+        description=(
+            "Append an operator-signed policy entry enrolling SITE_ID with its key, and print "
+            "the key's fingerprint: compare it with the one `scarches-fl site keygen` printed at "
+            "the site, over a second channel, before anything else."
+        ),
     )
-    enroll.add_argument("--dir", required=True, metavar="STATE")
+    _add_dir(enroll)
     enroll.add_argument(
         "--site-id", required=True, metavar="ID", help="site id = its condition namespace"
     )
@@ -101,8 +111,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="revoke a site (operator-signed policy entry)",
         description="Append an operator-signed policy entry revoking SITE_ID's keys.",
     )
-    revoke.add_argument("--dir", required=True, metavar="STATE")
-    revoke.add_argument("--site-id", required=True, metavar="ID")
+    _add_dir(revoke)
+    revoke.add_argument("--site-id", required=True, metavar="ID", help="the site to revoke")
     revoke.set_defaults(handler=_revoke)
 
     rotate = sub.add_parser(
@@ -113,10 +123,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "envelope (payloadType application/vnd.scarches-fl.policy.v1+json) of a 'rotate' "
             "policy change naming its new public key and the key id it replaces, signed by its "
             "old AND its new key. This command checks it, adds the operator signature and "
-            "appends it; from then on only the new key is accepted."
+            "appends it; from then on only the new key is accepted. It prints both keys' "
+            "fingerprints, to compare with the ones `site rotate-key` printed at the site."
         ),
     )
-    rotate.add_argument("--dir", required=True, metavar="STATE")
+    _add_dir(rotate)
     rotate.add_argument(
         "--request", required=True, metavar="FILE", help="the site's signed rotation request"
     )
@@ -130,7 +141,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "plain text and is refused on any non-loopback address."
         ),
     )
-    serve.add_argument("--dir", required=True, metavar="STATE")
+    _add_dir(serve)
     serve.add_argument(
         "--listen",
         default=None,
@@ -147,8 +158,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status = sub.add_parser(
         "status",
         help="tree size, last checkpoint, sites and contributions, blobs, disk use",
+        description=(
+            "Print the ledger's state from STATE (no server needed): tree size, the last "
+            "checkpoint, every site with its contributions, blobs and disk use."
+        ),
     )
-    status.add_argument("--dir", required=True, metavar="STATE")
+    _add_dir(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument(
         "--verify",
@@ -166,22 +181,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "trust.json. The copy is a complete state directory: serve it, audit it, or keep it."
         ),
     )
-    backup.add_argument("--dir", required=True, metavar="STATE")
+    _add_dir(backup)
     backup.add_argument("--out", required=True, metavar="OUT", help="new directory to create")
     backup.set_defaults(handler=_backup)
 
     health = sub.add_parser(
         "health",
         help="ask the running server whether it is serving (exit 0 if so)",
+        description=(
+            "Ask the server that `coordinator serve` runs on STATE whether it is serving (exit "
+            "0 if so, 1 if not). It finds the server through STATE/serve.json; a state "
+            "directory that no server runs on (a backup, a copy) is reported as not served, "
+            "never answered for by another server. --address asks a server at that address."
+        ),
     )
-    health.add_argument("--dir", required=True, metavar="STATE")
+    _add_dir(health)
     health.add_argument(
         "--address",
         default=None,
         metavar="HOST:PORT",
-        help="server address (default: the one `serve` recorded, else coordinator.yaml)",
+        help="ask the server at this address instead (default: the one `serve` on STATE "
+        "recorded in STATE/serve.json)",
     )
-    health.add_argument("--timeout", type=float, default=3.0, metavar="S")
+    health.add_argument(
+        "--timeout", type=float, default=3.0, metavar="S", help="seconds to wait for the answer"
+    )
     health.set_defaults(handler=_health)
 
 
@@ -216,11 +240,20 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
+_CHECK_FINGERPRINT = (
+    "Check this fingerprint with the site over a second channel (phone): it must be the one "
+    "their `scarches-fl site keygen` (or `site rotate-key`) printed; if not, revoke the key."
+)
+
+
 def _enroll(args: argparse.Namespace) -> int:
     from coordinator.admin import enroll_site
+    from protocols.keys import key_id, load_public_key
 
     entry = enroll_site(args.dir, site_id=args.site_id, public_key=args.public_key)
     print(f"enrolled {args.site_id} (ledger entry {entry.index})")
+    print(f"fingerprint (key id): {key_id(load_public_key(args.public_key))}")
+    print(_CHECK_FINGERPRINT)
     return 0
 
 
@@ -234,9 +267,16 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _rotate(args: argparse.Namespace) -> int:
     from coordinator.admin import rotate_site_key
+    from protocols.keys import key_id, public_key_from_text
+    from protocols.ledger import entry_payload
+    from protocols.policy import parse_policy_change
 
     entry, site_id = rotate_site_key(args.dir, request=args.request)
+    change = parse_policy_change(entry_payload(entry.envelope)[1])
     print(f"rotated the key of {site_id} (ledger entry {entry.index})")
+    print(f"new key fingerprint (key id): {key_id(public_key_from_text(change.public_key))}")
+    print(f"replaced key id:              {change.previous_key_id}")
+    print(_CHECK_FINGERPRINT)
     return 0
 
 

@@ -35,100 +35,217 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="federate_command", metavar="SUBCOMMAND")
     p.set_defaults(handler=lambda args: (p.print_help(), 2)[1])
 
-    sim = sub.add_parser("simulate", help="N virtual sites on this machine (Simulation Engine)",
-                         description=_REF_HELP)
+    sim = sub.add_parser(
+        "simulate",
+        help="N virtual sites on this machine (Simulation Engine)",
+        description=_REF_HELP,
+    )
     sim.add_argument("--data", required=True, help="one .h5ad holding every study")
     sim.add_argument("--batch-key", required=True, help="obs column naming the study")
     sim.add_argument("--label-key", default=None, help="obs column of cell-type labels (recorded)")
     sim.add_argument("--sites", type=int, required=True, help="number of virtual sites")
     sim.add_argument("--rounds", type=int, required=True, help="maximum federated rounds")
     sim.add_argument("--out", required=True, help="bundle directory to write")
-    sim.add_argument("--batches", default=None,
-                     help="comma-separated studies to train on (default: every study)")
+    sim.add_argument(
+        "--batches", default=None, help="comma-separated studies to train on (default: every study)"
+    )
     _training_args(sim)
-    sim.add_argument("--drop", action="append", default=[], metavar="SITE:ROUND",
-                     help="simulate SITE failing in ROUND (repeatable)")
-    sim.add_argument("--tamper", action="append", default=[], metavar="SITE:ROUND",
-                     help="simulate SITE's contribution being altered in transit in ROUND")
+    sim.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="SITE:ROUND",
+        help="simulate SITE failing in ROUND (repeatable)",
+    )
+    sim.add_argument(
+        "--tamper",
+        action="append",
+        default=[],
+        metavar="SITE:ROUND",
+        help="simulate SITE's contribution being altered in transit in ROUND",
+    )
     sim.set_defaults(handler=_simulate)
 
-    ver = sub.add_parser("verify", help="verify a run's signed records (and its bundle)")
-    ver.add_argument("--records", required=True,
-                     help="the run's record directory (BUNDLE_DIR/federation for simulate)")
+    ver = sub.add_parser(
+        "verify",
+        help="verify a run's signed records (and its bundle)",
+        description="The auditor's offline check of a federated run: every round record and "
+        "every site contribution signed by the keys the policy names, the chain of aggregates "
+        "from the initial model to the final one, and (with --bundle) that the bundle is it.",
+    )
+    ver.add_argument(
+        "--records",
+        required=True,
+        help="the run's record directory (BUNDLE_DIR/federation for simulate)",
+    )
     ver.add_argument("--bundle", default=None, help="bundle that must be the run's final model")
-    ver.add_argument("--policy", default=None,
-                     help="policy naming site keys and the coordinator key "
-                     "(default: RECORDS/federation-policy.json)")
+    ver.add_argument(
+        "--policy",
+        default=None,
+        help="policy naming site keys and the coordinator key "
+        "(default: RECORDS/federation-policy.json)",
+    )
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.set_defaults(handler=_verify)
 
-    pub = sub.add_parser("publish", help="append a verified run to the coordinator's ledger")
-    pub.add_argument("--dir", required=True, help="coordinator state directory, initialised "
-                     "with --reference RECORDS/models/round-0000 and the sites enrolled")
+    pub = sub.add_parser(
+        "publish",
+        help="append a verified run to the coordinator's ledger",
+        description="Verify a federated run's records and append one operator-signed "
+        "federated_round entry per round to the coordinator's ledger, so that the ledger's "
+        "replay ends in the federated bundle. The state directory must have been initialised "
+        "with --reference RECORDS/models/round-0000; --enroll enrols the policy's sites first.",
+    )
+    pub.add_argument(
+        "--dir",
+        required=True,
+        metavar="STATE",
+        help="coordinator state directory, initialised with --reference RECORDS/models/round-0000",
+    )
     pub.add_argument("--records", required=True, help="the run's record directory")
-    pub.add_argument("--policy", default=None,
-                     help="default: RECORDS/federation-policy.json")
+    pub.add_argument(
+        "--policy",
+        default=None,
+        help="the policy whose keys signed the run (default: RECORDS/federation-policy.json)",
+    )
+    pub.add_argument(
+        "--enroll",
+        action="store_true",
+        help="first enrol every site of the policy that the ledger does not hold "
+        "yet, with the key the policy names (what a simulated run needs)",
+    )
     pub.set_defaults(handler=_publish)
 
-    pol = sub.add_parser("policy", help="write the site policy (operator)")
+    pol = sub.add_parser(
+        "policy",
+        help="write the site policy (operator)",
+        description="Write federation-policy.json: which site may contribute, with which "
+        "public key, and the coordinator key that signs the round records.",
+    )
     pol.add_argument("--out", required=True, help="policy file to write")
-    pol.add_argument("--coordinator-key", required=True,
-                     help="the coordinator's Ed25519 private or public key file (signs rounds)")
-    pol.add_argument("--site", action="append", default=[], required=True, metavar="ID=PUBKEY",
-                     help="a site id and its site.pub (repeatable)")
+    pol.add_argument(
+        "--coordinator-key",
+        required=True,
+        help="the coordinator's Ed25519 private or public key file (signs rounds)",
+    )
+    pol.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        required=True,
+        metavar="ID=PUBKEY",
+        help="a site id and its site.pub (repeatable)",
+    )
     pol.set_defaults(handler=_policy)
 
-    tls = sub.add_parser("tls", help="CA and SuperLink certificate (operator)")
+    tls = sub.add_parser(
+        "tls",
+        help="CA and SuperLink certificate (operator)",
+        description="Make a CA (ca.crt, ca.key) and a SuperLink certificate signed by it "
+        "(server.pem, server.key) for the names sites dial, always with localhost and "
+        "127.0.0.1 as well: the SuperLink's own executor dials 127.0.0.1.",
+    )
     tls.add_argument("--out", required=True, help="directory for ca.crt, server.pem, server.key")
-    tls.add_argument("--name", action="append", default=[],
-                     help="DNS name or IP the SuperLink is reached at (default localhost, 127.0.0.1)")
+    tls.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="a DNS name or IP address sites reach the SuperLink at (repeat); "
+        "localhost and 127.0.0.1 are always added",
+    )
     tls.set_defaults(handler=_tls)
 
-    nk = sub.add_parser("node-keygen", help="a site's SuperNode authentication key (ECDSA P-384)")
+    nk = sub.add_parser(
+        "node-keygen",
+        help="a site's SuperNode authentication key (ECDSA P-384)",
+        description="Write node_auth.key (stays at the site) and node_auth.pub (for the "
+        "operator's register-node).",
+    )
     nk.add_argument("--out", required=True, help="directory for node_auth.key and node_auth.pub")
     nk.set_defaults(handler=_node_keygen)
 
-    sl = sub.add_parser("superlink", help="start the SuperLink (operator; runs until stopped)")
+    sl = sub.add_parser(
+        "superlink",
+        help="start the SuperLink (operator; runs until stopped)",
+        description="Start Flower's SuperLink and its ServerApp executor with TLS and SuperNode "
+        "authentication, and watch both: when either exits, the other is stopped and the "
+        "command exits with an error that says why. Stops on SIGINT / SIGTERM.",
+    )
     sl.add_argument("--state", required=True, help="directory for the SuperLink database")
     sl.add_argument("--listen", default="127.0.0.1:9092", help="HOST:PORT (Fleet+Control API)")
     sl.add_argument("--tls", default=None, help="directory written by 'federate tls'")
-    sl.add_argument("--insecure", action="store_true",
-                    help="no TLS and no SuperNode authentication (loopback development only)")
+    sl.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no TLS and no SuperNode authentication (loopback development only)",
+    )
     sl.set_defaults(handler=_superlink)
 
-    rn = sub.add_parser("register-node", help="enrol a site's SuperNode auth key (operator)")
+    rn = sub.add_parser(
+        "register-node",
+        help="enrol a site's SuperNode auth key (operator)",
+        description="Register a site's node_auth.pub with the SuperLink (its Control API), "
+        "so that the site's SuperNode may connect.",
+    )
     rn.add_argument("--superlink", default="127.0.0.1:9092", help="SuperLink HOST:PORT")
     rn.add_argument("--tls", default=None, help="directory written by 'federate tls'")
     rn.add_argument("--public-key", required=True, help="the site's node_auth.pub")
     rn.add_argument("--site-id", required=True, help="the site's id")
     rn.set_defaults(handler=_register_node)
 
-    sn = sub.add_parser("supernode", help="start a site's SuperNode (site admin; runs until stopped)")
+    sn = sub.add_parser(
+        "supernode",
+        help="start a site's SuperNode (site admin; runs until stopped)",
+        description="Start this site's SuperNode: it connects to the SuperLink with the "
+        "operator's CA and the site's node key, and trains on the site's data, which never "
+        "leaves the site; contributions are signed with the site key.",
+    )
     sn.add_argument("--superlink", required=True, help="SuperLink HOST:PORT (Fleet API)")
     sn.add_argument("--root-cert", default=None, help="the operator's ca.crt")
     sn.add_argument("--auth-key", default=None, help="node_auth.key from 'federate node-keygen'")
     sn.add_argument("--insecure", action="store_true", help="no TLS (loopback development only)")
-    sn.add_argument("--site-id", required=True)
+    sn.add_argument("--site-id", required=True, help="this site's id, as in the policy")
     sn.add_argument("--site-key", required=True, help="the site's Ed25519 site.key")
     sn.add_argument("--data", required=True, help="the site's .h5ad (never leaves the site)")
-    sn.add_argument("--batch-key", required=True)
-    sn.add_argument("--layer", default=None)
-    sn.add_argument("--port", type=int, default=0,
-                    help="local ClientAppIo port (default: a free one)")
+    sn.add_argument("--batch-key", required=True, help="obs column naming the study")
+    sn.add_argument("--layer", default=None, help="read counts from this layer, not X")
+    sn.add_argument(
+        "--port", type=int, default=0, help="local ClientAppIo port (default: a free one)"
+    )
     sn.set_defaults(handler=_supernode)
 
-    run = sub.add_parser("run", help="submit a federated training run to the SuperLink (operator)")
-    run.add_argument("--superlink", default="127.0.0.1:9092",
-                     help="SuperLink HOST:PORT (its Control API; keep it local)")
+    run = sub.add_parser(
+        "run",
+        help="submit a federated training run to the SuperLink (operator)",
+        description="Submit a federated training run to the SuperLink and follow it until the "
+        "ServerApp finishes; writes the bundle and the signed round records.",
+    )
+    run.add_argument(
+        "--superlink",
+        default="127.0.0.1:9092",
+        help="SuperLink HOST:PORT (its Control API; keep it local)",
+    )
     run.add_argument("--tls", default=None, help="directory written by 'federate tls'")
-    run.add_argument("--insecure", action="store_true")
+    run.add_argument("--insecure", action="store_true", help="no TLS (loopback development only)")
     run.add_argument("--policy", required=True, help="policy from 'federate policy'")
     run.add_argument("--coordinator-key", required=True, help="Ed25519 key that signs rounds")
-    run.add_argument("--rounds", type=int, required=True)
-    run.add_argument("--min-sites", type=int, default=1)
-    run.add_argument("--round-timeout", type=float, default=600.0)
-    run.add_argument("--batch-key", default="batch")
-    run.add_argument("--label-key", default=None)
+    run.add_argument("--rounds", type=int, required=True, help="maximum federated rounds")
+    run.add_argument(
+        "--min-sites",
+        type=int,
+        default=1,
+        help="sites that must be connected before a round starts",
+    )
+    run.add_argument(
+        "--round-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a round waits for the sites' answers; a site without an "
+        "answer by then is recorded as missing",
+    )
+    run.add_argument("--batch-key", default="batch", help="obs column naming the study")
+    run.add_argument("--label-key", default=None, help="obs column of cell-type labels (recorded)")
     run.add_argument("--out", required=True, help="bundle directory to write")
     _training_args(run)
     run.set_defaults(handler=_run)
@@ -136,17 +253,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-epochs", type=int, default=5, help="epochs per site per round")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the sites' Adam")
+    p.add_argument("--batch-size", type=int, default=128, help="cells per minibatch at a site")
     p.add_argument("--prox-mu", type=float, default=0.0, help="FedProx term (0: plain FedAvg)")
-    p.add_argument("--kl-warmup-rounds", type=int, default=0, help="0: half of --rounds")
-    p.add_argument("--patience", type=int, default=5,
-                   help="rounds without improvement of the aggregated validation loss")
-    p.add_argument("--likelihood", choices=("nb", "trvae"), default="nb")
-    p.add_argument("--n-latent", type=int, default=10)
-    p.add_argument("--n-hidden", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kl-warmup-rounds",
+        type=int,
+        default=0,
+        help="rounds of linear KL warm-up (default 0: half of --rounds)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=5,
+        help="rounds without improvement of the aggregated validation loss",
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=("nb", "trvae"),
+        default="nb",
+        help="nb: negative binomial on raw counts; trvae: MSE + MMD",
+    )
+    p.add_argument("--n-latent", type=int, default=10, help="latent dimensions")
+    p.add_argument("--n-hidden", type=int, default=128, help="units per hidden layer")
+    p.add_argument("--n-layers", type=int, default=2, help="hidden layers of encoder and decoder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def _faults(specs: list[str], kind: str) -> dict[str, dict[str, list[int]]]:
@@ -169,20 +300,37 @@ def _simulate(args: argparse.Namespace) -> int:
         faults.setdefault(site, {}).update(f)
     batches = [b for b in args.batches.split(",") if b] if args.batches else None
     result = simulate(
-        args.data, batch_key=args.batch_key, label_key=args.label_key, n_sites=args.sites,
-        rounds=args.rounds, out=args.out, batches=batches, local_epochs=args.local_epochs,
-        lr=args.lr, batch_size=args.batch_size, prox_mu=args.prox_mu,
-        kl_warmup_rounds=args.kl_warmup_rounds, patience=args.patience,
-        likelihood=args.likelihood, n_hidden=args.n_hidden, n_layers=args.n_layers,
-        n_latent=args.n_latent, seed=args.seed, faults=faults,
+        args.data,
+        batch_key=args.batch_key,
+        label_key=args.label_key,
+        n_sites=args.sites,
+        rounds=args.rounds,
+        out=args.out,
+        batches=batches,
+        local_epochs=args.local_epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        prox_mu=args.prox_mu,
+        kl_warmup_rounds=args.kl_warmup_rounds,
+        patience=args.patience,
+        likelihood=args.likelihood,
+        n_hidden=args.n_hidden,
+        n_layers=args.n_layers,
+        n_latent=args.n_latent,
+        seed=args.seed,
+        faults=faults,
     )
     for r in result.rounds:
-        print(f"round {r.round}: {len(r.contributors)} contributed, {len(r.excluded)} excluded, "
-              f"{len(r.missing)} missing, validation "
-              f"{r.validation_loss if r.validation_loss is None else round(r.validation_loss, 2)}"
-              f", {r.seconds:.1f} s, {r.bytes_sent + r.bytes_received} bytes")
-    print(f"federated reference {result.bundle_digest} (round {result.final_round}) in "
-          f"{args.out}; records in {Path(args.out) / 'federation'}")
+        print(
+            f"round {r.round}: {len(r.contributors)} contributed, {len(r.excluded)} excluded, "
+            f"{len(r.missing)} missing, validation "
+            f"{r.validation_loss if r.validation_loss is None else round(r.validation_loss, 2)}"
+            f", {r.seconds:.1f} s, {r.bytes_sent + r.bytes_received} bytes"
+        )
+    print(
+        f"federated reference {result.bundle_digest} (round {result.final_round}) in "
+        f"{args.out}; records in {Path(args.out) / 'federation'}"
+    )
     return 0
 
 
@@ -192,29 +340,40 @@ def _verify(args: argparse.Namespace) -> int:
 
     records = Path(args.records)
     policy = Path(args.policy) if args.policy else records / "federation-policy.json"
-    report = verify_run_directory(records, site_keys=load_policy(policy),
-                                  coordinator_key=load_policy_coordinator(policy),
-                                  bundle=args.bundle)
-    doc = {"ok": True, "run_id": report.run_id, "rounds": report.rounds,
-           "initial_digest": report.initial_digest, "final_digest": report.final_digest,
-           "contributions_verified": report.contributions_verified,
-           "excluded": report.excluded}
+    report = verify_run_directory(
+        records,
+        site_keys=load_policy(policy),
+        coordinator_key=load_policy_coordinator(policy),
+        bundle=args.bundle,
+    )
+    doc = {
+        "ok": True,
+        "run_id": report.run_id,
+        "rounds": report.rounds,
+        "initial_digest": report.initial_digest,
+        "final_digest": report.final_digest,
+        "contributions_verified": report.contributions_verified,
+        "excluded": report.excluded,
+    }
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
-        print(f"OK: run {report.run_id}, {report.rounds} rounds, "
-              f"{report.contributions_verified} signed contributions verified, "
-              f"{len(report.excluded)} exclusions recorded; final model {report.final_digest}")
+        print(
+            f"OK: run {report.run_id}, {report.rounds} rounds, "
+            f"{report.contributions_verified} signed contributions verified, "
+            f"{len(report.excluded)} exclusions recorded; final model {report.final_digest}"
+        )
     return 0
 
 
 def _publish(args: argparse.Namespace) -> int:
     from coordinator.federated_ledger import publish_run
 
-    entries = publish_run(args.dir, args.records, policy=args.policy)
+    entries = publish_run(args.dir, args.records, policy=args.policy, enroll=args.enroll)
     for e in entries:
-        print(f"ledger entry {e.index}: federated_round")
-    print(f"appended {len(entries)} federated rounds to {args.dir}")
+        print(f"ledger entry {e.index}: {e.kind}")
+    rounds = sum(1 for e in entries if e.kind == "federated_round")
+    print(f"appended {rounds} federated rounds to {args.dir}")
     return 0
 
 
@@ -241,7 +400,7 @@ def _policy(args: argparse.Namespace) -> int:
 def _tls(args: argparse.Namespace) -> int:
     from coordinator.federated_deploy import write_superlink_tls
 
-    paths = write_superlink_tls(Path(args.out), names=args.name or ["localhost", "127.0.0.1"])
+    paths = write_superlink_tls(Path(args.out), names=args.name)
     for k, v in paths.items():
         print(f"{k}: {v}")
     return 0
@@ -256,21 +415,34 @@ def _node_keygen(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    from coordinator.federated_deploy import superlink_command
+    from coordinator.federated_deploy import executor_command, run_superlink, superlink_command
 
-    cmd, env = superlink_command(Path(args.state), args.listen,
-                                 tls_dir=Path(args.tls) if args.tls else None,
-                                 insecure=args.insecure)
-    return _exec(cmd, env)
+    tls_dir = Path(args.tls) if args.tls else None
+    cmd, env = superlink_command(
+        Path(args.state), args.listen, tls_dir=tls_dir, insecure=args.insecure
+    )
+    return run_superlink(
+        cmd,
+        env,
+        listen=args.listen,
+        executor=lambda pid: executor_command(
+            args.listen, tls_dir=tls_dir, insecure=args.insecure, superlink_pid=pid
+        ),
+    )
 
 
 def _register_node(args: argparse.Namespace) -> int:
     import subprocess
 
-    from coordinator.federated_deploy import register_node_command
+    from coordinator.federated_deploy import check_superlink_reachable, register_node_command
 
-    cmd, env = register_node_command(args.superlink, Path(args.public_key), args.site_id,
-                                     tls_dir=Path(args.tls) if args.tls else None)
+    check_superlink_reachable(args.superlink, tls_dir=Path(args.tls) if args.tls else None)
+    cmd, env = register_node_command(
+        args.superlink,
+        Path(args.public_key),
+        args.site_id,
+        tls_dir=Path(args.tls) if args.tls else None,
+    )
     return subprocess.call(cmd, env=env)
 
 
@@ -278,34 +450,53 @@ def _supernode(args: argparse.Namespace) -> int:
     from coordinator.federated_deploy import supernode_command
 
     cmd, env = supernode_command(
-        args.superlink, site_id=args.site_id, site_key=Path(args.site_key),
-        data=Path(args.data), batch_key=args.batch_key, layer=args.layer,
+        args.superlink,
+        site_id=args.site_id,
+        site_key=Path(args.site_key),
+        data=Path(args.data),
+        batch_key=args.batch_key,
+        layer=args.layer,
         root_cert=Path(args.root_cert) if args.root_cert else None,
-        auth_key=Path(args.auth_key) if args.auth_key else None, insecure=args.insecure,
-        port=args.port)
+        auth_key=Path(args.auth_key) if args.auth_key else None,
+        insecure=args.insecure,
+        port=args.port,
+    )
     return _exec(cmd, env)
 
 
 def _run(args: argparse.Namespace) -> int:
     import subprocess
 
-    from coordinator.federated_deploy import run_command
+    from coordinator.federated_deploy import check_superlink_reachable, run_command
 
+    check_superlink_reachable(args.superlink, tls_dir=Path(args.tls) if args.tls else None)
     cmd, env, cleanup = run_command(
-        args.superlink, tls_dir=Path(args.tls) if args.tls else None, insecure=args.insecure,
+        args.superlink,
+        tls_dir=Path(args.tls) if args.tls else None,
+        insecure=args.insecure,
         run_config={
             "policy": str(Path(args.policy).resolve()),
             "coordinator-key": str(Path(args.coordinator_key).resolve()),
             "out": str((Path(args.out) / "federation").resolve()),
-            "bundle": str(Path(args.out).resolve()), "rounds": args.rounds,
-            "min-sites": args.min_sites, "round-timeout": args.round_timeout,
-            "batch-key": args.batch_key, "label-key": args.label_key or "",
-            "local-epochs": args.local_epochs, "lr": args.lr, "batch-size": args.batch_size,
-            "prox-mu": args.prox_mu, "kl-warmup-rounds": args.kl_warmup_rounds,
-            "patience": args.patience, "likelihood": args.likelihood,
-            "n-latent": args.n_latent, "n-hidden": args.n_hidden, "n-layers": args.n_layers,
+            "bundle": str(Path(args.out).resolve()),
+            "rounds": args.rounds,
+            "min-sites": args.min_sites,
+            "round-timeout": args.round_timeout,
+            "batch-key": args.batch_key,
+            "label-key": args.label_key or "",
+            "local-epochs": args.local_epochs,
+            "lr": args.lr,
+            "batch-size": args.batch_size,
+            "prox-mu": args.prox_mu,
+            "kl-warmup-rounds": args.kl_warmup_rounds,
+            "patience": args.patience,
+            "likelihood": args.likelihood,
+            "n-latent": args.n_latent,
+            "n-hidden": args.n_hidden,
+            "n-layers": args.n_layers,
             "seed": args.seed,
-        })
+        },
+    )
     try:
         rc = subprocess.call(cmd, env=env)
     finally:
@@ -313,8 +504,10 @@ def _run(args: argparse.Namespace) -> int:
     summary = Path(args.out) / "federation" / "federation-summary.json"
     if rc == 0 and summary.exists():
         doc = json.loads(summary.read_text())
-        print(f"federated reference {doc['bundle_digest']} (round {doc['final_round']}) in "
-              f"{args.out}; records in {Path(args.out) / 'federation'}")
+        print(
+            f"federated reference {doc['bundle_digest']} (round {doc['final_round']}) in "
+            f"{args.out}; records in {Path(args.out) / 'federation'}"
+        )
     return rc
 
 

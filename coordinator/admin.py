@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from coordinator import _ledger
 from coordinator._tls import DEFAULT_TLS_NAMES, make_self_signed
 from coordinator.config import CoordinatorConfig, load_config, write_config
@@ -41,6 +43,7 @@ __all__ = [
     "publish_federated_round",
     "rotate_site_key",
     "SERVE_RECORD",
+    "listen_addresses",
 ]
 
 logger = logging.getLogger(__name__)
@@ -155,10 +158,18 @@ def _open(state_dir: str | os.PathLike[str]) -> Any:
 
 
 def enroll_site(
-    state_dir: str | os.PathLike[str], *, site_id: str, public_key: str | os.PathLike[str]
+    state_dir: str | os.PathLike[str],
+    *,
+    site_id: str,
+    public_key: str | os.PathLike[str] | Ed25519PublicKey,
 ) -> StoredEntry:
-    """Append an operator-signed policy entry enrolling ``site_id`` with ``public_key``."""
-    pub = _ledger.read_public_key(public_key)
+    """Append an operator-signed policy entry enrolling ``site_id`` with ``public_key`` (a key,
+    or the path of a public key file)."""
+    pub = (
+        public_key
+        if isinstance(public_key, Ed25519PublicKey)
+        else _ledger.read_public_key(public_key)
+    )
     cfg = load_config(state_dir)
     operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
     with _open(state_dir) as reg:
@@ -243,20 +254,26 @@ def serve(
     try:
         registry.start_writer()
         port = server.start()
-        host = address.rsplit(":", 1)[0].strip("[]")
+        listening, dial = listen_addresses(address, port)
         record = {
             "pid": os.getpid(),
+            "state_dir": str(Path(state_dir).resolve()),
             "listen": address,
             "port": port,
-            "address": f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}",
+            "address": dial,
             "insecure": insecure,
         }
         atomic_write(Path(state_dir) / SERVE_RECORD, json.dumps(record).encode(), durable=False)
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: stop.set())
+        where = (
+            listening
+            if listening == dial
+            else f"{listening} (every interface; on this machine dial {dial})"
+        )
         print(
-            f"serving {cfg.origin} on {record['address']} "
+            f"serving {cfg.origin} on {where} "
             f"({'INSECURE plain text' if insecure else 'TLS'}); tree size {registry.size}",
             file=sys.stderr,
             flush=True,
@@ -273,6 +290,18 @@ def serve(
             (Path(state_dir) / SERVE_RECORD).unlink()
         lock.close()
     return 0
+
+
+def listen_addresses(listen: str, port: int) -> tuple[str, str]:
+    """(where the server listens, the address a client on this machine dials) for ``listen``
+    (``HOST:PORT`` as given, the port possibly 0) and the port it got: a wildcard host (every
+    interface) is dialled at loopback."""
+    host = listen.rsplit(":", 1)[0]
+    bare = host.strip("[]")
+    loopback = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(bare)
+    if loopback is None:
+        return f"{host}:{port}", f"{host}:{port}"
+    return f"{host or '0.0.0.0'}:{port}", f"{loopback}:{port}"
 
 
 def _serve_lock(state_dir: Path) -> Any:
@@ -350,13 +379,16 @@ def check_health(
     cfg = load_config(state_dir)
     insecure = False
     if address is None:
-        rec_path = Path(state_dir) / SERVE_RECORD
-        if rec_path.exists():
-            rec = json.loads(rec_path.read_text())
-            address, insecure = rec["address"], bool(rec.get("insecure"))
-        else:
-            host, _, port = cfg.listen.rpartition(":")
-            address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{port}"
+        rec = _serve_record(Path(state_dir))
+        if rec is None:
+            print(
+                f"not serving: no `coordinator serve` runs on {state_dir} (no live serve.json "
+                "naming this directory; a backup or a copy is never served by the original's "
+                "server). Pass --address HOST:PORT to ask a server at that address.",
+                file=sys.stderr,
+            )
+            return 1
+        address, insecure = rec["address"], bool(rec.get("insecure"))
     trust = json.loads(cfg.path(cfg.paths.trust).read_bytes())
     server_name = _ledger.tls_server_name(trust, address)
     try:
@@ -374,6 +406,25 @@ def check_health(
         return 1
     print(f"{h.status}: {h.origin}, tree size {h.tree_size}")
     return 0 if h.status == "serving" else 1
+
+
+def _serve_record(state_dir: Path) -> dict[str, Any] | None:
+    """The record of the server running on ``state_dir``: None when there is none, when its
+    process is gone (killed, the file left behind), or when it names another directory (a copy
+    made with ``cp -r`` while the original was served)."""
+    try:
+        rec = json.loads((state_dir / SERVE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("state_dir") != str(state_dir.resolve()):
+        return None
+    try:
+        os.kill(int(rec["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except (PermissionError, KeyError, TypeError, ValueError):
+        pass  # alive under another user, or a record without a pid: let the call decide
+    return rec
 
 
 def backup_state(

@@ -74,15 +74,20 @@ def register(subparsers: Any) -> None:
         description="Write witness.key (mode 0600) and witness.vkey (give this to the operator "
         "for trust.json) into DIR.",
     )
-    kg.add_argument("--out", metavar="DIR", required=True)
+    kg.add_argument("--out", metavar="DIR", required=True, help="folder for the two files")
     kg.add_argument(
         "--name",
         required=True,
         help="the witness's key name, e.g. auditor.example.org (no spaces or '+')",
     )
     kg.set_defaults(handler=_keygen_handler)
-    ec = asub.add_parser("exit-codes", help="list the audit exit codes")
-    ec.add_argument("--json", action="store_true")
+    ec = asub.add_parser(
+        "exit-codes",
+        help="list the audit exit codes",
+        description="List every exit code of `scarches-fl audit`: the failure class, its "
+        "number and what it means (the order in which findings decide the code).",
+    )
+    ec.add_argument("--json", action="store_true", help="machine-readable output")
     ec.set_defaults(handler=_exit_codes_handler)
 
     ledger = subparsers.add_parser(
@@ -101,7 +106,7 @@ def register(subparsers: Any) -> None:
     show.add_argument("--until", metavar="ISO", help="only entries before this time")
     show.add_argument(
         "--kind",
-        metavar="K",
+        metavar="KIND",
         choices=["genesis", "site_update", "federated_round", "policy"],
         help="only entries of this kind",
     )

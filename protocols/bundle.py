@@ -362,8 +362,7 @@ def _build(
         if claimed != digest:
             raise DigestMismatchError(
                 f"bundle digest mismatch: the manifest says {claimed!r}, the contents hash to "
-                f"{digest}; the bundle was modified or corrupted -- fetch it again from the "
-                "coordinator"
+                f"{digest}; the bundle was modified or corrupted after it was written"
             )
     norm["digest"] = digest
     return ReferenceBundle(manifest=norm, tensors=arrays)
@@ -687,5 +686,12 @@ def read_bundle(
     model_bytes = _read_capped(path / MODEL_FILE, limits.max_model_bytes)
     try:
         return bundle_from_bytes(manifest_bytes, model_bytes, verify=verify, limits=limits)
+    except DigestMismatchError as exc:
+        raise DigestMismatchError(
+            f"{path}: {exc.message}. Do not use or publish it: restore an unmodified copy, or "
+            "write the bundle again where it was made (`scarches-fl reference train ... --out "
+            "DIR`, `reference import-scvi`)",
+            reason_code=exc.reason_code,
+        ) from exc
     except BundleError as exc:
         raise type(exc)(f"{path}: {exc.message}", reason_code=exc.reason_code) from exc

@@ -5,6 +5,11 @@ admins and an auditor would: it trains a reference on the panc8 reference studie
 coordinator (TLS on), enrols three sites, starts the registry server, lets every site map its own
 query study and contribute (concurrently, on the same base), audits the ledger, and prints a table.
 Every process it starts is stopped by its PID, also on Ctrl-C.
+
+The demo owns its workdir: every run starts from an empty one (``--keep`` keeps only the trained
+reference), so a rerun never meets the previous run's coordinator keys, auditor state, plots or
+summary. It marks the workdir as a demo's (:data:`MARKER`) and refuses to empty a folder that
+holds anything else.
 """
 
 from __future__ import annotations
@@ -21,12 +26,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["register", "DemoSite", "DEMO_SITES"]
+__all__ = ["register", "DemoSite", "DEMO_SITES", "prepare_workdir", "MARKER"]
 
 logger = logging.getLogger(__name__)
 
 PANC8 = "panc8_sub_nebula.h5ad"
 REFERENCE_STUDIES = ("indrop1", "indrop2", "indrop3", "indrop4", "celseq")
+
+#: Written into a workdir the demo made; only such a workdir (or an empty one) is emptied.
+MARKER = ".scarches-fl-demo"
+#: Everything a demo run writes at the top of its workdir.
+_WORKDIR_ENTRIES = frozenset({MARKER, "operator", "sites", "auditor", "logs", "plots",
+                              "demo-summary.json"})
+#: What ``--keep`` keeps from a previous run.
+_KEPT_REFERENCE = Path("operator") / "reference"
 
 
 @dataclass(frozen=True)
@@ -59,8 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="folder holding panc8_sub_nebula.h5ad (default: ../shared/data, ./shared/data)")
     p.add_argument("--max-epochs", type=int, default=None,
                    help="reference training epochs (default: the library's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--keep", action="store_true", help="reuse an existing workdir's reference")
+    p.add_argument("--seed", type=int, default=0, help="random seed of training and mapping")
+    p.add_argument("--keep", action="store_true",
+                   help="reuse the reference trained by the previous run in this workdir; "
+                        "everything else is made anew")
     p.set_defaults(handler=_run_demo)
 
 
@@ -170,13 +185,57 @@ def _wait_healthy(address: str, trust: Path, proc: subprocess.Popen, log: Path, 
     raise DemoError(f"the coordinator did not become healthy within {timeout:.0f} s ({last}); log: {log}")
 
 
+def _is_demo_workdir(wd: Path) -> bool:
+    """Made by the demo: it holds the marker, or (a workdir of a version before the marker) only
+    what a demo writes, including its operator folder."""
+    if (wd / MARKER).is_file():
+        return True
+    names = {entry.name for entry in wd.iterdir()}
+    return bool(names) and names <= _WORKDIR_ENTRIES and "operator" in names
+
+
+def prepare_workdir(wd: Path, *, keep: bool) -> None:
+    """Make ``wd`` an empty demo workdir (with ``keep``, holding only the previous reference).
+    Refuses, touching nothing, a folder that holds anything the demo did not write."""
+    if wd.exists() and not wd.is_dir():
+        raise DemoError(f"--workdir {wd} is a file; pass a folder for the demo to own")
+    if wd.is_dir() and any(wd.iterdir()) and not _is_demo_workdir(wd):
+        raise DemoError(
+            f"--workdir {wd} holds files that are not a demo's (no {MARKER} in it); the demo "
+            "empties its workdir on every run, so pass a new or empty folder, e.g. "
+            "--workdir demo-workdir"
+        )
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / MARKER).write_text("made by `scarches-fl demo`; emptied by its next run\n")
+    kept = {wd / MARKER}
+    if keep:
+        kept |= {wd / _KEPT_REFERENCE.parent, wd / _KEPT_REFERENCE}
+    for folder in (wd, wd / _KEPT_REFERENCE.parent):
+        if folder.is_dir() and (folder == wd or folder in kept):
+            for entry in list(folder.iterdir()):
+                if entry not in kept:
+                    _remove(entry)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
 def _run_demo(args: argparse.Namespace) -> int:
+    from scarches_fl._extras import require_extra
+
+    require_extra("model", command="demo")
     data_dir = find_shared_data(args.data_dir)
     panc8 = data_dir / PANC8
     wd: Path = args.workdir.resolve()
-    wd.mkdir(parents=True, exist_ok=True)
+    prepare_workdir(wd, keep=bool(args.keep))
     logs = wd / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir()
     print(f"scarches-fl demo: workdir {wd}, data {panc8}")
 
     procs = _Processes()
@@ -211,10 +270,6 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
         print("[1/6] operator: reusing the trained reference")
 
     state = wd / "operator" / "coordinator"
-    if state.exists():
-        import shutil
-
-        shutil.rmtree(state)
     print("[2/6] operator: initialising the coordinator (log key, operator key, TLS, genesis)")
     _run(cli + ["coordinator", "init", "--dir", str(state), "--reference", str(reference),
                 "--origin", "demo.scarches-fl.local/ledger"], logs / "coordinator-init.log", "coordinator init")
@@ -223,10 +278,6 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
     print(f"[3/6] sites: {len(DEMO_SITES)} site keys made at the sites, enrolled by the operator")
     for site in DEMO_SITES:
         site_dir = wd / "sites" / site.site_id
-        if site_dir.exists():
-            import shutil
-
-            shutil.rmtree(site_dir)
         _run(cli + ["site", "keygen", "--out", str(site_dir / "keys")], logs / f"{site.site_id}.log", "site keygen")
         _run(cli + ["coordinator", "enroll", "--dir", str(state), "--site-id", site.site_id,
                     "--public-key", str(site_dir / "keys" / "site.pub")], logs / "coordinator-enroll.log",

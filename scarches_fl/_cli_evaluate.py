@@ -87,7 +87,7 @@ def register(subparsers: Any) -> None:
         default="auto",
         help="2-D view: UMAP if umap-learn is installed (auto), else PCA of the latent",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the 2-D view")
     p.set_defaults(handler=_handle)
 
 

@@ -39,7 +39,8 @@ def register(subparsers: Any) -> None:
                    default="conditions", help="what fine-tuning may change (default conditions)")
     p.add_argument("--namespace", default="query",
                    help="namespace of the new conditions, e.g. your site id (default query)")
-    p.add_argument("--max-epochs", type=int, default=None, metavar="N")
+    p.add_argument("--max-epochs", type=int, default=None, metavar="N",
+                   help="fine-tuning epochs (default: from the number of cells)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="uncertainty above which a cell is called Unknown (default 0.5)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,

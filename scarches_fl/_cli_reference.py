@@ -45,7 +45,11 @@ def read_input(args: argparse.Namespace) -> Any:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("reference", help="train a reference model")
+    p = subparsers.add_parser(
+        "reference", help="train a reference model",
+        description="Build the reference model a consortium publishes: a conditional VAE "
+                    "trained on the reference studies, written as a model bundle.",
+    )
     rs = p.add_subparsers(dest="reference_command", metavar="ACTION")
     t = rs.add_parser(
         "train", help="train a reference conditional VAE on an .h5ad and write a bundle",
@@ -62,10 +66,11 @@ def register(subparsers: Any) -> None:
                    help="epochs (default: from the number of cells, 100-400)")
     t.add_argument("--namespace", default="ref",
                    help="namespace of the reference's conditions (default ref)")
-    t.add_argument("--n-latent", type=int, default=10)
-    t.add_argument("--n-hidden", type=int, default=128)
-    t.add_argument("--n-layers", type=int, default=2)
-    t.add_argument("--dispersion", choices=("gene", "gene-batch"), default="gene")
+    t.add_argument("--n-latent", type=int, default=10, help="latent dimensions")
+    t.add_argument("--n-hidden", type=int, default=128, help="units per hidden layer")
+    t.add_argument("--n-layers", type=int, default=2, help="hidden layers of encoder and decoder")
+    t.add_argument("--dispersion", choices=("gene", "gene-batch"), default="gene",
+                   help="negative binomial dispersion per gene, or per gene and condition")
     t.add_argument("--classifier-weight", type=float, default=None, metavar="W",
                    help="with --label-key: weight of the latent cell-type classifier "
                         "(semi-supervised reference; default 10, 0 = unsupervised)")

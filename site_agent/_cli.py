@@ -13,20 +13,36 @@ __all__ = ["register"]
 
 
 def _add_connection(p: argparse.ArgumentParser, *, required_hint: bool = True) -> None:
-    p.add_argument("--config", metavar="SITE_YAML",
-                   help="YAML file with any of the settings below (flags win over the file)")
+    p.add_argument(
+        "--config",
+        metavar="SITE_YAML",
+        help="YAML file with any of the settings below (flags win over the file)",
+    )
     p.add_argument("--coordinator", metavar="HOST:PORT", help="the coordinator's registry address")
-    p.add_argument("--trust", metavar="TRUST_JSON",
-                   help="trust.json from the operator (pinned in the state dir on first use)")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="plain-text gRPC without TLS: loopback development only")
-    p.add_argument("--timeout", dest="timeout_s", type=float, metavar="SECONDS",
-                   help="deadline of each registry call (default 30)")
+    p.add_argument(
+        "--trust",
+        metavar="TRUST_JSON",
+        help="trust.json from the operator (pinned in the state dir on first use)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="plain-text gRPC without TLS: loopback development only",
+    )
+    p.add_argument(
+        "--timeout",
+        dest="timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="deadline of each registry call (default 30)",
+    )
 
 
 def register(subparsers: Any) -> None:
     site = subparsers.add_parser(
-        "site", help="site admin: keys, map private data, contribute condition weights",
+        "site",
+        help="site admin: keys, map private data, contribute condition weights",
         description=(
             "The site agent: pull and verify the reference, map a private dataset locally, and "
             "contribute only the new condition weights, signed with this site's key."
@@ -34,14 +50,30 @@ def register(subparsers: Any) -> None:
     )
     sub = site.add_subparsers(dest="site_command", metavar="SUBCOMMAND")
 
-    p = sub.add_parser("keygen", help="create this site's signing key (site.key, site.pub)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for site.key (mode 0600, never leaves the site) and site.pub")
+    p = sub.add_parser(
+        "keygen",
+        help="create this site's signing key (site.key, site.pub)",
+        description="Make this site's Ed25519 signing key: site.key (mode 0600; it never "
+        "leaves the site) and site.pub for the operator. Prints the key's "
+        "fingerprint, which the operator's `coordinator enroll` prints too: read it "
+        "to them over a second channel.",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="directory for site.key (mode 0600, never leaves the site) and site.pub",
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing site.key")
     p.set_defaults(handler=_keygen)
 
     p = sub.add_parser(
-        "map", help="pull + verify the reference, map a dataset, contribute the condition weights",
+        "map",
+        help="pull + verify the reference, map a dataset, contribute the condition weights",
+        description="Fetch and verify the coordinator's checkpoint and reference, map the "
+        "site's dataset onto it by surgery (the embedding and predicted labels stay "
+        "in --out at the site), pass the outgoing update through the privacy guard, "
+        "sign it, submit it and verify the receipt. --dry-run stops before signing.",
     )
     _add_connection(p)
     p.add_argument("--key", metavar="KEY", help="this site's private key (site.key)")
@@ -49,35 +81,73 @@ def register(subparsers: Any) -> None:
     p.add_argument("--state", metavar="DIR", help="the site's state directory")
     p.add_argument("--data", metavar="H5AD", help="the query dataset (.h5ad, may be gzip'd)")
     p.add_argument("--batch-key", metavar="K", help="obs column naming the study / batch")
-    p.add_argument("--label-key", metavar="L",
-                   help="predict this label: writes obs['L_pred'] and obs['L_uncertainty']")
+    p.add_argument(
+        "--label-key",
+        metavar="L",
+        help="predict this label: writes obs['L_pred'] and obs['L_uncertainty']",
+    )
     p.add_argument("--out", metavar="OUT_H5AD", help="the mapped dataset (stays at the site)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="stop after the privacy guard: show what would be sent, sign nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="stop after the privacy guard: show what would be sent, sign nothing",
+    )
     p.add_argument("--batches", metavar="a,b", help="map only these values of the batch key")
     p.add_argument("--layer", metavar="NAME", help="read raw counts from this layer, not X")
-    p.add_argument("--var-names-column", metavar="COL",
-                   help="use this var column as gene names (e.g. symbols next to Ensembl ids)")
+    p.add_argument(
+        "--var-names-column",
+        metavar="COL",
+        help="use this var column as gene names (e.g. symbols next to Ensembl ids)",
+    )
     p.add_argument("--max-epochs", type=int, metavar="N", help="fine-tuning epochs")
     p.add_argument("--seed", type=int, metavar="S", help="random seed (default 0)")
-    p.add_argument("--min-gene-coverage", type=float, metavar="F",
-                   help="refuse a dataset covering less of the reference genes (default 0.5)")
-    p.add_argument("--label-uncertainty", type=float, metavar="F",
-                   help="cells with uncertainty above this are 'Unknown' (default 0.5)")
+    p.add_argument(
+        "--min-gene-coverage",
+        type=float,
+        metavar="F",
+        help="refuse a dataset covering less of the reference genes (default 0.5)",
+    )
+    p.add_argument(
+        "--label-uncertainty",
+        type=float,
+        metavar="F",
+        help="cells with uncertainty above this are 'Unknown' (default 0.5)",
+    )
     p.set_defaults(handler=_map)
 
-    p = sub.add_parser("status", help="pinned trust, last verified checkpoint, contributions")
-    p.add_argument("--state", required=True, metavar="DIR")
+    p = sub.add_parser(
+        "status",
+        help="pinned trust, last verified checkpoint, contributions",
+        description="Show what the site's state directory holds: the pinned trust, the last "
+        "verified checkpoint, keys, and every contribution with its state.",
+    )
+    p.add_argument("--state", required=True, metavar="DIR", help="the site's state directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_status)
 
-    p = sub.add_parser("outbox", help="list (or show one of) the updates sent or waiting")
-    p.add_argument("--state", required=True, metavar="DIR")
-    p.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    p = sub.add_parser(
+        "outbox",
+        help="list (or show one of) the updates sent or waiting",
+        description="List the updates in the site's outbox, or show one: exactly what was (or "
+        "will be) sent, its signature, delivery attempts and receipt.",
+    )
+    p.add_argument("--state", required=True, metavar="DIR", help="the site's state directory")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "show"],
+        default="list",
+        help="list the entries, or show one (the newest without ID)",
+    )
     p.add_argument("id", nargs="?", metavar="ID", help="outbox entry (with show)")
     p.set_defaults(handler=_outbox)
 
-    p = sub.add_parser("retry", help="deliver signed updates still waiting in the outbox")
+    p = sub.add_parser(
+        "retry",
+        help="deliver signed updates still waiting in the outbox",
+        description="Submit again the signed updates the coordinator has not acknowledged "
+        "(same envelope, so a delivered one is answered with its original receipt).",
+    )
     p.add_argument("--state", metavar="DIR", help="the site's state directory")
     _add_connection(p)
     p.add_argument("ids", nargs="*", metavar="ID", help="only these outbox entries")
@@ -97,18 +167,35 @@ def register(subparsers: Any) -> None:
             "aside)."
         ),
     )
-    p.add_argument("action", nargs="?", choices=["request", "finish", "cancel"],
-                   default="request", help="request (default), finish or cancel")
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["request", "finish", "cancel"],
+        default="request",
+        help="request (default), finish or cancel",
+    )
     _add_connection(p)
     p.add_argument("--state", metavar="DIR", help="the site's state directory")
-    p.add_argument("--key", metavar="KEY",
-                   help="this site's current private key (site.key); request only")
-    p.add_argument("--site-id", metavar="ID",
-                   help="this site's id (default: the one the state directory remembers)")
-    p.add_argument("--out", dest="request_out", metavar="FILE",
-                   help="request: where to write the rotation request (a new file)")
-    p.add_argument("--note", default="", metavar="TEXT",
-                   help="request: a short note signed into the request (e.g. the reason)")
+    p.add_argument(
+        "--key", metavar="KEY", help="this site's current private key (site.key); request only"
+    )
+    p.add_argument(
+        "--site-id",
+        metavar="ID",
+        help="this site's id (default: the one the state directory remembers)",
+    )
+    p.add_argument(
+        "--out",
+        dest="request_out",
+        metavar="FILE",
+        help="request: where to write the rotation request (a new file)",
+    )
+    p.add_argument(
+        "--note",
+        default="",
+        metavar="TEXT",
+        help="request: a short note signed into the request (e.g. the reason)",
+    )
     p.set_defaults(handler=_rotate_key)
 
     site.set_defaults(handler=lambda args: (site.print_help(), 2)[1])
@@ -118,9 +205,25 @@ def _config(args: argparse.Namespace) -> Any:
     from site_agent.config import SiteConfig, load_config, merge_flags
 
     base = load_config(args.config) if getattr(args, "config", None) else SiteConfig()
-    names = ("coordinator", "trust", "key", "site_id", "state", "data", "batch_key", "label_key",
-             "layer", "out", "insecure", "batches", "timeout_s", "max_epochs", "seed",
-             "min_gene_coverage", "label_uncertainty")
+    names = (
+        "coordinator",
+        "trust",
+        "key",
+        "site_id",
+        "state",
+        "data",
+        "batch_key",
+        "label_key",
+        "layer",
+        "out",
+        "insecure",
+        "batches",
+        "timeout_s",
+        "max_epochs",
+        "seed",
+        "min_gene_coverage",
+        "label_uncertainty",
+    )
     flags = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return merge_flags(base, flags)
 
@@ -145,20 +248,27 @@ def _keygen(args: argparse.Namespace) -> int:
     print(f"public key:  {out / 'site.pub'} (send this file to the operator to be enrolled)")
     print(f"public key text: {public_key_text(key)}")
     print(f"fingerprint (key id): {key_id(key)}")
-    print("Read the fingerprint to the operator over a second channel (phone) so they can check "
-          "that the site.pub they enrol is yours.")
+    print(
+        "Read the fingerprint to the operator over a second channel (phone) so they can check "
+        "that the site.pub they enrol is yours."
+    )
     return 0
 
 
 def _map(args: argparse.Namespace) -> int:
+    from scarches_fl._extras import require_extra
+
+    require_extra("model", command="site map")
     from site_agent.agent import run_map
 
     config = _config(args)
     report = run_map(config, dry_run=bool(args.dry_run), var_names_column=args.var_names_column)
     if report.dry_run or not report.new_conditions:
         return 0
-    print(f"done: {report.n_cells} cells mapped onto reference version "
-          f"{report.verified.tree_size}; contributed {', '.join(report.new_conditions)}")
+    print(
+        f"done: {report.n_cells} cells mapped onto reference version "
+        f"{report.verified.tree_size}; contributed {', '.join(report.new_conditions)}"
+    )
     return 0
 
 
@@ -196,14 +306,19 @@ def _outbox(args: argparse.Namespace) -> int:
         print(f"state: {entry.state}")
         print(entry.summary_text.rstrip("\n"))
         env = entry.envelope_bytes
-        print(f"envelope.json: {len(env):,} bytes (signed)" if env is not None
-              else "envelope.json: none (not signed)")
+        print(
+            f"envelope.json: {len(env):,} bytes (signed)"
+            if env is not None
+            else "envelope.json: none (not signed)"
+        )
         for att in entry.status().get("attempts", []):
             print(f"  attempt {att['at']}: {att['outcome']} {att.get('detail', '')}")
         rec = entry.receipt()
         if rec:
-            print(f"receipt: log index {rec['leaf_index']} in tree size {rec['tree_size']} "
-                  f"(root {rec['root'][:16]}...), verified")
+            print(
+                f"receipt: log index {rec['leaf_index']} in tree size {rec['tree_size']} "
+                f"(root {rec['root'][:16]}...), verified"
+            )
         print("payload.json (signed):")
         print(entry.payload_bytes.decode("utf-8"))
         return 0

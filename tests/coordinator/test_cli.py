@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,24 @@ def test_init_with_a_broken_bundle_leaves_nothing(tmp_path: Path, reference: Pat
     assert not list(tmp_path.glob(".state.init-*"))
 
 
+def test_init_with_a_modified_bundle_tells_the_operator_what_to_do(
+    tmp_path: Path, reference: Path, capsys
+) -> None:
+    """The operator publishes a bundle from their own disk: the advice is to restore or rewrite
+    it, not to "fetch it again from the coordinator" (they are the coordinator)."""
+    from protocols.canonical import canonical_json
+
+    manifest = json.loads((reference / "manifest.json").read_bytes())
+    manifest["hyperparameters"]["n_hidden"] += 1
+    (reference / "manifest.json").write_bytes(canonical_json(manifest))
+    state = str(tmp_path / "state")
+    assert main(["coordinator", "init", "--dir", state, "--reference", str(reference)]) == 3
+    err = capsys.readouterr().err
+    assert "modified or corrupted after it was written" in err
+    assert "restore an unmodified copy" in err and "reference train" in err
+    assert "coordinator" not in err.split("digest mismatch", 1)[1]
+
+
 def test_serve_refuses_bad_config_and_insecure_public(
     tmp_path: Path, reference: Path, capsys
 ) -> None:
@@ -142,6 +161,17 @@ def test_serve_refuses_bad_config_and_insecure_public(
     assert main(["coordinator", "serve", "--dir", str(state)]) == 2
     err = capsys.readouterr().err
     assert "coordinator.yaml" in err and "limits.max_workers" in err
+
+
+def _health(state: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
@@ -171,31 +201,55 @@ def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
         while not (state / "serve.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        res = subprocess.run(
-            [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        res = _health(state, env)
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("serving:")
+        # A copy is not the live directory: no answer from the original's server for it, both
+        # for a backup (no serve.json) and for a plain copy (serve.json names the original).
+        backup, plain = tmp_path / "backup", tmp_path / "plain-copy"
+        assert main(["coordinator", "backup", "--dir", str(state), "--out", str(backup)]) == 0
+        shutil.copytree(state, plain)
+        for copy in (backup, plain):
+            res = _health(copy, env)
+            assert res.returncode == 1, res.stdout
+            assert res.stderr.startswith(f"not serving: no `coordinator serve` runs on {copy}")
     finally:
         proc.terminate()  # SIGTERM: graceful stop
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out
     assert not (state / "serve.json").exists()
     assert "TLS" in out
-    res = subprocess.run(
-        [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert res.returncode == 1
+    assert _health(state, env).returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("listen", "port", "where", "dial"),
+    [
+        ("127.0.0.1:0", 7443, "127.0.0.1:7443", "127.0.0.1:7443"),
+        ("0.0.0.0:7443", 7443, "0.0.0.0:7443", "127.0.0.1:7443"),
+        ("[::]:7443", 7443, "[::]:7443", "[::1]:7443"),
+        ("registry.example:7443", 7443, "registry.example:7443", "registry.example:7443"),
+    ],
+)
+def test_serve_says_where_it_really_listens(listen: str, port: int, where: str, dial: str) -> None:
+    from coordinator.admin import listen_addresses
+
+    assert listen_addresses(listen, port) == (where, dial)
+
+
+def test_enroll_prints_the_fingerprint_keygen_printed(
+    tmp_path: Path, reference: Path, capsys
+) -> None:
+    state = tmp_path / "state"
+    assert main(["coordinator", "init", "--dir", str(state), "--reference", str(reference)]) == 0
+    assert main(["site", "keygen", "--out", str(tmp_path / "keys")]) == 0
+    out = capsys.readouterr().out
+    fingerprint = next(ln for ln in out.splitlines() if ln.startswith("fingerprint (key id): "))
+    pub = str(tmp_path / "keys" / "site.pub")
+    argv = ["coordinator", "enroll", "--dir", str(state), "--site-id", "hospital-a"]
+    assert main([*argv, "--public-key", pub]) == 0
+    out = capsys.readouterr().out
+    assert fingerprint in out.splitlines() and "second channel" in out
 
 
 def test_coordinator_never_imports_torch(tmp_path: Path) -> None:
@@ -267,7 +321,11 @@ def test_key_rotation(consortium, server, tmp_path: Path, capsys) -> None:
         main(["coordinator", "rotate", "--dir", str(consortium.state), "--request", str(request)])
         == 0
     )
-    assert "rotated the key of site-a" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rotated the key of site-a" in out
+    # the fingerprints `site rotate-key` printed at the site, for the out-of-band check
+    assert f"new key fingerprint (key id): {key_id(new_key)}" in out
+    assert f"replaced key id:              {key_id(site.key)}" in out
     with server.client(consortium) as c:
         base = fetch_base(c, consortium)
         old = make_site_update(site, base)

@@ -102,7 +102,7 @@ def test_read_detects_tampering(tmp_path):
     m = json.loads(mpath.read_bytes())
     m["hyperparameters"]["n_hidden"] = 99
     mpath.write_bytes(canonical_json(m))
-    with pytest.raises(DigestMismatchError, match="fetch it again"):
+    with pytest.raises(DigestMismatchError, match="modified or corrupted after it was written"):
         read_bundle(tmp_path / "ref")
     assert read_bundle(tmp_path / "ref", verify=False).manifest["hyperparameters"]["n_hidden"] == 99
 

@@ -3,6 +3,7 @@ training, and both write the same ``uns["scarches_fl"]`` record."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import anndata as ad
@@ -162,3 +163,35 @@ def test_map_and_site_map_write_the_same_record(reference_bundle, panc8, tmp_pat
         else:
             assert np.asarray(a).tolist() == np.asarray(b).tolist(), key
     assert Path(site_out).stat().st_size > 0
+
+
+def test_evaluate_takes_the_bundled_file_as_reference_data(
+    reference_bundle, panc8, tmp_path, capsys
+):
+    out = tmp_path / "q.h5ad"
+    assert _map(reference_bundle, panc8, out, "--label-key", "cell_type") == 0
+    rc = main(
+        [
+            "evaluate",
+            "--data",
+            str(out),
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "cell_type",
+            "--reference",
+            str(reference_bundle),
+            "--reference-data",
+            str(panc8),
+            "--embedding",
+            "pca",
+            "--report",
+            str(tmp_path / "report"),
+        ]
+    )
+    assert rc == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if "left out, not reference studies" in x)
+    assert "celseq2" in line and "smartseq2" in line and "720 of 1000" in line
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["n_reference_cells"] == 720  # the six reference studies, not the query's

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scarches_fl.data import DataError, GeneAlignmentReport
+from scarches_fl.data import DataError, GeneAlignmentReport, _id_kind
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -71,7 +70,6 @@ IN_MEMORY_FACTOR = 3.0
 #: Stream when the in-memory estimate exceeds this fraction of the available memory.
 STREAM_ABOVE_FRACTION = 0.25
 
-_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _SYMBOL_COLUMNS = (
     "gene_symbols",
     "gene_symbol",
@@ -240,14 +238,6 @@ def _is_integer_matrix(mat: Any, rows: int = 500) -> tuple[bool, bool]:
     return bool(finite and np.array_equal(data, np.round(data))), bool((data >= 0).all())
 
 
-def _gene_kind(names: Sequence[str]) -> str:
-    sample = [str(g) for g in list(names)[:300]]
-    if not sample:
-        return "empty"
-    frac = sum(bool(_ENSEMBL_RE.match(g)) for g in sample) / len(sample)
-    return "ensembl" if frac > 0.8 else ("symbol" if frac < 0.2 else "mixed")
-
-
 def _best_var_column(adata: Any, reference_genes: Sequence[str]) -> tuple[str, float] | None:
     ref = {str(g) for g in reference_genes}
     best = None
@@ -357,7 +347,7 @@ def _check_genes(
     coverage = overlap / max(len(ref), 1)
     if coverage >= min_gene_coverage:
         return coverage
-    qk, rk = _gene_kind(names), _gene_kind(list(reference_genes))
+    qk, rk = _id_kind(names), _id_kind(list(reference_genes))
     alt = _best_var_column(adata, reference_genes)
     msg = (
         f"only {overlap} of the reference's {len(ref)} genes are in the dataset "

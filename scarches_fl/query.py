@@ -223,15 +223,13 @@ class QueryCheck:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _is_integer_matrix(mat: Any, rows: int = 500) -> tuple[bool, bool]:
-    """(all integer, all non-negative) on the first ``rows`` rows (sparse or dense)."""
-    import scipy.sparse as sp
+def _is_integer_matrix(adata: Any, layer: str | None, rows: int = 500) -> tuple[bool, bool]:
+    """(all integer, all non-negative) on the first ``rows`` rows of X or ``layer``, read
+    with the data module's row reader (a backed file or view reads only those rows)."""
+    from scarches_fl.data import iter_count_windows
 
-    block = mat[: min(rows, mat.shape[0])]
-    if hasattr(block, "to_memory"):  # a backed sparse dataset slice
-        block = block.to_memory()
-    data = block.data if sp.issparse(block) else np.asarray(block).ravel()
-    data = np.asarray(data, dtype=np.float64)
+    _start, block = next(iter_count_windows(adata, layer=layer, window=rows))
+    data = np.asarray(block.data, dtype=np.float64)
     if data.size == 0:
         return True, True
     finite = np.isfinite(data).all()
@@ -308,17 +306,16 @@ def _check_counts(adata: Any, layer: str | None, likelihood: str) -> str:
     if layer is not None and layer not in adata.layers:
         avail = ", ".join(adata.layers.keys()) or "(none)"
         raise DataError(f"layer {layer!r} not found; the layers are: {avail}. Fix --layer")
-    mat = adata.layers[layer] if layer else adata.X
-    if mat is None:
+    if layer is None and not getattr(adata, "isbacked", False) and adata.X is None:
         raise DataError("the dataset has no X; pass --layer NAME to read counts from a layer")
     where = f"layers[{layer!r}]" if layer else "X"
-    is_int, non_neg = _is_integer_matrix(mat)
+    is_int, non_neg = _is_integer_matrix(adata, layer)
     if likelihood == "nb" and not (is_int and non_neg):
         hints = []
         for name in adata.layers.keys():
             if name == layer:
                 continue
-            li, ln = _is_integer_matrix(adata.layers[name])
+            li, ln = _is_integer_matrix(adata, name)
             if li and ln:
                 hints.append(f"--layer {name}")
         if getattr(adata, "raw", None) is not None and layer is None:

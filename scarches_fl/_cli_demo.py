@@ -202,7 +202,7 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
         train = cli + [
             "reference", "train", "--data", str(panc8), "--batch-key", "batch",
             "--label-key", "cell_type", "--batches", ",".join(REFERENCE_STUDIES),
-            "--seed", str(args.seed), "--out", str(reference),
+            "--seed", str(args.seed), "--out", str(reference), "--force",  # retrained on purpose
         ]
         if args.max_epochs is not None:
             train += ["--max-epochs", str(args.max_epochs)]

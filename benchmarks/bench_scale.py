@@ -124,7 +124,7 @@ def case_map(args: argparse.Namespace) -> dict:
     t_embed = time.perf_counter() - t
     rss_embed = _rss_gb()
     t = time.perf_counter()
-    pred, unc = predict_obs_labels(res.model.labels, res.model.extra_tensors, z,
+    pred, unc, _method = predict_obs_labels(res.model.labels, res.model.extra_tensors, z,
                                        label_key="cell_type", threshold=0.5)
     t_label = time.perf_counter() - t
     truth = adata.obs["cell_type"].astype(str).to_numpy()
@@ -153,6 +153,89 @@ def case_map(args: argparse.Namespace) -> dict:
         "peak_rss_gb_after_label": rss_label, "write_seconds": t_write,
         "peak_rss_gb": _rss_gb(),
     }
+
+
+def case_cli(args: argparse.Namespace) -> dict:
+    """``scarches-fl map`` as a user runs it: no memory flag (the CLI chooses), labels, the
+    output file written; peak RSS of this process."""
+    import contextlib
+    import io
+    import logging
+
+    from scarches_fl.cli import main as cli_main
+    from scarches_fl.query import choose_backed
+
+    out = Path(args.bundle).with_name(f"cli_map_{Path(args.data).stem}.h5ad")
+    plan = choose_backed(args.data)
+    argv = ["map", "--reference", args.bundle, "--data", args.data, "--batch-key", "batch",
+            "--label-key", "cell_type", "--max-epochs", str(args.query_epochs), "--out", str(out),
+            "--force", "--no-progress"]
+    printed = io.StringIO()
+    t = time.perf_counter()
+    logging.disable(logging.WARNING)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(printed):
+        warnings.simplefilter("ignore")
+        rc = cli_main(argv)
+    seconds = time.perf_counter() - t
+    out_bytes = out.stat().st_size if out.exists() else None
+    out.unlink(missing_ok=True)
+    return {"command": "scarches-fl " + " ".join(argv), "exit_code": rc, "seconds": seconds,
+            "streamed": plan.backed, "why": plan.reason, "output_bytes": out_bytes,
+            "printed": printed.getvalue().strip().splitlines(), "peak_rss_gb": _rss_gb()}
+
+
+def run_cli_map(args: argparse.Namespace) -> dict:
+    """``--cli-map N``: one reference (``--cli-ref-cells`` cells, ``--map-ref-epochs`` epochs,
+    label knowledge), then ``scarches-fl map`` of the N-cell file without a memory flag, in a
+    fresh process. Saved to ``scale_cli_map.json``."""
+    from scarches_fl.simulate import write_simulated_h5ad
+
+    data_dir = Path(args.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for n in (args.cli_ref_cells, args.cli_map):
+        paths[n] = data_dir / f"sim_{n}.h5ad"
+        if not paths[n].exists():
+            t = time.perf_counter()
+            write_simulated_h5ad(paths[n], n, N_GENES, seed=0, chunk_size=16384)
+            print(json.dumps({"generated": str(paths[n]),
+                              "seconds": time.perf_counter() - t}), flush=True)
+    epochs = args.map_ref_epochs or 5
+    bundle = data_dir / f"mapref_{args.cli_ref_cells}_e{epochs}"
+    ref = {"bundle": str(bundle), "n_cells": args.cli_ref_cells, "epochs": epochs}
+    if not (bundle / "manifest.json").exists():
+        ref.update(_child("ref", paths[args.cli_ref_cells], "backed", bundle, args,
+                          ref_epochs=epochs, train_only=False))
+    result = {
+        "benchmark": "scale_cli_map", "n_cells": args.cli_map, "n_genes": N_GENES,
+        "file_bytes": paths[args.cli_map].stat().st_size, "query_epochs": args.query_epochs,
+        "reference": ref,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "memory_available_gb": _available_gb(),
+                    "load_average_start": os.getloadavg()},
+        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                     text=True, cwd=Path(__file__).parent).stdout.strip(),
+        "command": "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:]),
+        "map": _child("cli", paths[args.cli_map], "auto", bundle, args),
+    }
+    result["machine"]["load_average_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale_cli_map.json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["map"]
+    print(f"scarches-fl map, {args.cli_map:,} cells x {N_GENES:,} genes, no memory flag: "
+          + (f"peak RSS {m['peak_rss_gb']:.2f} GB, {m['seconds']:.0f} s, "
+             f"{'streamed' if m['streamed'] else 'read whole'} ({m['why']})"
+             if "error" not in m else f"failed: {m['error']}"))
+    return result
+
+
+def _available_gb() -> float | None:
+    from scarches_fl.query import available_memory_bytes
+
+    avail = available_memory_bytes()
+    return None if avail is None else avail / 1e9
 
 
 def _warm_page_cache(path: Path) -> float:
@@ -422,15 +505,23 @@ def main() -> int:
                    help="reference case: train only (no embedding / label knowledge)")
     p.add_argument("--resume", action="store_true",
                    help="keep the cases already in scale_sim.json and run only the missing ones")
+    p.add_argument("--cli-map", type=int, default=None, metavar="N",
+                   help="only run `scarches-fl map` (no memory flag) on the N-cell file and "
+                        "print its peak RSS (scale_cli_map.json)")
+    p.add_argument("--cli-ref-cells", type=int, default=20000, metavar="N",
+                   help="with --cli-map: cells of the reference it maps onto (default 20000)")
     # child mode
-    p.add_argument("--case", choices=("ref", "map"))
+    p.add_argument("--case", choices=("ref", "map", "cli"))
     p.add_argument("--data")
-    p.add_argument("--input", choices=("backed", "memory"))
+    p.add_argument("--input", choices=("backed", "memory", "auto"))
     p.add_argument("--bundle")
     args = p.parse_args()
     if args.case:
-        fn = case_ref if args.case == "ref" else case_map
+        fn = {"ref": case_ref, "map": case_map, "cli": case_cli}[args.case]
         print(json.dumps(fn(args)))
+        return 0
+    if args.cli_map:
+        run_cli_map(args)
         return 0
     if args.report_only:
         results = json.loads((Path(args.out) / "scale_sim.json").read_text())

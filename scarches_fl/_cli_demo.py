@@ -261,7 +261,7 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
         train = cli + [
             "reference", "train", "--data", str(panc8), "--batch-key", "batch",
             "--label-key", "cell_type", "--batches", ",".join(REFERENCE_STUDIES),
-            "--seed", str(args.seed), "--out", str(reference),
+            "--seed", str(args.seed), "--out", str(reference), "--force",  # retrained on purpose
         ]
         if args.max_epochs is not None:
             train += ["--max-epochs", str(args.max_epochs)]
@@ -375,10 +375,13 @@ def _bytes_sent(state: Path) -> int:
 
 
 def _plots(wd: Path, panc8: Path, reference: Path) -> list[Path]:
-    """The joint embedding of reference and every site's cells, by study and by cell type."""
+    """The joint embedding of the reference and every site's cells, by role, by study, by true
+    cell type and by predicted label (the report's palette: reference in grey, each site its
+    own colour, Unknown in black)."""
     import anndata as ad
     import numpy as np
 
+    from scarches_fl import report
     from scarches_fl.model import ReferenceModel
 
     model = ReferenceModel.from_bundle(reference)
@@ -386,23 +389,26 @@ def _plots(wd: Path, panc8: Path, reference: Path) -> list[Path]:
     ref = full[full.obs["batch"].isin(REFERENCE_STUDIES)].copy()
     ref_latent = model.get_latent(ref, batch_key="batch", namespace="ref")
     parts_latent = [ref_latent]
-    studies = [np.asarray(ref.obs["batch"].astype(str))]
+    ref_role = report.REFERENCE_PREFIX
+    studies = [np.char.add(f"{ref_role}: ", ref.obs["batch"].astype(str).to_numpy().astype(str))]
     types = [np.asarray(ref.obs["cell_type"].astype(str))]
-    roles = [np.full(ref.n_obs, "reference")]
+    roles = [np.full(ref.n_obs, ref_role)]
+    preds = [np.full(ref.n_obs, ref_role)]
     for site in DEMO_SITES:
         out = ad.read_h5ad(wd / "sites" / site.site_id / "mapped.h5ad")
         parts_latent.append(np.asarray(out.obsm["X_scarches"]))
-        studies.append(np.asarray(out.obs["batch"].astype(str)))
+        studies.append(np.char.add(f"{site.site_id}: ",
+                                   out.obs["batch"].astype(str).to_numpy().astype(str)))
         types.append(np.asarray(out.obs["cell_type"].astype(str)))
         roles.append(np.full(out.n_obs, site.site_id))
+        preds.append(np.asarray(out.obs["cell_type_pred"].astype(str)))
     latent = np.concatenate(parts_latent)
-    from scarches_fl import report
-
     return report.plot_joint_embedding(
         latent,
-        {"study": np.concatenate(studies), "cell type": np.concatenate(types), "role": np.concatenate(roles)},
+        {"role": np.concatenate(roles), "study": np.concatenate(studies),
+         "cell type": np.concatenate(types), "predicted label": np.concatenate(preds)},
         out_dir=wd / "plots",
-        title="panc8: reference + three sites",
+        title="panc8: reference (grey) + three sites",
     )
 
 

@@ -60,6 +60,13 @@ def register(subparsers: Any) -> None:
         help="batch column of --reference-data (default: --batch-key)",
     )
     p.add_argument(
+        "--reference-batches",
+        metavar="A,B",
+        default=None,
+        help="batches of --reference-data that are the reference's studies (default: the "
+        "batches the bundle was trained on; a file holding query studies too is fine)",
+    )
+    p.add_argument(
         "--reference-label-key",
         metavar="L",
         default=None,
@@ -89,6 +96,55 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the 2-D view")
     p.set_defaults(handler=_handle)
+
+
+def select_reference_batches(
+    ref: Any, conditions: list[str], *, batch_key: str, namespace: str,
+    requested: str | None, source: str,
+) -> tuple[Any, str]:
+    """The cells of ``ref`` whose batch is one of the reference's studies: ``requested``
+    (comma-separated) or, by default, every batch whose condition the bundle holds. Returns
+    ``(cells, a note saying which batches were used and which left out)``."""
+    import numpy as np
+
+    from scarches_fl.data import condition_names
+    from scarches_fl.report import EvaluationError
+
+    values = ref.obs[batch_key].astype(str).to_numpy()
+    present = list(dict.fromkeys(values.tolist()))
+    names = condition_names(present, namespace)
+    trained = [b for b in present if names[b] in set(conditions)]
+    studies = ", ".join(c.split("/", 1)[1] for c in conditions if c.startswith(namespace + "/"))
+    if requested:
+        wanted = [b.strip() for b in requested.split(",") if b.strip()]
+        unknown = [b for b in wanted if b not in present]
+        if unknown:
+            raise EvaluationError(
+                f"--reference-batches {','.join(unknown)}: not batches of {source} (its "
+                f"obs[{batch_key!r}] holds {', '.join(sorted(present))})"
+            )
+        foreign = [b for b in wanted if b not in trained]
+        if foreign:
+            raise EvaluationError(
+                f"--reference-batches {','.join(foreign)}: the reference was not trained on "
+                f"{'this study' if len(foreign) == 1 else 'these studies'} (it was trained on "
+                f"{studies}); list only those, or leave out --reference-batches to pick them "
+                "from the file"
+            )
+    else:
+        wanted = trained
+        if not wanted:
+            raise EvaluationError(
+                f"none of the batches in {source} ({', '.join(sorted(present))}) is a study the "
+                f"reference was trained on ({studies}); pass the file the reference was trained "
+                "on as --reference-data, or name its reference studies with --reference-batches"
+            )
+    left_out = [b for b in present if b not in wanted]
+    mask = np.isin(values, wanted)
+    note = (f"reference cells: {int(mask.sum())} of {len(values)} in {source}, batches "
+            f"{', '.join(wanted)}"
+            + (f" (left out, not reference studies: {', '.join(left_out)})" if left_out else ""))
+    return (ref[mask].copy() if left_out else ref), note
 
 
 def _known_types_from_bundle(labels_manifest: dict, label_key: str) -> list[str] | None:
@@ -163,6 +219,12 @@ def _handle(args: argparse.Namespace) -> int:
                     f"{args.reference_data} has no obs column {rbk!r}; pass --reference-batch-key"
                 )
             namespace = str(model.registration.get("namespace", "ref"))
+            ref, note = select_reference_batches(
+                ref, model.conditions, batch_key=rbk, namespace=namespace,
+                requested=args.reference_batches, source=Path(args.reference_data).name,
+            )
+            notes.append(note)
+            logger.info("%s", note)
             inp.reference_latent = model.get_latent(ref, batch_key=rbk, namespace=namespace)
             inp.reference_batches = ref.obs[rbk].astype(str).to_numpy()
             if rlk in ref.obs:

@@ -1,8 +1,10 @@
 """``scarches-fl map``: map a query .h5ad onto a reference bundle by architecture surgery.
 
-Writes the query with ``obsm["X_scarches"]``, ``uns["scarches_fl"]`` (reference digest, mode,
-gene alignment report) and, with ``--label-key``, ``obs["<L>_pred"]`` / ``obs["<L>_uncertainty"]``;
-with ``--update-out`` the contributable update (``diff.safetensors`` + ``update.json``).
+Every input is checked before any training (``scarches_fl.query.check_query``, the same checks
+as ``site map``). Writes the query with ``obsm["X_scarches"]``, ``uns["scarches_fl"]``
+(``scarches_fl.query.mapping_record``) and, with ``--label-key``, ``obs["<L>_pred"]`` /
+``obs["<L>_uncertainty"]``; with ``--update-out`` the contributable update
+(``diff.safetensors`` + ``update.json``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ __all__ = ["register", "write_update", "predict_obs_labels", "write_mapped_h5ad"
 
 log = logging.getLogger(__name__)
 
+#: Same value as ``scarches_fl.query.MIN_CELLS_PER_BATCH`` (this module imports no numpy).
+MIN_CELLS_PER_BATCH = 10
 UPDATE_FORMAT = "scarches-fl.condition-update"
 UPDATE_FORMAT_VERSION = 1
 
@@ -45,6 +49,9 @@ def register(subparsers: Any) -> None:
                    help="uncertainty above which a cell is called Unknown (default 0.5)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,
                    help="refuse queries covering less than this fraction of reference genes")
+    p.add_argument("--min-cells-per-batch", type=int, default=MIN_CELLS_PER_BATCH, metavar="N",
+                   help=f"refuse batches with fewer cells (default {MIN_CELLS_PER_BATCH})")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=_map)
 
 
@@ -88,19 +95,20 @@ def write_update(directory: Any, result: Any, base_digest: str, n_cells: int) ->
 def predict_obs_labels(
     labels_manifest: Any, atlas_tensors: Any, latent: Any, *, label_key: str,
     threshold: float,
-) -> tuple[Any, Any]:
+) -> tuple[Any, Any, str | None]:
     """``scarches_fl.labels.predict_labels`` on the whole query; returns ``(pred as str array,
-    uncertainty float32)``. ``predict_labels`` scores the query in chunks itself (the kNN index
-    is built once), so memory stays bounded for million-cell queries."""
+    uncertainty float32, method)``. ``predict_labels`` scores the query in chunks itself (the
+    kNN index is built once), so memory stays bounded for million-cell queries."""
     import numpy as np
 
     from scarches_fl.labels import predict_labels
 
     if len(latent) == 0:
-        return np.zeros(0, dtype=str), np.zeros(0, dtype=np.float32)
+        return np.zeros(0, dtype=str), np.zeros(0, dtype=np.float32), None
     p = predict_labels(labels_manifest, atlas_tensors, latent, label_key=label_key,
                        threshold=threshold)
-    return np.asarray(p.pred).astype(str), np.asarray(p.uncertainty, dtype=np.float32)
+    return (np.asarray(p.pred).astype(str), np.asarray(p.uncertainty, dtype=np.float32),
+            str(p.method))
 
 
 def write_mapped_h5ad(path: Any, adata: Any, obs: Any, obsm: dict, uns: dict, *,
@@ -116,11 +124,9 @@ def write_mapped_h5ad(path: Any, adata: Any, obs: Any, obsm: dict, uns: dict, *,
     from scarches_fl.data import iter_count_windows
 
     if not getattr(adata, "isbacked", False):
-        out = adata.copy()
-        out.obs = obs
-        for k, v in obsm.items():
-            out.obsm[k] = v
-        out.uns.update(uns)
+        # a new AnnData over the same X (never a second copy of the counts)
+        out = ad.AnnData(X=adata.X, obs=obs, var=adata.var, layers=dict(adata.layers),
+                         obsm={**dict(adata.obsm), **obsm}, uns={**dict(adata.uns), **uns})
         out.write_h5ad(path)
         return
     shell = ad.AnnData(obs=obs, var=adata.var.copy())
@@ -150,6 +156,7 @@ def _map(args: argparse.Namespace) -> int:
     from scarches_fl._cli_reference import read_input
     from scarches_fl.data import DataError
     from scarches_fl.model import ReferenceModel
+    from scarches_fl.query import check_output_path, check_query, mapping_record
 
     t0 = time.perf_counter()
     if args.update_out and args.mode != "conditions":
@@ -157,17 +164,18 @@ def _map(args: argparse.Namespace) -> int:
             f"--update-out needs --mode conditions: mode {args.mode!r} changes shared weights, "
             "which no site may contribute"
         )
+    check_output_path(args.out, force=args.force)
     model = ReferenceModel.from_bundle(args.reference)
     base_digest = model.digest
     adata = read_input(args)
-    have_labels = False
-    if args.label_key is not None:
-        try:
-            import scarches_fl.labels  # noqa: F401
-        except ImportError:  # pragma: no cover - L's module not installed yet
-            log.warning("scarches_fl.labels is not available: no label prediction")
-        else:
-            have_labels = True
+    checked = check_query(
+        adata, reference_genes=model.genes, batch_key=args.batch_key,
+        likelihood=str(model.hyperparameters.get("likelihood", "nb")), layer=args.layer,
+        label_key=args.label_key, labels_manifest=model.labels,
+        min_cells_per_batch=args.min_cells_per_batch, min_gene_coverage=args.min_gene_coverage,
+    )
+    for note in checked.notes:
+        log.info("%s", note)
     result = model.surgery(
         adata, batch_key=args.batch_key, namespace=args.namespace, layer=args.layer,
         mode=args.mode, max_epochs=args.max_epochs, seed=args.seed,
@@ -176,32 +184,31 @@ def _map(args: argparse.Namespace) -> int:
     )
     obs = adata.obs.copy()
     obsm = {"X_scarches": np.asarray(result.latent, dtype=np.float32)}
-    info: dict[str, Any] = {
-        "reference_digest": base_digest,
-        "model_digest": result.model.digest,
-        "mode": result.mode,
-        "namespace": args.namespace,
-        "new_conditions": list(result.new_conditions),
-        "trainable_parameters": int(result.trainable_parameters),
-        "epochs": int(result.history.get("epochs", 0)),
-        "alignment": {k: v for k, v in result.alignment.to_dict().items() if v is not None},
-    }
-    if args.label_key is not None and have_labels:
-        pred, unc = predict_obs_labels(
+    label_method = None
+    if args.label_key is not None:
+        pred, unc, label_method = predict_obs_labels(
             result.model.labels, result.model.extra_tensors, result.latent,
             label_key=args.label_key, threshold=args.threshold,
         )
         obs[f"{args.label_key}_pred"] = pred
         obs[f"{args.label_key}_uncertainty"] = unc
-        info["label_key"] = args.label_key
-        info["threshold"] = float(args.threshold)
+    record = mapping_record(
+        reference_digest=base_digest, model_digest=result.model.digest, mode=result.mode,
+        namespace=args.namespace, new_conditions=result.new_conditions,
+        epochs=int(result.history.get("epochs", 0)),
+        trainable_parameters=result.trainable_parameters, batch_key=args.batch_key,
+        counts=checked.counts, alignment=result.alignment,
+        label_key=args.label_key, label_method=label_method,
+        threshold=args.threshold if args.label_key is not None else None,
+    )
     update_bytes = None
     if args.update_out:
         update_bytes = write_update(args.update_out, result, base_digest, adata.n_obs)
-    write_mapped_h5ad(args.out, adata, obs, obsm, {"scarches_fl": info})
+    write_mapped_h5ad(args.out, adata, obs, obsm, {"scarches_fl": record})
     a = result.alignment
     lines = [
-        f"mapped {adata.n_obs} cells: {a.n_overlap}/{a.n_reference_genes} reference genes "
+        f"mapped {adata.n_obs} cells (counts from {checked.counts}): "
+        f"{a.n_overlap}/{a.n_reference_genes} reference genes "
         f"covered ({100 * a.coverage:.1f}%), {a.n_extra} query genes dropped",
         f"conditions added: {', '.join(result.new_conditions)} (mode {result.mode}, "
         f"{result.trainable_parameters} trainable parameters, "

@@ -20,20 +20,34 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
                    help="read counts from this layer instead of X (e.g. counts)")
     p.add_argument("--batches", default=None, metavar="A,B,C",
                    help="use only cells whose batch is one of these (comma-separated)")
-    p.add_argument("--backed", action="store_true",
-                   help="open the .h5ad backed (read counts in bounded windows)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_memory_arguments(p)
+
+
+def add_memory_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backed`` / ``--in-memory``: force how the .h5ad is read (default: streamed when it
+    would not fit comfortably in memory, ``scarches_fl.query.choose_backed``)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--backed", dest="backed", action="store_const", const=True, default=None,
+                   help="stream the counts from disk in row windows (default: chosen from the "
+                        "file's size and the memory available)")
+    g.add_argument("--in-memory", dest="backed", action="store_const", const=False,
+                   help="read the whole file into memory")
 
 
 def read_input(args: argparse.Namespace) -> Any:
+    """The --data file, streamed or read whole (``choose_backed``), with --batches applied."""
     import anndata as ad
 
     from scarches_fl.data import DataError, filter_batches
+    from scarches_fl.query import choose_backed
 
     try:
-        adata = ad.read_h5ad(args.data, backed="r" if args.backed else None)
+        plan = choose_backed(args.data, backed=args.backed)
+        log.info("%s: %s", args.data, plan.reason)
+        adata = ad.read_h5ad(args.data, backed="r" if plan.backed else None)
     except FileNotFoundError as exc:
         raise DataError(f"input file {args.data!r} not found; check --data") from exc
     except OSError as exc:
@@ -78,6 +92,7 @@ def register(subparsers: Any) -> None:
                    help="store the reference cells' latent coordinates and labels in the bundle "
                         "(enables kNN label transfer; shares per-cell embeddings)")
     t.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
+    t.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     t.set_defaults(handler=_train)
 
     def _help(_args: argparse.Namespace) -> int:
@@ -92,8 +107,10 @@ def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from scarches_fl.model import ReferenceModel
+    from scarches_fl.query import check_output_path
 
     t0 = time.perf_counter()
+    check_output_path(args.out, force=args.force)
     adata = read_input(args)
     model = ReferenceModel.train_reference(
         adata, batch_key=args.batch_key, label_key=args.label_key, layer=args.layer,

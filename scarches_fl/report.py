@@ -23,7 +23,15 @@ import numpy as np
 from protocols.errors import ScarchesFLError
 from scarches_fl import metrics as M
 
-__all__ = ["EvaluationError", "EvaluationInput", "build_report", "embed_2d", "plot_joint_embedding"]
+__all__ = [
+    "EvaluationError",
+    "EvaluationInput",
+    "build_report",
+    "category_colours",
+    "clean_embedding_axes",
+    "embed_2d",
+    "plot_joint_embedding",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +73,10 @@ def embed_2d(latent: np.ndarray, *, method: str = "auto", seed: int = 0) -> tupl
                     "--embedding umap needs umap-learn: pip install umap-learn (or use pca)"
                 ) from None
         else:
+            logger.info(
+                "computing a UMAP of %d cells for the plots (about 30 s for 10,000 cells; "
+                "--embedding pca is instant)", z.shape[0]
+            )
             n_neighbors = max(2, min(15, z.shape[0] - 1))
             coords = umap.UMAP(n_neighbors=n_neighbors, random_state=seed, n_jobs=1).fit_transform(z)
             return np.asarray(coords), "UMAP of the latent"
@@ -79,33 +91,74 @@ def embed_2d(latent: np.ndarray, *, method: str = "auto", seed: int = 0) -> tupl
     return coords, f"PCA of the latent (PC1 {100 * var[0]:.0f}%, PC2 {100 * var[1]:.0f}% variance)"
 
 
-def _palette(categories: Sequence[str]) -> dict[str, Any]:
+#: Categories whose name starts with this are reference cells: drawn first, in grey.
+REFERENCE_PREFIX = "reference"
+UNKNOWN = "Unknown"
+_UNKNOWN_COLOUR = (0.0, 0.0, 0.0, 1.0)
+
+
+def _is_reference(category: str) -> bool:
+    return category == REFERENCE_PREFIX or category.startswith(REFERENCE_PREFIX + ":")
+
+
+def _distinct_colours(n: int) -> list[Any]:
+    """``n`` colours that are neither grey nor shades of one another: tab10 without its grey,
+    then tab20's light tones without grey, then evenly spaced hues."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
+    tab10 = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
+    light = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors)
+             if i % 2 == 1 and i != 15]
+    colours = list(tab10) + light
+    extra = n - len(colours)
+    if extra > 0:
+        hsv = matplotlib.colormaps["hsv"]
+        colours += [hsv(k / extra) for k in range(extra)]
+    return colours[:n]
+
+
+def category_colours(categories: Sequence[str]) -> dict[str, Any]:
+    """The one palette of every embedding plot (report and demo): reference categories
+    (``reference`` or ``reference: <study>``) in shades of grey, ``Unknown`` in black, every
+    other category (sites, query studies, cell types, predictions) in its own distinct colour."""
+    refs = [c for c in categories if _is_reference(c)]
+    others = [c for c in categories if not _is_reference(c) and c != UNKNOWN]
     out: dict[str, Any] = {}
-    for i, c in enumerate(categories):
-        out[c] = cmap(i % 20) if c != "Unknown" else (0.1, 0.1, 0.1, 1.0)
+    for i, c in enumerate(refs):
+        grey = 0.72 if len(refs) == 1 else 0.55 + 0.3 * i / (len(refs) - 1)
+        out[c] = (grey, grey, grey, 1.0)
+    out.update(zip(others, _distinct_colours(len(others)), strict=True))
+    if UNKNOWN in categories:
+        out[UNKNOWN] = _UNKNOWN_COLOUR
     return out
 
 
-def _scatter_categories(ax, xy, values, *, title: str, size: float, marker_of=None) -> None:
-    cats = sorted(set(values.tolist()), key=lambda v: (v == "Unknown", v))
-    pal = _palette(cats)
-    for c in cats:
+def _scatter_categories(ax, xy, values, *, title: str, size: float) -> None:
+    """Reference cells first (underneath, grey), then the other categories from the largest to
+    the smallest (a site's 42 cells stay visible over 678), Unknown on top; legend in reading
+    order. No numeric ticks: the axes of a 2-D embedding carry no units."""
+    counts = {c: int(np.sum(values == c)) for c in set(values.tolist())}
+    legend_order = sorted(counts, key=lambda v: (not _is_reference(v), v == UNKNOWN, v))
+    draw_order = sorted(counts, key=lambda v: (not _is_reference(v), v == UNKNOWN, -counts[v]))
+    pal = category_colours(legend_order)
+    handles = {}
+    for c in draw_order:
         m = values == c
-        ax.scatter(
+        handles[c] = ax.scatter(
             xy[m, 0],
             xy[m, 1],
-            s=size,
+            s=size * (1.6 if c == UNKNOWN else 1.0),
             color=pal[c],
-            label=f"{c} ({int(m.sum())})",
+            label=f"{c} ({counts[c]})",
             linewidths=0,
-            alpha=0.85,
+            alpha=0.6 if _is_reference(c) else 0.9,
         )
     ax.set_title(title, fontsize=10)
-    ncol = 1 if len(cats) <= 16 else 2
+    clean_embedding_axes(ax)
+    ncol = 1 if len(legend_order) <= 16 else 2
     ax.legend(
+        [handles[c] for c in legend_order],
+        [f"{c} ({counts[c]})" for c in legend_order],
         loc="center left",
         bbox_to_anchor=(1.01, 0.5),
         fontsize=7,
@@ -113,6 +166,15 @@ def _scatter_categories(ax, xy, values, *, title: str, size: float, marker_of=No
         frameon=False,
         ncol=ncol,
     )
+
+
+def clean_embedding_axes(ax, how: str | None = None) -> None:
+    """No numeric ticks on an embedding's axes; ``how`` (e.g. "UMAP of the latent") as the
+    x label."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if how is not None:
+        ax.set_xlabel(how, fontsize=8)
 
 
 def _point_size(n_cells: int) -> float:
@@ -162,9 +224,7 @@ def plot_joint_embedding(
     for name, values in colorings.items():
         fig, ax = plt.subplots(figsize=(7.5, 5.5))
         _scatter_categories(ax, xy, np.asarray(values).astype(str), title=f"{title}: by {name}", size=size)
-        ax.set_xlabel(how, fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        clean_embedding_axes(ax, how)
         slug = "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
         path = out_dir / f"embedding_by_{slug}.png"
         _save_figure(fig, path)
@@ -193,17 +253,16 @@ def _plots(
         _save_figure(fig, out_dir / name)
         written.append(name)
 
-    origin = np.where(is_query, "query: ", "reference: ")
+    origin = np.where(is_query, "query: ", REFERENCE_PREFIX + ": ")
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     _scatter_categories(
         ax,
         xy,
         np.char.add(origin.astype(str), batches.astype(str)),
-        title=f"By batch (study). {how}",
+        title="By batch (study; reference studies in grey)",
         size=size,
     )
-    ax.set_xlabel("dim 1")
-    ax.set_ylabel("dim 2")
+    clean_embedding_axes(ax, how)
     save(fig, "embedding_by_batch.png")
 
     if labels is not None:
@@ -215,26 +274,21 @@ def _plots(
             title="By true label (reference and query where known)",
             size=size,
         )
+        clean_embedding_axes(ax, how)
         save(fig, "embedding_by_label.png")
 
     if inp.query_pred is not None:
         fig, ax = plt.subplots(figsize=(7.5, 5.5))
-        if (~is_query).any():
-            ax.scatter(
-                xy[~is_query, 0],
-                xy[~is_query, 1],
-                s=size,
-                color="0.85",
-                linewidths=0,
-                label="reference",
-            )
+        shown = np.full(len(xy), REFERENCE_PREFIX, dtype=object)
+        shown[is_query] = inp.query_pred.astype(str)
         _scatter_categories(
             ax,
-            xy[is_query],
-            inp.query_pred.astype(str),
-            title="Query cells by predicted label (reference in grey)",
+            xy,
+            shown.astype(str),
+            title="Query cells by predicted label (reference in grey, Unknown in black)",
             size=size,
         )
+        clean_embedding_axes(ax, how)
         save(fig, "embedding_by_prediction.png")
 
     if inp.query_uncertainty is not None:
@@ -242,7 +296,9 @@ def _plots(
             1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [1.4, 1]}
         )
         if (~is_query).any():
-            ax.scatter(xy[~is_query, 0], xy[~is_query, 1], s=size, color="0.85", linewidths=0)
+            grey = category_colours([REFERENCE_PREFIX])[REFERENCE_PREFIX]
+            ax.scatter(xy[~is_query, 0], xy[~is_query, 1], s=size, color=grey, linewidths=0)
+        clean_embedding_axes(ax, how)
         sc = ax.scatter(
             xy[is_query, 0],
             xy[is_query, 1],

@@ -113,6 +113,10 @@ def register(subparsers: Any) -> None:
         metavar="F",
         help="cells with uncertainty above this are 'Unknown' (default 0.5)",
     )
+    from scarches_fl._cli_reference import add_memory_arguments
+
+    add_memory_arguments(p)
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=_map)
 
     p = sub.add_parser(
@@ -262,7 +266,8 @@ def _map(args: argparse.Namespace) -> int:
     from site_agent.agent import run_map
 
     config = _config(args)
-    report = run_map(config, dry_run=bool(args.dry_run), var_names_column=args.var_names_column)
+    report = run_map(config, dry_run=bool(args.dry_run), var_names_column=args.var_names_column,
+                     force=bool(args.force), backed=args.backed)
     if report.dry_run or not report.new_conditions:
         return 0
     print(

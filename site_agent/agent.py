@@ -115,6 +115,7 @@ def _say(printer: Callable[[str], None] | None, text: str) -> None:
 def run_map(
     config: SiteConfig, *, dry_run: bool = False, var_names_column: str | None = None,
     printer: Callable[[str], None] | None = print, client_factory: Callable[..., Any] = connect,
+    force: bool = False, backed: bool | None = None,
 ) -> MapReport:
     """The whole ``site map`` flow (see the module docstring)."""
     from protocols.diff import diff_from_bytes, diff_to_bytes
@@ -123,6 +124,14 @@ def run_map(
     config.require("coordinator", "trust", "key", "site_id", "state", "data", "batch_key", "out")
     assert config.state and config.trust and config.key and config.site_id and config.data
     assert config.out is not None
+    from scarches_fl.data import DataError
+    from scarches_fl.query import check_output_path
+    from site_agent.mapping import SiteDataError
+
+    try:
+        check_output_path(config.out, force=force)
+    except DataError as exc:
+        raise SiteDataError(str(exc)) from exc
     state = SiteState(config.state)
     with state.locked():
         trust = proto.load_trust(state.pin_trust(config.trust), source=str(config.trust))
@@ -153,7 +162,7 @@ def run_map(
             model = ReferenceModel.from_bundle(verified.bundle)
             th = config.thresholds
             _say(printer, f"mapping {config.data} (stays at this site)")
-            with open_query(config.data) as adata:
+            with open_query(config.data, backed=backed) as adata:
                 outcome = map_query(
                     adata, model, site_id=config.site_id, batch_key=config.batch_key or "",
                     label_key=config.label_key, layer=config.layer, batches=config.batches,
@@ -166,11 +175,8 @@ def run_map(
             provenance = {
                 "tree_size": verified.tree_size,
                 "checkpoint_root": verified.root_hex,
-                "digest": verified.digest,
                 "origin": trust.origin,
-                "coordinator": config.coordinator,
                 "site_id": config.site_id,
-                "mapped_model_digest": str(outcome.new_model.digest),
             }
             write_mapped(outcome, config.out, provenance=provenance)
             _say(printer, f"wrote {config.out}: obsm['X_scarches']"

@@ -1,17 +1,14 @@
 """Mapping a site's private dataset onto a verified reference, with the model library.
 
-Reading the data is where real sites stumble, so this module turns the usual surprises into
-messages that say what is wrong and how to fix it:
+Reading the data is where real sites stumble. Every check on the query (batch key, batch
+sizes, where the counts are, gene coverage, label key) is the library's
+(:func:`scarches_fl.query.check_query`, shared with ``scarches-fl map``); this module adds what
+is particular to a site's file:
 
 * a gzip-compressed ``.h5ad.gz`` (read through a private temporary copy, never uploaded);
-* a file too large for memory (read backed, in row windows);
-* counts in a layer while ``X`` holds normalised values (names the layer to pass with --layer);
-* a batch key with a single value (fine: one new condition) or with one value per cell (refused:
-  that is a cell id, not a study);
-* Ensembl gene ids in the query while the reference uses symbols (or the reverse): names the
-  ``var`` column that holds the other kind and the flag that uses it;
-* cells with zero counts on the reference genes (kept, embedded, and reported);
-* batches too small to contribute (refused, naming them and the flag that leaves them out).
+* a file too large to read whole comfortably (streamed in row windows,
+  :func:`scarches_fl.query.choose_backed`);
+* cells with zero counts on the reference genes (kept, embedded, and reported).
 
 The surgery itself, the gene alignment, the embedding and the label transfer are the library's
 (``scarches_fl.model``, ``scarches_fl.data``, ``scarches_fl.labels``); nothing here re-implements
@@ -41,21 +38,14 @@ __all__ = [
     "SiteDataError",
     "MappingOutcome",
     "open_query",
-    "check_query",
     "map_query",
     "write_mapped",
 ]
 
 logger = logging.getLogger(__name__)
 
-_ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _GZIP_MAGIC = b"\x1f\x8b"
-#: Files above this size are opened backed (read in row windows) instead of loaded whole.
-BACKED_ABOVE_BYTES = 2 * 1024**3
-_SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "gene_names",
-                   "symbol", "symbols", "name")
-_ID_COLUMNS = ("gene_ids", "gene_id", "ensembl_id", "ensembl", "feature_id", "gene_ids-0")
 
 
 class SiteDataError(ScarchesFLError):
@@ -78,12 +68,18 @@ class MappingOutcome:
     n_zero_cells: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: keyword arguments of :func:`scarches_fl.query.mapping_record` (less the ledger fields)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
 def open_query(path: str | Path, *, backed: bool | None = None) -> Iterator[Any]:
-    """Open the site's h5ad (plain or gzip-compressed; backed when large). Yields an AnnData."""
+    """Open the site's h5ad (plain or gzip-compressed; streamed when it would not fit
+    comfortably in memory, see :func:`scarches_fl.query.choose_backed`; ``backed`` forces
+    either way). Yields an AnnData."""
     import anndata as ad
+
+    from scarches_fl.query import choose_backed
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -114,8 +110,8 @@ def open_query(path: str | Path, *, backed: bool | None = None) -> Iterator[Any]
                 f"{path} is not an HDF5 .h5ad file; convert it first (e.g. "
                 "anndata.read_loom / read_csv / scanpy.read_10x_mtx, then .write_h5ad)"
             )
-        if backed is None:
-            backed = path.stat().st_size > BACKED_ABOVE_BYTES
+        plan = choose_backed(path, backed=backed)
+        backed = plan.backed
         try:
             adata = ad.read_h5ad(path, backed="r" if backed else None)
         except Exception as exc:  # h5py / anndata raise many types for a broken file
@@ -123,8 +119,7 @@ def open_query(path: str | Path, *, backed: bool | None = None) -> Iterator[Any]
                 f"cannot read {path} as AnnData ({type(exc).__name__}: {exc}); check that it "
                 "was written by anndata (adata.write_h5ad)"
             ) from exc
-        if backed:
-            logger.info("reading %s backed (row windows), it is large", path)
+        logger.info("%s: %s", path.name, plan.reason)
         try:
             yield adata
         finally:
@@ -136,154 +131,6 @@ def open_query(path: str | Path, *, backed: bool | None = None) -> Iterator[Any]
             shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def _is_integer_matrix(mat: Any, rows: int = 500) -> tuple[bool, bool]:
-    """(all integer, all non-negative) on the first ``rows`` rows (sparse or dense)."""
-    import scipy.sparse as sp
-
-    block = mat[: min(rows, mat.shape[0])]
-    data = block.data if sp.issparse(block) else np.asarray(block).ravel()
-    data = np.asarray(data, dtype=np.float64)
-    if data.size == 0:
-        return True, True
-    finite = np.isfinite(data).all()
-    return bool(finite and np.array_equal(data, np.round(data))), bool((data >= 0).all())
-
-
-def _gene_kind(names: Sequence[str]) -> str:
-    sample = [str(g) for g in list(names)[:300]]
-    if not sample:
-        return "empty"
-    frac = sum(bool(_ENSEMBL_RE.match(g)) for g in sample) / len(sample)
-    return "ensembl" if frac > 0.8 else ("symbol" if frac < 0.2 else "mixed")
-
-
-def _best_var_column(adata: Any, reference_genes: Sequence[str]) -> tuple[str, float] | None:
-    ref = {str(g) for g in reference_genes}
-    best = None
-    for col in adata.var.columns:
-        try:
-            vals = adata.var[col].astype(str)
-        except Exception:  # noqa: BLE001 - odd dtypes are just not candidates
-            continue
-        cov = len(set(vals) & ref) / max(len(ref), 1)
-        if cov > 0 and (best is None or cov > best[1]):
-            best = (str(col), cov)
-    return best
-
-
-def check_query(
-    adata: Any, *, batch_key: str, reference_genes: Sequence[str], layer: str | None,
-    likelihood: str, min_gene_coverage: float, batches: Sequence[str] | None,
-    min_cells_per_batch: int, var_names_column: str | None = None,
-) -> list[str]:
-    """Friendly checks before the library sees the data; returns notes for the admin, raises
-    :class:`SiteDataError` with the fix otherwise."""
-    notes: list[str] = []
-    if adata.n_obs == 0:
-        raise SiteDataError("the dataset has no cells")
-    if batch_key not in adata.obs.columns:
-        avail = ", ".join(map(str, adata.obs.columns)) or "(none)"
-        raise SiteDataError(
-            f"batch key {batch_key!r} is not a column of obs; the columns are: {avail}. Pass the "
-            "one that names the study / sample with --batch-key (or batch_key: in site.yaml)"
-        )
-    values = adata.obs[batch_key].astype(str)
-    counts = values.value_counts()
-    if batches:
-        missing = [b for b in batches if b not in counts.index]
-        if missing:
-            raise SiteDataError(
-                f"batches {missing} are not values of obs[{batch_key!r}]; its values are "
-                f"{sorted(counts.index)[:20]}. Fix --batches"
-            )
-        counts = counts[list(batches)]
-    if len(counts) == 1:
-        notes.append(
-            f"obs[{batch_key!r}] has a single value ({counts.index[0]!r}): the whole dataset "
-            "becomes one new condition"
-        )
-    elif len(counts) > 0.5 * int(counts.sum()) and len(counts) > 20:
-        raise SiteDataError(
-            f"obs[{batch_key!r}] has {len(counts)} distinct values for {int(counts.sum())} cells: "
-            "that looks like a cell id or barcode, not a study. Pass the column that names the "
-            "study / sample / technology with --batch-key"
-        )
-    small = {str(b): int(n) for b, n in counts.items() if n < min_cells_per_batch}
-    if small:
-        keep = [str(b) for b, n in counts.items() if n >= min_cells_per_batch]
-        raise SiteDataError(
-            f"batches {small} have fewer than {min_cells_per_batch} cells: too few to fit a "
-            "condition, and a condition fitted on so few cells says too much about them. Leave "
-            f"them out with --batches {','.join(keep) or '...'} or lower "
-            "thresholds.min_cells_per_batch in site.yaml"
-        )
-
-    # counts: X or a layer
-    if layer is not None and layer not in adata.layers:
-        avail = ", ".join(adata.layers.keys()) or "(none)"
-        raise SiteDataError(f"layer {layer!r} not found; the layers are: {avail}. Fix --layer")
-    mat = adata.layers[layer] if layer else adata.X
-    if mat is None:
-        raise SiteDataError("the dataset has no X; pass --layer NAME to read counts from a layer")
-    is_int, non_neg = _is_integer_matrix(mat)
-    if likelihood == "nb" and not (is_int and non_neg):
-        where = f"layer {layer!r}" if layer else "X"
-        hints = []
-        for name in adata.layers.keys():
-            if name == layer:
-                continue
-            li, ln = _is_integer_matrix(adata.layers[name])
-            if li and ln:
-                hints.append(f"--layer {name}")
-        if getattr(adata, "raw", None) is not None and layer is None:
-            hints.append("the counts in adata.raw (write them to a layer: "
-                         "adata.layers['counts'] = adata.raw.X, then --layer counts)")
-        what = "negative values" if not non_neg else "non-integer values"
-        fix = ("; the raw counts look to be in " + " or ".join(hints)) if hints else (
-            "; give the dataset its raw integer counts (X or a layer)"
-        )
-        raise SiteDataError(
-            f"{where} holds {what} (normalised or log-transformed data), but the reference "
-            f"models raw counts (negative binomial){fix}"
-        )
-
-    # genes
-    names = [str(g) for g in (adata.var[var_names_column] if var_names_column
-                              else adata.var_names)]
-    ref = {str(g) for g in reference_genes}
-    overlap = len(set(names) & ref)
-    coverage = overlap / max(len(ref), 1)
-    if coverage < min_gene_coverage:
-        qk, rk = _gene_kind(names), _gene_kind(list(reference_genes))
-        alt = _best_var_column(adata, reference_genes)
-        msg = (
-            f"only {overlap} of the reference's {len(ref)} genes are in the dataset "
-            f"(coverage {coverage:.1%}, the minimum is {min_gene_coverage:.0%})"
-        )
-        if qk != rk and {qk, rk} <= {"ensembl", "symbol"}:
-            msg += (
-                f": the dataset names genes by {'Ensembl ids' if qk == 'ensembl' else 'symbols'} "
-                f"(e.g. {names[:2]}) while the reference uses "
-                f"{'Ensembl ids' if rk == 'ensembl' else 'symbols'} (e.g. "
-                f"{list(reference_genes)[:2]})"
-            )
-        if alt is not None and alt[1] >= min_gene_coverage:
-            msg += (
-                f". The var column {alt[0]!r} matches {alt[1]:.1%} of the reference genes: pass "
-                f"--var-names-column {alt[0]}"
-            )
-        else:
-            cols = [c for c in (_SYMBOL_COLUMNS if rk == "symbol" else _ID_COLUMNS)]
-            msg += (
-                ". Map the gene ids first, e.g. in Python: adata.var_names = "
-                f"adata.var[{cols[0]!r}] (with a column holding the reference's kind of "
-                "names; a table such as Ensembl BioMart gives the mapping), then "
-                "adata.var_names_make_unique()"
-            )
-        raise SiteDataError(msg)
-    return notes
-
-
 def _apply_var_names(adata: Any, column: str | None) -> Any:
     if column is None:
         return adata
@@ -292,9 +139,7 @@ def _apply_var_names(adata: Any, column: str | None) -> Any:
         raise SiteDataError(
             f"--var-names-column {column!r} is not a column of var; the columns are: {avail}"
         )
-    if getattr(adata, "isbacked", False):
-        adata = adata.to_memory()
-    adata = adata.copy()
+    adata = adata.to_memory() if getattr(adata, "isbacked", False) else _sharing_counts(adata)
     adata.var_names = adata.var[column].astype(str).to_numpy()
     adata.var_names_make_unique()
     return adata
@@ -320,19 +165,25 @@ def map_query(
     label_threshold: float, min_cells_per_batch: int, max_epochs: int | None, seed: int,
     var_names_column: str | None = None, progress: bool = False,
 ) -> MappingOutcome:
-    """Check, align, surgery (condition-only fine-tuning), embed and transfer labels."""
+    """Check (:func:`scarches_fl.query.check_query`, before any training), align, surgery
+    (condition-only fine-tuning), embed and transfer labels."""
     import time
 
     from scarches_fl.data import DataError, DataWarning
+    from scarches_fl.query import check_query
 
     t0 = time.perf_counter()
     likelihood = str(model.hyperparameters.get("likelihood", "nb"))
     adata = _apply_var_names(adata, var_names_column)
-    notes = check_query(
-        adata, batch_key=batch_key, reference_genes=model.genes, layer=layer,
-        likelihood=likelihood, min_gene_coverage=min_gene_coverage, batches=batches,
-        min_cells_per_batch=min_cells_per_batch,
-    )
+    try:
+        checked = check_query(
+            adata, reference_genes=model.genes, batch_key=batch_key, likelihood=likelihood,
+            layer=layer, label_key=label_key, labels_manifest=model.labels, batches=batches,
+            min_cells_per_batch=min_cells_per_batch, min_gene_coverage=min_gene_coverage,
+        )
+    except DataError as exc:
+        raise SiteDataError(str(exc)) from exc
+    notes = list(checked.notes)
     if batches:
         mask = np.isin(adata.obs[batch_key].astype(str).to_numpy(), list(batches))
         adata = adata[mask]
@@ -391,7 +242,7 @@ def map_query(
         notes.append("the input was read backed: the output holds obs, var, the embedding and "
                      "labels, not the count matrix (join on obs_names)")
     else:
-        out = adata.copy()
+        out = _sharing_counts(adata)
     out.obsm["X_scarches"] = np.asarray(result.latent, dtype=np.float32)
     label_method = None
     if label_key:
@@ -416,27 +267,45 @@ def map_query(
             f"labels ({pred.method}): {n_unknown} of {out.n_obs} cells called Unknown "
             f"(uncertainty > {label_threshold})"
         )
+    history = getattr(result, "history", {}) or {}
+    record = {
+        "reference_digest": str(model.digest), "model_digest": str(result.model.digest),
+        "mode": "conditions", "namespace": site_id,
+        "new_conditions": list(result.new_conditions),
+        "epochs": int(history.get("epochs", 0)),
+        "trainable_parameters": int(getattr(result, "trainable_parameters", 0)),
+        "batch_key": batch_key, "counts": checked.counts, "alignment": result.alignment,
+        "label_key": label_key if label_method else None, "label_method": label_method,
+        "threshold": float(label_threshold) if label_method else None,
+    }
     return MappingOutcome(
         adata=out, latent=result.latent, diff=dict(result.diff),
         new_conditions=list(result.new_conditions), alignment=result.alignment,
         new_model=result.model, label_method=label_method, n_zero_cells=n_zero, notes=notes,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, record=record,
     )
 
 
-def write_mapped(outcome: MappingOutcome, path: str | Path, *, provenance: dict[str, Any]) -> None:
-    """Write the mapped dataset with ``uns["scarches_fl"]`` = the reference version it was
-    mapped on (tree size, checkpoint root, digest) and what was added."""
+def _sharing_counts(adata: Any) -> Any:
+    """A new AnnData over the same count matrix (not a copy of X): obs, obsm and uns are the
+    output's own, so the caller's object is left as it was."""
+    import anndata as ad
+
+    return ad.AnnData(X=adata.X, obs=adata.obs.copy(), var=adata.var.copy(),
+                      layers=dict(adata.layers), obsm=dict(adata.obsm), uns=dict(adata.uns))
+
+
+def write_mapped(outcome: MappingOutcome, path: str | Path, *,
+                 provenance: dict[str, Any]) -> None:
+    """Write the mapped dataset with ``uns["scarches_fl"]`` =
+    :func:`scarches_fl.query.mapping_record` (what was mapped, and from ``provenance`` the
+    reference version in the ledger: ``tree_size``, ``checkpoint_root``, ``origin``,
+    ``site_id``)."""
+    from scarches_fl.query import mapping_record
+
     path = Path(path).expanduser()
     adata = outcome.adata
-    meta = dict(provenance)
-    meta["new_conditions"] = list(outcome.new_conditions)
-    meta["gene_alignment"] = {
-        k: v for k, v in outcome.alignment.to_dict().items() if not isinstance(v, list)
-    }
-    if outcome.label_method:
-        meta["label_method"] = outcome.label_method
-    adata.uns["scarches_fl"] = meta
+    adata.uns["scarches_fl"] = mapping_record(**outcome.record, ledger=provenance)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

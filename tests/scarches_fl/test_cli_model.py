@@ -42,7 +42,7 @@ def test_reference_train_then_map(shared_data, tmp_path, capsys):
     assert np.isfinite(q.obsm["X_scarches"]).all()
     info = q.uns["scarches_fl"]
     assert info["reference_digest"] == base.digest and info["mode"] == "conditions"
-    assert float(info["alignment"]["coverage"]) == 1.0
+    assert float(info["gene_alignment"]["coverage"]) == 1.0 and info["counts"] == "X"
     assert "cell_type_pred" in q.obs and "cell_type_uncertainty" in q.obs
     u = q.obs["cell_type_uncertainty"].to_numpy()
     assert ((u >= 0) & (u <= 1)).all()

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from scarches_fl.cli import main
-from scarches_fl.report import EvaluationError, EvaluationInput, build_report, embed_2d
+from scarches_fl.report import (
+    EvaluationError,
+    EvaluationInput,
+    build_report,
+    embed_2d,
+    plot_joint_embedding,
+)
 
 ad = pytest.importorskip("anndata")
 
@@ -146,10 +152,105 @@ def test_plot_joint_embedding_writes_one_png_per_coloring(tmp_path):
     latent = np.concatenate([rng.normal(0, 1, (40, 5)), rng.normal(4, 1, (40, 5))])
     study = np.array(["ref"] * 40 + ["site-a"] * 40)
     kind = np.array(["alpha", "beta"] * 40)
-    paths = plot_joint_embedding(latent, {"study": study, "cell type": kind}, out_dir=tmp_path,
-                                 title="test", method="pca")
+    paths = plot_joint_embedding(
+        latent, {"study": study, "cell type": kind}, out_dir=tmp_path, title="test", method="pca"
+    )
     assert [p.name for p in paths] == ["embedding_by_study.png", "embedding_by_cell_type.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(EvaluationError, match="has 3 values"):
         plot_joint_embedding(latent, {"bad": study[:3]}, out_dir=tmp_path, title="t", method="pca")
+
+
+def _reference_file():
+    a = ad.AnnData(np.zeros((9, 2), dtype=np.float32))
+    a.obs["batch"] = ["a"] * 3 + ["b"] * 3 + ["q1"] * 3
+    return a
+
+
+def test_reference_batches_are_picked_from_a_file_that_holds_query_studies_too():
+    from scarches_fl._cli_evaluate import select_reference_batches
+
+    kw = dict(batch_key="batch", namespace="ref", source="panc8.h5ad")
+    cells, note = select_reference_batches(
+        _reference_file(), ["ref/a", "ref/b"], requested=None, **kw
+    )
+    assert cells.n_obs == 6 and set(cells.obs["batch"]) == {"a", "b"}
+    assert "left out, not reference studies: q1" in note
+    cells, _ = select_reference_batches(_reference_file(), ["ref/a", "ref/b"], requested="a", **kw)
+    assert cells.n_obs == 3
+
+
+def test_reference_batches_errors_speak_of_studies_not_namespaces():
+    from scarches_fl._cli_evaluate import select_reference_batches
+
+    kw = dict(batch_key="batch", namespace="ref", source="panc8.h5ad")
+    with pytest.raises(EvaluationError, match="not trained on this study.*trained on a, b"):
+        select_reference_batches(_reference_file(), ["ref/a", "ref/b"], requested="q1", **kw)
+    with pytest.raises(EvaluationError, match="not batches of panc8.h5ad"):
+        select_reference_batches(_reference_file(), ["ref/a", "ref/b"], requested="zz", **kw)
+    with pytest.raises(EvaluationError, match="none of the batches.*--reference-batches"):
+        select_reference_batches(_reference_file(), ["ref/x"], requested=None, **kw)
+    for call in ("q1", "zz", None):
+        try:
+            select_reference_batches(_reference_file(), ["ref/x"], requested=call, **kw)
+        except EvaluationError as exc:
+            assert "namespace" not in str(exc)
+
+
+def test_one_palette_reference_grey_sites_distinct_unknown_black():
+    from scarches_fl.report import category_colours
+
+    cats = [
+        "reference: indrop1",
+        "reference: celseq",
+        "hospital-a",
+        "hospital-b",
+        "hospital-c",
+        "Unknown",
+    ]
+    pal = category_colours(cats)
+    for c in cats[:2]:
+        r, g, b, _ = pal[c]
+        assert r == g == b  # grey
+    assert pal["Unknown"][:3] == (0.0, 0.0, 0.0)
+    sites = [tuple(pal[c][:3]) for c in cats[2:5]]
+    assert len(set(sites)) == 3 and all(len(set(s)) > 1 for s in sites)  # coloured, distinct
+    many = category_colours([f"t{i}" for i in range(25)])
+    assert len({tuple(v[:3]) for v in many.values()}) == 25
+
+
+def test_umap_is_announced_and_embedding_axes_carry_no_ticks(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+    import types
+
+    fake = types.ModuleType("umap")
+
+    class UMAP:  # stands in for umap-learn: the first two latent dimensions
+        def __init__(self, **_kw):
+            pass
+
+        def fit_transform(self, z):
+            return z[:, :2]
+
+    fake.UMAP = UMAP
+    monkeypatch.setitem(sys.modules, "umap", fake)
+    rng = np.random.default_rng(0)
+    with caplog.at_level(logging.INFO, logger="scarches_fl.report"):
+        paths = plot_joint_embedding(
+            rng.normal(size=(30, 3)),
+            {"role": np.array(["reference"] * 20 + ["hospital-c"] * 10)},
+            out_dir=tmp_path,
+            title="t",
+        )
+    assert "computing a UMAP of 30 cells" in caplog.text
+    assert paths[0].stat().st_size > 0
+    import matplotlib.pyplot as plt
+
+    from scarches_fl.report import _scatter_categories
+
+    fig, ax = plt.subplots()
+    _scatter_categories(ax, rng.normal(size=(5, 2)), np.array(["a"] * 5), title="t", size=5)
+    assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
+    plt.close(fig)

@@ -85,7 +85,7 @@ def test_two_sites_same_base_then_a_third_pulls_both(consortium, panc8, tmp_path
         assert np.all((u >= 0) & (u <= 1))
         meta = out.uns["scarches_fl"]
         assert int(meta["tree_size"]) == rep.verified.tree_size
-        assert meta["digest"] == rep.verified.digest
+        assert meta["reference_digest"] == rep.verified.digest
         assert meta["checkpoint_root"] == rep.verified.root_hex
         assert list(meta["new_conditions"]) == [f"{site}/{rep.new_conditions[0].split('/')[1]}"]
 
@@ -118,7 +118,7 @@ def test_two_sites_same_base_then_a_third_pulls_both(consortium, panc8, tmp_path
 
         ref = client.get_reference(size)
         bundle = bundle_from_bytes(ref.manifest_bytes, ref.safetensors_bytes)
-        assert bundle.digest == meta["digest"]
+        assert bundle.digest == meta["reference_digest"]
         assert "site-a/celseq2" in bundle.conditions and "site-b/smartseq2" in bundle.conditions
 
     # status and outbox commands

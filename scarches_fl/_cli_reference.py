@@ -14,14 +14,29 @@ log = logging.getLogger(__name__)
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``reference train`` and ``map`` for reading an .h5ad."""
     p.add_argument("--data", required=True, metavar="H5AD", help="input AnnData (.h5ad)")
-    p.add_argument("--batch-key", required=True, metavar="K",
-                   help="obs column with the study / batch of each cell")
-    p.add_argument("--layer", default=None, metavar="NAME",
-                   help="read counts from this layer instead of X (e.g. counts)")
-    p.add_argument("--batches", default=None, metavar="A,B,C",
-                   help="use only cells whose batch is one of these (comma-separated)")
-    p.add_argument("--backed", action="store_true",
-                   help="open the .h5ad backed (read counts in bounded windows)")
+    p.add_argument(
+        "--batch-key",
+        required=True,
+        metavar="K",
+        help="obs column with the study / batch of each cell",
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        metavar="NAME",
+        help="read counts from this layer instead of X (e.g. counts)",
+    )
+    p.add_argument(
+        "--batches",
+        default=None,
+        metavar="A,B,C",
+        help="use only cells whose batch is one of these (comma-separated)",
+    )
+    p.add_argument(
+        "--backed",
+        action="store_true",
+        help="open the .h5ad backed (read counts in bounded windows)",
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,30 +63,53 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("reference", help="train a reference model")
     rs = p.add_subparsers(dest="reference_command", metavar="ACTION")
     t = rs.add_parser(
-        "train", help="train a reference conditional VAE on an .h5ad and write a bundle",
+        "train",
+        help="train a reference conditional VAE on an .h5ad and write a bundle",
         description="Train a reference conditional VAE (one condition per batch value) and "
-                    "write a model bundle (model.safetensors + manifest.json).",
+        "write a model bundle (model.safetensors + manifest.json).",
     )
     add_data_arguments(t)
-    t.add_argument("--label-key", default=None, metavar="L",
-                   help="obs column with cell types: store label knowledge for label transfer")
-    t.add_argument("--likelihood", choices=("nb", "trvae"), default="nb",
-                   help="nb: negative binomial on raw counts (default); trvae: MSE on "
-                        "log-normalized values + MMD")
-    t.add_argument("--max-epochs", type=int, default=None, metavar="N",
-                   help="epochs (default: from the number of cells, 100-400)")
-    t.add_argument("--namespace", default="ref",
-                   help="namespace of the reference's conditions (default ref)")
+    t.add_argument(
+        "--label-key",
+        default=None,
+        metavar="L",
+        help="obs column with cell types: store label knowledge for label transfer",
+    )
+    t.add_argument(
+        "--likelihood",
+        choices=("nb", "trvae"),
+        default="nb",
+        help="nb: negative binomial on raw counts (default); trvae: MSE on "
+        "log-normalized values + MMD",
+    )
+    t.add_argument(
+        "--max-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="epochs (default: from the number of cells, 100-400)",
+    )
+    t.add_argument(
+        "--namespace", default="ref", help="namespace of the reference's conditions (default ref)"
+    )
     t.add_argument("--n-latent", type=int, default=10)
     t.add_argument("--n-hidden", type=int, default=128)
     t.add_argument("--n-layers", type=int, default=2)
     t.add_argument("--dispersion", choices=("gene", "gene-batch"), default="gene")
-    t.add_argument("--classifier-weight", type=float, default=None, metavar="W",
-                   help="with --label-key: weight of the latent cell-type classifier "
-                        "(semi-supervised reference; default 10, 0 = unsupervised)")
-    t.add_argument("--include-atlas", action="store_true",
-                   help="store the reference cells' latent coordinates and labels in the bundle "
-                        "(enables kNN label transfer; shares per-cell embeddings)")
+    t.add_argument(
+        "--classifier-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="with --label-key: weight of the latent cell-type classifier "
+        "(semi-supervised reference; default 10, 0 = unsupervised)",
+    )
+    t.add_argument(
+        "--include-atlas",
+        action="store_true",
+        help="store the reference cells' latent coordinates and labels in the bundle "
+        "(enables kNN label transfer; shares per-cell embeddings)",
+    )
     t.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
     t.set_defaults(handler=_train)
 
@@ -91,11 +129,21 @@ def _train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     adata = read_input(args)
     model = ReferenceModel.train_reference(
-        adata, batch_key=args.batch_key, label_key=args.label_key, layer=args.layer,
-        likelihood=args.likelihood, namespace=args.namespace, n_hidden=args.n_hidden,
-        n_layers=args.n_layers, n_latent=args.n_latent, max_epochs=args.max_epochs,
-        seed=args.seed, device=args.device, progress=not args.no_progress,
-        dispersion=args.dispersion, include_atlas=args.include_atlas,
+        adata,
+        batch_key=args.batch_key,
+        label_key=args.label_key,
+        layer=args.layer,
+        likelihood=args.likelihood,
+        namespace=args.namespace,
+        n_hidden=args.n_hidden,
+        n_layers=args.n_layers,
+        n_latent=args.n_latent,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+        dispersion=args.dispersion,
+        include_atlas=args.include_atlas,
         classifier_weight=args.classifier_weight,
     )
     bundle = model.save(args.out)
@@ -108,4 +156,26 @@ def _train(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - t0:.1f} s, {h.get('trainable_parameters')} parameters\n"
         f"bundle: {args.out} ({size} bytes), digest {bundle.digest}"
     )
+    if model.labels:
+        print(describe_label_types(model.labels))
     return 0
+
+
+def describe_label_types(labels_manifest: dict[str, Any]) -> str:
+    """The cell types a bundle can name, with their reference cell counts, one line per label
+    level; types below the prototype floor are marked (named with a wider uncertainty)."""
+    lines = []
+    for name, level in labels_manifest.get("levels", {}).items():
+        proto = level.get("prototype", {})
+        counts = proto.get("type_cell_counts", {})
+        few = proto.get("few_cell_types", {})
+        cells = ", ".join(
+            f"{t} {n}" + (" (few cells)" if t in few else "") for t, n in counts.items()
+        )
+        lines.append(f"label {name!r}: {len(counts)} types (reference cells): {cells}")
+        if few:
+            lines.append(
+                f"  {len(few)} types have fewer than {proto.get('min_cells')} cells: named "
+                "from one prototype with a wider spread; expect higher uncertainty for them"
+            )
+    return "\n".join(lines)

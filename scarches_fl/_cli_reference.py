@@ -110,6 +110,14 @@ def register(subparsers: Any) -> None:
         help="store the reference cells' latent coordinates and labels in the bundle "
         "(enables kNN label transfer; shares per-cell embeddings)",
     )
+    t.add_argument(
+        "--n-top-genes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the N most variable genes (batch-aware, Seurat v3 flavour on "
+        "raw counts); the bundle records them and queries align to them",
+    )
     t.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
     t.set_defaults(handler=_train)
 
@@ -145,12 +153,14 @@ def _train(args: argparse.Namespace) -> int:
         dispersion=args.dispersion,
         include_atlas=args.include_atlas,
         classifier_weight=args.classifier_weight,
+        n_top_genes=args.n_top_genes,
     )
     bundle = model.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     h = model.history
+    selected = f" (of {adata.n_vars}, --n-top-genes)" if args.n_top_genes else ""
     print(
-        f"reference: {adata.n_obs} cells x {len(model.genes)} genes, "
+        f"reference: {adata.n_obs} cells x {len(model.genes)} genes{selected}, "
         f"{len(model.conditions)} conditions ({', '.join(model.conditions)}), "
         f"likelihood {args.likelihood}, {h.get('epochs')} epochs in "
         f"{time.perf_counter() - t0:.1f} s, {h.get('trainable_parameters')} parameters\n"

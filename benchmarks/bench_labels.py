@@ -107,7 +107,7 @@ SCENARIOS = {
 # simulated condition shift: control reference -> shifted query (typical |log fold change| of a
 # response gene: 0 none, 1 moderate, 2 strong); the data are the same for every benchmark seed
 _SHIFT_DATA = {
-    "n_cells": 4000,
+    "n_cells": 2000,
     "n_genes": 1000,
     "n_batches": 6,
     "n_cell_types": 8,

@@ -93,6 +93,12 @@ SCENARIOS = {
     # a held-out type that differs from the reference's types in the data's own genes: the
     # 5-cell-line CellBench set over its full 27,660 genes; H838 (or A549) removed from the
     # reference, query = the third 5-line plate + Drop-seq
+    # the same 5-line split with every line in the reference (issue 22's "CellBench 5-line")
+    "cellbench5": {
+        "file": "cellbench_celllines.h5ad",
+        "reference": ["CELseq2_3cl", "CELseq2_5cl_p1", "CELseq2_5cl_p2"],
+        "holdout": None,
+    },
     "cellbench5_holdout_h838": {
         "file": "cellbench_celllines.h5ad",
         "reference": ["CELseq2_3cl", "CELseq2_5cl_p1", "CELseq2_5cl_p2"],

@@ -685,11 +685,12 @@ def build_label_knowledge(
             tensors[atlas_tensor_name(i)] = codes
         levels[name] = level
         logger.info(
-            "label level %r: %d prototype types (%d prototypes), %d types below min_cells=%d%s",
+            "label level %r: %d prototype types (%d prototypes), %d of them below min_cells=%d "
+            "(one wider prototype each)%s",
             name,
             len(level["prototype"]["classes"]),
             len(level["prototype"]["prototypes"]),
-            len(level["prototype"]["excluded_types"]),
+            len(level["prototype"].get("few_cell_types", {})),
             min_cells,
             ", atlas included" if include_atlas else "",
         )

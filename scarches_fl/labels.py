@@ -828,9 +828,17 @@ def predict_labels(
             if method == "knn":
                 reference = a[codes >= 0]
             else:
-                n_ref = int(sum(int(p.get("n_cells", 1)) for p in level["prototype"]["prototypes"]))
+                # the stand-in reference cloud comes from the prototypes of types with
+                # min_cells or more cells: a few-cell prototype's spread is not known well
+                # enough to draw cells from (ADR 0055)
+                sampled = {
+                    "prototypes": [
+                        p for p in level["prototype"]["prototypes"] if "spread_inflation" not in p
+                    ]
+                }
+                n_ref = int(sum(int(p.get("n_cells", 1)) for p in sampled["prototypes"]))
                 reference = _prototype_sample(
-                    level["prototype"], min(max(n_ref, context_k), _CONTEXT_MAX_REFERENCE), 0
+                    sampled, min(max(n_ref, context_k), _CONTEXT_MAX_REFERENCE), 0
                 )
             coverage = _reference_coverage(reference, z, context_k)
             factor = factor * np.clip(coverage / context_floor, 0.0, 1.0)

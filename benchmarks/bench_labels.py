@@ -11,6 +11,10 @@ Scenarios (all on the shared real datasets):
   reference = CEL-seq2 3-line plate + 5-line plates 1-2 without that line, query = 5-line plate
   3 + Drop-seq. A held-out type whose expression differs from every reference type in the
   file's genes (``bench_holdout_signal.py`` measures how much each held-out split allows).
+* ``shift_none``, ``shift_moderate``, ``shift_strong``: simulated counts
+  (:func:`scarches_fl.simulate.simulate_counts`, 6 batches, 8 types, 1,000 genes): reference =
+  control batches 0-3, query = batches 4-5 carrying a condition shift (one response program
+  shared by every type) at strength 0, 1 and 2 (typical |log fold change| of a response gene).
 
 Methods:
 
@@ -20,10 +24,22 @@ Methods:
 * ``scvi_surgery``: ``scvi.model.SCVI`` (2 x 128 hidden, latent 10, NB, layer norm and covariate
   encoding as scvi-tools recommends for scArches), ``SCVI.load_query_data`` + training only the
   new weights, then the same label transfer and metrics code on its latent.
+* ``scanvi_surgery``: the peer a biologist picks for label transfer. ``SCANVI.from_scvi_model``
+  on the same SCVI reference with the reference's labels, trained; then
+  ``SCANVI.load_query_data`` with every query cell unlabelled, trained (new weights only), and
+  ``predict()`` (its labels: it never answers "Unknown"); its latent is also scored with our
+  label transfer code.
+* ``no_integration``: the floor every integration must clear: ``normalize_total`` 1e4 +
+  ``log1p``, PCA 50 fitted on the reference cells, logistic regression; no batch correction.
+
+Accuracy is reported as a user reads ``obs["<label>_pred"]`` (``accuracy_with_unknown``:
+"Unknown" counted wrong) beside the top label's, with the share of query cells of types the
+reference knows that are called "Unknown" (``known_fraction_called_unknown``).
 
 Run: ``python benchmarks/bench_labels.py --scenario all`` (one seed: about 10 min on 2 CPU cores
 for the 1,000-gene sets, plus about 20 min per 27,660-gene ``cellbench5_*`` split).
 Writes ``benchmarks/results/labels_<scenario>.json`` and prints a side-by-side table.
+``--skip-scanvi`` / ``--skip-scvi`` leave out scvi-tools' methods (``--skip-scvi`` both).
 """
 
 from __future__ import annotations
@@ -77,6 +93,12 @@ SCENARIOS = {
     # a held-out type that differs from the reference's types in the data's own genes: the
     # 5-cell-line CellBench set over its full 27,660 genes; H838 (or A549) removed from the
     # reference, query = the third 5-line plate + Drop-seq
+    # the same 5-line split with every line in the reference (issue 22's "CellBench 5-line")
+    "cellbench5": {
+        "file": "cellbench_celllines.h5ad",
+        "reference": ["CELseq2_3cl", "CELseq2_5cl_p1", "CELseq2_5cl_p2"],
+        "holdout": None,
+    },
     "cellbench5_holdout_h838": {
         "file": "cellbench_celllines.h5ad",
         "reference": ["CELseq2_3cl", "CELseq2_5cl_p1", "CELseq2_5cl_p2"],
@@ -88,6 +110,26 @@ SCENARIOS = {
         "holdout": "A549",
     },
 }
+# simulated condition shift: control reference -> shifted query (typical |log fold change| of a
+# response gene: 0 none, 1 moderate, 2 strong); the data are the same for every benchmark seed
+_SHIFT_DATA = {
+    "n_cells": 2000,
+    "n_genes": 1000,
+    "n_batches": 6,
+    "n_cell_types": 8,
+    "seed": 0,
+    "program_genes": 40,
+    "program_fold": 3.0,
+    "shift_batches": (4, 5),
+    "shift_genes": 150,
+}
+for _name, _strength in (("none", 0.0), ("moderate", 1.0), ("strong", 2.0)):
+    SCENARIOS[f"shift_{_name}"] = {
+        "file": None,
+        "simulate": {**_SHIFT_DATA, "shift_strength": _strength},
+        "reference": ["batch0", "batch1", "batch2", "batch3"],
+        "holdout": None,
+    }
 BATCH, LABEL = "batch", "cell_type"
 # (method, query_context): the per-cell uncertainty, and the opt-in query context
 VARIANTS = [("knn", False), ("prototype", False), ("knn", True), ("prototype", True)]
@@ -104,7 +146,12 @@ def split(scenario: str):
     import anndata as ad
 
     spec = SCENARIOS[scenario]
-    adata = ad.read_h5ad(shared_data_dir() / spec["file"])
+    if spec.get("simulate"):
+        from scarches_fl.simulate import simulate_counts
+
+        adata = simulate_counts(**spec["simulate"])
+    else:
+        adata = ad.read_h5ad(shared_data_dir() / spec["file"])
     adata.obs[BATCH] = adata.obs[BATCH].astype(str)
     adata.obs[LABEL] = adata.obs[LABEL].astype(str)
     is_ref = adata.obs[BATCH].isin(spec["reference"]).to_numpy()
@@ -114,6 +161,23 @@ def split(scenario: str):
     ref = adata[ref_mask].copy()
     query = adata[~is_ref].copy()
     return ref, query
+
+
+def label_figures(truth: np.ndarray, pred: np.ndarray, top_label: np.ndarray, ref) -> dict:
+    """The figures every method gets: accuracy as a user reads ``pred`` ("Unknown" wrong), the
+    top label's, macro F1, and the share of query cells of a type the reference has that are
+    called "Unknown"."""
+    known = np.isin(truth, np.unique(ref.obs[LABEL].to_numpy().astype(str)))
+    called_unknown = pred == "Unknown"
+    return {
+        "accuracy_top_label": M.label_accuracy(truth, top_label),
+        "accuracy_with_unknown": M.label_accuracy(truth, pred),
+        "macro_f1_top_label": M.macro_f1(truth, top_label),
+        "fraction_unknown": float(np.mean(called_unknown)),
+        "known_fraction_called_unknown": (
+            float(np.mean(called_unknown[known])) if known.any() else float("nan")
+        ),
+    }
 
 
 def score(ref_latent, query_latent, ref, query, *, holdout, seed=0) -> dict:
@@ -133,15 +197,12 @@ def score(ref_latent, query_latent, ref, query, *, holdout, seed=0) -> dict:
             query_context=query_context,
         )
         res = {
-            "accuracy_top_label": M.label_accuracy(truth, pred.top_label),
-            "accuracy_with_unknown": M.label_accuracy(truth, pred.pred),
+            **label_figures(truth, pred.pred.astype(str), pred.top_label.astype(str), ref),
             # "Unknown" right only for the query types the bundle cannot name (absent, or below
             # the prototype minimum of 20 reference cells)
             "accuracy_open_set": M.open_set_accuracy(
                 truth, pred.pred, knowledge["levels"][LABEL]["prototype"]["classes"]
             ),
-            "macro_f1_top_label": M.macro_f1(truth, pred.top_label),
-            "fraction_unknown": float(np.mean(pred.pred == "Unknown")),
         }
         if holdout:
             novel = truth == holdout
@@ -207,14 +268,12 @@ def run_scarches_fl(
     return np.asarray(ref_latent), np.asarray(res.latent), info
 
 
-def run_scvi(
-    ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: int | None, n_latent: int = 10
-):
+def _train_scvi_reference(ref, *, seed: int, n_latent: int):
+    """scvi-tools' SCVI reference with the settings it recommends for scArches surgery."""
     import scvi
 
     scvi.settings.seed = seed
     ref_reg = ref.copy()
-    t0 = time.perf_counter()
     scvi.model.SCVI.setup_anndata(ref_reg, batch_key=BATCH)
     model = scvi.model.SCVI(
         ref_reg,
@@ -228,13 +287,28 @@ def run_scvi(
         use_layer_norm="both",
         use_batch_norm="none",
     )
-    model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
+    model.train(accelerator="cpu", enable_progress_bar=False)
+    return model
+
+
+_SCVI_SETTINGS = (
+    "SCVI(n_hidden=128, n_layers=2, n_latent={n_latent}, gene_likelihood='nb', "
+    "encode_covariates=True, deeply_inject_covariates=False, use_layer_norm='both', "
+    "use_batch_norm='none')"
+)
+
+
+def run_scvi(ref, query, *, seed: int, reference, reference_s: float):
+    """SCVI surgery on the trained SCVI ``reference``: the query's new weights only."""
+    import scvi
+
+    scvi.settings.seed = seed
     t1 = time.perf_counter()
     qmodel = scvi.model.SCVI.load_query_data(
-        query.copy(), model, freeze_dropout=True, accelerator="cpu"
+        _unlabelled(query), reference, freeze_dropout=True, accelerator="cpu"
     )
     n_trainable = sum(p.numel() for p in qmodel.module.parameters() if p.requires_grad)
-    q_epochs = surgery_epochs or 200
+    q_epochs = 200
     qmodel.train(
         max_epochs=q_epochs,
         plan_kwargs={"weight_decay": 0.0},
@@ -243,24 +317,109 @@ def run_scvi(
     )
     t2 = time.perf_counter()
     # both embedded by the surgically extended model (its batch categories include the reference's)
-    ref_latent = qmodel.get_latent_representation(ref.copy())
+    ref_latent = qmodel.get_latent_representation(_unlabelled(ref))
     q_latent = qmodel.get_latent_representation(qmodel.adata)
     info = {
-        "reference_train_s": t1 - t0,
+        "reference_train_s": reference_s,
         "surgery_s": t2 - t1,
-        "max_epochs_reference": int(model.history["elbo_train"].shape[0]),
+        "max_epochs_reference": int(reference.history["elbo_train"].shape[0]),
         "max_epochs_query": q_epochs,
         "trainable_parameters_surgery (requires_grad; scvi masks frozen rows by gradient hooks)": (
             int(n_trainable)
         ),
-        "settings": (
-            f"SCVI(n_hidden=128, n_layers=2, n_latent={n_latent}, gene_likelihood='nb', "
-            "encode_covariates=True, deeply_inject_covariates=False, use_layer_norm='both', "
-            "use_batch_norm='none'); SCVI.load_query_data(freeze_dropout=True); "
-            "train(plan_kwargs={'weight_decay': 0.0})"
-        ),
+        "settings": _SCVI_SETTINGS.format(n_latent=reference.module.n_latent)
+        + "; SCVI.load_query_data(freeze_dropout=True); train(plan_kwargs={'weight_decay': 0.0})",
     }
     return np.asarray(ref_latent), np.asarray(q_latent), info
+
+
+# label of unlabelled cells for scvi-tools (scANVI's unlabeled_category); no real type is named so
+SCVI_UNLABELLED = "Unknown"
+SCANVI_REFERENCE_EPOCHS = 20  # scvi-tools' scArches tutorial: 20 epochs from the SCVI weights
+SCANVI_QUERY_EPOCHS = 100
+
+
+def _unlabelled(adata):
+    """A copy with every label set to the unlabelled category (query cells carry no labels)."""
+    out = adata.copy()
+    out.obs[LABEL] = SCVI_UNLABELLED
+    return out
+
+
+def run_scanvi(ref, query, *, seed: int, reference, reference_s: float):
+    """scANVI surgery: ``SCANVI.from_scvi_model`` on the SCVI reference with the reference
+    labels, trained; ``load_query_data`` with every query cell unlabelled, trained (new weights
+    only); ``predict()``. Returns the two latents, the predicted query labels and run info."""
+    import scvi
+
+    scvi.settings.seed = seed
+    t0 = time.perf_counter()
+    # the SCVI reference's AnnData still carries the reference labels in obs[LABEL]
+    scanvi = scvi.model.SCANVI.from_scvi_model(
+        reference, unlabeled_category=SCVI_UNLABELLED, labels_key=LABEL
+    )
+    scanvi.train(
+        max_epochs=SCANVI_REFERENCE_EPOCHS,
+        n_samples_per_label=100,
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    t1 = time.perf_counter()
+    qmodel = scvi.model.SCANVI.load_query_data(
+        _unlabelled(query), scanvi, freeze_dropout=True, accelerator="cpu"
+    )
+    qmodel.train(
+        max_epochs=SCANVI_QUERY_EPOCHS,
+        plan_kwargs={"weight_decay": 0.0},
+        accelerator="cpu",
+        enable_progress_bar=False,
+    )
+    t2 = time.perf_counter()
+    pred = np.asarray(qmodel.predict(), dtype=str)
+    ref_latent = qmodel.get_latent_representation(_unlabelled(ref))
+    q_latent = qmodel.get_latent_representation(qmodel.adata)
+    info = {
+        "reference_train_s": reference_s + (t1 - t0),
+        "surgery_s": t2 - t1,
+        "settings": _SCVI_SETTINGS.format(n_latent=reference.module.n_latent)
+        + f"; SCANVI.from_scvi_model(unlabeled_category={SCVI_UNLABELLED!r}), "
+        f"train(max_epochs={SCANVI_REFERENCE_EPOCHS}, n_samples_per_label=100); "
+        "SCANVI.load_query_data(query with every label unlabelled, freeze_dropout=True), "
+        f"train(max_epochs={SCANVI_QUERY_EPOCHS}, plan_kwargs={{'weight_decay': 0.0}}); "
+        "predict()",
+    }
+    return np.asarray(ref_latent), np.asarray(q_latent), pred, info
+
+
+def no_integration_floor(ref, query, *, seed: int) -> tuple[np.ndarray, dict]:
+    """The floor every integration must clear: ``normalize_total`` 1e4 + ``log1p`` per cell,
+    PCA (50 components) fitted on the reference cells, logistic regression on the reference
+    labels; the query (on the reference's genes) goes through the same transform."""
+    import scipy.sparse as sp
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    if list(query.var_names) != list(ref.var_names):
+        query = query[:, ref.var_names]
+
+    def lognorm(adata) -> np.ndarray:
+        x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)
+        x = x.astype(np.float64)
+        total = x.sum(axis=1, keepdims=True)
+        return np.log1p(x / np.maximum(total, 1e-12) * 1e4)
+
+    t0 = time.perf_counter()
+    xr = lognorm(ref)
+    n_comp = int(min(50, xr.shape[0] - 1, xr.shape[1]))
+    pca = PCA(n_components=n_comp, random_state=seed).fit(xr)
+    clf = LogisticRegression(max_iter=2000).fit(pca.transform(xr), ref.obs[LABEL].astype(str))
+    pred = np.asarray(clf.predict(pca.transform(lognorm(query))), dtype=str)
+    info = {
+        "fit_and_predict_s": time.perf_counter() - t0,
+        "settings": f"normalize_total 1e4 + log1p; PCA({n_comp}) fitted on reference cells; "
+        "sklearn LogisticRegression(max_iter=2000)",
+    }
+    return pred, info
 
 
 def _environment() -> dict:
@@ -299,6 +458,7 @@ def run_scenario(
     *,
     seed: int,
     skip_scvi: bool,
+    skip_scanvi: bool = False,
     model_kwargs: dict,
     max_epochs: int | None,
     surgery_epochs: int | None,
@@ -335,23 +495,59 @@ def run_scenario(
         "run": info,
         **score(zr, zq, ref, query, holdout=holdout, seed=seed),
     }
+    truth = query.obs[LABEL].to_numpy().astype(str)
+    logger.info("%s: no-integration floor", scenario)
+    pred, info = no_integration_floor(ref, query, seed=seed)
+    result["methods"]["no_integration"] = {
+        "run": info,
+        "classifier": label_figures(truth, pred, pred, ref),
+    }
     if not skip_scvi:
-        logger.info("%s: scvi-tools surgery", scenario)
-        zr, zq, info = run_scvi(
-            ref,
-            query,
-            seed=seed,
-            max_epochs=None,
-            surgery_epochs=None,
-            n_latent=int(model_kwargs.get("n_latent", 10)),
+        logger.info("%s: scvi-tools SCVI reference", scenario)
+        t0 = time.perf_counter()
+        scvi_ref = _train_scvi_reference(
+            ref, seed=seed, n_latent=int(model_kwargs.get("n_latent", 10))
         )
+        reference_s = time.perf_counter() - t0
+        logger.info("%s: scvi-tools SCVI surgery", scenario)
+        zr, zq, info = run_scvi(ref, query, seed=seed, reference=scvi_ref, reference_s=reference_s)
         result["methods"]["scvi_surgery"] = {
             "run": info,
             **score(zr, zq, ref, query, holdout=holdout, seed=seed),
         }
+        if not skip_scanvi:
+            logger.info("%s: scvi-tools scANVI surgery", scenario)
+            zr, zq, pred, info = run_scanvi(
+                ref, query, seed=seed, reference=scvi_ref, reference_s=reference_s
+            )
+            result["methods"]["scanvi_surgery"] = {
+                "run": info,
+                "predict": label_figures(truth, pred, pred, ref),
+                **score(zr, zq, ref, query, holdout=holdout, seed=seed),
+            }
     return result
 
 
+# label variants in print order: our label transfer on each latent, scANVI's own predict(),
+# the no-integration classifier
+_VARIANT_NAMES = (
+    "knn",
+    "prototype",
+    "knn_query_context",
+    "prototype_query_context",
+    "predict",
+    "classifier",
+)
+_TABLE_KEYS = (
+    "accuracy_top_label",
+    "accuracy_with_unknown",
+    "known_fraction_called_unknown",
+    "accuracy_open_set",
+    "macro_f1_top_label",
+    "novel_auroc",
+    "novel_fraction_called_unknown",
+)
+_TABLE_HEADS = ("acc", "as-read", "known->U", "open-set", "macroF1", "AUROC", "novel->U")
 _SUMMARY_KEYS = (
     "accuracy_top_label",
     "accuracy_with_unknown",
@@ -377,7 +573,9 @@ def summarize(per_seed: list[dict]) -> dict:
         for variant, res in methods[name].items():
             if variant == "run" or not isinstance(res, dict):
                 continue
-            keys = [k for k in res if isinstance(res[k], (int, float)) and not isinstance(res[k], bool)]
+            keys = [
+                k for k in res if isinstance(res[k], (int, float)) and not isinstance(res[k], bool)
+            ]
             if variant != "integration":
                 keys = [k for k in keys if k in _SUMMARY_KEYS]
             cell = {}
@@ -396,15 +594,16 @@ def summarize(per_seed: list[dict]) -> dict:
 def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
     keys = [
         ("accuracy_top_label", "acc"),
+        ("accuracy_with_unknown", "as-read"),
         ("accuracy_open_set", "open-set"),
         ("novel_auroc", "AUROC"),
         ("novel_fraction_called_unknown", "novel->U"),
         ("known_fraction_called_unknown", "known->U"),
     ]
-    head = f"{'method':13s} {'labels':23s} " + " ".join(f"{h:>19s}" for _, h in keys)
+    head = f"{'method':14s} {'labels':23s} " + " ".join(f"{h:>19s}" for _, h in keys)
     rows = []
     for name, variants in summary.items():
-        for variant in ("knn", "prototype", "knn_query_context", "prototype_query_context"):
+        for variant in _VARIANT_NAMES:
             if variant not in variants:
                 continue
             cells = []
@@ -413,7 +612,7 @@ def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
                 cells.append(
                     "-" if v is None else f"{v['mean']:.3f} [{v['min']:.3f}-{v['max']:.3f}]"
                 )
-            rows.append(f"{name:13s} {variant:23s} " + " ".join(f"{c:>19s}" for c in cells))
+            rows.append(f"{name:14s} {variant:23s} " + " ".join(f"{c:>19s}" for c in cells))
     return (
         f"== {scenario}: mean [min-max] over seeds {','.join(map(str, seeds))} ==\n{head}\n"
         + "\n".join(rows)
@@ -422,23 +621,23 @@ def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
 
 def _table(result: dict) -> str:
     rows = []
-    keys = _SUMMARY_KEYS[:7]
+    keys = _TABLE_KEYS
     for name, res in result["methods"].items():
-        for method in ("knn", "prototype", "knn_query_context", "prototype_query_context"):
+        for method in _VARIANT_NAMES:
             if method not in res:
                 continue
             vals = [res[method].get(k) for k in keys]
             cells = ["  -  " if v is None else f"{v:.3f}" for v in vals]
-            rows.append(f"{name:13s} {method:23s} " + " ".join(f"{c:>8s}" for c in cells))
+            rows.append(f"{name:14s} {method:23s} " + " ".join(f"{c:>8s}" for c in cells))
+        if "integration" not in res:
+            continue
         integ = res["integration"]
         rows.append(
-            f"{name:13s} embedding  ebm={integ.get('entropy_of_batch_mixing', float('nan')):.3f} "
+            f"{name:14s} embedding  ebm={integ.get('entropy_of_batch_mixing', float('nan')):.3f} "
             f"ebm_ref_vs_query={integ['ebm_reference_vs_query']:.3f} "
             f"knn_purity={integ['knn_purity']:.3f} nmi={integ['nmi']:.3f} ari={integ['ari']:.3f}"
         )
-    head = f"{'method':13s} {'labels':23s} " + " ".join(
-        f"{h:>8s}" for h in ("acc", "acc+unk", "open-set", "macroF1", "unknown", "AUROC", "novel->U")
-    )
+    head = f"{'method':14s} {'labels':23s} " + " ".join(f"{h:>8s}" for h in _TABLE_HEADS)
     return f"== {result['scenario']} ==\n{head}\n" + "\n".join(rows)
 
 
@@ -453,7 +652,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated seeds, e.g. 0,1,2,3,4: each seed trains both methods afresh; the "
         "JSON keeps every run and the mean / min / max",
     )
-    ap.add_argument("--skip-scvi", action="store_true", help="only scarches-fl")
+    ap.add_argument(
+        "--skip-scvi",
+        action="store_true",
+        help="only scarches-fl and the no-integration floor (no scvi-tools methods)",
+    )
+    ap.add_argument("--skip-scanvi", action="store_true", help="no scANVI surgery")
     ap.add_argument("--max-epochs", type=int, default=None, help="reference epochs (ours)")
     ap.add_argument("--surgery-epochs", type=int, default=None, help="query epochs (ours)")
     ap.add_argument(
@@ -487,6 +691,7 @@ def main(argv: list[str] | None = None) -> int:
                 sc,
                 seed=seed,
                 skip_scvi=args.skip_scvi,
+                skip_scanvi=args.skip_scanvi,
                 model_kwargs=json.loads(args.model_kwargs),
                 max_epochs=args.max_epochs,
                 surgery_epochs=args.surgery_epochs,
@@ -500,15 +705,13 @@ def main(argv: list[str] | None = None) -> int:
                 # keep an earlier scvi-tools run of the same scenario and seed (it does not
                 # depend on our code)
                 previous = json.loads(path.read_text())
-                if "scvi_surgery" in previous.get("methods", {}) and previous.get("seed") == (
-                    result["seed"]
-                ):
-                    result["methods"]["scvi_surgery"] = previous["methods"]["scvi_surgery"]
-                    result["scvi_surgery_from_earlier_run"] = previous.get("finished_utc")
+                if previous.get("seed") == result["seed"]:
+                    for kept in ("scvi_surgery", "scanvi_surgery"):
+                        if kept in previous.get("methods", {}):
+                            result["methods"][kept] = previous["methods"][kept]
+                            result[f"{kept}_from_earlier_run"] = previous.get("finished_utc")
         else:
-            result = {
-                k: v for k, v in runs[0].items() if k not in ("seed", "methods")
-            }
+            result = {k: v for k, v in runs[0].items() if k not in ("seed", "methods")}
             result["seeds"] = seed_list
             result["summary"] = summarize(runs)
             result["per_seed"] = runs

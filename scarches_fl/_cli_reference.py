@@ -66,9 +66,10 @@ def register(subparsers: Any) -> None:
     )
     rs = p.add_subparsers(dest="reference_command", metavar="ACTION")
     t = rs.add_parser(
-        "train", help="train a reference conditional VAE on an .h5ad and write a bundle",
+        "train",
+        help="train a reference conditional VAE on an .h5ad and write a bundle",
         description="Train a reference conditional VAE (one condition per batch value) and "
-                    "write a model bundle (model.safetensors + manifest.json).",
+        "write a model bundle (model.safetensors + manifest.json).",
     )
     add_data_arguments(t)
     t.add_argument("--label-key", default=None, metavar="L",
@@ -91,6 +92,10 @@ def register(subparsers: Any) -> None:
     t.add_argument("--include-atlas", action="store_true",
                    help="store the reference cells' latent coordinates and labels in the bundle "
                         "(enables kNN label transfer; shares per-cell embeddings)")
+    t.add_argument("--n-top-genes", type=int, default=None, metavar="N",
+                   help="train on the N most variable genes (batch-aware, Seurat v3 flavour on "
+                        "raw counts); the bundle records them and queries align to them "
+                        "(default: every gene)")
     t.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
     t.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     t.set_defaults(handler=_train)
@@ -113,21 +118,55 @@ def _train(args: argparse.Namespace) -> int:
     check_output_path(args.out, force=args.force)
     adata = read_input(args)
     model = ReferenceModel.train_reference(
-        adata, batch_key=args.batch_key, label_key=args.label_key, layer=args.layer,
-        likelihood=args.likelihood, namespace=args.namespace, n_hidden=args.n_hidden,
-        n_layers=args.n_layers, n_latent=args.n_latent, max_epochs=args.max_epochs,
-        seed=args.seed, device=args.device, progress=not args.no_progress,
-        dispersion=args.dispersion, include_atlas=args.include_atlas,
+        adata,
+        batch_key=args.batch_key,
+        label_key=args.label_key,
+        layer=args.layer,
+        likelihood=args.likelihood,
+        namespace=args.namespace,
+        n_hidden=args.n_hidden,
+        n_layers=args.n_layers,
+        n_latent=args.n_latent,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+        dispersion=args.dispersion,
+        include_atlas=args.include_atlas,
         classifier_weight=args.classifier_weight,
+        n_top_genes=args.n_top_genes,
     )
     bundle = model.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     h = model.history
+    selected = f" (of {adata.n_vars}, --n-top-genes)" if args.n_top_genes else ""
     print(
-        f"reference: {adata.n_obs} cells x {len(model.genes)} genes, "
+        f"reference: {adata.n_obs} cells x {len(model.genes)} genes{selected}, "
         f"{len(model.conditions)} conditions ({', '.join(model.conditions)}), "
         f"likelihood {args.likelihood}, {h.get('epochs')} epochs in "
         f"{time.perf_counter() - t0:.1f} s, {h.get('trainable_parameters')} parameters\n"
         f"bundle: {args.out} ({size} bytes), digest {bundle.digest}"
     )
+    if model.labels:
+        print(describe_label_types(model.labels))
     return 0
+
+
+def describe_label_types(labels_manifest: dict[str, Any]) -> str:
+    """The cell types a bundle can name, with their reference cell counts, one line per label
+    level; types below the prototype floor are marked (named with a wider uncertainty)."""
+    lines = []
+    for name, level in labels_manifest.get("levels", {}).items():
+        proto = level.get("prototype", {})
+        counts = proto.get("type_cell_counts", {})
+        few = proto.get("few_cell_types", {})
+        cells = ", ".join(
+            f"{t} {n}" + (" (few cells)" if t in few else "") for t, n in counts.items()
+        )
+        lines.append(f"label {name!r}: {len(counts)} types (reference cells): {cells}")
+        if few:
+            lines.append(
+                f"  {len(few)} types have fewer than {proto.get('min_cells')} cells: named "
+                "from one prototype with a wider spread; expect higher uncertainty for them"
+            )
+    return "\n".join(lines)

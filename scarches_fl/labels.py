@@ -5,12 +5,20 @@ Two kinds of label knowledge can travel in a reference bundle (``manifest["label
 * **Prototypes** (always, when the reference was trained with labels). Per cell type with at
   least ``min_cells`` labelled reference cells: 1 to ``max_prototypes`` prototypes (mean,
   per-dimension spread, weight); a type gets several only where it is multimodal (BIC of a
-  diagonal Gaussian mixture, every component with ``min_cells`` cells). Also the pooled
-  within-prototype covariance and the class frequencies. No reference cell leaves the operator:
-  only these summary numbers do. Classification is a linear-discriminant rule with mixture
-  classes: ``score_c = log prior_c + log sum_j w_j exp(-D_j / 2)`` (``D_j`` the squared
-  Mahalanobis distance to prototype j under the pooled covariance), ``P = softmax(score / T)``
-  with the temperature ``T`` fitted on out-of-fold reference cells.
+  diagonal Gaussian mixture, every component with ``min_cells`` cells). A type with fewer
+  cells (a rare type: the reference's 18 dendritic cells) still gets one prototype, its mean
+  known only to within ``1 / n`` of the spread: its distances are measured under the predictive
+  covariance ``a S``, ``a = (1 + 1/n) max(1, r)`` with ``r`` the type's own spread relative to
+  ``S`` (``spread_inflation`` in the manifest), so the type is named, and its cells'
+  uncertainty carries how little the reference saw of it. Every labelled type is
+  thus a class; ``type_cell_counts`` lists each with its number of reference cells. Also the
+  pooled within-prototype covariance and the class frequencies. No reference cell leaves the
+  operator: only these summary numbers do. Classification is a linear-discriminant rule with
+  mixture classes: ``score_c = log prior_c + log sum_j w_j N_j`` with
+  ``log N_j = -D_j / (2 a_j) - (d / 2) log a_j`` (``D_j`` the squared Mahalanobis distance to
+  prototype j under the pooled covariance ``S``, ``a_j`` its spread inflation, 1 for types with
+  ``min_cells`` or more cells), ``P = softmax(score / T)`` with the temperature ``T`` fitted on
+  out-of-fold reference cells.
 * **Reference latent atlas** (only when the operator opts in, ``include_atlas=True``): the latent
   coordinates of every labelled reference cell and its label codes, stored as tensors
   ``atlas.latent`` (float32, cells x latent) and ``atlas.labels.<i>`` (float32 codes, ``-1`` =
@@ -249,36 +257,60 @@ def _fit_prototype_model(
     min_cells: int,
     max_prototypes: int,
     seed: int,
+    few_below: int,
 ) -> dict[str, Any]:
-    """Prototypes per class plus the pooled within-prototype covariance and class priors."""
+    """Prototypes per class plus the pooled within-prototype covariance and class priors.
+    Classes with fewer than ``few_below`` cells get one prototype with a spread inflation."""
     protos: list[dict[str, Any]] = []
     resid = []
+    few: list[tuple[int, np.ndarray]] = []  # (prototype index, its cells) below few_below
     for j, c in enumerate(classes):
         zc = z[y == j]
+        if zc.shape[0] == 0:  # a rare type absent from a calibration fold
+            continue
         mu, sd, w, assign = _fit_type_mixture(
             zc, min_cells=min_cells, max_components=max_prototypes, seed=seed
         )
         for m in range(mu.shape[0]):
-            protos.append(
-                {
-                    "label": c,
-                    "mean": _floats(mu[m]),
-                    "std": _floats(sd[m]),
-                    "weight": float(np.float32(w[m])),
-                    "n_cells": int((assign == m).sum()),
-                }
-            )
+            proto = {
+                "label": c,
+                "mean": _floats(mu[m]),
+                "std": _floats(sd[m]),
+                "weight": float(np.float32(w[m])),
+                "n_cells": int((assign == m).sum()),
+            }
+            if zc.shape[0] < few_below:
+                few.append((len(protos), zc))
+            protos.append(proto)
         resid.append(zc - mu[assign])
     r = np.concatenate(resid)
     cov = r.T @ r / max(r.shape[0] - len(protos), 1)
     ridge = 1e-3 * float(np.trace(cov)) / cov.shape[0] + 1e-9
     cov = cov + ridge * np.eye(cov.shape[0])
+    for k, zc in few:
+        protos[k]["spread_inflation"] = _spread_inflation(zc, cov)
     counts = np.bincount(y, minlength=len(classes)).astype(np.float64)
     return {
         "prototypes": protos,
         "shared_covariance": _floats(cov),
         "class_prior": _floats(counts / counts.sum()),
     }
+
+
+def _spread_inflation(zc: np.ndarray, cov: np.ndarray) -> float:
+    """Predictive spread factor ``a`` of a prototype fitted on the ``n`` cells ``zc`` only (a type
+    below the prototype floor): a new cell of the type lies around the estimated mean with
+    covariance ``a S``, ``a = (1 + 1/n) * max(1, r)``, where ``1 + 1/n`` is the uncertainty of a
+    mean from n cells and ``r`` the type's own spread relative to the pooled ``S`` (its cells'
+    mean squared Mahalanobis distance to their mean per dimension, ``n / (n - 1)``-corrected);
+    never narrower than the pooled spread, since n cells cannot show that."""
+    n, d = zc.shape
+    r = 1.0
+    if n > 1:
+        resid = zc - zc.mean(axis=0, keepdims=True)
+        maha = np.einsum("ij,ij->i", resid, np.linalg.solve(cov, resid.T).T)
+        r = float(maha.mean() / d * n / (n - 1))
+    return float(np.float32((1.0 + 1.0 / n) * max(1.0, r)))
 
 
 def _proto_scores(
@@ -300,11 +332,15 @@ def _proto_scores(
     index = {c: i for i, c in enumerate(classes)}
     owner = np.array([index[p["label"]] for p in protos])
     w = np.array([p["weight"] for p in protos], dtype=np.float64)
-    comp = np.log(np.maximum(w, 1e-12))[None, :] - 0.5 * maha
+    # few-cell prototypes: distances under the predictive covariance (1 + 1/n) S
+    a = np.array([float(p.get("spread_inflation", 1.0)) for p in protos], dtype=np.float64)
+    maha = maha / a[None, :]
+    comp = np.log(np.maximum(w, 1e-12))[None, :] - 0.5 * maha - 0.5 * z.shape[1] * np.log(a)
     prior = np.log(np.maximum(np.asarray(model["class_prior"], dtype=np.float64), 1e-12))
-    scores = np.empty((z.shape[0], len(classes)))
+    scores = np.full((z.shape[0], len(classes)), -np.inf)
     for j in range(len(classes)):
-        scores[:, j] = prior[j] + _logsumexp(comp[:, owner == j], axis=1)
+        if (owner == j).any():  # a class without prototypes (absent from a fold) scores -inf
+            scores[:, j] = prior[j] + _logsumexp(comp[:, owner == j], axis=1)
     return scores, maha.min(axis=1)
 
 
@@ -320,14 +356,26 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def _build_prototypes(
-    z: np.ndarray, y: np.ndarray, *, min_cells: int, max_prototypes: int, seed: int,
+    z: np.ndarray,
+    y: np.ndarray,
+    *,
+    min_cells: int,
+    max_prototypes: int,
+    seed: int,
     max_cells_per_type: int | None = None,
 ) -> dict[str, Any]:
     labelled = np.array([v is not None for v in y])
     values, counts = np.unique(y[labelled].astype(str), return_counts=True)
-    kept = [str(v) for v, c in zip(values, counts, strict=True) if c >= min_cells]
-    excluded = {str(v): int(c) for v, c in zip(values, counts, strict=True) if c < min_cells}
-    info: dict[str, Any] = {"min_cells": int(min_cells), "excluded_types": excluded}
+    # every labelled type is a class; those below min_cells get one wider prototype
+    kept = [str(v) for v in values]
+    few = {str(v): int(c) for v, c in zip(values, counts, strict=True) if c < min_cells}
+    info: dict[str, Any] = {
+        "min_cells": int(min_cells),
+        "type_cell_counts": {str(v): int(c) for v, c in zip(values, counts, strict=True)},
+        "few_cell_types": few,
+        # kept for readers of earlier bundles: types without a prototype (none any more)
+        "excluded_types": {},
+    }
     if not kept:
         info.update({"classes": [], "prototypes": []})
         return info
@@ -341,11 +389,14 @@ def _build_prototypes(
         # max_cells_per_type cells of each type (a seeded stratified sample); the class
         # priors and cell counts still come from every cell.
         sub_rng = np.random.default_rng([seed, 1])
-        keep = np.concatenate([
-            idx if len(idx) <= max_cells_per_type
-            else np.sort(sub_rng.choice(idx, max_cells_per_type, replace=False))
-            for idx in (np.flatnonzero(yk == j) for j in range(len(kept)))
-        ])
+        keep = np.concatenate(
+            [
+                idx
+                if len(idx) <= max_cells_per_type
+                else np.sort(sub_rng.choice(idx, max_cells_per_type, replace=False))
+                for idx in (np.flatnonzero(yk == j) for j in range(len(kept)))
+            ]
+        )
         keep.sort()
         zk, yk = zk[keep], yk[keep]
         info["fitted_on_cells_per_type"] = int(max_cells_per_type)
@@ -365,13 +416,28 @@ def _build_prototypes(
         if not te.any():
             continue
         fold_model = _fit_prototype_model(
-            zk[tr], yk[tr], kept, min_cells=fold_min, max_prototypes=max_prototypes, seed=seed
+            zk[tr],
+            yk[tr],
+            kept,
+            min_cells=fold_min,
+            max_prototypes=max_prototypes,
+            seed=seed,
+            few_below=min_cells,
         )
         oof[te], oof_maha[te] = _proto_scores(zk[te], fold_model, kept)
-    temperature = _fit_temperature(oof, yk)
-    quantiles = np.quantile(oof_maha, np.linspace(0.0, 1.0, _N_QUANTILES))
+    # a rare type's cell in a fold without any other cell of its type cannot be scored out of
+    # fold; such cells are left out of the calibration
+    scorable = np.isfinite(oof[np.arange(len(yk)), yk])
+    temperature = _fit_temperature(np.where(np.isfinite(oof), oof, -1e30)[scorable], yk[scorable])
+    quantiles = np.quantile(oof_maha[scorable], np.linspace(0.0, 1.0, _N_QUANTILES))
     model = _fit_prototype_model(
-        zk, yk, kept, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed
+        zk,
+        yk,
+        kept,
+        min_cells=min_cells,
+        max_prototypes=max_prototypes,
+        seed=seed,
+        few_below=min_cells,
     )
     sub_counts = np.bincount(yk, minlength=len(kept))
     if not np.array_equal(sub_counts, full_counts):
@@ -389,7 +455,9 @@ def _build_prototypes(
                 "temperature": float(np.float32(temperature)),
                 "novelty_statistic": "min squared Mahalanobis distance to a prototype",
                 "novelty_quantiles": _floats(quantiles),
-                "out_of_fold_accuracy": float(np.float32(np.mean(oof.argmax(axis=1) == yk))),
+                "out_of_fold_accuracy": float(
+                    np.float32(np.mean(oof.argmax(axis=1)[scorable] == yk[scorable]))
+                ),
             },
         }
     )
@@ -591,7 +659,8 @@ def build_label_knowledge(
     if max_cells_per_type is not None and max_cells_per_type < min_cells:
         raise LabelTransferError(
             f"max_cells_per_type ({max_cells_per_type}) must be at least min_cells "
-            f"({min_cells}); None fits on every cell")
+            f"({min_cells}); None fits on every cell"
+        )
     z = _check_latent(latent, "the reference latent")
     levels: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
@@ -601,7 +670,11 @@ def build_label_knowledge(
         level: dict[str, Any] = {
             "index": i,
             "prototype": _build_prototypes(
-                z, y, min_cells=min_cells, max_prototypes=max_prototypes, seed=seed,
+                z,
+                y,
+                min_cells=min_cells,
+                max_prototypes=max_prototypes,
+                seed=seed,
                 max_cells_per_type=max_cells_per_type,
             ),
         }
@@ -612,11 +685,12 @@ def build_label_knowledge(
             tensors[atlas_tensor_name(i)] = codes
         levels[name] = level
         logger.info(
-            "label level %r: %d prototype types (%d prototypes), %d types below min_cells=%d%s",
+            "label level %r: %d prototype types (%d prototypes), %d of them below min_cells=%d "
+            "(one wider prototype each)%s",
             name,
             len(level["prototype"]["classes"]),
             len(level["prototype"]["prototypes"]),
-            len(level["prototype"]["excluded_types"]),
+            len(level["prototype"].get("few_cell_types", {})),
             min_cells,
             ", atlas included" if include_atlas else "",
         )
@@ -754,9 +828,17 @@ def predict_labels(
             if method == "knn":
                 reference = a[codes >= 0]
             else:
-                n_ref = int(sum(int(p.get("n_cells", 1)) for p in level["prototype"]["prototypes"]))
+                # the stand-in reference cloud comes from the prototypes of types with
+                # min_cells or more cells: a few-cell prototype's spread is not known well
+                # enough to draw cells from (ADR 0055)
+                sampled = {
+                    "prototypes": [
+                        p for p in level["prototype"]["prototypes"] if "spread_inflation" not in p
+                    ]
+                }
+                n_ref = int(sum(int(p.get("n_cells", 1)) for p in sampled["prototypes"]))
                 reference = _prototype_sample(
-                    level["prototype"], min(max(n_ref, context_k), _CONTEXT_MAX_REFERENCE), 0
+                    sampled, min(max(n_ref, context_k), _CONTEXT_MAX_REFERENCE), 0
                 )
             coverage = _reference_coverage(reference, z, context_k)
             factor = factor * np.clip(coverage / context_floor, 0.0, 1.0)

@@ -154,14 +154,26 @@ class ReferenceModel:
         n_hidden: int = 128, n_layers: int = 2, n_latent: int = 10,
         max_epochs: int | None = None, seed: int = 0, device: str = "cpu",
         progress: bool = True, dispersion: str = "gene", dropout_rate: float = 0.1,
-        include_atlas: bool = False, classifier_weight: float | None = None, **kw: Any,
+        include_atlas: bool = False, classifier_weight: float | None = None,
+        n_top_genes: int | None = None, **kw: Any,
     ) -> ReferenceModel:
         """Train a reference on ``adata`` (every batch value becomes a condition
         ``<namespace>/<batch>``). Extra keyword arguments go to
         :class:`~scarches_fl.train.TrainingConfig` (``lr``, ``batch_size``, ``weight_decay``,
         ``kl_warmup_epochs``, ``validation_fraction``, ``validation_max_cells``,
-        ``early_stopping``, ``patience``)."""
+        ``early_stopping``, ``patience``). ``n_top_genes``: train on that many batch-aware highly
+        variable genes only (:func:`scarches_fl.genes.select_highly_variable_genes`); the
+        bundle's gene list is then those genes."""
         torch = _torch()
+        gene_selection = None
+        if n_top_genes is not None:
+            from scarches_fl.genes import GENE_SELECTION_METHOD, select_highly_variable_genes
+
+            chosen = select_highly_variable_genes(
+                adata, n_top_genes=int(n_top_genes), batch_key=batch_key, layer=layer)
+            gene_selection = {"method": GENE_SELECTION_METHOD, "n_top_genes": int(n_top_genes),
+                              "batch_key": batch_key, "n_input_genes": int(adata.n_vars)}
+            adata = adata[:, chosen].copy()
         from scarches_fl.module import CVAE, default_hyperparameters
         from scarches_fl.train import TrainingConfig, fit, posterior_mean
 
@@ -202,6 +214,8 @@ class ReferenceModel:
         registration = dict(reg.registration)
         if label_classes:
             registration["classifier_classes"] = label_classes
+        if gene_selection is not None:
+            registration["gene_selection"] = gene_selection
         registration.update({
             "likelihood": likelihood,
             "input": ("raw counts; encoder sees log1p(x)" if likelihood == "nb" else

@@ -181,22 +181,31 @@ def test_min_cells_and_multimodal_prototypes():
     y = np.array(["bi"] * 160 + ["uni"] * 120 + ["rare"] * 10)
     manifest, _ = L.build_label_knowledge(z, {"t": y}, min_cells=20)
     proto = manifest["levels"]["t"]["prototype"]
-    assert proto["classes"] == ["bi", "uni"]
-    assert proto["excluded_types"] == {"rare": 10}
+    # every labelled type is a class; the rare one (below min_cells) gets one wider prototype
+    assert proto["classes"] == ["bi", "rare", "uni"]
+    assert proto["few_cell_types"] == {"rare": 10} and proto["excluded_types"] == {}
+    assert proto["type_cell_counts"] == {"bi": 160, "rare": 10, "uni": 120}
     per_type = {c: [p for p in proto["prototypes"] if p["label"] == c] for c in proto["classes"]}
-    assert len(per_type["bi"]) == 2 and len(per_type["uni"]) == 1
+    assert len(per_type["bi"]) == 2 and len(per_type["uni"]) == 1 and len(per_type["rare"]) == 1
+    assert per_type["rare"][0]["spread_inflation"] >= 1.1 - 1e-6
+    assert all("spread_inflation" not in p for p in per_type["bi"] + per_type["uni"])
     means = sorted(tuple(np.round(p["mean"])) for p in per_type["bi"])
     assert means == [(0.0, 0.0), (20.0, 0.0)]
     assert all(len(p["std"]) == 2 and min(p["std"]) > 0 for p in proto["prototypes"])
-    # with a lower minimum the rare type gets a prototype too
-    low = L.build_label_knowledge(z, {"t": y}, min_cells=5)[0]
-    assert "rare" in low["levels"]["t"]["prototype"]["classes"]
+    # with a lower minimum the rare type gets an ordinary prototype
+    low = L.build_label_knowledge(z, {"t": y}, min_cells=5)[0]["levels"]["t"]["prototype"]
+    assert "rare" in low["classes"] and low["few_cell_types"] == {}
+    assert all("spread_inflation" not in p for p in low["prototypes"])
 
 
 def test_large_types_are_fitted_on_a_sample_but_counted_whole():
     rng = np.random.default_rng(1)
-    z = np.concatenate([rng.normal([0, 0, 0], 1.0, (3000, 3)),  # big: sampled down to 500
-                        rng.normal([9, 0, 0], 1.0, (300, 3))])  # small: fitted whole
+    z = np.concatenate(
+        [
+            rng.normal([0, 0, 0], 1.0, (3000, 3)),  # big: sampled down to 500
+            rng.normal([9, 0, 0], 1.0, (300, 3)),
+        ]
+    )  # small: fitted whole
     y = np.array(["big"] * 3000 + ["small"] * 300)
     capped = L.build_label_knowledge(z, {"t": y}, max_cells_per_type=500)[0]
     whole = L.build_label_knowledge(z, {"t": y}, max_cells_per_type=None)[0]
@@ -207,7 +216,8 @@ def test_large_types_are_fitted_on_a_sample_but_counted_whole():
     np.testing.assert_allclose(pc["class_prior"], [3000 / 3300, 300 / 3300], rtol=1e-6)
     for c in ("big", "small"):
         assert sum(p["n_cells"] for p in pc["prototypes"] if p["label"] == c) == (
-            3000 if c == "big" else 300)
+            3000 if c == "big" else 300
+        )
     # the sample's prototype is the whole type's, within sampling error (sd 1 / sqrt(500))
     big_c = [p for p in pc["prototypes"] if p["label"] == "big"]
     assert len(big_c) == 1
@@ -371,3 +381,40 @@ def test_query_context_needs_enough_query_cells(knowledge):
         L.predict_labels(
             manifest, tensors, z, label_key="cell_type", query_context=True, context_floor=0.0
         )
+
+
+def _rare_type_split(n_rare_ref: int, seed: int = 0):
+    """A latent with three common types and one rare type (``n_rare_ref`` reference cells),
+    and a query with 40 cells of each, shifted a little (a new batch)."""
+    rng = np.random.default_rng(seed)
+    centres = {"a": [0, 0, 0, 0], "b": [6, 0, 0, 0], "c": [0, 6, 0, 0], "dc": [3, 3, 4, 0]}
+    sizes = {"a": 400, "b": 300, "c": 300, "dc": n_rare_ref}
+    z = np.concatenate([rng.normal(centres[t], 1.0, (n, 4)) for t, n in sizes.items()])
+    y = np.concatenate([[t] * n for t, n in sizes.items()])
+    zq = np.concatenate([rng.normal(np.add(centres[t], 0.3), 1.0, (40, 4)) for t in centres])
+    yq = np.concatenate([[t] * 40 for t in centres])
+    return z, y, zq, yq
+
+
+@pytest.mark.parametrize("n_rare_ref", [10, 15, 19])
+def test_rare_type_below_prototype_floor_is_named(n_rare_ref):
+    z, y, zq, yq = _rare_type_split(n_rare_ref)
+    manifest, tensors = L.build_label_knowledge(z, {"t": y}, min_cells=20)
+    pred = L.predict_labels(manifest, tensors, zq, label_key="t", method="prototype")
+    rare = yq == "dc"
+    # named, not "Unknown", for most of its query cells
+    assert np.mean(pred.pred[rare] == "dc") > 0.5
+    assert np.mean(pred.top_label[rare] == "dc") > 0.7
+    # the common types stay right: the rare class does not swallow its neighbours
+    assert np.mean(pred.pred[~rare] == yq[~rare]) > 0.9
+
+
+def test_rare_type_of_one_or_two_cells_does_not_break_calibration():
+    z, y, zq, yq = _rare_type_split(2)
+    manifest, tensors = L.build_label_knowledge(z, {"t": y}, min_cells=20)
+    proto = manifest["levels"]["t"]["prototype"]
+    assert proto["few_cell_types"] == {"dc": 2}
+    assert np.isfinite(proto["calibration"]["temperature"])
+    assert np.all(np.isfinite(proto["calibration"]["novelty_quantiles"]))
+    pred = L.predict_labels(manifest, tensors, zq, label_key="t", method="prototype")
+    assert np.mean(pred.pred[yq != "dc"] == yq[yq != "dc"]) > 0.9

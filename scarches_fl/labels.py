@@ -830,7 +830,7 @@ def predict_labels(
             else:
                 # the stand-in reference cloud comes from the prototypes of types with
                 # min_cells or more cells: a few-cell prototype's spread is not known well
-                # enough to draw cells from (ADR 0055)
+                # enough to draw cells from (ADR 0018)
                 sampled = {
                     "prototypes": [
                         p for p in level["prototype"]["prototypes"] if "spread_inflation" not in p

@@ -23,7 +23,7 @@ the fix. The rules:
 * a label key to predict is one of the reference's label levels (its label knowledge).
 
 :func:`choose_backed` decides whether a file is read whole or streamed in row windows, from
-the size of its count matrix and the memory available (see ADR 0055). :func:`mapping_record`
+the size of its count matrix and the memory available (see ADR 0017). :func:`mapping_record`
 builds ``uns["scarches_fl"]``: one schema (``MAPPING_RECORD_FIELDS``) for every mapped file.
 """
 

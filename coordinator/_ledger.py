@@ -6,6 +6,7 @@ a handful of functions. Nothing here re-implements a rule of ``protocols``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re

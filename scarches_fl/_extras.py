@@ -21,6 +21,7 @@ DISTRIBUTION = "scarches-fl"
 IMPORT_NAMES = {
     "scikit-learn": "sklearn",
     "umap-learn": "umap",
+    "scikit-misc": "skmisc",
     "scvi-tools": "scvi",
     "pyyaml": "yaml",
     "grpcio": "grpc",

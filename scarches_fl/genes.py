@@ -39,8 +39,9 @@ def select_highly_variable_genes(
         )
     if getattr(adata, "isbacked", False):
         raise DataError(
-            "--n-top-genes needs the counts in memory; leave out --backed, or select the genes "
-            "beforehand and pass the subset"
+            "--n-top-genes needs the counts in memory, and this file is streamed from disk (by "
+            "--backed, or because reading it whole would not fit comfortably); pass --in-memory "
+            "if the machine holds it, or select the genes beforehand and pass the subset"
         )
     if batch_key not in adata.obs:
         raise DataError(f"batch key {batch_key!r} not in obs; it has {list(adata.obs.columns)}")

@@ -1,8 +1,8 @@
 """Generate a coordinator state directory holding a ledger of N signed site updates.
 
-The ledger is built with the project's own code only: P1's bundle, update, policy and ledger
+The ledger is built with the project's own code only: bundle, update, policy and ledger
 builders sign every entry (operator key for the genesis and the enrolments, each site's key for
-its updates), P2's checkpoint code signs a checkpoint per entry with the log key, and C's
+its updates), checkpoint code signs a checkpoint per entry with the log key, and the coordinator's
 storage layer (``coordinator.storage``: SQLite + content-addressed blobs) stores it, exactly as
 a coordinator would. The model is a tiny numpy bundle (no torch): frozen weights plus two
 condition tensors, one column per condition. Sites map on a "published" reference version that

@@ -1,5 +1,5 @@
-"""The coordinator's seam to the protocols core: every call into P1's formats, validation and
-ledger state and into P2's checkpoints goes through here, so the rest of ``coordinator`` sees
+"""The coordinator's seam to the protocols core: every call into formats, validation and
+ledger state and into checkpoints goes through here, so the rest of ``coordinator`` sees
 a handful of functions. Nothing here re-implements a rule of ``protocols``.
 """
 
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
-# P2: checkpoints and notes
+# checkpoints and notes
 
 
 class LogSigner:
@@ -151,7 +151,7 @@ def cosignature_lines_for(
 
     The note must be one of this log's checkpoints (our signature verifies and its text is the
     stored checkpoint of that size). Every other line must be a well-formed ``cosignature/v1``
-    line; a line from a witness pinned in trust.json must verify (P2's ``open_note``), and lines
+    line; a line from a witness pinned in trust.json must verify (``open_note``), and lines
     from unpinned keys are kept only up to :data:`MAX_UNPINNED_COSIGNATURES` per checkpoint.
     Which witnesses count is decided by each verifier against its own trust.json."""
     from protocols.checkpoint import (
@@ -226,7 +226,7 @@ def _line_id(line: str) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Reference versions (P1 bundles and diffs, numpy only)
+# Reference versions (bundles and diffs, numpy only)
 
 
 @dataclass(frozen=True)
@@ -473,7 +473,7 @@ class ReferenceCache:
 
 
 # --------------------------------------------------------------------------------------------
-# P1: keys and the trust policy
+# keys and the trust policy
 
 
 def new_private_key(path: Path) -> Any:
@@ -569,11 +569,11 @@ def tls_server_name(trust: Any, address: str) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# P1: the ledger state and entries
+# the ledger state and entries
 
 
 def protocol_limits(cfg: Any) -> Any:
-    """P1's :class:`protocols.limits.Limits` with this coordinator's envelope and diff caps."""
+    """:class:`protocols.limits.Limits` with this coordinator's envelope and diff caps."""
     import dataclasses
 
     from protocols.limits import DEFAULT_LIMITS
@@ -600,7 +600,7 @@ def _hex(name: str) -> str:
 
 
 def blob_lookup(blobs: BlobStore, extra: dict[str, bytes] | None = None) -> Any:
-    """P1's ``BlobLookup`` (hex sha256 -> bytes or None) over the blob store (+ ``extra``)."""
+    """``BlobLookup`` (hex sha256 -> bytes or None) over the blob store (+ ``extra``)."""
 
     def lookup(hexname: str) -> bytes | None:
         if extra and hexname in extra:
@@ -711,7 +711,7 @@ class CheckedUpdate:
 def check_and_apply_site_update(
     state: Any, envelope: bytes, diff: bytes, limits: Any
 ) -> CheckedUpdate:
-    """Run P1's validation of a submitted site update against ``state`` and apply it (the state
+    """Run validation of a submitted site update against ``state`` and apply it (the state
     is unchanged when it raises). Only ``site_update`` envelopes are accepted here."""
     from protocols.dsse import parse_envelope
     from protocols.errors import UpdateRejectedError
@@ -739,7 +739,7 @@ def check_and_apply_site_update(
 
 
 def authenticate_submission(state: Any, envelope: bytes, limits: Any) -> Any:
-    """P1's :func:`protocols.update.authenticate_update` against the policy in force: the
+    """:func:`protocols.update.authenticate_update` against the policy in force: the
     :class:`~protocols.update.AuthenticatedUpdate` (its ``site_id`` is the signer's) or an
     :class:`~protocols.errors.UpdateRejectedError` whose code means "not authenticated"."""
     from protocols.update import authenticate_update

@@ -6,7 +6,7 @@ The policy is a JSON file the operator keeps next to the coordinator::
      "sites": {"hosp-a": "ed25519:<base64 raw public key>", ...}}
 
 Only a site listed here can contribute; its contributions must verify under the listed key.
-Keys are P1's Ed25519 keys (:mod:`protocols.keys`): the same ``site.key`` a site uses to sign
+Keys are Ed25519 keys (:mod:`protocols.keys`): the same ``site.key`` a site uses to sign
 its surgery updates signs its federated contributions.
 """
 

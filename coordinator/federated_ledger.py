@@ -1,6 +1,6 @@
 """Append a federated training run to the coordinator's ledger.
 
-The ledger (P1's :mod:`protocols.ledger`, C's storage) holds the run as ordinary entries:
+The ledger (:mod:`protocols.ledger`, the coordinator's storage) holds the run as ordinary entries:
 
 * the **genesis** is the run's initial model (``federation/models/round-0000``, published with
   ``scarches-fl coordinator init --reference``), so the first round's base is a version of the log;

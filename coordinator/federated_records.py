@@ -87,7 +87,7 @@ class ContributionRejected(FederationError):
         self.reason = reason
 
 
-# -- DSSE (P1's protocols.dsse, Ed25519) ------------------------------------------------------
+# -- DSSE (protocols.dsse, Ed25519) ------------------------------------------------------
 
 
 def sign_payload(private_key: Any, payload_type: str, payload: Mapping[str, Any]) -> bytes:

@@ -202,7 +202,7 @@ CREATE TABLE IF NOT EXISTS cosignatures (
 
 
 def leaf_hash_of(envelope: bytes) -> bytes:
-    """RFC 6962 leaf hash, via P2's ``protocols.merkle.leaf_hash``."""
+    """RFC 6962 leaf hash, via ``protocols.merkle.leaf_hash``."""
     from protocols.merkle import leaf_hash
 
     return leaf_hash(envelope)

@@ -6,7 +6,7 @@ each condition tensor in a growable buffer laid out condition-major (the conditi
 the front), so an append copies only the new slice, and it materialises a tensor in its declared
 layout only when a version's digest must be checked.
 
-The digest is P1's content digest (:func:`protocols.bundle.content_digest`) computed from the
+The digest is content digest (:func:`protocols.bundle.content_digest`) computed from the
 same leaves (:func:`protocols.bundle.tensor_leaf`, :func:`protocols.bundle.manifest_leaf`), with
 the leaf hash of every frozen tensor computed once: between versions only the condition tensors
 and the manifest change. :meth:`ModelReplay.bundle` rebuilds the full bundle with

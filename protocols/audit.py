@@ -14,7 +14,7 @@ Rules, checked in this order (the first that fails decides the exit code, see
    (its state directory keeps the checkpoint note and the leaf hashes it verified): the tree
    never shrinks, and its root at the stored size is the stored root. Only then is the new
    checkpoint stored.
-4. **Entries.** Replayed from the genesis in log order with P1's :class:`protocols.ledger.LedgerState`
+4. **Entries.** Replayed from the genesis in log order with :class:`protocols.ledger.LedgerState`
    (shared with the coordinator): every envelope's signatures against the policy in force at
    that position (enrolments, revocations, rotations applied in order), per-site sequence
    numbers, base checkpoints, condition names and namespaces; every blob an entry names is
@@ -123,7 +123,7 @@ _REASON_CLASS["E_PROOF_INVALID"] = "LOG_FORK"
 
 
 def failure_class_for(reason_code: str) -> str:
-    """The audit failure class of a P1/P2 reason code (``LEDGER_RULES`` unless listed)."""
+    """The audit failure class of a reason code (``LEDGER_RULES`` unless listed)."""
     return _REASON_CLASS.get(reason_code, "LEDGER_RULES")
 
 
@@ -380,7 +380,7 @@ class AuditorState:
 
 @dataclass(frozen=True)
 class TrustAnchors:
-    """What the audit trusts: P1's :class:`protocols.policy.TrustPolicy` from trust.json (its
+    """What the audit trusts: :class:`protocols.policy.TrustPolicy` from trust.json (its
     roots: operator keys and thresholds; sites come from the ledger's policy entries), the
     pinned origin and log key, and the witness policy."""
 
@@ -403,7 +403,7 @@ def trust_from_policy(policy: Any) -> TrustAnchors:
 
 
 def load_trust_file(path: str | Path) -> TrustAnchors:
-    """Read ``trust.json`` with P1's strict reader (:func:`protocols.policy.read_trust`)."""
+    """Read ``trust.json`` with strict reader (:func:`protocols.policy.read_trust`)."""
     from protocols.errors import PolicyError
     from protocols.policy import read_trust
 
@@ -820,7 +820,7 @@ def _cosign(
     return cosigned
 
 
-# --- entries: P1's LedgerState with a linear-time model ------------------------------------------
+# --- entries: LedgerState with a linear-time model ------------------------------------------
 
 
 class _PendingExtension:
@@ -833,7 +833,7 @@ class _PendingExtension:
 
 
 class _ReplayModel:
-    """Stands in for P1's private ``ledger._Model`` inside :class:`_AuditLedgerState`: the same
+    """Stands in for private ``ledger._Model`` inside :class:`_AuditLedgerState`: the same
     attributes (``manifest`` without digest, ``digest``, ``tensors``, ``bundle()``,
     ``extended()``) over a :class:`protocols._audit_replay.ModelReplay`, so that appending a diff
     costs the size of the diff and a digest is computed only where the audit needs one."""
@@ -869,9 +869,9 @@ _LEDGER_STATE_INTERNALS = (
 def _audit_state_class() -> type:
     """:class:`protocols.ledger.LedgerState` with the model kept by :class:`_ReplayModel`.
 
-    Every rule stays P1's (``_evaluate``: signatures under the policy in force, sequences, bases,
+    Every rule stays (``_evaluate``: signatures under the policy in force, sequences, bases,
     namespaces, blobs, federated rounds, policy changes). Only what is stored per entry changes:
-    P1's state concatenates every condition tensor and hashes the whole model after each entry
+    state concatenates every condition tensor and hashes the whole model after each entry
     (quadratic over a long ledger); this one appends slices and computes the digest of the
     versions in ``needed_sizes`` only (the bases that updates and rounds name, and the last)."""
     from protocols.ledger import AppliedEntry, LedgerState
@@ -899,8 +899,8 @@ def _audit_state_class() -> type:
 
         def _site_update_fast(self, envelope: bytes, blobs: Any) -> Any:
             """A site update checked by :func:`protocols.update.validate_update` directly (one
-            strict parse of the envelope instead of P1's three); None for any other kind,
-            which goes through P1's ``_evaluate``."""
+            strict parse of the envelope instead of three); None for any other kind,
+            which goes through ``_evaluate``."""
             from types import SimpleNamespace
 
             from protocols.update import SITE_UPDATE_TYPE, validate_update
@@ -913,7 +913,7 @@ def _audit_state_class() -> type:
                 if not isinstance(hexname, str) or not re.fullmatch(r"[0-9a-f]{64}", hexname):
                     raise ValueError("bad diff name")
             except (ValueError, KeyError, TypeError):
-                return None  # P1's path names the precise problem
+                return None  # path names the precise problem
             diff_bytes = blobs(hexname)
             accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
             sequences = dict(self._sequences)
@@ -954,7 +954,7 @@ def _audit_state_class() -> type:
                 model.parent.replay.apply(model.diff, model.new_conditions)
                 model = model.parent
             elif model is not None and not isinstance(model, _ReplayModel):
-                # a genesis or federated round: P1 built and verified the bundle
+                # a genesis or federated round: the ledger rules built and verified the bundle
                 bundle = ReferenceBundle({**model.manifest, "digest": model.digest}, model.tensors)
                 model = _ReplayModel(ModelReplay(bundle))  # type: ignore[assignment]
                 digest = bundle.digest
@@ -1076,8 +1076,8 @@ def _check_entries(
     needed = _plan_digests(entries) if replay_model else {len(entries)}
     state = _audit_state_class()(trust.policy, needed)
     if not all(hasattr(state, a) for a in _LEDGER_STATE_INTERNALS):
-        # P1 reorganised LedgerState: fall back to it unchanged (quadratic, but every rule and
-        # every digest exactly P1's)
+        # LedgerState was reorganised: fall back to it unchanged (quadratic, but every rule and
+        # every digest exactly the ledger's)
         logger.warning("LedgerState internals changed; auditing with the plain (slower) replay")
         state = LedgerState(trust.policy)
 

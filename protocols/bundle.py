@@ -134,7 +134,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Merkle hashing: P2's protocols.merkle (RFC 6962)
+# Merkle hashing: protocols.merkle (RFC 6962)
 
 
 def _mth(leaf_data: list[bytes]) -> bytes:

@@ -247,13 +247,13 @@ class ReceiptError(VerificationError):
 
 
 class ProofError(VerificationError):
-    """A Merkle proof does not verify (P2's merkle module)."""
+    """A Merkle proof does not verify."""
 
     default_reason_code = "E_PROOF_INVALID"
 
 
 class CheckpointError(VerificationError):
-    """A checkpoint / signed note is malformed or not signed by the pinned key (P2)."""
+    """A checkpoint / signed note is malformed or not signed by the pinned key."""
 
     default_reason_code = "E_CHECKPOINT_INVALID"
 

@@ -1236,7 +1236,7 @@ def parse_receipt(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Receipt:
 
 def verify_receipt(receipt: Receipt, envelope: bytes, *, policy: TrustPolicy) -> Any:
     """Check that ``envelope`` is leaf ``receipt.log_index`` of the log whose checkpoint the
-    receipt carries, signed by the log key pinned in ``policy``. Returns P2's verified
+    receipt carries, signed by the log key pinned in ``policy``. Returns verified
     :class:`protocols.checkpoint.Checkpoint`; raises :class:`ReceiptError`."""
     from protocols.checkpoint import verify_checkpoint
 

@@ -75,7 +75,7 @@ _KEYID_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def check_vkey(vkey: object, what: str = "verifier key", *, key_type: int = 0x01) -> str:
-    """Check a C2SP signed-note verifier key with P2's :func:`protocols.checkpoint.parse_verifier_key`
+    """Check a C2SP signed-note verifier key with :func:`protocols.checkpoint.parse_verifier_key`
     (``key_type`` 0x01 Ed25519 for the log key, 0x04 ``cosignature/v1`` for witnesses); returns
     it unchanged."""
     from protocols.checkpoint import parse_verifier_key

@@ -15,7 +15,7 @@ Key files (written by :func:`generate_witness_key`, ``scarches-fl audit witness-
 * ``witness.vkey``: the verifier key string ``<name>+<id>+<base64>`` to hand to the operator,
   who lists it in ``trust.json`` under ``"witnesses": {"keys": [...], "threshold": k}``.
 
-The cryptography is P2's (:mod:`protocols.checkpoint`); this module is key files and policy.
+The cryptography lives in (:mod:`protocols.checkpoint`); this module is key files and policy.
 """
 
 from __future__ import annotations

@@ -231,7 +231,7 @@ class ReferenceModel:
         if label_key is not None:
             try:
                 from scarches_fl.labels import build_label_knowledge
-            except ImportError:  # pragma: no cover - L's module not installed
+            except ImportError:  # pragma: no cover - the optional module is not installed
                 log.warning("scarches_fl.labels not available; no label knowledge stored")
             else:
                 latent = posterior_mean(module, data)

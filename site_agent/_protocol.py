@@ -1,5 +1,5 @@
-"""The site agent's seam to the protocols core: every call into P1's trust policy, update
-payloads, envelopes and ledger replay, and into P2's checkpoints, goes through here. Nothing here
+"""The site agent's seam to the protocols core: every call into trust policy, update
+payloads, envelopes and ledger replay, and into checkpoints, goes through here. Nothing here
 re-implements a rule of ``protocols``; it adapts their values to what the agent needs.
 """
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Trust:
-    """The pinned trust.json (P1's :class:`protocols.policy.TrustPolicy`) and views of it."""
+    """The pinned trust.json (:class:`protocols.policy.TrustPolicy`) and views of it."""
 
     policy: Any
     raw: bytes
@@ -102,7 +102,7 @@ def load_trust(data: bytes, *, source: str) -> Trust:
     return Trust(policy=policy, raw=data, source=source)
 
 
-# -- P2: checkpoints ---------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------
 
 
 def verify_checkpoint_note(note: bytes, trust: Trust) -> Any:
@@ -151,7 +151,7 @@ def check_entries_match(entries: Sequence[Any], checkpoint: Any) -> None:
         )
 
 
-# -- P1: ledger replay -> this site's enrolment --------------------------------------------
+# -- ledger replay -> this site's enrolment --------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ class SiteRecord:
 def site_record_from_entries(
     entries: Sequence[Any], trust: Trust, *, site_id: str, fetch_blob: Any,
 ) -> SiteRecord:
-    """Replay the (already root-checked) entries from the pinned roots with P1's
+    """Replay the (already root-checked) entries from the pinned roots with
     :func:`protocols.ledger.replay` (every signature, policy change, update rule and blob), and
     read this site's enrolment, active keys, last accepted sequence number and the digest the
     ledger implies for the reference version ``len(entries)``."""
@@ -196,7 +196,7 @@ def site_record_from_entries(
                       last_sequence=int(state.sequences.get(site_id, 0)), expected_digest=digest)
 
 
-# -- P1: update payload and envelope ----------------------------------------------------------
+# -- update payload and envelope ----------------------------------------------------------
 
 
 def max_diff_bytes() -> int:
@@ -209,7 +209,7 @@ def build_update_payload(
     *, trust: Trust, site_id: str, key_id: str, sequence: int, verified: Any,
     new_conditions: Sequence[str], diff_bytes: bytes, diff_tensors: Any,
 ) -> Any:
-    """P1's :class:`protocols.update.UpdatePayload` (statistics from the parsed diff bytes)."""
+    """:class:`protocols.update.UpdatePayload` (statistics from the parsed diff bytes)."""
     from protocols.update import build_update_payload as _build
 
     return _build(
@@ -245,7 +245,7 @@ def sign_update(payload: Any, checked_bytes: bytes, key: Any) -> bytes:
     return envelope
 
 
-# -- P1: key rotation request -----------------------------------------------------------------
+# -- key rotation request -----------------------------------------------------------------
 
 
 def build_rotation_request(

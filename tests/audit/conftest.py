@@ -1,6 +1,6 @@
 """Fixtures for the auditor's tests: small signed ledgers in coordinator state directories.
 
-Built with ``benchmarks/gen_ledger.py`` (P1's signing code, P2's checkpoints, C's storage) on a
+Built with ``benchmarks/gen_ledger.py`` (signing code, checkpoints, the coordinator's storage) on a
 tiny numpy bundle, once per session, then copied for each test that tampers with one.
 """
 

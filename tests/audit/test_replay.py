@@ -1,4 +1,4 @@
-"""The audit's linear-time replay gives P1's apply rule and content digest, version by version."""
+"""The audit's linear-time replay gives apply rule and content digest, version by version."""
 
 from __future__ import annotations
 

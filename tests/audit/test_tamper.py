@@ -204,7 +204,7 @@ def test_exit_code_registry_is_documented(cls: str) -> None:
 def test_plain_ledger_state_fallback_gives_the_same_verdicts(
     ledger: GeneratedLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If P1 reorganises LedgerState, the audit falls back to it unchanged and still verifies
+    """If LedgerState is reorganised, the audit falls back to it unchanged and still verifies
     (and still catches a revoked key)."""
     import protocols.audit as audit_mod
 

@@ -176,7 +176,7 @@ def verify_receipt(receipt, envelope: bytes, consortium: Consortium) -> None:
 
 
 def verify_ledger(client: RegistryClient, consortium: Consortium) -> int:
-    """Recompute the root over every served entry (P2's code) and compare it with the signed
+    """Recompute the root over every served entry (code) and compare it with the signed
     checkpoint; check consistency with every earlier checkpoint size on the way. Returns the size."""
     from protocols.checkpoint import verify_checkpoint
     from protocols.merkle import MerkleTree, leaf_hash, verify_consistency

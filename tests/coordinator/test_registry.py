@@ -291,7 +291,7 @@ def test_client_checks_blob_hashes() -> None:
 
 
 def test_every_reference_version_is_the_ledger_replay(consortium, server) -> None:
-    """Versions at every size equal P1's LedgerState replay of the served entries (what an
+    """Versions at every size equal LedgerState replay of the served entries (what an
     auditor computes), also after a restart of the cache (cold materialization)."""
     import shutil
 

@@ -1,4 +1,4 @@
-"""Property tests: random and mutated bytes into every parser P1 owns. The only acceptable
+"""Property tests: random and mutated bytes into every strict parser. The only acceptable
 outcomes are a value or a typed :class:`protocols.errors.ScarchesFLError`; never another
 exception, never a hang. 10,000 examples per parser (the issue's bar), kept fast by tiny seeds.
 

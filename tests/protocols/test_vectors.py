@@ -1,4 +1,4 @@
-"""P1's committed test vectors (tests/protocols/vectors/): they still match the generator, and
+"""committed test vectors (tests/protocols/vectors/): they still match the generator, and
 they verify with code paths independent of the generator where possible."""
 
 from __future__ import annotations

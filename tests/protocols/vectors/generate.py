@@ -1,4 +1,4 @@
-"""Generate P1's test vectors (canonical JSON, content digest, DSSE, a small ledger with named
+"""Generate test vectors (canonical JSON, content digest, DSSE, a small ledger with named
 attacks). Deterministic: fixed keys, seeds and Ed25519 (deterministic signatures), so the files
 are reproducible byte for byte. ``tests/protocols/test_vectors.py`` checks that the committed
 files still match this script, and verifies them independently.

@@ -38,9 +38,12 @@ def _short(digest: str | None, n: int = 12) -> str:
 
 def _verdict_line(result: AuditResult) -> str:
     if result.ok:
+        head = f"VERIFIED: {result.tree_size} entries, root {result.root_hex[:16]}..., "
+        if result.served_digest is None:
+            # An offline audit (or --no-served) has no served model to compare.
+            return head + "served model not checked (no coordinator to fetch it from)"
         return (
-            f"VERIFIED: {result.tree_size} entries, root {result.root_hex[:16]}..., served model "
-            f"{_short(result.served_digest)} is the replay of the signed updates"
+            head + f"served model {_short(result.served_digest)} is the replay of the signed updates"
         )
     first = result.first_failure
     assert first is not None

@@ -156,7 +156,8 @@ def _audit_handler(args: argparse.Namespace) -> int:
         source.close()
     if args.report:
         path = write_report(result, args.report)
-        print(f"report: {path}", file=sys.stderr)
+        if not getattr(args, "quiet", False):
+            print(f"report: {path}", file=sys.stderr)
     if args.json:
         sys.stdout.write(render_json(result))
     else:
@@ -234,10 +235,14 @@ def _ledger_show_handler(args: argparse.Namespace) -> int:
             print(f"         {k}: {v}")
         if e.status != "ok":
             print(f"         STATUS: {e.status}")
+    summary = (
+        f"{shown} of {len(result.entries)} entries shown; checkpoint size {result.tree_size}, "
+        f"root {result.root_hex[:16]}...; "
+        + ("verified" if result.ok else f"NOT verified: {result.first_failure.message}")  # type: ignore[union-attr]
+    )
     if not args.json:
-        print(
-            f"{shown} of {len(result.entries)} entries shown; checkpoint size {result.tree_size}, "
-            f"root {result.root_hex[:16]}...; "
-            + ("verified" if result.ok else f"NOT verified: {result.first_failure.message}")  # type: ignore[union-attr]
-        )
+        print(summary)
+    elif not getattr(args, "quiet", False):
+        # stdout stays one JSON object per line (none when nothing matched); the count goes to stderr
+        print(summary, file=sys.stderr)
     return result.exit_code

@@ -37,6 +37,11 @@ def test_audit_verifies_and_writes_reports(
     assert doc["verdict"] == "verified" and doc["tree_size"] == ledger.size
     rc, out, _ = run(base + ["--json"], capsys)
     assert rc == 0 and json.loads(out)["exit_code"] == 0
+    # without the served model the verdict says so instead of printing "served model -"
+    rc, out, _ = run(base + ["--no-served"], capsys)
+    assert rc == 0 and "served model not checked" in out and "served model -" not in out
+    rc, out, err = run(["-q", *base, "--json", "--report", str(tmp_path / "q.json")], capsys)
+    assert rc == 0 and json.loads(out)["exit_code"] == 0 and err == ""
     rc, _, err = run(base + ["--report", str(tmp_path / "report.pdf")], capsys)
     assert rc == 2 and "html" in err
 
@@ -77,6 +82,9 @@ def test_ledger_show_filters(
     assert "conditions: site000/batch000000" in out
     rc, out, _ = run(base + ["--until", "2000-01-01"], capsys)
     assert f"0 of {ledger.size} entries shown" in out
+    # JSON lines: nothing matched means no line on stdout, and the count on stderr
+    rc, out, err = run(base + ["--json", "--until", "2000-01-01"], capsys)
+    assert rc == 0 and out == "" and f"0 of {ledger.size} entries shown" in err
     rc, _, err = run(base + ["--since", "yesterday"], capsys)
     assert rc == 2 and "ISO 8601" in err
 

@@ -83,6 +83,9 @@ from protocols.policy import TrustPolicy
 __all__ = [
     "SITE_UPDATE_TYPE",
     "UPDATE_FORMAT_VERSION",
+    "PAYLOAD_SCHEMA",
+    "TENSOR_SUMMARY_FIELDS",
+    "payload_field_paths",
     "STATS_RTOL",
     "TensorSummary",
     "UpdatePayload",
@@ -104,6 +107,36 @@ UPDATE_FORMAT_VERSION = 1
 STATS_RTOL = 1e-5
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+#: The site update payload's fields (the schema in the module docstring): a field whose value is
+#: an object maps to that object's fields, any other field to None. ``diff.tensors`` maps each
+#: tensor name to an object with exactly :data:`TENSOR_SUMMARY_FIELDS`. The parser below and the
+#: site's privacy guard both read this one definition.
+PAYLOAD_SCHEMA: Mapping[str, tuple[str, ...] | None] = {
+    "kind": None,
+    "format_version": None,
+    "origin": None,
+    "site_id": None,
+    "key_id": None,
+    "sequence": None,
+    "base": ("size", "root", "digest"),
+    "new_conditions": None,
+    "diff": ("sha256", "size", "tensors"),
+}
+TENSOR_SUMMARY_FIELDS: tuple[str, ...] = ("dtype", "shape", "l2", "min", "max")
+
+
+def payload_field_paths() -> tuple[str, ...]:
+    """Every field path a site update payload carries, dotted, in schema order; the per-tensor
+    fields appear as ``diff.tensors.<name>.<field>`` with ``<name>`` literally."""
+    paths: list[str] = []
+    for name, sub in PAYLOAD_SCHEMA.items():
+        paths.append(name)
+        for child in sub or ():
+            paths.append(f"{name}.{child}")
+    paths += [f"diff.tensors.<name>.{f}" for f in TENSOR_SUMMARY_FIELDS]
+    return tuple(paths)
+
 
 
 @dataclass(frozen=True)
@@ -265,8 +298,7 @@ def parse_update_payload(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Upd
         )
     except VerificationError as exc:
         raise UpdateRejectedError("E_PAYLOAD_MALFORMED", exc.message) from exc
-    fields = {"kind", "format_version", "origin", "site_id", "key_id", "sequence", "base",
-              "new_conditions", "diff"}
+    fields = set(PAYLOAD_SCHEMA)
     if not isinstance(obj, dict) or set(obj) != fields:
         raise _bad(f"a site update payload has exactly the fields {sorted(fields)}")
     if obj["kind"] != "site_update" or type(obj["format_version"]) is not int or obj["format_version"] != UPDATE_FORMAT_VERSION:
@@ -280,7 +312,7 @@ def parse_update_payload(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Upd
         raise _bad("key_id must be 64 lowercase hex characters")
     seq = _int(obj["sequence"], "sequence", 1)
     base = obj["base"]
-    if not isinstance(base, dict) or set(base) != {"size", "root", "digest"}:
+    if not isinstance(base, dict) or set(base) != set(PAYLOAD_SCHEMA["base"] or ()):
         raise _bad("base has exactly size, root, digest")
     size = _int(base["size"], "base.size", 1)
     if not isinstance(base["root"], str) or not _HEX64.fullmatch(base["root"]):
@@ -291,7 +323,7 @@ def parse_update_payload(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Upd
     if not isinstance(conds, list) or not all(isinstance(c, str) for c in conds):
         raise _bad("new_conditions must be a list of strings")
     d = obj["diff"]
-    if not isinstance(d, dict) or set(d) != {"sha256", "size", "tensors"}:
+    if not isinstance(d, dict) or set(d) != set(PAYLOAD_SCHEMA["diff"] or ()):
         raise _bad("diff has exactly sha256, size, tensors")
     if not isinstance(d["sha256"], str) or not _HEX64.fullmatch(d["sha256"]):
         raise _bad("diff.sha256 must be 64 lowercase hex characters")
@@ -300,7 +332,7 @@ def parse_update_payload(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Upd
         raise _bad("diff.tensors must be an object")
     tensors: dict[str, TensorSummary] = {}
     for name, t in d["tensors"].items():
-        if not isinstance(t, dict) or set(t) != {"dtype", "shape", "l2", "min", "max"}:
+        if not isinstance(t, dict) or set(t) != set(TENSOR_SUMMARY_FIELDS):
             raise _bad(f"diff.tensors[{name[:60]!r}] has exactly dtype, shape, l2, min, max")
         if not isinstance(t["dtype"], str) or not isinstance(t["shape"], list):
             raise _bad(f"diff.tensors[{name[:60]!r}] dtype/shape malformed")

@@ -22,7 +22,6 @@ __all__ = [
     "site_record_from_entries",
     "build_update_payload",
     "payload_bytes",
-    "parse_payload",
     "sign_update",
     "max_diff_bytes",
     "build_rotation_request",
@@ -78,13 +77,6 @@ class Trust:
                 "loopback only"
             )
         return pem.encode() if isinstance(pem, str) else pem
-
-    @property
-    def cell_count_granularity(self) -> int | None:
-        """Cell counts the policy lets an update carry (None: none at all)."""
-        limits = self.policy.update_limits
-        value = getattr(limits, "cell_count_granularity", None)
-        return int(value) if value else None
 
     @property
     def update_limits(self) -> Any:
@@ -222,12 +214,6 @@ def build_update_payload(
 
 def payload_bytes(payload: Any) -> bytes:
     return bytes(payload.to_bytes())
-
-
-def parse_payload(data: bytes) -> Any:
-    from protocols.canonical import parse_json_strict
-
-    return parse_json_strict(data, max_bytes=len(data) + 1)
 
 
 def sign_update(payload: Any, checked_bytes: bytes, key: Any) -> bytes:

@@ -206,15 +206,11 @@ def run_map(
             )
             payload_bytes = proto.payload_bytes(payload)
             guard = check_outgoing(
-                payload=proto.parse_payload(payload_bytes), payload_bytes=payload_bytes,
+                payload_bytes=payload_bytes,
                 diff_bytes=diff_bytes, diff_tensors=sent_back,
                 base_manifest=verified.bundle.manifest, new_conditions=outcome.new_conditions,
                 base_size=verified.tree_size, base_digest=verified.digest,
-                policy=GuardPolicy(
-                    site_id=config.site_id, max_value_abs=th.max_value_abs,
-                    cell_count_granularity=trust.cell_count_granularity,
-                    min_cells_per_batch=th.min_cells_per_batch,
-                ),
+                policy=GuardPolicy(site_id=config.site_id, max_value_abs=th.max_value_abs),
             )
             text = guard.render()
             entry = outbox.create(

@@ -8,10 +8,10 @@ and ``diff.safetensors`` -- and refuses unless they hold only:
   replaced by the number of new conditions; nothing else (no ``frozen`` tensor, no extra
   tensors, no safetensors metadata);
 * finite values no larger in magnitude than the site's threshold;
-* payload fields from a fixed whitelist, whose values are scalars, condition names inside this
-  site's namespace, tensor shapes, or summary statistics; no list long enough to be a per-cell
-  or per-gene array; no gene names; cell counts only where the policy allows them and never
-  finer than its granularity;
+* a payload that is exactly a site update as the protocol defines it: it must pass the same
+  strict parser the coordinator runs (:func:`protocols.update.parse_update_payload`), so the fields
+  that may leave are the schema's (:data:`protocols.update.PAYLOAD_SCHEMA`), derived, not listed
+  here; no list longer than a per-cell or per-gene array could be; no gene names;
 * a diff hash and size that match the bytes, and a base (checkpoint and digest) that is the
   reference this site verified.
 
@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from protocols.errors import ScarchesFLError
+from protocols.errors import ScarchesFLError, UpdateRejectedError
+from protocols.update import UpdatePayload, parse_update_payload, payload_field_paths
 
 __all__ = [
     "PrivacyGuardError",
@@ -43,28 +44,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Every field an outgoing update payload may carry (nested mappings by dotted prefix). A field
-#: not listed here is refused: new fields need a deliberate change to this list.
-PAYLOAD_FIELDS: frozenset[str] = frozenset(
-    {
-        "kind", "type", "format", "format_version", "version", "origin", "site_id", "key_id",
-        "sequence", "created", "created_at", "timestamp", "issued_at", "note", "comment",
-        "base", "base.size", "base.tree_size", "base.root", "base.root_hash", "base.digest",
-        "base.model_digest", "base_checkpoint", "base_checkpoint.size",
-        "base_checkpoint.tree_size", "base_checkpoint.root", "base_checkpoint.root_hash",
-        "base_digest", "base_model_digest", "base_size", "base_root",
-        "new_conditions", "conditions",
-        "diff", "diff.sha256", "diff.size", "diff.bytes", "diff.tensors", "diff.format",
-        "diff_sha256", "diff_size", "tensors",
-        "stats", "statistics", "summary", "n_cells", "cells",
-        "model_class", "mode",
-    }
-)
-#: Fields whose value may be a count of cells (checked against the policy granularity).
-_CELL_COUNT_FIELDS = ("n_cells", "cells", "n_obs", "cell_count", "cells_per_condition")
-#: Within these subtrees (tensor descriptions and statistics) any key is fine, values are
-#: checked by shape: scalars and short lists only.
-_FREE_SUBTREES = ("diff.tensors", "tensors", "stats", "statistics", "summary")
+#: Every field an outgoing update payload may carry: derived from the update schema, so a field
+#: the protocol gains is allowed here by the same change, and nothing else ever is.
+PAYLOAD_FIELDS: frozenset[str] = frozenset(payload_field_paths())
 
 
 class PrivacyGuardError(ScarchesFLError):
@@ -79,10 +61,6 @@ class GuardPolicy:
 
     site_id: str
     max_value_abs: float = 1.0e4
-    #: cell counts in the payload: None = none allowed; else every count must be a multiple of
-    #: this granularity (e.g. 10 or 100).
-    cell_count_granularity: int | None = None
-    min_cells_per_batch: int = 10
     #: no list in the payload may be longer than this (rules out per-cell / per-gene arrays)
     max_list_length: int = 1024
 
@@ -167,67 +145,42 @@ def _fail(msg: str) -> PrivacyGuardError:
     return PrivacyGuardError(f"privacy guard: {msg}. Nothing was signed or sent")
 
 
-def _walk(obj: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
+def _check_values(obj: Any, path: str, policy: GuardPolicy, genes: set[str]) -> None:
+    """No list as long as a per-cell or per-gene array, no gene names, no long strings, no
+    non-finite numbers anywhere in the payload."""
     if isinstance(obj, Mapping):
         for k, v in obj.items():
-            if not isinstance(k, str):
-                raise _fail(f"payload key {k!r} under {prefix or 'the top level'} is not a string")
-            path = f"{prefix}.{k}" if prefix else k
-            out.append((path, v))
-            if not any(path == s or path.startswith(s + ".") for s in _FREE_SUBTREES):
-                _walk(v, path, out)
-            else:
-                _walk_free(v, path, out)
-
-
-def _walk_free(obj: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
-    if isinstance(obj, Mapping):
-        for k, v in obj.items():
-            path = f"{prefix}.{k}"
-            out.append((path, v))
-            _walk_free(v, path, out)
-
-
-def _check_value_shape(path: str, value: Any, policy: GuardPolicy, genes: set[str]) -> None:
-    if isinstance(value, list):
-        if len(value) > policy.max_list_length:
+            _check_values(v, f"{path}.{k}" if path else str(k), policy, genes)
+    elif isinstance(obj, list):
+        if len(obj) > policy.max_list_length:
             raise _fail(
-                f"payload field {path!r} is a list of {len(value)} values, longer than "
+                f"payload field {path!r} is a list of {len(obj)} values, longer than "
                 f"{policy.max_list_length}: that looks like per-cell or per-gene data"
             )
-        strings = [v for v in value if isinstance(v, str)]
-        leaked = [s for s in strings if s in genes and "/" not in s]
+        leaked = [v for v in obj if isinstance(v, str) and v in genes and "/" not in v]
         if len(leaked) >= 3:
             raise _fail(f"payload field {path!r} lists gene names ({leaked[:3]}...)")
-        for i, v in enumerate(value):
-            if isinstance(v, Mapping | list):
-                if isinstance(v, list):
-                    _check_value_shape(f"{path}[{i}]", v, policy, genes)
-            elif not isinstance(v, str | int | float | bool) and v is not None:
-                raise _fail(f"payload field {path}[{i}] has a value of type {type(v).__name__}")
-    elif isinstance(value, float) and not math.isfinite(value):
+        for i, v in enumerate(obj):
+            _check_values(v, f"{path}[{i}]", policy, genes)
+    elif isinstance(obj, float) and not math.isfinite(obj):
         raise _fail(f"payload field {path!r} is not finite")
-    elif isinstance(value, str) and len(value) > 4096:
-        raise _fail(f"payload field {path!r} is a string of {len(value)} characters")
+    elif isinstance(obj, str) and len(obj) > 4096:
+        raise _fail(f"payload field {path!r} is a string of {len(obj)} characters")
 
 
-def _cell_counts(items: Sequence[tuple[str, Any]]) -> list[tuple[str, int]]:
-    found = []
-    for path, v in items:
-        last = path.rsplit(".", 1)[-1]
-        if last in _CELL_COUNT_FIELDS:
-            if isinstance(v, Mapping):
-                found += [(f"{path}.{k}", x) for k, x in v.items()]
-            elif isinstance(v, list):
-                found += [(f"{path}[{i}]", x) for i, x in enumerate(v)]
-            else:
-                found.append((path, v))
-    return found
+def _parse_payload(payload_bytes: bytes) -> tuple[UpdatePayload, Mapping[str, Any]]:
+    try:
+        parsed = parse_update_payload(payload_bytes)
+    except UpdateRejectedError as exc:
+        raise _fail(
+            f"the payload is not a site update as the protocol defines it ({exc.message}); only "
+            f"these fields may leave the site: {', '.join(payload_field_paths())}"
+        ) from exc
+    return parsed, parsed.to_json_obj()
 
 
 def check_outgoing(
     *,
-    payload: Mapping[str, Any],
     payload_bytes: bytes,
     diff_bytes: bytes,
     diff_tensors: Mapping[str, np.ndarray],
@@ -237,8 +190,9 @@ def check_outgoing(
     base_digest: str,
     policy: GuardPolicy,
 ) -> GuardReport:
-    """Check the outgoing update (see the module docstring). ``diff_tensors`` must be what a
-    strict parser read back from ``diff_bytes`` (not the arrays the bytes were made from)."""
+    """Check the outgoing update (see the module docstring). ``payload_bytes`` are exactly the
+    bytes that will be signed; ``diff_tensors`` must be what a strict parser read back from
+    ``diff_bytes`` (not the arrays the bytes were made from)."""
     new_conditions = list(new_conditions)
     m = len(new_conditions)
     if m == 0:
@@ -310,57 +264,35 @@ def check_outgoing(
             "it carries more than the condition slices"
         )
 
-    # -- payload: whitelisted fields, no per-cell arrays, matches the diff and the base --
-    items: list[tuple[str, Any]] = []
-    _walk(payload, "", items)
-    genes = {str(g) for g in base_manifest.get("genes", [])}
-    for path, value in items:
-        free = any(path.startswith(s + ".") for s in _FREE_SUBTREES)
-        if not free and path not in PAYLOAD_FIELDS:
-            raise _fail(
-                f"payload field {path!r} is not on the whitelist of fields that may leave the "
-                "site (site_agent.guard.PAYLOAD_FIELDS)"
-            )
-        _check_value_shape(path, value, policy, genes)
-    for path, count in _cell_counts(items):
-        if policy.cell_count_granularity is None:
-            raise _fail(
-                f"payload field {path!r} carries a cell count, and the policy allows none"
-            )
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise _fail(f"payload field {path!r} is not a whole number of cells")
-        if count % policy.cell_count_granularity:
-            raise _fail(
-                f"payload field {path!r} = {count} is finer than the policy's granularity of "
-                f"{policy.cell_count_granularity} cells"
-            )
-    flat = dict(items)
-    sent_conditions = flat.get("new_conditions", flat.get("conditions"))
-    if sent_conditions is not None and list(sent_conditions) != new_conditions:
+    # -- payload: the update schema and nothing else, matching the diff and the base --
+    parsed, obj = _parse_payload(payload_bytes)
+    _check_values(obj, "", policy, {str(g) for g in base_manifest.get("genes", [])})
+    if parsed.site_id != policy.site_id:
+        raise _fail(f"payload site_id {parsed.site_id!r} is not this site ({policy.site_id!r})")
+    if list(parsed.new_conditions) != new_conditions:
         raise _fail(
-            f"the payload declares conditions {sent_conditions}, the diff holds {new_conditions}"
+            f"the payload declares conditions {list(parsed.new_conditions)}, the diff holds "
+            f"{new_conditions}"
         )
     diff_sha = _sha256(diff_bytes)
-    for path in ("diff.sha256", "diff_sha256"):
-        if path in flat and "sha256:" + str(flat[path]).removeprefix("sha256:") != diff_sha:
-            raise _fail(f"payload {path} = {flat[path]} but the diff bytes hash to {diff_sha}")
-    for path in ("diff.size", "diff.bytes", "diff_size"):
-        if path in flat and flat[path] != len(diff_bytes):
-            raise _fail(f"payload {path} = {flat[path]} but the diff is {len(diff_bytes)} bytes")
-    for path in ("site_id",):
-        if path in flat and flat[path] != policy.site_id:
-            raise _fail(f"payload site_id {flat[path]!r} is not this site ({policy.site_id!r})")
-    digests = [v for p, v in items if p in ("base.digest", "base.model_digest", "base_digest",
-                                            "base_model_digest")]
-    if any(d != base_digest for d in digests):
+    if "sha256:" + parsed.diff_sha256 != diff_sha:
+        raise _fail(f"payload diff.sha256 = {parsed.diff_sha256} but the diff bytes hash to "
+                    f"{diff_sha}")
+    if parsed.diff_size != len(diff_bytes):
+        raise _fail(f"payload diff.size = {parsed.diff_size} but the diff is {len(diff_bytes)} "
+                    "bytes")
+    if set(parsed.tensors) != names:
+        raise _fail(f"the payload describes tensors {sorted(parsed.tensors)}, the diff holds "
+                    f"{sorted(names)}")
+    if parsed.base_digest != base_digest:
         raise _fail(
-            f"the payload names base digest {digests} but the verified reference is {base_digest}"
+            f"the payload names base digest {parsed.base_digest} but the verified reference is "
+            f"{base_digest}"
         )
-    sizes = [v for p, v in items if p in ("base.size", "base.tree_size", "base_checkpoint.size",
-                                          "base_checkpoint.tree_size", "base_size")]
-    if any(s != base_size for s in sizes):
+    if parsed.base_size != base_size:
         raise _fail(
-            f"the payload names base size {sizes} but the verified checkpoint is {base_size}"
+            f"the payload names base size {parsed.base_size} but the verified checkpoint is "
+            f"{base_size}"
         )
     return GuardReport(
         site_id=policy.site_id,
@@ -370,7 +302,7 @@ def check_outgoing(
         payload_sha256=_sha256(payload_bytes),
         payload_size=len(payload_bytes),
         tensors=tuple(summaries),
-        payload_fields=tuple(sorted(p for p, _ in items if "." not in p)),
+        payload_fields=tuple(obj),
         base_size=int(base_size),
         base_digest=base_digest,
     )

@@ -4,7 +4,6 @@ outbox, privacy guard, and the friendly data checks."""
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import stat
 
@@ -14,8 +13,9 @@ import pytest
 import scipy.sparse as sp
 
 from protocols.errors import ConfigError
+from protocols.update import PAYLOAD_SCHEMA
 from site_agent.config import SiteConfig, load_config, merge_flags
-from site_agent.guard import GuardPolicy, PrivacyGuardError, check_outgoing
+from site_agent.guard import PAYLOAD_FIELDS, GuardPolicy, PrivacyGuardError, check_outgoing
 from site_agent.mapping import SiteDataError, open_query
 from site_agent.outbox import Outbox
 from site_agent.state import SiteState, StateError, StateLockedError
@@ -141,6 +141,24 @@ BASE = {
 }
 
 
+def _payload_bytes(raw: bytes, tensors, *, site_id="site-a", conditions=("site-a/q",),
+                   base_size=3, digest="sha256:" + "a" * 64, extra=None, drop=()) -> bytes:
+    """A site update payload as a site builds it, optionally with a field added or removed."""
+    from protocols.canonical import canonical_json
+    from protocols.update import build_update_payload
+
+    obj = build_update_payload(
+        origin="test.example/log", site_id=site_id, site_key_id="b" * 64, sequence=1,
+        base_size=base_size, base_root="c" * 64, base_digest=digest,
+        new_conditions=list(conditions),
+        diff={n: np.nan_to_num(t) for n, t in tensors.items()}, diff_bytes=raw,
+    ).to_json_obj()
+    for key in drop:
+        obj.pop(key)
+    obj.update(extra or {})
+    return canonical_json(obj)
+
+
 def _good(**over):
     from protocols.diff import diff_from_bytes, diff_to_bytes
 
@@ -148,20 +166,10 @@ def _good(**over):
     diff.update(over.pop("diff", {}))
     raw = diff_to_bytes(diff)
     tensors = diff_from_bytes(raw, max_bytes=1 << 20)
-    import hashlib
-
-    payload = {
-        "kind": "site_update", "site_id": "site-a", "sequence": 1,
-        "new_conditions": ["site-a/q"],
-        "base": {"size": 3, "digest": "sha256:aa"},
-        "diff": {"sha256": "sha256:" + hashlib.sha256(raw).hexdigest(), "size": len(raw),
-                 "tensors": {"enc.W_s": [4, 1], "dec.W_s": [3, 1]}},
-        "stats": {"enc.W_s": {"l2": 2.0}},
-    }
-    payload.update(over.pop("payload", {}))
-    kw = dict(payload=payload, payload_bytes=json.dumps(payload).encode(), diff_bytes=raw,
-              diff_tensors=tensors, base_manifest=BASE, new_conditions=["site-a/q"],
-              base_size=3, base_digest="sha256:aa", policy=GuardPolicy(site_id="site-a"))
+    payload = _payload_bytes(raw, tensors, **over.pop("payload", {}))
+    kw = dict(payload_bytes=payload, diff_bytes=raw, diff_tensors=tensors, base_manifest=BASE,
+              new_conditions=["site-a/q"], base_size=3, base_digest="sha256:" + "a" * 64,
+              policy=GuardPolicy(site_id="site-a"))
     kw.update(over)
     return kw
 
@@ -171,6 +179,16 @@ def test_guard_passes_exact_condition_slices():
     text = rep.render()
     assert "enc.W_s" in text and "4x1" in text and rep.diff_size > 0
     assert {t.name for t in rep.tensors} == {"enc.W_s", "dec.W_s"}
+    assert set(rep.payload_fields) == set(PAYLOAD_SCHEMA)
+
+
+def test_guard_whitelist_is_the_update_schema():
+    """The fields that may leave are derived from the protocol's schema: every top-level field
+    and every nested one, and nothing the schema lacks (a field added to the protocol is added
+    here by the same change)."""
+    assert {p.split(".")[0] for p in PAYLOAD_FIELDS} == set(PAYLOAD_SCHEMA)
+    assert "base.digest" in PAYLOAD_FIELDS and "diff.tensors.<name>.l2" in PAYLOAD_FIELDS
+    assert not {"n_cells", "stats", "note", "embedding", "labels"} & PAYLOAD_FIELDS
 
 
 @pytest.mark.parametrize(
@@ -181,12 +199,15 @@ def test_guard_passes_exact_condition_slices():
         ({"diff": {"enc.W_s": np.ones((4, 2), np.float32)}}, "shape"),
         ({"diff": {"enc.W_s": np.full((4, 1), np.nan, np.float32)}}, "NaN"),
         ({"diff": {"enc.W_s": np.full((4, 1), 1e9, np.float32)}}, "magnitude"),
-        ({"payload": {"embedding": [[0.1, 0.2]]}}, "whitelist"),
-        ({"payload": {"stats": {"per_cell": list(range(5000))}}}, "per-cell"),
-        ({"payload": {"n_cells": 137}}, "cell count"),
-        ({"payload": {"note": ["G0", "G1", "G2", "G3"]}}, "gene names"),
-        ({"payload": {"site_id": "site-b"}}, "not this site"),
-        ({"payload": {"base": {"size": 2, "digest": "sha256:aa"}}}, "base size"),
+        ({"payload": {"extra": {"embedding": [[0.1, 0.2]]}}}, "only these fields"),
+        ({"payload": {"extra": {"stats": {"per_cell": list(range(5000))}}}}, "only these fields"),
+        ({"payload": {"extra": {"n_cells": 140}}}, "only these fields"),
+        ({"payload": {"drop": ["diff"]}}, "not a site update"),
+        ({"payload": {"conditions": ["site-a/q"] * 2000}}, "per-cell or per-gene"),
+        ({"payload": {"conditions": ["site-a/G0", "G1", "G2", "G3"]}}, "gene names"),
+        ({"payload": {"site_id": "site-b", "conditions": ["site-b/q"]}}, "not this site"),
+        ({"payload": {"base_size": 2}}, "base size"),
+        ({"payload": {"digest": "sha256:" + "d" * 64}}, "base digest"),
         ({"new_conditions": ["site-b/q"]}, "namespace"),
     ],
 )
@@ -195,13 +216,14 @@ def test_guard_refuses(over, msg):
         check_outgoing(**_good(**over))
 
 
-def test_guard_cell_counts_only_at_policy_granularity():
-    kw = _good(payload={"n_cells": 140})
-    kw["policy"] = GuardPolicy(site_id="site-a", cell_count_granularity=10)
-    check_outgoing(**kw)
-    kw = _good(payload={"n_cells": 137})
-    kw["policy"] = GuardPolicy(site_id="site-a", cell_count_granularity=10)
-    with pytest.raises(PrivacyGuardError, match="granularity"):
+def test_guard_refuses_payload_describing_other_bytes():
+    kw = _good()
+    from protocols.diff import diff_to_bytes
+
+    kw["diff_bytes"] = diff_to_bytes(
+        {"enc.W_s": np.zeros((4, 1), np.float32), "dec.W_s": np.zeros((3, 1), np.float32)}
+    )
+    with pytest.raises(PrivacyGuardError, match="hash to"):
         check_outgoing(**kw)
 
 

@@ -709,15 +709,26 @@ class CheckedUpdate:
 
 
 def check_and_apply_site_update(
-    state: Any, envelope: bytes, diff: bytes, limits: Any
+    state: Any, envelope: bytes, diff: bytes, limits: Any, *, authenticated: Any = None
 ) -> CheckedUpdate:
     """Run validation of a submitted site update against ``state`` and apply it (the state
-    is unchanged when it raises). Only ``site_update`` envelopes are accepted here."""
+    is unchanged when it raises). Only ``site_update`` envelopes are accepted here.
+
+    ``authenticated``: :func:`authenticate_submission`'s result for these bytes (from the
+    request thread): the envelope is then not parsed nor its signature verified again while
+    the policy in force still holds the same active key (``LedgerState.apply``)."""
     from protocols.dsse import parse_envelope
     from protocols.errors import UpdateRejectedError
     from protocols.ledger import PAYLOAD_TYPES
     from protocols.update import SITE_UPDATE_TYPE
 
+    if authenticated is not None and authenticated.envelope == envelope:
+        # authenticate_update parsed it strictly and checked its payloadType
+        applied = state.apply(
+            envelope, blob_lookup_bytes({}), diff_bytes=diff, authenticated=authenticated
+        )
+        acc = applied.accepted_update
+        return CheckedUpdate(acc.site_id, acc.sequence, tuple(acc.new_conditions))
     try:
         env = parse_envelope(envelope, limits=limits)
     except VerificationError as exc:

@@ -16,7 +16,9 @@ Accept pipeline (DESIGN.md "Coordinator accept"), in this order:
 5. on the writer thread, the pure validation of :mod:`protocols` (sequence, base checkpoint,
    namespace, diff size and sha256 against the signed ones, tensor names/dtypes/shapes,
    finiteness, norms) against the :class:`LedgerState` replayed from the log: its stable reason
-   codes are passed through unchanged;
+   codes are passed through unchanged. It reuses step 3's parse and signature check (the
+   ``AuthenticatedUpdate``) while the policy in force still holds that key as the site's active
+   key, and authenticates again otherwise (ADR 0027);
 6. the diff bytes, the entry and the new signed checkpoint are committed in one SQLite
    transaction (the diff's file in ``blobs/`` is a copy made after the commit); only then is
    the site answered with the receipt.
@@ -86,6 +88,8 @@ class _Pending:
     future: Future
     site_id: str  # authenticated before queueing
     sequence: int
+    #: the request thread's AuthenticatedUpdate: the writer reuses its parse and signature check
+    authenticated: Any = None
 
 
 class Registry:
@@ -435,7 +439,9 @@ class Registry:
         if self._writer is None:
             raise CoordinatorError("the ledger writer is not running (call start_writer())")
         fut: Future = Future()
-        self._queue.put(_Pending(envelope, diff, lh, t0, fut, auth.site_id, auth.payload.sequence))
+        self._queue.put(
+            _Pending(envelope, diff, lh, t0, fut, auth.site_id, auth.payload.sequence, auth)
+        )
         wait = lim.request_deadline_s if wait_s is None else min(wait_s, lim.request_deadline_s)
         try:
             result = fut.result(timeout=max(0.0, wait))
@@ -538,7 +544,7 @@ class Registry:
                     continue
                 try:
                     update = _ledger.check_and_apply_site_update(
-                        self.state, p.envelope, p.diff, self.limits
+                        self.state, p.envelope, p.diff, self.limits, authenticated=p.authenticated
                     )
                 except VerificationError as exc:
                     code = getattr(exc, "reason_code", "E_INTERNAL")

@@ -95,7 +95,13 @@ from protocols.policy import (
     parse_trust,
     required_rotation_signers,
 )
-from protocols.update import SITE_UPDATE_TYPE, AcceptedUpdate, UpdateContext, validate_update
+from protocols.update import (
+    SITE_UPDATE_TYPE,
+    AcceptedUpdate,
+    AuthenticatedUpdate,
+    UpdateContext,
+    validate_update,
+)
 
 __all__ = [
     "GENESIS_TYPE",
@@ -734,14 +740,25 @@ class LedgerState:
 
     # -- applying ----------------------------------------------------------------------------
     def apply(
-        self, envelope: bytes, blobs: BlobLookup, *, diff_bytes: bytes | None = None
+        self,
+        envelope: bytes,
+        blobs: BlobLookup,
+        *,
+        diff_bytes: bytes | None = None,
+        authenticated: AuthenticatedUpdate | None = None,
     ) -> AppliedEntry:
         """Check ``envelope`` as the next entry and apply it; unchanged state on error.
 
         ``diff_bytes``: a site update's submitted diff, checked by the update rules (size and
         sha256 against the signed ones, after the signature) instead of being looked up under
-        the name the not-yet-verified payload claims."""
-        pending = self._evaluate(bytes(envelope), blobs, diff_bytes)
+        the name the not-yet-verified payload claims.
+
+        ``authenticated``: :func:`protocols.update.authenticate_update`'s result for these
+        envelope bytes, when the caller already has it (a coordinator, from its request
+        thread): the envelope is then neither parsed nor its signature verified again, unless
+        the policy in force no longer vouches for that key (see
+        :func:`protocols.update.validate_update`). Every other rule runs as always."""
+        pending = self._evaluate(bytes(envelope), blobs, diff_bytes, authenticated)
         index = self.size
         leaf = merkle.leaf_hash(envelope)
         self._tree.append(leaf)
@@ -767,13 +784,23 @@ class LedgerState:
         self._evaluate(bytes(envelope), blobs)
 
     def _evaluate(
-        self, envelope: bytes, blobs: BlobLookup, diff_bytes: bytes | None = None
+        self,
+        envelope: bytes,
+        blobs: BlobLookup,
+        diff_bytes: bytes | None = None,
+        authenticated: AuthenticatedUpdate | None = None,
     ) -> _Pending:
-        try:
-            env = parse_envelope(envelope, limits=self.limits)
-        except VerificationError as exc:
-            raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
-        kind = PAYLOAD_TYPES.get(env.payload_type)
+        if authenticated is not None and authenticated.envelope != envelope:
+            authenticated = None  # another envelope's: parse and verify these bytes
+        env: Envelope | None = None
+        if authenticated is not None:
+            kind = "site_update"  # authenticate_update checked the payloadType
+        else:
+            try:
+                env = parse_envelope(envelope, limits=self.limits)
+            except VerificationError as exc:
+                raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
+            kind = PAYLOAD_TYPES.get(env.payload_type)
         if kind is None:
             raise LedgerError(
                 f"unknown entry payloadType {env.payload_type[:80]!r}", reason_code="E_LEDGER_ENTRY_KIND"
@@ -790,8 +817,9 @@ class LedgerState:
             self._last_round,
         )
         if kind == "site_update":
-            return self._eval_site_update(env, envelope, blobs, base, diff_bytes)
+            return self._eval_site_update(env, envelope, blobs, base, diff_bytes, authenticated)
         # operator-signed kinds
+        assert env is not None
         policy = self._policy
         extra: list[str] = []
         obj = _payload_obj(env, limits=self.limits)
@@ -907,13 +935,21 @@ class LedgerState:
                 ) from exc
 
     def _eval_site_update(
-        self, env: Envelope, envelope: bytes, blobs: BlobLookup, base: _Pending,
-        diff_bytes: bytes | None = None,
+        self, env: Envelope | None, envelope: bytes, blobs: BlobLookup, base: _Pending,
+        diff_bytes: bytes | None = None, authenticated: AuthenticatedUpdate | None = None,
     ) -> _Pending:
         if diff_bytes is None:  # replay: the stored blob the entry names
-            ref = _claimed_diff(env.payload)
+            if authenticated is not None:
+                p = authenticated.payload
+                ref: BlobRef | None = BlobRef("diff", p.diff_sha256, p.diff_size)
+            else:
+                assert env is not None
+                ref = _claimed_diff(env.payload)
             diff_bytes = b"" if ref is None else self._blob(ref, blobs)
-        accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
+        accepted = validate_update(
+            envelope, diff_bytes, self.update_context(), limits=self.limits,
+            authenticated=authenticated,
+        )
         assert self._model is not None
         if self.condition_cap is not None:
             self.condition_cap.check(self._model.lineage, accepted.site_id, len(accepted.new_conditions))

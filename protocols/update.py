@@ -451,6 +451,23 @@ class AuthenticatedUpdate:
     payload: UpdatePayload
     site_id: str
     key_id: str
+    #: the site key's public key text the signature verified under
+    public_key: str = field(repr=False)
+
+    def still_valid_under(self, policy: TrustPolicy) -> bool:
+        """True when ``policy`` still makes this the signer's authentication: the same origin,
+        the key id still ``site_id``'s, active, with the same public key. Then the verified
+        signature and the parsed payload stand, and :func:`validate_update` reuses them
+        (``authenticated=``) instead of parsing and verifying the same bytes again."""
+        if policy.origin != self.payload.origin:
+            return False
+        found = policy.find_key(self.key_id)
+        return (
+            found is not None
+            and found[0] == self.site_id
+            and found[1].status == "active"
+            and found[1].public_key == self.public_key
+        )
 
 
 def authenticate_update(
@@ -515,7 +532,7 @@ def authenticate_update(
             f"the payload names site {payload.site_id!r} / key {payload.key_id[:16]}..., but it is "
             f"signed by site {signer_site!r}'s key {kid[:16]}...",
         )
-    return AuthenticatedUpdate(envelope, payload, signer_site, kid)
+    return AuthenticatedUpdate(envelope, payload, signer_site, kid, site_key.public_key)
 
 
 def validate_update(
@@ -524,8 +541,15 @@ def validate_update(
     ctx: UpdateContext,
     *,
     limits: Limits = DEFAULT_LIMITS,
+    authenticated: AuthenticatedUpdate | None = None,
 ) -> AcceptedUpdate:
-    """Accept or reject a site update under the rules of the module docstring. Pure."""
+    """Accept or reject a site update under the rules of the module docstring. Pure.
+
+    ``authenticated``: what :func:`authenticate_update` returned for these same envelope bytes
+    (a coordinator authenticates on the request thread, before its rate limit). Rules 1-4 are
+    then not run again when it is :meth:`~AuthenticatedUpdate.still_valid_under` the policy in
+    force (one strict parse and one signature check per submission); otherwise, or for other
+    bytes, they run in full. Only ever pass the return value of :func:`authenticate_update`."""
     policy = ctx.policy
     # 1. sizes first
     if not isinstance(envelope, bytes | bytearray) or not isinstance(diff_bytes, bytes | bytearray):
@@ -537,7 +561,9 @@ def validate_update(
         )
     diff_bytes = bytes(diff_bytes)
     # 1 (envelope size) - 4: who signed it
-    auth = authenticate_update(envelope, policy, limits=limits)
+    auth = authenticated
+    if auth is None or auth.envelope != envelope or not auth.still_valid_under(policy):
+        auth = authenticate_update(envelope, policy, limits=limits)
     envelope, payload, signer_site = auth.envelope, auth.payload, auth.site_id
     # 5. sequence
     last = int(ctx.last_sequence.get(signer_site, 0))

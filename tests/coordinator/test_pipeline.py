@@ -91,3 +91,26 @@ def test_lost_blob_copy_after_commit_is_not_a_failure(consortium, monkeypatch) -
     monkeypatch.undo()
     with Registry(load_config(consortium.state)) as reg:  # restart restores the file
         assert reg.store.blobs.read(name) == u.diff_bytes
+
+
+def test_an_accept_verifies_the_signature_once(consortium, monkeypatch) -> None:
+    """The request thread authenticates; the writer reuses that parse and signature check
+    while the policy in force still holds the key (the full rules run otherwise)."""
+    import protocols.update
+
+    calls: list[int] = []
+    real = protocols.update.verify_envelope
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocols.update, "verify_envelope", counting)
+    with Registry(load_config(consortium.state)) as reg:
+        reg.start_writer()
+        base = _base(reg)
+        for site in ("site-a", "site-b"):
+            u = make_site_update(consortium.sites[site], base)
+            res = reg.submit(u.envelope, u.diff_bytes)
+            assert res.receipt is not None, res.rejection
+        assert len(calls) == 2 and reg.state.sequences == {"site-a": 1, "site-b": 1}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -15,7 +16,7 @@ from protocols.update import (
     tensor_summary,
     validate_update,
 )
-from tests.protocols._factories import consortium, det_key
+from tests.protocols._factories import ORIGIN, consortium, det_key
 
 
 def _ready():
@@ -201,3 +202,63 @@ def test_boolean_is_not_an_integer():
         with pytest.raises(UpdateRejectedError) as ei:
             c.state.validate_site_update(env, u.diff_bytes)
         assert ei.value.reason_code == "E_PAYLOAD_MALFORMED"
+
+
+def _count_calls(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
+
+def test_an_authenticated_update_is_parsed_and_verified_once(monkeypatch):
+    import hashlib
+
+    import protocols.ledger
+    import protocols.update
+    from protocols.update import authenticate_update
+
+    c = _ready()
+    u = c.update("site-a")
+    verifies = _count_calls(monkeypatch, protocols.update, "verify_envelope")
+    parses = _count_calls(monkeypatch, protocols.update, "parse_envelope")
+    ledger_parses = _count_calls(monkeypatch, protocols.ledger, "parse_envelope")
+    payloads = _count_calls(monkeypatch, protocols.update, "parse_update_payload")
+    auth = authenticate_update(u.envelope, c.state.policy)
+    applied = c.state.apply(u.envelope, {}.get, diff_bytes=u.diff_bytes, authenticated=auth)
+    assert applied.accepted_update.sequence == 1 and c.state.sequences == {"site-a": 1}
+    assert (len(verifies), len(parses), len(ledger_parses), len(payloads)) == (1, 1, 0, 1)
+    # the same state as without the shortcut
+    other = consortium()
+    other.enrol("site-a", det_key(10))
+    other.append(u.envelope, {hashlib.sha256(u.diff_bytes).hexdigest(): u.diff_bytes})
+    assert (other.state.root(), other.state.digest) == (c.state.root(), c.state.digest)
+
+
+def test_an_authentication_is_not_reused_for_other_bytes_or_a_changed_key():
+    from protocols.ledger import revoke_entry
+    from protocols.update import authenticate_update
+
+    c = _ready()
+    u = c.update("site-a")
+    auth = authenticate_update(u.envelope, c.state.policy)
+    # another envelope (a forged signature over the same payload) is verified on its own
+    env = json.loads(u.envelope)
+    sig = bytearray(base64.b64decode(env["signatures"][0]["sig"]))
+    sig[0] ^= 0x01
+    env["signatures"][0]["sig"] = base64.b64encode(bytes(sig)).decode()
+    with pytest.raises(UpdateRejectedError) as ei:
+        c.state.apply(canonical_json(env), {}.get, diff_bytes=u.diff_bytes, authenticated=auth)
+    assert ei.value.reason_code == "E_SIG_INVALID"
+    # the key was revoked between the request thread's check and the writer's
+    c.append(revoke_entry(origin=ORIGIN, site_id="site-a", operator_keys=[c.operator]))
+    assert not auth.still_valid_under(c.state.policy)
+    with pytest.raises(UpdateRejectedError) as ei:
+        c.state.apply(u.envelope, {}.get, diff_bytes=u.diff_bytes, authenticated=auth)
+    assert ei.value.reason_code == "E_KEY_REVOKED"
+    assert c.state.sequences == {}

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" /
                                          "federated_simulation.json"))
     args = ap.parse_args(argv)
-    from coordinator.federated_simulation import simulate
+    from scarches_fl_cli.federated_simulation import simulate
 
     runs = []
     for n in args.sites:

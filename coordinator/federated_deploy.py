@@ -1,7 +1,7 @@
 """Flower's Deployment Engine for federated reference training: the commands behind
 ``scarches-fl federate tls | node-keygen | superlink | register-node | supernode | run``.
 
-Every Flower process gets :data:`~coordinator.federated_simulation.FLOWER_ENV` (telemetry, update
+Every Flower process gets :data:`FLOWER_ENV` (telemetry, update
 checks, run-time dependency installs and Ray usage stats off) and a private ``FLWR_HOME``.
 
 * SuperLink (operator): TLS (a CA made here signs the SuperLink certificate) and SuperNode
@@ -19,6 +19,7 @@ checks, run-time dependency installs and Ray usage stats off) and a private ``FL
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 import sys
 import tempfile
@@ -26,9 +27,32 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from coordinator.federated_simulation import flower_environment
+#: Every process that runs Flower gets these (no telemetry, no update checks, no dependency
+#: installs at run time, no Ray usage stats).
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def flower_environment(flwr_home: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """``os.environ`` plus :data:`FLOWER_ENV`, a private ``FLWR_HOME``, and this Python's
+    ``bin`` directory first on ``PATH`` (Flower starts ``flower-superexec``, ``flwr-serverapp``
+    and ``flwr-clientapp`` by name)."""
+    env = dict(os.environ)
+    env.update(FLOWER_ENV)
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
 
 __all__ = [
+    "FLOWER_ENV",
+    "flower_environment",
     "write_superlink_tls",
     "write_node_auth_key",
     "superlink_command",
@@ -490,11 +514,11 @@ def supernode_command(
     flwr_home: Path | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """``flower-supernode`` for one site, its node config naming its data and keys."""
-    from coordinator.federated_keys import SITE_ID_RE
+    from protocols.bundle import NAMESPACE_RE
     from protocols.errors import ConfigError
 
-    if not SITE_ID_RE.fullmatch(site_id):
-        raise ConfigError(f"site id {site_id!r} must match {SITE_ID_RE.pattern}")
+    if not NAMESPACE_RE.fullmatch(site_id):
+        raise ConfigError(f"site id {site_id!r} must match {NAMESPACE_RE.pattern}")
 
     def q(v: str) -> str:
         if '"' in v or "\\" in v:

@@ -25,12 +25,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from coordinator.federated_records import (
+from coordinator.federated_files import (
+    coordinator_key_of,
+    read_federation_policy,
+    verify_run_directory,
+)
+from protocols.federated import (
     ROUND_PAYLOAD_TYPE,
     RUN_PAYLOAD_TYPE,
     FederationError,
     open_envelope,
-    verify_run_directory,
 )
 
 __all__ = ["publish_run"]
@@ -50,13 +54,13 @@ def publish_run(
     policy's sites first). Raises :class:`FederationError` when the records do not verify or
     the ledger does not start from the run's initial model."""
     from coordinator.admin import enroll_site, publish_federated_round
-    from coordinator.federated_keys import load_policy, load_policy_coordinator
     from protocols.bundle import read_bundle
 
     records = Path(records)
     policy_path = Path(policy) if policy else records / "federation-policy.json"
-    coordinator_key = load_policy_coordinator(policy_path)
-    site_keys = load_policy(policy_path)
+    policy_doc = read_federation_policy(policy_path)
+    coordinator_key = coordinator_key_of(policy_doc, policy_path)
+    site_keys = dict(policy_doc.sites)
     report = verify_run_directory(records, site_keys=site_keys, coordinator_key=coordinator_key)
     run = open_envelope(
         (records / "rounds" / "run.json").read_bytes(), RUN_PAYLOAD_TYPE, coordinator_key

@@ -11,7 +11,7 @@ One run (see ``docs/federated.md``):
    the round) as a ``train`` message to every described site still connected. A site replies
    with its shared tensors, its own condition columns, its cell counts, and the validation loss
    of the model it received, all bound by its signature. Contributions are verified
-   (``coordinator.federated_records.verify_contribution``); the accepted ones are aggregated
+   (``protocols.federated.verify_contribution``); the accepted ones are aggregated
    (``scarches_fl._federated.aggregate``: FedAvg by cells for shared tensors, condition columns
    from their owner only). A site that does not answer within the round timeout, or answers with
    an error, is recorded as missing; the round completes with the others; the site is asked
@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from coordinator.federated_records import (
+from protocols.federated import (
+    DESCRIPTOR_PAYLOAD_TYPE,
     ROUND_PAYLOAD_TYPE,
     RUN_PAYLOAD_TYPE,
     ContributionRejected,
@@ -46,6 +47,7 @@ from coordinator.federated_records import (
     open_envelope,
     peek_payload,
     sign_payload,
+    tensor_digest,
     verify_contribution,
 )
 
@@ -59,9 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-DESCRIPTOR_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-descriptor+json"
-
 
 @dataclass
 class FederationSettings:
@@ -552,7 +551,6 @@ class _Federation:
         return {"targets": targets, "replies": replies}
 
     def _collect(self, sent: Mapping[str, Any], rnd: int, base_digest: str, *, with_arrays: bool):
-        from scarches_fl import _federated as F
 
         targets, replies = sent["targets"], sent["replies"]
         accepted: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], bytes]] = {}
@@ -585,7 +583,7 @@ class _Federation:
                     run_id=self.run_id,
                     server_round=rnd,
                     base_digest=base_digest,
-                    arrays_digest=F.tensor_digest(arrays),
+                    arrays_digest=tensor_digest(arrays),
                     expected_conditions=self.site_conditions,
                 )
                 if payload["site_id"] != site:
@@ -639,18 +637,19 @@ def build_server_app(settings: FederationSettings):
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSettings:
     """Deployment: the run config written by ``scarches-fl federate run`` names the
     coordinator key, the policy file and the training budget."""
-    from coordinator.federated_keys import load_policy, load_signing_key
+    from coordinator.federated_files import read_federation_policy
+    from protocols.keys import load_private_key
 
     def get(key: str, default: Any) -> Any:
         return run_config.get(key, default)
 
-    policy = load_policy(Path(str(run_config["policy"])))
+    policy = read_federation_policy(Path(str(run_config["policy"]))).sites
     label_key = str(get("label-key", "")) or None
     return FederationSettings(
         out_dir=str(run_config["out"]),
         bundle_dir=str(get("bundle", "")) or None,
         site_keys=policy,
-        coordinator_key=load_signing_key(Path(str(run_config["coordinator-key"]))),
+        coordinator_key=load_private_key(Path(str(run_config["coordinator-key"]))),
         rounds=int(get("rounds", 10)),
         local_epochs=int(get("local-epochs", 5)),
         lr=float(get("lr", 1e-3)),

@@ -16,6 +16,7 @@ COPY scarches_fl ./scarches_fl
 COPY protocols ./protocols
 COPY coordinator ./coordinator
 COPY site_agent ./site_agent
+COPY scarches_fl_cli ./scarches_fl_cli
 RUN pip install --no-cache-dir -c constraints.txt '.[model]' \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin site \
     && mkdir -p /state /keys /data /out && chown site /state /keys /out

@@ -2,7 +2,8 @@
 local epochs on shared weights, and how the coordinator combines the sites' results.
 
 No ``flwr``, no keys, no networking here (the Flower apps in ``coordinator.federated_server``
-and ``site_agent.federated_client`` are thin shells around these functions).
+and ``site_agent.federated_client`` are thin shells around these functions; what both sides
+sign and verify is :mod:`protocols.federated`).
 
 The rules, in one place:
 
@@ -24,7 +25,6 @@ The rules, in one place:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -51,7 +51,6 @@ __all__ = [
     "aggregate",
     "kl_weight_for_round",
     "EarlyStopping",
-    "tensor_digest",
     "contribution_shape_error",
     "shared_tensor_names",
 ]
@@ -179,23 +178,6 @@ def initial_tensors(
     module = CVAE(hp, n_genes, n_conditions, mode="reference")
     module.init_reference(torch.Generator().manual_seed(int(seed)))
     return module.export_tensors()
-
-
-def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
-    """``sha256:<hex>`` over the tensors sorted by name; each contributes its length-prefixed
-    name, dtype, shape and raw little-endian bytes. Used to bind a signature to exactly the
-    arrays sent, independent of any container's byte layout."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        if arr.dtype.byteorder == ">":
-            arr = arr.astype(arr.dtype.newbyteorder("<"))
-        header = f"{name}\x00{arr.dtype.str}\x00{list(arr.shape)}".encode()
-        h.update(len(header).to_bytes(8, "big"))
-        h.update(header)
-        h.update(arr.nbytes.to_bytes(8, "big"))
-        h.update(arr.tobytes())
-    return "sha256:" + h.hexdigest()
 
 
 # -- one site's data and local training --------------------------------------------------------

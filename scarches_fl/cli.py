@@ -34,7 +34,7 @@ _COMMAND_MODULES: tuple[tuple[str, str], ...] = (
     ("coordinator._cli", ""),
     ("site_agent._cli", "model"),
     ("protocols._cli_audit", ""),
-    ("coordinator._cli_federate", "flower"),
+    ("scarches_fl_cli.federate", "flower"),
 )
 
 

@@ -116,9 +116,9 @@ def _dataset(cfg: SiteConfig, likelihood: str, conditions: list[str], seed: int)
 
 
 def _key(cfg: SiteConfig) -> Any:
-    from coordinator.federated_keys import load_signing_key
+    from protocols.keys import load_private_key
 
-    return load_signing_key(cfg.site_key_path)
+    return load_private_key(cfg.site_key_path)
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def _reply(message: Any, content: Any) -> Any:
 
 
 def _signed(cfg: SiteConfig, payload_type: str, payload: dict[str, Any]) -> bytes:
-    from coordinator.federated_records import sign_payload
+    from protocols.federated import sign_payload
     from protocols.keys import key_id
 
     key = _key(cfg)
@@ -142,7 +142,7 @@ def _signed(cfg: SiteConfig, payload_type: str, payload: dict[str, Any]) -> byte
 def _describe(cfg: SiteConfig, message: Any) -> Any:
     from flwr.app import ConfigRecord, RecordDict
 
-    from coordinator.federated_server import DESCRIPTOR_PAYLOAD_TYPE
+    from protocols.federated import DESCRIPTOR_PAYLOAD_TYPE
 
     run_id = str(message.content.config_records["config"]["run-id"])
     reg, genes = _registered(cfg, "nb")
@@ -180,7 +180,7 @@ def _received_model(cfg: SiteConfig, message: Any) -> tuple[dict, dict, dict, An
 def _train(cfg: SiteConfig, message: Any) -> Any:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-    from coordinator.federated_records import CONTRIBUTION_PAYLOAD_TYPE
+    from protocols.federated import CONTRIBUTION_PAYLOAD_TYPE, tensor_digest
     from scarches_fl import _federated as F
 
     config, manifest, tensors, ds = _received_model(cfg, message)
@@ -200,7 +200,7 @@ def _train(cfg: SiteConfig, message: Any) -> Any:
     payload = {
         "kind": "contribution", "run_id": str(config["run-id"]), "round": rnd,
         "base_digest": str(config["base-digest"]),
-        "contribution_digest": F.tensor_digest(result.tensors), "n_train": int(result.n_train),
+        "contribution_digest": tensor_digest(result.tensors), "n_train": int(result.n_train),
         "n_validation": int(n_val), "validation_loss_sum": float(val_sum),
         "train_loss": float(result.train_loss) if np.isfinite(result.train_loss) else 0.0,
         "conditions": own,
@@ -220,7 +220,7 @@ def _train(cfg: SiteConfig, message: Any) -> Any:
 def _evaluate(cfg: SiteConfig, message: Any) -> Any:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-    from coordinator.federated_records import CONTRIBUTION_PAYLOAD_TYPE
+    from protocols.federated import CONTRIBUTION_PAYLOAD_TYPE, tensor_digest
     from scarches_fl import _federated as F
 
     config, manifest, tensors, ds = _received_model(cfg, message)
@@ -229,7 +229,7 @@ def _evaluate(cfg: SiteConfig, message: Any) -> Any:
     val_sum, n_val = F.validation_loss(hp, G, C, tensors, ds, seed=int(config["seed"]))
     payload = {
         "kind": "evaluation", "run_id": str(config["run-id"]), "round": int(config["round"]),
-        "base_digest": str(config["base-digest"]), "contribution_digest": F.tensor_digest({}),
+        "base_digest": str(config["base-digest"]), "contribution_digest": tensor_digest({}),
         "n_train": int(ds.n_train), "n_validation": int(n_val),
         "validation_loss_sum": float(val_sum),
         "conditions": [manifest["conditions"][j] for j in ds.own_conditions],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.federated_records import (
+from protocols.federated import (
     CONTRIBUTION_PAYLOAD_TYPE,
     ROUND_PAYLOAD_TYPE,
     RUN_PAYLOAD_TYPE,
@@ -14,6 +14,7 @@ from coordinator.federated_records import (
     FederationError,
     envelope_sha256,
     sign_payload,
+    tensor_digest,
     verify_contribution,
     verify_round_chain,
 )
@@ -113,7 +114,7 @@ def test_local_training_changes_only_shared_weights_and_own_columns(shared_data)
 
 def _payload(site, **kw):
     p = {"kind": "contribution", "run_id": "r1", "round": 1, "base_digest": "sha256:aa",
-         "contribution_digest": F.tensor_digest({"t": np.ones(3, np.float32)}), "n_train": 5,
+         "contribution_digest": tensor_digest({"t": np.ones(3, np.float32)}), "n_train": 5,
          "conditions": [f"{site}/x"], "site_id": site}
     p.update(kw)
     return p
@@ -123,7 +124,7 @@ def test_contribution_signature_binds_site_round_base_and_arrays():
     k1, k2 = generate_private_key(), generate_private_key()
     keys = {"s1": k1.public_key(), "s2": k2.public_key()}
     expected = {"s1": ["s1/x"], "s2": ["s2/x"]}
-    arrays = F.tensor_digest({"t": np.ones(3, np.float32)})
+    arrays = tensor_digest({"t": np.ones(3, np.float32)})
     kw = dict(site_keys=keys, run_id="r1", server_round=1, base_digest="sha256:aa",
               arrays_digest=arrays, expected_conditions=expected)
     env = sign_payload(k1, CONTRIBUTION_PAYLOAD_TYPE, _payload("s1"))
@@ -140,7 +141,7 @@ def test_contribution_signature_binds_site_round_base_and_arrays():
     assert reason(env, server_round=2) == "wrong_round"
     assert reason(env, base_digest="sha256:bb") == "wrong_base"
     assert reason(env, run_id="r2") == "wrong_run"
-    assert reason(env, arrays_digest=F.tensor_digest({"t": np.zeros(3, np.float32)})) == \
+    assert reason(env, arrays_digest=tensor_digest({"t": np.zeros(3, np.float32)})) == \
         "digest_mismatch"
     assert reason(sign_payload(k1, CONTRIBUTION_PAYLOAD_TYPE,
                                _payload("s1", conditions=["s2/x"]))) == "wrong_conditions"

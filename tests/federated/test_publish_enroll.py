@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(900)]
 def test_publish_enroll_puts_a_simulated_run_into_the_ledger(
     tmp_path: Path, shared_data: Path, capsys
 ) -> None:
-    from coordinator.federated_simulation import simulate
     from protocols.keys import generate_private_key, save_public_key
+    from scarches_fl_cli.federated_simulation import simulate
 
     out = tmp_path / "ref-fed"
     result = simulate(

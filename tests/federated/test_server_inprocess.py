@@ -90,13 +90,13 @@ def _resign_with_bad_shape(cfg, message, reply):
     """The site itself sends (and signs) a W_s block with one column too many."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-    from coordinator.federated_records import (
+    from protocols.federated import (
         CONTRIBUTION_PAYLOAD_TYPE,
         peek_payload,
         sign_payload,
+        tensor_digest,
     )
     from protocols.keys import load_private_key
-    from scarches_fl._federated import tensor_digest
 
     arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
     w = arrays["encoder.layers.0.weight_s"]
@@ -111,8 +111,7 @@ def _resign_with_bad_shape(cfg, message, reply):
 
 
 def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_configs):
-    from coordinator.federated_keys import write_policy
-    from coordinator.federated_records import verify_run_directory
+    from coordinator.federated_files import verify_run_directory, write_federation_policy
     from coordinator.federated_server import run_federation
     from protocols.bundle import read_bundle
 
@@ -140,7 +139,7 @@ def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_confi
     assert [c["site_id"] for c in r2.contributors] == ["s-a", "s-c"]
     assert all(t == settings.round_timeout for t in grid.timeouts[1:])
     # The records verify; the bundle is the chosen aggregate.
-    write_policy(tmp_path / "policy.json", keys, coordinator=ck.public_key())
+    write_federation_policy(tmp_path / "policy.json", keys, coordinator=ck.public_key())
     report = verify_run_directory(tmp_path / "records", site_keys=keys,
                                   coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
     assert report.final_digest == read_bundle(tmp_path / "bundle").digest

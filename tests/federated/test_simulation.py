@@ -64,18 +64,17 @@ def _federated_accuracy(out, panc8):
 
 
 def _verify_records(out):
-    from coordinator.federated_keys import load_policy, load_policy_coordinator
-    from coordinator.federated_records import verify_run_directory
+    from coordinator.federated_files import read_federation_policy, verify_run_directory
 
-    policy = out / "federation" / "federation-policy.json"
-    return verify_run_directory(out / "federation", site_keys=load_policy(policy),
-                                coordinator_key=load_policy_coordinator(policy), bundle=out)
+    policy = read_federation_policy(out / "federation" / "federation-policy.json")
+    return verify_run_directory(out / "federation", site_keys=policy.sites,
+                                coordinator_key=policy.coordinator, bundle=out)
 
 
 def test_three_sites_match_central_and_exclude_tampered_and_failed(
         tmp_path, panc8, shared_data, central_accuracy, capsys):
-    from coordinator.federated_simulation import simulate
     from protocols.bundle import read_bundle
+    from scarches_fl_cli.federated_simulation import simulate
 
     out = tmp_path / "fed3"
     result = simulate(
@@ -134,7 +133,7 @@ def _publish_and_audit(tmp_path, out, result, capsys):
 
 
 def test_ten_sites_match_central(tmp_path, panc8, shared_data, central_accuracy):
-    from coordinator.federated_simulation import simulate
+    from scarches_fl_cli.federated_simulation import simulate
 
     out = tmp_path / "fed10"
     result = simulate(

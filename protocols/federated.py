@@ -1,63 +1,92 @@
-"""Signed records of federated reference training: what a site signs for each contribution,
-what the coordinator signs for each round, and the check an auditor runs over the chain.
+"""Federated reference training, the trust part: the federation policy, the signed records (site
+descriptor, contribution, round, run), the tensor digest that binds a signature to the arrays
+sent, and the check an auditor runs over a run's records. Bytes and trusted keys in, typed errors
+out: no I/O, no torch, no Flower (``docs/federated.md``, ``docs/adr/0032``).
+
+Both sides use this module: the coordinator's ServerApp verifies what the sites sign here, the
+site's ClientApp signs with it; neither imports the other.
 
 Flower's SuperNode authentication signs a timestamp per request, not the payload, so every
-contribution carries its own DSSE envelope (Ed25519, the site key enrolled with the
-coordinator). The payload binds the arrays sent (``tensor_digest``), the round, the run, and the
-digest of the model the site started from. The coordinator verifies it before the contribution
-may enter the aggregate; what fails is excluded and named in the round's record with a reason.
+contribution carries its own DSSE envelope (Ed25519, the site key enrolled in the policy). The
+payload binds the arrays sent (:func:`tensor_digest`), the round, the run, and the digest of the
+model the site started from. Each round becomes a ``federated_round`` record signed by the
+coordinator's key: the base model's digest, every contributor (site id, key id, contribution
+digest, cells, the sha256 of its envelope), every excluded or missing site with its reason, and
+the aggregate's digest (the bundle content digest of the model after the round).
 
-Each round becomes a ``federated_round`` record signed by the coordinator's key: the base
-model's digest, every contributor (site id, key id, contribution digest, cells, the sha256 of
-its envelope), every excluded or missing site with its reason, and the aggregate's digest (the
-bundle content digest of the model after the round). Consecutive records chain: a round's base
-is the previous round's aggregate, the first base is the initial model, and the published
-genesis bundle's digest is the aggregate of the round it was taken from.
+Rules :func:`verify_contribution` enforces, in order (reason in brackets):
 
-Rules :func:`verify_round_chain` enforces (no I/O; bytes and trusted keys in):
+* the envelope parses [``malformed``]; its site is in the policy [``unknown_site``]; it verifies
+  under that site's key [``bad_signature``];
+* it names this run [``wrong_run``], this round [``wrong_round``], the model sent
+  [``wrong_base``], the arrays received [``digest_mismatch``], exactly the site's own condition
+  columns [``wrong_conditions``], and a non-negative cell count [``malformed``].
+
+Rules :func:`verify_round_chain` enforces:
 
 * every record's signature verifies under the coordinator key; every contribution envelope it
   lists verifies under the key the policy gives that site, and its sha256 is the listed one;
 * rounds are numbered 1, 2, ... without gaps, all of one run;
 * ``base_digest`` of round 1 is the initial digest; of round r > 1 the aggregate of round r-1;
-* the final model's digest is the aggregate digest of the round the genesis names.
+* the final model's digest is the aggregate digest of the round the run record names.
+
+The federation policy is a JSON document the operator keeps next to the coordinator::
+
+    {"format": "scarches-fl.federation-policy", "format_version": 1,
+     "sites": {"hosp-a": "ed25519:<base64 raw public key>", ...},
+     "coordinator": "ed25519:<base64>"}
+
+Only a site listed there can contribute; ``coordinator`` is the record-signing key an auditor
+pins. Site ids follow the condition namespace rule (:data:`protocols.bundle.NAMESPACE_RE`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from protocols.bundle import NAMESPACE_RE
 from protocols.canonical import canonical_json, parse_json_strict
-from protocols.errors import VerificationError
+from protocols.dsse import parse_envelope, sign_envelope, verify_envelope
+from protocols.errors import ConfigError, ScarchesFLError, VerificationError
+from protocols.keys import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+    public_key_from_text,
+    public_key_text,
+)
+from protocols.limits import DEFAULT_LIMITS
 
 __all__ = [
     "CONTRIBUTION_PAYLOAD_TYPE",
+    "DESCRIPTOR_PAYLOAD_TYPE",
     "ROUND_PAYLOAD_TYPE",
     "RUN_PAYLOAD_TYPE",
+    "POLICY_FORMAT",
+    "FederationPolicy",
+    "parse_federation_policy",
+    "federation_policy_bytes",
     "FederationError",
     "ContributionRejected",
     "sign_payload",
     "open_envelope",
+    "peek_payload",
     "envelope_sha256",
+    "tensor_digest",
     "verify_contribution",
     "verify_round_chain",
     "ChainReport",
-    "verify_run_directory",
-    "peek_payload",
 ]
 
-log = logging.getLogger(__name__)
-
 CONTRIBUTION_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-contribution+json"
+DESCRIPTOR_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-descriptor+json"
 ROUND_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-round+json"
 RUN_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-run+json"
-_MAX_ENVELOPE_BYTES = 4 * 1024 * 1024
+POLICY_FORMAT = "scarches-fl.federation-policy"
 
 
 class FederationError(VerificationError):
@@ -67,7 +96,8 @@ class FederationError(VerificationError):
 
 
 class ContributionRejected(FederationError):
-    """One site's contribution is not acceptable; ``reason`` is a stable code."""
+    """One site's contribution is not acceptable; ``reason`` is a stable short code (the
+    module docstring lists them) and ``reason_code`` the registry's code."""
 
     _CODES = {
         "bad_signature": "E_SIG_INVALID",
@@ -87,13 +117,73 @@ class ContributionRejected(FederationError):
         self.reason = reason
 
 
-# -- DSSE (protocols.dsse, Ed25519) ------------------------------------------------------
+# -- the policy --------------------------------------------------------------------------------
 
 
-def sign_payload(private_key: Any, payload_type: str, payload: Mapping[str, Any]) -> bytes:
+@dataclass(frozen=True)
+class FederationPolicy:
+    """Who may contribute (site id -> Ed25519 public key) and, when named, the coordinator's
+    record-signing public key."""
+
+    sites: Mapping[str, Ed25519PublicKey]
+    coordinator: Ed25519PublicKey | None = None
+
+
+def federation_policy_bytes(
+    site_keys: Mapping[str, Ed25519PublicKey | Ed25519PrivateKey],
+    *,
+    coordinator: Ed25519PublicKey | Ed25519PrivateKey | None = None,
+) -> bytes:
+    """The canonical policy document naming ``site_keys`` (public halves are written) and,
+    optionally, the coordinator's record-signing key."""
+    for site in site_keys:
+        if not NAMESPACE_RE.fullmatch(site):
+            raise ConfigError(f"site id {site!r} must match {NAMESPACE_RE.pattern}")
+    doc: dict[str, Any] = {
+        "format": POLICY_FORMAT,
+        "format_version": 1,
+        "sites": {s: public_key_text(k) for s, k in sorted(site_keys.items())},
+    }
+    if coordinator is not None:
+        doc["coordinator"] = public_key_text(coordinator)
+    return canonical_json(doc)
+
+
+def parse_federation_policy(data: bytes, *, what: str = "federation policy") -> FederationPolicy:
+    """Parse a policy document; raises :class:`ConfigError` naming ``what`` and the field."""
+    try:
+        doc = parse_json_strict(data, max_bytes=DEFAULT_LIMITS.max_trust_bytes, what=what)
+    except ScarchesFLError as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
+        raise ConfigError(f"{what}: field 'format' must be {POLICY_FORMAT!r}")
+    sites = doc.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        raise ConfigError(f"{what}: field 'sites' must name at least one site")
+    out: dict[str, Ed25519PublicKey] = {}
+    for site, text in sites.items():
+        if not NAMESPACE_RE.fullmatch(site):
+            raise ConfigError(f"{what}: site id {site!r} must match {NAMESPACE_RE.pattern}")
+        try:
+            out[site] = public_key_from_text(str(text))
+        except ScarchesFLError as exc:
+            raise ConfigError(f"{what}: sites.{site}: {exc}") from exc
+    coordinator = None
+    if "coordinator" in doc:
+        try:
+            coordinator = public_key_from_text(str(doc["coordinator"]))
+        except ScarchesFLError as exc:
+            raise ConfigError(f"{what}: coordinator: {exc}") from exc
+    return FederationPolicy(sites=out, coordinator=coordinator)
+
+
+# -- DSSE envelopes (protocols.dsse, Ed25519) --------------------------------------------------
+
+
+def sign_payload(
+    private_key: Ed25519PrivateKey, payload_type: str, payload: Mapping[str, Any]
+) -> bytes:
     """A DSSE envelope (canonical JSON bytes) over ``canonical_json(payload)``."""
-    from protocols.dsse import sign_envelope
-
     return sign_envelope(payload_type, canonical_json(payload), [private_key])
 
 
@@ -101,18 +191,17 @@ def envelope_sha256(envelope: bytes) -> str:
     return "sha256:" + hashlib.sha256(envelope).hexdigest()
 
 
-def open_envelope(envelope: bytes, payload_type: str, public_key: Any) -> dict[str, Any]:
+def open_envelope(
+    envelope: bytes, payload_type: str, public_key: Ed25519PublicKey
+) -> dict[str, Any]:
     """Verify ``envelope`` under ``public_key`` (threshold 1) and return its JSON payload.
     Raises :class:`FederationError` for anything malformed or not signed by that key."""
-    from protocols.dsse import verify_envelope
-    from protocols.errors import ScarchesFLError
-
     try:
         verified = verify_envelope(
             envelope, trusted_keys=[public_key], threshold=1, payload_type=payload_type
         )
         payload = parse_json_strict(
-            verified.payload, max_bytes=_MAX_ENVELOPE_BYTES, require_canonical=True
+            verified.payload, max_bytes=DEFAULT_LIMITS.max_payload_bytes, require_canonical=True
         )
     except ScarchesFLError as exc:
         raise FederationError(f"envelope does not verify: {exc}") from exc
@@ -123,35 +212,50 @@ def open_envelope(envelope: bytes, payload_type: str, public_key: Any) -> dict[s
 
 def peek_payload(envelope: bytes) -> dict[str, Any]:
     """The payload of an envelope WITHOUT verifying it (to learn which key to verify with)."""
-    from protocols.dsse import parse_envelope
-    from protocols.errors import ScarchesFLError
-
     try:
-        payload = json.loads(parse_envelope(envelope).payload)
-    except (ScarchesFLError, ValueError) as exc:
+        payload = parse_json_strict(
+            parse_envelope(envelope).payload, max_bytes=DEFAULT_LIMITS.max_payload_bytes
+        )
+    except ScarchesFLError as exc:
         raise FederationError(f"envelope is malformed: {exc}") from exc
     if not isinstance(payload, dict):
         raise FederationError("envelope payload is not a JSON object")
     return payload
 
 
-# -- contributions -------------------------------------------------------------------------------
+def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """``sha256:<hex>`` over the tensors sorted by name; each contributes its length-prefixed
+    name, dtype, shape and raw little-endian bytes. Binds a signature to exactly the arrays
+    sent, independent of any container's byte layout."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        header = f"{name}\x00{arr.dtype.str}\x00{list(arr.shape)}".encode()
+        h.update(len(header).to_bytes(8, "big"))
+        h.update(header)
+        h.update(arr.nbytes.to_bytes(8, "big"))
+        h.update(arr.tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+# -- contributions ---------------------------------------------------------------------------
 
 
 def verify_contribution(
     envelope: bytes,
     *,
-    site_keys: Mapping[str, Any],
+    site_keys: Mapping[str, Ed25519PublicKey],
     run_id: str,
     server_round: int,
     base_digest: str,
     arrays_digest: str,
     expected_conditions: Mapping[str, Sequence[str]],
 ) -> dict[str, Any]:
-    """Check one contribution envelope against the policy and what arrived with it. Returns the
-    verified payload; raises :class:`ContributionRejected` with a reason code:
-    ``malformed``, ``unknown_site``, ``bad_signature``, ``wrong_run``, ``wrong_round``,
-    ``wrong_base``, ``digest_mismatch``, ``wrong_conditions``."""
+    """Check one contribution envelope against the policy and what arrived with it (the rules
+    of the module docstring). Returns the verified payload; raises
+    :class:`ContributionRejected`."""
     try:
         claimed = peek_payload(envelope)
     except FederationError as exc:
@@ -180,12 +284,12 @@ def verify_contribution(
             "wrong_conditions", "the condition columns are not exactly the site's own"
         )
     n = payload.get("n_train")
-    if not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ContributionRejected("malformed", "n_train is not a non-negative integer")
     return payload
 
 
-# -- chain verification --------------------------------------------------------------------------
+# -- chain verification ----------------------------------------------------------------------
 
 
 @dataclass
@@ -195,7 +299,7 @@ class ChainReport:
     initial_digest: str
     final_digest: str
     contributions_verified: int
-    excluded: list[dict[str, Any]]
+    excluded: list[dict[str, Any]] = field(default_factory=list)
 
 
 def verify_round_chain(
@@ -203,18 +307,19 @@ def verify_round_chain(
     round_envelopes: Sequence[bytes],
     contribution_envelopes: Mapping[tuple[int, str], bytes],
     *,
-    coordinator_key: Any,
-    site_keys: Mapping[str, Any],
+    coordinator_key: Ed25519PublicKey,
+    site_keys: Mapping[str, Ed25519PublicKey],
     bundle_digest: str | None = None,
 ) -> ChainReport:
-    """Verify a run's signed records end to end (see the module docstring). ``run_envelope``
-    is the coordinator-signed run record (initial digest, sites, and after training the
-    genesis round and digest); ``contribution_envelopes`` maps (round, site id) to the site's
-    envelope as received. Raises :class:`FederationError` naming the first broken link."""
+    """Verify a run's signed records end to end (the rules of the module docstring).
+    ``run_envelope`` is the coordinator-signed run record (initial digest, sites, and after
+    training the final round and digest); ``contribution_envelopes`` maps (round, site id) to
+    the site's envelope as received. Raises :class:`FederationError` naming the first broken
+    link."""
     run = open_envelope(run_envelope, RUN_PAYLOAD_TYPE, coordinator_key)
     run_id = run.get("run_id")
     prev = run.get("initial_digest")
-    aggregates: dict[int, str] = {}
+    aggregates: dict[int, Any] = {}
     verified = 0
     excluded: list[dict[str, Any]] = []
     for i, env in enumerate(round_envelopes, start=1):
@@ -276,32 +381,3 @@ def verify_round_chain(
         contributions_verified=verified,
         excluded=excluded,
     )
-
-
-def verify_run_directory(
-    records: Path, *, site_keys: Mapping[str, Any], coordinator_key: Any,
-    bundle: str | Path | None = None,
-) -> ChainReport:
-    """:func:`verify_round_chain` over a record directory as the ServerApp writes it
-    (``run.json``, ``rounds/round-NNNN.json``, ``rounds/round-NNNN.<site>.contribution.json``);
-    with ``bundle``, also that the bundle verifies and is the run's final model."""
-    records = Path(records)
-    try:
-        run_env = (records / "rounds" / "run.json").read_bytes()
-        round_files = sorted((records / "rounds").glob("round-[0-9][0-9][0-9][0-9].json"))
-        rounds = [f.read_bytes() for f in round_files]
-        contribs: dict[tuple[int, str], bytes] = {}
-        for f in (records / "rounds").glob("round-*.contribution.json"):
-            stem = f.name[: -len(".contribution.json")]
-            rnd, _, site = stem.partition(".")
-            contribs[(int(rnd.split("-")[1]), site)] = f.read_bytes()
-    except OSError as exc:
-        raise FederationError(f"cannot read the run's records in {records}: {exc}; pass the "
-                              "directory the run wrote (BUNDLE_DIR/federation)") from exc
-    digest = None
-    if bundle is not None:
-        from protocols.bundle import read_bundle
-
-        digest = read_bundle(bundle).digest
-    return verify_round_chain(run_env, rounds, contribs, coordinator_key=coordinator_key,
-                              site_keys=site_keys, bundle_digest=digest)

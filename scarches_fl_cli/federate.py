@@ -293,7 +293,7 @@ def _faults(specs: list[str], kind: str) -> dict[str, dict[str, list[int]]]:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from coordinator.federated_simulation import simulate
+    from scarches_fl_cli.federated_simulation import simulate
 
     faults = _faults(args.drop, "fail_rounds")
     for site, f in _faults(args.tamper, "tamper_rounds").items():
@@ -335,15 +335,19 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from coordinator.federated_keys import load_policy, load_policy_coordinator
-    from coordinator.federated_records import verify_run_directory
+    from coordinator.federated_files import (
+        coordinator_key_of,
+        read_federation_policy,
+        verify_run_directory,
+    )
 
     records = Path(args.records)
     policy = Path(args.policy) if args.policy else records / "federation-policy.json"
+    policy_doc = read_federation_policy(policy)
     report = verify_run_directory(
         records,
-        site_keys=load_policy(policy),
-        coordinator_key=load_policy_coordinator(policy),
+        site_keys=policy_doc.sites,
+        coordinator_key=coordinator_key_of(policy_doc, policy),
         bundle=args.bundle,
     )
     doc = {
@@ -378,7 +382,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _policy(args: argparse.Namespace) -> int:
-    from coordinator.federated_keys import write_policy
+    from coordinator.federated_files import write_federation_policy
     from protocols.errors import ConfigError
     from protocols.keys import load_private_key, load_public_key
 
@@ -392,7 +396,7 @@ def _policy(args: argparse.Namespace) -> int:
         coord = load_private_key(args.coordinator_key).public_key()
     except Exception:  # noqa: BLE001 - a public key file is fine too
         coord = load_public_key(args.coordinator_key)
-    write_policy(Path(args.out), sites, coordinator=coord)
+    write_federation_policy(Path(args.out), sites, coordinator=coord)
     print(f"wrote {args.out} with {len(sites)} sites")
     return 0
 

@@ -19,40 +19,17 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FLOWER_ENV", "flower_environment", "simulate", "SimulationPlan", "plan_simulation"]
+from coordinator.federated_deploy import FLOWER_ENV
+
+__all__ = ["simulate", "SimulationPlan", "plan_simulation"]
 
 log = logging.getLogger(__name__)
-
-#: Every process that runs Flower gets these (no telemetry, no update checks, no dependency
-#: installs at run time, no Ray usage stats).
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-}
-
-
-def flower_environment(flwr_home: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """``os.environ`` plus :data:`FLOWER_ENV`, a private ``FLWR_HOME``, and this Python's
-    ``bin`` directory first on ``PATH`` (Flower starts ``flower-superexec``, ``flwr-serverapp``
-    and ``flwr-clientapp`` by name)."""
-    import sys
-
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
-    bindir = os.path.dirname(sys.executable)
-    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", "")])
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
 
 
 class SimulationPlan:
@@ -79,7 +56,7 @@ def plan_simulation(
 ) -> SimulationPlan:
     import anndata as ad
 
-    from coordinator.federated_keys import write_policy
+    from coordinator.federated_files import write_federation_policy
     from protocols.keys import generate_private_key, save_private_key
     from scarches_fl import _federated as F
     from scarches_fl.data import DataError
@@ -121,7 +98,7 @@ def plan_simulation(
     save_private_key(ckey, ckey_path, overwrite=True)
     Path(out).mkdir(parents=True, exist_ok=True)
     policy_path = out / "federation-policy.json"
-    write_policy(policy_path, pubs, coordinator=ckey.public_key())
+    write_federation_policy(policy_path, pubs, coordinator=ckey.public_key())
     import json
 
     from protocols.bundle import atomic_write
@@ -176,14 +153,22 @@ def simulate(
         # A private FLWR_HOME (its default config names a remote SuperLink), removed afterwards.
         home_tmp = tempfile.TemporaryDirectory(prefix="scarches-fl-flwr-home-")
         os.environ["FLWR_HOME"] = home_tmp.name
-    from coordinator.federated_keys import load_policy, load_signing_key
+    from coordinator.federated_files import read_federation_policy
     from coordinator.federated_server import FederationSettings, build_server_app
+    from protocols.keys import load_private_key
     from site_agent.federated_client import SiteConfig, build_client_app
 
     records = out / "federation"
     keys_tmp = tempfile.TemporaryDirectory(prefix="scarches-fl-sim-keys-")
-    plan = plan_simulation(data, batch_key=batch_key, n_sites=n_sites, out=records,
-                           batches=batches, seed=seed, keys_dir=keys_tmp.name)
+    plan = plan_simulation(
+        data,
+        batch_key=batch_key,
+        n_sites=n_sites,
+        out=records,
+        batches=batches,
+        seed=seed,
+        keys_dir=keys_tmp.name,
+    )
     faults = dict(faults or {})
     configs = [
         SiteConfig(
@@ -199,8 +184,8 @@ def simulate(
     settings = FederationSettings(
         out_dir=str(records),
         bundle_dir=str(out),
-        site_keys=load_policy(Path(plan.policy_path)),
-        coordinator_key=load_signing_key(Path(plan.coordinator_key)),
+        site_keys=read_federation_policy(Path(plan.policy_path)).sites,
+        coordinator_key=load_private_key(Path(plan.coordinator_key)),
         rounds=rounds,
         local_epochs=local_epochs,
         lr=lr,
@@ -233,10 +218,12 @@ def simulate(
     from flwr.simulation import run_simulation
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            run_simulation(server_app=server_app, client_app=client_app,
-                           num_supernodes=n_sites, backend_config=backend_config)
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=n_sites,
+            backend_config=backend_config,
+        )
     finally:
         keys_tmp.cleanup()  # virtual sites' private keys exist only for the run
         if home_tmp is not None:
@@ -244,7 +231,7 @@ def simulate(
             home_tmp.cleanup()
     result = settings.extra.get("result")
     if result is None:
-        from coordinator.federated_records import FederationError
+        from protocols.federated import FederationError
 
         raise FederationError(
             "the federated simulation ended without a result; see the log "

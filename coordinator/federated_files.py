@@ -1,0 +1,101 @@
+"""The files of a federated run on the operator's disk: the federation policy
+(``federation-policy.json``) and the record directory a run writes (``BUNDLE_DIR/federation``).
+
+The rules live in :mod:`protocols.federated`; this module only reads and writes files and hands
+their bytes to it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from protocols.bundle import atomic_write, read_bundle
+from protocols.errors import ConfigError
+from protocols.federated import (
+    ChainReport,
+    FederationError,
+    FederationPolicy,
+    federation_policy_bytes,
+    parse_federation_policy,
+    verify_round_chain,
+)
+from protocols.keys import Ed25519PublicKey
+from protocols.limits import DEFAULT_LIMITS
+
+__all__ = [
+    "read_federation_policy",
+    "write_federation_policy",
+    "coordinator_key_of",
+    "verify_run_directory",
+]
+
+
+def write_federation_policy(
+    path: str | os.PathLike[str], site_keys: Any, *, coordinator: Any = None
+) -> None:
+    """Write a policy naming ``site_keys`` (site id -> Ed25519 public or private key; the
+    public halves are written) and, optionally, the coordinator's record-signing key."""
+    atomic_write(Path(path), federation_policy_bytes(site_keys, coordinator=coordinator))
+
+
+def read_federation_policy(path: str | os.PathLike[str]) -> FederationPolicy:
+    """The policy in ``path``; :class:`ConfigError` names the file and what is wrong."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(DEFAULT_LIMITS.max_trust_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the federation policy {path}: {exc}; pass the file "
+            "written by 'scarches-fl federate policy'"
+        ) from exc
+    return parse_federation_policy(data, what=str(path))
+
+
+def coordinator_key_of(policy: FederationPolicy, path: str | os.PathLike[str]) -> Ed25519PublicKey:
+    """The record-signing key the policy names, or a :class:`ConfigError` saying how to add it."""
+    if policy.coordinator is None:
+        raise ConfigError(
+            f"{path}: field 'coordinator' (the record-signing public key) is "
+            "missing; write it with 'scarches-fl federate policy --coordinator-key'"
+        )
+    return policy.coordinator
+
+
+def verify_run_directory(
+    records: str | os.PathLike[str],
+    *,
+    site_keys: Any,
+    coordinator_key: Ed25519PublicKey,
+    bundle: str | os.PathLike[str] | None = None,
+) -> ChainReport:
+    """:func:`protocols.federated.verify_round_chain` over a record directory as the ServerApp
+    writes it (``rounds/run.json``, ``rounds/round-NNNN.json``,
+    ``rounds/round-NNNN.<site>.contribution.json``); with ``bundle``, also that the bundle
+    verifies and is the run's final model."""
+    records = Path(records)
+    try:
+        run_env = (records / "rounds" / "run.json").read_bytes()
+        round_files = sorted((records / "rounds").glob("round-[0-9][0-9][0-9][0-9].json"))
+        rounds = [f.read_bytes() for f in round_files]
+        contribs: dict[tuple[int, str], bytes] = {}
+        for f in (records / "rounds").glob("round-*.contribution.json"):
+            stem = f.name[: -len(".contribution.json")]
+            rnd, _, site = stem.partition(".")
+            contribs[(int(rnd.split("-")[1]), site)] = f.read_bytes()
+    except OSError as exc:
+        raise FederationError(
+            f"cannot read the run's records in {records}: {exc}; pass the "
+            "directory the run wrote (BUNDLE_DIR/federation)"
+        ) from exc
+    digest = read_bundle(bundle).digest if bundle is not None else None
+    return verify_round_chain(
+        run_env,
+        rounds,
+        contribs,
+        coordinator_key=coordinator_key,
+        site_keys=site_keys,
+        bundle_digest=digest,
+    )

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from protocols.errors import ConfigError
+from protocols.limits import DEFAULT_LIMITS
 
 __all__ = [
     "CONFIG_FILENAME",
@@ -46,10 +47,11 @@ class ServerLimits:
 
     #: one gRPC message received or sent (the submission: envelope + diff + framing)
     max_message_bytes: int = 20 * _MiB
-    #: a site update's DSSE envelope
-    max_envelope_bytes: int = 1 * _MiB
-    #: a site update's diff.safetensors
-    max_diff_bytes: int = 16 * _MiB
+    #: a site update's DSSE envelope (default and ceiling: the protocol's limits table,
+    #: :data:`protocols.limits.DEFAULT_LIMITS`; an operator may only lower it)
+    max_envelope_bytes: int = DEFAULT_LIMITS.max_envelope_bytes
+    #: a site update's diff.safetensors (the same)
+    max_diff_bytes: int = DEFAULT_LIMITS.max_diff_bytes
     #: bytes per streamed chunk of a blob or reference
     chunk_bytes: int = 1 * _MiB
     #: entries per GetEntries page
@@ -219,6 +221,14 @@ def load_config(state_dir: str | os.PathLike[str]) -> CoordinatorConfig:
     cfg = _build(CoordinatorConfig, data, file, "")
     cfg = dataclasses.replace(cfg, state_dir=state_dir)
     parse_listen(cfg.listen, where=f"{file}: listen")
+    for name in ("max_envelope_bytes", "max_diff_bytes"):
+        ceiling = getattr(DEFAULT_LIMITS, name)
+        if getattr(cfg.limits, name) > ceiling:
+            raise ConfigError(
+                f"{file}: limits.{name}: {getattr(cfg.limits, name)} is above the protocol's "
+                f"limit of {ceiling} bytes (protocols/limits.py), which every site and auditor "
+                "enforces; lower it"
+            )
     if cfg.limits.max_message_bytes < cfg.limits.max_envelope_bytes + cfg.limits.max_diff_bytes:
         raise ConfigError(
             f"{file}: limits.max_message_bytes: must be at least max_envelope_bytes + "

@@ -65,8 +65,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from protocols.errors import CheckpointError, ConfigError, FormatError
-from protocols.errors import KeyFormatError as _KeyFormatErrorRoot
+from protocols.errors import CheckpointError, ConfigError, FormatError, KeyFormatError
 from protocols.merkle import EMPTY_ROOT, HASH_SIZE, MAX_TREE_SIZE, ConsistencyProofError
 from protocols.merkle import verify_consistency as _verify_consistency
 
@@ -152,9 +151,6 @@ class NoteFormatError(FormatError):
 
     """The bytes are not a well-formed C2SP signed note."""
 
-
-class KeyFormatError(_KeyFormatErrorRoot):
-    """A verifier or signer key string is malformed, or its key ID does not match its key."""
 
 
 class NoteSignatureError(CheckpointError):

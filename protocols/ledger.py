@@ -157,7 +157,9 @@ BlobLookup = Callable[[str], "bytes | None"]
 
 @dataclass(frozen=True)
 class BlobRef:
-    role: str  # "manifest" | "safetensors" | "diff"
+    """A content-addressed blob an entry names: ``role`` is "manifest", "safetensors" or "diff"."""
+
+    role: str
     sha256: str
     size: int
 

@@ -45,8 +45,7 @@ import hmac
 import logging
 from collections.abc import Iterable, Sequence
 
-from protocols.errors import ProofError as _ProofErrorRoot
-from protocols.errors import ScarchesFLError
+from protocols.errors import ProofError, ScarchesFLError
 
 __all__ = [
     "HASH_SIZE",
@@ -80,9 +79,6 @@ MAX_TREE_SIZE = 2**64 - 1
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
 
-
-class ProofError(_ProofErrorRoot):
-    """A Merkle proof does not prove what it was asked to prove (reason ``E_PROOF_INVALID``)."""
 
 
 class InclusionProofError(ProofError):

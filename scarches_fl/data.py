@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from protocols.bundle import NAMESPACE_RE
 from protocols.errors import ScarchesFLError
 
 __all__ = [
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 #: Rows read at a time from a backed AnnData.
 WINDOW_ROWS = 8192
 
-_NAMESPACE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _BATCH_BAD_CHARS = re.compile(r"[^A-Za-z0-9._+-]")
 _ENSEMBL_RE = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
 
@@ -289,7 +289,7 @@ def condition_names(batches: Sequence[str], namespace: str) -> dict[str, str]:
 
     Raises :class:`DataError` for a bad namespace or when two batch values sanitize to the same
     name."""
-    if not _NAMESPACE_RE.match(namespace):
+    if not NAMESPACE_RE.fullmatch(namespace):
         raise DataError(
             f"namespace {namespace!r} is not valid: use 1-64 characters of a-z, 0-9, '.', '_', "
             "'-', starting with a letter or digit (e.g. your site id)"

@@ -14,7 +14,7 @@ from protocols.errors import ConfigError, VerificationError
 
 __all__ = [
     "Trust",
-    "SiteRecord",
+    "SiteEnrolment",
     "load_trust",
     "verify_checkpoint_note",
     "verify_cosignatures",
@@ -147,7 +147,7 @@ def check_entries_match(entries: Sequence[Any], checkpoint: Any) -> None:
 
 
 @dataclass(frozen=True)
-class SiteRecord:
+class SiteEnrolment:
     """This site as the verified ledger sees it."""
 
     site_id: str
@@ -160,7 +160,7 @@ class SiteRecord:
 
 def site_record_from_entries(
     entries: Sequence[Any], trust: Trust, *, site_id: str, fetch_blob: Any,
-) -> SiteRecord:
+) -> SiteEnrolment:
     """Replay the (already root-checked) entries from the pinned roots with
     :func:`protocols.ledger.replay` (every signature, policy change, update rule and blob), and
     read this site's enrolment, active keys, last accepted sequence number and the digest the
@@ -180,11 +180,11 @@ def site_record_from_entries(
     rec = policy.sites.get(site_id)
     digest = state.digest_at(len(entries))
     if rec is None:
-        return SiteRecord(site_id, enrolled=False, revoked=False, key_ids=(),
+        return SiteEnrolment(site_id, enrolled=False, revoked=False, key_ids=(),
                           expected_digest=digest)
     active = tuple(k.key_id for k in rec.keys if k.status == "active")
     revoked = not active and any(k.status == "revoked" for k in rec.keys)
-    return SiteRecord(site_id, enrolled=True, revoked=revoked, key_ids=active,
+    return SiteEnrolment(site_id, enrolled=True, revoked=revoked, key_ids=active,
                       last_sequence=int(state.sequences.get(site_id, 0)), expected_digest=digest)
 
 

@@ -36,7 +36,7 @@ from site_agent.state import SiteState
 from site_agent.verify import VerifiedReference, pull_and_verify, verify_receipt
 
 __all__ = [
-    "SiteKey",
+    "SiteSigningKey",
     "MapReport",
     "DeliveryError",
     "UpdateRejectedBySiteError",
@@ -63,17 +63,19 @@ class UpdateRejectedBySiteError(ScarchesFLError):
 
 
 @dataclass(frozen=True)
-class SiteKey:
+class SiteSigningKey:
+    """This site's private signing key, loaded from its key file, with its id and public text."""
+
     private: Any
     key_id: str
     public_text: str
 
 
-def load_site_key(path: Any) -> SiteKey:
+def load_site_key(path: Any) -> SiteSigningKey:
     from protocols.keys import key_id, load_private_key, public_key_text
 
     priv = load_private_key(path)
-    return SiteKey(private=priv, key_id=key_id(priv), public_text=public_key_text(priv))
+    return SiteSigningKey(private=priv, key_id=key_id(priv), public_text=public_key_text(priv))
 
 
 def connect(config: SiteConfig, trust: proto.Trust) -> Any:

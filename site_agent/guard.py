@@ -37,7 +37,7 @@ __all__ = [
     "PrivacyGuardError",
     "GuardPolicy",
     "GuardReport",
-    "TensorSummary",
+    "SentTensor",
     "check_outgoing",
     "PAYLOAD_FIELDS",
 ]
@@ -66,7 +66,10 @@ class GuardPolicy:
 
 
 @dataclass(frozen=True)
-class TensorSummary:
+class SentTensor:
+    """One tensor of the diff as it will leave the site, for the readable summary (the signed
+    statistics of the same tensor are :class:`protocols.update.TensorSummary`)."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
@@ -86,7 +89,7 @@ class GuardReport:
     diff_size: int
     payload_sha256: str
     payload_size: int
-    tensors: tuple[TensorSummary, ...]
+    tensors: tuple[SentTensor, ...]
     payload_fields: tuple[str, ...]
     base_size: int
     base_digest: str
@@ -250,7 +253,7 @@ def check_outgoing(
             )
         raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
         summaries.append(
-            TensorSummary(
+            SentTensor(
                 name=name, dtype="float32", shape=tuple(int(d) for d in arr.shape),
                 nbytes=len(raw), sha256=_sha256(raw),
                 l2_norm=float(np.linalg.norm(arr.astype(np.float64).ravel())), max_abs=max_abs,

@@ -54,7 +54,7 @@ class VerifiedLedger:
 
     checkpoint: Any  # protocols.checkpoint.Checkpoint
     note: bytes
-    site_record: proto.SiteRecord
+    site_record: proto.SiteEnrolment
     entries_checked: int
     previous_size: int | None = None
     cosigned_by: dict[str, int] = field(default_factory=dict)
@@ -169,7 +169,7 @@ def verify_ledger(
     )
 
 
-def _rotation_hint(state: SiteState, record: proto.SiteRecord) -> str:
+def _rotation_hint(state: SiteState, record: proto.SiteEnrolment) -> str:
     """What to do when the key is not active because a rotation of this site was logged."""
     from site_agent.rotation import pending_rotation
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocols.errors import REASON_CODES, UpdateRejectedError, VerificationError
+from protocols.ledger import BlobRef
 from protocols.proto import registry_pb2 as pb
 
 __all__ = [
@@ -73,15 +74,6 @@ class InclusionProof:
     leaf_index: int
     tree_size: int
     hashes: tuple[bytes, ...]
-
-
-@dataclass(frozen=True)
-class BlobRef:
-    """A content-addressed blob an entry refers to (``role``: diff, manifest, safetensors)."""
-
-    role: str
-    sha256: str
-    size: int
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,44 @@ def genesis_bundle(*, n_genes: int = 200, hidden: int = 128, n_latent: int = 10,
     return make_bundle(manifest, tensors)
 
 
+class _GrowingModel:
+    """The generator's own copy of the model: the bundle it started from plus the appended
+    condition slices (kept as chunks), rebuilt with ``make_bundle`` when a digest is needed
+    (once per published version). Independent of the ledger code it generates input for."""
+
+    def __init__(self, bundle: Any) -> None:
+        self.manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
+        specs = self.manifest["tensors"]
+        self.frozen = {n: a for n, a in bundle.tensors.items() if specs[n]["role"] != "condition"}
+        self.chunks = {n: [a] for n, a in bundle.tensors.items() if specs[n]["role"] == "condition"}
+        self.conditions = list(self.manifest["conditions"])
+        self._bundle: Any = bundle
+
+    def apply(self, diff: dict[str, np.ndarray], names: Sequence[str]) -> None:
+        for name, chunks in self.chunks.items():
+            chunks.append(np.asarray(diff[name]))
+        self.conditions.extend(names)
+        self._bundle = None
+
+    def bundle(self) -> Any:
+        from protocols.bundle import make_bundle
+
+        if self._bundle is None:
+            tensors = dict(self.frozen)
+            specs = {}
+            for name, spec in self.manifest["tensors"].items():
+                specs[name] = dict(spec)
+                if name in self.chunks:
+                    tensors[name] = np.concatenate(self.chunks[name], axis=int(spec["axis"]))
+                    specs[name]["shape"] = list(tensors[name].shape)
+            manifest = {**self.manifest, "conditions": list(self.conditions), "tensors": specs}
+            self._bundle = make_bundle(manifest, tensors)
+        return self._bundle
+
+    def digest(self) -> str:
+        return str(self.bundle().digest)
+
+
 def build_ledger(
     out: str | Path,
     *,
@@ -136,7 +174,6 @@ def build_ledger(
     ``replayed_sequence_at=u``: update ``u`` reuses its site's previous sequence number."""
     from coordinator.storage import BlobStore, LedgerStore
     from protocols import merkle
-    from protocols._audit_replay import ModelReplay
     from protocols.bundle import bundle_to_bytes, make_bundle
     from protocols.checkpoint import Checkpoint, sign_checkpoint
     from protocols.diff import diff_from_bytes
@@ -170,7 +207,7 @@ def build_ledger(
         return sign_checkpoint(Checkpoint(origin, size, root), keys.log_signer)
 
     genesis = genesis_bundle(n_genes=n_genes, hidden=hidden, seed=0)
-    replay = ModelReplay(genesis)
+    replay = _GrowingModel(genesis)
     tree = merkle.MerkleTree()
     digests: dict[int, str] = {}
     update_indices: list[int] = []
@@ -223,7 +260,7 @@ def build_ledger(
                     )
                     last_model_index = put(w, rnd.envelope, "federated_round", blob_list=[
                         ("manifest", rnd.manifest_bytes), ("safetensors", rnd.safetensors_bytes)])
-                    replay = ModelReplay(aggregate)
+                    replay = _GrowingModel(aggregate)
                     published = tree.size
                     digests[published] = replay.digest()
                 if tree.size - published >= base_every:

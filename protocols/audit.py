@@ -19,9 +19,10 @@ Rules, checked in this order (the first that fails decides the exit code, see
    that position (enrolments, revocations, rotations applied in order), per-site sequence
    numbers, base checkpoints, condition names and namespaces; every blob an entry names is
    present and hashes to its name and to the sha256 the signed payload names.
-5. **Replay.** Every diff is applied to the genesis bundle (numpy only, linear time,
-   :mod:`protocols._audit_replay`); every content digest the ledger states (genesis, the base
-   digest of each update, federated round aggregates) equals the replayed version's.
+5. **Replay.** Every diff is applied to the genesis bundle by the same
+   :meth:`protocols.ledger.LedgerState.apply` (numpy only, linear time: versions are prefixes
+   of appended slices, hashed when named); every content digest the ledger states (genesis, the
+   base digest of each update, federated round aggregates) equals the replayed version's.
 6. **Served model.** The reference the coordinator serves at the checkpoint size has the
    replayed content digest, bit for bit (the full bundle is rebuilt and compared tensor by
    tensor, so a differing tensor is named).
@@ -625,7 +626,7 @@ def run_audit(
     # 6. the served model
     t = time.perf_counter()
     if replay is not None and not findings and cp.size > 0:
-        res.replay_digest = replay.digest()
+        res.replay_digest = replay.digest
         if check_served:
             _check_served(source, replay, cp.size, res)
     timings["served"] = time.perf_counter() - t
@@ -682,9 +683,7 @@ def _check_served(source: Any, replay: Any, size: int, res: AuditResult) -> None
                 size,
             )
         return
-    expected = replay.bundle()  # the full bundle: checks the fast digest end to end
-    if expected.digest != replay.digest():  # pragma: no cover - would be an auditor bug
-        raise AssertionError("incremental digest disagrees with make_bundle")
+    expected = replay.bundle()  # the full bundle, its digest re-checked against the lazy one
     try:
         got = bundle_from_bytes(served.manifest_bytes, served.safetensors_bytes, verify=False)
     except VerificationError as exc:
@@ -820,189 +819,7 @@ def _cosign(
     return cosigned
 
 
-# --- entries: LedgerState with a linear-time model ------------------------------------------
-
-
-class _PendingExtension:
-    """What ``_ReplayModel.extended`` returns: the diff to append once the entry is accepted."""
-
-    def __init__(self, parent: _ReplayModel, diff: Mapping[str, Any], new_conditions: list[str]) -> None:
-        self.parent = parent
-        self.diff = diff
-        self.new_conditions = list(new_conditions)
-
-
-class _ReplayModel:
-    """Stands in for private ``ledger._Model`` inside :class:`_AuditLedgerState`: the same
-    attributes (``manifest`` without digest, ``digest``, ``tensors``, ``bundle()``,
-    ``extended()``) over a :class:`protocols._audit_replay.ModelReplay`, so that appending a diff
-    costs the size of the diff and a digest is computed only where the audit needs one."""
-
-    def __init__(self, replay: Any) -> None:
-        self.replay = replay
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self.replay.manifest()
-
-    @property
-    def digest(self) -> str:
-        return str(self.replay.digest())
-
-    @property
-    def tensors(self) -> dict[str, Any]:
-        return dict(self.replay.tensors())
-
-    def bundle(self) -> Any:
-        return self.replay.bundle()
-
-    def extended(self, diff: Mapping[str, Any], new_conditions: Any) -> _PendingExtension:
-        return _PendingExtension(self, diff, list(new_conditions))
-
-
-_LEDGER_STATE_INTERNALS = (
-    "_evaluate", "_policy", "_policy_history", "_tree", "_digests", "_sequences",
-    "_min_base_size", "_last_round", "_model", "_kinds", "limits",
-)
-
-
-def _audit_state_class() -> type:
-    """:class:`protocols.ledger.LedgerState` with the model kept by :class:`_ReplayModel`.
-
-    Every rule stays (``_evaluate``: signatures under the policy in force, sequences, bases,
-    namespaces, blobs, federated rounds, policy changes). Only what is stored per entry changes:
-    state concatenates every condition tensor and hashes the whole model after each entry
-    (quadratic over a long ledger); this one appends slices and computes the digest of the
-    versions in ``needed_sizes`` only (the bases that updates and rounds name, and the last)."""
-    from protocols.ledger import AppliedEntry, LedgerState
-    from protocols.merkle import leaf_hash
-    from protocols.update import UpdateContext
-
-    class _AuditLedgerState(LedgerState):  # type: ignore[misc, valid-type]
-        def __init__(self, trust: Any, needed_sizes: set[int]) -> None:
-            super().__init__(trust)
-            self.needed_sizes = needed_sizes
-
-        def update_context(self) -> Any:
-            model: Any = self._model
-            assert isinstance(model, _ReplayModel)
-            return UpdateContext(
-                policy=self._policy,
-                manifest=model.replay.base_manifest,
-                tree_size=self.size,
-                root_at=self.root_at,
-                digest_at=self.digest_at,
-                last_sequence=self._sequences,
-                min_base_size=self._min_base_size,
-                conditions=model.replay.condition_set,
-            )
-
-        def _site_update_fast(self, envelope: bytes, blobs: Any) -> Any:
-            """A site update checked by :func:`protocols.update.validate_update` directly (one
-            strict parse of the envelope instead of three); None for any other kind,
-            which goes through ``_evaluate``."""
-            from types import SimpleNamespace
-
-            from protocols.update import SITE_UPDATE_TYPE, validate_update
-
-            try:
-                env_obj, obj = _loose_payload(envelope)
-                if env_obj.get("payloadType") != SITE_UPDATE_TYPE:
-                    return None
-                hexname = obj["diff"]["sha256"]
-                if not isinstance(hexname, str) or not re.fullmatch(r"[0-9a-f]{64}", hexname):
-                    raise ValueError("bad diff name")
-            except (ValueError, KeyError, TypeError):
-                return None  # path names the precise problem
-            diff_bytes = blobs(hexname)
-            accepted = validate_update(envelope, diff_bytes, self.update_context(), limits=self.limits)
-            sequences = dict(self._sequences)
-            sequences[accepted.site_id] = accepted.sequence
-            assert isinstance(self._model, _ReplayModel)
-            return SimpleNamespace(
-                kind="site_update",
-                payload=accepted.payload.to_json_obj(),
-                policy=self._policy,
-                model=self._model.extended(accepted.diff, accepted.new_conditions),
-                sequences=sequences,
-                min_base_size=self._min_base_size,
-                last_round=self._last_round,
-                site_id=accepted.site_id,
-                accepted=accepted,
-            )
-
-        def apply(self, envelope: bytes, blobs: Any, *, diff_bytes: bytes | None = None) -> Any:
-            from protocols._audit_replay import ModelReplay
-            from protocols.bundle import ReferenceBundle
-
-            if diff_bytes is not None:  # a submission, not a replay: the plain rules
-                return super().apply(envelope, blobs, diff_bytes=diff_bytes)
-            envelope = bytes(envelope)
-            pending = None
-            if self.size > 0 and isinstance(self._model, _ReplayModel):
-                pending = self._site_update_fast(envelope, blobs)
-            if pending is None:
-                pending = self._evaluate(envelope, blobs)
-            index = self.size
-            leaf = leaf_hash(envelope)
-            self._tree.append(leaf)
-            if pending.policy is not self._policy:
-                self._policy_history.append((index + 1, pending.policy))
-            model = pending.model
-            digest: str | None = None
-            if isinstance(model, _PendingExtension):
-                model.parent.replay.apply(model.diff, model.new_conditions)
-                model = model.parent
-            elif model is not None and not isinstance(model, _ReplayModel):
-                # a genesis or federated round: the ledger rules built and verified the bundle
-                bundle = ReferenceBundle({**model.manifest, "digest": model.digest}, model.tensors)
-                model = _ReplayModel(ModelReplay(bundle))  # type: ignore[assignment]
-                digest = bundle.digest
-            self._policy = pending.policy
-            self._model = model
-            self._sequences = pending.sequences
-            self._min_base_size = pending.min_base_size
-            self._last_round = pending.last_round
-            if digest is None and model is not None and (index + 1) in self.needed_sizes:
-                digest = model.digest
-            self._digests.append(digest)
-            self._kinds.append(pending.kind)
-            return AppliedEntry(
-                index, pending.kind, pending.payload, leaf, digest, pending.site_id,
-                pending.accepted,
-            )
-
-    return _AuditLedgerState
-
-
-def _loose_payload(envelope: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(envelope object, payload object) parsed leniently with :mod:`json`: only for planning
-    and display of entries that the strict replay verifies (or marks as failed)."""
-    import base64
-
-    env = json.loads(envelope)
-    payload = json.loads(base64.b64decode(env["payload"]))
-    if not isinstance(env, dict) or not isinstance(payload, dict):
-        raise ValueError("not an object")
-    return env, payload
-
-
-def _plan_digests(entries: list[Any]) -> set[int]:
-    """Sizes whose reference digest the ledger states (bases of updates and rounds) plus the
-    last. Read leniently from unverified payloads: this only decides which versions to hash;
-    the strict replay checks every claim (a base it was not planned for reads as unknown)."""
-    needed = {len(entries)}
-    for e in entries:
-        try:
-            _, obj = _loose_payload(e.envelope)
-        except (ValueError, KeyError, TypeError):
-            continue
-        base = obj.get("base")
-        if obj.get("kind") in ("site_update", "federated_round") and isinstance(base, dict):
-            size = base.get("size")
-            if isinstance(size, int) and not isinstance(size, bool):
-                needed.add(size)
-    return needed
+# --- entries: the ledger's own replay ------------------------------------------------------
 
 
 def _record(e: Any, applied: Any, verified: bool) -> EntryRecord:
@@ -1014,7 +831,6 @@ def _record(e: Any, applied: Any, verified: bool) -> EntryRecord:
     try:
         if applied is not None:  # verified strictly by the replay: read it cheaply
             kind, obj = applied.kind, applied.payload
-            rec.version_digest = applied.digest
             rec.key_ids = [s["keyid"] for s in json.loads(e.envelope)["signatures"]]
         else:
             kind, obj = entry_payload(e.envelope)
@@ -1066,20 +882,17 @@ def _check_entries(
     res: AuditResult,
     *,
     progress: bool = False,
-    replay_model: bool = True,
 ) -> Any:
-    """Rules 4 and 5 over ``entries`` (whose root already matched the checkpoint). Fills
-    ``res.entries``, ``res.sites`` and findings; returns the final model (or None)."""
+    """Rules 4 and 5 over ``entries`` (whose root already matched the checkpoint), with
+    :meth:`protocols.ledger.LedgerState.apply` itself: the one implementation of the ledger's
+    rules, which the coordinator runs too. Linear in the ledger: an update appends its slices,
+    and a version's digest is computed only when an entry names it as its base (and for the
+    last version, by the caller). Fills ``res.entries``, ``res.sites`` and findings; returns
+    the replayed :class:`~protocols.ledger.LedgerState` (or None)."""
     from protocols.ledger import LedgerState
     from protocols.merkle import leaf_hash
 
-    needed = _plan_digests(entries) if replay_model else {len(entries)}
-    state = _audit_state_class()(trust.policy, needed)
-    if not all(hasattr(state, a) for a in _LEDGER_STATE_INTERNALS):
-        # LedgerState was reorganised: fall back to it unchanged (quadratic, but every rule and
-        # every digest exactly the ledger's)
-        logger.warning("LedgerState internals changed; auditing with the plain (slower) replay")
-        state = LedgerState(trust.policy)
+    state = LedgerState(trust.policy)
 
     def lookup(hexname: str) -> bytes:
         return source.blob("sha256:" + hexname)
@@ -1126,12 +939,10 @@ def _check_entries(
     res.sites = sorted(sites.values(), key=lambda s: s.site_id)
     if failed_at is not None or state.size == 0:
         return None
-    model = getattr(state, "_model", None)
-    if isinstance(model, _ReplayModel):
-        return model.replay
-    from protocols._audit_replay import ModelReplay
-
-    return ModelReplay(state.bundle())
+    # the digests the replay computed (bases, genesis, rounds): shown per entry in the report
+    for rec in res.entries:
+        rec.version_digest = state.known_digest_at(rec.index + 1)
+    return state
 
 
 def read_ledger(source: Any, trust: TrustAnchors) -> AuditResult:
@@ -1162,6 +973,6 @@ def read_ledger(source: Any, trust: TrustAnchors) -> AuditResult:
         return res
     replay = _check_entries(entries, source, trust, res)
     if replay is not None:
-        res.replay_digest = replay.digest()
+        res.replay_digest = replay.digest
     res.seconds = time.perf_counter() - t0
     return res

@@ -701,6 +701,18 @@ class LedgerState:
                 digest = self._digests[size] = model.digest
         return digest
 
+    def known_digest_at(self, size: int) -> str | None:
+        """Digest of reference version ``size`` if it is known without hashing (a genesis, a
+        round, a version already hashed), else None."""
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
+            return None
+        digest = self._digests[size]
+        if digest is None and size < len(self._versions):
+            model = self._versions[size]
+            if model is not None:
+                digest = model.known_digest
+        return digest
+
     def root_at(self, size: int) -> bytes | None:
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= self.size:
             return None
@@ -950,7 +962,7 @@ class LedgerState:
             diff_bytes = b"" if ref is None else self._blob(ref, blobs)
         accepted = validate_update(
             envelope, diff_bytes, self.update_context(), limits=self.limits,
-            authenticated=authenticated,
+            authenticated=authenticated, parsed=env,
         )
         assert self._model is not None
         if self.condition_cap is not None:

@@ -74,7 +74,7 @@ from protocols.diff import (
     diff_from_bytes,
     diff_to_bytes,
 )
-from protocols.dsse import parse_envelope, sign_envelope, verify_envelope
+from protocols.dsse import Envelope, parse_envelope, sign_envelope, verify_envelope
 from protocols.errors import UpdateRejectedError, VerificationError
 from protocols.keys import key_id, public_key_from_text
 from protocols.limits import DEFAULT_LIMITS, Limits
@@ -471,12 +471,19 @@ class AuthenticatedUpdate:
 
 
 def authenticate_update(
-    envelope: bytes, policy: TrustPolicy, *, limits: Limits = DEFAULT_LIMITS
+    envelope: bytes,
+    policy: TrustPolicy,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    parsed: Envelope | None = None,
 ) -> AuthenticatedUpdate:
     """Rules 1 (envelope size) to 4 of the module docstring: bounded, linear work (one strict
     parse, one Ed25519 verification) that touches no per-site state, so a coordinator runs it
     on anything unauthenticated before any per-site work (rate limit, sequence, diff). Pure.
-    Every rejection here means "not authenticated as the site it claims"."""
+    Every rejection here means "not authenticated as the site it claims".
+
+    ``parsed``: ``parse_envelope(envelope)`` when the caller has already parsed these very bytes
+    (``LedgerState.apply`` reads the payloadType first); the strict parse is then not repeated."""
     if not isinstance(envelope, bytes | bytearray):
         raise UpdateRejectedError("E_ENVELOPE_MALFORMED", "envelope and diff must be bytes")
     if len(envelope) > limits.max_envelope_bytes:
@@ -486,7 +493,7 @@ def authenticate_update(
     envelope = bytes(envelope)
     # 2. envelope
     try:
-        env = parse_envelope(envelope, limits=limits)
+        env = parse_envelope(envelope, limits=limits) if parsed is None else parsed
     except VerificationError as exc:
         raise _reject_from(exc, "E_OVERSIZE" if exc.reason_code == "E_OVERSIZE" else "E_ENVELOPE_MALFORMED") from exc
     if env.payload_type != SITE_UPDATE_TYPE:
@@ -542,6 +549,7 @@ def validate_update(
     *,
     limits: Limits = DEFAULT_LIMITS,
     authenticated: AuthenticatedUpdate | None = None,
+    parsed: Envelope | None = None,
 ) -> AcceptedUpdate:
     """Accept or reject a site update under the rules of the module docstring. Pure.
 
@@ -549,7 +557,8 @@ def validate_update(
     (a coordinator authenticates on the request thread, before its rate limit). Rules 1-4 are
     then not run again when it is :meth:`~AuthenticatedUpdate.still_valid_under` the policy in
     force (one strict parse and one signature check per submission); otherwise, or for other
-    bytes, they run in full. Only ever pass the return value of :func:`authenticate_update`."""
+    bytes, they run in full. Only ever pass the return value of :func:`authenticate_update`.
+    ``parsed``: as for :func:`authenticate_update`."""
     policy = ctx.policy
     # 1. sizes first
     if not isinstance(envelope, bytes | bytearray) or not isinstance(diff_bytes, bytes | bytearray):
@@ -563,7 +572,7 @@ def validate_update(
     # 1 (envelope size) - 4: who signed it
     auth = authenticated
     if auth is None or auth.envelope != envelope or not auth.still_valid_under(policy):
-        auth = authenticate_update(envelope, policy, limits=limits)
+        auth = authenticate_update(envelope, policy, limits=limits, parsed=parsed)
     envelope, payload, signer_site = auth.envelope, auth.payload, auth.site_id
     # 5. sequence
     last = int(ctx.last_sequence.get(signer_site, 0))

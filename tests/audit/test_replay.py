@@ -1,12 +1,19 @@
-"""The audit's linear-time replay gives apply rule and content digest, version by version."""
+"""The replay an audit runs (``LedgerState.apply``, the ledger's own rules) gives the apply rule
+and the content digest version by version, for any condition axis (0, 1, the middle of 3)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-from protocols._audit_replay import ModelReplay
-from protocols.bundle import make_bundle, manifest_leaf
+from protocols.bundle import make_bundle
+from protocols.checkpoint import NoteSigner
 from protocols.diff import apply_condition_diff
+from protocols.ledger import LedgerState, enrol_entry, make_genesis
+from protocols.policy import build_trust
+from protocols.update import make_update
+from tests.protocols._factories import ORIGIN, det_key
 
 
 def _bundle(rng: np.random.Generator) -> object:
@@ -25,9 +32,15 @@ def _bundle(rng: np.random.Generator) -> object:
         "z.W_s": {"role": "condition", "axis": 1, "dtype": "float32", "shape": [3, 2, 4]},
     }
     manifest = {
-        "format": "scarches-fl.bundle", "format_version": 1, "model_class": "test",
-        "hyperparameters": {"n": 1}, "genes": genes, "conditions": conds, "tensors": specs,
-        "registration": {}, "labels": {"note": "ref/a \u00e9\u0001"},
+        "format": "scarches-fl.bundle",
+        "format_version": 1,
+        "model_class": "test",
+        "hyperparameters": {"n": 1},
+        "genes": genes,
+        "conditions": conds,
+        "tensors": specs,
+        "registration": {},
+        "labels": {"note": "ref/a \u00e9\u0001"},
     }
     return make_bundle(manifest, tensors)
 
@@ -35,8 +48,22 @@ def _bundle(rng: np.random.Generator) -> object:
 def test_replay_matches_apply_condition_diff() -> None:
     rng = np.random.default_rng(7)
     bundle = _bundle(rng)
-    replay = ModelReplay(bundle)  # type: ignore[arg-type]
-    assert replay.digest() == bundle.digest  # type: ignore[attr-defined]
+    operator, site = det_key(1), det_key(10)
+    signer = NoteSigner(ORIGIN, bytes([2]) * 32)
+    trust = build_trust(
+        origin=ORIGIN, log_public_key=signer.verifier.vkey, operator_keys=[operator.public_key()]
+    )
+    state, blobs = LedgerState(trust), {}
+    g = make_genesis(bundle, origin=ORIGIN, operator_keys=[operator])  # type: ignore[arg-type]
+    blobs.update(g.blobs)
+    state.apply(g.envelope, blobs.get)
+    state.apply(
+        enrol_entry(
+            origin=ORIGIN, site_id="s", public_key=site.public_key(), operator_keys=[operator]
+        ),
+        blobs.get,
+    )
+    assert state.digest == bundle.digest  # type: ignore[attr-defined]
     for step in range(40):
         m = 1 + step % 3
         diff = {
@@ -44,13 +71,26 @@ def test_replay_matches_apply_condition_diff() -> None:
             "px_r": rng.standard_normal((m, 30)).astype(np.float32),
             "z.W_s": rng.standard_normal((3, m, 4)).astype(np.float32),
         }
-        names = [f"s{step % 4}/b{step}_{j}" for j in range(m)]
+        names = [f"s/b{step}_{j}" for j in range(m)]
+        u = make_update(
+            origin=ORIGIN,
+            site_id="s",
+            site_key=site,
+            sequence=step + 1,
+            base_size=state.size,
+            base_root=state.root(),
+            base_digest=state.digest,
+            new_conditions=names,
+            diff=diff,
+        )
+        blobs[hashlib.sha256(u.diff_bytes).hexdigest()] = u.diff_bytes
+        state.apply(u.envelope, blobs.get)
         bundle = apply_condition_diff(bundle, diff, names)  # type: ignore[arg-type]
-        replay.apply(diff, names)
+        assert state.known_digest_at(state.size) is None  # an accept hashes nothing
         if step % 7 == 0 or step == 39:
-            assert replay.manifest_leaf() == manifest_leaf(replay.manifest())
-            assert replay.digest() == bundle.digest  # type: ignore[attr-defined]
-    full = replay.bundle()
+            assert state.digest == bundle.digest  # type: ignore[attr-defined]
+            assert state.known_digest_at(state.size) == bundle.digest  # type: ignore[attr-defined]
+    full = state.bundle()
     assert full.digest == bundle.digest  # type: ignore[attr-defined]
     for name, arr in bundle.tensors.items():  # type: ignore[attr-defined]
         assert np.array_equal(full.tensors[name], arr)

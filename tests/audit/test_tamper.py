@@ -199,18 +199,3 @@ def test_exit_code_registry_is_documented(cls: str) -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "auditor.md").read_text()
     code = AUDIT_EXIT_CODES[cls]
     assert f"`{code.code}`" in doc and cls in doc
-
-
-def test_plain_ledger_state_fallback_gives_the_same_verdicts(
-    ledger: GeneratedLedger, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """If LedgerState is reorganised, the audit falls back to it unchanged and still verifies
-    (and still catches a revoked key)."""
-    import protocols.audit as audit_mod
-
-    monkeypatch.setattr(audit_mod, "_LEDGER_STATE_INTERNALS", ("_no_such_attribute",))
-    res = audit(ledger, tmp_path / "aud")
-    assert res.ok, res.findings
-    assert res.served_digest == ledger.served_digest
-    led = small_ledger(tmp_path / "revoked", keys=ledger.keys, revoke=("site001", 4))
-    assert_failure(audit(led, tmp_path / "aud2"), "SIGNATURE", led.update_indices[4])

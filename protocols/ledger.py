@@ -807,18 +807,19 @@ class LedgerState:
         if authenticated is not None and authenticated.envelope != envelope:
             authenticated = None  # another envelope's: parse and verify these bytes
         env: Envelope | None = None
-        if authenticated is not None:
-            kind = "site_update"  # authenticate_update checked the payloadType
-        else:
+        kind = "site_update"  # with ``authenticated``: authenticate_update checked the payloadType
+        if authenticated is None:
             try:
                 env = parse_envelope(envelope, limits=self.limits)
             except VerificationError as exc:
                 raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
-            kind = PAYLOAD_TYPES.get(env.payload_type)
-        if kind is None:
-            raise LedgerError(
-                f"unknown entry payloadType {env.payload_type[:80]!r}", reason_code="E_LEDGER_ENTRY_KIND"
-            )
+            found = PAYLOAD_TYPES.get(env.payload_type)
+            if found is None:
+                raise LedgerError(
+                    f"unknown entry payloadType {env.payload_type[:80]!r}",
+                    reason_code="E_LEDGER_ENTRY_KIND",
+                )
+            kind = found
         index = self.size
         if (index == 0) != (kind == "genesis"):
             raise LedgerError(

@@ -98,143 +98,44 @@ def register(subparsers: Any) -> None:
     p.set_defaults(handler=_handle)
 
 
-def select_reference_batches(
-    ref: Any, conditions: list[str], *, batch_key: str, namespace: str,
-    requested: str | None, source: str,
-) -> tuple[Any, str]:
-    """The cells of ``ref`` whose batch is one of the reference's studies: ``requested``
-    (comma-separated) or, by default, every batch whose condition the bundle holds. Returns
-    ``(cells, a note saying which batches were used and which left out)``."""
-    import numpy as np
-
-    from scarches_fl.data import condition_names
-    from scarches_fl.report import EvaluationError
-
-    values = ref.obs[batch_key].astype(str).to_numpy()
-    present = list(dict.fromkeys(values.tolist()))
-    names = condition_names(present, namespace)
-    trained = [b for b in present if names[b] in set(conditions)]
-    studies = ", ".join(c.split("/", 1)[1] for c in conditions if c.startswith(namespace + "/"))
-    if requested:
-        wanted = [b.strip() for b in requested.split(",") if b.strip()]
-        unknown = [b for b in wanted if b not in present]
-        if unknown:
-            raise EvaluationError(
-                f"--reference-batches {','.join(unknown)}: not batches of {source} (its "
-                f"obs[{batch_key!r}] holds {', '.join(sorted(present))})"
-            )
-        foreign = [b for b in wanted if b not in trained]
-        if foreign:
-            raise EvaluationError(
-                f"--reference-batches {','.join(foreign)}: the reference was not trained on "
-                f"{'this study' if len(foreign) == 1 else 'these studies'} (it was trained on "
-                f"{studies}); list only those, or leave out --reference-batches to pick them "
-                "from the file"
-            )
-    else:
-        wanted = trained
-        if not wanted:
-            raise EvaluationError(
-                f"none of the batches in {source} ({', '.join(sorted(present))}) is a study the "
-                f"reference was trained on ({studies}); pass the file the reference was trained "
-                "on as --reference-data, or name its reference studies with --reference-batches"
-            )
-    left_out = [b for b in present if b not in wanted]
-    mask = np.isin(values, wanted)
-    note = (f"reference cells: {int(mask.sum())} of {len(values)} in {source}, batches "
-            f"{', '.join(wanted)}"
-            + (f" (left out, not reference studies: {', '.join(left_out)})" if left_out else ""))
-    return (ref[mask].copy() if left_out else ref), note
-
-
-def _known_types_from_bundle(labels_manifest: dict, label_key: str) -> list[str] | None:
-    level = (labels_manifest or {}).get("levels", {}).get(label_key)
-    if not level:
-        return None
-    known = set(level.get("prototype", {}).get("classes", []))
-    known |= set(level.get("prototype", {}).get("excluded_types", {}))
-    known |= set(level.get("atlas", {}).get("classes", []))
-    return sorted(known)
-
-
 def _handle(args: argparse.Namespace) -> int:
     import anndata as ad
-    import numpy as np
 
-    from scarches_fl.report import EvaluationError, EvaluationInput, build_report
+    from scarches_fl.api import Reference, evaluate
+    from scarches_fl.report import EvaluationError
 
     path = Path(args.data)
     if not path.is_file():
         raise EvaluationError(f"{path} does not exist; pass the .h5ad written by scarches-fl map")
-    query = ad.read_h5ad(path)
-    if args.latent_key not in query.obsm:
-        raise EvaluationError(
-            f"{path} has no obsm[{args.latent_key!r}]; run `scarches-fl map` on it first "
-            f"(it has obsm keys {sorted(query.obsm)})"
-        )
-    if args.batch_key not in query.obs:
-        raise EvaluationError(
-            f"{path} has no obs column {args.batch_key!r}; columns: {sorted(query.obs.columns)}"
-        )
-    pred_key = args.pred_key or f"{args.label_key}_pred"
-    unc_key = args.uncertainty_key or f"{args.label_key}_uncertainty"
-    notes = [f"query file: {path.name}"]
-    true = query.obs[args.label_key].astype(str).to_numpy() if args.label_key in query.obs else None
-    if true is None:
-        notes.append(f"no true labels (obs[{args.label_key!r}] missing): label accuracy skipped")
-    pred = query.obs[pred_key].astype(str).to_numpy() if pred_key in query.obs else None
-    if pred is None:
-        notes.append(f"no predictions (obs[{pred_key!r}] missing): map with --label-key")
-    unc = query.obs[unc_key].to_numpy(dtype=np.float64) if unc_key in query.obs else None
-
-    inp = EvaluationInput(
-        query_latent=np.asarray(query.obsm[args.latent_key]),
-        query_batches=query.obs[args.batch_key].astype(str).to_numpy(),
-        query_true=true,
-        query_pred=pred,
-        query_uncertainty=unc,
-        notes=notes,
-    )
-    if args.novel_types:
-        novel = {t.strip() for t in args.novel_types.split(",") if t.strip()}
-        if true is not None:
-            inp.known_types = sorted(set(true.tolist()) - novel)
     if (args.reference_data is None) != (args.reference is None) and args.reference_data:
         raise EvaluationError(
             "--reference-data needs --reference BUNDLE_DIR (the model that embeds those cells)"
         )
-    if args.reference is not None:
-        from scarches_fl.model import ReferenceModel
-
-        model = ReferenceModel.from_bundle(args.reference)
-        known = _known_types_from_bundle(model.labels, args.label_key)
-        if known is not None and inp.known_types is None:
-            inp.known_types = known
-        if args.reference_data is not None:
-            ref = ad.read_h5ad(args.reference_data)
-            rbk = args.reference_batch_key or args.batch_key
-            rlk = args.reference_label_key or args.label_key
-            if rbk not in ref.obs:
-                raise EvaluationError(
-                    f"{args.reference_data} has no obs column {rbk!r}; pass --reference-batch-key"
-                )
-            namespace = str(model.registration.get("namespace", "ref"))
-            ref, note = select_reference_batches(
-                ref, model.conditions, batch_key=rbk, namespace=namespace,
-                requested=args.reference_batches, source=Path(args.reference_data).name,
-            )
-            notes.append(note)
-            logger.info("%s", note)
-            inp.reference_latent = model.get_latent(ref, batch_key=rbk, namespace=namespace)
-            inp.reference_batches = ref.obs[rbk].astype(str).to_numpy()
-            if rlk in ref.obs:
-                inp.reference_labels = ref.obs[rlk].astype(str).to_numpy()
-            notes.append(
-                f"reference cells from {Path(args.reference_data).name} embedded by "
-                f"the bundle in {args.reference}"
-            )
+    query = ad.read_h5ad(path)
     report_dir = Path(args.report) if args.report else path.with_name(path.stem + "_report")
-    metrics = build_report(inp, report_dir, embedding=args.embedding, seed=args.seed)
+    novel = None
+    if args.novel_types:
+        novel = [t.strip() for t in args.novel_types.split(",") if t.strip()]
+    metrics = evaluate(
+        query,
+        batch_key=args.batch_key,
+        label_key=args.label_key,
+        report_dir=report_dir,
+        reference=Reference.load(args.reference) if args.reference is not None else None,
+        reference_data=ad.read_h5ad(args.reference_data) if args.reference_data else None,
+        reference_batch_key=args.reference_batch_key,
+        reference_label_key=args.reference_label_key,
+        reference_batches=args.reference_batches,
+        novel_types=novel,
+        latent_key=args.latent_key,
+        pred_key=args.pred_key,
+        uncertainty_key=args.uncertainty_key,
+        embedding=args.embedding,
+        seed=args.seed,
+        source=path.name,
+        reference_source=Path(args.reference_data).name if args.reference_data else None,
+        reference_path=args.reference,
+    )
     lt = metrics.get("label_transfer", {})
     parts = []
     for key in ("accuracy", "macro_f1", "fraction_unknown", "novel_auroc"):

@@ -1,7 +1,7 @@
 """``scarches-fl map``: map a query .h5ad onto a reference bundle by architecture surgery.
 
-Every input is checked before any training (``scarches_fl.query.check_query``, the same checks
-as ``site map``). Writes the query with ``obsm["X_scarches"]``, ``uns["scarches_fl"]``
+A thin shell over :func:`scarches_fl.mapping.map_query`, the one mapping path of ``site map``
+and ``scarches_fl.Reference.map`` too: every input is checked before any training. Writes the query with ``obsm["X_scarches"]``, ``uns["scarches_fl"]``
 (``scarches_fl.query.mapping_record``) and, with ``--label-key``, ``obs["<L>_pred"]`` /
 ``obs["<L>_uncertainty"]``; with ``--update-out`` the contributable update
 (``diff.safetensors`` + ``update.json``).
@@ -51,12 +51,17 @@ def register(subparsers: Any) -> None:
                    help="refuse queries covering less than this fraction of reference genes")
     p.add_argument("--min-cells-per-batch", type=int, default=MIN_CELLS_PER_BATCH, metavar="N",
                    help=f"refuse batches with fewer cells (default {MIN_CELLS_PER_BATCH})")
+    p.add_argument("--var-names-column", default=None, metavar="COLUMN",
+                   help="read gene names from this var column (e.g. gene_symbols) instead of "
+                        "var_names")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=_map)
 
 
 def write_update(directory: Any, result: Any, base_digest: str, n_cells: int) -> int:
-    """Write ``diff.safetensors`` + ``update.json``; returns the diff's size in bytes."""
+    """Write ``diff.safetensors`` + ``update.json`` of a mapping (``result``: a
+    :class:`scarches_fl.mapping.MappedQuery` or a surgery result, with ``mode``, ``diff``,
+    ``model`` and ``new_conditions``); returns the diff's size in bytes."""
     import hashlib
     from pathlib import Path
 
@@ -151,12 +156,11 @@ def write_mapped_h5ad(path: Any, adata: Any, obs: Any, obsm: dict, uns: dict, *,
 def _map(args: argparse.Namespace) -> int:
     import time
 
-    import numpy as np
-
     from scarches_fl._cli_reference import read_input
     from scarches_fl.data import DataError
+    from scarches_fl.mapping import map_query
     from scarches_fl.model import ReferenceModel
-    from scarches_fl.query import check_output_path, check_query, mapping_record
+    from scarches_fl.query import check_output_path
 
     t0 = time.perf_counter()
     if args.update_out and args.mode != "conditions":
@@ -166,53 +170,43 @@ def _map(args: argparse.Namespace) -> int:
         )
     check_output_path(args.out, force=args.force)
     model = ReferenceModel.from_bundle(args.reference)
-    base_digest = model.digest
     adata = read_input(args)
-    checked = check_query(
-        adata, reference_genes=model.genes, batch_key=args.batch_key,
-        likelihood=str(model.hyperparameters.get("likelihood", "nb")), layer=args.layer,
-        label_key=args.label_key, labels_manifest=model.labels,
-        min_cells_per_batch=args.min_cells_per_batch, min_gene_coverage=args.min_gene_coverage,
+    mapped = map_query(
+        adata, model, batch_key=args.batch_key, namespace=args.namespace,
+        label_key=args.label_key, layer=args.layer, var_names_column=args.var_names_column,
+        mode=args.mode, max_epochs=args.max_epochs, seed=args.seed, threshold=args.threshold,
+        min_gene_coverage=args.min_gene_coverage, min_cells_per_batch=args.min_cells_per_batch,
+        progress=not args.no_progress, device=args.device,
     )
-    for note in checked.notes:
+    for note in mapped.notes:
         log.info("%s", note)
-    result = model.surgery(
-        adata, batch_key=args.batch_key, namespace=args.namespace, layer=args.layer,
-        mode=args.mode, max_epochs=args.max_epochs, seed=args.seed,
-        min_gene_coverage=args.min_gene_coverage, progress=not args.no_progress,
-        device=args.device,
-    )
-    obs = adata.obs.copy()
-    obsm = {"X_scarches": np.asarray(result.latent, dtype=np.float32)}
-    label_method = None
-    if args.label_key is not None:
-        pred, unc, label_method = predict_obs_labels(
-            result.model.labels, result.model.extra_tensors, result.latent,
-            label_key=args.label_key, threshold=args.threshold,
-        )
-        obs[f"{args.label_key}_pred"] = pred
-        obs[f"{args.label_key}_uncertainty"] = unc
-    record = mapping_record(
-        reference_digest=base_digest, model_digest=result.model.digest, mode=result.mode,
-        namespace=args.namespace, new_conditions=result.new_conditions,
-        epochs=int(result.history.get("epochs", 0)),
-        trainable_parameters=result.trainable_parameters, batch_key=args.batch_key,
-        counts=checked.counts, alignment=result.alignment,
-        label_key=args.label_key, label_method=label_method,
-        threshold=args.threshold if args.label_key is not None else None,
-    )
+    query = mapped.adata
     update_bytes = None
     if args.update_out:
-        update_bytes = write_update(args.update_out, result, base_digest, adata.n_obs)
-    write_mapped_h5ad(args.out, adata, obs, obsm, {"scarches_fl": record})
-    a = result.alignment
+        if not mapped.new_conditions:
+            raise DataError(
+                "--update-out: every batch is already a condition of the reference, so there is "
+                "nothing new to contribute; leave out --update-out, or use another --namespace"
+            )
+        update_bytes = write_update(args.update_out, mapped, mapped.reference_digest,
+                                    query.n_obs)
+    obs = query.obs.copy()
+    for key, values in mapped.obs_columns().items():
+        obs[key] = values
+    write_mapped_h5ad(args.out, query, obs, {"X_scarches": mapped.latent},
+                      {"scarches_fl": mapped.record()})
+    a = mapped.alignment
+    added = (
+        f"conditions added: {', '.join(mapped.new_conditions)} (mode {mapped.mode}, "
+        f"{mapped.trainable_parameters} trainable parameters, {mapped.epochs} epochs)"
+        if mapped.new_conditions
+        else "no conditions added: every batch is already in the reference (embedded with them)"
+    )
     lines = [
-        f"mapped {adata.n_obs} cells (counts from {checked.counts}): "
+        f"mapped {query.n_obs} cells (counts from {mapped.counts}): "
         f"{a.n_overlap}/{a.n_reference_genes} reference genes "
         f"covered ({100 * a.coverage:.1f}%), {a.n_extra} query genes dropped",
-        f"conditions added: {', '.join(result.new_conditions)} (mode {result.mode}, "
-        f"{result.trainable_parameters} trainable parameters, "
-        f"{result.history.get('epochs', 0)} epochs)",
+        added,
         f"wrote {args.out} in {time.perf_counter() - t0:.1f} s",
     ]
     if update_bytes is not None:

@@ -78,6 +78,17 @@ class SurgeryResult:
     seconds: float = 0.0
 
 
+class _Registered:
+    """The type of :data:`REGISTERED`."""
+
+    def __repr__(self) -> str:
+        return "REGISTERED"
+
+
+#: ``get_latent(layer=REGISTERED)`` (the default): read the layer the reference was trained on.
+REGISTERED = _Registered()
+
+
 def _cell_data_for(reg: RegisteredData, cond: np.ndarray,
                    labels: np.ndarray | None = None) -> Any:
     """In-memory :class:`~scarches_fl.train.CellData` (sparse counts, O(nnz)), or a
@@ -350,12 +361,23 @@ class ReferenceModel:
         return _cell_data_for(reg, cond)
 
     def get_latent(
-        self, adata: Any, *, batch_key: str, namespace: str, layer: str | None = None,
-        batch_size: int = 4096, min_gene_coverage: float = 0.5, device: str = "cpu",
+        self, adata: Any, *, batch_key: str | None = None, namespace: str | None = None,
+        layer: str | None | _Registered = REGISTERED, batch_size: int = 4096,
+        min_gene_coverage: float = 0.5, device: str = "cpu",
     ) -> np.ndarray:
-        """Posterior mean of every cell (genes aligned to the model's), chunked."""
+        """Posterior mean of every cell (genes aligned to the model's), chunked. The counts are
+        read as the reference was registered: from its layer (``layer=None`` reads X), with its
+        batch key and namespace unless given."""
         from scarches_fl.train import posterior_mean
 
+        if isinstance(layer, _Registered):
+            layer = self.registration.get("layer")
+        if batch_key is None:
+            batch_key = self.registration.get("batch_key")
+            if not batch_key:
+                raise DataError("this reference records no batch key; pass batch_key=")
+        if namespace is None:
+            namespace = str(self.registration.get("namespace", "ref"))
         reg = register(adata, batch_key=batch_key, namespace=namespace,
                        likelihood=str(self.module.hp["likelihood"]), layer=layer,
                        reference_genes=self._genes, min_gene_coverage=min_gene_coverage)

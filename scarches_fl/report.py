@@ -30,7 +30,9 @@ __all__ = [
     "category_colours",
     "clean_embedding_axes",
     "embed_2d",
+    "known_types_from_labels",
     "plot_joint_embedding",
+    "select_reference_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -421,16 +423,18 @@ def _readme(metrics: Mapping[str, Any], plots: Sequence[str], how: str) -> str:
 
 def build_report(
     inp: EvaluationInput,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     *,
     embedding: str = "auto",
     seed: int = 0,
     k: int = 15,
 ) -> dict[str, Any]:
     """Compute every metric the inputs allow, write ``metrics.json``, PNG plots and
-    ``README.md`` into ``out_dir``; return the metrics dict."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ``README.md`` into ``out_dir``; return the metrics dict. With ``out_dir=None`` only the
+    metrics are computed (no 2-D view, no files)."""
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     zq = np.asarray(inp.query_latent, dtype=np.float64)
     n_q = zq.shape[0]
     has_ref = inp.reference_latent is not None
@@ -502,6 +506,8 @@ def build_report(
             "together and to score how well they mix"
         )
     metrics["integration"] = integ
+    if out is None:
+        return metrics
 
     xy, how = embed_2d(z, method=embedding, seed=seed)
     metrics["embedding_2d"] = how
@@ -523,3 +529,61 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def select_reference_batches(
+    ref: Any, conditions: list[str], *, batch_key: str, namespace: str,
+    requested: str | None, source: str,
+) -> tuple[Any, str]:
+    """The cells of ``ref`` whose batch is one of the reference's studies: ``requested``
+    (comma-separated) or, by default, every batch whose condition the bundle holds. Returns
+    ``(cells, a note saying which batches were used and which left out)``."""
+    from scarches_fl.data import condition_names
+
+    values = ref.obs[batch_key].astype(str).to_numpy()
+    present = list(dict.fromkeys(values.tolist()))
+    names = condition_names(present, namespace)
+    trained = [b for b in present if names[b] in set(conditions)]
+    studies = ", ".join(c.split("/", 1)[1] for c in conditions if c.startswith(namespace + "/"))
+    if requested:
+        wanted = [b.strip() for b in requested.split(",") if b.strip()]
+        unknown = [b for b in wanted if b not in present]
+        if unknown:
+            raise EvaluationError(
+                f"--reference-batches {','.join(unknown)}: not batches of {source} (its "
+                f"obs[{batch_key!r}] holds {', '.join(sorted(present))})"
+            )
+        foreign = [b for b in wanted if b not in trained]
+        if foreign:
+            raise EvaluationError(
+                f"--reference-batches {','.join(foreign)}: the reference was not trained on "
+                f"{'this study' if len(foreign) == 1 else 'these studies'} (it was trained on "
+                f"{studies}); list only those, or leave out --reference-batches to pick them "
+                "from the file"
+            )
+    else:
+        wanted = trained
+        if not wanted:
+            raise EvaluationError(
+                f"none of the batches in {source} ({', '.join(sorted(present))}) is a study the "
+                f"reference was trained on ({studies}); pass the file the reference was trained "
+                "on as --reference-data, or name its reference studies with --reference-batches"
+            )
+    left_out = [b for b in present if b not in wanted]
+    mask = np.isin(values, wanted)
+    note = (f"reference cells: {int(mask.sum())} of {len(values)} in {source}, batches "
+            f"{', '.join(wanted)}"
+            + (f" (left out, not reference studies: {', '.join(left_out)})" if left_out else ""))
+    return (ref[mask].copy() if left_out else ref), note
+
+
+def known_types_from_labels(labels_manifest: Mapping[str, Any], label_key: str) -> list[str] | None:
+    """The cell types a reference's label knowledge names at ``label_key`` (None without
+    label knowledge at that level)."""
+    level = (labels_manifest or {}).get("levels", {}).get(label_key)
+    if not level:
+        return None
+    known = set(level.get("prototype", {}).get("classes", []))
+    known |= set(level.get("prototype", {}).get("excluded_types", {}))
+    known |= set(level.get("atlas", {}).get("classes", []))
+    return sorted(known)

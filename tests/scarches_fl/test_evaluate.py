@@ -169,7 +169,7 @@ def _reference_file():
 
 
 def test_reference_batches_are_picked_from_a_file_that_holds_query_studies_too():
-    from scarches_fl._cli_evaluate import select_reference_batches
+    from scarches_fl.report import select_reference_batches
 
     kw = dict(batch_key="batch", namespace="ref", source="panc8.h5ad")
     cells, note = select_reference_batches(
@@ -182,7 +182,7 @@ def test_reference_batches_are_picked_from_a_file_that_holds_query_studies_too()
 
 
 def test_reference_batches_errors_speak_of_studies_not_namespaces():
-    from scarches_fl._cli_evaluate import select_reference_batches
+    from scarches_fl.report import select_reference_batches
 
     kw = dict(batch_key="batch", namespace="ref", source="panc8.h5ad")
     with pytest.raises(EvaluationError, match="not trained on this study.*trained on a, b"):

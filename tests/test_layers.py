@@ -1,0 +1,78 @@
+"""The layer contracts of pyproject.toml ([tool.importlinter], ADR 0008) hold, and ``lint-imports``
+fails when a module imports against them (shown on a copy of the tree with one wrong import
+added)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("protocols", "scarches_fl", "coordinator", "site_agent")
+
+
+def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
+    tool = shutil.which("lint-imports") or str(Path(sys.executable).parent / "lint-imports")
+    assert Path(tool).exists(), (
+        "lint-imports is not installed; it comes with the dev extra: "
+        "pip install -c constraints.txt -e '.[dev]'"
+    )
+    env = dict(os.environ, PYTHONPATH=str(cwd))  # the tree in cwd, not an installed copy
+    return subprocess.run(
+        [tool, "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_the_layer_contracts_hold() -> None:
+    res = _lint_imports(ROOT)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    kept = re.findall(r"^(.*) KEPT", out, re.M)
+    assert len(kept) >= 3 and not re.search(r"BROKEN", out), out[-3000:]
+    assert any("coordinator | site_agent" in line for line in kept)
+
+
+@pytest.fixture(scope="module")
+def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("layers")
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "broken", "named"),
+    [
+        # the trust layer reaching up into the operator's service
+        ("protocols/merkle.py", "import coordinator.storage", "coordinator | site_agent",
+         "protocols.merkle -> coordinator.storage"),
+        # the two roles are independent
+        ("site_agent/outbox.py", "from coordinator import storage", "coordinator | site_agent",
+         "site_agent.outbox -> coordinator"),
+        # the auditor's install has no torch
+        ("protocols/canonical.py", "import torch", "no torch",
+         "protocols.canonical -> torch"),
+    ],
+    ids=["protocols-imports-coordinator", "site-imports-coordinator", "protocols-imports-torch"],
+)
+def test_a_wrong_import_breaks_a_contract(
+    tree_copy: Path, module: str, line: str, broken: str, named: str
+) -> None:
+    path = tree_copy / module
+    original = path.read_text()
+    try:
+        path.write_text(original + f"\n{line}  # deliberately wrong\n")
+        res = _lint_imports(tree_copy)
+    finally:
+        path.write_text(original)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert re.search(rf"^.*{re.escape(broken)}.* BROKEN", out, re.M), out[-3000:]
+    assert named in out, out[-3000:]

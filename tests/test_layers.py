@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("protocols", "scarches_fl", "coordinator", "site_agent")
+PACKAGES = ("protocols", "scarches_fl", "coordinator", "site_agent", "scarches_fl_cli")
 
 
 def _lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -35,7 +35,7 @@ def test_the_layer_contracts_hold() -> None:
     assert res.returncode == 0, out[-5000:]
     kept = re.findall(r"^(.*) KEPT", out, re.M)
     assert len(kept) >= 3 and not re.search(r"BROKEN", out), out[-3000:]
-    assert any("coordinator | site_agent" in line for line in kept)
+    assert any("coordinator | site_agent <- scarches_fl_cli" in line for line in kept)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,15 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
         # the two roles are independent
         ("site_agent/outbox.py", "from coordinator import storage", "coordinator | site_agent",
          "site_agent.outbox -> coordinator"),
+        # nothing imports the command-line layer
+        ("coordinator/storage.py", "import scarches_fl_cli.federate", "scarches_fl_cli",
+         "coordinator.storage -> scarches_fl_cli.federate"),
         # the auditor's install has no torch
         ("protocols/canonical.py", "import torch", "no torch",
          "protocols.canonical -> torch"),
     ],
-    ids=["protocols-imports-coordinator", "site-imports-coordinator", "protocols-imports-torch"],
+    ids=["protocols-imports-coordinator", "site-imports-coordinator", "role-imports-cli",
+         "protocols-imports-torch"],
 )
 def test_a_wrong_import_breaks_a_contract(
     tree_copy: Path, module: str, line: str, broken: str, named: str

@@ -51,20 +51,35 @@ def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ("module", "line", "broken", "named"),
     [
         # the trust layer reaching up into the operator's service
-        ("protocols/merkle.py", "import coordinator.storage", "coordinator | site_agent",
-         "protocols.merkle -> coordinator.storage"),
+        (
+            "protocols/merkle.py",
+            "import coordinator.storage",
+            "coordinator | site_agent",
+            "protocols.merkle -> coordinator.storage",
+        ),
         # the two roles are independent
-        ("site_agent/outbox.py", "from coordinator import storage", "coordinator | site_agent",
-         "site_agent.outbox -> coordinator"),
+        (
+            "site_agent/outbox.py",
+            "from coordinator import storage",
+            "coordinator | site_agent",
+            "site_agent.outbox -> coordinator",
+        ),
         # nothing imports the command-line layer
-        ("coordinator/storage.py", "import scarches_fl_cli.federate", "scarches_fl_cli",
-         "coordinator.storage -> scarches_fl_cli.federate"),
+        (
+            "coordinator/storage.py",
+            "import scarches_fl_cli.federate",
+            "scarches_fl_cli",
+            "coordinator.storage -> scarches_fl_cli.federate",
+        ),
         # the auditor's install has no torch
-        ("protocols/canonical.py", "import torch", "no torch",
-         "protocols.canonical -> torch"),
+        ("protocols/canonical.py", "import torch", "no torch", "protocols.canonical -> torch"),
     ],
-    ids=["protocols-imports-coordinator", "site-imports-coordinator", "role-imports-cli",
-         "protocols-imports-torch"],
+    ids=[
+        "protocols-imports-coordinator",
+        "site-imports-coordinator",
+        "role-imports-cli",
+        "protocols-imports-torch",
+    ],
 )
 def test_a_wrong_import_breaks_a_contract(
     tree_copy: Path, module: str, line: str, broken: str, named: str

@@ -47,9 +47,25 @@ def bundle(data, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_map_writes_what_the_cli_writes(bundle, data, tmp_path):
     _, query = data
     query.write_h5ad(tmp_path / "q.h5ad")
-    rc = main(["-q", "map", "--reference", str(bundle), "--data", str(tmp_path / "q.h5ad"),
-               "--batch-key", "batch", "--label-key", "cell_type", "--max-epochs", "2",
-               "--no-progress", "--out", str(tmp_path / "cli.h5ad")])
+    rc = main(
+        [
+            "-q",
+            "map",
+            "--reference",
+            str(bundle),
+            "--data",
+            str(tmp_path / "q.h5ad"),
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "cell_type",
+            "--max-epochs",
+            "2",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "cli.h5ad"),
+        ]
+    )
     assert rc == 0
     cli = ad.read_h5ad(tmp_path / "cli.h5ad")
 
@@ -73,16 +89,15 @@ def test_map_writes_what_the_cli_writes(bundle, data, tmp_path):
 def test_mapping_again_embeds_with_the_existing_conditions(bundle, data):
     _, query = data
     first = query.copy()
-    grown = scarches_fl.Reference.load(bundle).map(
-        first, batch_key="batch", max_epochs=1
-    ).reference
+    grown = scarches_fl.Reference.load(bundle).map(first, batch_key="batch", max_epochs=1).reference
     again = query.copy()
     mapped = grown.map(again, batch_key="batch")
     assert mapped.new_conditions == [] and mapped.diff == {} and mapped.epochs == 0
     assert any("already in the reference" in n for n in mapped.notes)
     np.testing.assert_allclose(again.obsm["X_scarches"], first.obsm["X_scarches"], atol=1e-5)
-    np.testing.assert_allclose(grown.get_latent(query, namespace="query"),
-                               first.obsm["X_scarches"], atol=1e-5)
+    np.testing.assert_allclose(
+        grown.get_latent(query, namespace="query"), first.obsm["X_scarches"], atol=1e-5
+    )
     # a mix of known and new batches is refused, naming the run that contributes the new ones
     mixed = query.copy()
     mixed.obs["batch"] = mixed.obs["batch"].astype(str).replace({"smartseq2": "smartseq3"})
@@ -140,24 +155,43 @@ def test_evaluate_returns_the_cli_metrics(bundle, data, tmp_path):
     q = query.copy()
     ref = scarches_fl.Reference.load(bundle)
     ref.map(q, batch_key="batch", label_key="cell_type", max_epochs=1)
-    metrics = scarches_fl.evaluate(q, batch_key="batch", label_key="cell_type", reference=ref,
-                                   reference_data=ref_data)
+    metrics = scarches_fl.evaluate(
+        q, batch_key="batch", label_key="cell_type", reference=ref, reference_data=ref_data
+    )
     assert metrics["n_reference_cells"] == ref_data.n_obs and "plots" not in metrics
     lt = metrics["label_transfer"]
     expected = np.mean(q.obs["cell_type_pred"].astype(str) == q.obs["cell_type"].astype(str))
     assert lt["accuracy"] == pytest.approx(expected)
     q.write_h5ad(tmp_path / "mapped.h5ad")
     ref_data.write_h5ad(tmp_path / "ref.h5ad")
-    rc = main(["-q", "evaluate", "--data", str(tmp_path / "mapped.h5ad"), "--batch-key", "batch",
-               "--label-key", "cell_type", "--reference", str(bundle), "--reference-data",
-               str(tmp_path / "ref.h5ad"), "--embedding", "pca", "--report", str(tmp_path / "r")])
+    rc = main(
+        [
+            "-q",
+            "evaluate",
+            "--data",
+            str(tmp_path / "mapped.h5ad"),
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "cell_type",
+            "--reference",
+            str(bundle),
+            "--reference-data",
+            str(tmp_path / "ref.h5ad"),
+            "--embedding",
+            "pca",
+            "--report",
+            str(tmp_path / "r"),
+        ]
+    )
     assert rc == 0
     import json
 
     on_disk = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert on_disk["label_transfer"]["accuracy"] == pytest.approx(lt["accuracy"])
     assert on_disk["integration"]["ebm_reference_vs_query"] == pytest.approx(
-        metrics["integration"]["ebm_reference_vs_query"])
+        metrics["integration"]["ebm_reference_vs_query"]
+    )
 
 
 _NO_MODEL_EXTRA = """
@@ -177,8 +211,14 @@ else:
 
 
 def test_import_scarches_fl_needs_no_model_extra():
-    res = subprocess.run([sys.executable, "-c", _NO_MODEL_EXTRA], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", _NO_MODEL_EXTRA],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "'model' extra" in res.stdout and "pip install -c constraints.txt '.[model]'" in (
-        res.stdout)
+        res.stdout
+    )

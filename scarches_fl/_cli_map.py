@@ -13,7 +13,9 @@ import argparse
 import logging
 from typing import Any
 
-__all__ = ["register", "write_update", "predict_obs_labels", "write_mapped_h5ad"]
+__all__ = [
+    "register", "write_update", "predict_obs_labels", "training_summary", "write_mapped_h5ad",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--namespace", default="query",
                    help="namespace of the new conditions, e.g. your site id (default query)")
     p.add_argument("--max-epochs", type=int, default=None, metavar="N",
-                   help="fine-tuning epochs (default: from the number of cells)")
+                   help="ceiling on fine-tuning epochs (default: from the number of cells; "
+                        "conditions mode stops earlier once converged)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="uncertainty above which a cell is called Unknown (default 0.5)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,
@@ -56,6 +59,21 @@ def register(subparsers: Any) -> None:
                         "var_names")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=_map)
+
+
+def training_summary(history: dict) -> str:
+    """How fine-tuning went, for a person: epochs, passes over the cells and why it stopped."""
+    reason = {
+        "converged": "stopped: converged",
+        "max_epochs": "stopped: epoch ceiling (--max-epochs)",
+        "early_stopping": "stopped: no improvement (patience)",
+        "no_parameters": "nothing to train",
+    }.get(str(history.get("stop_reason")), "")
+    passes = history.get("passes")
+    text = f"{history.get('epochs', 0)} epochs"
+    if passes is not None:
+        text += f", {float(passes):.2f} passes over the cells"
+    return f"{text}, {reason}" if reason else text
 
 
 def write_update(directory: Any, result: Any, base_digest: str, n_cells: int) -> int:
@@ -198,7 +216,8 @@ def _map(args: argparse.Namespace) -> int:
     a = mapped.alignment
     added = (
         f"conditions added: {', '.join(mapped.new_conditions)} (mode {mapped.mode}, "
-        f"{mapped.trainable_parameters} trainable parameters, {mapped.epochs} epochs)"
+        f"{mapped.trainable_parameters} trainable parameters, "
+        f"{training_summary(mapped.training or {'epochs': mapped.epochs})})"
         if mapped.new_conditions
         else "no conditions added: every batch is already in the reference (embedded with them)"
     )

@@ -77,6 +77,9 @@ class MappedQuery:
     n_zero_cells: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: the fine-tuning history (``scarches_fl.train.fit``: ``stop_reason``, ``passes``,
+    #: ``checks``, ...); empty when nothing new was fitted
+    training: dict[str, Any] = field(default_factory=dict)
 
     @property
     def reference(self) -> Any:
@@ -225,7 +228,7 @@ def map_query(
                 adata.var_names, model.genes, min_coverage=min_gene_coverage
             )
             grown, new_conditions, diff = model, [], {}
-            epochs, trainable = 0, 0
+            epochs, trainable, training = 0, 0, {}
         elif present:
             fresh = [b for b, c in wanted.items() if c not in have]
             raise DataError(
@@ -250,6 +253,7 @@ def map_query(
             new_conditions, diff = list(result.new_conditions), dict(result.diff)
             epochs = int(result.history.get("epochs", 0))
             trainable = int(result.trainable_parameters)
+            training = dict(result.history)
     n_zero = 0
     for w in caught:
         if issubclass(w.category, DataWarning):
@@ -276,6 +280,7 @@ def map_query(
         trainable_parameters=trainable,
         n_zero_cells=n_zero,
         notes=notes,
+        training=training,
     )
     if label_key is not None:
         _transfer_labels(mapped, label_key, threshold)

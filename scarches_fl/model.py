@@ -38,6 +38,7 @@ from scarches_fl.data import DataError, GeneAlignmentReport, RegisteredData, reg
 
 __all__ = [
     "MODEL_CLASS",
+    "QUERY_CONVERGENCE",
     "SURGERY_MODES",
     "ReferenceModel",
     "SurgeryResult",
@@ -61,8 +62,20 @@ def default_reference_epochs(n_cells: int) -> int:
 
 
 def default_query_epochs(n_cells: int) -> int:
-    """Query fine-tuning of a few condition columns converges quickly: 50-200 epochs."""
+    """The ceiling on query fine-tuning epochs, 50-200 (``conditions`` mode stops earlier, on
+    convergence: ``QUERY_CONVERGENCE``)."""
     return int(max(50, min(200, round(20000 / max(n_cells, 1) * 20))))
+
+
+#: ``conditions`` mode stops on convergence by default (issue 21, ADR 0080): the validation
+#: ELBO is checked every ``check_every_cells`` training cells, and training stops once its best
+#: value improved by less than ``convergence_rtol`` of itself over ``convergence_window`` checks.
+#: Small queries (a check spans many epochs) keep running to the epoch ceiling.
+QUERY_CONVERGENCE: dict[str, Any] = {
+    "convergence_rtol": 1e-4,
+    "convergence_window": 3,
+    "check_every_cells": 16384,
+}
 
 
 @dataclass
@@ -426,13 +439,17 @@ class ReferenceModel:
             "lr": 1e-2 if mode == "conditions" else 1e-3,
             "weight_decay": 0.0,
         }
+        if mode == "conditions":
+            cfg_kw.update(QUERY_CONVERGENCE)
         cfg_kw.update(kw)
         config = TrainingConfig(**cfg_kw)
         data = _cell_data_for(reg, cond)
-        history = fit(module, data, config)
+        history = fit(module, data, config, keep_first_layer=True)
+        h0 = history.pop("first_layer", None)
         module.cpu()
         n_trainable = module.trainable_parameter_count()
-        latent = posterior_mean(module, data)
+        # the precomputed W_x x + b still holds (the gene weights are frozen): no counts re-read
+        latent = posterior_mean(module, data, h0=h0)
 
         new_tensors = module.export_tensors()
         diff: dict[str, np.ndarray] = {}

@@ -36,8 +36,8 @@ import torch
 
 from scarches_fl.module import CVAE, Minibatch
 
-__all__ = ["TrainingConfig", "CellData", "StreamingCellData", "fit", "posterior_mean",
-           "precompute_first_layer", "resolve_device"]
+__all__ = ["STOP_REASONS", "TrainingConfig", "CellData", "StreamingCellData", "fit",
+           "has_converged", "posterior_mean", "precompute_first_layer", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,15 @@ class TrainingConfig:
     early_stopping: bool = False  # scvi-tools default; the validation ELBO is still recorded
     patience: int = 15
     min_delta: float = 0.0
+    # Stop on convergence (issue 21, ADR 0080): at every check (every ``check_every_cells``
+    # training cells, within or across epochs; None: every epoch), stop once the best monitored
+    # value (validation ELBO; the training loss without validation cells) has improved by less
+    # than ``convergence_rtol`` of itself over the last ``convergence_window`` checks, and restore
+    # the best checked weights. None: run ``max_epochs`` (the ceiling either way) or early
+    # stopping. Checks never change the training trajectory (validation has its own noise).
+    convergence_rtol: float | None = None
+    convergence_window: int = 3
+    check_every_cells: int | None = None
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -229,43 +238,57 @@ def precompute_first_layer(
     device: torch.device | None = None,
 ) -> np.ndarray:
     """``W_x x + b`` for every cell, chunk by chunk (dense float32, n_cells x n_hidden)."""
-    device = device or torch.device("cpu")
-    n_hidden = int(module.hp["n_hidden"])
-    out = np.empty((data.n_cells, n_hidden), dtype=np.float32)
-    for cells, rows in _windows(data, chunk_size):
-        for start in range(0, cells.n_cells, chunk_size):
-            idx = np.arange(start, min(start + chunk_size, cells.n_cells))
-            mb = _minibatch(module, cells, idx, device, h0=None, const=None, need_input=True)
-            out[rows[idx]] = module.first_layer_genes(mb.x_in).cpu().numpy()
-    return out
+    h0, _ = _precompute(module, data, chunk_size=chunk_size,
+                        device=device or torch.device("cpu"), nb_constant=False)
+    return h0
 
 
 @torch.no_grad()
-def _precompute_nb_constant(
+def _precompute(
     module: CVAE, data: AnyCellData, *, chunk_size: int, device: torch.device,
-) -> np.ndarray:
-    out = np.empty(data.n_cells, dtype=np.float32)
+    nb_constant: bool, on_window: Any = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One pass over the cells: ``W_x x + b`` per cell and, with ``nb_constant``, the NB
+    likelihood's per-cell lgamma constant. ``on_window(cells, rows)`` sees every window (the
+    streaming trainer gathers its validation cells there, so validation is possible before the
+    first epoch ends)."""
+    n_hidden = int(module.hp["n_hidden"])
+    h0 = np.empty((data.n_cells, n_hidden), dtype=np.float32)
+    const = np.empty(data.n_cells, dtype=np.float32) if nb_constant else None
     for cells, rows in _windows(data, chunk_size):
+        if on_window is not None:
+            on_window(cells, rows)
         for start in range(0, cells.n_cells, chunk_size):
             idx = np.arange(start, min(start + chunk_size, cells.n_cells))
-            mb = _minibatch(module, cells, idx, device, h0=None, const=None, need_input=False)
-            out[rows[idx]] = module.nb_sparse_constant(mb).cpu().numpy()
-    return out
+            mb = _minibatch(module, cells, idx, device, h0=None, const=None, need_input=True)
+            h0[rows[idx]] = module.first_layer_genes(mb.x_in).cpu().numpy()
+            if const is not None:
+                const[rows[idx]] = module.nb_sparse_constant(mb).cpu().numpy()
+    return h0, const
 
 
 @torch.no_grad()
 def posterior_mean(
     module: CVAE, data: AnyCellData, *, batch_size: int = 4096,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", h0: np.ndarray | None = None,
 ) -> np.ndarray:
     """Posterior mean of q(z | x, s) for every cell, chunked (eval mode: no dropout); streaming
-    data is read window by window."""
+    data is read window by window. With ``h0`` (the precomputed ``W_x x + b`` of every cell,
+    valid while the encoder's gene weights are frozen) no counts are read at all."""
     device = torch.device(device)
     was_training = module.training
     module.eval()
     module.to(device)
     out = np.empty((data.n_cells, int(module.hp["n_latent"])), dtype=np.float32)
     try:
+        if h0 is not None:
+            cond = torch.from_numpy(np.asarray(data.cond, dtype=np.int64))
+            for start in range(0, data.n_cells, batch_size):
+                stop = min(start + batch_size, data.n_cells)
+                mean, _ = module.encode(torch.from_numpy(h0[start:stop]).to(device),
+                                        cond[start:stop].to(device))
+                out[start:stop] = mean.cpu().numpy()
+            return out
         for cells, rows in _windows(data, batch_size):
             for start in range(0, cells.n_cells, batch_size):
                 idx = np.arange(start, min(start + batch_size, cells.n_cells))
@@ -367,15 +390,38 @@ def _block_rows(blocks: Sequence[int] | np.ndarray, block_rows: int, n_cells: in
         for b in blocks])
 
 
-def fit(module: CVAE, data: AnyCellData, config: TrainingConfig) -> dict[str, Any]:
+#: Why training stopped (``history["stop_reason"]``): the epoch ceiling, the convergence rule
+#: (``TrainingConfig.convergence_rtol``), patience (``early_stopping``), nothing to train.
+STOP_REASONS = ("max_epochs", "converged", "early_stopping", "no_parameters")
+
+
+def has_converged(values: Sequence[float], *, rtol: float, window: int) -> bool:
+    """The convergence rule: with ``b_i`` the best (lowest) of ``values[:i + 1]``, true once
+    there are more than ``window`` values and ``b[-1 - window] - b[-1] <= rtol * |b[-1]|``,
+    i.e. the best value improved by at most ``rtol`` of itself over the last ``window`` checks.
+    A value that gets worse never resets the rule (noise upward is not progress)."""
+    window = max(1, int(window))
+    if len(values) <= window:
+        return False
+    best_then = min(values[:len(values) - window])
+    best_now = min(values)
+    return best_then - best_now <= float(rtol) * abs(best_now)
+
+
+def fit(module: CVAE, data: AnyCellData, config: TrainingConfig, *,
+        keep_first_layer: bool = False) -> dict[str, Any]:
     """Train ``module``'s parameters on ``data``. Returns a history dict (per-epoch losses,
-    epochs run, best epoch, seconds, seconds per epoch, trainable parameter count)."""
+    epochs run, best epoch, ``stop_reason`` (one of ``STOP_REASONS``), ``passes`` (training
+    cells seen / training cells), the convergence ``checks``, seconds, seconds per epoch,
+    trainable parameter count). With ``keep_first_layer`` and the fast path, the precomputed
+    ``W_x x + b`` array is returned under ``"first_layer"`` (for :func:`posterior_mean`)."""
     device = resolve_device(config.device)
     params = [p for p in module.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     history: dict[str, Any] = {
         "train_loss": [], "validation_elbo": [], "epochs": 0, "best_epoch": None,
         "trainable_parameters": n_trainable, "config": config.to_dict(),
+        "stop_reason": "no_parameters", "passes": 0.0, "checks": [],
     }
     if not params:
         return history
@@ -383,9 +429,12 @@ def fit(module: CVAE, data: AnyCellData, config: TrainingConfig) -> dict[str, An
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))
     try:
-        return _fit(module, data, config, device, params, history)
+        history = _fit(module, data, config, device, params, history)
     finally:
         torch.set_num_threads(old_threads)
+    if not keep_first_layer:
+        history.pop("first_layer", None)
+    return history
 
 
 def _fit(
@@ -408,20 +457,55 @@ def _fit(
         t_pre = time.perf_counter()
         h0 = const = None
         if config.precompute and _first_layer_frozen(module):
-            h0 = precompute_first_layer(module, data, chunk_size=config.chunk_size, device=device)
-            if _dispersion_frozen(module):
-                const = _precompute_nb_constant(module, data, chunk_size=config.chunk_size,
-                                                device=device)
+            # one pass over the cells; a streaming run gathers its validation cells in it too
+            h0, const = _precompute(
+                module, data, chunk_size=config.chunk_size, device=device,
+                nb_constant=_dispersion_frozen(module),
+                on_window=None if val_cache is None else val_cache.collect)
+            history["first_layer"] = h0
         history["precompute_seconds"] = time.perf_counter() - t_pre
 
         if val_cache is not None:  # the cached validation rows' h0 / constant, in val_idx order
             h0_val, const_val = _take(h0, val_idx, False), _take(const, val_idx, False)
+
+        def validate() -> float | None:
+            if len(val_idx) == 0:
+                return None
+            if isinstance(data, CellData):
+                return _validation_elbo(module, data, val_idx, device, h0, const, config)
+            assert val_cache is not None  # streaming: the cached rows, in val_idx order
+            return _validation_elbo(module, val_cache.data(), np.arange(len(val_idx)),
+                                    device, h0_val, const_val, config)
+
         optimizer = _Adam(params, lr=config.lr, weight_decay=config.weight_decay,
                           eps=config.adam_eps)
         best = math.inf
         best_state: dict[str, torch.Tensor] | None = None
         bad_epochs = 0
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        n_train = max(len(train_idx), 1)
+        converge = config.convergence_rtol is not None
+        check_cells = config.check_every_cells
+        # checks every ``check_cells`` training cells (within an epoch or across epochs) need
+        # validation cells, a fixed yardstick; otherwise the check is at the end of each epoch
+        sub_epoch = converge and check_cells is not None and len(val_idx) > 0
+        monitored: list[float] = []
+        conv_best = math.inf
+        conv_state: dict[str, torch.Tensor] | None = None
+        stop_reason = "max_epochs"
+        cells_seen = cells_since = 0
+
+        def check(value: float, epoch_float: float) -> bool:
+            """Record a convergence check; True when the rule says stop."""
+            nonlocal conv_best, conv_state
+            monitored.append(value)
+            history["checks"].append({"passes": round(cells_seen / n_train, 4),
+                                      "epoch": round(epoch_float, 4), "value": value})
+            if value < conv_best:
+                conv_best = value
+                conv_state = {n: p.detach().clone() for n, p in named}
+            return has_converged(monitored, rtol=float(config.convergence_rtol),
+                                 window=config.convergence_window)
 
         bar = None
         if config.progress:
@@ -436,8 +520,10 @@ def _fit(
                 te = time.perf_counter()
                 kl_weight = (min(1.0, epoch / config.kl_warmup_epochs)
                              if config.kl_warmup_epochs > 0 else 1.0)
+                warm = epoch + 1 >= config.kl_warmup_epochs
                 module.train()
                 total, count = 0.0, 0
+                stop = False
                 for cells, rows, perm, full in _epoch_windows(data, train_idx, is_train, rng):
                     if val_cache is not None:
                         val_cache.collect(cells, rows)
@@ -454,17 +540,22 @@ def _fit(
                         optimizer.step()
                         total += float(terms.loss.detach()) * len(idx)
                         count += len(idx)
+                        cells_seen += len(idx)
+                        cells_since += len(idx)
+                        if (sub_epoch and warm and cells_since >= int(check_cells)
+                                and (val_cache is None or val_cache.ready())):
+                            cells_since -= int(check_cells)
+                            value = validate()
+                            module.train()
+                            assert value is not None
+                            if check(value, cells_seen / n_train):
+                                stop = True
+                                break
+                    if stop:
+                        break
                 train_loss = total / max(count, 1)
                 history["train_loss"].append(train_loss)
-                val: float | None
-                if len(val_idx) == 0:
-                    val = None
-                elif isinstance(data, CellData):
-                    val = _validation_elbo(module, data, val_idx, device, h0, const, config)
-                else:  # streaming: the cached rows, in val_idx order
-                    assert val_cache is not None
-                    val = _validation_elbo(module, val_cache.data(), np.arange(len(val_idx)),
-                                           device, h0_val, const_val, config)
+                val = validate()
                 history["validation_elbo"].append(val)
                 epoch_seconds.append(time.perf_counter() - te)
                 history["epochs"] = epoch + 1
@@ -473,7 +564,16 @@ def _fit(
                     bar.update(1)
                     bar.set_postfix(loss=f"{train_loss:.1f}",
                                     val=f"{val:.1f}" if val is not None else "-")
-                if epoch + 1 < config.kl_warmup_epochs or not config.early_stopping:
+                if stop:
+                    stop_reason = "converged"
+                    log.info("converged after %.2f passes over the training cells",
+                             cells_seen / n_train)
+                    break
+                if converge and warm and not sub_epoch and check(monitor, epoch + 1):
+                    stop_reason = "converged"
+                    log.info("converged at epoch %d", epoch + 1)
+                    break
+                if not warm or not config.early_stopping:
                     continue
                 if monitor < best - config.min_delta:
                     best = monitor
@@ -485,15 +585,26 @@ def _fit(
                     if val is not None and bad_epochs >= config.patience:
                         log.info("early stopping at epoch %d (best %d)", epoch + 1,
                                  history["best_epoch"])
+                        stop_reason = "early_stopping"
                         break
         finally:
             if bar is not None:
                 bar.close()
-        if best_state is not None and config.early_stopping:
+        restore = None
+        # stopped by the rule: the best checked weights (within the window); at the ceiling the
+        # last weights, as without the rule (a small query that never converges within its
+        # ceiling trains exactly as before)
+        if stop_reason == "converged" and conv_state is not None:
+            restore = conv_state
+        elif best_state is not None and config.early_stopping:
+            restore = best_state
+        if restore is not None:
             with torch.no_grad():
                 for n, p in named:
-                    p.copy_(best_state[n])
+                    p.copy_(restore[n])
         module.eval()
+        history["stop_reason"] = stop_reason
+        history["passes"] = round(cells_seen / n_train, 4)
         history["seconds"] = time.perf_counter() - t0
         history["seconds_per_epoch"] = (float(np.mean(epoch_seconds)) if epoch_seconds
                                         else None)
@@ -520,12 +631,20 @@ class _ValidationCache:
         self.is_val[val_idx] = True
         self._parts: list[tuple[np.ndarray, CellData]] = []
         self._data: CellData | None = None
+        self._seen = np.zeros(n_cells, dtype=bool)  # rows already collected (each only once)
+        self._n_collected = 0
+
+    def ready(self) -> bool:
+        """Every validation cell has been collected."""
+        return self._data is not None or self._n_collected == len(self.val_idx)
 
     def collect(self, cells: CellData, rows: np.ndarray) -> None:
         if self._data is not None or len(self.val_idx) == 0:
             return
-        local = np.flatnonzero(self.is_val[rows])
+        local = np.flatnonzero(self.is_val[rows] & ~self._seen[rows])
         if len(local):
+            self._seen[rows[local]] = True
+            self._n_collected += len(local)
             self._parts.append((rows[local], _subset(cells, local)))
 
     def data(self) -> CellData:

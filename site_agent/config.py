@@ -20,7 +20,7 @@ Fields (all optional in the file; the required ones must come from the file or a
     batches: [celseq2, smartseq2]      # map only these batches
     out: /data/query_mapped.h5ad       # where the mapped dataset goes (stays at the site)
     timeout_s: 30                      # deadline of each registry call
-    max_epochs: 100                    # fine-tuning epochs of the new condition columns
+    max_epochs: 100                    # ceiling on fine-tuning epochs (stops once converged)
     seed: 0
     thresholds:
       min_gene_coverage: 0.5           # refuse a query covering less of the reference genes

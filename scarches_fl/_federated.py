@@ -193,6 +193,7 @@ class SiteDataset:
     train_idx: np.ndarray
     val_idx: np.ndarray
     own_conditions: list[int] = field(default_factory=list)
+    _cells: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def n_train(self) -> int:
@@ -201,6 +202,16 @@ class SiteDataset:
     @property
     def n_val(self) -> int:
         return int(len(self.val_idx))
+
+    def cells(self, part: str) -> Any:
+        """The ``"train"`` or ``"val"`` cells as a :class:`scarches_fl.train.CellData` (built
+        once)."""
+        if part not in self._cells:
+            from scarches_fl.train import CellData
+
+            idx = self.train_idx if part == "train" else self.val_idx
+            self._cells[part] = CellData(self.x[idx], self.cond[idx], lib=self.lib[idx])
+        return self._cells[part]
 
 
 def make_site_dataset(
@@ -249,23 +260,6 @@ class LocalResult:
     seconds: float
 
 
-def _minibatch(module: Any, data: SiteDataset, idx: np.ndarray, *, with_const: bool = False):
-    import torch
-
-    from scarches_fl.module import Minibatch
-
-    sub = data.x[idx]
-    counts = np.diff(sub.indptr)
-    rows = torch.from_numpy(np.repeat(np.arange(len(idx), dtype=np.int64), counts))
-    cols = torch.from_numpy(sub.indices.astype(np.int64))
-    vals = torch.from_numpy(np.asarray(sub.data, dtype=np.float32))
-    lib = torch.from_numpy(data.lib[idx])
-    cond = torch.from_numpy(data.cond[idx])
-    x_in = torch.zeros((len(idx), module.n_genes), dtype=torch.float32)
-    x_in[rows, cols] = module.transform_values(vals, lib[rows])
-    return Minibatch(cond=cond, lib=lib, rows=rows, cols=cols, vals=vals, x_in=x_in)
-
-
 def _module(hp: Mapping[str, Any], n_genes: int, n_conditions: int,
             tensors: Mapping[str, np.ndarray]) -> Any:
     from scarches_fl.module import CVAE
@@ -296,52 +290,32 @@ def local_train(
     hp: Mapping[str, Any], n_genes: int, n_conditions: int,
     global_tensors: Mapping[str, np.ndarray], data: SiteDataset, config: LocalTrainingConfig,
 ) -> LocalResult:
-    """``config.epochs`` epochs of Adam on the site's training cells, starting from the received
-    global weights; returns the site's contribution (see :func:`contribution_tensors`)."""
+    """``config.epochs`` epochs on the site's training cells, starting from the received global
+    weights, with the one training loop every model uses (:func:`scarches_fl.train.fit`: its
+    Adam, minibatching and seeding; the round's constant KL weight; FedProx on the shared
+    tensors). Returns the site's contribution (see :func:`contribution_tensors`)."""
     import time
 
-    import torch
+    from scarches_fl.train import TrainingConfig, fit
 
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        rng = np.random.default_rng(config.seed)
-        gen = torch.Generator().manual_seed(config.seed)
-        module = _module(hp, n_genes, n_conditions, global_tensors)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
-                                     eps=config.adam_eps)
-        prox: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if config.prox_mu > 0:
-            shared = set(n.replace(".", "__") for n, s in module.specs.items()
-                         if s.role != "condition")
-            for name, p in module.named_parameters():
-                if name in shared:
-                    prox.append((p, p.detach().clone()))
-        module.train()
-        total, count = 0.0, 0
-        for _ in range(int(config.epochs)):
-            perm = data.train_idx[rng.permutation(data.n_train)]
-            for s in range(0, len(perm), config.batch_size):
-                idx = perm[s:s + config.batch_size]
-                if len(idx) < 2 and len(perm) > 2:
-                    continue
-                mb = _minibatch(module, data, idx)
-                terms = module.loss(mb, kl_weight=float(config.kl_weight), generator=gen)
-                loss = terms.loss
-                if prox:
-                    penalty = sum((p - p0).pow(2).sum() for p, p0 in prox)
-                    loss = loss + 0.5 * float(config.prox_mu) * penalty
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += float(terms.loss.detach()) * len(idx)
-                count += len(idx)
-        module.eval()
-        out = contribution_tensors(module.export_tensors(), hp, n_genes, n_conditions,
-                                   data.own_conditions)
+    module = _module(hp, n_genes, n_conditions, global_tensors)
+    shared = tuple(n.replace(".", "__") for n, s in module.specs.items() if s.role != "condition")
+    history: dict[str, Any] = {"train_loss": []}
+    if data.n_train > 0:
+        history = fit(module, data.cells("train"), TrainingConfig(
+            max_epochs=int(config.epochs), batch_size=int(config.batch_size), lr=config.lr,
+            weight_decay=config.weight_decay, adam_eps=config.adam_eps, kl_warmup_epochs=0,
+            kl_weight=float(config.kl_weight), prox_mu=float(config.prox_mu),
+            prox_params=shared if config.prox_mu > 0 else None, validation_fraction=0.0,
+            early_stopping=False, seed=int(config.seed), progress=False,
+            description="federated round"))
+    module.eval()
+    out = contribution_tensors(module.export_tensors(), hp, n_genes, n_conditions,
+                               data.own_conditions)
+    losses = history["train_loss"]
     return LocalResult(tensors=out, n_train=data.n_train,
-                       train_loss=total / max(count, 1) if count else math.nan,
+                       train_loss=float(np.mean(losses)) if losses else math.nan,
                        seconds=time.perf_counter() - t0)
 
 
@@ -352,20 +326,13 @@ def validation_loss(
 ) -> tuple[float, int]:
     """Sum over the site's held-out cells of the negative ELBO (KL weight 1, fixed noise) of the
     model ``tensors``, and the number of held-out cells. ``(0.0, 0)`` without held-out cells."""
-    import torch
+    from scarches_fl.train import negative_elbo
 
     if data.n_val == 0:
         return 0.0, 0
     module = _module(hp, n_genes, n_conditions, tensors)
-    module.eval()
-    gen = torch.Generator().manual_seed(int(seed) + 1)
-    total = 0.0
-    with torch.no_grad():
-        for s in range(0, data.n_val, chunk_size):
-            idx = data.val_idx[s:s + chunk_size]
-            terms = module.loss(_minibatch(module, data, idx), kl_weight=1.0, generator=gen)
-            total += float(terms.reconstruction + terms.kl)
-    return total, data.n_val
+    mean = negative_elbo(module, data.cells("val"), seed=int(seed), chunk_size=chunk_size)
+    return mean * data.n_val, data.n_val
 
 
 # -- the coordinator's side --------------------------------------------------------------------

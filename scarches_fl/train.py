@@ -37,7 +37,8 @@ import torch
 from scarches_fl.module import CVAE, Minibatch
 
 __all__ = ["STOP_REASONS", "TrainingConfig", "CellData", "StreamingCellData", "fit",
-           "has_converged", "posterior_mean", "precompute_first_layer", "resolve_device"]
+           "has_converged", "posterior_mean", "precompute_first_layer", "resolve_device",
+           "negative_elbo"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ class TrainingConfig:
     weight_decay: float = 1e-6
     adam_eps: float = 0.01
     kl_warmup_epochs: int = 0
+    # The KL weight once warmed up (federated training: the round's weight, decided by the
+    # coordinator).
+    kl_weight: float = 1.0
+    # FedProx: ``prox_mu / 2 * ||w - w_start||^2`` over the parameters named in ``prox_params``
+    # (``named_parameters`` names; None: every trainable parameter), anchored at their values
+    # when ``fit`` starts. 0 adds nothing.
+    prox_mu: float = 0.0
+    prox_params: tuple[str, ...] | None = None
     validation_fraction: float = 0.1
     # Cap on the validation cells (whatever the fraction). Streaming keeps the validation cells'
     # counts in memory after the first epoch so that each epoch reads the file once; the cap
@@ -302,7 +311,10 @@ def posterior_mean(
 
 
 class _Adam:
-    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, as ``torch.optim.Adam``.
+    """Adam (Kingma & Ba) with L2 weight decay added to the gradient, as ``torch.optim.Adam``
+    (``amsgrad=False``, ``maximize=False``): bias-corrected moments, ``eps`` added outside the
+    square root, and, like torch, a parameter without a gradient in a step is skipped and its
+    own step count does not advance (``tests/scarches_fl/test_train_optimizer.py``).
 
     Written out because ``torch.optim`` imports ``torch._dynamo`` on first use, which costs
     several seconds per process -- longer than training a small reference. It only ever holds
@@ -315,7 +327,7 @@ class _Adam:
         self.b1, self.b2 = betas
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
-        self.t = 0
+        self.steps = [0] * len(params)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -323,12 +335,13 @@ class _Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        self.t += 1
-        c1 = 1.0 - self.b1 ** self.t
-        c2 = 1.0 - self.b2 ** self.t
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+        for i, (p, m, v) in enumerate(zip(self.params, self.m, self.v, strict=True)):
             if p.grad is None:
                 continue
+            self.steps[i] += 1
+            t = self.steps[i]
+            c1 = 1.0 - self.b1 ** t
+            c2 = 1.0 - self.b2 ** t
             g = p.grad
             if self.weight_decay:
                 g = g.add(p, alpha=self.weight_decay)
@@ -483,6 +496,7 @@ def _fit(
         best_state: dict[str, torch.Tensor] | None = None
         bad_epochs = 0
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        prox = _prox_anchors(named, config)
         n_train = max(len(train_idx), 1)
         converge = config.convergence_rtol is not None
         check_cells = config.check_every_cells
@@ -518,8 +532,9 @@ def _fit(
         try:
             for epoch in range(config.max_epochs):
                 te = time.perf_counter()
-                kl_weight = (min(1.0, epoch / config.kl_warmup_epochs)
-                             if config.kl_warmup_epochs > 0 else 1.0)
+                kl_weight = float(config.kl_weight) * (
+                    min(1.0, epoch / config.kl_warmup_epochs)
+                    if config.kl_warmup_epochs > 0 else 1.0)
                 warm = epoch + 1 >= config.kl_warmup_epochs
                 module.train()
                 total, count = 0.0, 0
@@ -535,8 +550,12 @@ def _fit(
                         mb = _minibatch(module, cells, idx, device, h0=h0_w, const=const_w,
                                         need_input=True)
                         terms = module.loss(mb, kl_weight=kl_weight, generator=gen)
+                        loss = terms.loss
+                        if prox:
+                            penalty = sum((p - p0).pow(2).sum() for p, p0 in prox)
+                            loss = loss + 0.5 * float(config.prox_mu) * penalty
                         optimizer.zero_grad()
-                        terms.loss.backward()
+                        loss.backward()
                         optimizer.step()
                         total += float(terms.loss.detach()) * len(idx)
                         count += len(idx)
@@ -619,6 +638,20 @@ def _fit(
     return history
 
 
+def _prox_anchors(
+    named: list[tuple[str, torch.nn.Parameter]], config: TrainingConfig,
+) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, its value at the start) for the FedProx term; empty when ``prox_mu`` is 0."""
+    if config.prox_mu <= 0:
+        return []
+    wanted = None if config.prox_params is None else set(config.prox_params)
+    if wanted is not None:
+        unknown = wanted - {n for n, _ in named}
+        if unknown:
+            raise ValueError(f"prox_params names no trainable parameter: {sorted(unknown)[:5]}")
+    return [(p, p.detach().clone()) for n, p in named if wanted is None or n in wanted]
+
+
 class _ValidationCache:
     """The validation cells' counts, gathered from the training windows of the first epoch (an
     epoch reads every block once, validation cells included), so that validation never reads
@@ -669,6 +702,19 @@ class _ValidationCache:
 def _subset(cells: CellData, local: np.ndarray) -> CellData:
     labels = None if cells.labels is None else cells.labels[local]
     return CellData(cells.x[local], cells.cond[local], lib=cells.lib[local], labels=labels)
+
+
+def negative_elbo(
+    module: CVAE, data: CellData, *, seed: int = 0, chunk_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Mean negative ELBO per cell of ``module`` on every cell of ``data`` (KL weight 1, noise
+    fixed by ``seed``): the validation loss :func:`fit` records, for cells held out elsewhere
+    (a federated site scores the model it received). ``data`` must hold at least one cell."""
+    config = TrainingConfig(seed=seed, chunk_size=chunk_size)
+    device = torch.device(device)
+    module.to(device)
+    return _validation_elbo(module, data, np.arange(data.n_cells), device, None, None, config)
 
 
 @torch.no_grad()

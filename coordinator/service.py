@@ -371,7 +371,6 @@ class Registry:
         return Receipt(
             leaf_index=index,
             leaf_hash=entry.leaf_hash,
-            tree_size=cp.size,
             signed_note=cp.signed_note,
             inclusion_proof=tuple(self.store.inclusion_proof(index, cp.size)),
             duplicate=duplicate,

@@ -110,7 +110,7 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(_ST_TO_NP.values())
 TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,255}")
 NAMESPACE_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 BATCH_RE = re.compile(r"[A-Za-z0-9._+-]{1,128}")
-CONDITION_NAME_RE = re.compile(r"([a-z0-9][a-z0-9._-]{0,63})/([A-Za-z0-9._+-]{1,128})")
+CONDITION_NAME_RE = re.compile(f"({NAMESPACE_RE.pattern})/({BATCH_RE.pattern})")
 
 _TENSOR_LEAF_TAG = b"scarches-fl.tensor.v1\x00"
 _MANIFEST_LEAF_TAG = b"scarches-fl.manifest.v1\x00"
@@ -242,7 +242,7 @@ def validate_manifest(manifest: Mapping[str, Any], tensors: Mapping[str, np.ndar
         if not isinstance(c, str) or not CONDITION_NAME_RE.fullmatch(c):
             raise BundleError(
                 f"condition name {c!r} is not '<namespace>/<batch>' (namespace "
-                "[a-z0-9][a-z0-9._-]{0,63}, batch [A-Za-z0-9._+-]{1,128})",
+                f"{NAMESPACE_RE.pattern}, batch {BATCH_RE.pattern})",
                 reason_code="E_CONDITION_NAME",
             )
     if len(set(conditions)) != len(conditions):

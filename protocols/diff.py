@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 
 from protocols.bundle import (
+    BATCH_RE,
     CONDITION_NAME_RE,
+    NAMESPACE_RE,
     ReferenceBundle,
     make_bundle,
     safetensors_from_bytes,
@@ -83,8 +85,7 @@ def check_new_conditions(
             raise UpdateRejectedError(
                 "E_CONDITION_NAME",
                 f"condition name {str(c)[:160]!r} is not '<namespace>/<batch>' in ASCII "
-                "(namespace [a-z0-9][a-z0-9._-]{0,63}, batch [A-Za-z0-9._+-]{1,128}); rename "
-                "the batch",
+                f"(namespace {NAMESPACE_RE.pattern}, batch {BATCH_RE.pattern}); rename the batch",
             )
         ns, batch = c.split("/", 1)
         if batch in (".", "..") or ns in (".", ".."):

@@ -1234,21 +1234,27 @@ RECEIPT_FORMAT = "scarches-fl.receipt"
 
 @dataclass(frozen=True)
 class Receipt:
-    """Proof that an entry was logged: index, leaf hash, the signed checkpoint note that includes
-    it, and the inclusion proof from the leaf to that checkpoint's root."""
+    """Proof that an entry was logged: its index, its leaf hash, the signed checkpoint note that
+    includes it, and the inclusion proof from the leaf to that checkpoint's root. The one
+    definition: the coordinator builds it, the gRPC answer carries it
+    (:mod:`protocols.proto.serde`), a site verifies it with :func:`verify_receipt` and stores its
+    canonical JSON (``log_index`` and ``checkpoint`` there). ``duplicate`` says the coordinator
+    already held this entry and answered with its original receipt; it is not part of the proof
+    and not serialised."""
 
-    log_index: int
+    leaf_index: int
     leaf_hash: bytes
-    checkpoint: bytes  # the C2SP signed note, exactly as served
+    signed_note: bytes  # the C2SP signed note, exactly as served
     inclusion_proof: tuple[bytes, ...]
+    duplicate: bool = False
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
             "format": RECEIPT_FORMAT,
             "format_version": 1,
-            "log_index": self.log_index,
+            "log_index": self.leaf_index,
             "leaf_hash": self.leaf_hash.hex(),
-            "checkpoint": self.checkpoint.decode("utf-8"),
+            "checkpoint": self.signed_note.decode("utf-8"),
             "inclusion_proof": [h.hex() for h in self.inclusion_proof],
         }
 
@@ -1286,7 +1292,7 @@ def parse_receipt(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Receipt:
 
 
 def verify_receipt(receipt: Receipt, envelope: bytes, *, policy: TrustPolicy) -> Any:
-    """Check that ``envelope`` is leaf ``receipt.log_index`` of the log whose checkpoint the
+    """Check that ``envelope`` is leaf ``receipt.leaf_index`` of the log whose checkpoint the
     receipt carries, signed by the log key pinned in ``policy``. Returns verified
     :class:`protocols.checkpoint.Checkpoint`; raises :class:`ReceiptError`."""
     from protocols.checkpoint import verify_checkpoint
@@ -1295,14 +1301,14 @@ def verify_receipt(receipt: Receipt, envelope: bytes, *, policy: TrustPolicy) ->
     if not hmac.compare_digest(leaf, receipt.leaf_hash):
         raise ReceiptError("the receipt is for another entry: leaf hash differs from the envelope's")
     try:
-        cp = verify_checkpoint(receipt.checkpoint, origin=policy.origin, log_verifier=policy.log_public_key)
+        cp = verify_checkpoint(receipt.signed_note, origin=policy.origin, log_verifier=policy.log_public_key)
     except VerificationError as exc:
         raise ReceiptError(f"the receipt's checkpoint does not verify: {exc}", reason_code=exc.reason_code
                            if exc.reason_code.startswith("E_CHECKPOINT") else "E_RECEIPT_INVALID") from exc
-    if not receipt.log_index < cp.size:
-        raise ReceiptError(f"log index {receipt.log_index} is not inside the checkpoint (size {cp.size})")
+    if not receipt.leaf_index < cp.size:
+        raise ReceiptError(f"log index {receipt.leaf_index} is not inside the checkpoint (size {cp.size})")
     try:
-        merkle.verify_inclusion(leaf, receipt.log_index, cp.size, list(receipt.inclusion_proof), cp.root_hash)
+        merkle.verify_inclusion(leaf, receipt.leaf_index, cp.size, list(receipt.inclusion_proof), cp.root_hash)
     except VerificationError as exc:
         raise ReceiptError(f"inclusion proof does not verify: {exc}", reason_code="E_PROOF_INVALID") from exc
     return cp

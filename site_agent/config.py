@@ -38,14 +38,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from protocols.bundle import NAMESPACE_RE
 from protocols.errors import ConfigError
 
-__all__ = ["SiteConfig", "Thresholds", "load_config", "merge_flags", "SITE_ID_RE"]
+__all__ = ["SiteConfig", "Thresholds", "load_config", "merge_flags"]
 
 logger = logging.getLogger(__name__)
 
-#: A site id is also its condition namespace (CONTRACTS.md section 1).
-SITE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _BATCH_RE = re.compile(r"^[^,\s][^,]*$")
 _MAX_CONFIG_BYTES = 256 * 1024
 
@@ -134,7 +133,7 @@ def _as_address(source: str, name: str, value: Any) -> str:
 
 def _as_site_id(source: str, name: str, value: Any) -> str:
     text = _as_str(source, name, value)
-    if not SITE_ID_RE.match(text):
+    if not NAMESPACE_RE.fullmatch(text):  # a site id is its condition namespace
         raise _err(
             source, name,
             "must be 1-64 characters of a-z, 0-9, '.', '_', '-' starting with a letter or digit "

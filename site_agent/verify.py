@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocols.errors import ScarchesFLError, VerificationError
+from protocols.ledger import Receipt
 from site_agent import _protocol as proto
 from site_agent.state import SiteState
 
@@ -259,34 +260,18 @@ class VerifiedReceipt:
 
 
 def verify_receipt(
-    client: Any, receipt: Any, *, envelope: bytes, state: SiteState, trust: proto.Trust,
+    client: Any, receipt: Receipt, *, envelope: bytes, state: SiteState, trust: proto.Trust,
 ) -> VerifiedReceipt:
     """Check a receipt: its leaf is our envelope, its checkpoint is signed by the pinned log key,
     the inclusion proof leads to that checkpoint's root, and that checkpoint is consistent with
     the last one this site verified. Moves the stored checkpoint forward (never back)."""
     from protocols.checkpoint import check_checkpoint_advance
-    from protocols.merkle import leaf_hash, verify_inclusion
+    from protocols.ledger import verify_receipt as verify_receipt_proof
 
-    want_leaf = leaf_hash(envelope)
-    if bytes(receipt.leaf_hash) != want_leaf:
-        raise SiteTrustError(
-            "the receipt names another leaf than this update's envelope; the coordinator did "
-            "not log what was sent", reason_code="E_RECEIPT_INVALID",
-        )
     try:
-        cp = proto.verify_checkpoint_note(receipt.signed_note, trust)
+        cp = verify_receipt_proof(receipt, envelope, policy=trust.policy)
     except VerificationError as exc:
-        raise _wrap(exc, "the receipt's checkpoint is not signed by the pinned log key") from exc
-    if cp.size != receipt.tree_size:
-        raise SiteTrustError(
-            f"the receipt says tree size {receipt.tree_size}, its signed checkpoint {cp.size}",
-            reason_code="E_RECEIPT_INVALID",
-        )
-    try:
-        verify_inclusion(want_leaf, int(receipt.leaf_index), cp.size,
-                         list(receipt.inclusion_proof), cp.root_hash)
-    except VerificationError as exc:
-        raise _wrap(exc, "the receipt's inclusion proof does not verify") from exc
+        raise _wrap(exc, "the coordinator's receipt does not prove this update was logged") from exc
     old = verified_checkpoint_from_state(state, trust)
     try:
         if old is None or cp.size >= old.size:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocols.errors import REASON_CODES, UpdateRejectedError, VerificationError
-from protocols.ledger import BlobRef
+from protocols.ledger import BlobRef, Receipt
 from protocols.proto import registry_pb2 as pb
 
 __all__ = [
@@ -91,19 +91,6 @@ class EntriesPage:
     entries: tuple[LedgerEntry, ...]
     next_start: int
     tree_size: int
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """Proof that an update was logged: its index, the signed checkpoint that includes it and
-    the inclusion proof. Verify all three before relying on it."""
-
-    leaf_index: int
-    leaf_hash: bytes
-    tree_size: int
-    signed_note: bytes
-    inclusion_proof: tuple[bytes, ...]
-    duplicate: bool = False
 
 
 class SubmissionRejectedError(UpdateRejectedError):
@@ -255,10 +242,12 @@ def entries_page_from_proto(m: pb.GetEntriesResponse) -> EntriesPage:
 
 
 def receipt_to_proto(x: Receipt) -> pb.Receipt:
+    from protocols.checkpoint import parse_checkpoint_body, parse_note
+
     return pb.Receipt(
         leaf_index=x.leaf_index,
         leaf_hash=x.leaf_hash,
-        tree_size=x.tree_size,
+        tree_size=parse_checkpoint_body(parse_note(x.signed_note).text).size,
         signed_note=x.signed_note,
         inclusion_proof=list(x.inclusion_proof),
         duplicate=x.duplicate,
@@ -266,10 +255,11 @@ def receipt_to_proto(x: Receipt) -> pb.Receipt:
 
 
 def receipt_from_proto(m: pb.Receipt) -> Receipt:
+    """The receipt; the message's ``tree_size`` is not kept: the signed note says the size, and
+    :func:`protocols.ledger.verify_receipt` reads it from there."""
     return Receipt(
         leaf_index=m.leaf_index,
         leaf_hash=bytes(m.leaf_hash),
-        tree_size=m.tree_size,
         signed_note=bytes(m.signed_note),
         inclusion_proof=tuple(bytes(h) for h in m.inclusion_proof),
         duplicate=m.duplicate,

@@ -178,12 +178,12 @@ def test_receipts():
     assert cp.size == st.size
     with pytest.raises(ReceiptError):
         verify_receipt(r2, c.entries[0], policy=c.trust)
-    bad = type(r)(r.log_index, r.leaf_hash, r.checkpoint, tuple(reversed(r.inclusion_proof)) + (b"\x00" * 32,))
+    bad = type(r)(r.leaf_index, r.leaf_hash, r.signed_note, tuple(reversed(r.inclusion_proof)) + (b"\x00" * 32,))
     with pytest.raises(ReceiptError):
         verify_receipt(bad, u.envelope, policy=c.trust)
     forged = sign_checkpoint(Checkpoint(ORIGIN, st.size, st.root()), type(c.log_signer)(ORIGIN, b"\x09" * 32))
     with pytest.raises(ReceiptError):
-        verify_receipt(type(r)(r.log_index, r.leaf_hash, forged, r.inclusion_proof), u.envelope, policy=c.trust)
+        verify_receipt(type(r)(r.leaf_index, r.leaf_hash, forged, r.inclusion_proof), u.envelope, policy=c.trust)
 
 
 def test_blob_lookup_errors_are_typed():

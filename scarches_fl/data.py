@@ -360,7 +360,7 @@ def _check_values(x: sp.csr_matrix, *, likelihood: str, where: str) -> None:
             f"{where} contains negative values ({int((data < 0).sum())} entries); the model needs "
             "raw counts. Read the raw counts layer (--layer counts) instead of scaled data"
         )
-    if likelihood == "nb" and data.size and not np.array_equal(data, np.round(data)):
+    if likelihood in ("nb", "zinb") and data.size and not np.array_equal(data, np.round(data)):
         raise DataError(
             f"{where} contains non-integer values but the negative binomial likelihood needs raw "
             "integer counts. Use raw counts (e.g. --layer counts), or train with "

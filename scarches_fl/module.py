@@ -11,6 +11,18 @@ Architecture (scArches / scVI):
   ``softmax`` scale times the observed library size (NB) or ReLU of a linear map (trVAE, MSE on
   log-normalized values, plus MMD between conditions on ``g1``'s activations).
 
+Options for references imported from scvi-tools (``scarches_fl.scvi_interop``), each stored in the
+hyperparameters only when it differs from the default, so bundles that do not use them keep their
+digests: ``inject_covariates`` (``"first"``: the condition enters the first layer only; ``"all"``:
+every hidden layer, scvi-tools' default), ``encode_covariates`` (``False``: the encoder does not
+see the condition at all, scvi-tools' default), ``use_batch_norm`` / ``use_layer_norm``
+(``"none"``, ``"encoder"``, ``"decoder"``, ``"both"``; ``use_layer_norm`` also takes the booleans
+of older bundles; batch norm always normalises with its stored running statistics, so it is
+supported for imported references, not for training one), ``likelihood="zinb"`` (a gene-wise
+zero-inflation logit from a linear head on the last decoder layer), and a classifier with
+``classifier_layers`` hidden layers of ``classifier_hidden`` units (scANVI's) instead of a linear
+one.
+
 Every tensor lives in a named *slot*. A ``condition`` tensor (the ``W_s`` blocks, a per-condition
 dispersion) is split in two slots along its condition axis: the columns that existed before
 surgery (``old``) and the new ones (``new``); the forward pass concatenates them. Each slot is
@@ -40,6 +52,10 @@ __all__ = [
     "tensor_specs",
     "TRAINING_MODES",
     "default_hyperparameters",
+    "LIKELIHOODS",
+    "OPTION_DEFAULTS",
+    "norm_flags",
+    "option",
 ]
 
 TRAINING_MODES = ("reference", "conditions", "input_layers", "full")
@@ -75,13 +91,55 @@ def default_hyperparameters(**overrides: Any) -> dict[str, Any]:
     for k, v in overrides.items():
         if v is not None:
             hp[k] = v
-    if hp["likelihood"] not in ("nb", "trvae"):
-        raise ValueError(f"likelihood must be 'nb' or 'trvae', not {hp['likelihood']!r}")
+    if hp["likelihood"] not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {hp['likelihood']!r}")
     if hp["dispersion"] not in ("gene", "gene-batch"):
         raise ValueError(f"dispersion must be 'gene' or 'gene-batch', not {hp['dispersion']!r}")
     if int(hp["n_layers"]) < 1:
         raise ValueError("n_layers must be at least 1")
+    if option(hp, "inject_covariates") not in ("first", "all"):
+        raise ValueError("inject_covariates must be 'first' or 'all', "
+                         f"not {hp['inject_covariates']!r}")
+    if not isinstance(option(hp, "encode_covariates"), bool):
+        raise ValueError("encode_covariates must be true or false")
+    for key in ("use_batch_norm", "use_layer_norm"):
+        value = option(hp, key)
+        if not isinstance(value, bool) and value not in NORM_PLACES:
+            raise ValueError(f"{key} must be one of {NORM_PLACES}, not {value!r}")
+    if int(option(hp, "classifier_layers")) < 0 or int(option(hp, "classifier_hidden")) < 0:
+        raise ValueError("classifier_layers and classifier_hidden must be >= 0")
+    if int(option(hp, "classifier_layers")) > 0 and int(option(hp, "classifier_hidden")) < 1:
+        raise ValueError("a classifier with hidden layers needs classifier_hidden >= 1")
     return hp
+
+
+LIKELIHOODS = ("nb", "zinb", "trvae")
+NORM_PLACES = ("none", "encoder", "decoder", "both")
+#: Options absent from older bundles' hyperparameters, with the value that absence means.
+OPTION_DEFAULTS: dict[str, Any] = {
+    "inject_covariates": "first",
+    "encode_covariates": True,
+    "use_batch_norm": "none",
+    "classifier_layers": 0,
+    "classifier_hidden": 0,
+}
+BATCH_NORM_EPS = 1e-3  # scvi-tools' BatchNorm1d(eps=0.001)
+
+
+def option(hp: Mapping[str, Any], key: str) -> Any:
+    """``hp[key]``, or what its absence means (:data:`OPTION_DEFAULTS`)."""
+    return hp.get(key, OPTION_DEFAULTS.get(key))
+
+
+def norm_flags(hp: Mapping[str, Any], part: str) -> tuple[bool, bool]:
+    """(batch norm, layer norm) of the hidden layers of ``part`` (``encoder`` / ``decoder``)."""
+    bn = option(hp, "use_batch_norm")
+    ln = hp.get("use_layer_norm", True)
+    if isinstance(ln, bool):
+        ln = "both" if ln else "none"
+    if isinstance(bn, bool):
+        bn = "both" if bn else "none"
+    return bn in (part, "both"), ln in (part, "both")
 
 
 @dataclass(frozen=True)
@@ -92,18 +150,38 @@ class TensorSpec:
     fan_in: int = 1
 
 
+def _batch_norm_specs(s: dict[str, TensorSpec], prefix: str, width: int) -> None:
+    for part in _BN_PARTS:
+        s[f"{prefix}.bn.{part}"] = TensorSpec((width,), "frozen", None, 0)
+
+
+_BN_PARTS = ("weight", "bias", "running_mean", "running_var")
+
+
 def tensor_specs(hp: Mapping[str, Any], n_genes: int, n_conditions: int) -> dict[str, TensorSpec]:
     """Name -> shape/role of every tensor of the module, in a fixed order."""
     h, nl, lat = int(hp["n_hidden"]), int(hp["n_layers"]), int(hp["n_latent"])
     c = n_conditions
+    deep = option(hp, "inject_covariates") == "all"
+    enc_cov = bool(option(hp, "encode_covariates"))
+    enc_bn, _ = norm_flags(hp, "encoder")
+    dec_bn, _ = norm_flags(hp, "decoder")
     s: dict[str, TensorSpec] = {}
-    fan = n_genes + c
+    fan = n_genes + (c if enc_cov else 0)
     s["encoder.layers.0.weight_x"] = TensorSpec((h, n_genes), "frozen", None, fan)
-    s["encoder.layers.0.weight_s"] = TensorSpec((h, c), "condition", 1, fan)
+    if enc_cov:
+        s["encoder.layers.0.weight_s"] = TensorSpec((h, c), "condition", 1, fan)
     s["encoder.layers.0.bias"] = TensorSpec((h,), "frozen", None, fan)
+    if enc_bn:
+        _batch_norm_specs(s, "encoder.layers.0", h)
     for i in range(1, nl):
-        s[f"encoder.layers.{i}.weight"] = TensorSpec((h, h), "frozen", None, h)
-        s[f"encoder.layers.{i}.bias"] = TensorSpec((h,), "frozen", None, h)
+        fan = h + (c if deep and enc_cov else 0)
+        s[f"encoder.layers.{i}.weight"] = TensorSpec((h, h), "frozen", None, fan)
+        if deep and enc_cov:
+            s[f"encoder.layers.{i}.weight_s"] = TensorSpec((h, c), "condition", 1, fan)
+        s[f"encoder.layers.{i}.bias"] = TensorSpec((h,), "frozen", None, fan)
+        if enc_bn:
+            _batch_norm_specs(s, f"encoder.layers.{i}", h)
     for head in ("mean", "var"):
         s[f"encoder.{head}.weight"] = TensorSpec((lat, h), "frozen", None, h)
         s[f"encoder.{head}.bias"] = TensorSpec((lat,), "frozen", None, h)
@@ -111,16 +189,35 @@ def tensor_specs(hp: Mapping[str, Any], n_genes: int, n_conditions: int) -> dict
     s["decoder.layers.0.weight_z"] = TensorSpec((h, lat), "frozen", None, fan)
     s["decoder.layers.0.weight_s"] = TensorSpec((h, c), "condition", 1, fan)
     s["decoder.layers.0.bias"] = TensorSpec((h,), "frozen", None, fan)
+    if dec_bn:
+        _batch_norm_specs(s, "decoder.layers.0", h)
     for i in range(1, nl):
-        s[f"decoder.layers.{i}.weight"] = TensorSpec((h, h), "frozen", None, h)
-        s[f"decoder.layers.{i}.bias"] = TensorSpec((h,), "frozen", None, h)
+        fan = h + (c if deep else 0)
+        s[f"decoder.layers.{i}.weight"] = TensorSpec((h, h), "frozen", None, fan)
+        if deep:
+            s[f"decoder.layers.{i}.weight_s"] = TensorSpec((h, c), "condition", 1, fan)
+        s[f"decoder.layers.{i}.bias"] = TensorSpec((h,), "frozen", None, fan)
+        if dec_bn:
+            _batch_norm_specs(s, f"decoder.layers.{i}", h)
     s["decoder.out.weight"] = TensorSpec((n_genes, h), "frozen", None, h)
     s["decoder.out.bias"] = TensorSpec((n_genes,), "frozen", None, h)
+    if hp["likelihood"] == "zinb":
+        s["decoder.dropout.weight"] = TensorSpec((n_genes, h), "frozen", None, h)
+        s["decoder.dropout.bias"] = TensorSpec((n_genes,), "frozen", None, h)
     n_labels = int(hp.get("n_labels", 0) or 0)
     if n_labels > 0:
-        s["classifier.weight"] = TensorSpec((n_labels, lat), "frozen", None, lat)
-        s["classifier.bias"] = TensorSpec((n_labels,), "frozen", None, lat)
-    if hp["likelihood"] == "nb":
+        n_cls_layers = int(option(hp, "classifier_layers"))
+        ch = int(option(hp, "classifier_hidden"))
+        width = lat
+        for i in range(n_cls_layers):
+            s[f"classifier.layers.{i}.weight"] = TensorSpec((ch, width), "frozen", None, width)
+            s[f"classifier.layers.{i}.bias"] = TensorSpec((ch,), "frozen", None, width)
+            if enc_bn:
+                _batch_norm_specs(s, f"classifier.layers.{i}", ch)
+            width = ch
+        s["classifier.weight"] = TensorSpec((n_labels, width), "frozen", None, width)
+        s["classifier.bias"] = TensorSpec((n_labels,), "frozen", None, width)
+    if hp["likelihood"] in ("nb", "zinb"):
         if hp["dispersion"] == "gene-batch":
             s["px_r"] = TensorSpec((n_genes, c), "condition", 1, 0)
         else:
@@ -195,8 +292,17 @@ class CVAE(nn.Module):
         self.specs = tensor_specs(self.hp, n_genes, n_conditions)
         self.n_layers = int(self.hp["n_layers"])
         self.dropout_rate = float(self.hp["dropout_rate"])
-        self.use_layer_norm = bool(self.hp["use_layer_norm"])
         self.likelihood = str(self.hp["likelihood"])
+        self.encoder_norms = norm_flags(self.hp, "encoder")
+        self.decoder_norms = norm_flags(self.hp, "decoder")
+        self.deep_covariates = option(self.hp, "inject_covariates") == "all"
+        self.encode_covariates = bool(option(self.hp, "encode_covariates"))
+        self.classifier_layers = int(option(self.hp, "classifier_layers"))
+        if mode == "reference" and (self.encoder_norms[0] or self.decoder_norms[0]):
+            raise ValueError(
+                "batch norm normalises with stored running statistics and cannot train a "
+                "reference; use layer norm (use_batch_norm='none') or import a trained one"
+            )
         for name, spec in self.specs.items():
             if spec.role == "condition":
                 ax = spec.axis
@@ -212,6 +318,8 @@ class CVAE(nn.Module):
     # -- slots --------------------------------------------------------------------------------
 
     def _trainable(self, name: str, *, old: bool = False) -> bool:
+        if name.endswith((".bn.running_mean", ".bn.running_var")):
+            return False  # statistics, never optimised
         if self.mode in ("reference", "full"):
             return True
         if self.mode == "input_layers":
@@ -280,6 +388,10 @@ class CVAE(nn.Module):
                 t = getattr(self, attr)
                 if name == "px_r":
                     t.copy_(torch.randn(t.shape, generator=generator))
+                elif name.endswith((".bn.weight", ".bn.running_var")):
+                    t.fill_(1.0)
+                elif name.endswith((".bn.bias", ".bn.running_mean")):
+                    t.zero_()
                 else:
                     bound = 1.0 / math.sqrt(max(spec.fan_in, 1))
                     t.copy_((torch.rand(t.shape, generator=generator) * 2 - 1) * bound)
@@ -320,38 +432,72 @@ class CVAE(nn.Module):
         return F.linear(x_in, self.tensor("encoder.layers.0.weight_x"),
                         self.tensor("encoder.layers.0.bias"))
 
-    def _act(self, h: torch.Tensor, *, dropout: bool) -> torch.Tensor:
-        if self.use_layer_norm:
+    def _act(self, h: torch.Tensor, *, dropout: bool, prefix: str = "",
+             norms: tuple[bool, bool] = (False, True)) -> torch.Tensor:
+        batch_norm, layer_norm = norms
+        if batch_norm:
+            h = F.batch_norm(h, self.tensor(f"{prefix}.bn.running_mean"),
+                             self.tensor(f"{prefix}.bn.running_var"),
+                             self.tensor(f"{prefix}.bn.weight"), self.tensor(f"{prefix}.bn.bias"),
+                             training=False, eps=BATCH_NORM_EPS)
+        if layer_norm:
             h = F.layer_norm(h, h.shape[-1:])
         h = F.relu(h)
         if dropout and self.dropout_rate > 0:
             h = F.dropout(h, self.dropout_rate, training=self.training)
         return h
 
+    def _condition_term(self, name: str, cond: torch.Tensor) -> torch.Tensor:
+        return self.tensor(name).t()[cond]
+
     def encode(self, h0: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and variance from the first layer's gene part ``h0``."""
-        ws = self.tensor("encoder.layers.0.weight_s")
-        h = self._act(h0 + ws.t()[cond], dropout=True)
+        norms = self.encoder_norms
+        if self.encode_covariates:
+            h0 = h0 + self._condition_term("encoder.layers.0.weight_s", cond)
+        h = self._act(h0, dropout=True, prefix="encoder.layers.0", norms=norms)
         for i in range(1, self.n_layers):
-            h = self._act(F.linear(h, self.tensor(f"encoder.layers.{i}.weight"),
-                                   self.tensor(f"encoder.layers.{i}.bias")), dropout=True)
+            pre = F.linear(h, self.tensor(f"encoder.layers.{i}.weight"),
+                           self.tensor(f"encoder.layers.{i}.bias"))
+            if self.deep_covariates and self.encode_covariates:
+                pre = pre + self._condition_term(f"encoder.layers.{i}.weight_s", cond)
+            h = self._act(pre, dropout=True, prefix=f"encoder.layers.{i}", norms=norms)
         mean = F.linear(h, self.tensor("encoder.mean.weight"), self.tensor("encoder.mean.bias"))
         var = torch.exp(F.linear(h, self.tensor("encoder.var.weight"),
                                  self.tensor("encoder.var.bias"))) + _VAR_EPS
         return mean, var
 
-    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (first decoder layer activations, output pre-activation)."""
-        ws = self.tensor("decoder.layers.0.weight_s")
-        g1 = self._act(F.linear(z, self.tensor("decoder.layers.0.weight_z"),
-                                self.tensor("decoder.layers.0.bias")) + ws.t()[cond],
-                       dropout=False)
+    def decode_hidden(self, z: torch.Tensor,
+                      cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first decoder layer activations, last hidden layer activations)."""
+        norms = self.decoder_norms
+        pre = F.linear(z, self.tensor("decoder.layers.0.weight_z"),
+                       self.tensor("decoder.layers.0.bias"))
+        g1 = self._act(pre + self._condition_term("decoder.layers.0.weight_s", cond),
+                       dropout=False, prefix="decoder.layers.0", norms=norms)
         h = g1
         for i in range(1, self.n_layers):
-            h = self._act(F.linear(h, self.tensor(f"decoder.layers.{i}.weight"),
-                                   self.tensor(f"decoder.layers.{i}.bias")), dropout=False)
-        out = F.linear(h, self.tensor("decoder.out.weight"), self.tensor("decoder.out.bias"))
-        return g1, out
+            pre = F.linear(h, self.tensor(f"decoder.layers.{i}.weight"),
+                           self.tensor(f"decoder.layers.{i}.bias"))
+            if self.deep_covariates:
+                pre = pre + self._condition_term(f"decoder.layers.{i}.weight_s", cond)
+            h = self._act(pre, dropout=False, prefix=f"decoder.layers.{i}", norms=norms)
+        return g1, h
+
+    def decode(self, z: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (first decoder layer activations, output pre-activation)."""
+        g1, h = self.decode_hidden(z, cond)
+        return g1, F.linear(h, self.tensor("decoder.out.weight"), self.tensor("decoder.out.bias"))
+
+    def classify(self, mean: torch.Tensor) -> torch.Tensor:
+        """Classifier logits from the posterior mean (hidden layers use the encoder's norms)."""
+        h = mean
+        for i in range(self.classifier_layers):
+            h = self._act(F.linear(h, self.tensor(f"classifier.layers.{i}.weight"),
+                                   self.tensor(f"classifier.layers.{i}.bias")),
+                          dropout=True, prefix=f"classifier.layers.{i}",
+                          norms=self.encoder_norms)
+        return F.linear(h, self.tensor("classifier.weight"), self.tensor("classifier.bias"))
 
     def log_theta(self, cond: torch.Tensor) -> torch.Tensor:
         px_r = self.tensor("px_r")
@@ -371,16 +517,21 @@ class CVAE(nn.Module):
         term = torch.lgamma(v + theta) - torch.lgamma(theta) - torch.lgamma(v + 1.0)
         return term.new_zeros(mb.size).index_add_(0, mb.rows, term)
 
-    def reconstruction(self, mb: Minibatch, out: torch.Tensor) -> torch.Tensor:
-        """Sum over cells of the negative log-likelihood (NB) or squared error (trVAE), computed
-        from the dense decoder output and the *sparse* observed values."""
-        if self.likelihood == "nb":
+    def reconstruction(self, mb: Minibatch, out: torch.Tensor,
+                       dropout_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over cells of the negative log-likelihood (NB, ZINB with ``dropout_logits``) or
+        squared error (trVAE), computed from the dense decoder output and the *sparse* observed
+        values."""
+        if self.likelihood in ("nb", "zinb"):
             logp = F.log_softmax(out, dim=-1)  # log of the decoder's scale
             log_lib = torch.log(mb.lib.clamp_min(_LOG_EPS))
             mu = torch.exp(logp) * mb.lib.unsqueeze(1)
             log_theta = self.log_theta(mb.cond)
             theta = torch.exp(log_theta)
             log_theta_mu = torch.log(theta + mu + _LOG_EPS)
+            if self.likelihood == "zinb":
+                return self._zinb_nll(mb, logp, log_lib, log_theta, theta, log_theta_mu,
+                                      dropout_logits)
             # Dense part (every gene): theta * (log theta - log(theta + mu)).
             dense = (theta * (log_theta - log_theta_mu)).sum()
             # Sparse part (x > 0 only): x * (log mu - log(theta + mu)) + lgamma terms.
@@ -398,6 +549,29 @@ class CVAE(nn.Module):
         y = self.transform_values(mb.vals, mb.lib[mb.rows])
         cross = (recon.reshape(-1).index_select(0, mb.flat_index(self.n_genes)) * y).sum()
         return (recon * recon).sum() - 2.0 * cross + (y * y).sum()
+
+    def _zinb_nll(self, mb: Minibatch, logp: torch.Tensor, log_lib: torch.Tensor,
+                  log_theta: torch.Tensor, theta: torch.Tensor, log_theta_mu: torch.Tensor,
+                  pi: torch.Tensor | None) -> torch.Tensor:
+        """Zero-inflated NB (scvi-tools' ``log_zinb_positive``, ``pi`` the zero-inflation
+        logits): the zero case summed densely over every gene, then corrected at the nonzeros
+        to the nonzero case."""
+        if pi is None:
+            raise ValueError("the ZINB likelihood needs the decoder's dropout logits")
+        softplus_pi = F.softplus(-pi)
+        pi_theta_log = -pi + theta * (log_theta - log_theta_mu)
+        case_zero = F.softplus(pi_theta_log) - softplus_pi
+        r, v = mb.rows, mb.vals
+        flat = mb.flat_index(self.n_genes)
+
+        def at(t: torch.Tensor) -> torch.Tensor:
+            return t.expand_as(pi).reshape(-1).index_select(0, flat)
+
+        log_mu = logp.reshape(-1).index_select(0, flat) + log_lib[r]
+        nonzero = (-at(softplus_pi) + at(pi_theta_log) - at(case_zero)
+                   + v * (log_mu - at(log_theta_mu))).sum()
+        const = mb.const.sum() if mb.const is not None else self.nb_sparse_constant(mb).sum()
+        return -(case_zero.sum() + nonzero + const)
 
     def mmd(self, g1: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """Sum over condition pairs in the minibatch of the multi-scale RBF MMD on ``g1``."""
@@ -422,8 +596,13 @@ class CVAE(nn.Module):
             z = mean + var.sqrt() * eps
         else:
             z = mean
-        g1, out = self.decode(z, mb.cond)
-        recon = self.reconstruction(mb, out)
+        g1, hidden = self.decode_hidden(z, mb.cond)
+        out = F.linear(hidden, self.tensor("decoder.out.weight"), self.tensor("decoder.out.bias"))
+        pi = None
+        if self.likelihood == "zinb":
+            pi = F.linear(hidden, self.tensor("decoder.dropout.weight"),
+                          self.tensor("decoder.dropout.bias"))
+        recon = self.reconstruction(mb, out, pi)
         kl = 0.5 * (mean.pow(2) + var - torch.log(var) - 1.0).sum()
         mmd = self.mmd(g1, mb.cond) if self.likelihood == "trvae" else recon.new_zeros(())
         n = mb.size
@@ -433,8 +612,7 @@ class CVAE(nn.Module):
         if mb.labels is not None and "classifier.weight" in self.specs and weight > 0:
             known = mb.labels >= 0
             if bool(known.any()):
-                logits = F.linear(mean[known], self.tensor("classifier.weight"),
-                                  self.tensor("classifier.bias"))
+                logits = self.classify(mean[known])
                 ce = F.cross_entropy(logits, mb.labels[known])
                 loss = loss + weight * ce
         return LossTerms(loss=loss, reconstruction=recon.detach(), kl=kl.detach(),

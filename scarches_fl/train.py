@@ -235,7 +235,7 @@ def _first_layer_frozen(module: CVAE) -> bool:
 
 
 def _dispersion_frozen(module: CVAE) -> bool:
-    if module.likelihood != "nb":
+    if module.likelihood not in ("nb", "zinb"):
         return False
     params = dict(module.named_parameters())
     return not any(n.startswith("px_r") for n in params)

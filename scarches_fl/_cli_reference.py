@@ -100,6 +100,38 @@ def register(subparsers: Any) -> None:
     t.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     t.set_defaults(handler=_train)
 
+    i = rs.add_parser(
+        "import-scvi",
+        help="read a saved scvi-tools SCVI / SCANVI model directory into a bundle",
+        description="Read a scvi-tools 1.x model directory (model.pt) without running pickled "
+        "code and write a bundle whose forward pass is that model's; its batch categories "
+        "become the reference's conditions. The genesis flow takes the bundle as is "
+        "(coordinator init --reference BUNDLE_DIR).",
+    )
+    i.add_argument("model_dir", metavar="MODEL_DIR", help="scvi-tools model directory")
+    i.add_argument("--out", required=True, metavar="BUNDLE_DIR", help="bundle directory to write")
+    i.add_argument("--label-key", default=None, metavar="L",
+                   help="obs column of --data with cell types (default: a SCANVI's labels_key)")
+    i.add_argument("--data", default=None, metavar="H5AD",
+                   help="the reference's cells (counts, the model's batch key and the label "
+                        "key): build label prototypes from them; they stay on this machine")
+    i.add_argument("--namespace", default="ref",
+                   help="namespace of the imported conditions (default ref)")
+    i.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    i.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    i.set_defaults(handler=_import_scvi)
+    e = rs.add_parser(
+        "export-scvi",
+        help="write a bundle imported from scvi-tools back as a scvi-tools model directory",
+        description="Write a bundle that came in through import-scvi, with every site's "
+        "conditions, as a scvi-tools model directory that scvi.model.SCVI.load (or SCANVI) "
+        "opens. It holds weights and names only, no site data (EXPORT.json says so).",
+    )
+    e.add_argument("bundle", metavar="BUNDLE_DIR", help="bundle directory")
+    e.add_argument("--out", required=True, metavar="MODEL_DIR", help="directory to write")
+    e.add_argument("--force", action="store_true", help="replace files in an existing --out")
+    e.set_defaults(handler=_export_scvi)
+
     def _help(_args: argparse.Namespace) -> int:
         p.print_help()
         return 2
@@ -149,6 +181,50 @@ def _train(args: argparse.Namespace) -> int:
     )
     if model.labels:
         print(describe_label_types(model.labels))
+    return 0
+
+
+def _import_scvi(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scarches_fl.query import check_output_path
+    from scarches_fl.scvi_interop import import_scvi
+
+    check_output_path(args.out, force=args.force)
+    model = import_scvi(args.model_dir, label_key=args.label_key, data=args.data,
+                        namespace=args.namespace, seed=args.seed)
+    bundle = model.save(args.out)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
+    src = model.registration["scvi"]
+    hp = model.hyperparameters
+    print(
+        f"imported {src['model_class']} (scvi-tools {src['scvi_version']}): "
+        f"{len(model.genes)} genes, {len(model.conditions)} conditions "
+        f"({', '.join(model.conditions)}), latent {hp['n_latent']}, likelihood "
+        f"{hp['likelihood']}, dispersion {hp['dispersion']}\n"
+        f"bundle: {args.out} ({size} bytes), digest {bundle.digest}"
+    )
+    classes = model.registration.get("classifier_classes")
+    if classes:
+        print(f"classifier: {len(classes)} cell types ({', '.join(classes)})")
+    if model.labels:
+        print(describe_label_types(model.labels))
+    elif classes:
+        print("no label prototypes: pass --data with the reference's cells to build them")
+    return 0
+
+
+def _export_scvi(args: argparse.Namespace) -> int:
+    from scarches_fl.scvi_interop import export_scvi, export_summary
+
+    out = export_scvi(args.bundle, args.out, force=args.force)
+    info = export_summary(out)
+    print(
+        f"exported {info['model_class']} to {out}: {len(info['batch_categories'])} batch "
+        f"categories ({len(info['site_conditions'])} from sites)\n"
+        f"contains site data: no ({info['contents']})\n"
+        f"load with {info['load']}"
+    )
     return 0
 
 

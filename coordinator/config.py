@@ -22,13 +22,14 @@ from typing import Any
 
 from protocols.errors import ConfigError
 from protocols.limits import DEFAULT_LIMITS
+from protocols.settings import StatePaths, build, read_yaml_mapping
 
 __all__ = [
     "CONFIG_FILENAME",
     "CoordinatorConfig",
     "ServerLimits",
     "RateLimitConfig",
-    "PathsConfig",
+    "StatePaths",
     "TLSConfig",
     "load_config",
     "write_config",
@@ -81,18 +82,6 @@ class RateLimitConfig:
 
 
 @dataclass(frozen=True)
-class PathsConfig:
-    database: str = "ledger.sqlite"
-    blobs: str = "blobs"
-    cache: str = "cache"
-    log_key: str = "keys/log.key"
-    operator_key: str = "keys/operator.key"
-    trust: str = "trust.json"
-    #: the replayed ledger state, so that a restart replays only the entries since
-    snapshot: str = "snapshot"
-
-
-@dataclass(frozen=True)
 class TLSConfig:
     certificate: str = "tls/server.crt"
     private_key: str = "tls/server.key"
@@ -104,7 +93,7 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:7443"
     durable: bool = True
     tls: TLSConfig = field(default_factory=TLSConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    paths: StatePaths = field(default_factory=StatePaths)
     limits: ServerLimits = field(default_factory=ServerLimits)
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
     #: write a snapshot of the replayed state after this many new entries, or half the size of
@@ -140,85 +129,17 @@ def parse_listen(value: str, *, where: str = "listen") -> tuple[str, int]:
     return host, port
 
 
-def _check_field(file: Path, dotted: str, ftype: Any, value: Any) -> Any:
-    where = f"{file}: {dotted}"
-    if ftype in ("bool", bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
-        return value
-    if ftype in ("int", int):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
-        return value
-    if ftype in ("float", float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ConfigError(f"{where}: must be a positive number, got {value!r}")
-        return float(value)
-    if ftype in ("str", str):
-        if not isinstance(value, str) or not value.strip():
-            raise ConfigError(f"{where}: must be a non-empty string, got {value!r}")
-        return value
-    raise AssertionError(f"unhandled config type {ftype!r}")
-
-
-def _build(cls: type, data: Any, file: Path, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{file}: {prefix.rstrip('.') or 'top level'}: expected a mapping, got "
-            f"{type(data).__name__}"
-        )
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "state_dir"}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{file}: {prefix}{unknown[0]}: unknown field (known: {', '.join(sorted(fields))})"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, f in fields.items():
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{file}: {prefix}{name}: required field is missing")
-            continue
-        value = data[name]
-        sub = (
-            {
-                "tls": TLSConfig,
-                "paths": PathsConfig,
-                "limits": ServerLimits,
-                "rate_limit": RateLimitConfig,
-            }.get(name)
-            if cls is CoordinatorConfig
-            else None
-        )
-        if sub is not None:
-            kwargs[name] = _build(sub, value, file, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check_field(file, f"{prefix}{name}", f.type, value)
-    return cls(**kwargs)
-
-
 def load_config(state_dir: str | os.PathLike[str]) -> CoordinatorConfig:
     """Load and validate ``STATE/coordinator.yaml``."""
-    import yaml
-
     state_dir = Path(state_dir)
     file = state_dir / CONFIG_FILENAME
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
+    if not file.is_file():
         raise ConfigError(
             f"{file}: not found; is {state_dir} a coordinator state directory? Create one with "
             "`scarches-fl coordinator init --dir STATE --reference BUNDLE_DIR`"
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read: {exc}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{file}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
-    cfg = _build(CoordinatorConfig, data, file, "")
+        )
+    data = read_yaml_mapping(file)
+    cfg = build(CoordinatorConfig, data, source=str(file), skip=frozenset({"state_dir"}))
     cfg = dataclasses.replace(cfg, state_dir=state_dir)
     parse_listen(cfg.listen, where=f"{file}: listen")
     for name in ("max_envelope_bytes", "max_diff_bytes"):

@@ -180,34 +180,27 @@ class RegistrySource:
 
 # --- offline -----------------------------------------------------------------------------------
 
-_DEFAULT_PATHS = {"database": "ledger.sqlite", "blobs": "blobs", "cache": "cache"}
 _CONFIG_FILE = "coordinator.yaml"
 _REQUIRED_TABLES = {"entries", "entry_blobs", "checkpoints"}
 
 
 def _state_paths(state_dir: Path) -> dict[str, Path]:
-    paths = dict(_DEFAULT_PATHS)
-    cfg_file = state_dir / _CONFIG_FILE
-    if cfg_file.is_file():
-        import yaml
+    """The coordinator's file layout (``paths:`` of its ``coordinator.yaml``, else the
+    defaults), read with the same reader and validator the coordinator uses."""
+    from protocols.settings import StatePaths, build, read_yaml_mapping
 
+    cfg_file = state_dir / _CONFIG_FILE
+    paths = StatePaths()
+    if cfg_file.is_file():
         try:
-            doc = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeError, yaml.YAMLError) as exc:
+            doc = read_yaml_mapping(cfg_file)
+            if doc.get("paths") is not None:
+                paths = build(StatePaths, doc["paths"], source=str(cfg_file), prefix="paths.")
+        except ConfigError as exc:
             raise ConfigError(
-                f"{cfg_file} does not parse as YAML ({exc}); pass an intact copy of the "
-                "coordinator's state directory"
+                f"{exc}; pass an intact copy of the coordinator's state directory"
             ) from exc
-        got = doc.get("paths") if isinstance(doc, dict) else None
-        if isinstance(got, dict):
-            for key in paths:
-                if isinstance(got.get(key), str):
-                    paths[key] = got[key]
-    out: dict[str, Path] = {}
-    for key, rel in paths.items():
-        p = Path(rel)
-        out[key] = p if p.is_absolute() else state_dir / p
-    return out
+    return paths.resolve(state_dir)
 
 
 class StateDirSource:

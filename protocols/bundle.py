@@ -72,6 +72,7 @@ __all__ = [
     "SafetensorsEntry",
     "content_digest",
     "tensor_leaf",
+    "tensor_leaf_hash",
     "manifest_leaf",
     "make_bundle",
     "validate_manifest",
@@ -173,6 +174,17 @@ def tensor_leaf(name: str, arr: np.ndarray) -> bytes:
     le = arr.dtype.newbyteorder("<") if arr.dtype.byteorder not in ("|", "<") else arr.dtype
     raw = np.ascontiguousarray(arr, dtype=le).tobytes(order="C")
     return _TENSOR_LEAF_TAG + struct.pack(">Q", len(header)) + header + raw
+
+
+def tensor_leaf_hash(name: str, arr: np.ndarray) -> bytes:
+    """``merkle.leaf_hash(tensor_leaf(name, arr))``, with the tensor's bytes streamed into the
+    hash instead of copied into one leaf (a version's digest hashes every condition tensor)."""
+    header = canonical_json({"dtype": arr.dtype.name, "name": name, "shape": list(arr.shape)})
+    le = arr.dtype.newbyteorder("<") if arr.dtype.byteorder not in ("|", "<") else arr.dtype
+    raw = np.ascontiguousarray(arr, dtype=le).reshape(-1).view(np.uint8)
+    h = hashlib.sha256(b"\x00" + _TENSOR_LEAF_TAG + struct.pack(">Q", len(header)) + header)
+    h.update(raw.data)
+    return h.digest()
 
 
 def manifest_leaf(manifest: Mapping[str, Any]) -> bytes:

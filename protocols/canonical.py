@@ -101,6 +101,16 @@ def _encode_float(x: float) -> str:
         )
     if x == 0:
         return "0"
+    r = repr(x)
+    if "e" not in r:
+        # Fixed notation (1e-4 <= |x| < 1e16): repr's shortest round-trip digits, which are
+        # ECMAScript's too; an integral value drops its ".0".
+        return r[:-2] if r.endswith(".0") else r
+    return _encode_float_slow(x)
+
+
+def _encode_float_slow(x: float) -> str:
+    """ECMAScript's Number::toString for a finite, non-zero ``x`` (RFC 8785 section 3.2.2.3)."""
     sign = "-" if x < 0 else ""
     # repr() gives the shortest digits that round-trip (same as ECMAScript's algorithm).
     tup = Decimal(repr(abs(x))).normalize().as_tuple()
@@ -329,13 +339,37 @@ def parse_json_strict(
     # what it read: the whole text when it parsed, the prefix up to the error when it did not
     # (so the first problem in reading order is the one reported, and a crafted input that
     # fails at byte 2 costs nothing more).
+    # With require_canonical, every float literal is compared with its canonical form and with
+    # Python's repr as it is read. When each is both, and the text is ASCII, the standard
+    # library's (C) encoder with sorted keys writes exactly canonical_json's bytes (it writes
+    # floats by repr; ASCII keys sort the same by code point and by UTF-16 unit; strings and
+    # integers are written alike), so the re-encoding below runs at C speed. Otherwise
+    # canonical_json itself decides.
+    stdlib_encodes_canonically = True
+
+    def parse_float_checked(literal: str) -> float:
+        nonlocal stdlib_encodes_canonically
+        value = _parse_float(literal)
+        if stdlib_encodes_canonically and (
+            literal != repr(value) or _encode_float(value) != literal
+        ):
+            stdlib_encodes_canonically = False
+        return value
+
+    def parse_int_checked(literal: str) -> int | float:
+        nonlocal stdlib_encodes_canonically
+        value = _parse_int(literal)
+        if isinstance(value, float):  # outside the safe range: a double, written as JCS says
+            stdlib_encodes_canonically = False
+        return value
+
     try:
         value = json.loads(
             text,
             object_pairs_hook=_pairs_hook,
             parse_constant=_reject_constant,
-            parse_float=_parse_float,
-            parse_int=_parse_int,
+            parse_float=parse_float_checked if require_canonical else _parse_float,
+            parse_int=parse_int_checked if require_canonical else _parse_int,
         )
     except CanonicalJSONError as exc:
         raise type(exc)(f"{what}: {exc.message}", reason_code=exc.reason_code) from exc
@@ -354,7 +388,13 @@ def parse_json_strict(
         shape(value)
     if require_canonical:
         try:
-            again = canonical_json(value, max_depth=max_depth)
+            if stdlib_encodes_canonically and raw.isascii():
+                again = json.dumps(
+                    value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+                    allow_nan=False,
+                ).encode("utf-8")
+            else:
+                again = canonical_json(value, max_depth=max_depth)
         except CanonicalJSONError as exc:
             raise CanonicalJSONError(f"{what}: {exc.message}", reason_code=exc.reason_code) from exc
         if again != raw:

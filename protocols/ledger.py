@@ -54,6 +54,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ from protocols.bundle import (
     manifest_leaf,
     safetensors_from_bytes,
     safetensors_to_bytes,
-    tensor_leaf,
+    tensor_leaf_hash,
 )
 from protocols.canonical import canonical_json, parse_json_strict
 from protocols.dsse import Envelope, add_signatures, parse_envelope, sign_envelope, verify_envelope
@@ -425,30 +426,37 @@ class ConditionCap:
 class _Lineage:
     """A genesis or federated-round bundle and every condition slice appended to it since.
 
-    Append-only: the slices of each condition tensor are kept as a list of chunks in their
-    declared layout (an accept stores its diff's arrays, it copies nothing), so every version
-    since the bundle is a prefix (``n`` chunks) and is concatenated only when it is asked for."""
+    Append-only: an accept adds its diff's arrays to each condition tensor's list of parts (it
+    copies nothing), so every version since the bundle is a prefix (its first ``n`` conditions)
+    and is built only when it is asked for. The first time a version's tensor is needed the
+    parts are joined into one read-only array that replaces them (later versions join the
+    joined array with the parts appended since; earlier ones are a prefix of it), so a tensor
+    is never rebuilt from thousands of slices twice, and memory holds each value once."""
 
     def __init__(
         self,
         manifest: Mapping[str, Any],
         frozen: Mapping[str, np.ndarray],
-        chunks: Mapping[str, list[np.ndarray]],
+        parts: Mapping[str, list[np.ndarray]],
         conditions: Sequence[str],
+        chunk_ends: Sequence[int] | None = None,
     ) -> None:
-        """``manifest``: the bundle's, without digest; ``chunks``: per condition tensor, the
-        bundle's tensor then each appended slice; ``conditions``: every condition so far."""
+        """``manifest``: the bundle's, without digest; ``parts``: per condition tensor, arrays
+        whose concatenation along its axis holds every condition so far; ``conditions``: every
+        condition so far; ``chunk_ends``: the number of conditions after the bundle and after
+        each appended update (default: the bundle alone)."""
         self.manifest = dict(manifest)
         self.frozen = dict(frozen)
-        self.frozen_leaves = {
-            n: merkle.leaf_hash(tensor_leaf(n, a)) for n, a in self.frozen.items()
-        }
-        self.chunks = {n: list(c) for n, c in chunks.items()}
-        self.n_chunks = len(next(iter(self.chunks.values()), [None]))
+        self.frozen_leaves = {n: tensor_leaf_hash(n, a) for n, a in self.frozen.items()}
+        specs = self.manifest["tensors"]
+        self.axes = {n: int(specs[n]["axis"]) for n in parts}
+        self._parts = {n: list(p) for n, p in parts.items()}
+        self._lock = threading.Lock()
         self.conditions: list[str] = []
         self.condition_set: set[str] = set()
         self.site_counts: dict[str, int] = {}
         self._add_conditions(conditions)
+        self.chunk_ends = [len(self.conditions)] if chunk_ends is None else [int(e) for e in chunk_ends]
 
     @classmethod
     def from_bundle(cls, bundle: ReferenceBundle) -> _Lineage:
@@ -462,6 +470,15 @@ class _Lineage:
             manifest["conditions"],
         )
 
+    @property
+    def n_chunks(self) -> int:
+        """The bundle plus the number of updates appended."""
+        return len(self.chunk_ends)
+
+    @property
+    def condition_tensors(self) -> list[str]:
+        return list(self.axes)
+
     def _add_conditions(self, names: Sequence[str]) -> None:
         self.conditions.extend(names)
         self.condition_set.update(names)
@@ -470,10 +487,33 @@ class _Lineage:
             self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
 
     def append(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> None:
-        for name, chunks in self.chunks.items():
-            chunks.append(diff[name])
-        self._add_conditions(new_conditions)
-        self.n_chunks += 1
+        with self._lock:
+            for name, parts in self._parts.items():
+                parts.append(diff[name])
+            self._add_conditions(new_conditions)
+            self.chunk_ends.append(len(self.conditions))
+
+    def parts(self, name: str) -> list[np.ndarray]:
+        """The current parts of a condition tensor (a copy of the list)."""
+        with self._lock:
+            return list(self._parts[name])
+
+    def prefix(self, name: str, n_conditions: int) -> np.ndarray:
+        """Condition tensor ``name`` holding the first ``n_conditions`` conditions, in its
+        declared layout, read-only."""
+        axis = self.axes[name]
+        with self._lock:
+            parts = self._parts[name]
+            if len(parts) > 1:
+                joined = np.concatenate(parts, axis=axis)
+                joined.flags.writeable = False
+                self._parts[name] = [joined]  # a new list: a reader of the old one is unaffected
+            arr = self._parts[name][0]
+        if arr.shape[axis] == n_conditions:
+            return arr
+        out = np.ascontiguousarray(arr[(slice(None),) * axis + (slice(0, n_conditions),)])
+        out.flags.writeable = False
+        return out
 
 
 class _Model:
@@ -521,7 +561,7 @@ class _Model:
         specs = {}
         for name, spec in lin.manifest["tensors"].items():
             s = dict(spec)
-            if name in lin.chunks:
+            if name in lin.axes:
                 shape = list(s["shape"])
                 shape[int(s["axis"])] += self.n_conditions - base_n
                 s["shape"] = shape
@@ -532,25 +572,19 @@ class _Model:
     def tensors(self) -> dict[str, np.ndarray]:
         lin = self.lineage
         out = dict(lin.frozen)
-        specs = lin.manifest["tensors"]
-        for name, chunks in lin.chunks.items():
-            parts = chunks[: self.n_chunks]
-            if len(parts) == 1:
-                out[name] = parts[0]
-                continue
-            arr = np.concatenate(parts, axis=int(specs[name]["axis"]))
-            arr.flags.writeable = False
-            out[name] = arr
+        for name in lin.axes:
+            out[name] = lin.prefix(name, self.n_conditions)
         return out
 
     @property
     def digest(self) -> str:
         """The content digest (ADR 0002), from the frozen leaves hashed once per lineage."""
         if self._digest is None:
-            manifest, tensors = self.manifest, self.tensors
-            leaves = dict(self.lineage.frozen_leaves)
-            for name in self.lineage.chunks:
-                leaves[name] = merkle.leaf_hash(tensor_leaf(name, tensors[name]))
+            lin = self.lineage
+            manifest = self.manifest
+            leaves = dict(lin.frozen_leaves)
+            for name in lin.axes:
+                leaves[name] = tensor_leaf_hash(name, lin.prefix(name, self.n_conditions))
             ordered = [leaves[n] for n in sorted(leaves, key=lambda n: n.encode("utf-8"))]
             ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
             self._digest = "sha256:" + merkle.root(ordered).hex()
@@ -1081,14 +1115,12 @@ class StateSnapshot:
         lin_objs = []
         for i, lin in enumerate(lineages):
             k, n = extent[i]
-            specs = lin.manifest["tensors"]
             for name, arr in lin.frozen.items():
                 tensors[f"l{i}/f/{name}"] = arr
-            chunk_sizes: list[int] = []
-            for name, chunks in lin.chunks.items():
-                axis = int(specs[name]["axis"])
-                tensors[f"l{i}/c/{name}"] = np.concatenate(chunks[:k], axis=axis)
-                chunk_sizes = [int(c.shape[axis]) for c in chunks[:k]]  # same for every tensor
+            for name in lin.axes:
+                tensors[f"l{i}/c/{name}"] = lin.prefix(name, n)
+            ends = lin.chunk_ends[:k]
+            chunk_sizes = [b - a for a, b in zip([0, *ends[:-1]], ends, strict=True)]
             lin_objs.append(
                 {"manifest": lin.manifest, "conditions": lin.conditions[:n], "chunk_sizes": chunk_sizes}
             )
@@ -1187,19 +1219,19 @@ def restore_state(
         lineages = []
         for i, lo in enumerate(body["lineages"]):
             specs = lo["manifest"]["tensors"]
-            frozen, chunks = {}, {}
+            frozen, parts = {}, {}
             ends = np.cumsum([int(n) for n in lo["chunk_sizes"]]).tolist()
-            starts = [0, *ends[:-1]]
+            if not ends or ends[-1] != len(lo["conditions"]):
+                raise bad(f"the chunks of lineage {i} do not add up to its conditions")
             for name, spec in specs.items():
                 if spec["role"] == "condition":
                     arr, axis = arrays[f"l{i}/c/{name}"], int(spec["axis"])
                     if ends[-1] != arr.shape[axis]:
                         raise bad(f"tensor {name!r} of lineage {i} does not hold its chunks")
-                    lead = (slice(None),) * axis
-                    chunks[name] = [arr[(*lead, slice(a, b))] for a, b in zip(starts, ends, strict=True)]
+                    parts[name] = [arr]
                 else:
                     frozen[name] = arrays[f"l{i}/f/{name}"]
-            lineages.append(_Lineage(lo["manifest"], frozen, chunks, lo["conditions"]))
+            lineages.append(_Lineage(lo["manifest"], frozen, parts, lo["conditions"], ends))
         st = LedgerState(trust, limits=limits, condition_cap=condition_cap)
         st._tree = tree
         st._policy_history = history

@@ -124,3 +124,47 @@ def test_fast_string_path_matches_the_reference_encoder(s: str) -> None:
             canonical._encode_string(s)
         return
     assert canonical._encode_string(s) == slow
+
+
+@settings(max_examples=3_000, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: x != 0))
+def test_fast_float_path_matches_the_reference_encoder(x: float) -> None:
+    from protocols import canonical
+
+    assert canonical._encode_float(x) == canonical._encode_float_slow(x)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1_500, deadline=None)
+@given(_JSON_VALUES)
+def test_canonical_check_agrees_with_re_encoding(value) -> None:
+    """parse_json_strict(require_canonical=True) accepts a text exactly when canonical_json of
+    what it reads gives the same bytes: for the canonical form and for the standard library's
+    encodings (Python float forms such as 1.0 or 1e-05, escaped non-ASCII)."""
+    import json
+
+    texts = {
+        canonical_json(value),
+        json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(),
+        json.dumps(value, sort_keys=True, separators=(",", ":")).encode(),
+    }
+    for text in texts:
+        read = parse_json_strict(text, max_bytes=1 << 20)  # the strict number rules
+        expected = canonical_json(read) == text
+        try:
+            parse_json_strict(text, max_bytes=1 << 20, require_canonical=True)
+            accepted = True
+        except CanonicalJSONError as exc:
+            assert exc.reason_code == "E_JSON_NOT_CANONICAL", exc
+            accepted = False
+        assert accepted == expected, text

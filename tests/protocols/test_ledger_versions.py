@@ -56,12 +56,39 @@ def test_lazy_digest_equals_the_from_scratch_digest(sizes, bases, seed) -> None:
 def test_an_accept_copies_no_tensor_and_hashes_nothing_of_the_model() -> None:
     c, _ = _grown([1, 2], [], 0)
     lineage = c.state._model.lineage
-    before = [id(a) for a in lineage.chunks[next(iter(lineage.chunks))]]
-    u = c.update("site-a", sequence=9, m=1, seed=99)
+    name = lineage.condition_tensors[0]
+    u = c.update("site-a", sequence=9, m=1, seed=99)  # reads the current version (joins)
+    before = [id(a) for a in lineage.parts(name)]
     applied = c.submit(u)
-    after = [id(a) for a in lineage.chunks[next(iter(lineage.chunks))]]
+    after = [id(a) for a in lineage.parts(name)]
     assert after[:-1] == before and len(after) == len(before) + 1  # appended, nothing re-made
     assert applied.digest is None and c.state._digests[-1] is None  # not hashed on accept
+
+
+def test_joined_parts_serve_every_earlier_version_read_only() -> None:
+    """Reading a version joins a tensor's parts once; earlier versions are prefixes of it."""
+    c, expected = _grown([1, 2, 1, 3], [], 5)
+    lineage = c.state._model.lineage
+    c.state.bundle()  # the head: every tensor's parts joined into one array
+    assert all(len(lineage.parts(n)) == 1 for n in lineage.condition_tensors)
+    for size, bundle in expected.items():
+        assert c.state.digest_at(size) == bundle.digest
+        version = c.state._versions[size]
+        for name, arr in version.tensors.items():
+            assert np.array_equal(arr, bundle.tensors[name]) and not arr.flags.writeable
+
+
+def test_streamed_tensor_leaf_hash_is_the_leaf_hash() -> None:
+    from protocols.bundle import tensor_leaf, tensor_leaf_hash
+
+    arrays = [
+        np.zeros((0, 3), np.float32),
+        np.array(3.5, np.float32),
+        np.arange(12, dtype=np.float32).reshape(3, 4).T,  # not C-contiguous
+        np.arange(6, dtype=np.int64).reshape(2, 3)[:, ::2],
+    ]
+    for arr in arrays:
+        assert tensor_leaf_hash("t", arr) == merkle.leaf_hash(tensor_leaf("t", arr))
 
 
 def _leaves(c) -> list[bytes]:

@@ -7,10 +7,12 @@ One run (see ``docs/federated.md``):
    policy, or whose genes differ from the first site's, are left out (and say so in the log).
    The global condition list is ``<site_id>/<study>`` sorted; the coordinator seeds the initial
    weights.
-2. **Rounds.** Each round sends the current model (all tensors, the manifest, the KL weight of
-   the round) as a ``train`` message to every described site still connected. A site replies
-   with its shared tensors, its own condition columns, its cell counts, and the validation loss
-   of the model it received, all bound by its signature. Contributions are verified
+2. **Rounds.** Flower's ``Strategy.start`` drives the rounds with
+   :class:`coordinator.federated_strategy.OwnedColumnsFedAvg` (a ``FedAvg`` subclass). Each
+   round sends the current model (all tensors, the manifest, the KL weight of the round) as a
+   ``train`` message to every described site still connected. A site replies with its shared
+   tensors, its own condition columns, its cell counts, and the validation loss of the model it
+   received, all bound by its signature. Contributions are verified
    (``protocols.federated.verify_contribution``); the accepted ones are aggregated
    (``scarches_fl._federated.aggregate``: FedAvg by cells for shared tensors, condition columns
    from their owner only). A site that does not answer within the round timeout, or answers with
@@ -27,40 +29,38 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import secrets
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from coordinator.federated_strategy import RoundRecord
 
 from protocols.federated import (
     DESCRIPTOR_PAYLOAD_TYPE,
     ROUND_PAYLOAD_TYPE,
     RUN_PAYLOAD_TYPE,
-    ContributionRejected,
     FederationError,
-    envelope_sha256,
     open_envelope,
     peek_payload,
     sign_payload,
-    tensor_digest,
-    verify_contribution,
 )
 
 __all__ = [
     "FederationSettings",
     "FederationResult",
-    "RoundRecord",
     "run_federation",
     "build_server_app",
     "app",
 ]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class FederationSettings:
@@ -95,67 +95,19 @@ class FederationSettings:
 
 
 @dataclass
-class RoundRecord:
-    round: int
-    base_digest: str
-    aggregate_digest: str
-    kl_weight: float
-    contributors: list[dict[str, Any]]
-    excluded: list[dict[str, Any]]
-    missing: list[str]
-    validation_loss: float | None
-    seconds: float
-    bytes_sent: int
-    bytes_received: int
-
-
-@dataclass
 class FederationResult:
     run_id: str
     bundle_dir: str
     bundle_digest: str
     final_round: int
-    rounds: list[RoundRecord]
+    rounds: list[RoundRecord]  # coordinator.federated_strategy.RoundRecord
     conditions: list[str]
     sites: list[str]
     stopped_early: bool
+    aggregate_digest: str = ""  # the final aggregate: what the ledger serves
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def _arrays_to_record(tensors: Mapping[str, np.ndarray]):
-    from flwr.app import Array, ArrayRecord
-
-    return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in tensors.items()}
-    )
-
-
-def _record_bytes(record: Any) -> int:
-    return int(sum(len(a.data) for a in record.values()))
-
-
-def _arrays_from_record(record: Any) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for k, a in record.items():
-        if a.dtype != "float32":
-            raise ContributionRejected("malformed", f"array {k} has dtype {a.dtype}, not float32")
-        arr = a.numpy()
-        if not np.all(np.isfinite(arr)):
-            raise ContributionRejected("non_finite", f"array {k} holds NaN or infinity")
-        out[k] = arr
-    return out
-
-
-def _error_text(reason: Any) -> str:
-    """A site's error reply, without terminal colours and engine wrapping, at most 200 chars."""
-    import re
-
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(reason))
-    if "Message:" in text:
-        text = text.rsplit("Message:", 1)[1]
-    return " ".join(text.split())[:200]
 
 
 def _kl_warmup(settings: FederationSettings) -> int:
@@ -175,8 +127,6 @@ class _Federation:
         self.left_out: set[int] = set()
         self.site_studies: dict[str, dict[str, int]] = {}
         self.genes: list[str] | None = None
-        self.bytes_sent = 0
-        self.bytes_received = 0
 
     # -- messaging -------------------------------------------------------------------------
 
@@ -189,16 +139,8 @@ class _Federation:
             Message(content=c, dst_node_id=int(n), message_type=message_type)
             for n, c in contents.items()
         ]
-        for c in contents.values():
-            if "arrays" in c.array_records:
-                self.bytes_sent += _record_bytes(c.array_records["arrays"])
         replies = self.grid.send_and_receive(messages, timeout=timeout)
-        out: dict[int, Any] = {}
-        for r in replies:
-            out[int(r.metadata.src_node_id)] = r
-            if r.has_content() and "arrays" in r.content.array_records:
-                self.bytes_received += _record_bytes(r.content.array_records["arrays"])
-        return out
+        return {int(r.metadata.src_node_id): r for r in replies}
 
     def _describe(self, node_ids: Iterable[int]) -> None:
         from flwr.app import ConfigRecord, RecordDict
@@ -273,6 +215,8 @@ class _Federation:
         )
         return model.to_bundle()
 
+    # -- records ------------------------------------------------------------------------------
+
     def _sign_and_write(self, name: str, payload_type: str, payload: Mapping[str, Any]) -> bytes:
         from protocols.bundle import atomic_write
 
@@ -280,9 +224,37 @@ class _Federation:
         atomic_write(self.records_dir / name, env)
         return env
 
+    def _on_round(
+        self, rec: Any, envelopes: Mapping[str, bytes], tensors: Mapping[str, np.ndarray]
+    ) -> None:
+        """The strategy finished round ``rec.round``: keep its aggregate (so the rounds can be
+        appended to the ledger, ``federate publish``), the contribution envelopes, and the
+        coordinator-signed round record."""
+        from protocols.bundle import atomic_write, write_bundle
+
+        if self.s.keep_models:
+            write_bundle(
+                self.out / "models" / f"round-{rec.round:04d}", self._model_bundle(tensors)
+            )
+        for site, env in envelopes.items():
+            atomic_write(self.records_dir / f"round-{rec.round:04d}.{site}.contribution.json", env)
+        payload = {
+            "kind": "federated_round",
+            "run_id": self.run_id,
+            **{k: v for k, v in asdict(rec).items() if k not in ("seconds",)},
+        }
+        if payload["validation_loss"] is None:
+            del payload["validation_loss"]
+        self._sign_and_write(f"round-{rec.round:04d}.json", ROUND_PAYLOAD_TYPE, payload)
+
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> FederationResult:
+        from coordinator.federated_strategy import (
+            FederationModel,
+            OwnedColumnsFedAvg,
+            arrays_to_record,
+        )
         from protocols.bundle import atomic_write, write_bundle
         from scarches_fl import _federated as F
         from scarches_fl.module import default_hyperparameters
@@ -304,10 +276,6 @@ class _Federation:
         self.conditions = F.condition_list(
             {site: sorted(self.site_studies[site]) for site in sites}
         )
-        self.owners = {i: c.split("/", 1)[0] for i, c in enumerate(self.conditions)}
-        self.site_conditions = {
-            site: [c for c in self.conditions if c.split("/", 1)[0] == site] for site in sites
-        }
         self.hp = default_hyperparameters(
             likelihood=s.likelihood, n_hidden=s.n_hidden, n_layers=s.n_layers, n_latent=s.n_latent
         )
@@ -331,16 +299,27 @@ class _Federation:
         }
         tensors = F.initial_tensors(self.hp, G, C, seed=s.seed)
         base_bundle = self._model_bundle(tensors)
-        manifest_bytes = json.dumps(base_bundle.manifest, sort_keys=True).encode()
-        initial_digest = base_digest = base_bundle.digest
+        initial_digest = base_bundle.digest
         if s.keep_models:
             write_bundle(self.out / "models" / "round-0000", base_bundle)
         warmup = _kl_warmup(s)
-        stopper = F.EarlyStopping(patience=s.patience)
-        best_tensors, best_round = tensors, 0
-        records: list[RoundRecord] = []
-        contribution_envs: dict[str, bytes] = {}
-        stopped = False
+        strategy = OwnedColumnsFedAvg(
+            FederationModel(
+                run_id=self.run_id,
+                hp=self.hp,
+                n_genes=G,
+                conditions=self.conditions,
+                site_keys=s.site_keys,
+                node_site=self.node_site,
+                describe=lambda: self._describe(self.grid.get_node_ids()),
+                bundle_digest=lambda t: self._model_bundle(t).digest,
+                on_round=self._on_round,
+                manifest_bytes=json.dumps(base_bundle.manifest, sort_keys=True).encode(),
+                settings=s,
+                warmup_rounds=warmup,
+            ),
+            num_rounds=s.rounds,
+        )
         log.info(
             "federated run %s: %d sites, %d conditions, %d genes, up to %d rounds",
             self.run_id,
@@ -349,106 +328,19 @@ class _Federation:
             G,
             s.rounds,
         )
-        last_round = 0
-        for rnd in range(1, s.rounds + 1):
-            t0 = time.perf_counter()
-            sent0, recv0 = self.bytes_sent, self.bytes_received
-            self._describe(self.grid.get_node_ids())
-            kl_w = F.kl_weight_for_round(rnd, warmup)
-            replies = self._send_model("train", tensors, base_digest, manifest_bytes, rnd, kl_w)
-            accepted, excluded, missing, val = self._collect(
-                replies, rnd, base_digest, with_arrays=True
-            )
-            contribs = [
-                F.Contribution(
-                    site,
-                    p["n_train"],
-                    tuple(self.conditions.index(c) for c in p["conditions"]),
-                    arrays,
-                )
-                for site, (p, arrays, env) in accepted.items()
-            ]
-            new_tensors = F.aggregate(tensors, contribs, self.hp, G, C, self.owners)
-            agg_bundle = self._model_bundle(new_tensors)
-            agg_digest = agg_bundle.digest
-            if s.keep_models:
-                # Every aggregate, so the rounds can be appended to the coordinator's ledger
-                # (``scarches-fl federate publish``).
-                write_bundle(self.out / "models" / f"round-{rnd:04d}", agg_bundle)
-            contributors = []
-            for site, (p, _arrays, env) in sorted(accepted.items()):
-                name = f"round-{rnd:04d}.{site}.contribution.json"
-                atomic_write(self.records_dir / name, env)
-                contribution_envs[name] = env
-                contributors.append(
-                    {
-                        "site_id": site,
-                        "key_id": p.get("key_id"),
-                        "contribution_digest": p["contribution_digest"],
-                        "n_train": p["n_train"],
-                        "envelope_sha256": envelope_sha256(env),
-                    }
-                )
-            rec = RoundRecord(
-                round=rnd,
-                base_digest=base_digest,
-                aggregate_digest=agg_digest,
-                kl_weight=kl_w,
-                contributors=contributors,
-                excluded=excluded,
-                missing=missing,
-                validation_loss=val,
-                seconds=time.perf_counter() - t0,
-                bytes_sent=self.bytes_sent - sent0,
-                bytes_received=self.bytes_received - recv0,
-            )
-            payload = {
-                "kind": "federated_round",
-                "run_id": self.run_id,
-                **{k: v for k, v in asdict(rec).items() if k not in ("seconds",)},
-            }
-            if payload["validation_loss"] is None:
-                del payload["validation_loss"]
-            self._sign_and_write(f"round-{rnd:04d}.json", ROUND_PAYLOAD_TYPE, payload)
-            records.append(rec)
-            log.info(
-                "round %d: %d contributed, %d excluded, %d missing, validation %s, %.1f s",
-                rnd,
-                len(contributors),
-                len(excluded),
-                len(missing),
-                f"{val:.2f}" if val is not None else "-",
-                rec.seconds,
-            )
-            last_round = rnd
-            # ``val`` scores the model of round rnd-1 (what the sites received).
-            prev_warm = rnd - 1 >= 1 and F.kl_weight_for_round(rnd - 1, warmup) >= 1.0
-            if val is not None and prev_warm and val < stopper.best - stopper.min_delta:
-                best_tensors, best_round = tensors, rnd - 1
-            if stopper.update(rnd - 1, val, warm=prev_warm):
-                stopped = True
-                tensors, base_digest = new_tensors, agg_digest
-                log.info("early stopping after round %d (best round %s)", rnd, best_round)
-                break
-            tensors, base_digest = new_tensors, agg_digest
-        if not stopped:
-            # Score the last aggregate with one evaluate exchange.
-            replies = self._send_model(
-                "evaluate", tensors, base_digest, manifest_bytes, last_round + 1, 1.0
-            )
-            _, _, _, val = self._collect(replies, last_round + 1, base_digest, with_arrays=False)
-            warm = F.kl_weight_for_round(last_round, warmup) >= 1.0
-            if val is not None and warm and val < stopper.best - stopper.min_delta:
-                best_tensors, best_round = tensors, last_round
-                stopper.update(last_round, val, warm=warm)
-            if best_round == 0:
-                best_tensors, best_round = tensors, last_round
-        if best_round == 0:
-            best_tensors, best_round = tensors, last_round
-        bundle = self._model_bundle(best_tensors)
+        strategy.start(
+            grid=self.grid,
+            initial_arrays=arrays_to_record(tensors),
+            num_rounds=s.rounds,
+            timeout=s.round_timeout,
+        )
+        records = strategy.records
+        best_round, best_tensors = strategy.final_model()
+        final_model = self._model_bundle(best_tensors)
         recorded = {r.round: r.aggregate_digest for r in records}
-        if recorded.get(best_round) != bundle.digest:
+        if recorded.get(best_round) != final_model.digest:
             raise FederationError("internal: the final bundle is not a recorded aggregate")
+        bundle = final_model
         bundle_dir = Path(s.bundle_dir) if s.bundle_dir else self.out / "bundle"
         write_bundle(bundle_dir, bundle)
         run_payload = {
@@ -458,7 +350,7 @@ class _Federation:
             "sites": sites,
             "conditions": self.conditions,
             "rounds": len(records),
-            "stopped_early": stopped,
+            "stopped_early": strategy.stopped,
             "settings": {
                 "local_epochs": s.local_epochs,
                 "lr": s.lr,
@@ -470,7 +362,7 @@ class _Federation:
             },
             "final": {
                 "round": best_round,
-                "aggregate_digest": bundle.digest,
+                "aggregate_digest": final_model.digest,
                 "bundle_digest": bundle.digest,
             },
         }
@@ -482,7 +374,7 @@ class _Federation:
             "final_round": best_round,
             "sites": sites,
             "conditions": self.conditions,
-            "stopped_early": stopped,
+            "stopped_early": strategy.stopped,
             "rounds": [asdict(r) for r in records],
         }
         atomic_write(
@@ -497,122 +389,9 @@ class _Federation:
             rounds=records,
             conditions=self.conditions,
             sites=sites,
-            stopped_early=stopped,
+            stopped_early=strategy.stopped,
+            aggregate_digest=final_model.digest,
         )
-
-    def _check_shapes(self, site: str, arrays: Mapping[str, np.ndarray]) -> None:
-        """Exactly the model's tensors, condition tensors holding the site's own columns."""
-        from scarches_fl.module import tensor_specs
-
-        specs = tensor_specs(self.hp, len(self.genes or []), len(self.conditions))
-        if set(arrays) != set(specs):
-            raise ContributionRejected(
-                "wrong_tensors", f"tensor names {sorted(set(arrays) ^ set(specs))[:5]} differ "
-                "from the model's")
-        from scarches_fl._federated import contribution_shape_error
-
-        problem = contribution_shape_error(specs, arrays, len(self.site_conditions[site]))
-        if problem:
-            raise ContributionRejected("wrong_tensors", problem)
-
-    def _send_model(
-        self,
-        message_type: str,
-        tensors: Mapping[str, np.ndarray],
-        base_digest: str,
-        manifest_bytes: bytes,
-        rnd: int,
-        kl_weight: float,
-    ) -> dict[str, Any]:
-        from flwr.app import ConfigRecord, RecordDict
-
-        s = self.s
-        targets = {n: site for n, site in self.node_site.items() if site in self.site_conditions}
-        contents = {}
-        arrays = _arrays_to_record(tensors)
-        for node in targets:
-            cfg = ConfigRecord(
-                {
-                    "run-id": self.run_id,
-                    "round": int(rnd),
-                    "kl-weight": float(kl_weight),
-                    "local-epochs": int(s.local_epochs),
-                    "lr": float(s.lr),
-                    "batch-size": int(s.batch_size),
-                    "prox-mu": float(s.prox_mu),
-                    "seed": int(s.seed),
-                    "base-digest": base_digest,
-                    "manifest": manifest_bytes,
-                }
-            )
-            contents[node] = RecordDict({"arrays": arrays, "config": cfg})
-        timeout = s.round_timeout
-        replies = self._exchange(contents, message_type, timeout) if contents else {}
-        return {"targets": targets, "replies": replies}
-
-    def _collect(self, sent: Mapping[str, Any], rnd: int, base_digest: str, *, with_arrays: bool):
-
-        targets, replies = sent["targets"], sent["replies"]
-        accepted: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], bytes]] = {}
-        excluded: list[dict[str, Any]] = []
-        missing: list[str] = []
-        val_sum, val_n = 0.0, 0
-        answered_sites = set()
-        for node, site in sorted(targets.items(), key=lambda kv: kv[1]):
-            reply = replies.get(node)
-            if reply is None:
-                continue
-            if reply.has_error():
-                excluded.append(
-                    {
-                        "site_id": site,
-                        "reason": "site_error",
-                        "detail": _error_text(reply.error.reason),
-                    }
-                )
-                answered_sites.add(site)
-                continue
-            answered_sites.add(site)
-            try:
-                content = reply.content
-                env = bytes(content.config_records["signature"]["envelope"])
-                arrays = _arrays_from_record(content.array_records["arrays"]) if with_arrays else {}
-                payload = verify_contribution(
-                    env,
-                    site_keys=self.s.site_keys,
-                    run_id=self.run_id,
-                    server_round=rnd,
-                    base_digest=base_digest,
-                    arrays_digest=tensor_digest(arrays),
-                    expected_conditions=self.site_conditions,
-                )
-                if payload["site_id"] != site:
-                    raise ContributionRejected(
-                        "wrong_site",
-                        f"node of site {site} sent a contribution signed as {payload['site_id']}",
-                    )
-                kind = "contribution" if with_arrays else "evaluation"
-                if payload.get("kind") != kind:
-                    raise ContributionRejected("malformed", f"payload kind is not {kind}")
-                if with_arrays:
-                    self._check_shapes(site, arrays)
-            except ContributionRejected as exc:
-                log.warning("round %d: contribution of %s excluded: %s", rnd, site, exc)
-                excluded.append({"site_id": site, "reason": exc.reason, "detail": str(exc)[:200]})
-                continue
-            except (KeyError, TypeError, ValueError) as exc:
-                excluded.append({"site_id": site, "reason": "malformed", "detail": str(exc)[:200]})
-                continue
-            v, nv = payload.get("validation_loss_sum"), payload.get("n_validation")
-            if isinstance(v, (int, float)) and isinstance(nv, int) and nv > 0 and math.isfinite(v):
-                val_sum += float(v)
-                val_n += nv
-            accepted[site] = (payload, arrays, env)
-        for site in sorted(self.site_conditions):
-            if site not in answered_sites:
-                missing.append(site)
-        val = val_sum / val_n if val_n > 0 else None
-        return accepted, excluded, missing, val
 
 
 def run_federation(grid: Any, settings: FederationSettings) -> FederationResult:
@@ -686,8 +465,12 @@ def _make_deployment_app():
             pkg.addHandler(handler)
             pkg.setLevel(logging.INFO)
         result = run_federation(grid, settings_from_run_config(context.run_config))
-        log.info("federated reference %s (round %d) written to %s", result.bundle_digest,
-                 result.final_round, result.bundle_dir)
+        log.info(
+            "federated reference %s (round %d) written to %s",
+            result.bundle_digest,
+            result.final_round,
+            result.bundle_dir,
+        )
 
     return server_app
 

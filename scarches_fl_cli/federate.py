@@ -42,7 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sim.add_argument("--data", required=True, help="one .h5ad holding every study")
     sim.add_argument("--batch-key", required=True, help="obs column naming the study")
-    sim.add_argument("--label-key", default=None, help="obs column of cell-type labels (recorded)")
+    sim.add_argument(
+        "--label-key",
+        default=None,
+        help="obs column of cell-type labels (recorded)",
+    )
     sim.add_argument("--sites", type=int, required=True, help="number of virtual sites")
     sim.add_argument("--rounds", type=int, required=True, help="maximum federated rounds")
     sim.add_argument("--out", required=True, help="bundle directory to write")
@@ -50,20 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batches", default=None, help="comma-separated studies to train on (default: every study)"
     )
     _training_args(sim)
-    sim.add_argument(
-        "--drop",
-        action="append",
-        default=[],
-        metavar="SITE:ROUND",
-        help="simulate SITE failing in ROUND (repeatable)",
-    )
-    sim.add_argument(
-        "--tamper",
-        action="append",
-        default=[],
-        metavar="SITE:ROUND",
-        help="simulate SITE's contribution being altered in transit in ROUND",
-    )
     sim.set_defaults(handler=_simulate)
 
     ver = sub.add_parser(
@@ -245,7 +235,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "answer by then is recorded as missing",
     )
     run.add_argument("--batch-key", default="batch", help="obs column naming the study")
-    run.add_argument("--label-key", default=None, help="obs column of cell-type labels (recorded)")
+    run.add_argument(
+        "--label-key",
+        default=None,
+        help="obs column of cell-type labels (recorded)",
+    )
+
     run.add_argument("--out", required=True, help="bundle directory to write")
     _training_args(run)
     run.set_defaults(handler=_run)
@@ -280,24 +275,9 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
-def _faults(specs: list[str], kind: str) -> dict[str, dict[str, list[int]]]:
-    from protocols.errors import ConfigError
-
-    out: dict[str, dict[str, list[int]]] = {}
-    for spec in specs:
-        site, _, rnd = spec.partition(":")
-        if not site or not rnd.isdigit():
-            raise ConfigError(f"{spec!r} is not SITE:ROUND (e.g. site-1:2)")
-        out.setdefault(site, {}).setdefault(kind, []).append(int(rnd))
-    return out
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from scarches_fl_cli.federated_simulation import simulate
 
-    faults = _faults(args.drop, "fail_rounds")
-    for site, f in _faults(args.tamper, "tamper_rounds").items():
-        faults.setdefault(site, {}).update(f)
     batches = [b for b in args.batches.split(",") if b] if args.batches else None
     result = simulate(
         args.data,
@@ -318,7 +298,6 @@ def _simulate(args: argparse.Namespace) -> int:
         n_layers=args.n_layers,
         n_latent=args.n_latent,
         seed=args.seed,
-        faults=faults,
     )
     for r in result.rounds:
         print(

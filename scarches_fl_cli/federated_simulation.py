@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,14 @@ def simulate(
     n_latent: int = 10,
     seed: int = 0,
     round_timeout: float = 600.0,
-    faults: Mapping[str, Mapping[str, list[int]]] | None = None,
+    client_mods: Sequence[Any] = (),
     num_cpus: int | None = None,
     flwr_home: str | None = None,
 ) -> Any:
     """Run federated reference training on ``n_sites`` virtual sites; returns the
-    :class:`~coordinator.federated_server.FederationResult`."""
+    :class:`~coordinator.federated_server.FederationResult`. ``client_mods``: Flower client
+    mods around every virtual site's ClientApp (tests use them to make a site fail or to alter
+    a contribution in transit; virtual site ``site-i`` is partition ``i``)."""
     import tempfile
 
     out = Path(out)
@@ -169,7 +171,6 @@ def simulate(
         seed=seed,
         keys_dir=keys_tmp.name,
     )
-    faults = dict(faults or {})
     configs = [
         SiteConfig(
             site_id=p.site_id,
@@ -177,7 +178,6 @@ def simulate(
             batch_key=batch_key,
             site_key_path=plan.key_paths[p.site_id],
             studies={k: np.asarray(v).tolist() for k, v in p.studies.items()},
-            faults={k: list(v) for k, v in faults.get(p.site_id, {}).items()},
         )
         for p in plan.sites
     ]
@@ -209,7 +209,7 @@ def simulate(
         return configs[int(context.node_config["partition-id"])]
 
     server_app = build_server_app(settings)
-    client_app = build_client_app(resolve)
+    client_app = build_client_app(resolve, mods=client_mods)
     cpus = int(num_cpus or max(1, min(len(configs), os.cpu_count() or 1)))
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

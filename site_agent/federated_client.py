@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,9 +41,8 @@ _CACHE_LOCK = threading.Lock()
 
 @dataclass
 class SiteConfig:
-    """One site's side of a federation. ``rows``/``studies`` restrict and relabel the cells
-    (the Simulation Engine splits one file into virtual sites); ``faults`` injects failures
-    for simulations only: ``{"fail_rounds": [..], "tamper_rounds": [..]}``."""
+    """One site's side of a federation. ``studies`` restricts and relabels the cells (the
+    Simulation Engine splits one file into virtual sites)."""
 
     site_id: str
     data_path: str
@@ -52,7 +51,6 @@ class SiteConfig:
     layer: str | None = None
     studies: Mapping[str, Any] | None = None  # study name -> row indices (simulation)
     validation_fraction: float = 0.1
-    faults: dict[str, list[int]] = field(default_factory=dict)
 
 
 def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
@@ -185,8 +183,6 @@ def _train(cfg: SiteConfig, message: Any) -> Any:
 
     config, manifest, tensors, ds = _received_model(cfg, message)
     rnd = int(config["round"])
-    if rnd in cfg.faults.get("fail_rounds", []):
-        raise RuntimeError(f"simulated failure of site {cfg.site_id} in round {rnd}")
     hp = manifest["hyperparameters"]
     G, C = len(manifest["genes"]), len(manifest["conditions"])
     val_sum, n_val = F.validation_loss(hp, G, C, tensors, ds, seed=int(config["seed"]))
@@ -206,8 +202,6 @@ def _train(cfg: SiteConfig, message: Any) -> Any:
         "conditions": own,
     }
     env = _signed(cfg, CONTRIBUTION_PAYLOAD_TYPE, payload)
-    if rnd in cfg.faults.get("tamper_rounds", []):
-        env = _tamper(env)
     arrays = ArrayRecord({k: _array(v) for k, v in result.tensors.items()})
     return _reply(message, RecordDict({
         "arrays": arrays,
@@ -253,25 +247,12 @@ def _site_salt(site_id: str) -> int:
     return int.from_bytes(hashlib.sha256(site_id.encode()).digest()[:2], "big")
 
 
-def _tamper(envelope: bytes) -> bytes:
-    """Simulation fault: a man in the middle raises ``n_train`` tenfold to dominate the
-    average, keeping the original signature. The coordinator must exclude it."""
-    import json
-
-    from protocols.canonical import canonical_json
-    from protocols.dsse import Envelope, parse_envelope
-
-    env = parse_envelope(envelope)
-    payload = json.loads(env.payload)
-    payload["n_train"] = int(payload["n_train"]) * 10
-    return Envelope(env.payload_type, canonical_json(payload), env.signatures).to_bytes()
-
-
-def build_client_app(resolve: Callable[[Any], SiteConfig]) -> Any:
-    """A ``ClientApp`` whose site is ``resolve(context)``."""
+def build_client_app(resolve: Callable[[Any], SiteConfig], *, mods: Sequence[Any] = ()) -> Any:
+    """A ``ClientApp`` whose site is ``resolve(context)``. ``mods``: Flower client mods wrapped
+    around every handler (the deployed app has none; tests inject faults with them)."""
     from flwr.clientapp import ClientApp
 
-    client_app = ClientApp()
+    client_app = ClientApp(mods=list(mods))
 
     @client_app.query()
     def _q(message: Any, context: Any) -> Any:

@@ -57,4 +57,4 @@ def test_publish_enroll_puts_a_simulated_run_into_the_ledger(
     argv = ["audit", "--ledger", str(state), "--trust", trust, "--state", str(tmp_path / "aud")]
     assert main(argv) == 0
     report = capsys.readouterr().out
-    assert "VERIFIED" in report and result.bundle_digest in report
+    assert "VERIFIED" in report and result.aggregate_digest in report

@@ -1,6 +1,7 @@
-"""The ServerApp's round logic on an in-process grid (no Ray, no SuperLink): a site that never
-answers is recorded as missing and the round completes with the others; a correctly signed
-contribution with the wrong tensor shapes is excluded; the records verify."""
+"""The ServerApp's round logic (Flower's Strategy.start driving OwnedColumnsFedAvg) on an
+in-process grid (no Ray, no SuperLink): a site that never answers is recorded as missing and the
+round completes with the others; a correctly signed contribution with the wrong tensor shapes is
+excluded; the unsigned num-examples metric does not weigh the average; the records verify."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ class InProcessGrid:
             cfg = self.nodes[m.metadata.dst_node_id]
             if cfg.site_id in self.silent:
                 continue
-            handler = {"query": C._describe, "train": C._train, "evaluate": C._evaluate}
+            handler = {
+                "query": C._describe, "train": C._train, "evaluate": C._evaluate,
+            }
             reply = handler[m.metadata.message_type](cfg, m)
             if cfg.site_id in self.mutate and m.metadata.message_type == "train":
                 reply = self.mutate[cfg.site_id](cfg, m, reply)
@@ -80,10 +83,11 @@ def _settings(tmp_path, keys, **kw):
     from protocols.keys import generate_private_key
 
     ck = generate_private_key()
+    fields = dict(rounds=2, local_epochs=1, n_hidden=16, n_latent=4, round_timeout=7.5,
+                  min_sites=2, wait_for_sites=0.0)
     return FederationSettings(
         out_dir=str(tmp_path / "records"), bundle_dir=str(tmp_path / "bundle"), site_keys=keys,
-        coordinator_key=ck, rounds=2, local_epochs=1, n_hidden=16, n_latent=4,
-        round_timeout=7.5, min_sites=2, wait_for_sites=0.0, **kw), ck
+        coordinator_key=ck, **{**fields, **kw}), ck
 
 
 def _resign_with_bad_shape(cfg, message, reply):
@@ -110,6 +114,45 @@ def _resign_with_bad_shape(cfg, message, reply):
         "signature": ConfigRecord({"envelope": env})}), reply_to=message)
 
 
+def test_strategy_is_a_flower_fedavg():
+    from flwr.serverapp.strategy import FedAvg
+
+    from coordinator.federated_strategy import OwnedColumnsFedAvg
+
+    assert issubclass(OwnedColumnsFedAvg, FedAvg)
+
+
+def _inflate_metric(cfg, message, reply):
+    """The site claims a million cells in the unsigned metric record (FedAvg's weight key)."""
+    from flwr.app import MetricRecord
+
+    reply.content.metric_records["metrics"] = MetricRecord({"num-examples": 10**6})
+    return reply
+
+
+def test_unsigned_metric_does_not_weigh_the_average(tmp_path, site_configs, monkeypatch):
+    from coordinator.federated_server import run_federation
+    from protocols.bundle import read_bundle
+    from scarches_fl import _federated as F
+
+    configs, keys = site_configs
+    settings, _ = _settings(tmp_path, keys, rounds=1, keep_models=True)
+    grid = InProcessGrid(configs[:2], mutate={"s-a": _inflate_metric})
+    seen = {}
+    real = F.aggregate
+
+    def spy(global_tensors, contributions, *args, **kw):
+        seen["n_train"] = {c.site_id: c.n_train for c in contributions}
+        return real(global_tensors, contributions, *args, **kw)
+
+    monkeypatch.setattr(F, "aggregate", spy)
+    result = run_federation(grid, settings)
+    signed = {c["site_id"]: c["n_train"] for c in result.rounds[0].contributors}
+    assert seen["n_train"] == signed and signed["s-a"] < 10**6
+    assert read_bundle(tmp_path / "records" / "models" / "round-0001").digest == (
+        result.rounds[0].aggregate_digest)
+
+
 def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_configs):
     from coordinator.federated_files import verify_run_directory, write_federation_policy
     from coordinator.federated_server import run_federation
@@ -132,6 +175,9 @@ def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_confi
 
     grid.send_and_receive = flaky
     result = run_federation(grid, settings)
+    # Flower drove the rounds through the Strategy: one train exchange per round and a single
+    # evaluate exchange, for the final aggregate (the empty ones send nothing).
+    assert calls["n"] == 2
     r1, r2 = result.rounds
     assert r1.missing == ["s-c"]
     assert [c["site_id"] for c in r1.contributors] == ["s-a"]
@@ -145,3 +191,4 @@ def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_confi
     assert report.final_digest == read_bundle(tmp_path / "bundle").digest
     summary = json.loads((tmp_path / "records" / "federation-summary.json").read_text())
     assert summary["rounds"][0]["missing"] == ["s-c"]
+

@@ -75,13 +75,14 @@ def test_three_sites_match_central_and_exclude_tampered_and_failed(
         tmp_path, panc8, shared_data, central_accuracy, capsys):
     from protocols.bundle import read_bundle
     from scarches_fl_cli.federated_simulation import simulate
+    from tests.federated import _faults as faults
 
     out = tmp_path / "fed3"
     result = simulate(
         shared_data / "panc8_sub_nebula.h5ad", batch_key="batch", label_key="cell_type",
         n_sites=3, rounds=ROUNDS, out=out, batches=REFERENCE, local_epochs=LOCAL_EPOCHS,
         patience=ROUNDS, seed=0,
-        faults={"site-1": {"tamper_rounds": [2]}, "site-2": {"fail_rounds": [1]}})
+        client_mods=[faults.tamper(1, 2), faults.fail(2, 1)])
     # Each study at exactly one site; conditions namespaced by the site holding them.
     plan = json.loads((out / "federation" / "site-plan.json").read_text())
     assert sorted(s for st in plan.values() for s in st) == REFERENCE
@@ -129,7 +130,7 @@ def _publish_and_audit(tmp_path, out, result, capsys):
     assert main(["audit", "--ledger", str(state), "--trust", str(init.trust_path),
                  "--state", str(tmp_path / "auditor")]) == 0
     report = capsys.readouterr().out
-    assert "VERIFIED" in report and result.bundle_digest in report
+    assert "VERIFIED" in report and result.aggregate_digest in report
 
 
 def test_ten_sites_match_central(tmp_path, panc8, shared_data, central_accuracy):

@@ -68,8 +68,13 @@ def new_keys(n_sites: int, origin: str = ORIGIN) -> LedgerKeys:
     return keys
 
 
-def genesis_bundle(*, n_genes: int = 200, hidden: int = 128, n_latent: int = 10, seed: int = 0) -> Any:
-    """A small reference: frozen encoder/decoder weights and two condition tensors."""
+def genesis_bundle(
+    *, n_genes: int = 200, hidden: int = 128, n_latent: int = 10, seed: int = 0,
+    with_labels: bool = False,
+) -> Any:
+    """A small reference: frozen encoder/decoder weights and two condition tensors; with
+    ``with_labels``, label knowledge of two types (level ``cell_type``) that contributions can
+    extend."""
     from protocols.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, make_bundle
 
     rng = np.random.default_rng(seed)
@@ -100,7 +105,7 @@ def genesis_bundle(*, n_genes: int = 200, hidden: int = 128, n_latent: int = 10,
         "conditions": conds,
         "tensors": specs,
         "registration": {"batch_key": "batch"},
-        "labels": {},
+        "labels": _labels(n_latent) if with_labels else {},
     }
     return make_bundle(manifest, tensors)
 
@@ -143,6 +148,43 @@ class _GrowingModel:
         return str(self.bundle().digest)
 
 
+def _labels(n_latent: int) -> dict[str, Any]:
+    protos = [
+        {"label": c, "mean": [float(i)] * n_latent, "std": [1.0] * n_latent, "weight": 1.0,
+         "n_cells": 100}
+        for i, c in enumerate(["alpha", "beta"])
+    ]
+    return {
+        "schema": "scarches-fl.labels", "schema_version": 1, "unknown_label": "Unknown",
+        "n_latent": n_latent, "novelty_tail": 0.05, "knowledge": ["prototypes"],
+        "atlas": {"included": False},
+        "levels": {"cell_type": {"index": 0, "prototype": {
+            "min_cells": 20, "classes": ["alpha", "beta"], "cell_counts": [100, 100],
+            "prototypes": protos, "shared_covariance": np.eye(n_latent).tolist(),
+            "class_prior": [0.5, 0.5],
+            "calibration": {"temperature": 1.0, "novelty_quantiles": [0.0, 1.0, 9.0]},
+        }}},
+    }
+
+
+def label_contribution(
+    keys: LedgerKeys, site_id: str, *, sequence: int, base_size: int, base_root: bytes,
+    base_digest: str, n_latent: int, seed: int, origin: str = ORIGIN,
+) -> bytes:
+    """A signed label contribution of one new type (``gamma``, 40 cells) by ``site_id``."""
+    from protocols.keys import key_id
+    from protocols.labels import build_contribution_payload, sign_contribution
+
+    rng = np.random.default_rng(seed)
+    payload = build_contribution_payload(
+        origin=origin, site_id=site_id, site_key_id=key_id(keys.sites[site_id]), sequence=sequence,
+        base_size=base_size, base_root=base_root, base_digest=base_digest, label_key="cell_type",
+        prototypes=[{"name": "gamma", "count": 40, "mean": rng.standard_normal(n_latent),
+                     "std": np.ones(n_latent), "sigma": 0.0}],
+    )
+    return sign_contribution(payload, keys.sites[site_id])
+
+
 def build_ledger(
     out: str | Path,
     *,
@@ -161,6 +203,9 @@ def build_ledger(
     federated_round_at: int | None = None,
     wrong_base_digest_at: int | None = None,
     replayed_sequence_at: int | None = None,
+    label_contributions: int = 0,
+    genesis_seed: int = 0,
+    extra_entries: Sequence[tuple[str, bytes]] = (),
 ) -> GeneratedLedger:
     """Write a coordinator state directory with a genesis, ``n_sites`` enrolments and
     ``n_updates`` site updates (one new condition each) into ``out``.
@@ -171,7 +216,10 @@ def build_ledger(
     aggregate changes the frozen weights (sites then map on the round's version).
     ``wrong_base_digest_at=u``: update ``u`` states a base digest that is not the replay's
     (a coordinator that accepted it anyway).
-    ``replayed_sequence_at=u``: update ``u`` reuses its site's previous sequence number."""
+    ``replayed_sequence_at=u``: update ``u`` reuses its site's previous sequence number.
+    ``label_contributions=n``: a labelled genesis and ``n`` label contributions right after the
+    enrolments. ``extra_entries``: ``(kind, envelope)`` appended as they are at the end (a
+    coordinator that logged them anyway)."""
     from coordinator.storage import BlobStore, LedgerStore
     from protocols import merkle
     from protocols.bundle import bundle_to_bytes, make_bundle
@@ -206,7 +254,8 @@ def build_ledger(
     def sign_cp(size: int, root: bytes) -> bytes:
         return sign_checkpoint(Checkpoint(origin, size, root), keys.log_signer)
 
-    genesis = genesis_bundle(n_genes=n_genes, hidden=hidden, seed=0)
+    genesis = genesis_bundle(n_genes=n_genes, hidden=hidden, seed=genesis_seed,
+                             with_labels=label_contributions > 0)
     replay = _GrowingModel(genesis)
     tree = merkle.MerkleTree()
     digests: dict[int, str] = {}
@@ -236,7 +285,16 @@ def build_ledger(
             policy_indices.append(put(w, env, "policy", site_id=sid))
         published = tree.size
         digests[published] = replay.digest()
-    sequences = {sid: 0 for sid in site_ids}
+        sequences = {sid: 0 for sid in site_ids}
+        for i in range(label_contributions):
+            sid = site_ids[i % len(site_ids)]
+            sequences[sid] += 1
+            env = label_contribution(
+                keys, sid, sequence=sequences[sid], base_size=published,
+                base_root=tree.root(published), base_digest=digests[published], n_latent=10,
+                seed=i, origin=origin,
+            )
+            put(w, env, "label_contribution", site_id=sid, sequence=sequences[sid])
     batch = 500
     u = 0
     while u < n_updates:
@@ -288,6 +346,10 @@ def build_ledger(
                 last_model_index = idx
                 replay.apply(diff_from_bytes(upd.diff_bytes), [cond])
                 u += 1
+    if extra_entries:
+        with store.writer() as w:
+            for kind, env in extra_entries:
+                put(w, env, kind)
     served_digest = replay.digest()
     if materialize:
         # the coordinator's reference cache layout (coordinator/_ledger.py ReferenceCache)

@@ -115,6 +115,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.add_argument("--site-id", required=True, metavar="ID", help="the site to revoke")
     revoke.set_defaults(handler=_revoke)
 
+    lp = sub.add_parser(
+        "label-policy",
+        help="label contributions: k, count bucket, DP requirement; accept or map type names",
+        description=(
+            "Append an operator-signed label_policy entry. `settings` changes the rules for "
+            "label contributions (what is not given stays as in force); `accept` makes a "
+            "site's new type (SITE:NAME) a shared vocabulary name; `map` maps it onto an "
+            "existing type. `show` prints the policy and vocabulary in force."
+        ),
+    )
+    lp_sub = lp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    lp_set = lp_sub.add_parser("settings", help="k, count bucket, max types, DP requirement")
+    _add_dir(lp_set)
+    lp_set.add_argument("--k", type=int, help="fewest cells a prototype may come from (default 20)")
+    lp_set.add_argument("--count-bucket", type=int, help="counts are rounded down to a multiple (10)")
+    lp_set.add_argument("--max-types", type=int, help="prototypes per contribution (64)")
+    lp_set.add_argument("--dp-epsilon", type=float, help="require the Gaussian mechanism at this epsilon or less")
+    lp_set.add_argument("--dp-delta", type=float, help="... and this delta or less (e.g. 1e-5)")
+    lp_set.add_argument("--dp-clip-norm", type=float, help="... with latents clipped to this L2 norm or less")
+    lp_set.add_argument("--no-dp", action="store_true", help="drop the DP requirement")
+    lp_acc = lp_sub.add_parser("accept", help="make SITE:NAME a shared type name")
+    _add_dir(lp_acc)
+    lp_acc.add_argument("--label-key", required=True, metavar="L")
+    lp_acc.add_argument("--name", required=True, metavar="SITE:NAME")
+    lp_acc.add_argument("--as", dest="target", required=True, metavar="SHARED_NAME")
+    lp_map = lp_sub.add_parser("map", help="map SITE:NAME onto an existing type")
+    _add_dir(lp_map)
+    lp_map.add_argument("--label-key", required=True, metavar="L")
+    lp_map.add_argument("--name", required=True, metavar="SITE:NAME")
+    lp_map.add_argument("--to", dest="target", required=True, metavar="TYPE")
+    lp_show = lp_sub.add_parser("show", help="the label policy, vocabulary decisions and contributions in force")
+    _add_dir(lp_show)
+    lp.set_defaults(handler=_label_policy)
+
     rotate = sub.add_parser(
         "rotate",
         help="replace a site's key: countersign its rotation request (policy entry)",
@@ -262,6 +296,30 @@ def _revoke(args: argparse.Namespace) -> int:
 
     entry = revoke_site(args.dir, site_id=args.site_id)
     print(f"revoked {args.site_id} (ledger entry {entry.index})")
+    return 0
+
+
+def _label_policy(args: argparse.Namespace) -> int:
+    import json
+
+    from coordinator.admin import label_policy, label_state
+
+    if args.action == "show":
+        print(json.dumps(label_state(args.dir), indent=2, sort_keys=True))
+        return 0
+    if args.action == "settings":
+        entry, policy = label_policy(
+            args.dir, action="settings", k=args.k, count_bucket=args.count_bucket,
+            max_types=args.max_types, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta,
+            dp_clip_norm=args.dp_clip_norm, no_dp=args.no_dp,
+        )
+        print(f"label policy (ledger entry {entry.index}): {json.dumps(policy.to_json_obj(), sort_keys=True)}")
+        return 0
+    entry, _policy = label_policy(
+        args.dir, action=args.action, label_key=args.label_key, name=args.name, target=args.target
+    )
+    verb = "accepted" if args.action == "accept" else "mapped"
+    print(f"{verb} {args.name} as {args.target!r} at level {args.label_key!r} (ledger entry {entry.index})")
     return 0
 
 

@@ -706,23 +706,30 @@ class CheckedUpdate:
     site_id: str
     sequence: int
     new_conditions: tuple[str, ...]
+    kind: str = "site_update"
 
 
 def check_and_apply_site_update(
     state: Any, envelope: bytes, diff: bytes, limits: Any, *, authenticated: Any = None
 ) -> CheckedUpdate:
-    """Run validation of a submitted site update against ``state`` and apply it (the state
-    is unchanged when it raises). Only ``site_update`` envelopes are accepted here.
+    """Run validation of a submitted site update or label contribution against ``state`` and
+    apply it (the state is unchanged when it raises). Only these two site-signed kinds are
+    accepted here; a label contribution comes with an empty ``diff``.
 
     ``authenticated``: :func:`authenticate_submission`'s result for these bytes (from the
-    request thread): the envelope is then not parsed nor its signature verified again while
-    the policy in force still holds the same active key (``LedgerState.apply``)."""
+    request thread): a site update's envelope is then not parsed nor its signature verified
+    again while the policy in force still holds the same active key (``LedgerState.apply``)."""
     from protocols.dsse import parse_envelope
     from protocols.errors import UpdateRejectedError
+    from protocols.labels import LABEL_CONTRIBUTION_TYPE, AuthenticatedContribution
     from protocols.ledger import PAYLOAD_TYPES
     from protocols.update import SITE_UPDATE_TYPE
 
-    if authenticated is not None and authenticated.envelope == envelope:
+    if (
+        authenticated is not None
+        and authenticated.envelope == envelope
+        and not isinstance(authenticated, AuthenticatedContribution)
+    ):
         # authenticate_update parsed it strictly and checked its payloadType
         applied = state.apply(
             envelope, blob_lookup_bytes({}), diff_bytes=diff, authenticated=authenticated
@@ -734,12 +741,17 @@ def check_and_apply_site_update(
     except VerificationError as exc:
         code = exc.reason_code if exc.reason_code == "E_OVERSIZE" else "E_ENVELOPE_MALFORMED"
         raise UpdateRejectedError(code, exc.message or str(exc)) from exc
+    if env.payload_type == LABEL_CONTRIBUTION_TYPE:
+        applied = state.apply(envelope, blob_lookup_bytes({}), diff_bytes=diff)
+        acc = applied.accepted_update
+        return CheckedUpdate(acc.site_id, acc.sequence, (), kind="label_contribution")
     if env.payload_type != SITE_UPDATE_TYPE:
         kind = PAYLOAD_TYPES.get(env.payload_type, "unknown")
         raise UpdateRejectedError(
             "E_PAYLOAD_TYPE",
-            f"SubmitUpdate takes site updates ({SITE_UPDATE_TYPE}); this envelope is a {kind} "
-            "entry, which only the operator appends",
+            f"SubmitUpdate takes site updates ({SITE_UPDATE_TYPE}) and label contributions "
+            f"({LABEL_CONTRIBUTION_TYPE}); this envelope is a {kind} entry, which only the "
+            "operator appends",
         )
     # The submitted diff is handed over as bytes: the update rules compare it with the signed
     # sha256 and size only after the signature verified (E_DIFF_*_MISMATCH), never look it up
@@ -753,9 +765,23 @@ def authenticate_submission(state: Any, envelope: bytes, limits: Any) -> Any:
     """:func:`protocols.update.authenticate_update` against the policy in force: the
     :class:`~protocols.update.AuthenticatedUpdate` (its ``site_id`` is the signer's) or an
     :class:`~protocols.errors.UpdateRejectedError` whose code means "not authenticated"."""
+    from protocols.labels import LABEL_CONTRIBUTION_TYPE, authenticate_contribution
     from protocols.update import authenticate_update
 
+    if _payload_type(envelope) == LABEL_CONTRIBUTION_TYPE:
+        return authenticate_contribution(envelope, state.policy, limits=limits)
     return authenticate_update(envelope, state.policy, limits=limits)
+
+
+def _payload_type(envelope: bytes) -> str | None:
+    """The payloadType an envelope claims (lenient, unverified: only picks the rules)."""
+    import json
+
+    try:
+        env = json.loads(envelope)
+        return env.get("payloadType") if isinstance(env, dict) else None
+    except ValueError:
+        return None
 
 
 def blob_lookup_bytes(mapping: dict[str, bytes]) -> Any:
@@ -774,7 +800,7 @@ def claimed_update(envelope: bytes, limits: Any) -> tuple[str | None, int | None
     try:
         env = json.loads(envelope)
         payload = json.loads(base64.b64decode(env["payload"], validate=True))
-        if payload.get("kind") != "site_update":
+        if payload.get("kind") not in ("site_update", "label_contribution"):
             return None, None
         sid, seq = payload.get("site_id"), payload.get("sequence")
     except Exception:  # noqa: BLE001 - unparseable: no claim

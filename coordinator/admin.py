@@ -205,6 +205,84 @@ def revoke_site(state_dir: str | os.PathLike[str], *, site_id: str) -> StoredEnt
         )
 
 
+def label_policy(
+    state_dir: str | os.PathLike[str],
+    *,
+    action: str,
+    k: int | None = None,
+    count_bucket: int | None = None,
+    max_types: int | None = None,
+    dp_epsilon: float | None = None,
+    dp_delta: float | None = None,
+    dp_clip_norm: float | None = None,
+    no_dp: bool = False,
+    label_key: str | None = None,
+    name: str | None = None,
+    target: str | None = None,
+) -> tuple[StoredEntry, Any]:
+    """Append an operator-signed ``label_policy`` entry (:mod:`protocols.labels`).
+
+    ``settings``: the given fields replace those of the policy in force (the rest stay);
+    ``dp_*`` set a Gaussian mechanism requirement (all three, or all from the policy in
+    force), ``no_dp`` drops it. ``accept``: ``name`` (``<site>:<type>``) joins the vocabulary of
+    ``label_key`` as ``target``. ``map``: ``name`` becomes the existing type ``target``.
+    Returns the entry and the label policy in force after it."""
+    from dataclasses import replace
+
+    from protocols.errors import VerificationError
+    from protocols.labels import DPRequirement, LabelPolicyChange, label_policy_entry
+
+    cfg = load_config(state_dir)
+    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+
+    def build(state: Any, _size: int) -> tuple[bytes, str, list]:
+        if action == "settings":
+            cur = state.labels.policy
+            dp = None if no_dp else cur.dp
+            if not no_dp and any(v is not None for v in (dp_epsilon, dp_delta, dp_clip_norm)):
+                base = dp or DPRequirement(clip_norm=float("nan"), epsilon=float("nan"),
+                                           delta=float("nan"))
+                dp = DPRequirement(
+                    clip_norm=base.clip_norm if dp_clip_norm is None else float(dp_clip_norm),
+                    epsilon=base.epsilon if dp_epsilon is None else float(dp_epsilon),
+                    delta=base.delta if dp_delta is None else float(dp_delta),
+                )
+                if any(v != v for v in (dp.clip_norm, dp.epsilon, dp.delta)):  # NaN: not given
+                    raise ConfigError(
+                        "a DP requirement needs --dp-epsilon, --dp-delta and --dp-clip-norm "
+                        "(the policy in force has none to keep)"
+                    )
+            new = replace(
+                cur,
+                k=cur.k if k is None else int(k),
+                count_bucket=cur.count_bucket if count_bucket is None else int(count_bucket),
+                max_types=cur.max_types if max_types is None else int(max_types),
+                dp=dp,
+            )
+            change = LabelPolicyChange("settings", cfg.origin, settings=new)
+        else:
+            if not (label_key and name and target):
+                raise ConfigError(f"label-policy {action} needs --label-key, --name and "
+                                  + ("--as" if action == "accept" else "--to"))
+            change = LabelPolicyChange(action, cfg.origin, label_key=label_key, name=name,
+                                       target=target)
+        envelope = label_policy_entry(change, [operator_key])
+        try:
+            return _ledger.checked(state, envelope), "label_policy", []
+        except VerificationError as exc:
+            raise ConfigError(f"label-policy {action}: {exc.message} [{exc.reason_code}]") from exc
+
+    with _open(state_dir) as reg:
+        entry = reg.append_operator_entry(build)
+        return entry, reg.state.labels.policy
+
+
+def label_state(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The label policy, vocabulary decisions and contributions in force (JSON-ready)."""
+    with _open(state_dir) as reg:
+        return reg.state.labels.to_json_obj()
+
+
 def rotate_site_key(
     state_dir: str | os.PathLike[str], *, request: str | os.PathLike[str]
 ) -> tuple[StoredEntry, str]:

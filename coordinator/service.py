@@ -551,13 +551,14 @@ class Registry:
                     outcomes.append((p, ("reject", code, message), p.site_id, p.sequence))
                     continue
                 name = sha256_name(p.diff)
+                with_diff = update.kind == "site_update"
                 entry, _cp = w.append(
                     p.envelope,
-                    kind="site_update",
+                    kind=update.kind,
                     site_id=update.site_id,
                     sequence=update.sequence,
-                    blobs=[BlobRef(role="diff", sha256=name, size=len(p.diff))],
-                    inline={name: p.diff},
+                    blobs=[BlobRef(role="diff", sha256=name, size=len(p.diff))] if with_diff else [],
+                    inline={name: p.diff} if with_diff else {},
                     sign_checkpoint=self.signer.sign_checkpoint,
                 )
                 seen[p.leaf_hash] = entry.index

@@ -849,6 +849,24 @@ def _record(e: Any, applied: Any, verified: bool) -> EntryRecord:
         rec.diff_sha256 = f"sha256:{d.get('sha256')}" if d.get("sha256") else None
         rec.diff_size = d.get("size")
         rec.tensors = {n: list(t.get("shape", [])) for n, t in (d.get("tensors") or {}).items()}
+    elif kind == "label_contribution":
+        rec.site_id = obj.get("site_id")
+        rec.sequence = obj.get("sequence")
+        base = obj.get("base") or {}
+        rec.base_size, rec.base_digest = base.get("size"), base.get("digest")
+        protos = obj.get("prototypes") or []
+        rec.detail = {
+            "label_key": obj.get("label_key"),
+            "types": ", ".join(f"{p.get('name')} ({p.get('count')})" for p in protos),
+            "privacy": (obj.get("privacy") or {}).get("mechanism"),
+        }
+    elif kind == "label_policy":
+        rec.detail = {"action": obj.get("action")}
+        for f in ("label_key", "name", "as", "to"):
+            if obj.get(f) is not None:
+                rec.detail[f] = obj.get(f)
+        if obj.get("settings") is not None:
+            rec.detail["settings"] = json.dumps(obj.get("settings"), sort_keys=True)
     elif kind == "policy":
         rec.site_id = obj.get("site_id")
         rec.detail = {"action": obj.get("action")}

@@ -127,6 +127,12 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_TOO_MANY_CONDITIONS", 54, "The update adds more conditions than the policy allows in one update."),
     ReasonCode("E_RATE_LIMITED", 55, "The site submitted faster than the coordinator's per-site rate limit allows; wait retry_after_s and resubmit the same signed update (idempotent)."),
     ReasonCode("E_CONDITION_CAP", 56, "The update would take the reference, or the site, over the operator's cap on total conditions (limits.max_conditions_per_reference / max_conditions_per_site)."),
+    ReasonCode("E_LABEL_BELOW_K", 57, "A label prototype's cell count is below the label policy's k, or not rounded down to its count bucket; types with fewer cells never leave a site."),
+    ReasonCode("E_LABEL_LATENT_DIM", 58, "A label prototype's dimension is not the reference's latent dimension; compute it on the reference you mapped on."),
+    ReasonCode("E_LABEL_VOCABULARY", 59, "A contributed type name escapes the vocabulary rules (a ':' namespace, a reserved or unprintable name, a repeat); send the site's own plain names."),
+    ReasonCode("E_LABEL_DP_WEAK", 60, "The contribution's privacy mechanism or parameters are weaker than the label policy requires (epsilon, delta, clip norm, noise, released spread)."),
+    ReasonCode("E_LABEL_LEVEL", 61, "The label level is not one the reference carries prototypes for; contribute to one of its levels."),
+    ReasonCode("E_LABEL_POLICY", 62, "A label policy entry is malformed or not allowed (accepting a name already in the vocabulary, mapping onto an unknown type, ...)."),
 )
 
 

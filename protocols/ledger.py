@@ -13,6 +13,8 @@ kind                payloadType                                                 
 ``policy``          ``application/vnd.scarches-fl.policy.v1+json``               operator threshold
                                                                                  (+ old and new site
                                                                                  key for ``rotate``)
+``label_contribution`` ``application/vnd.scarches-fl.label-contribution.v1+json`` the site's key
+``label_policy``    ``application/vnd.scarches-fl.label-policy.v1+json``         operator threshold
 =================== ============================================================ ==================
 
 Payloads are canonical JSON (see ``docs/protocol.md`` for every field). Blobs (bundle files, diffs)
@@ -41,6 +43,12 @@ is ``trust.roots()`` with every policy entry before ``i`` applied.
    current condition, in order, as a prefix [E_FEDERATED_ROUND]. It replaces the model; updates
    whose base predates it are refused afterwards [E_BASE_STALE].
 6. ``policy`` entries apply with :func:`protocols.policy.apply_policy_change`.
+7. ``label_contribution`` entries pass :func:`protocols.labels.validate_label_contribution`
+   against the state before them (the site's sequence space is shared with its updates) and add
+   to the label knowledge of the current lineage; ``label_policy`` entries (operator-signed)
+   apply with :func:`protocols.labels.apply_label_policy`. Neither changes the model or its
+   digest; a genesis or federated round starts a new lineage without contributions. The label
+   knowledge of version N is :meth:`LedgerState.label_knowledge` ``(size=N)``.
 
 A failed :meth:`LedgerState.apply` leaves the state unchanged (it raises a typed
 :class:`~protocols.errors.VerificationError`), so the coordinator uses the same object to decide
@@ -87,6 +95,17 @@ from protocols.errors import (
     VerificationError,
 )
 from protocols.keys import key_id, public_key_from_text, public_key_text
+from protocols.labels import (
+    LABEL_CONTRIBUTION_TYPE,
+    LABEL_POLICY_TYPE,
+    AcceptedContribution,
+    LabelContext,
+    LabelLedger,
+    merge_label_knowledge,
+    parse_label_policy,
+    reference_levels,
+    validate_label_contribution,
+)
 from protocols.limits import DEFAULT_LIMITS, Limits
 from protocols.policy import (
     PolicyChange,
@@ -148,6 +167,8 @@ PAYLOAD_TYPES = {
     SITE_UPDATE_TYPE: "site_update",
     FEDERATED_ROUND_TYPE: "federated_round",
     POLICY_TYPE: "policy",
+    LABEL_CONTRIBUTION_TYPE: "label_contribution",
+    LABEL_POLICY_TYPE: "label_policy",
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -646,7 +667,18 @@ class _Pending:
     min_base_size: int
     last_round: int
     site_id: str | None = None
-    accepted: AcceptedUpdate | None = None
+    accepted: AcceptedUpdate | AcceptedContribution | None = None
+    labels: LabelLedger | None = None
+
+
+def _reference_labels(model: Any) -> Any:
+    """The ``labels`` of a version's bundle (the same for every version of a lineage)."""
+    if model is None:
+        return None
+    manifest = getattr(model, "spec_manifest", None)
+    if manifest is None:  # the auditor's replay model
+        manifest = model.replay.base_manifest
+    return manifest.get("labels")
 
 
 class LedgerState:
@@ -675,6 +707,8 @@ class LedgerState:
         self._last_round = 0
         self._model: _Model | None = None
         self._kinds: list[str] = []
+        self._labels = LabelLedger()
+        self._label_history: list[tuple[int, LabelLedger]] = [(0, self._labels)]
 
     # -- views -----------------------------------------------------------------------------
     @property
@@ -755,6 +789,47 @@ class LedgerState:
     def root(self) -> bytes:
         return self._tree.root()
 
+    # -- label knowledge (protocols.labels) ---------------------------------------------------
+    @property
+    def labels(self) -> LabelLedger:
+        """The label policy, vocabulary and contributions in force for the next entry."""
+        return self._labels
+
+    def labels_at(self, size: int) -> LabelLedger:
+        """The label state after entries ``[0, size)``."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"size {size} outside [0, {self.size}]")
+        current = self._label_history[0][1]
+        for at, st in self._label_history:
+            if at <= size:
+                current = st
+        return current
+
+    def label_knowledge(self, reference_labels: Any = None, *, size: int | None = None) -> Any:
+        """The label knowledge of reference version ``size`` (default: the current one):
+        ``reference_labels`` (default: the current bundle's ``manifest["labels"]``) with every
+        accepted contribution of that version's lineage, named through its vocabulary
+        (:func:`protocols.labels.merge_label_knowledge`)."""
+        size = self.size if size is None else size
+        if reference_labels is None:
+            reference_labels = _reference_labels(self._model)
+        return merge_label_knowledge(reference_labels, self.labels_at(size))
+
+    def label_context(self) -> LabelContext:
+        """What :func:`protocols.labels.validate_label_contribution` checks against."""
+        if self._model is None:
+            raise UpdateRejectedError("E_BASE_UNKNOWN", "the ledger has no genesis yet")
+        return LabelContext(
+            policy=self._policy,
+            label_policy=self._labels.policy,
+            tree_size=self.size,
+            root_at=self.root_at,
+            digest_at=self.digest_at,
+            last_sequence=self._sequences,
+            min_base_size=self._min_base_size,
+            levels=reference_levels(_reference_labels(self._model)),
+        )
+
     @property
     def tree(self) -> merkle.MerkleTree:
         return self._tree
@@ -822,10 +897,17 @@ class LedgerState:
         self._versions.append(self._model)
         self._digests.append(self._model.known_digest if self._model is not None else None)
         self._kinds.append(pending.kind)
+        self._set_labels(index, pending)
         return AppliedEntry(
             index, pending.kind, pending.payload, leaf, self._digests[-1], pending.site_id,
             pending.accepted,
         )
+
+    def _set_labels(self, index: int, pending: Any) -> None:
+        labels = getattr(pending, "labels", None)
+        if labels is not None and labels is not self._labels:
+            self._labels = labels
+            self._label_history.append((index + 1, labels))
 
     def check(self, envelope: bytes, blobs: BlobLookup) -> None:
         """Raise as :meth:`apply` would, without changing the state."""
@@ -838,8 +920,10 @@ class LedgerState:
         diff_bytes: bytes | None = None,
         authenticated: AuthenticatedUpdate | None = None,
     ) -> _Pending:
-        if authenticated is not None and authenticated.envelope != envelope:
-            authenticated = None  # another envelope's: parse and verify these bytes
+        if authenticated is not None and (
+            authenticated.envelope != envelope or not isinstance(authenticated, AuthenticatedUpdate)
+        ):
+            authenticated = None  # another envelope's (or kind's): parse and verify these bytes
         env: Envelope | None = None
         kind = "site_update"  # with ``authenticated``: authenticate_update checked the payloadType
         if authenticated is None:
@@ -863,10 +947,24 @@ class LedgerState:
             )
         base = _Pending(
             kind, {}, self._policy, self._model, dict(self._sequences), self._min_base_size,
-            self._last_round,
+            self._last_round, labels=self._labels,
         )
         if kind == "site_update":
             return self._eval_site_update(env, envelope, blobs, base, diff_bytes, authenticated)
+        if kind == "label_contribution":
+            if diff_bytes:
+                raise UpdateRejectedError(
+                    "E_TENSOR_SET", "a label contribution carries no diff; send the envelope alone"
+                )
+            accepted = validate_label_contribution(envelope, self.label_context(), limits=self.limits)
+            base.sequences[accepted.site_id] = accepted.sequence
+            base.payload = accepted.payload.to_json_obj()
+            base.site_id = accepted.site_id
+            base.accepted = accepted
+            base.labels = self._labels.with_contribution(
+                index, accepted, _reference_labels(self._model)
+            )
+            return base
         # operator-signed kinds
         assert env is not None
         policy = self._policy
@@ -880,6 +978,12 @@ class LedgerState:
                 reason_code="E_ORIGIN_MISMATCH",
             )
         change: PolicyChange | None = None
+        label_change = None
+        if kind == "label_policy":
+            try:
+                label_change = parse_label_policy(obj)
+            except UpdateRejectedError as exc:
+                raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
         if kind == "policy":
             try:
                 change = parse_policy_change(obj)
@@ -894,6 +998,15 @@ class LedgerState:
         except SignatureError as exc:
             raise LedgerError(f"{kind} entry: {exc.message}", reason_code=exc.reason_code) from exc
         base.payload = obj
+        if kind == "label_policy":
+            assert label_change is not None
+            try:
+                base.labels = self._labels.with_policy_change(
+                    label_change, _reference_labels(self._model)
+                )
+            except UpdateRejectedError as exc:
+                raise LedgerError(exc.message, reason_code=exc.reason_code) from exc
+            return base
         if kind == "policy":
             assert change is not None
             if extra:
@@ -911,6 +1024,7 @@ class LedgerState:
             bundle = self._load_bundle(obj["bundle"], blobs, "genesis bundle")
             base.model = _Model.from_bundle(bundle)
             base.min_base_size = index + 1
+            base.labels = self._labels.new_lineage()
             return base
         # federated_round
         _fields(
@@ -963,6 +1077,7 @@ class LedgerState:
         base.model = _Model.from_bundle(bundle)
         base.min_base_size = index + 1
         base.last_round = rnd
+        base.labels = self._labels.new_lineage()
         return base
 
     def _check_rotation_signatures(self, env: Envelope, change: PolicyChange, kids: list[str]) -> None:
@@ -1088,6 +1203,7 @@ class StateSnapshot:
     kinds: tuple[str, ...]
     digests: tuple[str | None, ...]
     versions: tuple[_Model | None, ...]
+    label_history: tuple[tuple[int, LabelLedger], ...] = ()
 
     def encode(self) -> tuple[bytes, bytes]:
         """``(meta, tensors)``: canonical JSON and a safetensors file. The JSON records the tree
@@ -1127,7 +1243,7 @@ class StateSnapshot:
         tensor_bytes = safetensors_to_bytes(tensors)
         body = {
             "format": SNAPSHOT_FORMAT,
-            "format_version": 1,
+            "format_version": 2,
             "tree_size": self.tree_size,
             "root": self.root.hex(),
             "head_digest": head.digest,
@@ -1143,6 +1259,7 @@ class StateSnapshot:
             "versions": versions,
             "lineages": lin_objs,
             "tensors_sha256": hashlib.sha256(tensor_bytes).hexdigest(),
+            "label_history": [[at, st.to_json_obj()] for at, st in self.label_history],
         }
         encoded = canonical_json(body)
         meta = canonical_json({"body": body, "sha256": hashlib.sha256(encoded).hexdigest()})
@@ -1163,6 +1280,7 @@ def capture_snapshot(state: LedgerState) -> StateSnapshot:
         kinds=tuple(state._kinds),
         digests=tuple(state._digests),
         versions=tuple(state._versions),
+        label_history=tuple(state._label_history),
     )
 
 
@@ -1201,7 +1319,7 @@ def restore_state(
         body = json.loads(body_bytes)
         if hashlib.sha256(tensor_bytes).hexdigest() != body["tensors_sha256"]:
             raise bad("its tensors do not hash to the recorded sha256 (corrupt)")
-        if body["format"] != SNAPSHOT_FORMAT or body["format_version"] != 1:
+        if body["format"] != SNAPSHOT_FORMAT or body["format_version"] != 2:
             raise bad(f"unknown format {body['format']!r} v{body['format_version']!r}")
         size = int(body["tree_size"])
         if not 1 <= size <= len(leaf_hashes):
@@ -1240,6 +1358,8 @@ def restore_state(
         st._min_base_size = int(body["min_base_size"])
         st._last_round = int(body["last_round"])
         st._kinds = [str(k) for k in body["kinds"]]
+        st._label_history = [(int(at), LabelLedger.from_json_obj(obj)) for at, obj in body["label_history"]]
+        st._labels = st._label_history[-1][1]
         digests = {int(k): str(v) for k, v in body["digests"].items()}
         st._digests = [digests.get(i) for i in range(size + 1)]
         st._versions = [

@@ -50,6 +50,7 @@ def synthetic_reference(
     n_latent: int = 4,
     n_layers: int = 2,
     seed: int = 0,
+    labels: dict | None = None,
 ) -> ReferenceBundle:
     rng = np.random.default_rng(seed)
     layout = _layout(n_genes, len(conditions), n_hidden, n_latent, n_layers)
@@ -78,7 +79,7 @@ def synthetic_reference(
         "conditions": list(conditions),
         "tensors": specs,
         "registration": {"batch_key": "batch", "layer": None},
-        "labels": {},
+        "labels": labels or {},
     }
     return make_bundle(manifest, tensors)
 

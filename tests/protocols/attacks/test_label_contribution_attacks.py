@@ -1,0 +1,206 @@
+"""Attack suite for label contributions: one hostile contribution per rejection rule of
+:mod:`protocols.labels`. Each is refused with its stable code by the coordinator's append and by
+an auditor's replay, and leaves the state unchanged."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocols.canonical import canonical_json
+from protocols.dsse import sign_envelope
+from protocols.errors import VerificationError
+from protocols.labels import (
+    LABEL_CONTRIBUTION_TYPE,
+    LabelPolicy,
+    LabelPolicyChange,
+    label_policy_entry,
+)
+from protocols.ledger import replay, revoke_entry
+from tests.protocols._factories import ORIGIN, det_key
+from tests.protocols._label_factories import (
+    contribution,
+    dp_contribution,
+    labelled_consortium,
+    set_policy,
+)
+
+
+def assert_refused(c, envelope: bytes, code: str) -> None:
+    size, root, labels = c.state.size, c.state.root(), c.state.labels
+    with pytest.raises(VerificationError) as ei:
+        c.state.apply(envelope, c.lookup)
+    assert ei.value.reason_code == code, ei.value
+    assert (c.state.size, c.state.root(), c.state.labels) == (size, root, labels)
+    with pytest.raises(VerificationError) as ei:
+        replay(c.trust, [*c.entries, envelope], c.lookup)
+    assert ei.value.reason_code == code, ei.value
+
+
+def _proto(**kw):
+    p = {
+        "name": "delta",
+        "count": 40,
+        "mean": [0.0, 4.0, 0.0],
+        "std": [1.0, 1.0, 1.0],
+        "sigma": 0.0,
+    }
+    p.update(kw)
+    return p
+
+
+def test_baseline_contribution_is_accepted():
+    c = labelled_consortium()
+    applied = c.append(contribution(c))
+    assert applied.kind == "label_contribution" and applied.site_id == "site-a"
+    assert c.state.sequences == {"site-a": 1}
+
+
+def test_below_k_never_enters():
+    c = labelled_consortium()
+    assert_refused(c, contribution(c, prototypes=[_proto(count=10)]), "E_LABEL_BELOW_K")
+    # k-1 cells cannot hide behind an unrounded count either
+    assert_refused(c, contribution(c, prototypes=[_proto(count=19)]), "E_LABEL_BELOW_K")
+    assert_refused(c, contribution(c, prototypes=[_proto(count=45)]), "E_LABEL_BELOW_K")
+
+
+def test_non_finite_values():
+    c = labelled_consortium()
+    payload = _payload_obj(c)
+    text = canonical_json(payload).replace(b"[0,4,0]", b"[0,4,1e400]")
+    assert b"1e400" in text
+    env = sign_envelope(LABEL_CONTRIBUTION_TYPE, text, [c.site_keys["site-a"]])
+    assert_refused(c, env, "E_NONFINITE")
+
+
+def test_wrong_latent_dimension():
+    c = labelled_consortium()
+    protos = [_proto(mean=[0.0, 4.0], std=[1.0, 1.0])]
+    assert_refused(c, contribution(c, prototypes=protos), "E_LABEL_LATENT_DIM")
+    obj = _payload_obj(c)
+    obj["n_latent"] = 4
+    assert_refused(c, _sign(c, obj), "E_LABEL_LATENT_DIM")
+
+
+def test_unknown_base():
+    c = labelled_consortium()
+    obj = _payload_obj(c)
+    obj["base"]["root"] = "ab" * 32
+    assert_refused(c, _sign(c, obj), "E_BASE_UNKNOWN")
+
+
+def test_unknown_site():
+    c = labelled_consortium()
+    stranger = det_key(77)
+    obj = _payload_obj(c)
+    env = sign_envelope(LABEL_CONTRIBUTION_TYPE, canonical_json(obj), [stranger])
+    assert_refused(c, env, "E_KEY_UNKNOWN")
+
+
+def test_revoked_site():
+    c = labelled_consortium()
+    c.append(revoke_entry(origin=ORIGIN, site_id="site-a", operator_keys=[c.operator]))
+    assert_refused(c, contribution(c), "E_KEY_REVOKED")
+
+
+@pytest.mark.parametrize(
+    "name", ["site-b:ductal", "Unknown", "unknown", "  delta", "nan", "x" * 65, "a\x00b"]
+)
+def test_vocabulary_escape(name):
+    c = labelled_consortium("site-a", "site-b")
+    obj = _payload_obj(c)
+    obj["prototypes"][0]["name"] = name
+    assert_refused(c, _sign(c, obj), "E_LABEL_VOCABULARY")
+
+
+def test_a_name_twice_after_normalisation():
+    c = labelled_consortium()
+    protos = [_proto(), _proto(name="DELTA")]
+    assert_refused(c, contribution(c, prototypes=protos), "E_LABEL_VOCABULARY")
+
+
+def test_dp_parameters_weaker_than_the_policy():
+    c = labelled_consortium()
+    set_policy(c, LabelPolicy(dp=_dp(epsilon=1.0)))
+    assert_refused(c, contribution(c), "E_LABEL_DP_WEAK")  # no mechanism at all
+    assert_refused(c, dp_contribution(c, epsilon=4.0), "E_LABEL_DP_WEAK")  # larger epsilon
+    assert_refused(c, dp_contribution(c, epsilon=1.0, clip=20.0), "E_LABEL_DP_WEAK")  # wider clip
+    assert_refused(c, dp_contribution(c, epsilon=1.0, delta=1e-3), "E_LABEL_DP_WEAK")
+    # claims epsilon 1 but adds less noise than epsilon 1 needs
+    assert_refused(c, dp_contribution(c, epsilon=1.0, sigma_factor=0.9), "E_LABEL_DP_WEAK")
+    # releases the spread, which the mechanism does not cover
+    obj = _payload_obj(c, dp_contribution(c, epsilon=1.0))
+    obj["prototypes"][0]["std"] = [1.0, 1.0, 1.0]
+    assert_refused(c, _sign(c, obj), "E_LABEL_DP_WEAK")
+    c.append(dp_contribution(c, epsilon=0.5))  # stronger than the policy: accepted
+
+
+def test_oversize():
+    c = labelled_consortium()
+    set_policy(c, LabelPolicy(max_types=2))
+    protos = [_proto(name=f"t{i}") for i in range(3)]
+    assert_refused(c, contribution(c, prototypes=protos), "E_OVERSIZE")
+    empty = _payload_obj(c)
+    empty["prototypes"] = []
+    assert_refused(c, _sign(c, empty), "E_OVERSIZE")
+
+
+def test_unknown_label_level():
+    c = labelled_consortium()
+    assert_refused(c, contribution(c, label_key="tissue"), "E_LABEL_LEVEL")
+
+
+def test_replayed_contribution():
+    c = labelled_consortium()
+    env = contribution(c)
+    c.append(env)
+    assert_refused(c, env, "E_SEQUENCE_REPLAY")
+
+
+def test_stale_base_after_a_new_latent_space():
+    from protocols.ledger import make_federated_round
+
+    c = labelled_consortium()
+    old = c.state.size
+    b = c.state.bundle()
+    manifest = {k: v for k, v in b.manifest.items() if k != "digest"}
+    from protocols.bundle import make_bundle
+
+    agg = make_bundle(manifest, {k: v * 2 for k, v in b.tensors.items()})
+    r = make_federated_round(
+        agg,
+        origin=ORIGIN,
+        round_number=1,
+        base_size=old,
+        base_digest=b.digest,
+        contributors=[("site-a", "sha256:" + "cd" * 32)],
+        operator_keys=[c.operator],
+    )
+    c.append(r.envelope, r.blobs)
+    assert_refused(c, contribution(c, base_size=old), "E_BASE_STALE")
+
+
+def test_label_policy_needs_the_operator():
+    c = labelled_consortium()
+    change = LabelPolicyChange("settings", ORIGIN, settings=LabelPolicy(k=2, count_bucket=1))
+    env = label_policy_entry(change, [c.site_keys["site-a"]])
+    with pytest.raises(VerificationError) as ei:
+        c.state.apply(env, c.lookup)
+    assert ei.value.reason_code in ("E_SIG_THRESHOLD", "E_SIG_INVALID")
+
+
+def _dp(epsilon: float, delta: float = 1e-5, clip: float = 10.0):
+    from protocols.labels import DPRequirement
+
+    return DPRequirement(clip_norm=clip, epsilon=epsilon, delta=delta)
+
+
+def _payload_obj(c, envelope: bytes | None = None) -> dict:
+    import json
+
+    from protocols.dsse import parse_envelope
+
+    return json.loads(parse_envelope(envelope or contribution(c)).payload)
+
+
+def _sign(c, obj: dict) -> bytes:
+    return sign_envelope(LABEL_CONTRIBUTION_TYPE, canonical_json(obj), [c.site_keys["site-a"]])

@@ -261,11 +261,47 @@ def run_scarches_fl(
     ref_latent = res.model.get_latent(ref, batch_key=BATCH, namespace="ref")
     info = {
         "reference_train_s": t1 - t0,
+        "reference_epochs": int(model.history.get("epochs", 0)),
         "surgery_s": t2 - t1,
         "trainable_parameters_surgery": int(res.trainable_parameters),
         "hyperparameters": model.hyperparameters,
+        "n_genes": len(model.genes),
     }
-    return np.asarray(ref_latent), np.asarray(res.latent), info
+    return np.asarray(ref_latent), np.asarray(res.latent), info, res.model
+
+
+def score_expression(mapped_model, query_latent, ref, query, *, holdout) -> dict:
+    """What ``map`` writes by default: expression prototypes with a per-batch offset
+    (``scarches_fl.refine.transfer_labels``, ADR 0070), and how it names the types the
+    reference has fewer than 20 cells of."""
+    from scarches_fl.refine import transfer_labels
+
+    pred = transfer_labels(
+        mapped_model, query, query_latent, label_key=LABEL, batch_key=BATCH, method="expression"
+    )
+    truth = query.obs[LABEL].to_numpy().astype(str)
+    out = label_figures(truth, pred.pred.astype(str), pred.top_label.astype(str), ref)
+    counts = ref.obs[LABEL].astype(str).value_counts()
+    out["few_cell_types"] = {
+        t: {
+            "reference_cells": int(counts[t]),
+            "query_cells": int((truth == t).sum()),
+            "named": float(np.mean(pred.pred[truth == t] == t)),
+            "top_label": float(np.mean(pred.top_label[truth == t] == t)),
+        }
+        for t in counts.index
+        if counts[t] < 20 and (truth == t).any()
+    }
+    if holdout:
+        novel = truth == holdout
+        out["novel_type"] = holdout
+        out["novel_auroc"] = M.unknown_detection_auroc(pred.uncertainty, novel)
+        out["novel_fraction_called_unknown"] = float(np.mean(pred.pred[novel] == "Unknown"))
+        out["known_fraction_called_unknown"] = float(np.mean(pred.pred[~novel] == "Unknown"))
+        out["accuracy_known_types_top_label"] = M.label_accuracy(
+            truth[~novel], pred.top_label[~novel]
+        )
+    return out
 
 
 def _train_scvi_reference(ref, *, seed: int, n_latent: int):
@@ -483,7 +519,7 @@ def run_scenario(
         "methods": {},
     }
     logger.info("%s: scarches-fl", scenario)
-    zr, zq, info = run_scarches_fl(
+    zr, zq, info, mapped = run_scarches_fl(
         ref,
         query,
         seed=seed,
@@ -493,6 +529,7 @@ def run_scenario(
     )
     result["methods"]["scarches_fl"] = {
         "run": info,
+        "expression": score_expression(mapped, zq, ref, query, holdout=holdout),
         **score(zr, zq, ref, query, holdout=holdout, seed=seed),
     }
     truth = query.obs[LABEL].to_numpy().astype(str)
@@ -531,6 +568,7 @@ def run_scenario(
 # label variants in print order: our label transfer on each latent, scANVI's own predict(),
 # the no-integration classifier
 _VARIANT_NAMES = (
+    "expression",
     "knn",
     "prototype",
     "knn_query_context",

@@ -48,6 +48,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-epochs", type=int, default=None, metavar="N",
                    help="ceiling on fine-tuning epochs (default: from the number of cells; "
                         "conditions mode stops earlier once converged)")
+    p.add_argument("--label-method", choices=("auto", "expression", "prototype", "knn"),
+                   default="auto",
+                   help="how labels are read: expression prototypes with a per-batch offset "
+                        "(holds under a biological shift; ADR 0070), the latent prototypes, or "
+                        "kNN on the reference atlas; auto = expression where the bundle has "
+                        "it, else kNN with an atlas, else prototypes (default auto)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="uncertainty above which a cell is called Unknown (default 0.5)")
     p.add_argument("--min-gene-coverage", type=float, default=0.5,
@@ -194,7 +200,7 @@ def _map(args: argparse.Namespace) -> int:
         label_key=args.label_key, layer=args.layer, var_names_column=args.var_names_column,
         mode=args.mode, max_epochs=args.max_epochs, seed=args.seed, threshold=args.threshold,
         min_gene_coverage=args.min_gene_coverage, min_cells_per_batch=args.min_cells_per_batch,
-        progress=not args.no_progress, device=args.device,
+        progress=not args.no_progress, device=args.device, label_method=args.label_method,
     )
     for note in mapped.notes:
         log.info("%s", note)

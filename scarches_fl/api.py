@@ -172,11 +172,13 @@ class Reference:
         seed: int = 0,
         progress: bool = False,
         device: str = "cpu",
+        label_method: str = "auto",
     ) -> MappedQuery:
         """Map ``query`` by architecture surgery and write into it, in place,
         ``obsm["X_scarches"]``, ``uns["scarches_fl"]`` and with ``label_key``
         ``obs["<label_key>_pred"]`` / ``obs["<label_key>_uncertainty"]`` (cells above
-        ``threshold`` called "Unknown"). Every input is checked before any training. Returns the
+        ``threshold`` called "Unknown"; ``label_method`` as ``scarches-fl map --label-method``,
+        default ``auto``: the expression prototypes where the reference has them, ADR 0070). Every input is checked before any training. Returns the
         :class:`~scarches_fl.mapping.MappedQuery`: ``.reference`` is the grown reference,
         ``.diff`` the new condition columns a site would contribute, ``.notes`` what was found.
         This reference itself is left unchanged."""
@@ -198,6 +200,7 @@ class Reference:
             min_cells_per_batch=min_cells_per_batch,
             progress=progress,
             device=device,
+            label_method=label_method,
         )
         mapped.annotate(query)
         return mapped

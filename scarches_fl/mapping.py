@@ -13,7 +13,8 @@
    refuses and says how to split the run; otherwise performs architecture surgery for the new
    batches (:meth:`scarches_fl.model.ReferenceModel.surgery`);
 5. collects the data warnings (cells with zero counts on the reference genes) as notes;
-6. transfers labels (:func:`scarches_fl.labels.predict_labels`) when ``label_key`` is given.
+6. transfers labels (:func:`scarches_fl.refine.transfer_labels`: the expression prototypes
+   with a per-batch offset where the bundle has them, ADR 0070) when ``label_key`` is given.
 
 It returns a :class:`MappedQuery`; :meth:`MappedQuery.annotate` writes ``obsm["X_scarches"]``,
 ``obs["<label>_pred"]``, ``obs["<label>_uncertainty"]`` and ``uns["scarches_fl"]`` into an
@@ -178,10 +179,17 @@ def map_query(
     min_cells_per_batch: int = MIN_CELLS_PER_BATCH,
     progress: bool = False,
     device: str = "cpu",
+    label_method: str = "auto",
 ) -> MappedQuery:
     """Check, align, surgery (or embed with conditions the reference already has), embed and
     transfer labels; the steps are in the module docstring. ``namespace`` names the new
-    conditions (``<namespace>/<batch>``; a site uses its site id)."""
+    conditions (``<namespace>/<batch>``; a site uses its site id). ``label_method``: see
+    :func:`scarches_fl.refine.transfer_labels` (``auto``: the expression prototypes where the
+    bundle has them, ADR 0070)."""
+    from scarches_fl.refine import LABEL_METHODS
+
+    if label_method not in LABEL_METHODS:
+        raise DataError(f"label method {label_method!r} is not one of {', '.join(LABEL_METHODS)}")
     t0 = time.perf_counter()
     likelihood = str(model.hyperparameters.get("likelihood", "nb"))
     adata = _apply_var_names(adata, var_names_column)
@@ -283,13 +291,16 @@ def map_query(
         training=training,
     )
     if label_key is not None:
-        _transfer_labels(mapped, label_key, threshold)
+        _transfer_labels(mapped, label_key, threshold, method=label_method, layer=layer)
     mapped.seconds = time.perf_counter() - t0
     return mapped
 
 
-def _transfer_labels(mapped: MappedQuery, label_key: str, threshold: float) -> None:
-    from scarches_fl.labels import LabelTransferError, predict_labels
+def _transfer_labels(
+    mapped: MappedQuery, label_key: str, threshold: float, *, method: str, layer: str | None
+) -> None:
+    from scarches_fl.labels import LabelTransferError
+    from scarches_fl.refine import transfer_labels
 
     mapped.label_key, mapped.threshold = label_key, float(threshold)
     n = mapped.latent.shape[0]
@@ -297,11 +308,14 @@ def _transfer_labels(mapped: MappedQuery, label_key: str, threshold: float) -> N
         mapped.pred, mapped.uncertainty = np.zeros(0, dtype=str), np.zeros(0, dtype=np.float32)
         return
     try:
-        p = predict_labels(
-            mapped.model.labels,
-            mapped.model.extra_tensors,
+        p = transfer_labels(
+            mapped.model,
+            mapped.adata,
             mapped.latent,
             label_key=label_key,
+            batch_key=mapped.batch_key,
+            layer=layer,
+            method=method,
             threshold=threshold,
         )
     except LabelTransferError as exc:

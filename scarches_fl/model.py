@@ -122,6 +122,21 @@ def _torch():
     return torch
 
 
+def _add_expression_prototypes(model: ReferenceModel, reg: RegisteredData, label_key: str,
+                               *, seed: int) -> None:
+    """Fit and attach the expression prototypes of ``label_key`` (ADR 0070)."""
+    from scarches_fl.refine import reference_expression_prototypes
+
+    info, tensors = reference_expression_prototypes(reg, label_key, seed=seed)
+    labels = copy.deepcopy(model.labels)
+    labels["expression"] = info["projection"]
+    for name, level_info in info["levels"].items():
+        if name in labels.get("levels", {}):
+            labels["levels"][name]["expression"] = level_info
+    model.labels = labels
+    model.extra_tensors.update({k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
+
+
 class ReferenceModel:
     """A trained conditional VAE with its genes, conditions and registration."""
 
@@ -179,7 +194,7 @@ class ReferenceModel:
         max_epochs: int | None = None, seed: int = 0, device: str = "cpu",
         progress: bool = True, dispersion: str = "gene", dropout_rate: float = 0.1,
         include_atlas: bool = False, classifier_weight: float | None = None,
-        n_top_genes: int | None = None, **kw: Any,
+        n_top_genes: int | None = None, expression_prototypes: bool = True, **kw: Any,
     ) -> ReferenceModel:
         """Train a reference on ``adata`` (every batch value becomes a condition
         ``<namespace>/<batch>``). Extra keyword arguments go to
@@ -187,7 +202,9 @@ class ReferenceModel:
         ``kl_warmup_epochs``, ``validation_fraction``, ``validation_max_cells``,
         ``early_stopping``, ``patience``). ``n_top_genes``: train on that many batch-aware highly
         variable genes only (:func:`scarches_fl.genes.select_highly_variable_genes`); the
-        bundle's gene list is then those genes."""
+        bundle's gene list is then those genes. ``expression_prototypes`` (with a label key):
+        also store the reference's expression prototypes (:mod:`scarches_fl.refine`, ADR
+        0070), the default label rule at ``map``."""
         torch = _torch()
         gene_selection = None
         if n_top_genes is not None:
@@ -263,6 +280,8 @@ class ReferenceModel:
                     latent, {label_key: reg.labels}, include_atlas=include_atlas, seed=int(seed))
                 model.labels = manifest_labels
                 model.extra_tensors = {k: np.asarray(v) for k, v in atlas.items()}
+                if expression_prototypes:
+                    _add_expression_prototypes(model, reg, label_key, seed=int(seed))
         return model
 
     # -- bundles -------------------------------------------------------------------------------

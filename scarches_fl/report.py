@@ -344,7 +344,12 @@ def _plots(
                         color="white" if frac[i, j] > 0.5 else "black",
                     )
         ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        # a type the reference cannot name: "Unknown" is the right answer for its cells
+        known = set(inp.known_types) if inp.known_types is not None else None
+        names = [
+            f"{r} (not in reference)" if known is not None and r not in known else r for r in rows
+        ]
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title("Query: true vs predicted (counts; colour = row fraction)", fontsize=10)
@@ -402,6 +407,14 @@ def _readme(metrics: Mapping[str, Any], plots: Sequence[str], how: str) -> str:
             if k in _EXPLAIN:
                 lines.append(f"| {k} | {_fmt(v)} | {_EXPLAIN[k]} |")
         lines.append("")
+        missing = vals.get("types_not_in_reference") if isinstance(vals, Mapping) else None
+        if missing:
+            lines += [
+                "Types of the query that the reference cannot name (marked "
+                "\"(not in reference)\" in the confusion matrix; \"Unknown\" is the right answer "
+                f"for their cells): {', '.join(missing)}",
+                "",
+            ]
     for note in metrics.get("notes", []):
         lines.append(f"- {note}")
     lines += ["", "## Plots", ""]
@@ -414,7 +427,8 @@ def _readme(metrics: Mapping[str, Any], plots: Sequence[str], how: str) -> str:
         "(black = Unknown)",
         "embedding_by_uncertainty.png": "query cells coloured by uncertainty; bright regions are "
         "cells the reference cannot label confidently (possibly new types)",
-        "confusion_matrix.png": "true (rows) against predicted (columns) labels of query cells",
+        "confusion_matrix.png": "true (rows) against predicted (columns) labels of query cells; "
+        "rows marked (not in reference) are types the reference cannot name",
     }
     for p in plots:
         lines.append(f"- `{p}`: {captions.get(p, '')}")
@@ -477,6 +491,10 @@ def build_report(
             inp.query_uncertainty,
             reference_labels=inp.known_types,
         )
+        if inp.known_types is not None:
+            metrics["label_transfer"]["types_not_in_reference"] = sorted(
+                set(np.asarray(inp.query_true).astype(str).tolist()) - set(inp.known_types)
+            )
         if inp.known_types is None:
             metrics["notes"].append(
                 "novel-type AUROC not computed: pass --reference BUNDLE or --novel-types to say "
@@ -586,4 +604,5 @@ def known_types_from_labels(labels_manifest: Mapping[str, Any], label_key: str) 
     known = set(level.get("prototype", {}).get("classes", []))
     known |= set(level.get("prototype", {}).get("excluded_types", {}))
     known |= set(level.get("atlas", {}).get("classes", []))
+    known |= set(level.get("expression", {}).get("classes", []))
     return sorted(known)

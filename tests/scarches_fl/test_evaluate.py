@@ -136,6 +136,23 @@ def test_report_with_reference_cells(tmp_path):
         )
 
 
+def test_report_marks_types_the_reference_cannot_name(tmp_path):
+    rng = np.random.default_rng(2)
+    inp = EvaluationInput(
+        query_latent=rng.normal(0, 1, (30, 3)),
+        query_batches=np.array(["q"] * 30),
+        query_true=np.repeat(["a", "b", "new"], 10),
+        query_pred=np.repeat(["a", "b", "Unknown"], 10),
+        query_uncertainty=np.r_[np.full(20, 0.1), np.full(10, 0.9)],
+        known_types=["a", "b"],
+    )
+    m = build_report(inp, tmp_path / "r", embedding="pca")
+    assert m["label_transfer"]["types_not_in_reference"] == ["new"]
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "cannot name" in readme and "new" in readme
+    assert (tmp_path / "r" / "confusion_matrix.png").stat().st_size > 0
+
+
 def test_embed_2d_pca_keeps_the_main_axis():
     rng = np.random.default_rng(0)
     z = rng.normal(0, 0.1, (200, 5))

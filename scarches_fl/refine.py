@@ -1,0 +1,670 @@
+"""Expression prototypes: cell-type labels that hold when the query carries a biological shift.
+
+Why (issue 22, ADR 0070): conditions-only surgery moves every cell of a query batch by the same
+amount in the first encoder layer. A response that the reference never saw (a stimulation, a
+disease) and whose size differs by type cannot be undone there, so in the latent the query's
+types land on other types' reference positions, and a rule on the latent alone (prototypes,
+kNN, the classifier head) follows them. In log-normalised expression the same response is
+close to one additive offset per query batch, shared by every type. The bundle therefore
+carries a small summary of the reference's expression, and the query's labels are read from it
+after that offset is estimated from the query itself:
+
+Reference side (:func:`fit_expression_prototypes`, at ``reference train`` with a label key):
+
+* ``x -> log1p(1e4 * x / total)`` on the bundle's genes (``total`` over those genes);
+* a principal subspace of ``n_components`` (default 100) fitted on labelled reference cells
+  (seeded randomized SVD of the centred matrix, at most ``max_cells_per_type`` cells per
+  type), stored as the tensors ``expression.gene_mean`` (genes) and
+  ``expression.components`` (components x genes);
+* per label level and type: the mean of its cells in that subspace
+  (``expression.<i>.means``), and one pooled within-type covariance
+  (``expression.<i>.covariance``) shrunk towards its mean variance with ``kappa`` pseudo-cells
+  (default 10). A type with ``n`` cells is scored under ``(1 + 1 / n) S``: every labelled type
+  can be named, a type seen in few cells with the uncertainty of its mean (ADR 0018's rule);
+* from out-of-fold reference cells (two folds): the softmax temperature and the quantiles of
+  the novelty statistic (the smallest inflated squared Mahalanobis distance to a type).
+
+Per-cell expression values never enter the bundle: the subspace, type means and covariance are
+summaries of hundreds of cells each, like the latent prototypes beside them.
+
+Query side (:func:`expression_label_posteriors`): project the query, then per query batch
+
+1. start from the latent classifier's probabilities (the bundle's ``classifier.*`` head on the
+   query latent; none: the expression rule without offset);
+2. offset = the confidence-weighted mean over the batch's confident cells of (cell - the
+   probability-weighted type means); relabel with the offset removed; ``rounds`` times;
+3. the batch's residual scale = median novelty statistic of its confident cells over the
+   reference's median (at least 1): distances of a sparser technology are larger for every
+   type, which is not novelty.
+
+No weight of the reference (or of the query's new conditions) moves: the offset is a per-batch
+vector at the site, used for labelling and then dropped. The final class probabilities are the
+product of the expression posterior and the latent classifier's (``latent_weight``), and the
+uncertainty is ``1 - p_top * novelty_factor`` with the expression novelty statistic divided by
+the batch scale, on the reference's out-of-fold quantiles (:mod:`scarches_fl.labels`).
+
+Limit: a query batch made only of a type the reference lacks has no confident cell of a known
+type to anchor its offset; its cells keep the offset 0 and are judged as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from scarches_fl.labels import (
+    UNKNOWN,
+    LabelPrediction,
+    LabelTransferError,
+    _clean_labels,
+    _fit_temperature,
+    _novelty_factor,
+    _softmax,
+)
+
+__all__ = [
+    "EXPRESSION_GENE_MEAN",
+    "EXPRESSION_COMPONENTS",
+    "LABEL_METHODS",
+    "fit_expression_prototypes",
+    "reference_expression_prototypes",
+    "sample_reference_rows",
+    "expression_label_posteriors",
+    "has_expression_prototypes",
+    "latent_classifier_probabilities",
+    "lognormalize",
+    "predict_cell_labels",
+    "project_counts",
+    "query_scores",
+    "transfer_labels",
+]
+
+logger = logging.getLogger(__name__)
+
+EXPRESSION_GENE_MEAN = "expression.gene_mean"
+EXPRESSION_COMPONENTS = "expression.components"
+#: what ``map --label-method`` accepts; ``auto`` = expression where the bundle has it
+LABEL_METHODS = ("auto", "expression", "prototype", "knn")
+_N_QUANTILES = 41
+_N_FOLDS = 5  # out-of-fold calibration: each fold's model sees 80 % of the cells
+_TARGET_SUM = 1e4
+
+
+def _means_name(level_index: int) -> str:
+    return f"expression.{int(level_index)}.means"
+
+
+def _covariance_name(level_index: int) -> str:
+    return f"expression.{int(level_index)}.covariance"
+
+
+def lognormalize(counts: Any) -> sp.csr_matrix:
+    """``log1p(1e4 * x / total)`` per cell (CSR float32); a cell with no counts stays 0."""
+    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+    total = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.where(total > 0, _TARGET_SUM / np.maximum(total, 1e-12), 0.0)
+    x.data = np.log1p(x.data * np.repeat(scale, np.diff(x.indptr))).astype(np.float32)
+    return x
+
+
+def _project(x: sp.csr_matrix, gene_mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Scores of log-normalised cells on the stored subspace: ``(x - mean) C^T``."""
+    return np.asarray(x @ components.T, dtype=np.float64) - (gene_mean @ components.T)[None, :]
+
+
+def _randomized_pca(
+    x: sp.csr_matrix, n_components: int, seed: int, n_iter: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gene mean, components) of the centred sparse matrix, by a seeded randomized SVD that
+    never densifies ``x`` (centring is folded into each product)."""
+    rng = np.random.default_rng(seed)
+    mean = np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
+    n, g = x.shape
+    q = min(n_components + 10, n, g)
+
+    def times(m: np.ndarray) -> np.ndarray:  # (X - 1 mean^T) m
+        return np.asarray(x @ m, dtype=np.float64) - np.outer(np.ones(n), mean @ m)
+
+    def t_times(m: np.ndarray) -> np.ndarray:  # (X - 1 mean^T)^T m
+        return np.asarray(x.T @ m, dtype=np.float64) - np.outer(mean, m.sum(axis=0))
+
+    y = times(rng.standard_normal((g, q)))
+    for _ in range(n_iter):
+        y, _r = np.linalg.qr(y)
+        y, _r = np.linalg.qr(t_times(y))
+        y = times(y)
+    basis, _r = np.linalg.qr(y)
+    b = t_times(basis).T  # q x g
+    _u, _s, vt = np.linalg.svd(b, full_matrices=False)
+    comps = vt[:n_components]
+    # a sign convention, so that the same data give the same tensors
+    signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
+    return mean, comps * np.where(signs == 0, 1.0, signs)[:, None]
+
+
+def _type_model(
+    y: np.ndarray, codes: np.ndarray, n_types: int, kappa: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-type means and the shrunk pooled within-type covariance of scores ``y``."""
+    p = y.shape[1]
+    means = np.zeros((n_types, p))
+    scatter = np.zeros((p, p))
+    n_w = 0
+    for c in range(n_types):
+        yc = y[codes == c]
+        if len(yc) == 0:
+            continue
+        means[c] = yc.mean(axis=0)
+        d = yc - means[c]
+        scatter += d.T @ d
+        n_w += len(yc) - 1
+    n_w = max(n_w, 1)
+    pooled = scatter / n_w
+    target = float(np.trace(pooled)) / p if p else 1.0
+    cov = (n_w * pooled + kappa * max(target, 1e-6) * np.eye(p)) / (n_w + kappa)
+    return means, cov
+
+
+def _remove_batch_offsets(
+    y: np.ndarray, codes: np.ndarray, batch_codes: np.ndarray, n_types: int, n_iter: int = 10
+) -> np.ndarray:
+    """``y`` with one offset per batch removed, fitted with the labels: the offsets and the
+    type means that best explain ``y = mean[type] + offset[batch]`` (alternating means, the
+    offsets centred on zero over cells), as the query's offset is removed at labelling."""
+    batches = np.unique(batch_codes)
+    if batches.size < 2:
+        return y
+    offsets = np.zeros((int(batch_codes.max()) + 1, y.shape[1]))
+    for _ in range(n_iter):
+        corrected = y - offsets[batch_codes]
+        means = np.zeros((n_types, y.shape[1]))
+        for c in range(n_types):
+            if (codes == c).any():
+                means[c] = corrected[codes == c].mean(axis=0)
+        resid = y - means[codes]
+        for b in batches:
+            offsets[b] = resid[batch_codes == b].mean(axis=0)
+        offsets -= offsets[batch_codes].mean(axis=0)[None, :]
+    return y - offsets[batch_codes]
+
+
+def _whiten(cov: np.ndarray) -> np.ndarray:
+    """``L^-1`` for the Cholesky factor ``L`` of ``cov``: ``|L^-1 v|^2`` is the Mahalanobis
+    norm of ``v``."""
+    chol = np.linalg.cholesky(cov)
+    return np.linalg.solve(chol, np.eye(cov.shape[0]))
+
+
+def _distances(w: np.ndarray, nu: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances between whitened cells ``w`` and whitened means ``nu``."""
+    d = (w * w).sum(axis=1)[:, None] - 2.0 * w @ nu.T + (nu * nu).sum(axis=1)[None, :]
+    return np.maximum(d, 0.0)
+
+
+def sample_reference_rows(
+    labels: Any, *, max_cells_per_type: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """Sorted row indices of a seeded sample of at most ``max_cells_per_type`` labelled cells
+    per type (``labels``: one label per cell, missing ones skipped)."""
+    if max_cells_per_type < 2:
+        raise LabelTransferError("max_cells_per_type must be at least 2 (default 1000)")
+    y = _clean_labels(labels, len(labels), "labels")
+    rng = np.random.default_rng(seed)
+    labelled = np.flatnonzero(np.array([v is not None for v in y], dtype=bool))
+    keep: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    for t in sorted({str(v) for v in y[labelled]}):
+        rows = labelled[y[labelled] == t]
+        if rows.size > max_cells_per_type:
+            rows = np.sort(rng.choice(rows, max_cells_per_type, replace=False))
+        keep.append(rows)
+    return np.sort(np.concatenate(keep))
+
+
+def fit_expression_prototypes(
+    counts: Any,
+    labels: Mapping[str, Any],
+    *,
+    type_cell_counts: Mapping[str, Mapping[str, int]] | None = None,
+    batches: Any = None,
+    n_components: int = 100,
+    kappa: float = 200.0,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Expression prototypes of the reference (module docstring).
+
+    ``counts``: cells x genes raw counts on the bundle's genes (scipy sparse or dense), e.g. the
+    rows :func:`sample_reference_rows` chose; ``labels``: ``{level name: one label per row}`` in
+    the order of ``manifest["labels"]["levels"]``; ``type_cell_counts``: ``{level: {type:
+    reference cells}}`` when ``counts`` is a sample (the uncertainty of a type's mean follows
+    from how many cells the reference has of it; default: counted in ``labels``). Returns
+    ``(info, tensors)``: ``info["levels"][name]`` is the JSON for
+    ``manifest["labels"]["levels"][name]["expression"]``, ``info["projection"]`` the JSON for
+    ``manifest["labels"]["expression"]``, ``tensors`` the float32 arrays to store.
+    """
+    if n_components < 1 or kappa < 0:
+        raise LabelTransferError(
+            "expression prototypes need n_components >= 1 and kappa >= 0; the defaults are "
+            "100 and 10"
+        )
+    x_all = sp.csr_matrix(counts, dtype=np.float32)
+    n = x_all.shape[0]
+    rng = np.random.default_rng(seed)
+    cleaned = {str(k): _clean_labels(v, n, str(k)) for k, v in labels.items()}
+    if not cleaned:
+        raise LabelTransferError("expression prototypes need at least one label level")
+    first = next(iter(cleaned.values()))
+    rows = np.flatnonzero(np.array([v is not None for v in first], dtype=bool))
+    if rows.size < 2:
+        raise LabelTransferError("expression prototypes need at least two labelled cells")
+    x = lognormalize(x_all[rows])
+    p = int(min(n_components, x.shape[0] - 1, x.shape[1]))
+    if p < 1:
+        raise LabelTransferError("too few reference cells or genes for expression prototypes")
+    gene_mean, comps = _randomized_pca(x, p, seed)
+    tensors: dict[str, np.ndarray] = {
+        EXPRESSION_GENE_MEAN: gene_mean.astype(np.float32),
+        EXPRESSION_COMPONENTS: comps.astype(np.float32),
+    }
+    # the stored float32 tensors are what a query will use: score with them
+    y_raw = _project(
+        x,
+        tensors[EXPRESSION_GENE_MEAN].astype(np.float64),
+        tensors[EXPRESSION_COMPONENTS].astype(np.float64),
+    )
+    info: dict[str, Any] = {
+        "projection": {
+            "normalisation": "log1p(1e4 * counts / total over the bundle's genes)",
+            "n_components": p,
+            "gene_mean_tensor": EXPRESSION_GENE_MEAN,
+            "components_tensor": EXPRESSION_COMPONENTS,
+            "n_cells_fitted": int(rows.size),
+        },
+        "levels": {},
+    }
+    fold = rng.permutation(rows.size) % _N_FOLDS
+    for i, (name, values) in enumerate(cleaned.items()):
+        lab = values[rows]
+        ok = np.array([v is not None for v in lab])
+        classes = sorted({str(v) for v in lab[ok]})
+        if not classes:
+            continue
+        lookup = {c: j for j, c in enumerate(classes)}
+        codes = np.array([lookup[str(v)] if v is not None else -1 for v in lab])
+        counts_all = {c: 0 for c in classes}
+        for v in values:
+            if v is not None and str(v) in counts_all:
+                counts_all[str(v)] += 1
+        given = (type_cell_counts or {}).get(name, {})
+        counts_all = {c: max(int(given.get(c, 0)), counts_all[c]) for c in classes}
+        n_c = np.array([counts_all[c] for c in classes], dtype=np.float64)
+        y = y_raw
+        if batches is not None:
+            _names, batch_codes = np.unique(np.asarray(batches).astype(str), return_inverse=True)
+            y = y_raw.copy()
+            y[ok] = _remove_batch_offsets(y_raw[ok], codes[ok], batch_codes[ok], len(classes))
+        means, cov = _type_model(y[ok], codes[ok], len(classes), kappa)
+        inflation = 1.0 + 1.0 / n_c
+        # out-of-fold: fit on one half, score the other, for the temperature and novelty
+        oof_logits = np.full((rows.size, len(classes)), -np.inf)
+        oof_stat = np.full(rows.size, np.nan)
+        for f in range(_N_FOLDS):
+            fit_rows = ok & (fold != f)
+            score_rows = ok & (fold == f)
+            if not fit_rows.any() or not score_rows.any():
+                continue
+            m_f, c_f = _type_model(y[fit_rows], codes[fit_rows], len(classes), kappa)
+            present = np.bincount(codes[fit_rows], minlength=len(classes)) > 0
+            n_f = np.bincount(codes[fit_rows], minlength=len(classes)).astype(np.float64)
+            infl_f = 1.0 + 1.0 / np.maximum(n_f, 1.0)
+            wm = _whiten(c_f)
+            d2 = _distances(y[score_rows] @ wm.T, m_f @ wm.T) / infl_f[None, :]
+            d2[:, ~present] = np.inf
+            oof_logits[score_rows] = -0.5 * d2 - 0.5 * y.shape[1] * np.log(infl_f)[None, :]
+            oof_stat[score_rows] = d2.min(axis=1)
+        scorable = ok & np.isfinite(oof_stat)
+        if scorable.sum() >= 2:
+            lg = oof_logits[scorable]
+            temperature = _fit_temperature(np.where(np.isfinite(lg), lg, -1e30), codes[scorable])
+            quantiles = np.quantile(oof_stat[scorable], np.linspace(0.0, 1.0, _N_QUANTILES))
+        else:  # too few cells for folds: no calibration (temperature 1, in-sample quantiles)
+            wm = _whiten(cov)
+            d2 = _distances(y[ok] @ wm.T, means @ wm.T) / inflation[None, :]
+            temperature = 1.0
+            quantiles = np.quantile(d2.min(axis=1), np.linspace(0.0, 1.0, _N_QUANTILES))
+        tensors[_means_name(i)] = means.astype(np.float32)
+        tensors[_covariance_name(i)] = cov.astype(np.float32)
+        info["levels"][name] = {
+            "classes": classes,
+            "cell_counts": [int(v) for v in n_c],
+            "kappa": float(kappa),
+            "temperature": float(temperature),
+            "novelty_quantiles": [float(q) for q in quantiles],
+            "means_tensor": _means_name(i),
+            "covariance_tensor": _covariance_name(i),
+        }
+    return info, tensors
+
+
+def _rows_of(reg: Any, rows: np.ndarray, window: int = 16384) -> sp.csr_matrix:
+    """Counts of ``rows`` (sorted) of registered data, in memory or streamed window by
+    window from disk."""
+    if reg.x is not None:
+        return sp.csr_matrix(reg.x[rows])
+    source = reg.source
+    blocks = []
+    for lo in range(0, source.n_cells, window):
+        hi = min(lo + window, source.n_cells)
+        a, b = np.searchsorted(rows, [lo, hi])
+        if a < b:
+            blocks.append(source.read(lo, hi)[rows[a:b] - lo])
+    if not blocks:
+        return sp.csr_matrix((0, source.n_genes), dtype=np.float32)
+    return sp.vstack(blocks, format="csr")
+
+
+def reference_expression_prototypes(
+    reg: Any, label_key: str, *, seed: int = 0, max_cells_per_type: int = 1000
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """:func:`fit_expression_prototypes` for registered reference data
+    (:class:`scarches_fl.data.RegisteredData` with labels), on a seeded sample of at most
+    ``max_cells_per_type`` cells per type."""
+    labels = np.asarray(reg.labels, dtype=object)
+    rows = sample_reference_rows(labels, max_cells_per_type=max_cells_per_type, seed=seed)
+    cleaned = _clean_labels(labels, len(labels), label_key)
+    counts: dict[str, int] = {}
+    for v in cleaned:
+        if v is not None:
+            counts[str(v)] = counts.get(str(v), 0) + 1
+    return fit_expression_prototypes(
+        _rows_of(reg, rows),
+        {label_key: labels[rows]},
+        type_cell_counts={label_key: counts},
+        batches=np.asarray(reg.batches)[rows],
+        seed=seed,
+    )
+
+
+def has_expression_prototypes(
+    labels_manifest: Mapping[str, Any], tensors: Mapping[str, Any], label_key: str
+) -> bool:
+    """Whether the bundle carries expression prototypes for ``label_key``."""
+    level = (labels_manifest or {}).get("levels", {}).get(label_key, {})
+    expr = level.get("expression")
+    return bool(
+        expr
+        and EXPRESSION_GENE_MEAN in tensors
+        and EXPRESSION_COMPONENTS in tensors
+        and expr.get("means_tensor") in tensors
+        and expr.get("covariance_tensor") in tensors
+    )
+
+
+def latent_classifier_probabilities(
+    model_tensors: Mapping[str, Any],
+    classifier_classes: Sequence[str],
+    latent: Any,
+    classes: Sequence[str],
+) -> np.ndarray | None:
+    """The reference's latent classifier head (``classifier.weight`` / ``.bias``) on the query
+    latent, as probabilities over ``classes`` (a class the head lacks gets 0); ``None`` when
+    the bundle has no head."""
+    if "classifier.weight" not in model_tensors or not classifier_classes:
+        return None
+    w = np.asarray(model_tensors["classifier.weight"], dtype=np.float64)
+    b = np.asarray(model_tensors["classifier.bias"], dtype=np.float64)
+    z = np.asarray(latent, dtype=np.float64)
+    if w.shape != (len(classifier_classes), z.shape[1]):
+        return None
+    head = _softmax(z @ w.T + b[None, :])
+    out = np.zeros((z.shape[0], len(classes)))
+    index = {c: j for j, c in enumerate(classifier_classes)}
+    for j, c in enumerate(classes):
+        if c in index:
+            out[:, j] = head[:, index[c]]
+    s = out.sum(axis=1, keepdims=True)
+    return np.where(s > 0, out / np.maximum(s, 1e-300), 1.0 / len(classes))
+
+
+def project_counts(
+    projection: Mapping[str, Any], tensors: Mapping[str, Any], blocks: Any
+) -> np.ndarray:
+    """Scores (cells x components, float32) of raw-count row blocks on the bundle's genes
+    (one matrix, or an iterable of CSR windows: the query is never read whole)."""
+    gene_mean = np.asarray(tensors[projection["gene_mean_tensor"]], dtype=np.float64)
+    comps = np.asarray(tensors[projection["components_tensor"]], dtype=np.float64)
+    if sp.issparse(blocks) or isinstance(blocks, np.ndarray):
+        blocks = [blocks]
+    out = []
+    for block in blocks:
+        x = sp.csr_matrix(block, dtype=np.float32)
+        if x.shape[1] != gene_mean.shape[0]:
+            raise LabelTransferError(
+                f"the query counts have {x.shape[1]} genes but the expression prototypes "
+                f"{gene_mean.shape[0]}; align the query to the bundle's genes first"
+            )
+        out.append(_project(lognormalize(x), gene_mean, comps).astype(np.float32))
+    if not out:
+        return np.zeros((0, comps.shape[0]), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def query_scores(
+    projection: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    adata: Any,
+    genes: Sequence[str],
+    *,
+    layer: str | None = None,
+) -> np.ndarray:
+    """:func:`project_counts` of an AnnData (in memory or backed), aligned to the bundle's
+    ``genes`` (missing genes zero, extra genes dropped), read in row windows."""
+    from scarches_fl.data import _on_model_genes, gene_alignment, iter_count_windows
+
+    column_map, _report = gene_alignment(adata.var_names, list(genes), min_coverage=0.0)
+    return project_counts(
+        projection,
+        tensors,
+        (
+            _on_model_genes(block, column_map)
+            for _start, block in iter_count_windows(adata, layer=layer)
+        ),
+    )
+
+
+def expression_label_posteriors(
+    level_info: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    scores: np.ndarray,
+    batches: Any,
+    *,
+    start: np.ndarray | None = None,
+    rounds: int = 3,
+    confident: float = 0.5,
+    latent_weight: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class probabilities, the novelty statistic (batch-scaled) and the per-batch offsets
+    (batches x components, whitened) of query cells (module docstring). ``scores``: the
+    query's :func:`project_counts`; ``start`` the latent classifier's probabilities over
+    ``level_info["classes"]`` (or ``None``)."""
+    classes = list(level_info["classes"])
+    means = np.asarray(tensors[level_info["means_tensor"]], dtype=np.float64)
+    cov = np.asarray(tensors[level_info["covariance_tensor"]], dtype=np.float64)
+    scores = np.asarray(scores)
+    if scores.ndim != 2 or scores.shape[1] != means.shape[1]:
+        raise LabelTransferError(
+            f"query scores of shape {scores.shape} do not fit expression prototypes of "
+            f"{means.shape[1]} components; project the query with project_counts"
+        )
+    batches = np.asarray(batches).astype(str)
+    if batches.shape[0] != scores.shape[0]:
+        raise LabelTransferError("pass one batch value per query cell")
+    wm = _whiten(cov)
+    w = (scores @ wm.T.astype(np.float32)).astype(np.float32)
+    nu = means @ wm.T
+    inflation = 1.0 + 1.0 / np.maximum(np.asarray(level_info["cell_counts"], float), 1.0)
+    temperature = float(level_info["temperature"])
+    quantiles = np.asarray(level_info["novelty_quantiles"], dtype=np.float64)
+    ref_median = float(quantiles[quantiles.size // 2])
+    log_norm = 0.5 * w.shape[1] * np.log(inflation)  # the (d / 2) log a of each class
+    k = len(classes)
+    log_start = np.log(np.clip(start, 1e-12, 1.0)) if start is not None else np.zeros((len(w), k))
+    prior = np.asarray(level_info["cell_counts"], dtype=np.float64)
+    prior = prior / max(prior.sum(), 1.0)
+    probs = np.empty((len(w), k))
+    stat = np.empty(len(w))
+    names = sorted(set(batches.tolist()))
+    offsets = np.zeros((len(names), w.shape[1]))
+    weights = np.zeros(len(names))
+    for bi, b in enumerate(names):
+        rows = batches == b
+        wb = w[rows].astype(np.float64).astype(np.float64)
+        cur = start[rows] if start is not None else None
+        # without a starting label: the batch's mean against the reference's (the same
+        # composition assumed), refined from the labels that follow
+        offset = np.zeros(w.shape[1]) if cur is not None else wb.mean(axis=0) - prior @ nu
+        scale = 1.0
+        for _ in range(max(rounds, 0) + 1):
+            if cur is not None:
+                conf = cur.max(axis=1)
+                sure = conf >= confident
+                if sure.sum() >= max(3, int(0.05 * len(wb))):
+                    resid = wb[sure] - cur[sure] @ nu
+                    offset = np.average(resid, axis=0, weights=conf[sure])
+            d2 = _distances(wb - offset[None, :], nu) / inflation[None, :]
+            nearest = d2.min(axis=1)
+            expr_logits = -0.5 * d2 - log_norm[None, :]
+            cur_expr = _softmax(expr_logits / (temperature * scale))
+            if cur is not None:
+                sure = cur_expr.max(axis=1) >= confident
+                if sure.sum() >= 3:
+                    scale = max(1.0, float(np.median(nearest[sure])) / max(ref_median, 1e-12))
+            cur = _softmax(expr_logits / (temperature * scale))
+        weight = 0.0
+        if start is not None:
+            # how far the latent head is to be trusted on this batch: its agreement with the
+            # expression labels (a shift the latent could not absorb lowers it)
+            agree = float(np.mean(cur.argmax(axis=1) == start[rows].argmax(axis=1)))
+            weight = latent_weight * max(0.0, 2.0 * agree - 1.0) ** 2
+        combined = np.log(np.clip(cur, 1e-300, 1.0)) + weight * log_start[rows]
+        weights[bi] = weight
+        probs[rows] = _softmax(combined)
+        stat[rows] = nearest / scale
+        offsets[bi] = offset
+    return probs, stat, offsets
+
+
+def predict_cell_labels(
+    labels_manifest: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    scores: np.ndarray,
+    batches: Any,
+    latent: Any,
+    *,
+    label_key: str,
+    classifier_classes: Sequence[str] = (),
+    threshold: float = 0.5,
+    rounds: int = 3,
+    latent_weight: float = 1.0,
+) -> LabelPrediction:
+    """Labels from the bundle's expression prototypes, the per-batch offset and the latent
+    classifier (module docstring); ``tensors``: every tensor of the bundle (the model's and
+    the extra ones). ``method`` of the result is ``"expression"``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise LabelTransferError("threshold must be in [0, 1]")
+    if not has_expression_prototypes(labels_manifest, tensors, label_key):
+        raise LabelTransferError(
+            f"this reference carries no expression prototypes for {label_key!r}; retrain it "
+            "with this version (reference train --label-key) or use --label-method prototype"
+        )
+    level_info = labels_manifest["levels"][label_key]["expression"]
+    classes = list(level_info["classes"])
+    start = latent_classifier_probabilities(tensors, classifier_classes, latent, classes)
+    probs, stat, _offsets = expression_label_posteriors(
+        level_info,
+        tensors,
+        scores,
+        batches,
+        start=start,
+        # without the head the offset starts from the batch mean; relabelling rounds from
+        # there drifted on a simulated strong shift (0.94 -> 0.75 accuracy), so none are run
+        rounds=rounds if start is not None else 0,
+        latent_weight=latent_weight if start is not None else 0.0,
+    )
+    top = probs.argmax(axis=1)
+    p_top = probs[np.arange(len(top)), top]
+    tail = float(labels_manifest.get("novelty_tail", 0.05))
+    factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
+    uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
+    top_label = np.array(classes, dtype=object)[top]
+    pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)
+    if not math.isfinite(float(uncertainty.sum())):  # pragma: no cover - defensive
+        raise LabelTransferError("expression label transfer produced non-finite values")
+    return LabelPrediction(
+        pred=pred,
+        uncertainty=uncertainty,
+        top_label=top_label,
+        probabilities=probs.astype(np.float32),
+        classes=classes,
+        method="expression",
+        novelty=(1.0 - factor).astype(np.float32),
+    )
+
+
+def transfer_labels(
+    model: Any,
+    adata: Any,
+    latent: Any,
+    *,
+    label_key: str,
+    batch_key: str,
+    layer: str | None = None,
+    method: str = "auto",
+    threshold: float = 0.5,
+) -> LabelPrediction:
+    """Labels of a mapped query as ``map`` and ``site map`` write them.
+
+    ``model``: the :class:`~scarches_fl.model.ReferenceModel` after surgery; ``adata``: the
+    query (raw counts in X or ``layer``, in memory or backed); ``latent``: its embedding.
+    ``method``: ``"expression"`` (expression prototypes, this module), ``"prototype"`` /
+    ``"knn"`` (:func:`scarches_fl.labels.predict_labels` on the latent), or ``"auto"``:
+    expression where the bundle carries it for ``label_key``, else what
+    :func:`~scarches_fl.labels.predict_labels` picks."""
+    from scarches_fl.labels import predict_labels
+
+    if method not in LABEL_METHODS:
+        raise LabelTransferError(
+            f"unknown label method {method!r}; use one of {', '.join(LABEL_METHODS)}"
+        )
+    tensors = model.tensors()
+    has_expr = has_expression_prototypes(model.labels, tensors, label_key)
+    if method == "expression" and not has_expr:
+        raise LabelTransferError(
+            f"this reference carries no expression prototypes for {label_key!r} (trained "
+            "before they existed, or without --label-key); use --label-method auto"
+        )
+    if method in ("auto", "expression") and has_expr:
+        scores = query_scores(model.labels["expression"], tensors, adata, model.genes, layer=layer)
+        batches = np.asarray(adata.obs[batch_key]).astype(str)
+        return predict_cell_labels(
+            model.labels,
+            tensors,
+            scores,
+            batches,
+            latent,
+            label_key=label_key,
+            classifier_classes=list(model.registration.get("classifier_classes", [])),
+            threshold=threshold,
+        )
+    return predict_labels(
+        model.labels,
+        model.extra_tensors,
+        latent,
+        label_key=label_key,
+        threshold=threshold,
+        method=method,
+    )

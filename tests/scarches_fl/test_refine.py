@@ -1,0 +1,232 @@
+"""Expression prototypes (scarches_fl.refine, ADR 0070): fitted from reference counts, read at
+the query with a per-batch offset. These tests need no VAE: the expression rule alone (no latent
+classifier to start from) on simulated counts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scarches_fl import metrics as M
+from scarches_fl.labels import LabelTransferError
+from scarches_fl.refine import (
+    EXPRESSION_COMPONENTS,
+    EXPRESSION_GENE_MEAN,
+    expression_label_posteriors,
+    fit_expression_prototypes,
+    has_expression_prototypes,
+    latent_classifier_probabilities,
+    lognormalize,
+    predict_cell_labels,
+    project_counts,
+    sample_reference_rows,
+)
+from scarches_fl.simulate import simulate_counts
+
+
+def _split(adata, query_batches=("batch4", "batch5")):
+    is_query = adata.obs["batch"].isin(query_batches).to_numpy()
+    return adata[~is_query].copy(), adata[is_query].copy()
+
+
+def _fit(ref, **kw):
+    labels = ref.obs["cell_type"].astype(str).to_numpy()
+    info, tensors = fit_expression_prototypes(
+        ref.X, {"cell_type": labels}, batches=ref.obs["batch"].to_numpy(), **kw
+    )
+    manifest = {
+        "novelty_tail": 0.05,
+        "expression": info["projection"],
+        "levels": {"cell_type": {"expression": info["levels"]["cell_type"]}},
+    }
+    return manifest, tensors
+
+
+def _labels(manifest, tensors, query, **kw):
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    return predict_cell_labels(
+        manifest,
+        tensors,
+        scores,
+        query.obs["batch"].to_numpy(),
+        np.zeros((query.n_obs, 2)),
+        label_key="cell_type",
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def strong_shift():
+    adata = simulate_counts(
+        1500,
+        n_genes=300,
+        n_batches=6,
+        n_cell_types=5,
+        seed=3,
+        shift_batches=(4, 5),
+        shift_strength=2.0,
+        shift_genes=60,
+    )
+    return _split(adata)
+
+
+def test_lognormalize_matches_the_formula_and_keeps_empty_cells_zero():
+    x = sp.csr_matrix(np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32))
+    got = lognormalize(x).toarray()
+    np.testing.assert_allclose(got[0], np.log1p(np.array([2500.0, 7500.0, 0.0])), rtol=1e-6)
+    assert not got[1].any()
+
+
+def test_fit_stores_summaries_only_and_is_deterministic(strong_shift):
+    ref, _query = strong_shift
+    manifest, tensors = _fit(ref, n_components=20, seed=0)
+    again_manifest, again = _fit(ref, n_components=20, seed=0)
+    assert set(tensors) == set(again)
+    for name in tensors:
+        np.testing.assert_array_equal(tensors[name], again[name])
+    assert json.dumps(manifest) == json.dumps(again_manifest)
+    level = manifest["levels"]["cell_type"]["expression"]
+    k = len(level["classes"])
+    assert tensors[EXPRESSION_GENE_MEAN].shape == (ref.n_vars,)
+    assert tensors[EXPRESSION_COMPONENTS].shape == (20, ref.n_vars)
+    assert tensors[level["means_tensor"]].shape == (k, 20)
+    assert tensors[level["covariance_tensor"]].shape == (20, 20)
+    # nothing per cell: every tensor is sized by genes, components and types
+    assert all(ref.n_obs not in t.shape for t in tensors.values())
+    counts = ref.obs["cell_type"].astype(str).value_counts()
+    assert level["cell_counts"] == [int(counts[c]) for c in level["classes"]]
+    assert level["temperature"] > 0 and len(level["novelty_quantiles"]) == 41
+    assert all(t.dtype == np.float32 for t in tensors.values())
+    assert has_expression_prototypes(manifest, tensors, "cell_type")
+    assert not has_expression_prototypes(manifest, {}, "cell_type")
+    assert not has_expression_prototypes(manifest, tensors, "other_level")
+
+
+def test_the_per_batch_offset_recovers_labels_under_a_strong_shift(strong_shift):
+    ref, query = strong_shift
+    manifest, tensors = _fit(ref, n_components=30)
+    level = manifest["levels"]["cell_type"]["expression"]
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    batches = query.obs["batch"].to_numpy()
+    # a start like a latent head under a shift: right for 70 % of the cells, sure of itself
+    rng = np.random.default_rng(0)
+    codes = np.array([level["classes"].index(t) for t in truth])
+    wrong = rng.random(len(codes)) < 0.3
+    codes[wrong] = (codes[wrong] + rng.integers(1, len(level["classes"]), wrong.sum())) % len(
+        level["classes"]
+    )
+    start = np.full((len(codes), len(level["classes"])), 0.02)
+    start[np.arange(len(codes)), codes] = 0.9
+    start /= start.sum(axis=1, keepdims=True)
+    accuracy = {}
+    for rounds in (0, 3):
+        probs, _stat, _off = expression_label_posteriors(
+            level, tensors, scores, batches, start=start, rounds=rounds, latent_weight=0.0
+        )
+        accuracy[rounds] = M.label_accuracy(truth, np.array(level["classes"])[probs.argmax(1)])
+    assert accuracy[0] > 0.9 and accuracy[3] > 0.9
+    # the same Gaussian rule with no offset: the response moves cells onto other types
+    chol = np.linalg.cholesky(tensors[level["covariance_tensor"]].astype(np.float64))
+    w = np.linalg.solve(chol, scores.T.astype(np.float64)).T
+    nu = np.linalg.solve(chol, tensors[level["means_tensor"]].astype(np.float64).T).T
+    d2 = ((w[:, None, :] - nu[None, :, :]) ** 2).sum(axis=2)
+    no_offset = M.label_accuracy(truth, np.array(level["classes"])[d2.argmin(1)])
+    assert no_offset < accuracy[3] - 0.2
+    # without any start, the batch-mean offset alone
+    alone = _labels(manifest, tensors, query)
+    assert alone.method == "expression"
+    assert M.label_accuracy(truth, alone.pred) > 0.85
+    assert np.mean(alone.pred == "Unknown") <= 0.1
+
+
+def test_offsets_are_estimated_per_batch(strong_shift):
+    ref, query = strong_shift
+    manifest, tensors = _fit(ref, n_components=30)
+    level = manifest["levels"]["cell_type"]["expression"]
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    # one shifted and one unshifted batch: their offsets differ
+    mixed = np.where(query.obs["batch"].to_numpy() == "batch4", "shifted", "other")
+    control = simulate_counts(300, n_genes=300, n_batches=6, n_cell_types=5, seed=3)
+    _ref2, control_query = _split(control)
+    both = np.concatenate([scores, project_counts(manifest["expression"], tensors,
+                                                  control_query.X)])
+    batches = np.concatenate([mixed, np.full(control_query.n_obs, "control")])
+    _probs, _stat, offsets = expression_label_posteriors(level, tensors, both, batches)
+    names = sorted(set(batches.tolist()))
+    norm = dict(zip(names, np.linalg.norm(offsets, axis=1), strict=True))
+    assert norm["shifted"] > 2 * norm["control"]
+
+
+def test_a_type_with_few_reference_cells_is_named_with_more_uncertainty():
+    adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=7)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    is_ref = (adata.obs["batch"] != "batch2").to_numpy()
+    rare_rows = np.flatnonzero(is_ref & (types == "type4"))
+    keep = is_ref.copy()
+    keep[rare_rows[12:]] = False
+    ref, query = adata[keep].copy(), adata[~is_ref].copy()
+    manifest, tensors = _fit(ref, n_components=30)
+    level = manifest["levels"]["cell_type"]["expression"]
+    assert level["cell_counts"][level["classes"].index("type4")] == 12
+    pred = _labels(manifest, tensors, query)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    rare = truth == "type4"
+    assert rare.sum() >= 20
+    assert np.mean(pred.pred[rare] == "type4") > 0.5  # named, not Unknown
+    assert np.mean(pred.top_label[~rare] == truth[~rare]) > 0.9
+    assert np.median(pred.uncertainty[rare]) > np.median(pred.uncertainty[~rare])
+
+
+def test_a_type_missing_from_the_reference_gets_high_uncertainty():
+    adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=11)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    is_ref = (adata.obs["batch"] != "batch2").to_numpy()
+    ref = adata[is_ref & (types != "type1")].copy()
+    query = adata[~is_ref].copy()
+    manifest, tensors = _fit(ref, n_components=30)
+    pred = _labels(manifest, tensors, query)
+    novel = query.obs["cell_type"].astype(str).to_numpy() == "type1"
+    assert M.unknown_detection_auroc(pred.uncertainty, novel) > 0.95
+    assert np.mean(pred.pred[novel] == "Unknown") > 0.5
+    assert np.mean(pred.pred[~novel] == "Unknown") <= 0.03
+
+
+def test_latent_classifier_probabilities_follow_the_class_order():
+    w = np.array([[1.0, 0.0], [0.0, 1.0]])
+    tensors = {"classifier.weight": w, "classifier.bias": np.zeros(2)}
+    z = np.array([[5.0, 0.0], [0.0, 5.0]])
+    probs = latent_classifier_probabilities(tensors, ["a", "b"], z, ["b", "a", "c"])
+    assert probs.shape == (2, 3)
+    assert probs[0].argmax() == 1 and probs[1].argmax() == 0
+    assert np.allclose(probs[:, 2], 0.0)
+    assert latent_classifier_probabilities({}, ["a", "b"], z, ["a", "b"]) is None
+
+
+def test_bad_inputs_are_refused_with_the_fix(strong_shift):
+    ref, query = strong_shift
+    manifest, tensors = _fit(ref, n_components=10)
+    with pytest.raises(LabelTransferError, match="align the query"):
+        project_counts(manifest["expression"], tensors, query.X[:, :50])
+    with pytest.raises(LabelTransferError, match="no expression prototypes"):
+        predict_cell_labels(
+            manifest, {}, np.zeros((2, 10)), ["a", "a"], np.zeros((2, 2)), label_key="cell_type"
+        )
+    with pytest.raises(LabelTransferError, match="one batch value per query cell"):
+        expression_label_posteriors(
+            manifest["levels"]["cell_type"]["expression"], tensors, np.zeros((3, 10)), ["a"]
+        )
+    with pytest.raises(LabelTransferError, match="two labelled cells"):
+        fit_expression_prototypes(np.ones((3, 4)), {"t": ["a", None, None]})
+
+
+def test_sample_reference_rows_caps_each_type():
+    labels = np.array(["a"] * 50 + ["b"] * 5 + [None] * 3, dtype=object)
+    rows = sample_reference_rows(labels, max_cells_per_type=10, seed=0)
+    assert list(rows) == sorted(rows)
+    picked = labels[rows]
+    assert (picked == "a").sum() == 10 and (picked == "b").sum() == 5
+    assert all(v is not None for v in picked)

@@ -152,8 +152,9 @@ def test_offsets_are_estimated_per_batch(strong_shift):
     mixed = np.where(query.obs["batch"].to_numpy() == "batch4", "shifted", "other")
     control = simulate_counts(300, n_genes=300, n_batches=6, n_cell_types=5, seed=3)
     _ref2, control_query = _split(control)
-    both = np.concatenate([scores, project_counts(manifest["expression"], tensors,
-                                                  control_query.X)])
+    both = np.concatenate(
+        [scores, project_counts(manifest["expression"], tensors, control_query.X)]
+    )
     batches = np.concatenate([mixed, np.full(control_query.n_obs, "control")])
     _probs, _stat, offsets = expression_label_posteriors(level, tensors, both, batches)
     names = sorted(set(batches.tolist()))

@@ -131,6 +131,9 @@ for _name, _strength in (("none", 0.0), ("moderate", 1.0), ("strong", 2.0)):
         "holdout": None,
     }
 BATCH, LABEL = "batch", "cell_type"
+#: where scvi-tools trains (``--scvi-accelerator``): "cpu" (default, one thread, as on the
+#: standard machine) or "gpu" (accuracy figures only; its speed is then not comparable)
+SCVI_ACCELERATOR = "cpu"
 # (method, query_context): the per-cell uncertainty, and the opt-in query context
 VARIANTS = [("knn", False), ("prototype", False), ("knn", True), ("prototype", True)]
 
@@ -262,6 +265,7 @@ def run_scarches_fl(
     info = {
         "reference_train_s": t1 - t0,
         "reference_epochs": int(model.history.get("epochs", 0)),
+        "reference_seconds_per_epoch": model.history.get("seconds_per_epoch"),
         "surgery_s": t2 - t1,
         "trainable_parameters_surgery": int(res.trainable_parameters),
         "hyperparameters": model.hyperparameters,
@@ -323,7 +327,7 @@ def _train_scvi_reference(ref, *, seed: int, n_latent: int):
         use_layer_norm="both",
         use_batch_norm="none",
     )
-    model.train(accelerator="cpu", enable_progress_bar=False)
+    model.train(accelerator=SCVI_ACCELERATOR, enable_progress_bar=False)
     return model
 
 
@@ -341,14 +345,14 @@ def run_scvi(ref, query, *, seed: int, reference, reference_s: float):
     scvi.settings.seed = seed
     t1 = time.perf_counter()
     qmodel = scvi.model.SCVI.load_query_data(
-        _unlabelled(query), reference, freeze_dropout=True, accelerator="cpu"
+        _unlabelled(query), reference, freeze_dropout=True, accelerator=SCVI_ACCELERATOR
     )
     n_trainable = sum(p.numel() for p in qmodel.module.parameters() if p.requires_grad)
     q_epochs = 200
     qmodel.train(
         max_epochs=q_epochs,
         plan_kwargs={"weight_decay": 0.0},
-        accelerator="cpu",
+        accelerator=SCVI_ACCELERATOR,
         enable_progress_bar=False,
     )
     t2 = time.perf_counter()
@@ -397,17 +401,17 @@ def run_scanvi(ref, query, *, seed: int, reference, reference_s: float):
     scanvi.train(
         max_epochs=SCANVI_REFERENCE_EPOCHS,
         n_samples_per_label=100,
-        accelerator="cpu",
+        accelerator=SCVI_ACCELERATOR,
         enable_progress_bar=False,
     )
     t1 = time.perf_counter()
     qmodel = scvi.model.SCANVI.load_query_data(
-        _unlabelled(query), scanvi, freeze_dropout=True, accelerator="cpu"
+        _unlabelled(query), scanvi, freeze_dropout=True, accelerator=SCVI_ACCELERATOR
     )
     qmodel.train(
         max_epochs=SCANVI_QUERY_EPOCHS,
         plan_kwargs={"weight_decay": 0.0},
-        accelerator="cpu",
+        accelerator=SCVI_ACCELERATOR,
         enable_progress_bar=False,
     )
     t2 = time.perf_counter()
@@ -679,6 +683,37 @@ def _table(result: dict) -> str:
     return f"== {result['scenario']} ==\n{head}\n" + "\n".join(rows)
 
 
+def merge_runs(paths: list[Path], out_dir: Path) -> int:
+    """Write ``labels_<scenario>.json`` over the seeds of one-seed result files (each the
+    output of one ``--seed`` run), as ``--seeds`` would have: ``seeds``, ``summary`` (mean /
+    min / max), ``per_seed``."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    scenarios = {r["scenario"] for r in runs}
+    if len(scenarios) != 1 or any("methods" not in r for r in runs):
+        raise SystemExit("--merge takes one-seed result files of a single scenario")
+    runs.sort(key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: a seed appears twice ({seeds})")
+    keep = ("seed", "methods", "wall_s", "command", "finished_utc")
+    result = {k: v for k, v in runs[0].items() if k not in keep}
+    result.update(
+        seeds=seeds,
+        summary=summarize(runs),
+        per_seed=runs,
+        merged_from=[str(p) for p in paths],
+        command="; ".join(str(r.get("command")) for r in runs),
+        finished_utc=max(str(r.get("finished_utc")) for r in runs),
+    )
+    sc = scenarios.pop()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"labels_{sc}.json"
+    path.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    print(_summary_table(sc, seeds, result["summary"]), flush=True)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", default="all", choices=["all", *SCENARIOS])
@@ -705,7 +740,25 @@ def main(argv: list[str] | None = None) -> int:
         "also given to scvi-tools, so both tools keep the same architecture",
     )
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument(
+        "--scvi-accelerator",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="where scvi-tools trains (default cpu); gpu for accuracy runs on a GPU machine",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="instead of running: combine one-seed result files of one scenario (e.g. seeds run "
+        "in parallel processes) into the multi-seed file, with the same summary",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge_runs([Path(p) for p in args.merge], Path(args.out_dir))
+    global SCVI_ACCELERATOR
+    SCVI_ACCELERATOR = args.scvi_accelerator
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     out_dir = Path(args.out_dir)

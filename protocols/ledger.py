@@ -476,8 +476,10 @@ class _Lineage:
         self.conditions: list[str] = []
         self.condition_set: set[str] = set()
         self.site_counts: dict[str, int] = {}
+        self._condition_json: list[bytes] = []  # each name's canonical JSON, encoded once
         self._add_conditions(conditions)
         self.chunk_ends = [len(self.conditions)] if chunk_ends is None else [int(e) for e in chunk_ends]
+        self._skeleton = self._manifest_skeleton()
 
     @classmethod
     def from_bundle(cls, bundle: ReferenceBundle) -> _Lineage:
@@ -501,11 +503,49 @@ class _Lineage:
         return list(self.axes)
 
     def _add_conditions(self, names: Sequence[str]) -> None:
+        self._condition_json.extend(canonical_json(c) for c in names)
         self.conditions.extend(names)
         self.condition_set.update(names)
         for c in names:
             ns = c.split("/", 1)[0]
             self.site_counts[ns] = self.site_counts.get(ns, 0) + 1
+
+    def _manifest_skeleton(self) -> tuple[bytes, bytes, dict[str, bytes]] | None:
+        """The manifest leaf with a placeholder string for the condition list and for each
+        condition tensor's condition-axis dimension, the encoded condition-list placeholder and
+        the encoded dimension placeholders; None when a placeholder would be ambiguous (its
+        bytes occur elsewhere in the manifest): then every leaf is encoded in full."""
+        mark = "\u0001scarches-fl.version:{}\u0001"
+        skel = dict(self.manifest)
+        skel["conditions"] = [mark.format("conditions")]
+        specs, dims = {}, {}
+        for name, spec in self.manifest["tensors"].items():
+            spec = dict(spec)
+            if name in self.axes:
+                shape = list(spec["shape"])
+                shape[self.axes[name]] = mark.format("dim:" + name)
+                spec["shape"] = shape
+                dims[name] = canonical_json(mark.format("dim:" + name))
+            specs[name] = spec
+        skel["tensors"] = specs
+        leaf = manifest_leaf(skel)
+        conditions = b"[" + canonical_json(mark.format("conditions")) + b"]"
+        if any(leaf.count(m) != 1 for m in (conditions, *dims.values())):
+            return None
+        return leaf, conditions, dims
+
+    def manifest_leaf(self, manifest: Mapping[str, Any], n_conditions: int) -> bytes:
+        """:func:`protocols.bundle.manifest_leaf` of ``manifest``, the manifest of this
+        lineage's version with ``n_conditions`` conditions, built from the skeleton and the
+        names encoded once (canonical JSON is compositional: the bytes are the same)."""
+        if self._skeleton is None:
+            return manifest_leaf(manifest)
+        leaf, conditions, dims = self._skeleton
+        for name, dim in dims.items():  # before the names, which are not checked for marks
+            size = manifest["tensors"][name]["shape"][self.axes[name]]
+            leaf = leaf.replace(dim, str(int(size)).encode("ascii"))
+        names = b",".join(self._condition_json[:n_conditions])
+        return leaf.replace(conditions, b"[" + names + b"]")
 
     def append(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> None:
         with self._lock:
@@ -607,7 +647,7 @@ class _Model:
             for name in lin.axes:
                 leaves[name] = tensor_leaf_hash(name, lin.prefix(name, self.n_conditions))
             ordered = [leaves[n] for n in sorted(leaves, key=lambda n: n.encode("utf-8"))]
-            ordered.append(merkle.leaf_hash(manifest_leaf(manifest)))
+            ordered.append(merkle.leaf_hash(lin.manifest_leaf(manifest, self.n_conditions)))
             self._digest = "sha256:" + merkle.root(ordered).hex()
         return self._digest
 

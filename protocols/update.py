@@ -397,14 +397,32 @@ def _reject_from(exc: VerificationError, default: str | None = None) -> UpdateRe
     return UpdateRejectedError(default or exc.reason_code, exc.message)
 
 
-def _check_stats(payload: UpdatePayload, diff: Mapping[str, np.ndarray]) -> None:
-    if set(payload.tensors) != set(diff):
-        raise UpdateRejectedError(
-            "E_STATS_MISMATCH", "the signed tensor list differs from the tensors in the diff"
-        )
-    for name, arr in diff.items():
+@dataclass(frozen=True)
+class _Measured:
+    """One pass over a diff tensor (float64): its summary and each new condition's L2 norm."""
+
+    summary: TensorSummary
+    abs_max: float
+    condition_norms: np.ndarray
+
+
+def _measure(arr: np.ndarray, axis: int) -> _Measured:
+    a64 = np.asarray(arr).astype(np.float64, copy=False)
+    shape = tuple(int(d) for d in a64.shape)
+    if a64.size == 0:
+        empty = TensorSummary(arr.dtype.name, shape, 0.0, 0.0, 0.0)
+        return _Measured(empty, 0.0, np.zeros(shape[axis] if a64.ndim else 0))
+    sq = a64 * a64
+    lo, hi = float(a64.min()), float(a64.max())
+    summary = TensorSummary(arr.dtype.name, shape, float(np.sqrt(np.sum(sq))), lo, hi)
+    cols = np.moveaxis(sq, axis, 0).reshape(shape[axis], -1)
+    return _Measured(summary, max(-lo, hi), np.sqrt(np.sum(cols, axis=1)))
+
+
+def _check_stats(payload: UpdatePayload, measured: Mapping[str, _Measured]) -> None:
+    for name, m in measured.items():
         claimed = payload.tensors[name]
-        actual = tensor_summary(arr)
+        actual = m.summary
         if claimed.dtype != actual.dtype or claimed.shape != actual.shape:
             raise UpdateRejectedError(
                 "E_STATS_MISMATCH", f"tensor {name!r}: the signed dtype/shape differ from the diff's"
@@ -420,19 +438,17 @@ def _check_stats(payload: UpdatePayload, diff: Mapping[str, np.ndarray]) -> None
             )
 
 
-def _check_norms(policy: TrustPolicy, manifest: Mapping[str, Any], diff: Mapping[str, np.ndarray]) -> None:
+def _check_norms(policy: TrustPolicy, measured: Mapping[str, _Measured]) -> None:
     lim = policy.update_limits
-    for name in sorted(diff):
-        arr = np.asarray(diff[name], dtype=np.float64)
-        if arr.size and float(np.max(np.abs(arr))) > lim.max_abs_value:
+    for name in sorted(measured):
+        m = measured[name]
+        if m.abs_max > lim.max_abs_value:
             raise UpdateRejectedError(
                 "E_NORM_LIMIT",
-                f"tensor {name!r} holds a value of magnitude {float(np.max(np.abs(arr))):.4g}, over "
+                f"tensor {name!r} holds a value of magnitude {m.abs_max:.4g}, over "
                 f"the policy limit {lim.max_abs_value:g}",
             )
-        axis = int(manifest["tensors"][name]["axis"])
-        cols = np.moveaxis(arr, axis, 0).reshape(arr.shape[axis], -1)
-        norms = np.sqrt(np.sum(cols * cols, axis=1)) if cols.size else np.zeros(arr.shape[axis])
+        norms = m.condition_norms
         if norms.size and float(norms.max()) > lim.max_condition_l2:
             raise UpdateRejectedError(
                 "E_NORM_LIMIT",
@@ -627,7 +643,12 @@ def validate_update(
     # 10. tensors vs reference
     check_diff_against_base(ctx.manifest, diff, len(payload.new_conditions))
     # 11. signed description vs actual
-    _check_stats(payload, diff)
+    if set(payload.tensors) != set(diff):
+        raise UpdateRejectedError(
+            "E_STATS_MISMATCH", "the signed tensor list differs from the tensors in the diff"
+        )
+    measured = {n: _measure(a, int(ctx.manifest["tensors"][n]["axis"])) for n, a in diff.items()}
+    _check_stats(payload, measured)
     # 12. norms
-    _check_norms(policy, ctx.manifest, diff)
+    _check_norms(policy, measured)
     return AcceptedUpdate(payload, diff, envelope, diff_bytes)

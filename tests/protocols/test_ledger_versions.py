@@ -181,3 +181,22 @@ def test_forged_update_naming_no_valid_diff_gets_a_typed_rejection(payload: byte
         c.state.apply(env, lambda h: looked_up.append(h))
     assert ei.value.reason_code in {"E_KEY_UNKNOWN", "E_OVERSIZE", "E_ENVELOPE_MALFORMED"}
     assert looked_up == []  # no blob was looked up under an unverified, malformed name
+
+
+def test_manifest_leaf_is_spliced_or_encoded_in_full_with_the_same_bytes() -> None:
+    from protocols.bundle import manifest_leaf
+
+    c, expected = _grown([2, 1, 3], [], 11)
+    lineage = c.state._model.lineage
+    assert lineage._skeleton is not None
+    for size, bundle in expected.items():
+        version = c.state._versions[size]
+        leaf = lineage.manifest_leaf(version.manifest, version.n_conditions)
+        assert leaf == manifest_leaf(bundle.manifest)
+    # a manifest that already holds a placeholder's bytes is encoded in full, never spliced
+    lineage.manifest = {**lineage.manifest, "note": ["\u0001scarches-fl.version:conditions\u0001"]}
+    lineage._skeleton = lineage._manifest_skeleton()
+    assert lineage._skeleton is None
+    version = c.state._versions[c.state.size]
+    manifest = version.manifest
+    assert lineage.manifest_leaf(manifest, version.n_conditions) == manifest_leaf(manifest)

@@ -36,10 +36,10 @@ def quiet() -> None:
     scvi.settings.seed = 0
 
 
-def reference_cells(n_cells: int = 360, seed: int = 0):
-    """Three reference studies (batch0-2) of four cell types, 60 genes."""
+def reference_cells(n_cells: int = 360, seed: int = 0, n_batches: int = 3):
+    """``n_batches`` studies (batch0, batch1, ...) of four cell types, 60 genes."""
     adata = simulate_counts(
-        n_cells, n_genes=60, n_batches=3, n_cell_types=4, seed=seed, mean_library=600.0
+        n_cells, n_genes=60, n_batches=n_batches, n_cell_types=4, seed=seed, mean_library=600.0
     )
     adata.obs["batch"] = adata.obs["batch"].astype(str)
     adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)

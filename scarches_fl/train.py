@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +38,9 @@ import torch
 
 from scarches_fl.module import CVAE, Minibatch
 
-__all__ = ["STOP_REASONS", "TrainingConfig", "CellData", "StreamingCellData", "fit",
-           "has_converged", "posterior_mean", "precompute_first_layer", "resolve_device",
-           "negative_elbo"]
+__all__ = ["STOP_REASONS", "TrainingConfig", "CellData", "StreamingCellData", "choose_threads",
+           "fit", "has_converged", "intra_op_threads", "negative_elbo", "posterior_mean",
+           "precompute_first_layer", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,9 @@ class TrainingConfig:
     # machine extra threads mostly wait on each other (measured 10x slower with 2 threads under
     # load). None keeps torch's setting.
     num_threads: int | None = 1
+    # Threads of the whole-data chunked passes (the fast path's precompute: chunk_size rows at
+    # once). None: ``choose_threads(chunk_size)`` (ADR 0081).
+    pass_threads: int | None = None
     description: str = "training"
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,6 +233,43 @@ def _minibatch(
     return mb
 
 
+#: Below this many rows per operation one intra-op thread is used, whatever the machine: a
+#: 128-cell minibatch step ran 4-20x slower with two threads than with one (ADR 0081).
+PARALLEL_MIN_ROWS = 2048
+
+
+def choose_threads(rows_per_op: int, *, cores: int | None = None,
+                   load: float | None = None) -> int:
+    """Intra-op threads for operations on ``rows_per_op`` rows at once (ADR 0081): one below
+    ``PARALLEL_MIN_ROWS``; otherwise the cores this process may use that the 1-minute load
+    average leaves idle, at least one. ``cores`` / ``load`` default to the machine's."""
+    if rows_per_op < PARALLEL_MIN_ROWS:
+        return 1
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            load = float(cores)
+    return max(1, min(int(cores), int(cores) - math.ceil(float(load))))
+
+
+@contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block (``None``: unchanged), restored after."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _first_layer_frozen(module: CVAE) -> bool:
     names = ("encoder__layers__0__weight_x", "encoder__layers__0__bias")
     params = dict(module.named_parameters())
@@ -280,10 +322,20 @@ def _precompute(
 def posterior_mean(
     module: CVAE, data: AnyCellData, *, batch_size: int = 4096,
     device: str | torch.device = "cpu", h0: np.ndarray | None = None,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Posterior mean of q(z | x, s) for every cell, chunked (eval mode: no dropout); streaming
     data is read window by window. With ``h0`` (the precomputed ``W_x x + b`` of every cell,
-    valid while the encoder's gene weights are frozen) no counts are read at all."""
+    valid while the encoder's gene weights are frozen) no counts are read at all. ``threads``:
+    intra-op threads (None: ``choose_threads(batch_size)``)."""
+    with intra_op_threads(threads or choose_threads(batch_size)):
+        return _posterior_mean(module, data, batch_size=batch_size, device=device, h0=h0)
+
+
+def _posterior_mean(
+    module: CVAE, data: AnyCellData, *, batch_size: int, device: str | torch.device,
+    h0: np.ndarray | None,
+) -> np.ndarray:
     device = torch.device(device)
     was_training = module.training
     module.eval()
@@ -471,10 +523,13 @@ def _fit(
         h0 = const = None
         if config.precompute and _first_layer_frozen(module):
             # one pass over the cells; a streaming run gathers its validation cells in it too
-            h0, const = _precompute(
-                module, data, chunk_size=config.chunk_size, device=device,
-                nb_constant=_dispersion_frozen(module),
-                on_window=None if val_cache is None else val_cache.collect)
+            threads = config.pass_threads or choose_threads(config.chunk_size)
+            with intra_op_threads(threads):
+                h0, const = _precompute(
+                    module, data, chunk_size=config.chunk_size, device=device,
+                    nb_constant=_dispersion_frozen(module),
+                    on_window=None if val_cache is None else val_cache.collect)
+            history["precompute_threads"] = threads
             history["first_layer"] = h0
         history["precompute_seconds"] = time.perf_counter() - t_pre
 

@@ -4,6 +4,8 @@ query embedding reuses the precomputed first layer."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -179,3 +181,25 @@ def test_checks_leave_a_run_that_hits_the_ceiling_bit_identical():
         plain.named_parameters(), checked.named_parameters(), strict=True
     ):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_thread_choice_follows_the_problem_size_and_the_idle_cores():
+    # minibatch steps: one thread, whatever the machine
+    assert train.choose_threads(128, cores=16, load=0.0) == 1
+    assert train.choose_threads(train.PARALLEL_MIN_ROWS - 1, cores=16, load=0.0) == 1
+    # whole-data chunks: the idle cores, at least one
+    assert train.choose_threads(4096, cores=2, load=0.0) == 2
+    assert train.choose_threads(4096, cores=2, load=0.4) == 1
+    assert train.choose_threads(4096, cores=16, load=3.2) == 12
+    assert train.choose_threads(4096, cores=2, load=14.0) == 1
+    assert 1 <= train.choose_threads(4096) <= len(os.sched_getaffinity(0))
+
+
+def test_thread_settings_are_restored():
+    before = torch.get_num_threads()
+    with train.intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    x, cond = _counts(300, seed=6)
+    h = train.fit(_conditions_module(), train.CellData(x, cond), _cfg(max_epochs=1))
+    assert h["precompute_threads"] >= 1 and torch.get_num_threads() == before

@@ -275,7 +275,9 @@ def _layer_keys(state: Mapping[str, Any], prefix: str) -> list[int]:
     return sorted(out)
 
 
-def _infer_layout(mf: ScviModelFile, n_batch: int) -> _Layout:
+def _infer_layout(mf: ScviModelFile, n_batch: int, params: Mapping[str, Any]) -> _Layout:
+    """The architecture from the state dict's shapes; with one batch (scvi-tools then adds no
+    one-hot columns) where the covariates go comes from the constructor's arguments."""
     s = mf.state
     enc = "z_encoder.encoder.fc_layers."
     dec = "decoder.px_decoder.fc_layers."
@@ -291,8 +293,10 @@ def _infer_layout(mf: ScviModelFile, n_batch: int) -> _Layout:
     n_hidden, n_latent = int(w0.shape[0]), int(mean_w.shape[0])
     n_layers = len(_layer_keys(s, enc))
     n_cov = n_batch if n_batch > 1 else 0
-    if w0.shape[1] == n_genes + n_cov:
-        encode_covariates = n_cov > 0
+    if n_cov == 0:
+        encode_covariates = bool(params.get("encode_covariates", False))
+    elif w0.shape[1] == n_genes + n_cov:
+        encode_covariates = True
     elif w0.shape[1] == n_genes:
         encode_covariates = False
     else:
@@ -306,10 +310,9 @@ def _infer_layout(mf: ScviModelFile, n_batch: int) -> _Layout:
             f"{n_cov} expected)",
             "remove extra covariates",
         )
-    deep = False
-    if n_layers > 1:
-        w1 = s[f"{dec}Layer 1.0.weight"]
-        deep = int(w1.shape[1]) == n_hidden + n_cov and n_cov > 0
+    deep = bool(params.get("deeply_inject_covariates", True))
+    if n_layers > 1 and n_cov > 0:
+        deep = int(s[f"{dec}Layer 1.0.weight"].shape[1]) == n_hidden + n_cov
     return _Layout(
         n_genes=n_genes,
         n_hidden=n_hidden,
@@ -513,7 +516,7 @@ def import_scvi(
         )
     if not mf.var_names:
         raise ScviImportError(f"{MODEL_FILE} has no var_names (genes)")
-    lay = _infer_layout(mf, len(batches))
+    lay = _infer_layout(mf, len(batches), params)
     cond_map = condition_names(batches, namespace)
     conditions = [cond_map[b] for b in batches]
     scvi_label_key, unlabeled, classes = _label_record(mf)
@@ -563,7 +566,7 @@ def import_scvi(
             continue
         name = _carried_name(key)
         carried[name] = np.ascontiguousarray(arr, dtype=np.float32)
-        carried_keys[name] = {"key": key, "batch_columns": _batch_columns(key, arr, lay)}
+        carried_keys[name] = {"key": key, "grows": _grows(key, lay)}
     record = {
         "format": "scvi-tools",
         "scvi_version": str(registry.get("scvi_version", "")),
@@ -621,13 +624,14 @@ def import_scvi(
     return model
 
 
-def _batch_columns(key: str, arr: np.ndarray, lay: _Layout) -> int:
-    """How many trailing columns of a carried tensor are per batch (grown at export)."""
+def _grows(key: str, lay: _Layout) -> str | None:
+    """How a carried tensor grows with the conditions at export: ``library`` (one column per
+    batch, always), ``batch`` (the one-hot columns, none with a single batch), or not."""
     if key in ("library_log_means", "library_log_vars"):
-        return int(arr.shape[-1])
+        return "library"
     if key == "l_encoder.encoder.fc_layers.Layer 0.0.weight" and lay.encode_covariates:
-        return lay.n_cov
-    return 0
+        return "batch"
+    return None
 
 
 def _add_prototypes(
@@ -750,13 +754,11 @@ def export_scvi(model_or_bundle: Any, out_dir: str | Path, *, force: bool = Fals
             state[key] = tensors[name]
     for name, meta in record["carried"].items():
         arr = np.asarray(model.extra_tensors[name], dtype=np.float32)
-        cols = int(meta["batch_columns"])
         key = str(meta["key"])
-        if cols:
-            is_library = key.startswith("library_log_")
-            wanted = n_cond if is_library else n_cov
-            existing = cols if is_library else n_cov_before
-            arr = _grow(arr, existing, wanted, fill_mean=is_library)
+        if meta.get("grows") == "library":
+            arr = _grow(arr, int(arr.shape[-1]), n_cond, fill_mean=True)
+        elif meta.get("grows") == "batch":
+            arr = _grow(arr, n_cov_before, n_cov, fill_mean=False)
         state[key] = arr
     for key, value in record["counters"].items():
         state[key] = np.asarray(value, dtype=np.int64)

@@ -214,3 +214,31 @@ def test_export_refuses_a_native_bundle(tmp_path):
     )
     with pytest.raises(Exception, match="not imported from scvi-tools"):
         export_scvi(ref, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "n_reference_batches, module_kw",
+    [(1, {"encode_covariates": True}), (3, {}), (3, {"dispersion": "gene-batch"})],
+)
+def test_surgery_then_export_embeds_as_our_mapping(tmp_path, n_reference_batches, module_kw):
+    """Without a coordinator: surgery on an imported model, export, scvi-tools embeds the new
+    study's cells as the surgery did (one reference batch: scvi-tools adds no one-hot columns
+    until the export has two conditions)."""
+    cells = reference_cells(240, seed=1, n_batches=n_reference_batches + 1)
+    new = f"batch{n_reference_batches}"
+    ref_cells = cells[cells.obs["batch"] != new].copy()
+    query = cells[cells.obs["batch"] == new].copy()
+    model = train_scvi(ref_cells, tmp_path / "scvi", **module_kw)
+    ref = import_scvi(tmp_path / "scvi")
+    res = ref.surgery(query, batch_key="batch", namespace="site-a", max_epochs=3, progress=False)
+    assert set(res.diff) == {n for n, s in ref.module.specs.items() if s.role == "condition"}
+    out = export_scvi(res.model, tmp_path / "export")
+    q = query.copy()
+    q.obs["batch"] = f"site-a/{new}"
+    back = scvi.model.SCVI.load(str(out), adata=q)
+    np.testing.assert_allclose(back.get_latent_representation(), res.latent, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        back.get_latent_representation(ref_cells.copy()),
+        model.get_latent_representation(ref_cells.copy()),
+        atol=1e-5,
+    )

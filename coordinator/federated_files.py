@@ -11,14 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from protocols.bundle import atomic_write, read_bundle
+from protocols.bundle import atomic_write, content_digest, read_bundle
 from protocols.errors import ConfigError
 from protocols.federated import (
     ChainReport,
     FederationError,
     FederationPolicy,
     federation_policy_bytes,
+    labels_digest,
     parse_federation_policy,
+    peek_payload,
     verify_round_chain,
 )
 from protocols.keys import Ed25519PublicKey
@@ -73,8 +75,10 @@ def verify_run_directory(
 ) -> ChainReport:
     """:func:`protocols.federated.verify_round_chain` over a record directory as the ServerApp
     writes it (``rounds/run.json``, ``rounds/round-NNNN.json``,
-    ``rounds/round-NNNN.<site>.contribution.json``); with ``bundle``, also that the bundle
-    verifies and is the run's final model."""
+    ``rounds/round-NNNN.<site>.contribution.json``, and for a run with labels
+    ``rounds/labels.json`` and ``rounds/labels.<site>.<task>.json``); with ``bundle``, also that
+    the bundle verifies and is the run's final model (with label knowledge: the final aggregate's
+    weights, and exactly the label knowledge the label record names)."""
     records = Path(records)
     try:
         run_env = (records / "rounds" / "run.json").read_bytes()
@@ -85,12 +89,23 @@ def verify_run_directory(
             stem = f.name[: -len(".contribution.json")]
             rnd, _, site = stem.partition(".")
             contribs[(int(rnd.split("-")[1]), site)] = f.read_bytes()
+        labels_path = records / "rounds" / "labels.json"
+        labels_env = labels_path.read_bytes() if labels_path.exists() else None
+        shares: dict[tuple[str, str], bytes] = {}
+        for f in (records / "rounds").glob("labels.*.json"):
+            site, _, task = f.name[len("labels.") : -len(".json")].rpartition(".")
+            shares[(site, task)] = f.read_bytes()
     except OSError as exc:
         raise FederationError(
             f"cannot read the run's records in {records}: {exc}; pass the "
             "directory the run wrote (BUNDLE_DIR/federation)"
         ) from exc
-    digest = read_bundle(bundle).digest if bundle is not None else None
+    digest = None
+    if bundle is not None:
+        b = read_bundle(bundle)
+        digest = b.digest
+        if labels_env is not None:
+            _check_labelled_bundle(b, labels_env)
     return verify_round_chain(
         run_env,
         rounds,
@@ -98,4 +113,21 @@ def verify_run_directory(
         coordinator_key=coordinator_key,
         site_keys=site_keys,
         bundle_digest=digest,
+        labels_envelope=labels_env,
+        label_share_envelopes=shares,
     )
+
+
+def _check_labelled_bundle(bundle: Any, labels_env: bytes) -> None:
+    """The bundle is the final aggregate plus exactly the recorded label knowledge: its digest
+    with ``manifest["labels"]`` emptied is the record's model digest, and its label knowledge
+    hashes to the record's ``labels_digest``. (The signatures are checked by the chain.)"""
+    record = peek_payload(labels_env)
+    manifest = dict(bundle.manifest)
+    if labels_digest(manifest.get("labels", {})) != record.get("labels_digest"):
+        raise FederationError(
+            "the bundle's label knowledge is not the one the run's label record names"
+        )
+    manifest["labels"] = {}
+    if content_digest(manifest, bundle.tensors) != record.get("model_digest"):
+        raise FederationError("the bundle's weights are not the run's final aggregate")

@@ -43,12 +43,18 @@ if TYPE_CHECKING:
 
 from protocols.federated import (
     DESCRIPTOR_PAYLOAD_TYPE,
+    LABELS_PAYLOAD_TYPE,
     ROUND_PAYLOAD_TYPE,
     RUN_PAYLOAD_TYPE,
+    ContributionRejected,
     FederationError,
+    envelope_sha256,
+    labels_digest,
     open_envelope,
     peek_payload,
     sign_payload,
+    tensor_digest,
+    verify_label_share,
 )
 
 __all__ = [
@@ -88,6 +94,9 @@ class FederationSettings:
     n_latent: int = 10
     batch_key: str = "batch"
     label_key: str | None = None
+    label_min_cells: int = 20  # k: a type enters the bundle with this many cells pooled
+    label_site_floor: int = 5  # a type leaves a site with this many labelled cells there
+    classifier_weight: float = 10.0  # with a label key (scarches_fl.model.DEFAULT_CLASSIFIER_WEIGHT)
     run_id: str = ""
     bundle_dir: str | None = None  # default: <out_dir>/bundle
     keep_models: bool = True  # write the initial model and every aggregate under out_dir/models
@@ -98,13 +107,13 @@ class FederationSettings:
 class FederationResult:
     run_id: str
     bundle_dir: str
-    bundle_digest: str
+    bundle_digest: str  # the bundle: the final aggregate plus, with a label key, label knowledge
     final_round: int
     rounds: list[RoundRecord]  # coordinator.federated_strategy.RoundRecord
     conditions: list[str]
     sites: list[str]
     stopped_early: bool
-    aggregate_digest: str = ""  # the final aggregate: what the ledger serves
+    aggregate_digest: str = ""  # the final aggregate (weights only): what the ledger serves
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -126,6 +135,7 @@ class _Federation:
         self.node_site: dict[int, str] = {}
         self.left_out: set[int] = set()
         self.site_studies: dict[str, dict[str, int]] = {}
+        self.site_label_types: dict[str, list[str]] = {}
         self.genes: list[str] | None = None
 
     # -- messaging -------------------------------------------------------------------------
@@ -150,7 +160,11 @@ class _Federation:
         ask = [n for n in node_ids if n not in self.node_site and n not in self.left_out]
         if not ask:
             return
-        contents = {n: RecordDict({"config": ConfigRecord({"run-id": self.run_id})}) for n in ask}
+        config: dict[str, Any] = {"run-id": self.run_id}
+        if self.s.label_key:
+            config.update({"label-key": str(self.s.label_key),
+                           "site-floor": int(self.s.label_site_floor)})
+        contents = {n: RecordDict({"config": ConfigRecord(config)}) for n in ask}
         replies = self._exchange(contents, "query", self.s.describe_timeout)
         for node, reply in replies.items():
             if reply.has_error():
@@ -175,6 +189,7 @@ class _Federation:
                         "align every site to the same gene list first"
                     )
                 studies = {str(k): int(v) for k, v in desc["studies"].items()}
+                label_types = [str(t) for t in desc.get("label_types", [])]
             except (FederationError, KeyError, TypeError, ValueError) as exc:
                 log.warning("node %s left out: %s", node, exc)
                 self.left_out.add(node)
@@ -184,6 +199,7 @@ class _Federation:
                 self.node_site = {k: v for k, v in self.node_site.items() if v != site}
             self.node_site[node] = site
             self.site_studies.setdefault(site, studies)
+            self.site_label_types.setdefault(site, label_types)
             log.info(
                 "node %s is site %s with %d studies, %d cells",
                 node,
@@ -194,7 +210,9 @@ class _Federation:
 
     # -- model bookkeeping ------------------------------------------------------------------
 
-    def _model_bundle(self, tensors: Mapping[str, np.ndarray]) -> Any:
+    def _model_bundle(
+        self, tensors: Mapping[str, np.ndarray], labels: Mapping[str, Any] | None = None
+    ) -> Any:
         from scarches_fl.model import ReferenceModel
         from scarches_fl.module import CVAE
 
@@ -212,6 +230,7 @@ class _Federation:
             genes=self.genes or [],
             conditions=self.conditions,
             registration=self.registration,
+            labels=labels,
         )
         return model.to_bundle()
 
@@ -247,6 +266,165 @@ class _Federation:
             del payload["validation_loss"]
         self._sign_and_write(f"round-{rec.round:04d}.json", ROUND_PAYLOAD_TYPE, payload)
 
+    # -- label knowledge -------------------------------------------------------------------
+
+    def _label_exchange(
+        self,
+        task: str,
+        tensors: Mapping[str, np.ndarray],
+        model_digest: str,
+        config: Mapping[str, Any],
+    ) -> tuple[
+        dict[str, tuple[dict[str, Any], dict[str, np.ndarray], bytes]], list[dict[str, Any]]
+    ]:
+        """Ask every described site for its ``task`` share on the final model; returns the
+        verified shares by site (payload, arrays, envelope) and the excluded sites."""
+        from flwr.app import ConfigRecord, RecordDict
+
+        from coordinator.federated_strategy import arrays_to_record
+
+        targets = {n: site for n, site in self.node_site.items() if site in self.site_studies}
+        content = RecordDict(
+            {"arrays": arrays_to_record(tensors), "config": ConfigRecord(dict(config))}
+        )
+        replies = self._exchange(
+            {n: content for n in targets}, f"query.{task}", self.s.round_timeout
+        )
+        shares: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], bytes]] = {}
+        excluded: list[dict[str, Any]] = []
+        for node, site in sorted(targets.items(), key=lambda kv: kv[1]):
+            reply = replies.get(node)
+            if reply is None:
+                excluded.append({"site_id": site, "task": task, "reason": "missing"})
+                continue
+            if reply.has_error():
+                excluded.append(
+                    {
+                        "site_id": site,
+                        "task": task,
+                        "reason": "site_error",
+                        "detail": " ".join(str(reply.error.reason).split())[-200:],
+                    }
+                )
+                continue
+            try:
+                env = bytes(reply.content.config_records["signature"]["envelope"])
+                arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
+                payload = verify_label_share(
+                    env,
+                    site_keys=self.s.site_keys,
+                    run_id=self.run_id,
+                    model_digest=model_digest,
+                    task=task,
+                    arrays_digest=tensor_digest(arrays),
+                )
+                if payload["site_id"] != site:
+                    raise ContributionRejected("wrong_site", f"signed as {payload['site_id']}")
+            except ContributionRejected as exc:
+                log.warning("%s share of %s excluded: %s", task, site, exc)
+                excluded.append(
+                    {"site_id": site, "task": task, "reason": exc.reason, "detail": str(exc)[:200]}
+                )
+                continue
+            except (KeyError, TypeError, ValueError) as exc:
+                excluded.append(
+                    {"site_id": site, "task": task, "reason": "malformed", "detail": str(exc)[:200]}
+                )
+                continue
+            shares[site] = (payload, arrays, env)
+        return shares, excluded
+
+    def _label_knowledge(
+        self, tensors: Mapping[str, np.ndarray], model_digest: str, manifest_bytes: bytes
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Statistics, pooling, calibration (``scarches_fl._federated_labels``); the signed
+        ``federated_labels`` record and the shares are written beside the round records.
+        Returns (the bundle's label knowledge, what the run record names of it)."""
+        from protocols.bundle import atomic_write
+        from scarches_fl import _federated_labels as FL
+
+        s = self.s
+        config = {
+            "run-id": self.run_id,
+            "base-digest": model_digest,
+            "manifest": manifest_bytes,
+            "seed": int(s.seed),
+            "label-key": str(s.label_key),
+            "site-floor": int(s.label_site_floor),
+        }
+        stats, excluded = self._label_exchange("label_statistics", tensors, model_digest, config)
+        per_site = {}
+        for site, (payload, arrays, _env) in stats.items():
+            try:
+                per_site[site] = FL.statistics_from_arrays(
+                    payload["types"], arrays, n_latent=int(self.hp["n_latent"])
+                )
+            except ValueError as exc:
+                excluded.append(
+                    {
+                        "site_id": site,
+                        "task": "label_statistics",
+                        "reason": "malformed",
+                        "detail": str(exc)[:200],
+                    }
+                )
+        pooled = FL.pool_statistics(list(per_site.values()))
+        try:
+            model = FL.prototype_model(pooled, min_cells=s.label_min_cells)
+        except ValueError as exc:
+            raise FederationError(str(exc)) from exc
+        calib_config = {**config, "prototype-model": json.dumps(model, sort_keys=True).encode()}
+        calib, calib_excluded = self._label_exchange(
+            "label_calibration", tensors, model_digest, calib_config
+        )
+        excluded += calib_excluded
+        calibration = FL.calibrate([arrays for _p, arrays, _e in calib.values()])
+        labels = FL.label_knowledge(
+            str(s.label_key), model, calibration, n_latent=int(self.hp["n_latent"])
+        )
+        shares = []
+        for task, got in (("label_statistics", per_site), ("label_calibration", calib)):
+            source = stats if task == "label_statistics" else calib
+            for site in sorted(got):
+                payload, _arrays, env = source[site]
+                atomic_write(self.records_dir / f"labels.{site}.{task}.json", env)
+                share = {
+                    "site_id": site,
+                    "task": task,
+                    "key_id": payload.get("key_id"),
+                    "share_digest": payload["share_digest"],
+                    "envelope_sha256": envelope_sha256(env),
+                }
+                if task == "label_statistics":
+                    share["cells"] = {t: int(v.n) for t, v in sorted(per_site[site].items())}
+                shares.append(share)
+        record = {
+            "kind": "federated_labels",
+            "run_id": self.run_id,
+            "model_digest": model_digest,
+            "label_key": str(s.label_key),
+            "min_cells": int(s.label_min_cells),
+            "site_floor": int(s.label_site_floor),
+            "types": {t: int(v.n) for t, v in sorted(pooled.items())},
+            "kept": list(model["classes"]),
+            "shares": shares,
+            "excluded": excluded,
+            "labels_digest": labels_digest(labels),
+        }
+        env = self._sign_and_write("labels.json", LABELS_PAYLOAD_TYPE, record)
+        log.info(
+            "label knowledge for %r: %d types from %d sites (%d below the floor of %d cells)",
+            s.label_key,
+            len(model["classes"]),
+            len(per_site),
+            len(pooled) - len(model["classes"]),
+            s.label_min_cells,
+        )
+        return labels, {
+            "record_sha256": envelope_sha256(env),
+            "labels_digest": record["labels_digest"],
+        }
+
     # -- the run ----------------------------------------------------------------------------
 
     def run(self) -> FederationResult:
@@ -276,8 +454,16 @@ class _Federation:
         self.conditions = F.condition_list(
             {site: sorted(self.site_studies[site]) for site in sites}
         )
+        # With a label key the model gets the classifier head a central reference trained with
+        # labels has (semi-supervised; ADR 0036): its classes are the types the sites announced.
+        classes = sorted({t for site in sites for t in self.site_label_types.get(site, [])})
         self.hp = default_hyperparameters(
-            likelihood=s.likelihood, n_hidden=s.n_hidden, n_layers=s.n_layers, n_latent=s.n_latent
+            likelihood=s.likelihood,
+            n_hidden=s.n_hidden,
+            n_layers=s.n_layers,
+            n_latent=s.n_latent,
+            n_labels=len(classes),
+            classifier_weight=float(s.classifier_weight) if classes else 0.0,
         )
         G, C = len(self.genes), len(self.conditions)
         self.registration = {
@@ -297,6 +483,8 @@ class _Federation:
                 "n_cells": int(sum(sum(v.values()) for v in self.site_studies.values())),
             },
         }
+        if classes:
+            self.registration["classifier_classes"] = classes
         tensors = F.initial_tensors(self.hp, G, C, seed=s.seed)
         base_bundle = self._model_bundle(tensors)
         initial_digest = base_bundle.digest
@@ -340,7 +528,12 @@ class _Federation:
         recorded = {r.round: r.aggregate_digest for r in records}
         if recorded.get(best_round) != final_model.digest:
             raise FederationError("internal: the final bundle is not a recorded aggregate")
-        bundle = final_model
+        bundle, labels_named = final_model, None
+        if s.label_key:
+            labels, labels_named = self._label_knowledge(
+                best_tensors, final_model.digest, strategy.model.manifest_bytes
+            )
+            bundle = self._model_bundle(best_tensors, labels=labels)
         bundle_dir = Path(s.bundle_dir) if s.bundle_dir else self.out / "bundle"
         write_bundle(bundle_dir, bundle)
         run_payload = {
@@ -364,6 +557,7 @@ class _Federation:
                 "round": best_round,
                 "aggregate_digest": final_model.digest,
                 "bundle_digest": bundle.digest,
+                **({"labels": labels_named} if labels_named else {}),
             },
         }
         self._sign_and_write("run.json", RUN_PAYLOAD_TYPE, run_payload)
@@ -447,6 +641,8 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
         n_latent=int(get("n-latent", 10)),
         batch_key=str(get("batch-key", "batch")),
         label_key=label_key,
+        label_min_cells=int(get("label-min-cells", 20)),
+        label_site_floor=int(get("label-site-floor", 5)),
     )
 
 

@@ -66,6 +66,9 @@ __all__ = [
     "DESCRIPTOR_PAYLOAD_TYPE",
     "ROUND_PAYLOAD_TYPE",
     "RUN_PAYLOAD_TYPE",
+    "LABEL_SHARE_PAYLOAD_TYPE",
+    "LABELS_PAYLOAD_TYPE",
+    "LABEL_TASKS",
     "POLICY_FORMAT",
     "FederationPolicy",
     "parse_federation_policy",
@@ -77,7 +80,9 @@ __all__ = [
     "peek_payload",
     "envelope_sha256",
     "tensor_digest",
+    "labels_digest",
     "verify_contribution",
+    "verify_label_share",
     "verify_round_chain",
     "ChainReport",
 ]
@@ -86,6 +91,10 @@ CONTRIBUTION_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-contribution+
 DESCRIPTOR_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-descriptor+json"
 ROUND_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-round+json"
 RUN_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-run+json"
+LABEL_SHARE_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-label-share+json"
+LABELS_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-labels+json"
+#: The two label exchanges after training (``scarches_fl._federated_labels``).
+LABEL_TASKS = ("label_statistics", "label_calibration")
 POLICY_FORMAT = "scarches-fl.federation-policy"
 
 
@@ -223,6 +232,12 @@ def peek_payload(envelope: bytes) -> dict[str, Any]:
     return payload
 
 
+def labels_digest(labels: Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of the canonical JSON of a bundle's label knowledge
+    (``manifest["labels"]``)."""
+    return "sha256:" + hashlib.sha256(canonical_json(labels)).hexdigest()
+
+
 def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
     """``sha256:<hex>`` over the tensors sorted by name; each contributes its length-prefixed
     name, dtype, shape and raw little-endian bytes. Binds a signature to exactly the arrays
@@ -289,6 +304,50 @@ def verify_contribution(
     return payload
 
 
+def verify_label_share(
+    envelope: bytes,
+    *,
+    site_keys: Mapping[str, Ed25519PublicKey],
+    run_id: str,
+    model_digest: str,
+    task: str,
+    arrays_digest: str,
+) -> dict[str, Any]:
+    """Check one site's label share (statistics or calibration sums on the final model): the
+    rules of :func:`verify_contribution` for signature, run and base (here the final model's
+    digest) and arrays, plus [``wrong_task``] when it answers another exchange, and
+    [``malformed``] when ``types`` is not a list of distinct strings. Returns the payload."""
+    try:
+        claimed = peek_payload(envelope)
+    except FederationError as exc:
+        raise ContributionRejected("malformed", str(exc)) from exc
+    site = claimed.get("site_id")
+    if not isinstance(site, str) or site not in site_keys:
+        raise ContributionRejected("unknown_site", f"site {site!r} is not enrolled")
+    try:
+        payload = open_envelope(envelope, LABEL_SHARE_PAYLOAD_TYPE, site_keys[site])
+    except FederationError as exc:
+        raise ContributionRejected("bad_signature", str(exc)) from exc
+    if payload.get("run_id") != run_id:
+        raise ContributionRejected("wrong_run", f"run {payload.get('run_id')!r}, not {run_id!r}")
+    if payload.get("task") != task:
+        raise ContributionRejected("wrong_task", f"task {payload.get('task')!r}, not {task!r}")
+    if payload.get("base_digest") != model_digest:
+        raise ContributionRejected("wrong_base", "computed on another model than was sent")
+    if payload.get("share_digest") != arrays_digest:
+        raise ContributionRejected(
+            "digest_mismatch", "the arrays received are not the arrays signed"
+        )
+    types = payload.get("types")
+    if (
+        not isinstance(types, list)
+        or not all(isinstance(t, str) for t in types)
+        or len(set(types)) != len(types)
+    ):
+        raise ContributionRejected("malformed", "types is not a list of distinct names")
+    return payload
+
+
 # -- chain verification ----------------------------------------------------------------------
 
 
@@ -300,6 +359,55 @@ class ChainReport:
     final_digest: str
     contributions_verified: int
     excluded: list[dict[str, Any]] = field(default_factory=list)
+    #: sites whose signed label shares the final bundle's label knowledge was built from
+    label_shares_from: list[str] = field(default_factory=list)
+
+
+def _verify_labels(
+    final: Mapping[str, Any],
+    run_id: Any,
+    labels_envelope: bytes | None,
+    shares: Mapping[tuple[str, str], bytes],
+    *,
+    coordinator_key: Ed25519PublicKey,
+    site_keys: Mapping[str, Ed25519PublicKey],
+) -> list[str]:
+    """The label record the run's final entry names: signed by the coordinator, of this run,
+    on the final aggregate, and every share it lists verifies under its site's key with the
+    recorded envelope hash, task and model. Returns the sites that contributed statistics."""
+    if labels_envelope is None:
+        raise FederationError("the run names label knowledge but its label record is missing")
+    if envelope_sha256(labels_envelope) != final["labels"].get("record_sha256"):
+        raise FederationError("the label record differs from the one the run names")
+    rec = open_envelope(labels_envelope, LABELS_PAYLOAD_TYPE, coordinator_key)
+    model = final.get("aggregate_digest")
+    if rec.get("kind") != "federated_labels" or rec.get("run_id") != run_id:
+        raise FederationError(f"the label record is not a federated_labels record of run {run_id}")
+    if rec.get("model_digest") != model:
+        raise FederationError("the label record was computed on another model than the final one")
+    if rec.get("labels_digest") != final["labels"].get("labels_digest"):
+        raise FederationError("the label record and the run name different label knowledge")
+    sites = []
+    for share in rec.get("shares", []):
+        site, task = share.get("site_id"), share.get("task")
+        env = shares.get((site, task))
+        if env is None:
+            raise FederationError(f"the {task} share of {site} is missing")
+        if envelope_sha256(env) != share.get("envelope_sha256"):
+            raise FederationError(f"the {task} share of {site} differs from the recorded")
+        if site not in site_keys:
+            raise FederationError(f"label share from {site}, which is not enrolled")
+        payload = open_envelope(env, LABEL_SHARE_PAYLOAD_TYPE, site_keys[site])
+        if (
+            payload.get("run_id") != run_id
+            or payload.get("task") != task
+            or payload.get("base_digest") != model
+            or payload.get("share_digest") != share.get("share_digest")
+        ):
+            raise FederationError(f"the {task} share of {site} does not match the label record")
+        if task == LABEL_TASKS[0]:
+            sites.append(str(site))
+    return sorted(sites)
 
 
 def verify_round_chain(
@@ -310,16 +418,21 @@ def verify_round_chain(
     coordinator_key: Ed25519PublicKey,
     site_keys: Mapping[str, Ed25519PublicKey],
     bundle_digest: str | None = None,
+    labels_envelope: bytes | None = None,
+    label_share_envelopes: Mapping[tuple[str, str], bytes] | None = None,
 ) -> ChainReport:
     """Verify a run's signed records end to end (the rules of the module docstring).
     ``run_envelope`` is the coordinator-signed run record (initial digest, sites, and after
     training the final round and digest); ``contribution_envelopes`` maps (round, site id) to
-    the site's envelope as received. Raises :class:`FederationError` naming the first broken
-    link."""
+    the site's envelope as received. When the run names label knowledge (``final.labels``),
+    ``labels_envelope`` is the coordinator-signed ``federated_labels`` record and
+    ``label_share_envelopes`` maps (site id, task) to each site's signed share. Raises
+    :class:`FederationError` naming the first broken link."""
     run = open_envelope(run_envelope, RUN_PAYLOAD_TYPE, coordinator_key)
     run_id = run.get("run_id")
     prev = run.get("initial_digest")
     aggregates: dict[int, Any] = {}
+    labelled_by: list[str] = []
     verified = 0
     excluded: list[dict[str, Any]] = []
     for i, env in enumerate(round_envelopes, start=1):
@@ -366,7 +479,16 @@ def verify_round_chain(
                 f"the final model names round {r}, whose recorded aggregate is different"
             )
         final_digest = final.get("bundle_digest")
-        if final.get("aggregate_digest") != final_digest:
+        if "labels" in final:
+            labelled_by = _verify_labels(
+                final,
+                run_id,
+                labels_envelope,
+                label_share_envelopes or {},
+                coordinator_key=coordinator_key,
+                site_keys=site_keys,
+            )
+        elif final.get("aggregate_digest") != final_digest:
             raise FederationError("the final bundle's digest is not the recorded aggregate")
     if bundle_digest is not None and bundle_digest != final_digest:
         raise FederationError(
@@ -380,4 +502,5 @@ def verify_round_chain(
         final_digest=str(final_digest),
         contributions_verified=verified,
         excluded=excluded,
+        label_shares_from=labelled_by,
     )

@@ -46,6 +46,7 @@ __all__ = [
     "initial_tensors",
     "local_train",
     "validation_loss",
+    "site_latent",
     "contribution_tensors",
     "Contribution",
     "aggregate",
@@ -193,6 +194,7 @@ class SiteDataset:
     train_idx: np.ndarray
     val_idx: np.ndarray
     own_conditions: list[int] = field(default_factory=list)
+    labels: np.ndarray | None = None  # int64 class codes, -1 = unlabelled (classifier head)
     _cells: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
@@ -210,15 +212,18 @@ class SiteDataset:
             from scarches_fl.train import CellData
 
             idx = self.train_idx if part == "train" else self.val_idx
-            self._cells[part] = CellData(self.x[idx], self.cond[idx], lib=self.lib[idx])
+            labels = None if self.labels is None else self.labels[idx]
+            self._cells[part] = CellData(self.x[idx], self.cond[idx], lib=self.lib[idx],
+                                         labels=labels)
         return self._cells[part]
 
 
 def make_site_dataset(
     x: Any, conditions: Sequence[str], global_conditions: Sequence[str], *,
-    validation_fraction: float = 0.1, seed: int = 0,
+    validation_fraction: float = 0.1, seed: int = 0, labels: Any = None,
 ) -> SiteDataset:
-    """``conditions``: per cell, the global condition name (``<site>/<batch>``)."""
+    """``conditions``: per cell, the global condition name (``<site>/<batch>``); ``labels``:
+    per cell, its class code for the classifier head (-1 unlabelled), or None."""
     x = sp.csr_matrix(x, dtype=np.float32)
     x.sort_indices()
     index = {c: i for i, c in enumerate(global_conditions)}
@@ -236,8 +241,9 @@ def make_site_dataset(
         perm = rng.permutation(n)
         train_idx, val_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
     own = sorted(set(cond.tolist()))
+    codes = None if labels is None else np.asarray(labels, dtype=np.int64)
     return SiteDataset(x=x, cond=cond, lib=lib, train_idx=train_idx, val_idx=val_idx,
-                       own_conditions=own)
+                       own_conditions=own, labels=codes)
 
 
 @dataclass
@@ -317,6 +323,18 @@ def local_train(
     return LocalResult(tensors=out, n_train=data.n_train,
                        train_loss=float(np.mean(losses)) if losses else math.nan,
                        seconds=time.perf_counter() - t0)
+
+
+def site_latent(
+    hp: Mapping[str, Any], n_genes: int, n_conditions: int,
+    tensors: Mapping[str, np.ndarray], data: SiteDataset,
+) -> np.ndarray:
+    """Posterior means under the model ``tensors`` of every cell of the site, training and
+    held-out, in the site's cell order (for the label statistics of a federated reference)."""
+    from scarches_fl.train import CellData, posterior_mean
+
+    module = _module(hp, n_genes, n_conditions, tensors)
+    return posterior_mean(module, CellData(data.x, data.cond, lib=data.lib))
 
 
 def validation_loss(

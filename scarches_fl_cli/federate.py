@@ -45,7 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument(
         "--label-key",
         default=None,
-        help="obs column of cell-type labels (recorded)",
+        help="obs column of cell-type labels: after training, the sites' per-type latent "
+        "statistics become the bundle's prototypes (docs/federated.md)",
     )
     sim.add_argument("--sites", type=int, required=True, help="number of virtual sites")
     sim.add_argument("--rounds", type=int, required=True, help="maximum federated rounds")
@@ -54,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batches", default=None, help="comma-separated studies to train on (default: every study)"
     )
     _training_args(sim)
+    _label_args(sim)
     sim.set_defaults(handler=_simulate)
 
     ver = sub.add_parser(
@@ -238,12 +240,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--label-key",
         default=None,
-        help="obs column of cell-type labels (recorded)",
+        help="obs column of cell-type labels at every site: the bundle gets prototypes from "
+        "the sites' per-type statistics",
     )
-
+    _label_args(run)
     run.add_argument("--out", required=True, help="bundle directory to write")
     _training_args(run)
     run.set_defaults(handler=_run)
+
+
+def _label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--label-min-cells",
+        type=int,
+        default=20,
+        help="k: a cell type becomes a prototype with at least this many labelled cells "
+        "summed over the sites",
+    )
+    p.add_argument(
+        "--label-site-floor",
+        type=int,
+        default=5,
+        help="a cell type's statistics leave a site only with at least this many labelled "
+        "cells there",
+    )
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
@@ -283,6 +303,8 @@ def _simulate(args: argparse.Namespace) -> int:
         args.data,
         batch_key=args.batch_key,
         label_key=args.label_key,
+        label_min_cells=args.label_min_cells,
+        label_site_floor=args.label_site_floor,
         n_sites=args.sites,
         rounds=args.rounds,
         out=args.out,
@@ -467,6 +489,8 @@ def _run(args: argparse.Namespace) -> int:
             "round-timeout": args.round_timeout,
             "batch-key": args.batch_key,
             "label-key": args.label_key or "",
+            "label-min-cells": args.label_min_cells,
+            "label-site-floor": args.label_site_floor,
             "local-epochs": args.local_epochs,
             "lr": args.lr,
             "batch-size": args.batch_size,

@@ -122,6 +122,8 @@ def simulate(
     rounds: int,
     out: str | os.PathLike[str],
     label_key: str | None = None,
+    label_min_cells: int = 20,
+    label_site_floor: int = 5,
     batches: Sequence[str] | None = None,
     local_epochs: int = 5,
     lr: float = 1e-3,
@@ -203,6 +205,8 @@ def simulate(
         n_latent=n_latent,
         batch_key=batch_key,
         label_key=label_key,
+        label_min_cells=label_min_cells,
+        label_site_floor=label_site_floor,
     )
 
     def resolve(context: Any) -> Any:

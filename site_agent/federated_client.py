@@ -12,8 +12,14 @@ trusts when it joins):
   validation loss, all bound by one signed payload (its ``contribution_digest`` covers every
   array sent).
 * ``evaluate``: the held-out validation loss of the received model, signed.
+* ``query.label_statistics`` / ``query.label_calibration`` (only when the federation trains
+  with a label key, after the last round): on the final model, per cell type with at least the
+  site floor of labelled cells, the count, latent sum and scatter; then, given the pooled
+  prototypes, sums over the site's labelled cells (NLL per temperature, a novelty histogram,
+  correct count). Signed like a contribution (``scarches_fl._federated_labels``).
 
-The private data never leaves the process: only tensors of the model's shape and four numbers.
+The private data never leaves the process: only tensors of the model's shape, four numbers,
+and (with labels) per-type sums over at least the site floor of cells.
 The site's own Ed25519 key (``scarches-fl site keygen``) signs; Flower's SuperNode
 authentication key is a separate ECDSA key that only authenticates the connection.
 
@@ -98,16 +104,29 @@ def _registered(cfg: SiteConfig, likelihood: str) -> Any:
     return reg, genes
 
 
-def _dataset(cfg: SiteConfig, likelihood: str, conditions: list[str], seed: int) -> Any:
+def _dataset(cfg: SiteConfig, likelihood: str, conditions: list[str], seed: int,
+             registration: Mapping[str, Any] | None = None) -> Any:
+    """The site's cells split once; with a classifier in the model (a federation trained with
+    a label key), each cell's label code in the model's ``classifier_classes`` (-1: unlabelled
+    or a type the federation does not train on)."""
     from scarches_fl._federated import make_site_dataset
 
-    key = ("ds", cfg.site_id, cfg.data_path, likelihood, tuple(conditions), seed)
+    registration = registration or {}
+    classes = list(registration.get("classifier_classes") or [])
+    label_key = registration.get("label_key") if classes else None
+    key = ("ds", cfg.site_id, cfg.data_path, likelihood, tuple(conditions), seed, label_key,
+           tuple(classes))
     with _CACHE_LOCK:
         if key in _CACHE:
             return _CACHE[key]
     reg, _ = _registered(cfg, likelihood)
+    codes = None
+    if label_key:
+        from scarches_fl._federated_labels import label_codes
+
+        codes = label_codes(_site_labels(cfg, str(label_key)), classes)
     ds = make_site_dataset(reg.x, [str(c) for c in reg.conditions], conditions,
-                           validation_fraction=cfg.validation_fraction, seed=seed)
+                           validation_fraction=cfg.validation_fraction, seed=seed, labels=codes)
     with _CACHE_LOCK:
         _CACHE[key] = ds
     return ds
@@ -142,14 +161,22 @@ def _describe(cfg: SiteConfig, message: Any) -> Any:
 
     from protocols.federated import DESCRIPTOR_PAYLOAD_TYPE
 
-    run_id = str(message.content.config_records["config"]["run-id"])
+    config = message.content.config_records["config"]
+    run_id = str(config["run-id"])
     reg, genes = _registered(cfg, "nb")
     names, counts = np.unique(np.asarray(reg.conditions, dtype=str), return_counts=True)
     prefix = cfg.site_id + "/"
     studies = {str(n)[len(prefix):]: int(c) for n, c in zip(names, counts, strict=True)}
-    env = _signed(cfg, DESCRIPTOR_PAYLOAD_TYPE, {
+    descriptor: dict[str, Any] = {
         "kind": "descriptor", "run_id": run_id, "studies": studies, "genes": genes,
-    })
+    }
+    if str(config.get("label-key", "")):
+        # the names (no counts) of the types with at least the site floor of labelled cells
+        from scarches_fl._federated_labels import site_label_types
+
+        descriptor["label_types"] = site_label_types(
+            _site_labels(cfg, str(config["label-key"])), site_floor=int(config["site-floor"]))
+    env = _signed(cfg, DESCRIPTOR_PAYLOAD_TYPE, descriptor)
     return _reply(message, RecordDict({"signature": ConfigRecord({"envelope": env})}))
 
 
@@ -171,7 +198,8 @@ def _received_model(cfg: SiteConfig, message: Any) -> tuple[dict, dict, dict, An
     if list(manifest["genes"]) != genes:
         raise DataError("the federation's gene list differs from this site's data; align the "
                         "data to the federation's genes first")
-    ds = _dataset(cfg, str(hp["likelihood"]), list(manifest["conditions"]), int(config["seed"]))
+    ds = _dataset(cfg, str(hp["likelihood"]), list(manifest["conditions"]), int(config["seed"]),
+                  manifest.get("registration"))
     return config, manifest, tensors, ds
 
 
@@ -235,6 +263,70 @@ def _evaluate(cfg: SiteConfig, message: Any) -> Any:
     }))
 
 
+def _site_labels(cfg: SiteConfig, label_key: str) -> np.ndarray:
+    """``obs[label_key]`` of the site's cells, in the order :func:`_registered` reads them."""
+    import anndata as ad
+
+    from scarches_fl.data import DataError
+
+    adata = ad.read_h5ad(cfg.data_path, backed="r")
+    try:
+        if label_key not in adata.obs:
+            raise DataError(
+                f"the federation asks for labels in obs[{label_key!r}], which this site's data "
+                f"lacks (obs has {list(adata.obs.columns)[:10]}); the site sends no label "
+                "statistics"
+            )
+        values = adata.obs[label_key].astype(object).to_numpy()
+    finally:
+        adata.file.close()
+    if cfg.studies is not None:
+        rows = np.concatenate(
+            [np.asarray(cfg.studies[n], dtype=np.int64) for n in sorted(cfg.studies)]
+        )
+        values = values[rows]
+    return values
+
+
+def _label_share(cfg: SiteConfig, message: Any, task: str) -> Any:
+    """Label statistics (or calibration sums) of the site's labelled cells on the final model,
+    signed: only per-type sums and counts (types below the site floor withheld) or sums over
+    all cells leave (``scarches_fl._federated_labels``)."""
+    import json
+
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from protocols.federated import LABEL_SHARE_PAYLOAD_TYPE, tensor_digest
+    from scarches_fl import _federated as F
+    from scarches_fl import _federated_labels as FL
+
+    config, manifest, tensors, ds = _received_model(cfg, message)
+    hp = manifest["hyperparameters"]
+    G, C = len(manifest["genes"]), len(manifest["conditions"])
+    labels = _site_labels(cfg, str(config["label-key"]))
+    z = F.site_latent(hp, G, C, tensors, ds)
+    if task == "label_statistics":
+        stats = FL.site_statistics(z, labels, site_floor=int(config["site-floor"]))
+        types, arrays = FL.statistics_to_arrays(stats)
+    else:
+        model = json.loads(bytes(config["prototype-model"]))
+        arrays = FL.site_calibration(model, z, labels)
+        types = [str(c) for c in model["classes"]]
+    payload = {
+        "kind": "label_share", "task": task, "run_id": str(config["run-id"]),
+        "base_digest": str(config["base-digest"]), "share_digest": tensor_digest(arrays),
+        "types": types,
+    }
+    env = _signed(cfg, LABEL_SHARE_PAYLOAD_TYPE, payload)
+    from flwr.app import Array
+
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64))
+                          for k, v in arrays.items()})
+    return _reply(message, RecordDict({
+        "arrays": record, "signature": ConfigRecord({"envelope": env}),
+    }))
+
+
 def _array(v: np.ndarray) -> Any:
     from flwr.app import Array
 
@@ -257,6 +349,14 @@ def build_client_app(resolve: Callable[[Any], SiteConfig], *, mods: Sequence[Any
     @client_app.query()
     def _q(message: Any, context: Any) -> Any:
         return _describe(resolve(context), message)
+
+    @client_app.query("label_statistics")
+    def _ls(message: Any, context: Any) -> Any:
+        return _label_share(resolve(context), message, "label_statistics")
+
+    @client_app.query("label_calibration")
+    def _lc(message: Any, context: Any) -> Any:
+        return _label_share(resolve(context), message, "label_calibration")
 
     @client_app.train()
     def _t(message: Any, context: Any) -> Any:

@@ -39,6 +39,8 @@ class InProcessGrid:
                 continue
             handler = {
                 "query": C._describe, "train": C._train, "evaluate": C._evaluate,
+                "query.label_statistics": lambda c, m: C._label_share(c, m, "label_statistics"),
+                "query.label_calibration": lambda c, m: C._label_share(c, m, "label_calibration"),
             }
             reply = handler[m.metadata.message_type](cfg, m)
             if cfg.site_id in self.mutate and m.metadata.message_type == "train":
@@ -192,3 +194,39 @@ def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_confi
     summary = json.loads((tmp_path / "records" / "federation-summary.json").read_text())
     assert summary["rounds"][0]["missing"] == ["s-c"]
 
+
+def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(tmp_path, site_configs):
+    """With a label key, training ends with the label exchanges: the bundle carries one
+    prototype per type with k cells pooled, built from every site's signed share; the records
+    verify, and a bundle whose label knowledge was altered does not."""
+    from coordinator.federated_files import verify_run_directory
+    from coordinator.federated_server import run_federation
+    from protocols.bundle import read_bundle, write_bundle
+    from protocols.federated import FederationError, peek_payload
+
+    configs, keys = site_configs
+    settings, ck = _settings(tmp_path, keys, rounds=1, label_key="cell_type")
+    result = run_federation(InProcessGrid(configs), settings)
+    bundle = read_bundle(tmp_path / "bundle")
+    level = bundle.manifest["labels"]["levels"]["cell_type"]["prototype"]
+    record = peek_payload((tmp_path / "records" / "rounds" / "labels.json").read_bytes())
+    assert record["kept"] == level["classes"] and len(level["classes"]) >= 3
+    assert all(n >= 20 for n in level["type_cell_counts"].values())
+    assert {s["site_id"] for s in record["shares"]} == {"s-a", "s-b", "s-c"}
+    for share in record["shares"]:
+        if share["task"] == "label_statistics":
+            assert all(n >= settings.label_site_floor for n in share["cells"].values())
+    report = verify_run_directory(tmp_path / "records", site_keys=keys,
+                                  coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
+    assert report.final_digest == bundle.digest == result.bundle_digest
+    assert report.label_shares_from == ["s-a", "s-b", "s-c"]
+    # Swap two prototypes' labels and rewrite the bundle (valid digest, wrong knowledge).
+    from protocols.bundle import make_bundle
+
+    manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
+    protos = manifest["labels"]["levels"]["cell_type"]["prototype"]["prototypes"]
+    protos[0]["label"], protos[1]["label"] = protos[1]["label"], protos[0]["label"]
+    write_bundle(tmp_path / "forged", make_bundle(manifest, dict(bundle.tensors)))
+    with pytest.raises(FederationError, match="label knowledge"):
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "forged")

@@ -88,6 +88,9 @@ def test_three_sites_match_central_and_exclude_tampered_and_failed(
     assert sorted(s for st in plan.values() for s in st) == REFERENCE
     bundle = read_bundle(out)
     assert bundle.digest == result.bundle_digest
+    # --label-key: the bundle carries prototypes built from the sites' signed statistics.
+    level = bundle.manifest["labels"]["levels"]["cell_type"]["prototype"]
+    assert level["classes"] and min(level["type_cell_counts"].values()) >= 20
     assert sorted(bundle.conditions) == sorted(
         f"{site}/{s}" for site, st in plan.items() for s in st)
     r1, r2, r3 = result.rounds[:3]

@@ -1,0 +1,193 @@
+"""Label transfer from a federated reference against a central one (issue 18, item 6).
+
+panc8: reference studies indrop1-4, celseq, fluidigmc1; query studies celseq2, smartseq2. For each
+seed, a central reference trained on the pooled studies (``label_key`` given, rounds x local
+epochs = 50 epochs by default, KL warm-up half of them) and a federated one (3 virtual sites on
+Flower's Simulation Engine, 10 rounds x 5 local epochs by default, the same epoch budget,
+patience = rounds; prototypes from the sites' signed
+per-type statistics, k = 20 pooled, site floor 5). The query is mapped onto each with
+``scarches-fl map --label-key cell_type`` (surgery, fine-tuning, prototype label transfer);
+accuracy counts "Unknown" as wrong.
+
+    PYTHONPATH=. python benchmarks/bench_federated_labels.py [--seeds 0 1 2 3 4]
+        [--out benchmarks/results/federated_labels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import machine, save  # noqa: E402
+
+REFERENCE = ["celseq", "fluidigmc1", "indrop1", "indrop2", "indrop3", "indrop4"]
+QUERY = ["celseq2", "smartseq2"]
+ROUNDS, LOCAL_EPOCHS = 10, 5
+
+
+def _map_accuracy(bundle: Path, query: Path, out: Path, seed: int) -> tuple[float, float]:
+    import anndata as ad
+
+    from scarches_fl.cli import main
+
+    rc = main(
+        [
+            "-q",
+            "map",
+            "--reference",
+            str(bundle),
+            "--data",
+            str(query),
+            "--batch-key",
+            "batch",
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(out),
+            "--seed",
+            str(seed),
+            "--no-progress",
+        ]
+    )
+    if rc != 0:
+        raise SystemExit(f"map failed on {bundle} (exit {rc})")
+    mapped = ad.read_h5ad(out)
+    truth = mapped.obs["cell_type"].astype(str).to_numpy()
+    pred = mapped.obs["cell_type_pred"].astype(str).to_numpy()
+    return float(np.mean(pred == truth)), float(np.mean(pred == "Unknown"))
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": float(np.mean(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--data",
+        default=str(
+            Path(__file__).resolve().parents[2] / "shared" / "data" / "panc8_sub_nebula.h5ad"
+        ),
+    )
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--local-epochs", type=int, default=LOCAL_EPOCHS)
+    ap.add_argument("--prox-mu", type=float, default=0.0)
+    ap.add_argument("--label-min-cells", type=int, default=20)
+    ap.add_argument("--label-site-floor", type=int, default=5)
+    ap.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "federated_labels.json")
+    )
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import anndata as ad
+
+    from protocols.bundle import write_bundle
+    from scarches_fl.model import ReferenceModel
+    from scarches_fl_cli.federated_simulation import simulate
+
+    load0 = os.getloadavg()[0]
+    full = ad.read_h5ad(args.data)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-fed-labels-") as tmp:
+        tmp_path = Path(tmp)
+        query = tmp_path / "query.h5ad"
+        full[full.obs["batch"].isin(QUERY)].copy().write_h5ad(query)
+        ref = full[full.obs["batch"].isin(REFERENCE)].copy()
+        budget = args.rounds * args.local_epochs
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            central = ReferenceModel.train_reference(
+                ref,
+                batch_key="batch",
+                label_key="cell_type",
+                max_epochs=budget,
+                kl_warmup_epochs=budget // 2,
+                early_stopping=False,
+                progress=False,
+                seed=seed,
+            )
+            write_bundle(tmp_path / f"central-{seed}", central.to_bundle())
+            t_central = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            result = simulate(
+                args.data,
+                batch_key="batch",
+                label_key="cell_type",
+                n_sites=args.sites,
+                rounds=args.rounds,
+                out=tmp_path / f"fed-{seed}",
+                batches=REFERENCE,
+                local_epochs=args.local_epochs,
+                prox_mu=args.prox_mu,
+                patience=args.rounds,
+                seed=seed,
+                label_min_cells=args.label_min_cells,
+                label_site_floor=args.label_site_floor,
+            )
+            t_fed = time.perf_counter() - t0
+            acc_c, unk_c = _map_accuracy(
+                tmp_path / f"central-{seed}", query, tmp_path / f"central-{seed}.h5ad", seed
+            )
+            acc_f, unk_f = _map_accuracy(
+                tmp_path / f"fed-{seed}", query, tmp_path / f"fed-{seed}.h5ad", seed
+            )
+            run = {
+                "seed": seed,
+                "central_accuracy": acc_c,
+                "federated_accuracy": acc_f,
+                "central_unknown": unk_c,
+                "federated_unknown": unk_f,
+                "federated_final_round": result.final_round,
+                "central_seconds": round(t_central, 1),
+                "federated_seconds": round(t_fed, 1),
+                "loadavg_1m": round(os.getloadavg()[0], 2),
+            }
+            runs.append(run)
+            print(
+                f"seed {seed}: central {acc_c:.3f} (Unknown {unk_c:.3f}), federated "
+                f"{acc_f:.3f} (Unknown {unk_f:.3f}), load {run['loadavg_1m']}",
+                flush=True,
+            )
+    deltas = [r["federated_accuracy"] - r["central_accuracy"] for r in runs]
+    doc = {
+        "benchmark": "federated_labels",
+        "dataset": "panc8_sub_nebula",
+        "reference": REFERENCE,
+        "query": QUERY,
+        "sites": args.sites,
+        "rounds": args.rounds,
+        "local_epochs": args.local_epochs,
+        "prox_mu": args.prox_mu,
+        "label_min_cells": args.label_min_cells,
+        "label_site_floor": args.label_site_floor,
+        "runs": runs,
+        "central_accuracy": _summary([r["central_accuracy"] for r in runs]),
+        "federated_accuracy": _summary([r["federated_accuracy"] for r in runs]),
+        "federated_minus_central": _summary(deltas),
+        "machine": machine(load0),
+    }
+    c, f, d = doc["central_accuracy"], doc["federated_accuracy"], doc["federated_minus_central"]
+    print(
+        f"central {c['mean']:.3f} [{c['min']:.3f}-{c['max']:.3f}], federated {f['mean']:.3f} "
+        f"[{f['min']:.3f}-{f['max']:.3f}], federated - central {d['mean']:+.3f} "
+        f"[{d['min']:+.3f}-{d['max']:+.3f}] over seeds {args.seeds}"
+    )
+    save(doc, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

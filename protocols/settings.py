@@ -13,7 +13,7 @@ way everywhere:
 3. A field's check is ``dataclasses.field(metadata={"check": fn})`` when given, otherwise it
    follows the annotation: ``bool`` true/false, ``int`` a positive whole number, ``float`` a
    positive number, ``str`` a non-empty string, a dataclass a nested mapping (rules 2-3
-   recursively). ``X | None`` fields also take null (meaning "not set").
+   recursively). A null value means "not set": the field's default (None for ``X | None``).
 4. Every error is a :class:`~protocols.errors.ConfigError` that says
    ``<file>: <dotted.field>: <what is expected>, got <value>``.
 
@@ -215,8 +215,11 @@ def build(
             continue
         value = data[name]
         tp, optional = _unwrap_optional(hints[name])
-        if value is None and optional:
-            kwargs[name] = None
+        if value is None:
+            if not optional and f.default is dataclasses.MISSING and (
+                f.default_factory is dataclasses.MISSING
+            ):
+                raise ConfigError(f"{where}: required field is missing (null)")
             continue
         check = f.metadata.get("check")
         if check is not None:

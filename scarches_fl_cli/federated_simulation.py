@@ -160,7 +160,7 @@ def simulate(
     from coordinator.federated_files import read_federation_policy
     from coordinator.federated_server import FederationSettings, build_server_app
     from protocols.keys import load_private_key
-    from site_agent.federated_client import SiteConfig, build_client_app
+    from site_agent.federated_client import FederatedSiteConfig, build_client_app
 
     records = out / "federation"
     keys_tmp = tempfile.TemporaryDirectory(prefix="scarches-fl-sim-keys-")
@@ -174,7 +174,7 @@ def simulate(
         keys_dir=keys_tmp.name,
     )
     configs = [
-        SiteConfig(
+        FederatedSiteConfig(
             site_id=p.site_id,
             data_path=str(data),
             batch_key=batch_key,

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SiteConfig", "build_client_app", "site_config_from_node_config", "app"]
+__all__ = ["FederatedSiteConfig", "build_client_app", "site_config_from_node_config", "app"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ _CACHE_LOCK = threading.Lock()
 
 
 @dataclass
-class SiteConfig:
+class FederatedSiteConfig:
     """One site's side of a federation. ``studies`` restricts and relabels the cells (the
     Simulation Engine splits one file into virtual sites)."""
 
@@ -59,7 +59,7 @@ class SiteConfig:
     validation_fraction: float = 0.1
 
 
-def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
+def site_config_from_node_config(node_config: Mapping[str, Any]) -> FederatedSiteConfig:
     from protocols.errors import ConfigError
 
     missing = [k for k in ("site-id", "data-path", "batch-key", "site-key")
@@ -68,7 +68,7 @@ def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
         raise ConfigError(
             f"the SuperNode's --node-config lacks {missing}; start it with "
             "'scarches-fl federate supernode' (see docs/federated.md)")
-    return SiteConfig(
+    return FederatedSiteConfig(
         site_id=str(node_config["site-id"]), data_path=str(node_config["data-path"]),
         batch_key=str(node_config["batch-key"]), site_key_path=str(node_config["site-key"]),
         layer=str(node_config.get("layer", "")) or None,
@@ -78,7 +78,7 @@ def site_config_from_node_config(node_config: Mapping[str, Any]) -> SiteConfig:
 # -- the site's data ------------------------------------------------------------------------------
 
 
-def _registered(cfg: SiteConfig, likelihood: str) -> Any:
+def _registered(cfg: FederatedSiteConfig, likelihood: str) -> Any:
     """The site's cells registered under the namespace ``site_id`` (cached per process)."""
     key = ("reg", cfg.site_id, cfg.data_path, cfg.batch_key, cfg.layer, likelihood,
            tuple(sorted(cfg.studies)) if cfg.studies else None)
@@ -104,7 +104,7 @@ def _registered(cfg: SiteConfig, likelihood: str) -> Any:
     return reg, genes
 
 
-def _dataset(cfg: SiteConfig, likelihood: str, conditions: list[str], seed: int,
+def _dataset(cfg: FederatedSiteConfig, likelihood: str, conditions: list[str], seed: int,
              registration: Mapping[str, Any] | None = None) -> Any:
     """The site's cells split once; with a classifier in the model (a federation trained with
     a label key), each cell's label code in the model's ``classifier_classes`` (-1: unlabelled
@@ -132,7 +132,7 @@ def _dataset(cfg: SiteConfig, likelihood: str, conditions: list[str], seed: int,
     return ds
 
 
-def _key(cfg: SiteConfig) -> Any:
+def _key(cfg: FederatedSiteConfig) -> Any:
     from protocols.keys import load_private_key
 
     return load_private_key(cfg.site_key_path)
@@ -147,7 +147,7 @@ def _reply(message: Any, content: Any) -> Any:
     return Message(content=content, reply_to=message)
 
 
-def _signed(cfg: SiteConfig, payload_type: str, payload: dict[str, Any]) -> bytes:
+def _signed(cfg: FederatedSiteConfig, payload_type: str, payload: dict[str, Any]) -> bytes:
     from protocols.federated import sign_payload
     from protocols.keys import key_id
 
@@ -156,7 +156,7 @@ def _signed(cfg: SiteConfig, payload_type: str, payload: dict[str, Any]) -> byte
     return sign_payload(key, payload_type, payload)
 
 
-def _describe(cfg: SiteConfig, message: Any) -> Any:
+def _describe(cfg: FederatedSiteConfig, message: Any) -> Any:
     from flwr.app import ConfigRecord, RecordDict
 
     from protocols.federated import DESCRIPTOR_PAYLOAD_TYPE
@@ -180,7 +180,7 @@ def _describe(cfg: SiteConfig, message: Any) -> Any:
     return _reply(message, RecordDict({"signature": ConfigRecord({"envelope": env})}))
 
 
-def _received_model(cfg: SiteConfig, message: Any) -> tuple[dict, dict, dict, Any]:
+def _received_model(cfg: FederatedSiteConfig, message: Any) -> tuple[dict, dict, dict, Any]:
     import json
 
     from protocols.bundle import content_digest
@@ -203,7 +203,7 @@ def _received_model(cfg: SiteConfig, message: Any) -> tuple[dict, dict, dict, An
     return config, manifest, tensors, ds
 
 
-def _train(cfg: SiteConfig, message: Any) -> Any:
+def _train(cfg: FederatedSiteConfig, message: Any) -> Any:
     from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
     from protocols.federated import CONTRIBUTION_PAYLOAD_TYPE, tensor_digest
@@ -239,7 +239,7 @@ def _train(cfg: SiteConfig, message: Any) -> Any:
     }))
 
 
-def _evaluate(cfg: SiteConfig, message: Any) -> Any:
+def _evaluate(cfg: FederatedSiteConfig, message: Any) -> Any:
     from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     from protocols.federated import CONTRIBUTION_PAYLOAD_TYPE, tensor_digest
@@ -263,7 +263,7 @@ def _evaluate(cfg: SiteConfig, message: Any) -> Any:
     }))
 
 
-def _site_labels(cfg: SiteConfig, label_key: str) -> np.ndarray:
+def _site_labels(cfg: FederatedSiteConfig, label_key: str) -> np.ndarray:
     """``obs[label_key]`` of the site's cells, in the order :func:`_registered` reads them."""
     import anndata as ad
 
@@ -288,7 +288,7 @@ def _site_labels(cfg: SiteConfig, label_key: str) -> np.ndarray:
     return values
 
 
-def _label_share(cfg: SiteConfig, message: Any, task: str) -> Any:
+def _label_share(cfg: FederatedSiteConfig, message: Any, task: str) -> Any:
     """Label statistics (or calibration sums) of the site's labelled cells on the final model,
     signed: only per-type sums and counts (types below the site floor withheld) or sums over
     all cells leave (``scarches_fl._federated_labels``)."""
@@ -339,7 +339,7 @@ def _site_salt(site_id: str) -> int:
     return int.from_bytes(hashlib.sha256(site_id.encode()).digest()[:2], "big")
 
 
-def build_client_app(resolve: Callable[[Any], SiteConfig], *, mods: Sequence[Any] = ()) -> Any:
+def build_client_app(resolve: Callable[[Any], FederatedSiteConfig], *, mods: Sequence[Any] = ()) -> Any:
     """A ``ClientApp`` whose site is ``resolve(context)``. ``mods``: Flower client mods wrapped
     around every handler (the deployed app has none; tests inject faults with them)."""
     from flwr.clientapp import ClientApp
@@ -369,7 +369,7 @@ def build_client_app(resolve: Callable[[Any], SiteConfig], *, mods: Sequence[Any
     return client_app
 
 
-def _from_node_config(context: Any) -> SiteConfig:
+def _from_node_config(context: Any) -> FederatedSiteConfig:
     return site_config_from_node_config(context.node_config)
 
 

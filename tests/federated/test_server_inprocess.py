@@ -65,7 +65,7 @@ def site_configs(tmp_path_factory, shared_data):
     import anndata as ad
 
     from protocols.keys import generate_private_key, save_private_key
-    from site_agent.federated_client import SiteConfig
+    from site_agent.federated_client import FederatedSiteConfig
 
     tmp = tmp_path_factory.mktemp("sites")
     a = ad.read_h5ad(shared_data / "panc8_sub_nebula.h5ad")
@@ -75,7 +75,7 @@ def site_configs(tmp_path_factory, shared_data):
         k = generate_private_key()
         save_private_key(k, tmp / f"{site}.key")
         keys[site] = k.public_key()
-        configs.append(SiteConfig(site_id=site, data_path=str(tmp / f"{site}.h5ad"),
+        configs.append(FederatedSiteConfig(site_id=site, data_path=str(tmp / f"{site}.h5ad"),
                                   batch_key="batch", site_key_path=str(tmp / f"{site}.key")))
     return configs, keys
 

@@ -153,6 +153,29 @@ class Reference:
             )
         return cls(ReferenceModel.from_bundle(bundle))
 
+    @classmethod
+    def from_scvi(
+        cls,
+        model_dir: str | os.PathLike[str],
+        *,
+        label_key: str | None = None,
+        data: AnnData | str | os.PathLike[str] | None = None,
+        namespace: str = "ref",
+    ) -> Reference:
+        """Import a saved scvi-tools SCVI / SCANVI model directory without running its pickled
+        code (``scarches-fl reference import-scvi``; ``data``: the reference's cells, for label
+        prototypes). Supported options and what is refused: ``docs/model.md``."""
+        from scarches_fl.scvi_interop import import_scvi
+
+        return cls(import_scvi(model_dir, label_key=label_key, data=data, namespace=namespace))
+
+    def to_scvi(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
+        """Write a reference imported with :meth:`from_scvi` (grown by any number of sites) as a
+        scvi-tools model directory (``scarches-fl reference export-scvi``)."""
+        from scarches_fl.scvi_interop import export_scvi
+
+        return export_scvi(self.model, path, force=force)
+
     # -- use -----------------------------------------------------------------------------------
 
     def map(

@@ -243,3 +243,25 @@ def test_surgery_then_export_embeds_as_our_mapping(tmp_path, n_reference_batches
         model.get_latent_representation(ref_cells.copy()),
         atol=1e-5,
     )
+
+
+def test_python_api_from_scvi_map_to_scvi(saved, tmp_path):
+    """``Reference.from_scvi`` -> ``map`` a new study -> ``to_scvi``: scvi-tools embeds the
+    study's cells as the mapping did."""
+    from scarches_fl import Reference
+
+    model, path = saved["scarches-recipe"]
+    study = reference_cells(120, seed=5)
+    study = study[study.obs["batch"] == "batch0"].copy()
+    study.obs["batch"] = "new-study"
+    ref = Reference.from_scvi(path)
+    assert ref.registration["scvi"]["model_class"] == "SCVI"
+    mapped = ref.map(study, batch_key="batch", namespace="site-a", max_epochs=3)
+    assert "site-a/new-study" in mapped.reference.conditions
+    out = mapped.reference.to_scvi(tmp_path / "export")
+    q = study.copy()
+    q.obs["batch"] = "site-a/new-study"
+    back = scvi.model.SCVI.load(str(out), adata=q)
+    np.testing.assert_allclose(
+        back.get_latent_representation(), study.obsm["X_scarches"], atol=1e-4, rtol=0
+    )

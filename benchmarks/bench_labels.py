@@ -85,6 +85,14 @@ SCENARIOS = {
         "reference": ["indrop1", "indrop2", "indrop3", "indrop4", "celseq", "fluidigmc1"],
         "holdout": "acinar",
     },
+    # issue 22's rare-type check: panc8 with the reference's 23 gamma cells cut to 15 (a
+    # seeded subsample); the query keeps its 20
+    "panc8_gamma15": {
+        "file": "panc8_sub_nebula.h5ad",
+        "reference": ["indrop1", "indrop2", "indrop3", "indrop4", "celseq", "fluidigmc1"],
+        "holdout": None,
+        "subsample": {"gamma": 15},
+    },
     "cellbench": {
         "file": "cellbench_3tech_hvg.h5ad",
         "reference": ["10x_3cl", "CELseq2_3cl"],
@@ -161,6 +169,10 @@ def split(scenario: str):
     ref_mask = is_ref.copy()
     if spec["holdout"]:
         ref_mask &= (adata.obs[LABEL] != spec["holdout"]).to_numpy()
+    for cell_type, n_keep in spec.get("subsample", {}).items():
+        rows = np.flatnonzero(ref_mask & (adata.obs[LABEL] == cell_type).to_numpy())
+        drop = np.random.default_rng(0).permutation(rows)[n_keep:]
+        ref_mask[drop] = False
     ref = adata[ref_mask].copy()
     query = adata[~is_ref].copy()
     return ref, query

@@ -47,3 +47,24 @@ def test_bad_seed_lists_are_refused(seeds, capsys):
         main(["--scenario", "panc8", "--seeds", seeds])
     assert exc.value.code == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+def test_merge_combines_one_seed_files_into_the_five_seed_format(tmp_path, capsys):
+    import json
+
+    paths = []
+    for seed, auroc in ((1, 0.6), (0, 0.8)):
+        run = {"scenario": "panc8", "n_query_cells": 280, **_run(seed, auroc, 0.9)}
+        path = tmp_path / f"s{seed}.json"
+        path.write_text(json.dumps(run))
+        paths.append(str(path))
+    assert main(["--merge", *paths, "--out-dir", str(tmp_path / "out")]) == 0
+    merged = json.loads((tmp_path / "out" / "labels_panc8.json").read_text())
+    assert merged["seeds"] == [0, 1]
+    assert [r["seed"] for r in merged["per_seed"]] == [0, 1]
+    assert merged["n_query_cells"] == 280 and "methods" not in merged
+    summary = merged["summary"]["scarches_fl"]["prototype"]
+    assert summary["novel_auroc"]["mean"] == pytest.approx(0.7)
+    assert "0.700 [0.600-0.800]" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="twice"):
+        main(["--merge", paths[0], paths[0], "--out-dir", str(tmp_path / "out")])

@@ -232,6 +232,24 @@ def _check_depth(text: str, max_depth: int, what: str = "JSON") -> None:
         )
 
 
+#: Up to this many characters, the depth of a parsed value is read from the value itself (a walk
+#: over its containers, cheaper than the scan for the small documents verified per entry).
+_WALK_DEPTH_CHARS = 1 << 16
+
+
+def _value_depth_exceeds(value: Any, max_depth: int) -> bool:
+    """Whether a parsed value nests containers deeper than ``max_depth`` (the bracket depth of
+    its text: a top-level object or array is depth 1)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > max_depth:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) == len(pairs):  # no duplicate key: the common case, at C speed
@@ -381,7 +399,12 @@ def parse_json_strict(
     except (ValueError, RecursionError) as exc:  # int digit limits, deep recursion
         _check_depth(text, max_depth, what)
         raise CanonicalJSONError(f"{what} is not acceptable JSON: {exc}") from exc
-    _check_depth(text, max_depth, what)
+    if len(text) > _WALK_DEPTH_CHARS:
+        _check_depth(text, max_depth, what)
+    elif isinstance(value, dict | list) and _value_depth_exceeds(value, max_depth):
+        raise CanonicalJSONError(
+            f"{what} is nested deeper than {max_depth}", reason_code="E_JSON_TOO_DEEP"
+        )
     if _SURROGATE_ESCAPE.search(text) is not None:
         _check_strings(value)
     if shape is not None:

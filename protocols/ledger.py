@@ -82,6 +82,7 @@ from protocols.bundle import (
     safetensors_from_bytes,
     safetensors_to_bytes,
     tensor_leaf_hash,
+    tensor_leaf_header,
 )
 from protocols.canonical import canonical_json, parse_json_strict
 from protocols.dsse import Envelope, add_signatures, parse_envelope, sign_envelope, verify_envelope
@@ -444,6 +445,13 @@ class ConditionCap:
             )
 
 
+def _little_endian(arr: np.ndarray) -> np.ndarray:
+    dt = arr.dtype
+    if dt.byteorder in ("|", "<") or (dt.byteorder == "=" and np.little_endian):
+        return arr
+    return np.ascontiguousarray(arr, dtype=dt.newbyteorder("<"))
+
+
 class _Lineage:
     """A genesis or federated-round bundle and every condition slice appended to it since.
 
@@ -471,7 +479,11 @@ class _Lineage:
         self.frozen_leaves = {n: tensor_leaf_hash(n, a) for n, a in self.frozen.items()}
         specs = self.manifest["tensors"]
         self.axes = {n: int(specs[n]["axis"]) for n in parts}
-        self._parts = {n: list(p) for n, p in parts.items()}
+        # per condition tensor: a buffer holding its first ``_filled`` conditions (the first part
+        # until more are read), and the slices appended since (moved in when a version is read)
+        self._buffer = {n: _little_endian(p[0]) for n, p in parts.items()}
+        self._filled = {n: int(self._buffer[n].shape[self.axes[n]]) for n in parts}
+        self._pending = {n: list(p[1:]) for n, p in parts.items()}
         self._lock = threading.Lock()
         self.conditions: list[str] = []
         self.condition_set: set[str] = set()
@@ -549,32 +561,69 @@ class _Lineage:
 
     def append(self, diff: Mapping[str, np.ndarray], new_conditions: Sequence[str]) -> None:
         with self._lock:
-            for name, parts in self._parts.items():
-                parts.append(diff[name])
+            for name, pending in self._pending.items():
+                pending.append(diff[name])
             self._add_conditions(new_conditions)
             self.chunk_ends.append(len(self.conditions))
 
-    def parts(self, name: str) -> list[np.ndarray]:
-        """The current parts of a condition tensor (a copy of the list)."""
+    def pending(self, name: str) -> list[np.ndarray]:
+        """The slices of a condition tensor appended since it was last read (a copy of the
+        list)."""
         with self._lock:
-            return list(self._parts[name])
+            return list(self._pending[name])
+
+    def _filled_view(self, name: str, n_conditions: int) -> tuple[np.ndarray, np.ndarray]:
+        """The buffer of ``name`` after moving its pending slices in (growing it by doubling
+        when full), and a read-only view of its first ``n_conditions`` conditions. The region
+        a view covers is never written again (later slices go past it; a grown buffer is a new
+        array), so views stay valid while the lineage grows."""
+        axis = self.axes[name]
+        with self._lock:
+            pending, buf, filled = self._pending[name], self._buffer[name], self._filled[name]
+            if pending:
+                need = filled + sum(int(p.shape[axis]) for p in pending)
+                if need > buf.shape[axis] or not buf.flags.writeable:
+                    shape = list(buf.shape)
+                    shape[axis] = max(need, 2 * filled, 16)
+                    grown = np.empty(shape, dtype=buf.dtype)
+                    lead = (slice(None),) * axis
+                    grown[(*lead, slice(0, filled))] = buf[(*lead, slice(0, filled))]
+                    buf = self._buffer[name] = grown
+                lead = (slice(None),) * axis
+                for p in pending:
+                    m = int(p.shape[axis])
+                    buf[(*lead, slice(filled, filled + m))] = p
+                    filled += m
+                self._pending[name] = []
+                self._filled[name] = filled
+        view = buf[(slice(None),) * axis + (slice(0, n_conditions),)]
+        view.flags.writeable = False
+        return buf, view
 
     def prefix(self, name: str, n_conditions: int) -> np.ndarray:
         """Condition tensor ``name`` holding the first ``n_conditions`` conditions, in its
-        declared layout, read-only."""
-        axis = self.axes[name]
-        with self._lock:
-            parts = self._parts[name]
-            if len(parts) > 1:
-                joined = np.concatenate(parts, axis=axis)
-                joined.flags.writeable = False
-                self._parts[name] = [joined]  # a new list: a reader of the old one is unaffected
-            arr = self._parts[name][0]
-        if arr.shape[axis] == n_conditions:
-            return arr
-        out = np.ascontiguousarray(arr[(slice(None),) * axis + (slice(0, n_conditions),)])
+        declared layout, C-contiguous and read-only (a copy unless the buffer is exactly it)."""
+        _buf, view = self._filled_view(name, n_conditions)
+        out = np.ascontiguousarray(view)
         out.flags.writeable = False
         return out
+
+    def leaf_hash(self, name: str, n_conditions: int) -> bytes:
+        """``tensor_leaf_hash(name, self.prefix(name, n_conditions))`` without building the
+        prefix: the buffer is C-contiguous, so the prefix's C-order bytes are one contiguous
+        run per index of the dimensions before the condition axis, streamed into the hash."""
+        axis = self.axes[name]
+        buf, view = self._filled_view(name, n_conditions)
+        if not buf.flags.c_contiguous or view.size == 0:
+            return tensor_leaf_hash(name, np.ascontiguousarray(view))
+        header = canonical_json({"dtype": view.dtype.name, "name": name, "shape": list(view.shape)})
+        h = hashlib.sha256(b"\x00" + tensor_leaf_header(header))
+        lead = int(np.prod(buf.shape[:axis], dtype=np.int64))
+        rows = buf.reshape(lead, -1).view(np.uint8)
+        run = rows.shape[1] * n_conditions // buf.shape[axis]
+        for r in range(lead):
+            h.update(rows[r, :run].data)
+        return h.digest()
 
 
 class _Model:
@@ -645,7 +694,7 @@ class _Model:
             manifest = self.manifest
             leaves = dict(lin.frozen_leaves)
             for name in lin.axes:
-                leaves[name] = tensor_leaf_hash(name, lin.prefix(name, self.n_conditions))
+                leaves[name] = lin.leaf_hash(name, self.n_conditions)
             ordered = [leaves[n] for n in sorted(leaves, key=lambda n: n.encode("utf-8"))]
             ordered.append(merkle.leaf_hash(lin.manifest_leaf(manifest, self.n_conditions)))
             self._digest = "sha256:" + merkle.root(ordered).hex()

@@ -168,3 +168,19 @@ def test_canonical_check_agrees_with_re_encoding(value) -> None:
             assert exc.reason_code == "E_JSON_NOT_CANONICAL", exc
             accepted = False
         assert accepted == expected, text
+
+
+@settings(max_examples=500, deadline=None)
+@given(_JSON_VALUES, st.integers(1, 6))
+def test_depth_of_a_parsed_value_is_its_bracket_depth(value, max_depth) -> None:
+    """The walk over a parsed value (small documents) and the text scan (large ones) agree."""
+    from protocols import canonical
+
+    text = canonical_json(value).decode()
+    try:
+        canonical._check_depth(text, max_depth)
+        scanned_too_deep = False
+    except CanonicalJSONError:
+        scanned_too_deep = True
+    walked = isinstance(value, dict | list) and canonical._value_depth_exceeds(value, max_depth)
+    assert walked == scanned_too_deep

@@ -58,24 +58,30 @@ def test_an_accept_copies_no_tensor_and_hashes_nothing_of_the_model() -> None:
     lineage = c.state._model.lineage
     name = lineage.condition_tensors[0]
     u = c.update("site-a", sequence=9, m=1, seed=99)  # reads the current version (joins)
-    before = [id(a) for a in lineage.parts(name)]
+    before = [id(a) for a in lineage.pending(name)]
     applied = c.submit(u)
-    after = [id(a) for a in lineage.parts(name)]
+    after = [id(a) for a in lineage.pending(name)]
     assert after[:-1] == before and len(after) == len(before) + 1  # appended, nothing re-made
     assert applied.digest is None and c.state._digests[-1] is None  # not hashed on accept
 
 
-def test_joined_parts_serve_every_earlier_version_read_only() -> None:
-    """Reading a version joins a tensor's parts once; earlier versions are prefixes of it."""
-    c, expected = _grown([1, 2, 1, 3], [], 5)
+def test_buffered_slices_serve_every_earlier_version_read_only() -> None:
+    """Reading a version moves the appended slices into the tensor's buffer once; every
+    version is a prefix of it, and its streamed leaf hash is the leaf hash of the prefix."""
+    from protocols.bundle import tensor_leaf_hash
+
+    c, expected = _grown([1, 2, 1, 3, 1, 1, 2], [], 5)
     lineage = c.state._model.lineage
-    c.state.bundle()  # the head: every tensor's parts joined into one array
-    assert all(len(lineage.parts(n)) == 1 for n in lineage.condition_tensors)
-    for size, bundle in expected.items():
+    c.state.bundle()  # the head: every pending slice moved into the buffers
+    assert all(not lineage.pending(n) for n in lineage.condition_tensors)
+    for size, bundle in sorted(expected.items(), reverse=True):
         assert c.state.digest_at(size) == bundle.digest
         version = c.state._versions[size]
         for name, arr in version.tensors.items():
             assert np.array_equal(arr, bundle.tensors[name]) and not arr.flags.writeable
+        for name in lineage.condition_tensors:
+            n = version.n_conditions
+            assert lineage.leaf_hash(name, n) == tensor_leaf_hash(name, bundle.tensors[name])
 
 
 def test_streamed_tensor_leaf_hash_is_the_leaf_hash() -> None:

@@ -108,6 +108,13 @@ def register(subparsers: Any) -> None:
         help="refuse a dataset covering less of the reference genes (default 0.5)",
     )
     p.add_argument(
+        "--label-method",
+        choices=("auto", "expression", "prototype", "knn"),
+        help="how labels are read (default auto: the reference's expression prototypes with a "
+        "per-batch offset; prototype or knn read the latent only and flag types the reference "
+        "lacks better; ADR 0070)",
+    )
+    p.add_argument(
         "--label-uncertainty",
         type=float,
         metavar="F",
@@ -218,6 +225,7 @@ def _config(args: argparse.Namespace) -> Any:
         "data",
         "batch_key",
         "label_key",
+        "label_method",
         "layer",
         "out",
         "insecure",

@@ -171,6 +171,7 @@ def run_map(
                     min_gene_coverage=th.min_gene_coverage, label_threshold=th.label_uncertainty,
                     min_cells_per_batch=th.min_cells_per_batch, max_epochs=config.max_epochs,
                     seed=config.seed, var_names_column=var_names_column,
+                    label_method=config.label_method,
                 )
             for n in outcome.notes:
                 _say(printer, f"  {n}")

@@ -16,6 +16,7 @@ Fields (all optional in the file; the required ones must come from the file or a
     data: /data/query.h5ad             # the query dataset
     batch_key: batch                   # obs column with the study / batch
     label_key: cell_type               # obs column name for predicted labels (optional)
+    label_method: auto                 # auto | expression | prototype | knn (ADR 0070)
     layer: counts                      # read counts from this layer instead of X
     batches: [celseq2, smartseq2]      # map only these batches
     out: /data/query_mapped.h5ad       # where the mapped dataset goes (stays at the site)
@@ -67,6 +68,16 @@ def _check_site_id(value: Any, where: str, base: Path | None) -> str:
     return text
 
 
+#: how labels are read (``scarches_fl.refine.LABEL_METHODS``; this module imports no numpy)
+LABEL_METHODS = ("auto", "expression", "prototype", "knn")
+
+
+def _check_label_method(value: Any, where: str, base: Path | None) -> str:
+    if value not in LABEL_METHODS:
+        raise ConfigError(f"{where}: must be one of {', '.join(LABEL_METHODS)}, got {value!r}")
+    return str(value)
+
+
 def _check_batches(value: Any, where: str, base: Path | None) -> tuple[str, ...]:
     if isinstance(value, str):
         items: list[Any] = [v.strip() for v in value.split(",")]
@@ -108,6 +119,7 @@ class SiteConfig:
     data: Path | None = _checked(None, check_path)
     batch_key: str | None = _checked(None, check_text)
     label_key: str | None = _checked(None, check_text)
+    label_method: str = _checked("auto", _check_label_method)
     layer: str | None = _checked(None, check_text)
     batches: tuple[str, ...] | None = _checked(None, _check_batches)
     out: Path | None = _checked(None, check_path)

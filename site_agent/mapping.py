@@ -139,7 +139,7 @@ def map_query(
     adata: Any, model: Any, *, site_id: str, batch_key: str, label_key: str | None,
     layer: str | None, batches: Sequence[str] | None, min_gene_coverage: float,
     label_threshold: float, min_cells_per_batch: int, max_epochs: int | None, seed: int,
-    var_names_column: str | None = None, progress: bool = False,
+    var_names_column: str | None = None, progress: bool = False, label_method: str = "auto",
 ) -> MappingOutcome:
     """The library's one mapping path (:func:`scarches_fl.mapping.map_query`: every check
     before any training, surgery under the site's namespace, embedding, label transfer) with its
@@ -155,7 +155,7 @@ def map_query(
             layer=layer, batches=batches, var_names_column=var_names_column,
             mode="conditions", max_epochs=max_epochs, seed=seed, threshold=label_threshold,
             min_gene_coverage=min_gene_coverage, min_cells_per_batch=min_cells_per_batch,
-            progress=progress,
+            progress=progress, label_method=label_method,
         )
     except DataError as exc:
         raise SiteDataError(str(exc)) from exc

@@ -27,9 +27,12 @@ def test_config_file_and_flags(tmp_path):
     cfg = tmp_path / "site.yaml"
     cfg.write_text(
         "coordinator: 127.0.0.1:7443\ntrust: keys/trust.json\nsite_id: hospital-a\n"
-        "batches: [celseq2, smartseq2]\nthresholds:\n  min_gene_coverage: 0.7\n"
+        "batches: [celseq2, smartseq2]\nlabel_method: prototype\n"
+        "thresholds:\n  min_gene_coverage: 0.7\n"
     )
     c = load_config(cfg)
+    assert c.label_method == "prototype"
+    assert SiteConfig().label_method == "auto"
     assert c.coordinator == "127.0.0.1:7443"
     assert c.trust == tmp_path / "keys" / "trust.json"  # relative to the file
     assert c.batches == ("celseq2", "smartseq2")
@@ -50,6 +53,7 @@ def test_config_file_and_flags(tmp_path):
         ("thresholds:\n  coverage: 0.5\n", "thresholds.coverage:"),
         ("batch_kye: batch\n", "batch_kye:"),
         ("insecure: yes please\n", "insecure:"),
+        ("label_method: magic\n", "label_method:"),
         ("- a\n- b\n", "top level"),
         ("coordinator: [\n", "line"),
     ],

@@ -331,6 +331,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
     entry, site_id = rotate_site_key(args.dir, request=args.request)
     change = parse_policy_change(entry_payload(entry.envelope)[1])
+    assert change.public_key is not None, "a rotation entry names the new key"
     print(f"rotated the key of {site_id} (ledger entry {entry.index})")
     print(f"new key fingerprint (key id): {key_id(public_key_from_text(change.public_key))}")
     print(f"replaced key id:              {change.previous_key_id}")

@@ -405,7 +405,7 @@ class LedgerStore:
     def write_lock(self) -> threading.RLock:
         """Held by :meth:`writer` for a whole transaction; hold it around :meth:`sync` when
         the caller must apply the returned entries before the next writer runs."""
-        return self._write_lock  # type: ignore[return-value]
+        return self._write_lock
 
     def sync(self) -> list[StoredEntry]:
         """Catch up with entries appended by another process; returns them. Call it with

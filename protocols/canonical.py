@@ -61,7 +61,7 @@ _SHORT_ESCAPES = {
 
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_json_string = json.encoder.encode_basestring
 
 
 def _encode_string(s: str) -> str:

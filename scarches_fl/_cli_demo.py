@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 __all__ = ["register", "DemoSite", "DEMO_SITES", "prepare_workdir", "MARKER"]
 
@@ -241,7 +242,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     procs = _Processes()
     previous_sigterm = signal.getsignal(signal.SIGTERM)
 
-    def _on_sigterm(signum, frame):  # noqa: ANN001
+    def _on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _on_sigterm)

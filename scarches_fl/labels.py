@@ -198,7 +198,9 @@ def _novelty_factor(stat: np.ndarray, quantiles: Sequence[float], tail: float) -
 # prototypes
 
 
-def _fit_type_mixture(z: np.ndarray, *, min_cells: int, max_components: int, seed: int):
+def _fit_type_mixture(
+    z: np.ndarray, *, min_cells: int, max_components: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Prototypes of one cell type: (means, stds, weights, assignment of each cell).
 
     The number of prototypes (1 to ``max_components``) is chosen by the BIC of a diagonal
@@ -499,7 +501,9 @@ class _NeighbourIndex:
         return dist, ind
 
 
-def _knn(atlas: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0, exclude_self=False):
+def _knn(
+    atlas: np.ndarray, query: np.ndarray, k: int, *, seed: int = 0, exclude_self: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(distances, indices) of the k nearest atlas rows for each query row, in chunks."""
     index = _NeighbourIndex(atlas, k, seed=seed, exclude_self=exclude_self)
     parts = [index.query(query[i : i + _QUERY_CHUNK]) for i in range(0, len(query), _QUERY_CHUNK)]

@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -116,7 +117,7 @@ def _cell_data_for(reg: RegisteredData, cond: np.ndarray,
     return train.CellData(reg.x, cond, labels=labels)
 
 
-def _torch():
+def _torch() -> ModuleType:
     import torch
 
     return torch
@@ -295,7 +296,7 @@ class ReferenceModel:
             entry: dict[str, Any] = {"role": spec.role, "dtype": "float32",
                                      "shape": list(spec.shape)}
             if spec.role == "condition":
-                entry["axis"] = int(spec.axis)
+                entry["axis"] = spec.condition_axis
             tensors_meta[name] = entry
         for name, arr in self.extra_tensors.items():
             entry = dict(self.extra_tensor_specs.get(name, {}))
@@ -480,7 +481,7 @@ class ReferenceModel:
                 if spec.role == "condition":
                     arr = new_tensors[name]
                     sl = [slice(None)] * arr.ndim
-                    sl[spec.axis] = slice(n_old, None)
+                    sl[spec.condition_axis] = slice(n_old, None)
                     diff[name] = np.ascontiguousarray(arr[tuple(sl)], dtype=np.float32)
             base = self.to_bundle()
             new_bundle = apply_condition_diff(base, diff, new_conditions)

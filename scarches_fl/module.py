@@ -149,6 +149,13 @@ class TensorSpec:
     axis: int | None = None  # condition axis
     fan_in: int = 1
 
+    @property
+    def condition_axis(self) -> int:
+        """The axis along which a ``condition`` tensor grows (an error for a frozen one)."""
+        if self.axis is None:
+            raise ValueError(f"a {self.role} tensor has no condition axis")
+        return self.axis
+
 
 def _batch_norm_specs(s: dict[str, TensorSpec], prefix: str, width: int) -> None:
     for part in _BN_PARTS:
@@ -251,6 +258,12 @@ class Minibatch:
     flat: torch.Tensor | None = None  # (nnz,) rows * n_genes + cols (1-D gathers are faster)
     labels: torch.Tensor | None = None  # (B,) int64 label code, -1 = unlabelled
 
+    def dense_input(self) -> torch.Tensor:
+        """``x_in``; an error when the trainer built this minibatch with ``h0`` only."""
+        if self.x_in is None:
+            raise ValueError("this minibatch carries no dense input (h0 was precomputed)")
+        return self.x_in
+
     def flat_index(self, n_genes: int) -> torch.Tensor:
         if self.flat is None:
             self.flat = self.rows * n_genes + self.cols
@@ -305,7 +318,7 @@ class CVAE(nn.Module):
             )
         for name, spec in self.specs.items():
             if spec.role == "condition":
-                ax = spec.axis
+                ax = spec.condition_axis
                 old_shape = list(spec.shape)
                 old_shape[ax] = self.n_old
                 new_shape = list(spec.shape)
@@ -344,7 +357,7 @@ class CVAE(nn.Module):
         if spec.role == "condition":
             return torch.cat(
                 [getattr(self, _slot(name, "old")), getattr(self, _slot(name, "new"))],
-                dim=spec.axis,
+                dim=spec.condition_axis,
             )
         return getattr(self, _slot(name))
 
@@ -362,7 +375,7 @@ class CVAE(nn.Module):
                 continue
             src = torch.from_numpy(np.array(tensors[name], dtype=np.float32, copy=True))
             if spec.role == "condition":
-                ax = spec.axis
+                ax = spec.condition_axis
                 n_src = src.shape[ax]
                 old = getattr(self, _slot(name, "old"))
                 new = getattr(self, _slot(name, "new"))
@@ -405,10 +418,10 @@ class CVAE(nn.Module):
                 continue
             old = getattr(self, _slot(name, "old"))
             new = getattr(self, _slot(name, "new"))
-            if old.shape[spec.axis] == 0:
+            if old.shape[spec.condition_axis] == 0:
                 new.zero_()
             else:
-                mean = old.mean(dim=spec.axis, keepdim=True)
+                mean = old.mean(dim=spec.condition_axis, keepdim=True)
                 new.copy_(mean.expand_as(new))
 
     def export_tensors(self) -> dict[str, np.ndarray]:
@@ -589,7 +602,7 @@ class CVAE(nn.Module):
         self, mb: Minibatch, *, kl_weight: float = 1.0, generator: torch.Generator | None = None,
         sample: bool = True,
     ) -> LossTerms:
-        h0 = mb.h0 if mb.h0 is not None else self.first_layer_genes(mb.x_in)
+        h0 = mb.h0 if mb.h0 is not None else self.first_layer_genes(mb.dense_input())
         mean, var = self.encode(h0, mb.cond)
         if sample:
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)

@@ -13,15 +13,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from protocols.errors import ScarchesFLError
 from scarches_fl import metrics as M
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 __all__ = [
     "EvaluationError",
@@ -68,7 +73,7 @@ def embed_2d(latent: np.ndarray, *, method: str = "auto", seed: int = 0) -> tupl
     z = np.asarray(latent, dtype=np.float64)
     if method in ("auto", "umap"):
         try:
-            import umap  # type: ignore[import-not-found]
+            import umap
         except ImportError:
             if method == "umap":
                 raise EvaluationError(
@@ -107,9 +112,13 @@ def _distinct_colours(n: int) -> list[Any]:
     """``n`` colours that are neither grey nor shades of one another: tab10 without its grey,
     then tab20's light tones without grey, then evenly spaced hues."""
     import matplotlib
+    from matplotlib.colors import ListedColormap
 
-    tab10 = [c for i, c in enumerate(matplotlib.colormaps["tab10"].colors) if i != 7]
-    light = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors)
+    tab10_map, tab20_map = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20"]
+    assert isinstance(tab10_map, ListedColormap) and isinstance(tab20_map, ListedColormap)
+    # the qualitative maps list their colours as RGB tuples
+    tab10 = [c for i, c in enumerate(cast(Sequence[Any], tab10_map.colors)) if i != 7]
+    light = [c for i, c in enumerate(cast(Sequence[Any], tab20_map.colors))
              if i % 2 == 1 and i != 15]
     colours = list(tab10) + light
     extra = n - len(colours)
@@ -135,7 +144,9 @@ def category_colours(categories: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _scatter_categories(ax, xy, values, *, title: str, size: float) -> None:
+def _scatter_categories(
+    ax: Axes, xy: np.ndarray, values: np.ndarray, *, title: str, size: float
+) -> None:
     """Reference cells first (underneath, grey), then the other categories from the largest to
     the smallest (a site's 42 cells stay visible over 678), Unknown on top; legend in reading
     order. No numeric ticks: the axes of a 2-D embedding carry no units."""
@@ -170,7 +181,7 @@ def _scatter_categories(ax, xy, values, *, title: str, size: float) -> None:
     )
 
 
-def clean_embedding_axes(ax, how: str | None = None) -> None:
+def clean_embedding_axes(ax: Axes, how: str | None = None) -> None:
     """No numeric ticks on an embedding's axes; ``how`` (e.g. "UMAP of the latent") as the
     x label."""
     ax.set_xticks([])
@@ -185,7 +196,7 @@ def _point_size(n_cells: int) -> float:
     return float(np.clip(6000.0 / max(n_cells, 1), 2.0, 20.0))
 
 
-def _save_figure(fig, path: Path) -> None:
+def _save_figure(fig: Figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -251,7 +262,7 @@ def _plots(
     size = _point_size(len(xy))
     written = []
 
-    def save(fig, name: str) -> None:
+    def save(fig: Figure, name: str) -> None:
         _save_figure(fig, out_dir / name)
         written.append(name)
 
@@ -337,7 +348,7 @@ def _plots(
                     ax.text(
                         j,
                         i,
-                        int(mat[i, j]),
+                        str(int(mat[i, j])),
                         ha="center",
                         va="center",
                         fontsize=7,
@@ -437,7 +448,7 @@ def _readme(metrics: Mapping[str, Any], plots: Sequence[str], how: str) -> str:
 
 def build_report(
     inp: EvaluationInput,
-    out_dir: str | Path | None,
+    out_dir: str | os.PathLike[str] | None,
     *,
     embedding: str = "auto",
     seed: int = 0,

@@ -215,7 +215,7 @@ def simulate(
     server_app = build_server_app(settings)
     client_app = build_client_app(resolve, mods=client_mods)
     cpus = int(num_cpus or max(1, min(len(configs), os.cpu_count() or 1)))
-    backend_config = {
+    backend_config: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
     }

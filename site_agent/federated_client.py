@@ -221,12 +221,13 @@ def _train(cfg: FederatedSiteConfig, message: Any) -> Any:
         seed=int(config["seed"]) * 100003 + rnd * 101 + _site_salt(cfg.site_id))
     result = F.local_train(hp, G, C, tensors, ds, local)
     own = [manifest["conditions"][j] for j in ds.own_conditions]
+    train_loss = float(result.train_loss) if np.isfinite(result.train_loss) else 0.0
     payload = {
         "kind": "contribution", "run_id": str(config["run-id"]), "round": rnd,
         "base_digest": str(config["base-digest"]),
         "contribution_digest": tensor_digest(result.tensors), "n_train": int(result.n_train),
         "n_validation": int(n_val), "validation_loss_sum": float(val_sum),
-        "train_loss": float(result.train_loss) if np.isfinite(result.train_loss) else 0.0,
+        "train_loss": train_loss,
         "conditions": own,
     }
     env = _signed(cfg, CONTRIBUTION_PAYLOAD_TYPE, payload)
@@ -234,7 +235,7 @@ def _train(cfg: FederatedSiteConfig, message: Any) -> Any:
     return _reply(message, RecordDict({
         "arrays": arrays,
         "metrics": MetricRecord({"num-examples": int(result.n_train),
-                                 "train-loss": float(payload["train_loss"])}),
+                                 "train-loss": train_loss}),
         "signature": ConfigRecord({"envelope": env}),
     }))
 

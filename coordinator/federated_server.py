@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from flwr.serverapp import ServerApp
+
     from coordinator.federated_strategy import RoundRecord
 
 from protocols.federated import (
@@ -175,7 +177,7 @@ class _Federation:
                 env = bytes(reply.content.config_records["signature"]["envelope"])
                 claimed = peek_payload(env)
                 site = claimed.get("site_id")
-                if site not in self.s.site_keys:
+                if not isinstance(site, str) or site not in self.s.site_keys:
                     raise FederationError(f"site {site!r} is not enrolled in the policy")
                 desc = open_envelope(env, DESCRIPTOR_PAYLOAD_TYPE, self.s.site_keys[site])
                 if desc.get("run_id") != self.run_id:
@@ -593,7 +595,7 @@ def run_federation(grid: Any, settings: FederationSettings) -> FederationResult:
     return _Federation(grid, settings).run()
 
 
-def build_server_app(settings: FederationSettings):
+def build_server_app(settings: FederationSettings) -> ServerApp:
     """A ``ServerApp`` bound to ``settings`` (the Simulation Engine path)."""
     from flwr.serverapp import ServerApp
 
@@ -646,7 +648,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
     )
 
 
-def _make_deployment_app():
+def _make_deployment_app() -> ServerApp:
     from flwr.serverapp import ServerApp
 
     server_app = ServerApp()
@@ -671,6 +673,7 @@ def _make_deployment_app():
     return server_app
 
 
+app: ServerApp | None
 try:  # the Deployment Engine loads ``coordinator.federated_server:app``
     app = _make_deployment_app()
 except ImportError:  # pragma: no cover - flwr not installed (extra "flower")

@@ -251,7 +251,9 @@ class OwnedColumnsFedAvg(FedAvg):
             log.info("early stopping after round %d (best round %s)", server_round, self.best_round)
         out = arrays_to_record(new_tensors)
         self._current = (out, new_tensors, agg_digest)
-        metrics = {"num-examples": int(sum(c["n_train"] for c in contributors))}
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            "num-examples": int(sum(c["n_train"] for c in contributors))
+        }
         if val is not None:
             metrics["validation-loss"] = float(val)
         return out, MetricRecord(metrics)
@@ -365,7 +367,9 @@ class OwnedColumnsFedAvg(FedAvg):
                 content = reply.content
                 if with_arrays and "arrays" in content.array_records:
                     received += _record_bytes(content.array_records["arrays"])
-                env = bytes(content.config_records["signature"]["envelope"])
+                env = content.config_records["signature"]["envelope"]
+                if not isinstance(env, bytes):
+                    raise TypeError("the contribution's envelope is not bytes")
                 arrays = _arrays_from_record(content.array_records["arrays"]) if with_arrays else {}
                 payload = verify_contribution(
                     env,

@@ -607,13 +607,13 @@ def import_scvi(
     )
     if data is None and is_scanvi and (model_dir / "adata.h5ad").is_file():
         data = model_dir / "adata.h5ad"
-    key = label_key or scvi_label_key
-    if data is not None and key:
+    prototype_key = label_key or scvi_label_key
+    if data is not None and prototype_key:
         _add_prototypes(
             model,
             data,
             batch_key=str(setup.get("batch_key")),
-            label_key=key,
+            label_key=prototype_key,
             unlabeled=unlabeled,
             layer=setup.get("layer"),
             namespace=namespace,
@@ -762,7 +762,7 @@ def export_scvi(model_or_bundle: Any, out_dir: str | Path, *, force: bool = Fals
         state[key] = arr
     for key, value in record["counters"].items():
         state[key] = np.asarray(value, dtype=np.int64)
-    ordered = collections.OrderedDict()
+    ordered: collections.OrderedDict[str, Any] = collections.OrderedDict()
     for key in record["state_keys"]:
         if key in state:
             ordered[key] = torch.from_numpy(np.array(state[key], copy=True))

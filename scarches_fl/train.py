@@ -102,7 +102,7 @@ class CellData:
 
     x: sp.csr_matrix
     cond: np.ndarray  # int64
-    lib: np.ndarray = field(default=None)  # type: ignore[assignment]
+    lib: np.ndarray = field(default=None)  # type: ignore[arg-type]  # set in __post_init__
     labels: np.ndarray | None = None  # int64 codes, -1 = unlabelled (semi-supervised training)
 
     def __post_init__(self) -> None:
@@ -166,7 +166,7 @@ class StreamingCellData:
     def n_blocks(self) -> int:
         return max(1, -(-self.n_cells // self.block_rows))
 
-    def window(self, blocks: Sequence[int]) -> tuple[CellData, np.ndarray]:
+    def window(self, blocks: Sequence[int] | np.ndarray) -> tuple[CellData, np.ndarray]:
         """The cells of ``blocks`` (in that order) as an in-memory :class:`CellData`, and their
         global row indices."""
         parts = [self.source.read(int(b) * self.block_rows,
@@ -312,7 +312,7 @@ def _precompute(
         for start in range(0, cells.n_cells, chunk_size):
             idx = np.arange(start, min(start + chunk_size, cells.n_cells))
             mb = _minibatch(module, cells, idx, device, h0=None, const=None, need_input=True)
-            h0[rows[idx]] = module.first_layer_genes(mb.x_in).cpu().numpy()
+            h0[rows[idx]] = module.first_layer_genes(mb.dense_input()).cpu().numpy()
             if const is not None:
                 const[rows[idx]] = module.nb_sparse_constant(mb).cpu().numpy()
     return h0, const
@@ -355,7 +355,7 @@ def _posterior_mean(
                 idx = np.arange(start, min(start + batch_size, cells.n_cells))
                 mb = _minibatch(module, cells, idx, device, h0=None, const=None,
                                 need_input=True)
-                mean, _ = module.encode(module.first_layer_genes(mb.x_in), mb.cond)
+                mean, _ = module.encode(module.first_layer_genes(mb.dense_input()), mb.cond)
                 out[rows[idx]] = mean.cpu().numpy()
     finally:
         module.train(was_training)
@@ -555,6 +555,8 @@ def _fit(
         n_train = max(len(train_idx), 1)
         converge = config.convergence_rtol is not None
         check_cells = config.check_every_cells
+        conv_rtol = float(config.convergence_rtol or 0.0)  # read only when ``converge``
+        check_every = int(check_cells or 0)  # read only when ``sub_epoch``
         # checks every ``check_cells`` training cells (within an epoch or across epochs) need
         # validation cells, a fixed yardstick; otherwise the check is at the end of each epoch
         sub_epoch = converge and check_cells is not None and len(val_idx) > 0
@@ -573,7 +575,7 @@ def _fit(
             if value < conv_best:
                 conv_best = value
                 conv_state = {n: p.detach().clone() for n, p in named}
-            return has_converged(monitored, rtol=float(config.convergence_rtol),
+            return has_converged(monitored, rtol=conv_rtol,
                                  window=config.convergence_window)
 
         bar = None
@@ -616,9 +618,9 @@ def _fit(
                         count += len(idx)
                         cells_seen += len(idx)
                         cells_since += len(idx)
-                        if (sub_epoch and warm and cells_since >= int(check_cells)
+                        if (sub_epoch and warm and cells_since >= check_every
                                 and (val_cache is None or val_cache.ready())):
-                            cells_since -= int(check_cells)
+                            cells_since -= check_every
                             value = validate()
                             module.train()
                             assert value is not None

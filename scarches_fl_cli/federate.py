@@ -24,6 +24,14 @@ __all__ = ["register"]
 _REF_HELP = "scarches-fl federate simulate --data H5AD --batch-key K --label-key L --sites N --rounds R --out BUNDLE_DIR"
 
 
+def _require_flower(command: str) -> None:
+    """Stop before any work when the ``flower`` extra is missing, naming it (these commands
+    run Flower, or start its executables)."""
+    from scarches_fl._extras import require_extra
+
+    require_extra("flower", command=command)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "federate",
@@ -296,6 +304,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    _require_flower("federate simulate")
     from scarches_fl_cli.federated_simulation import simulate
 
     batches = [b for b in args.batches.split(",") if b] if args.batches else None
@@ -420,6 +429,7 @@ def _node_keygen(args: argparse.Namespace) -> int:
 
 
 def _superlink(args: argparse.Namespace) -> int:
+    _require_flower("federate superlink")
     from coordinator.federated_deploy import executor_command, run_superlink, superlink_command
 
     tls_dir = Path(args.tls) if args.tls else None
@@ -452,6 +462,7 @@ def _register_node(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
+    _require_flower("federate supernode")
     from coordinator.federated_deploy import supernode_command
 
     cmd, env = supernode_command(
@@ -470,6 +481,7 @@ def _supernode(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _require_flower("federate run")
     import subprocess
 
     from coordinator.federated_deploy import check_superlink_reachable, run_command

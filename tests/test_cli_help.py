@@ -125,6 +125,40 @@ def test_missing_model_extra_is_named_without_a_traceback(tmp_path, argv: list[s
     assert not (tmp_path / "WD").exists(), "the demo must stop before making its workdir"
 
 
+_BLOCK_FLWR = (
+    "import sys; sys.modules['flwr'] = None; "  # an install without [flower]
+    "from scarches_fl.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        "federate simulate --data D.h5ad --batch-key b --sites 2 --rounds 1 --out OUT".split(),
+        "federate superlink --state OUT --insecure".split(),
+        (
+            "federate supernode --superlink 127.0.0.1:1 --insecure --site-id s --site-key k "
+            "--data D.h5ad --batch-key b"
+        ).split(),
+        "federate run --insecure --policy p.json --coordinator-key k --rounds 1 --out OUT".split(),
+    ],
+    ids=["simulate", "superlink", "supernode", "run"],
+)
+def test_missing_flower_extra_is_named_before_any_work(tmp_path, argv: list[str]) -> None:
+    res = subprocess.run(
+        [sys.executable, "-c", _BLOCK_FLWR, *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert f"`scarches-fl {' '.join(argv[:2])}`" in res.stderr, res.stderr
+    assert "'flwr'" in res.stderr and "'flower' extra" in res.stderr, res.stderr
+    assert not (tmp_path / "OUT").exists(), "the command must stop before writing anything"
+
+
 def test_a_missing_module_of_our_own_is_a_bug_with_its_traceback() -> None:
     from scarches_fl._extras import missing_extra
 

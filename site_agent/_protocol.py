@@ -6,11 +6,21 @@ re-implements a rule of ``protocols``; it adapts their values to what the agent 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from protocols.errors import ConfigError, VerificationError
+from protocols.policy import TrustPolicy, UpdateLimits
+
+if TYPE_CHECKING:
+    import numpy as np
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocols.checkpoint import Checkpoint
+    from protocols.registry_client import LedgerEntry
+    from protocols.update import UpdatePayload
+    from site_agent.verify import VerifiedReference
 
 __all__ = [
     "Trust",
@@ -34,7 +44,7 @@ logger = logging.getLogger(__name__)
 class Trust:
     """The pinned trust.json (:class:`protocols.policy.TrustPolicy`) and views of it."""
 
-    policy: Any
+    policy: TrustPolicy
     raw: bytes
     source: str
 
@@ -67,7 +77,7 @@ class Trust:
         return int(self.policy.witnesses_required)
 
     @property
-    def tls_source(self) -> Any:
+    def tls_source(self) -> bytes:
         """What :class:`protocols.registry_client.RegistryClient` pins for TLS."""
         pem = self.policy.tls_root_pem
         if not pem:
@@ -76,10 +86,10 @@ class Trust:
                 "for a trust.json written by `scarches-fl coordinator init`, or use --insecure on "
                 "loopback only"
             )
-        return pem.encode() if isinstance(pem, str) else pem
+        return pem.encode()
 
     @property
-    def update_limits(self) -> Any:
+    def update_limits(self) -> UpdateLimits:
         return self.policy.update_limits
 
 
@@ -97,13 +107,13 @@ def load_trust(data: bytes, *, source: str) -> Trust:
 # -- checkpoints ---------------------------------------------------------------------------
 
 
-def verify_checkpoint_note(note: bytes, trust: Trust) -> Any:
+def verify_checkpoint_note(note: bytes, trust: Trust) -> Checkpoint:
     from protocols.checkpoint import verify_checkpoint
 
     return verify_checkpoint(bytes(note), origin=trust.origin, log_verifier=trust.log_keys)
 
 
-def verify_cosignatures(note: bytes, trust: Trust, *, expect: Any) -> dict[str, int]:
+def verify_cosignatures(note: bytes, trust: Trust, *, expect: Checkpoint) -> dict[str, int]:
     """Witness cosignatures on the checkpoint ``expect`` (same size and root)."""
     from protocols.checkpoint import verify_cosigned_checkpoint
 
@@ -119,7 +129,7 @@ def verify_cosignatures(note: bytes, trust: Trust, *, expect: Any) -> dict[str, 
     return dict(res.cosigned_at)
 
 
-def check_entries_match(entries: Sequence[Any], checkpoint: Any) -> None:
+def check_entries_match(entries: Sequence[LedgerEntry], checkpoint: Checkpoint) -> None:
     """The entries [0, size) are exactly the leaves the verified checkpoint commits to."""
     import hmac
 
@@ -159,7 +169,8 @@ class SiteEnrolment:
 
 
 def site_record_from_entries(
-    entries: Sequence[Any], trust: Trust, *, site_id: str, fetch_blob: Any,
+    entries: Sequence[LedgerEntry], trust: Trust, *, site_id: str,
+    fetch_blob: Callable[[str], bytes],
 ) -> SiteEnrolment:
     """Replay the (already root-checked) entries from the pinned roots with
     :func:`protocols.ledger.replay` (every signature, policy change, update rule and blob), and
@@ -198,9 +209,9 @@ def max_diff_bytes() -> int:
 
 
 def build_update_payload(
-    *, trust: Trust, site_id: str, key_id: str, sequence: int, verified: Any,
-    new_conditions: Sequence[str], diff_bytes: bytes, diff_tensors: Any,
-) -> Any:
+    *, trust: Trust, site_id: str, key_id: str, sequence: int, verified: VerifiedReference,
+    new_conditions: Sequence[str], diff_bytes: bytes, diff_tensors: Mapping[str, np.ndarray],
+) -> UpdatePayload:
     """:class:`protocols.update.UpdatePayload` (statistics from the parsed diff bytes)."""
     from protocols.update import build_update_payload as _build
 
@@ -212,11 +223,11 @@ def build_update_payload(
     )
 
 
-def payload_bytes(payload: Any) -> bytes:
+def payload_bytes(payload: UpdatePayload) -> bytes:
     return bytes(payload.to_bytes())
 
 
-def sign_update(payload: Any, checked_bytes: bytes, key: Any) -> bytes:
+def sign_update(payload: UpdatePayload, checked_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
     """Sign ``payload`` with the site key; the signed bytes must be exactly the bytes the
     privacy guard checked."""
     from protocols.dsse import parse_envelope
@@ -235,7 +246,8 @@ def sign_update(payload: Any, checked_bytes: bytes, key: Any) -> bytes:
 
 
 def build_rotation_request(
-    *, trust: Trust, site_id: str, old_key: Any, new_key: Any, note: str = "",
+    *, trust: Trust, site_id: str, old_key: Ed25519PrivateKey, new_key: Ed25519PrivateKey,
+    note: str = "",
 ) -> bytes:
     """The site's rotation request (:func:`protocols.ledger.rotation_request`): a ``rotate``
     policy change for the pinned origin, signed by the old and the new key. Read back and

@@ -14,12 +14,26 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coordinator.storage import BlobStore, LedgerStore, StoredEntry, sha256_name
 from protocols.bundle import atomic_write
 from protocols.errors import ConfigError, VerificationError
 from protocols.proto.serde import BlobRef
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+    from coordinator.config import CoordinatorConfig
+    from protocols.bundle import ReferenceBundle
+    from protocols.checkpoint import Checkpoint, NoteSigner, NoteVerifier
+    from protocols.ledger import AppliedEntry, BlobLookup, ConditionCap, LedgerState, StateSnapshot
+    from protocols.limits import Limits
+    from protocols.policy import TrustPolicy
+    from protocols.update import AuthenticatedUpdate
 
 __all__ = [
     "LogSigner",
@@ -52,12 +66,12 @@ logger = logging.getLogger(__name__)
 class LogSigner:
     """The log's checkpoint key (a C2SP note signer named after the origin)."""
 
-    def __init__(self, signer: Any, origin: str) -> None:
+    def __init__(self, signer: NoteSigner, origin: str) -> None:
         self._signer = signer
         self.origin = origin
 
     @property
-    def verifier(self) -> Any:
+    def verifier(self) -> NoteVerifier:
         return self._signer.verifier
 
     @property
@@ -130,7 +144,7 @@ def append_signature_lines(note: bytes, lines: list[str]) -> bytes:
     return append_signatures(note, lines)
 
 
-def verify_checkpoint_note(signer: LogSigner, note: bytes) -> Any:
+def verify_checkpoint_note(signer: LogSigner, note: bytes) -> Checkpoint:
     from protocols.checkpoint import verify_checkpoint
 
     return verify_checkpoint(note, origin=signer.origin, log_verifier=signer.verifier)
@@ -273,7 +287,7 @@ class ReferenceCache:
         self._current_lock = threading.Lock()  # builds of the current version
         self._old_lock = threading.Lock()  # builds of every other version
         self._mem_lock = threading.Lock()  # the in-memory LRU and its byte count (never held long)
-        self._bundles: OrderedDict[int, tuple[Any, int]] = OrderedDict()  # index -> (bundle, bytes)
+        self._bundles: OrderedDict[int, tuple[ReferenceBundle, int]] = OrderedDict()  # index -> (bundle, bytes)
         self._memory_bytes = 0
         self._current_index = -1
 
@@ -314,7 +328,7 @@ class ReferenceCache:
             return None
         return MaterializedReference(0, model_index, parts[0], m, s, parts[1], parts[2])
 
-    def _remembered(self, model_index: int) -> Any | None:
+    def _remembered(self, model_index: int) -> ReferenceBundle | None:
         with self._mem_lock:
             hit = self._bundles.get(model_index)
             if hit is None:
@@ -322,7 +336,7 @@ class ReferenceCache:
             self._bundles.move_to_end(model_index)
             return hit[0]
 
-    def _remember(self, model_index: int, bundle: Any) -> Any:
+    def _remember(self, model_index: int, bundle: ReferenceBundle) -> ReferenceBundle:
         size = sum(int(a.nbytes) for a in bundle.tensors.values())
         with self._mem_lock:
             old = self._bundles.pop(model_index, None)
@@ -335,7 +349,7 @@ class ReferenceCache:
                 self._memory_bytes -= n
         return bundle
 
-    def _bundle_at(self, model_index: int) -> Any:
+    def _bundle_at(self, model_index: int) -> ReferenceBundle:
         """The ReferenceBundle after entry ``model_index`` (a model-changing entry): from the
         nearest cached version or full bundle (genesis, federated round) below it, plus every
         site diff since, concatenated and applied in one ``apply_condition_diff`` (the apply
@@ -476,7 +490,7 @@ class ReferenceCache:
 # keys and the trust policy
 
 
-def new_private_key(path: Path) -> Any:
+def new_private_key(path: Path) -> Ed25519PrivateKey:
     """A fresh Ed25519 key saved as PEM PKCS#8 (mode 0600) via :mod:`protocols.keys`."""
     from protocols.keys import generate_private_key, save_private_key
 
@@ -485,19 +499,19 @@ def new_private_key(path: Path) -> Any:
     return key
 
 
-def load_key(path: Path) -> Any:
+def load_key(path: Path) -> Ed25519PrivateKey:
     from protocols.keys import load_private_key
 
     return load_private_key(path)
 
 
-def read_public_key(path: str | os.PathLike[str]) -> Any:
+def read_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
     from protocols.keys import load_public_key
 
     return load_public_key(path)
 
 
-def key_id_of(key: Any) -> str:
+def key_id_of(key: LogSigner | Ed25519PublicKey | Ed25519PrivateKey) -> str:
     if isinstance(key, LogSigner):
         return key.vkey
     from protocols.keys import key_id
@@ -509,7 +523,7 @@ def trust_json(
     *,
     origin: str,
     log_key: LogSigner,
-    operator_keys: list[Any],
+    operator_keys: list[Ed25519PrivateKey] | list[Ed25519PublicKey],
     tls_root_pem: bytes,
     witness_keys: tuple[str, ...] = (),
     witnesses_required: int = 0,
@@ -537,13 +551,13 @@ def trust_json(
     return bytes(policy.to_json())
 
 
-def read_trust_policy(path: Path) -> Any:
+def read_trust_policy(path: Path) -> TrustPolicy:
     from protocols.policy import read_trust
 
     return read_trust(path)
 
 
-def tls_server_name(trust: Any, address: str) -> str | None:
+def tls_server_name(trust: object, address: str) -> str | None:
     """The name to check the server certificate against when ``address``'s host is not one of
     the certificate's names (e.g. ``127.0.0.1`` for a certificate made for ``coordinator``)."""
     pem = trust.get("tls_root_pem") if isinstance(trust, dict) else None
@@ -572,7 +586,7 @@ def tls_server_name(trust: Any, address: str) -> str | None:
 # the ledger state and entries
 
 
-def protocol_limits(cfg: Any) -> Any:
+def protocol_limits(cfg: CoordinatorConfig) -> Limits:
     """:class:`protocols.limits.Limits` with this coordinator's envelope and diff caps."""
     import dataclasses
 
@@ -585,7 +599,7 @@ def protocol_limits(cfg: Any) -> Any:
     )
 
 
-def condition_cap(cfg: Any) -> Any:
+def condition_cap(cfg: CoordinatorConfig) -> ConditionCap:
     """The operator's :class:`protocols.ledger.ConditionCap` from ``limits`` in the config."""
     from protocols.ledger import ConditionCap
 
@@ -599,7 +613,7 @@ def _hex(name: str) -> str:
     return name[7:] if name.startswith("sha256:") else name
 
 
-def blob_lookup(blobs: BlobStore, extra: dict[str, bytes] | None = None) -> Any:
+def blob_lookup(blobs: BlobStore, extra: dict[str, bytes] | None = None) -> BlobLookup:
     """``BlobLookup`` (hex sha256 -> bytes or None) over the blob store (+ ``extra``)."""
 
     def lookup(hexname: str) -> bytes | None:
@@ -616,7 +630,7 @@ def blob_lookup(blobs: BlobStore, extra: dict[str, bytes] | None = None) -> Any:
 SNAPSHOT_META = "ledger-state.json"
 
 
-def write_snapshot(snapshot: Any, cfg: Any) -> Path:
+def write_snapshot(snapshot: StateSnapshot, cfg: CoordinatorConfig) -> Path:
     """Write a :class:`protocols.ledger.StateSnapshot` under ``paths.snapshot``: the tensors
     file (named by its SHA-256) first, then the JSON that names it, each atomically; older
     tensor files go last. A crash at any point leaves the previous snapshot or the new one."""
@@ -632,7 +646,9 @@ def write_snapshot(snapshot: Any, cfg: Any) -> Path:
     return d / SNAPSHOT_META
 
 
-def _restore_snapshot(store: LedgerStore, trust: Any, cfg: Any) -> Any:
+def _restore_snapshot(
+    store: LedgerStore, trust: TrustPolicy, cfg: CoordinatorConfig
+) -> LedgerState | None:
     """The state a snapshot recorded, checked against the log; None (with a warning) when there
     is none that holds."""
     import json
@@ -661,7 +677,7 @@ def _restore_snapshot(store: LedgerStore, trust: Any, cfg: Any) -> Any:
         return None
 
 
-def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
+def replay_state(store: LedgerStore, blobs: BlobStore, cfg: CoordinatorConfig) -> LedgerState:
     """The :class:`protocols.ledger.LedgerState` of every stored entry: from the snapshot when
     one matches the log (then only the entries after it are applied), else replayed from the
     pinned roots of trust.json. Refuses to start on a broken log."""
@@ -682,7 +698,7 @@ def replay_state(store: LedgerStore, blobs: BlobStore, cfg: Any) -> Any:
     return state
 
 
-def _apply_stored(state: Any, store: LedgerStore, blobs: BlobStore, start: int) -> None:
+def _apply_stored(state: LedgerState, store: LedgerStore, blobs: BlobStore, start: int) -> None:
     lookup = blob_lookup(blobs)
     for e in store.entries(start, store.size):
         try:
@@ -696,7 +712,9 @@ def _apply_stored(state: Any, store: LedgerStore, blobs: BlobStore, start: int) 
             ) from exc
 
 
-def apply_entry(state: Any, entry: StoredEntry, blobs: BlobStore, cfg: Any) -> Any:
+def apply_entry(
+    state: LedgerState, entry: StoredEntry, blobs: BlobStore, cfg: CoordinatorConfig
+) -> AppliedEntry:
     """Apply a stored entry (appended by this or another process) to the state."""
     return state.apply(entry.envelope, blob_lookup(blobs))
 
@@ -709,8 +727,22 @@ class CheckedUpdate:
     kind: str = "site_update"
 
 
+def _checked_update(applied: AppliedEntry) -> CheckedUpdate:
+    acc = applied.accepted_update
+    if acc is None:  # pragma: no cover - only site_update envelopes reach this point
+        raise VerificationError(
+            "the ledger applied an entry that is not a site update", reason_code="E_INTERNAL"
+        )
+    return CheckedUpdate(acc.site_id, acc.sequence, tuple(acc.new_conditions))
+
+
 def check_and_apply_site_update(
-    state: Any, envelope: bytes, diff: bytes, limits: Any, *, authenticated: Any = None
+    state: LedgerState,
+    envelope: bytes,
+    diff: bytes,
+    limits: Limits,
+    *,
+    authenticated: AuthenticatedUpdate | None = None,
 ) -> CheckedUpdate:
     """Run validation of a submitted site update or label contribution against ``state`` and
     apply it (the state is unchanged when it raises). Only these two site-signed kinds are
@@ -734,8 +766,7 @@ def check_and_apply_site_update(
         applied = state.apply(
             envelope, blob_lookup_bytes({}), diff_bytes=diff, authenticated=authenticated
         )
-        acc = applied.accepted_update
-        return CheckedUpdate(acc.site_id, acc.sequence, tuple(acc.new_conditions))
+        return _checked_update(applied)
     try:
         env = parse_envelope(envelope, limits=limits)
     except VerificationError as exc:
@@ -757,11 +788,12 @@ def check_and_apply_site_update(
     # sha256 and size only after the signature verified (E_DIFF_*_MISMATCH), never look it up
     # under the name the unverified payload claims (which answered a forger E_BLOB_MISSING).
     applied = state.apply(envelope, blob_lookup_bytes({}), diff_bytes=diff)
-    acc = applied.accepted_update
-    return CheckedUpdate(acc.site_id, acc.sequence, tuple(acc.new_conditions))
+    return _checked_update(applied)
 
 
-def authenticate_submission(state: Any, envelope: bytes, limits: Any) -> Any:
+def authenticate_submission(
+    state: LedgerState, envelope: bytes, limits: Limits
+) -> AuthenticatedUpdate:
     """:func:`protocols.update.authenticate_update` against the policy in force: the
     :class:`~protocols.update.AuthenticatedUpdate` (its ``site_id`` is the signer's) or an
     :class:`~protocols.errors.UpdateRejectedError` whose code means "not authenticated"."""
@@ -784,11 +816,11 @@ def _payload_type(envelope: bytes) -> str | None:
         return None
 
 
-def blob_lookup_bytes(mapping: dict[str, bytes]) -> Any:
+def blob_lookup_bytes(mapping: dict[str, bytes]) -> BlobLookup:
     return lambda hexname: mapping.get(hexname)
 
 
-def claimed_update(envelope: bytes, limits: Any) -> tuple[str | None, int | None]:
+def claimed_update(envelope: bytes, limits: Limits) -> tuple[str | None, int | None]:
     """The (site id, sequence) a site update *claims*: unverified, for the log line of a
     submission refused before its signature was checked (logged as ``claimed_site``, never as
     ``site``), so a plain (fast, linear) JSON parse is enough."""
@@ -810,7 +842,7 @@ def claimed_update(envelope: bytes, limits: Any) -> tuple[str | None, int | None
     return sid, seq
 
 
-def site_status(state: Any, site_id: str) -> dict[str, Any]:
+def site_status(state: LedgerState, site_id: str) -> dict[str, Any]:
     rec = state.policy.sites.get(site_id)
     if rec is None:
         return {"enrolled": False, "revoked": False, "key_ids": (), "last_sequence": 0}
@@ -823,11 +855,13 @@ def site_status(state: Any, site_id: str) -> dict[str, Any]:
     }
 
 
-def known_sites(state: Any) -> list[str]:
+def known_sites(state: LedgerState) -> list[str]:
     return sorted(state.policy.sites)
 
 
-def genesis_envelope(operator_key: Any, *, bundle: Any, origin: str, blobs: list[BlobRef]) -> bytes:
+def genesis_envelope(
+    operator_key: Ed25519PrivateKey, *, bundle: ReferenceBundle, origin: str, blobs: list[BlobRef]
+) -> bytes:
     from protocols.ledger import entry_blobs, make_genesis
 
     g = make_genesis(bundle, origin=origin, operator_keys=[operator_key])
@@ -841,7 +875,13 @@ def genesis_envelope(operator_key: Any, *, bundle: Any, origin: str, blobs: list
 
 
 def enroll_envelope(
-    operator_key: Any, state: Any, *, site_id: str, public_key: Any, origin: str, log_size: int
+    operator_key: Ed25519PrivateKey,
+    state: LedgerState,
+    *,
+    site_id: str,
+    public_key: Ed25519PublicKey,
+    origin: str,
+    log_size: int,
 ) -> bytes:
     from protocols.ledger import enrol_entry
 
@@ -853,7 +893,7 @@ def enroll_envelope(
 
 
 def revoke_envelope(
-    operator_key: Any, state: Any, *, site_id: str, origin: str, log_size: int
+    operator_key: Ed25519PrivateKey, state: LedgerState, *, site_id: str, origin: str, log_size: int
 ) -> bytes:
     from protocols.ledger import revoke_entry
 
@@ -862,14 +902,14 @@ def revoke_envelope(
     return bytes(env)
 
 
-def checked(state: Any, envelope: bytes) -> bytes:
+def checked(state: LedgerState, envelope: bytes) -> bytes:
     """``envelope`` after the ledger rules accepted it as the next entry (no change yet)."""
     state.check(envelope, blob_lookup_bytes({}))
     return envelope
 
 
 def countersign_rotation(
-    operator_key: Any, request: bytes, *, origin: str, what: str
+    operator_key: Ed25519PrivateKey, request: bytes, *, origin: str, what: str
 ) -> tuple[bytes, str]:
     """Check that ``request`` is a site's 'rotate' policy change for this log and add the
     operator's signature. The ledger rules (old and new site key signed it, the old key is the
@@ -913,7 +953,9 @@ def entry_new_conditions(envelope: bytes) -> list[str]:
     return list(obj["new_conditions"])
 
 
-def apply_entry_diff(base: Any, entry: StoredEntry, diff_bytes: bytes) -> Any:
+def apply_entry_diff(
+    base: ReferenceBundle, entry: StoredEntry, diff_bytes: bytes
+) -> ReferenceBundle:
     """Reference after a site update entry: ``apply_condition_diff`` (numpy only)."""
     from protocols.diff import apply_condition_diff, diff_from_bytes
 

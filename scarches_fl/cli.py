@@ -27,7 +27,7 @@ EXIT_BROKEN_PIPE = 141
 
 # (module, extra that provides its dependencies). Order is the order of ``--help``.
 _COMMAND_MODULES: tuple[tuple[str, str], ...] = (
-    ("scarches_fl._cli_demo", "all"),
+    ("scarches_fl_cli.demo", "all"),
     ("scarches_fl._cli_reference", "model"),
     ("scarches_fl._cli_map", "model"),
     ("scarches_fl._cli_evaluate", "model"),

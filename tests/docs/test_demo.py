@@ -99,7 +99,7 @@ def test_demo_reruns_in_the_same_workdir(tmp_path: Path, shared_data: Path) -> N
 
 
 def test_demo_workdir_is_emptied_and_foreign_folders_are_refused(tmp_path: Path) -> None:
-    from scarches_fl._cli_demo import MARKER, DemoError, prepare_workdir
+    from scarches_fl_cli.demo import MARKER, DemoError, prepare_workdir
 
     wd = tmp_path / "wd"
     prepare_workdir(wd, keep=False)

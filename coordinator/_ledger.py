@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from coordinator.config import CoordinatorConfig
     from protocols.bundle import ReferenceBundle
     from protocols.checkpoint import Checkpoint, NoteSigner, NoteVerifier
+    from protocols.labels import AuthenticatedContribution
     from protocols.ledger import AppliedEntry, BlobLookup, ConditionCap, LedgerState, StateSnapshot
     from protocols.limits import Limits
     from protocols.policy import TrustPolicy
@@ -728,8 +729,10 @@ class CheckedUpdate:
 
 
 def _checked_update(applied: AppliedEntry) -> CheckedUpdate:
+    from protocols.update import AcceptedUpdate
+
     acc = applied.accepted_update
-    if acc is None:  # pragma: no cover - only site_update envelopes reach this point
+    if not isinstance(acc, AcceptedUpdate):  # pragma: no cover - only site updates reach here
         raise VerificationError(
             "the ledger applied an entry that is not a site update", reason_code="E_INTERNAL"
         )
@@ -742,7 +745,7 @@ def check_and_apply_site_update(
     diff: bytes,
     limits: Limits,
     *,
-    authenticated: AuthenticatedUpdate | None = None,
+    authenticated: AuthenticatedUpdate | AuthenticatedContribution | None = None,
 ) -> CheckedUpdate:
     """Run validation of a submitted site update or label contribution against ``state`` and
     apply it (the state is unchanged when it raises). Only these two site-signed kinds are
@@ -775,6 +778,11 @@ def check_and_apply_site_update(
     if env.payload_type == LABEL_CONTRIBUTION_TYPE:
         applied = state.apply(envelope, blob_lookup_bytes({}), diff_bytes=diff)
         acc = applied.accepted_update
+        if acc is None:  # pragma: no cover - the ledger records what it accepted
+            raise VerificationError(
+                "the ledger applied a label contribution without recording it",
+                reason_code="E_INTERNAL",
+            )
         return CheckedUpdate(acc.site_id, acc.sequence, (), kind="label_contribution")
     if env.payload_type != SITE_UPDATE_TYPE:
         kind = PAYLOAD_TYPES.get(env.payload_type, "unknown")
@@ -793,7 +801,7 @@ def check_and_apply_site_update(
 
 def authenticate_submission(
     state: LedgerState, envelope: bytes, limits: Limits
-) -> AuthenticatedUpdate:
+) -> AuthenticatedUpdate | AuthenticatedContribution:
     """:func:`protocols.update.authenticate_update` against the policy in force: the
     :class:`~protocols.update.AuthenticatedUpdate` (its ``site_id`` is the signer's) or an
     :class:`~protocols.errors.UpdateRejectedError` whose code means "not authenticated"."""

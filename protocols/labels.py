@@ -373,7 +373,7 @@ def parse_label_policy(obj: Any) -> LabelPolicyChange:
         _check_type_name(target, "the shared name")
     except UpdateRejectedError as exc:
         raise _policy_error(exc.message) from exc
-    return LabelPolicyChange(action, obj["origin"], label_key=level, name=name, target=target)
+    return LabelPolicyChange(str(action), obj["origin"], label_key=level, name=name, target=target)
 
 
 def label_policy_entry(
@@ -916,8 +916,8 @@ class LabelLedger:
         assert change.settings is not None
         return cls(
             policy=change.settings,
-            accepted=tuple(tuple(a) for a in obj["accepted"]),  # type: ignore[misc]
-            mapped=tuple(tuple(m) for m in obj["mapped"]),  # type: ignore[misc]
+            accepted=tuple(tuple(a) for a in obj["accepted"]),
+            mapped=tuple(tuple(m) for m in obj["mapped"]),
             contributions=tuple(
                 _Contribution(
                     int(c["index"]),

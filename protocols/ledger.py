@@ -743,7 +743,7 @@ class AppliedEntry:
     leaf_hash: bytes = field(repr=False)
     digest: str | None
     site_id: str | None = None
-    accepted_update: AcceptedUpdate | None = field(default=None, repr=False)
+    accepted_update: AcceptedUpdate | AcceptedContribution | None = field(default=None, repr=False)
 
 
 @dataclass

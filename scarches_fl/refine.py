@@ -544,6 +544,7 @@ def expression_label_posteriors(
                 if sure.sum() >= 3:
                     scale = max(1.0, float(np.median(nearest[sure])) / max(ref_median, 1e-12))
             cur = _softmax(expr_logits / (temperature * scale))
+        assert cur is not None  # the loop above runs at least once
         weight = 0.0
         if start is not None:
             # how far the latent head is to be trusted on this batch: its agreement with the

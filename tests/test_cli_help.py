@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import subprocess
 import sys
 
@@ -125,38 +126,44 @@ def test_missing_model_extra_is_named_without_a_traceback(tmp_path, argv: list[s
     assert not (tmp_path / "WD").exists(), "the demo must stop before making its workdir"
 
 
-_BLOCK_FLWR = (
-    "import sys; sys.modules['flwr'] = None; "  # an install without [flower]
-    "from scarches_fl.cli import main; sys.exit(main(sys.argv[1:]))"
-)
+_FLOWER_COMMANDS = [
+    "federate simulate --data D.h5ad --batch-key b --sites 2 --rounds 1 --out OUT",
+    "federate superlink --state OUT --insecure",
+    "federate supernode --superlink 127.0.0.1:1 --insecure --site-id s --site-key k "
+    "--data D.h5ad --batch-key b",
+    "federate run --insecure --policy p.json --coordinator-key k --rounds 1 --out OUT",
+]
+# One process runs every command with flwr blocked (an install without [flower]) and reports
+# each exit code and stderr as a JSON line.
+_BLOCK_FLWR = """
+import contextlib, io, json, shlex, sys
+sys.modules["flwr"] = None
+from scarches_fl.cli import main
+for command in sys.argv[1:]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(shlex.split(command))
+    print(json.dumps({"command": command, "rc": rc, "stderr": err.getvalue()}))
+"""
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        "federate simulate --data D.h5ad --batch-key b --sites 2 --rounds 1 --out OUT".split(),
-        "federate superlink --state OUT --insecure".split(),
-        (
-            "federate supernode --superlink 127.0.0.1:1 --insecure --site-id s --site-key k "
-            "--data D.h5ad --batch-key b"
-        ).split(),
-        "federate run --insecure --policy p.json --coordinator-key k --rounds 1 --out OUT".split(),
-    ],
-    ids=["simulate", "superlink", "supernode", "run"],
-)
-def test_missing_flower_extra_is_named_before_any_work(tmp_path, argv: list[str]) -> None:
+def test_missing_flower_extra_is_named_before_any_work(tmp_path) -> None:
     res = subprocess.run(
-        [sys.executable, "-c", _BLOCK_FLWR, *argv],
+        [sys.executable, "-c", _BLOCK_FLWR, *_FLOWER_COMMANDS],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert "Traceback" not in res.stderr, res.stderr
-    assert f"`scarches-fl {' '.join(argv[:2])}`" in res.stderr, res.stderr
-    assert "'flwr'" in res.stderr and "'flower' extra" in res.stderr, res.stderr
-    assert not (tmp_path / "OUT").exists(), "the command must stop before writing anything"
+    assert res.returncode == 0, res.stdout + res.stderr
+    results = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["command"] for r in results] == _FLOWER_COMMANDS
+    for r in results:
+        words = r["command"].split()
+        assert r["rc"] == 2 and "Traceback" not in r["stderr"], r
+        assert f"`scarches-fl {words[0]} {words[1]}`" in r["stderr"], r
+        assert "'flwr'" in r["stderr"] and "'flower' extra" in r["stderr"], r
+    assert not (tmp_path / "OUT").exists(), "a command must stop before writing anything"
 
 
 def test_a_missing_module_of_our_own_is_a_bug_with_its_traceback() -> None:

@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("protocols", "scarches_fl", "coordinator", "site_agent", "scarches_fl_cli")
 
@@ -38,60 +36,46 @@ def test_the_layer_contracts_hold() -> None:
     assert any("coordinator | site_agent <- scarches_fl_cli" in line for line in kept)
 
 
-@pytest.fixture(scope="module")
-def tree_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("layers")
+#: (module, the wrong import added to it, the contract it breaks, the chain lint-imports names)
+WRONG_IMPORTS = [
+    # the trust layer reaching up into the operator's service
+    (
+        "protocols/merkle.py",
+        "import coordinator.storage",
+        "coordinator | site_agent",
+        "protocols.merkle -> coordinator.storage",
+    ),
+    # the two roles are independent
+    (
+        "site_agent/outbox.py",
+        "from coordinator import storage",
+        "coordinator | site_agent",
+        "site_agent.outbox -> coordinator",
+    ),
+    # nothing imports the command-line layer
+    (
+        "coordinator/storage.py",
+        "import scarches_fl_cli.federate",
+        "scarches_fl_cli",
+        "coordinator.storage -> scarches_fl_cli.federate",
+    ),
+    # the auditor's install has no torch
+    ("protocols/canonical.py", "import torch", "no torch", "protocols.canonical -> torch"),
+]
+
+
+def test_wrong_imports_break_the_contracts(tmp_path: Path) -> None:
+    """One run of lint-imports on a copy of the tree with every wrong import above added: it
+    fails, marks each contract they break BROKEN and names each import."""
     for name in PACKAGES:
-        shutil.copytree(ROOT / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
-    return root
-
-
-@pytest.mark.parametrize(
-    ("module", "line", "broken", "named"),
-    [
-        # the trust layer reaching up into the operator's service
-        (
-            "protocols/merkle.py",
-            "import coordinator.storage",
-            "coordinator | site_agent",
-            "protocols.merkle -> coordinator.storage",
-        ),
-        # the two roles are independent
-        (
-            "site_agent/outbox.py",
-            "from coordinator import storage",
-            "coordinator | site_agent",
-            "site_agent.outbox -> coordinator",
-        ),
-        # nothing imports the command-line layer
-        (
-            "coordinator/storage.py",
-            "import scarches_fl_cli.federate",
-            "scarches_fl_cli",
-            "coordinator.storage -> scarches_fl_cli.federate",
-        ),
-        # the auditor's install has no torch
-        ("protocols/canonical.py", "import torch", "no torch", "protocols.canonical -> torch"),
-    ],
-    ids=[
-        "protocols-imports-coordinator",
-        "site-imports-coordinator",
-        "role-imports-cli",
-        "protocols-imports-torch",
-    ],
-)
-def test_a_wrong_import_breaks_a_contract(
-    tree_copy: Path, module: str, line: str, broken: str, named: str
-) -> None:
-    path = tree_copy / module
-    original = path.read_text()
-    try:
-        path.write_text(original + f"\n{line}  # deliberately wrong\n")
-        res = _lint_imports(tree_copy)
-    finally:
-        path.write_text(original)
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    for module, line, _broken, _named in WRONG_IMPORTS:
+        path = tmp_path / module
+        path.write_text(path.read_text() + f"\n{line}  # deliberately wrong\n")
+    res = _lint_imports(tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode != 0, out[-3000:]
-    assert re.search(rf"^.*{re.escape(broken)}.* BROKEN", out, re.M), out[-3000:]
-    assert named in out, out[-3000:]
+    for _module, _line, broken, named in WRONG_IMPORTS:
+        assert re.search(rf"^.*{re.escape(broken)}.* BROKEN", out, re.M), (broken, out[-3000:])
+        assert named in out, (named, out[-3000:])

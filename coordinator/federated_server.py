@@ -468,7 +468,7 @@ class _Federation:
             classifier_weight=float(s.classifier_weight) if classes else 0.0,
         )
         G, C = len(self.genes), len(self.conditions)
-        self.registration = {
+        self.registration: dict[str, Any] = {
             "batch_key": s.batch_key,
             "label_key": s.label_key,
             "layer": None,

@@ -167,14 +167,16 @@ class Reference:
         prototypes). Supported options and what is refused: ``docs/model.md``."""
         from scarches_fl.scvi_interop import import_scvi
 
-        return cls(import_scvi(model_dir, label_key=label_key, data=data, namespace=namespace))
+        return cls(
+            import_scvi(Path(model_dir), label_key=label_key, data=data, namespace=namespace)
+        )
 
     def to_scvi(self, path: str | os.PathLike[str], *, force: bool = False) -> Path:
         """Write a reference imported with :meth:`from_scvi` (grown by any number of sites) as a
         scvi-tools model directory (``scarches-fl reference export-scvi``)."""
         from scarches_fl.scvi_interop import export_scvi
 
-        return export_scvi(self.model, path, force=force)
+        return export_scvi(self.model, Path(path), force=force)
 
     # -- use -----------------------------------------------------------------------------------
 

@@ -633,8 +633,11 @@ def transfer_labels(
     query (raw counts in X or ``layer``, in memory or backed); ``latent``: its embedding.
     ``method``: ``"expression"`` (expression prototypes, this module), ``"prototype"`` /
     ``"knn"`` (:func:`scarches_fl.labels.predict_labels` on the latent), or ``"auto"``:
-    expression where the bundle carries it for ``label_key``, else what
-    :func:`~scarches_fl.labels.predict_labels` picks."""
+    expression where the bundle carries it for ``label_key`` and knows no type beyond those it
+    was fitted on, else what :func:`~scarches_fl.labels.predict_labels` picks. (Types a bundle
+    learned later from sites' label contributions exist as latent prototypes only, so ``auto``
+    then reads the latent; ``expression`` can be asked for and names only the reference's
+    own types.)"""
     from scarches_fl.labels import predict_labels
 
     if method not in LABEL_METHODS:
@@ -648,6 +651,26 @@ def transfer_labels(
             f"this reference carries no expression prototypes for {label_key!r} (trained "
             "before they existed, or without --label-key); use --label-method auto"
         )
+    level = model.labels.get("levels", {}).get(label_key, {})
+    proto_classes = set(level.get("prototype", {}).get("classes", []))
+    learned_later = sorted(
+        {
+            str(p.get("label"))
+            for p in level.get("prototype", {}).get("prototypes", [])
+            if "source" in p
+        }
+        | (proto_classes - set(level.get("expression", {}).get("classes", [])))
+    )
+    if method == "auto" and learned_later:
+        # types the reference learned from sites' label contributions exist as latent
+        # prototypes only: the expression rule could not name them
+        logger.info(
+            "label method auto: %d types were contributed after training (%s); reading the "
+            "latent so that they can be named",
+            len(learned_later),
+            ", ".join(learned_later[:5]),
+        )
+        method = "latent"
     if method in ("auto", "expression") and has_expr:
         scores = query_scores(model.labels["expression"], tensors, adata, model.genes, layer=layer)
         batches = np.asarray(adata.obs[batch_key]).astype(str)
@@ -667,5 +690,5 @@ def transfer_labels(
         latent,
         label_key=label_key,
         threshold=threshold,
-        method=method,
+        method="auto" if method == "latent" else method,
     )

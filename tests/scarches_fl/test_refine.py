@@ -231,3 +231,39 @@ def test_sample_reference_rows_caps_each_type():
     picked = labels[rows]
     assert (picked == "a").sum() == 10 and (picked == "b").sum() == 5
     assert all(v is not None for v in picked)
+
+
+def test_auto_reads_the_latent_once_sites_contributed_types(monkeypatch):
+    from types import SimpleNamespace
+
+    import scarches_fl.labels as labels_module
+    from scarches_fl.refine import transfer_labels
+
+    seen = {}
+
+    def fake_predict(labels, atlas, latent, *, label_key, threshold, method):
+        seen["method"] = method
+        return "latent labels"
+
+    monkeypatch.setattr(labels_module, "predict_labels", fake_predict)
+    level = {
+        "prototype": {
+            "classes": ["a", "b", "site-x:c"],
+            "prototypes": [{"label": "site-x:c", "source": "site-x#7"}],
+        },
+        "expression": {"classes": ["a", "b"]},
+    }
+    model = SimpleNamespace(
+        labels={"levels": {"cell_type": level}}, tensors=lambda: {}, extra_tensors={}
+    )
+    out = transfer_labels(model, None, np.zeros((2, 2)), label_key="cell_type", batch_key="b")
+    assert out == "latent labels" and seen["method"] == "auto"
+    with pytest.raises(LabelTransferError, match="no expression prototypes"):
+        transfer_labels(
+            model,
+            None,
+            np.zeros((2, 2)),
+            label_key="cell_type",
+            batch_key="b",
+            method="expression",
+        )

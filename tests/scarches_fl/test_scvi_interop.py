@@ -265,3 +265,26 @@ def test_python_api_from_scvi_map_to_scvi(saved, tmp_path):
     np.testing.assert_allclose(
         back.get_latent_representation(), study.obsm["X_scarches"], atol=1e-4, rtol=0
     )
+
+
+def test_surgery_on_batch_norm_reference_keeps_every_old_number(saved):
+    """scvi-tools' defaults (batch norm in encoder and decoder): conditions-mode surgery trains
+    the new columns only; every imported number, running statistics included, is bit-identical
+    afterwards, and the diff is exactly the new columns of the condition tensors."""
+    ref = import_scvi(saved["scvi-defaults"][1])
+    study = reference_cells(120, seed=3)
+    study = study[study.obs["batch"] == "batch1"].copy()
+    study.obs["batch"] = "new-study"
+    before = ref.module.export_tensors()
+    res = ref.surgery(study, batch_key="batch", namespace="site-a", max_epochs=2, progress=False)
+    after = res.model.module.export_tensors()
+    assert res.trainable_parameters == sum(v.size for v in res.diff.values()) == 2 * 16
+    for name, old in before.items():
+        spec = ref.module.specs[name]
+        new = after[name]
+        if spec.role == "condition":
+            assert np.array_equal(new[:, : old.shape[1]], old), name
+            assert np.array_equal(new[:, old.shape[1] :], res.diff[name]), name
+        else:
+            assert np.array_equal(new, old), name
+    assert any(n.endswith(".bn.running_var") for n in before)

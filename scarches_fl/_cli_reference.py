@@ -143,13 +143,13 @@ def _train(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from scarches_fl.model import ReferenceModel
+    from scarches_fl.api import Reference
     from scarches_fl.query import check_output_path
 
     t0 = time.perf_counter()
     check_output_path(args.out, force=args.force)
     adata = read_input(args)
-    model = ReferenceModel.train_reference(
+    reference = Reference.train(
         adata,
         batch_key=args.batch_key,
         label_key=args.label_key,
@@ -168,6 +168,7 @@ def _train(args: argparse.Namespace) -> int:
         classifier_weight=args.classifier_weight,
         n_top_genes=args.n_top_genes,
     )
+    model = reference.model
     bundle = model.save(args.out)
     size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
     h = model.history

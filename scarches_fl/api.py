@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from scarches_fl.data import DataError
+from scarches_fl.data import DataError, _obs_column
 from scarches_fl.model import REGISTERED, ReferenceModel, _Registered
 from scarches_fl.query import MIN_CELLS_PER_BATCH
 
@@ -102,16 +102,11 @@ class Reference:
         """Train a reference on ``adata`` (raw counts in X or ``layer``): one condition per value
         of ``obs[batch_key]``; with ``label_key`` a semi-supervised reference that stores label
         knowledge for :meth:`map`. The options are ``scarches-fl reference train``'s."""
-        if batch_key not in adata.obs.columns:
-            raise DataError(
-                f"batch key {batch_key!r} is not a column of obs; the columns are: "
-                f"{', '.join(map(str, adata.obs.columns)) or '(none)'}"
-            )
-        if label_key is not None and label_key not in adata.obs.columns:
-            raise DataError(
-                f"label key {label_key!r} is not a column of obs; the columns are: "
-                f"{', '.join(map(str, adata.obs.columns))}. Pass the cell-type column, or None"
-            )
+        # the columns are checked before any training (and gene selection), with the messages
+        # the training itself would give
+        _obs_column(adata, batch_key, "batch")
+        if label_key is not None:
+            _obs_column(adata, label_key, "label")
         model = ReferenceModel.train_reference(
             adata,
             batch_key=batch_key,

@@ -123,7 +123,7 @@ def test_refusals_come_before_any_training(bundle, data, tmp_path, monkeypatch):
     with pytest.raises(DataError, match="raw counts"):
         ref.map(q, batch_key="batch")
     assert "X_scarches" not in q.obsm
-    with pytest.raises(DataError, match="label key 'celltype' is not a column"):
+    with pytest.raises(DataError, match="label key 'celltype' not found in adata.obs"):
         scarches_fl.Reference.train(ref_data, batch_key="batch", label_key="celltype")
     with pytest.raises(DataError, match="already exists"):
         ref.save(bundle)

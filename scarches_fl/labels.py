@@ -112,6 +112,9 @@ class LabelPrediction:
     classes: list[str]
     method: str
     novelty: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
+    #: per cell, where its top label came from: ``"genesis"`` (the reference's own knowledge) or
+    #: ``"<site>#<ledger entry>"`` (a site's label contribution); prototype method only
+    source: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, object))
 
 
 def atlas_tensor_name(level_index: int) -> str:
@@ -316,11 +319,12 @@ def _spread_inflation(zc: np.ndarray, cov: np.ndarray) -> float:
 
 
 def _proto_scores(
-    z: np.ndarray, model: Mapping[str, Any], classes: Sequence[str]
+    z: np.ndarray, model: Mapping[str, Any], classes: Sequence[str], *, best: list | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(n, n_classes) class log scores ``log prior_c + log sum_j w_j exp(-maha_j / 2)`` over
     the class's prototypes j (Mahalanobis with the shared covariance), and the smallest squared
-    Mahalanobis distance to any prototype."""
+    Mahalanobis distance to any prototype. With ``best`` (a list), appends per cell the index of
+    the prototype that weighs most in its top class (where its label came from)."""
     cov = np.asarray(model["shared_covariance"], dtype=np.float64)
     chol = np.linalg.cholesky(cov)
     protos = model["prototypes"]
@@ -343,6 +347,9 @@ def _proto_scores(
     for j in range(len(classes)):
         if (owner == j).any():  # a class without prototypes (absent from a fold) scores -inf
             scores[:, j] = prior[j] + _logsumexp(comp[:, owner == j], axis=1)
+    if best is not None:
+        top = scores.argmax(axis=1)
+        best.append(np.where(owner[None, :] == top[:, None], comp, -np.inf).argmax(axis=1))
     return scores, maha.min(axis=1)
 
 
@@ -785,6 +792,7 @@ def predict_labels(
     )
     if method == "auto":
         method = "knn" if has_atlas else "prototype"
+    source = np.zeros(0, object)
     if method == "knn":
         if not has_atlas:
             raise LabelTransferError(
@@ -810,12 +818,17 @@ def predict_labels(
         temperature = float(proto["calibration"]["temperature"])
         probs = np.empty((z.shape[0], len(classes)))
         stat = np.empty(z.shape[0])
+        best: list[np.ndarray] = []
         for lo in range(0, z.shape[0], _QUERY_CHUNK):
             scores, stat[lo : lo + _QUERY_CHUNK] = _proto_scores(
-                z[lo : lo + _QUERY_CHUNK], proto, classes
+                z[lo : lo + _QUERY_CHUNK], proto, classes, best=best
             )
             probs[lo : lo + _QUERY_CHUNK] = _softmax(scores / temperature)
         quantiles = proto["calibration"]["novelty_quantiles"]
+        sources = np.array(
+            [str(p.get("source", "genesis")) for p in proto["prototypes"]], dtype=object
+        )
+        source = sources[np.concatenate(best)] if best else np.zeros(0, object)
     else:
         raise LabelTransferError(f"unknown method {method!r}; use 'auto', 'knn' or 'prototype'")
 
@@ -863,6 +876,7 @@ def predict_labels(
         classes=classes,
         method=method,
         novelty=(1.0 - factor).astype(np.float32),
+        source=source if method == "prototype" else np.full(len(top), "genesis", dtype=object),
     )
 
 

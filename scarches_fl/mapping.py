@@ -75,6 +75,9 @@ class MappedQuery:
     threshold: float | None = None
     pred: np.ndarray | None = None
     uncertainty: np.ndarray | None = None
+    #: per cell, where its label came from: ``genesis`` or ``<site>#<ledger entry>`` (a label
+    #: contribution; ``scarches_fl.labels.LabelPrediction.source``)
+    source: np.ndarray | None = None
     n_zero_cells: int = 0
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -90,13 +93,17 @@ class MappedQuery:
         return Reference(self.model)
 
     def obs_columns(self) -> dict[str, np.ndarray]:
-        """``{"<label>_pred": ..., "<label>_uncertainty": ...}``, empty without labels."""
+        """``{"<label>_pred": ..., "<label>_uncertainty": ..., "<label>_source": ...}``, empty
+        without labels."""
         if self.label_key is None or self.pred is None or self.uncertainty is None:
             return {}
-        return {
+        cols = {
             f"{self.label_key}_pred": self.pred,
             f"{self.label_key}_uncertainty": self.uncertainty,
         }
+        if self.source is not None and len(self.source) == len(self.pred):
+            cols[f"{self.label_key}_source"] = self.source
+        return cols
 
     def record(self, ledger: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """``uns["scarches_fl"]`` (:func:`scarches_fl.query.mapping_record`); ``ledger`` adds
@@ -325,6 +332,7 @@ def _transfer_labels(
         ) from exc
     mapped.pred = np.asarray(p.pred).astype(str)
     mapped.uncertainty = np.asarray(p.uncertainty, dtype=np.float32)
+    mapped.source = np.asarray(p.source).astype(str) if len(p.source) == n else None
     mapped.label_method = str(p.method)
     n_unknown = int(np.sum(mapped.pred == "Unknown"))
     mapped.notes.append(

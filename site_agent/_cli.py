@@ -88,6 +88,23 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--out", metavar="OUT_H5AD", help="the mapped dataset (stays at the site)")
     p.add_argument(
+        "--contribute-labels",
+        action="store_true",
+        help="also contribute, per cell type of obs[L] with at least k cells, a prototype "
+        "(latent mean, spread, bucketed count; DP as the label policy says); opt-in",
+    )
+    p.add_argument(
+        "--label-epsilon-budget",
+        type=float,
+        metavar="EPS",
+        help="refuse DP label contributions that take a study past this epsilon",
+    )
+    p.add_argument(
+        "--genesis-labels-only",
+        action="store_true",
+        help="predict with the reference's own label knowledge, without any site's contribution",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="stop after the privacy guard: show what would be sent, sign nothing",
@@ -235,6 +252,9 @@ def _config(args: argparse.Namespace) -> Any:
         "seed",
         "min_gene_coverage",
         "label_uncertainty",
+        "contribute_labels",
+        "label_epsilon_budget",
+        "genesis_labels_only",
     )
     flags = {n: getattr(args, n) for n in names if hasattr(args, n)}
     return merge_flags(base, flags)
@@ -276,7 +296,11 @@ def _map(args: argparse.Namespace) -> int:
     config = _config(args)
     report = run_map(config, dry_run=bool(args.dry_run), var_names_column=args.var_names_column,
                      force=bool(args.force), backed=args.backed)
-    if report.dry_run or not report.new_conditions:
+    if report.dry_run or not (report.new_conditions or report.label_receipt):
+        return 0
+    if not report.new_conditions:
+        print(f"done: {report.n_cells} cells mapped onto reference version "
+              f"{report.verified.tree_size}; contributed label prototypes only")
         return 0
     print(
         f"done: {report.n_cells} cells mapped onto reference version "

@@ -166,6 +166,8 @@ class SiteEnrolment:
     key_ids: tuple[str, ...]
     last_sequence: int = 0
     expected_digest: str | None = None
+    #: the replayed label state (protocols.labels.LabelLedger) at this size
+    labels: Any = None
 
 
 def site_record_from_entries(
@@ -192,11 +194,12 @@ def site_record_from_entries(
     digest = state.digest_at(len(entries))
     if rec is None:
         return SiteEnrolment(site_id, enrolled=False, revoked=False, key_ids=(),
-                          expected_digest=digest)
+                             expected_digest=digest, labels=state.labels)
     active = tuple(k.key_id for k in rec.keys if k.status == "active")
     revoked = not active and any(k.status == "revoked" for k in rec.keys)
     return SiteEnrolment(site_id, enrolled=True, revoked=revoked, key_ids=active,
-                      last_sequence=int(state.sequences.get(site_id, 0)), expected_digest=digest)
+                         last_sequence=int(state.sequences.get(site_id, 0)),
+                         expected_digest=digest, labels=state.labels)
 
 
 # -- update payload and envelope ----------------------------------------------------------

@@ -107,6 +107,10 @@ class MapReport:
     receipt: dict[str, Any] | None = None
     delivered: bool = False
     dry_run: bool = False
+    #: the label contribution (``--contribute-labels``): outbox entry, summary, receipt
+    label_entry: OutboxEntry | None = None
+    label_summary_text: str = ""
+    label_receipt: dict[str, Any] | None = None
 
 
 def _say(printer: Callable[[str], None] | None, text: str) -> None:
@@ -162,9 +166,12 @@ def run_map(
             from scarches_fl.model import ReferenceModel
 
             model = ReferenceModel.from_bundle(verified.bundle)
+            _use_label_knowledge(model, config, verified, printer)
             th = config.thresholds
             _say(printer, f"mapping {config.data} (stays at this site)")
             with open_query(config.data, backed=backed) as adata:
+                if config.contribute_labels:
+                    _check_contribution_setup(config, adata, verified)
                 outcome = map_query(
                     adata, model, site_id=config.site_id, batch_key=config.batch_key or "",
                     label_key=config.label_key, layer=config.layer, batches=config.batches,
@@ -192,7 +199,11 @@ def run_map(
                                dry_run=dry_run)
 
             if not outcome.diff:
-                _say(printer, "nothing to contribute: every batch is already in the reference")
+                _say(printer, "no new condition columns: every batch is already in the reference")
+                if config.contribute_labels:
+                    _contribute_labels(config, outcome, report, client=client, state=state,
+                                       trust=trust, key=key, verified=verified, outbox=outbox,
+                                       dry_run=dry_run, printer=printer)
                 return report
 
             # -- the update: diff bytes, payload, privacy guard --
@@ -228,6 +239,10 @@ def run_map(
             if dry_run:
                 _say(printer, f"--dry-run: nothing was signed or sent. The update is in "
                               f"{entry.path}")
+                if config.contribute_labels:
+                    _contribute_labels(config, outcome, report, client=client, state=state,
+                                       trust=trust, key=key, verified=verified, outbox=outbox,
+                                       dry_run=True, printer=printer, after_sequence=sequence)
                 return report
 
             # -- sign, submit, receipt --
@@ -239,7 +254,163 @@ def run_map(
             rec = deliver(client, entry, state=state, trust=trust, printer=printer)
             report.receipt = rec
             report.delivered = True
+            if config.contribute_labels:
+                _contribute_labels(config, outcome, report, client=client, state=state,
+                                   trust=trust, key=key, verified=verified, outbox=outbox,
+                                   dry_run=False, printer=printer)
             return report
+
+
+def _use_label_knowledge(model: Any, config: SiteConfig, verified: VerifiedReference,
+                         printer: Callable[[str], None] | None) -> None:
+    """Predict with the label knowledge of the verified version: the reference's own plus every
+    accepted label contribution (the same replay the auditor runs), unless
+    ``genesis_labels_only``."""
+    from protocols.labels import merge_label_knowledge
+
+    labels_state = verified.site_record.labels
+    if not config.label_key or labels_state is None or not model.labels:
+        return
+    n = sum(len(c.prototypes) for c in labels_state.contributions)
+    if config.genesis_labels_only:
+        if n:
+            _say(printer, f"label knowledge: the reference's own only (--genesis-labels-only; "
+                          f"{n} contributed prototype(s) left out)")
+        return
+    if n:
+        model.labels = merge_label_knowledge(model.labels, labels_state)
+        _say(printer, f"label knowledge: the reference's own plus {n} prototype(s) from "
+                      f"{len(labels_state.contributions)} label contribution(s) in the ledger")
+
+
+def _study_key(adata: Any, config: SiteConfig) -> str:
+    from scarches_fl.data import condition_names
+
+    batches = list(dict.fromkeys(adata.obs[config.batch_key].astype(str).to_numpy()))
+    return ",".join(sorted(condition_names(batches, config.site_id or "").values()))
+
+
+def _check_contribution_setup(config: SiteConfig, adata: Any, verified: VerifiedReference) -> None:
+    """Fail fast, before any training: what ``--contribute-labels`` needs."""
+    from protocols.labels import reference_levels
+    from site_agent.labels import EpsilonLedger, LabelContributionError, choose_dp
+
+    if not config.label_key:
+        raise LabelContributionError(
+            "--contribute-labels needs --label-key L: the obs column with this site's own cell "
+            "type annotation"
+        )
+    if config.label_key not in adata.obs.columns:
+        raise LabelContributionError(
+            f"--contribute-labels: obs has no column {config.label_key!r}; the prototypes are "
+            "computed from this site's own annotation of its cells"
+        )
+    levels = reference_levels(verified.bundle.manifest.get("labels"))
+    if config.label_key not in levels:
+        raise LabelContributionError(
+            f"--contribute-labels: the reference carries no prototypes for {config.label_key!r} "
+            f"(it has {sorted(levels) or 'none'}), so there is nothing to extend"
+        )
+    labels_state = verified.site_record.labels
+    dp = choose_dp(labels_state.policy, site_epsilon=config.label_dp_epsilon,
+                   site_delta=config.label_dp_delta, site_clip_norm=config.label_dp_clip_norm)
+    if config.label_epsilon_budget is not None:
+        if dp is None:
+            raise LabelContributionError(
+                "label_epsilon_budget is set, but neither the label policy nor this site's "
+                "configuration asks for the Gaussian mechanism: a contribution without it has "
+                "no epsilon. Set label_dp_epsilon (with label_dp_delta, label_dp_clip_norm)"
+            )
+        assert config.state is not None
+        EpsilonLedger(config.state).check(_study_key(adata, config), dp.epsilon,
+                                          config.label_epsilon_budget)
+
+
+def _contribute_labels(
+    config: SiteConfig, outcome: Any, report: MapReport, *, client: Any, state: SiteState,
+    trust: proto.Trust, key: SiteSigningKey, verified: VerifiedReference, outbox: Outbox,
+    dry_run: bool, printer: Callable[[str], None] | None, after_sequence: int | None = None,
+) -> None:
+    """Build, guard, show, sign and send the label contribution (``--contribute-labels``)."""
+    from protocols.labels import build_contribution_payload, sign_contribution
+    from site_agent.labels import (
+        EpsilonLedger,
+        build_site_prototypes,
+        check_outgoing_labels,
+        choose_dp,
+        render_contribution,
+    )
+
+    assert config.label_key and config.state
+    labels_state = verified.site_record.labels
+    policy = labels_state.policy
+    dp = choose_dp(policy, site_epsilon=config.label_dp_epsilon, site_delta=config.label_dp_delta,
+                   site_clip_norm=config.label_dp_clip_norm)
+    adata = outcome.adata
+    study = _study_key(adata, config)
+    eps_ledger = EpsilonLedger(config.state)
+    if dp is not None:
+        eps_ledger.check(study, dp.epsilon, config.label_epsilon_budget)
+    contrib = build_site_prototypes(
+        outcome.mapped.latent, adata.obs[config.label_key].astype(object).to_numpy(),
+        label_key=config.label_key, policy=policy, dp=dp, seed=config.seed,
+    )
+    if not contrib.prototypes:
+        _say(printer, f"no label contribution: no type of {config.label_key!r} has k={policy.k} "
+                      "cells or more")
+        for name, why in sorted(contrib.kept_back.items()):
+            _say(printer, f"  stays here: {name!r} ({why})")
+        return
+    if dry_run:
+        sequence = (after_sequence if after_sequence is not None else
+                    max(state.last_sequence(), verified.site_record.last_sequence)) + 1
+    else:
+        sequence = state.allocate_sequence(at_least=verified.site_record.last_sequence)
+    payload = build_contribution_payload(
+        origin=trust.origin, site_id=config.site_id or "", site_key_id=key.key_id,
+        sequence=sequence, base_size=verified.tree_size,
+        base_root=bytes(verified.checkpoint.root_hash), base_digest=verified.digest,
+        label_key=config.label_key, prototypes=contrib.prototypes, privacy=contrib.privacy,
+    )
+    obj = payload.to_json_obj()
+    check_outgoing_labels(obj, policy=policy, n_latent=int(outcome.mapped.latent.shape[1]),
+                          cell_names=list(map(str, adata.obs_names)),
+                          payload_bytes=payload.to_bytes())
+    spent = eps_ledger.spent(study) if dp is not None else None
+    text = render_contribution(contrib, sequence=sequence, base_size=verified.tree_size,
+                               spent=spent, budget=config.label_epsilon_budget)
+    summary = {
+        "kind": "label_contribution", "sequence": sequence, "label_key": config.label_key,
+        "base": {"tree_size": verified.tree_size, "digest": verified.digest},
+        "privacy": contrib.privacy, "study": study,
+        "epsilon_spent_before": spent,
+        "prototypes": [
+            {"name": p["name"], "cells_here": contrib.local_counts[p["name"]], "count": p["count"],
+             "sigma": p["sigma"], "mean": [float(x) for x in p["mean"]],
+             "std": None if p["std"] is None else [float(x) for x in p["std"]]}
+            for p in contrib.prototypes
+        ],
+        "kept_back": contrib.kept_back,
+    }
+    entry = outbox.create(sequence=None if dry_run else sequence, payload_bytes=payload.to_bytes(),
+                          diff_bytes=b"", summary=summary, summary_text=text)
+    report.label_entry = entry
+    report.label_summary_text = text
+    _say(printer, f"label privacy guard passed; outbox entry {entry.id}:")
+    _say(printer, text.rstrip("\n"))
+    if dry_run:
+        _say(printer, f"--dry-run: the label contribution was not signed or sent ({entry.path})")
+        return
+    envelope = sign_contribution(payload, key.private)
+    entry.write_envelope(envelope)
+    if dp is not None:  # spent once it is signed and may leave
+        total = eps_ledger.charge(study, dp.epsilon)
+        _say(printer, f"epsilon spent on study {study!r}: {total:g}"
+                      + (f" of {config.label_epsilon_budget:g}" if config.label_epsilon_budget
+                         is not None else ""))
+    _say(printer, f"signed label contribution {entry.id} (sequence {sequence}); sending "
+                  f"envelope.json ({len(envelope):,} bytes), nothing else")
+    report.label_receipt = deliver(client, entry, state=state, trust=trust, printer=printer)
 
 
 def deliver(

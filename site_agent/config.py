@@ -20,6 +20,14 @@ Fields (all optional in the file; the required ones must come from the file or a
     layer: counts                      # read counts from this layer instead of X
     batches: [celseq2, smartseq2]      # map only these batches
     out: /data/query_mapped.h5ad       # where the mapped dataset goes (stays at the site)
+    contribute_labels: false           # also contribute per-type prototypes of label_key
+                                       # (needs the site's own annotation in obs[label_key])
+    label_epsilon_budget: 8.0          # refuse DP label contributions beyond this epsilon per
+                                       # study (STATE/epsilon.json); unset: no budget
+    label_dp_epsilon: 1.0              # use the Gaussian mechanism at this epsilon even where the
+    label_dp_delta: 1.0e-5             # label policy does not require it (with delta and the
+    label_dp_clip_norm: 10.0           # clip norm); a policy's requirement always applies
+    genesis_labels_only: false         # predict with the reference's own labels, no contributions
     timeout_s: 30                      # deadline of each registry call
     max_epochs: 100                    # ceiling on fine-tuning epochs (stops once converged)
     seed: 0
@@ -126,6 +134,12 @@ class SiteConfig:
     timeout_s: float = _checked(30.0, check_number(0.1, 3600.0), flag="--timeout")
     max_epochs: int | None = _checked(None, check_integer(1, 100_000))
     seed: int = _checked(0, check_integer(0, 2**32 - 1))
+    contribute_labels: bool = False
+    label_epsilon_budget: float | None = _checked(None, check_number(1e-6, 1e6))
+    label_dp_epsilon: float | None = _checked(None, check_number(1e-6, 1e6))
+    label_dp_delta: float | None = _checked(None, check_number(1e-300, 0.5))
+    label_dp_clip_norm: float | None = _checked(None, check_number(1e-6, 1e6))
+    genesis_labels_only: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
     source: str = "command line"
 

@@ -135,6 +135,10 @@ class OutboxEntry:
         st = self.status()
         summ = self.summary() if (self.path / "summary.json").exists() else {}
         conds = ", ".join(summ.get("new_conditions", []))
+        if summ.get("kind") == "label_contribution":
+            conds = "label prototypes: " + ", ".join(
+                f"{p.get('name')} ({p.get('count')})" for p in summ.get("prototypes", [])
+            )
         size = sum(
             (self.path / n).stat().st_size
             for n in ("envelope.json", "diff.safetensors")

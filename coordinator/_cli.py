@@ -126,7 +126,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     lp_sub = lp.add_subparsers(dest="action", required=True, metavar="ACTION")
-    lp_set = lp_sub.add_parser("settings", help="k, count bucket, max types, DP requirement")
+    lp_set = lp_sub.add_parser(
+        "settings", help="k, count bucket, max types, DP requirement",
+        description="Append a label_policy settings entry: the fields given replace those in "
+        "force, the others stay.",
+    )
     _add_dir(lp_set)
     lp_set.add_argument("--k", type=int, help="fewest cells a prototype may come from (default 20)")
     lp_set.add_argument("--count-bucket", type=int, help="counts are rounded down to a multiple (10)")
@@ -135,17 +139,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lp_set.add_argument("--dp-delta", type=float, help="... and this delta or less (e.g. 1e-5)")
     lp_set.add_argument("--dp-clip-norm", type=float, help="... with latents clipped to this L2 norm or less")
     lp_set.add_argument("--no-dp", action="store_true", help="drop the DP requirement")
-    lp_acc = lp_sub.add_parser("accept", help="make SITE:NAME a shared type name")
+    lp_acc = lp_sub.add_parser(
+        "accept", help="make SITE:NAME a shared type name",
+        description="Append a label_policy accept entry: the site's new type SITE:NAME joins the "
+        "shared vocabulary of the level as SHARED_NAME (refused if that name is taken).",
+    )
     _add_dir(lp_acc)
-    lp_acc.add_argument("--label-key", required=True, metavar="L")
-    lp_acc.add_argument("--name", required=True, metavar="SITE:NAME")
-    lp_acc.add_argument("--as", dest="target", required=True, metavar="SHARED_NAME")
-    lp_map = lp_sub.add_parser("map", help="map SITE:NAME onto an existing type")
+    lp_acc.add_argument("--label-key", required=True, metavar="L", help="the label level")
+    lp_acc.add_argument("--name", required=True, metavar="SITE:NAME", help="the site's type")
+    lp_acc.add_argument("--as", dest="target", required=True, metavar="SHARED_NAME",
+                        help="its name in the shared vocabulary")
+    lp_map = lp_sub.add_parser(
+        "map", help="map SITE:NAME onto an existing type",
+        description="Append a label_policy map entry: the site's type SITE:NAME is the existing "
+        "vocabulary type TYPE from now on.",
+    )
     _add_dir(lp_map)
-    lp_map.add_argument("--label-key", required=True, metavar="L")
-    lp_map.add_argument("--name", required=True, metavar="SITE:NAME")
-    lp_map.add_argument("--to", dest="target", required=True, metavar="TYPE")
-    lp_show = lp_sub.add_parser("show", help="the label policy, vocabulary decisions and contributions in force")
+    lp_map.add_argument("--label-key", required=True, metavar="L", help="the label level")
+    lp_map.add_argument("--name", required=True, metavar="SITE:NAME", help="the site's type")
+    lp_map.add_argument("--to", dest="target", required=True, metavar="TYPE",
+                        help="a type already in the vocabulary")
+    lp_show = lp_sub.add_parser(
+        "show", help="the label policy, vocabulary decisions and contributions in force",
+        description="Print the label policy, every accepted or mapped name and every label "
+        "contribution in force (JSON).",
+    )
     _add_dir(lp_show)
     lp.set_defaults(handler=_label_policy)
 

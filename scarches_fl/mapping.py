@@ -332,7 +332,10 @@ def _transfer_labels(
         ) from exc
     mapped.pred = np.asarray(p.pred).astype(str)
     mapped.uncertainty = np.asarray(p.uncertainty, dtype=np.float32)
-    mapped.source = np.asarray(p.source).astype(str) if len(p.source) == n else None
+    # where each label came from; knowledge without contributions (the expression rule, kNN on
+    # the atlas) is the reference's own
+    source = np.asarray(getattr(p, "source", np.zeros(0)))
+    mapped.source = source.astype(str) if len(source) == n else np.full(n, "genesis")
     mapped.label_method = str(p.method)
     n_unknown = int(np.sum(mapped.pred == "Unknown"))
     mapped.notes.append(

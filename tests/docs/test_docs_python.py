@@ -68,8 +68,9 @@ def test_readme_python_mapping_runs(model_md) -> None:
     with contextlib.chdir(work):
         _run([block], readme, "README.md")
     query = readme["query"]
-    # the same reference, query and seed as docs/model.md: the same embedding and labels
-    np.testing.assert_array_equal(query.obsm["X_scarches"], ns["query"].obsm["X_scarches"])
+    # the same reference, query and seed as docs/model.md: the same embedding (up to float
+    # rounding: torch's thread count follows the machine's load) and labels
+    np.testing.assert_allclose(query.obsm["X_scarches"], ns["query"].obsm["X_scarches"], atol=1e-5)
     np.testing.assert_array_equal(
         query.obs["cell_type_pred"].to_numpy(), ns["query"].obs["cell_type_pred"].to_numpy()
     )

@@ -72,9 +72,13 @@ def test_map_writes_what_the_cli_writes(bundle, data, tmp_path):
     q = query.copy()
     ref = scarches_fl.Reference.load(bundle)
     mapped = ref.map(q, batch_key="batch", label_key="cell_type", max_epochs=2)
-    np.testing.assert_array_equal(q.obsm["X_scarches"], cli.obsm["X_scarches"])
-    for key in ("cell_type_pred", "cell_type_uncertainty"):
-        np.testing.assert_array_equal(q.obs[key].to_numpy(), cli.obs[key].to_numpy())
+    # equal up to float rounding: torch may use another number of threads (chosen from the
+    # machine's load) for one run than for the other
+    np.testing.assert_allclose(q.obsm["X_scarches"], cli.obsm["X_scarches"], atol=1e-5)
+    np.testing.assert_array_equal(q.obs["cell_type_pred"], cli.obs["cell_type_pred"])
+    np.testing.assert_allclose(
+        q.obs["cell_type_uncertainty"], cli.obs["cell_type_uncertainty"], atol=1e-5
+    )
     assert set(q.uns["scarches_fl"]) == set(cli.uns["scarches_fl"])
     for key, value in q.uns["scarches_fl"].items():
         if not isinstance(value, dict):

@@ -6,7 +6,9 @@ epochs = 50 epochs by default, KL warm-up half of them) and a federated one (3 v
 Flower's Simulation Engine, 10 rounds x 5 local epochs by default, the same epoch budget,
 patience = rounds; prototypes from the sites' signed
 per-type statistics, k = 20 pooled, site floor 5). The query is mapped onto each with
-``scarches-fl map --label-key cell_type`` (surgery, fine-tuning, prototype label transfer);
+``scarches-fl map --label-key cell_type --label-method prototype`` (surgery, fine-tuning, label
+transfer from the latent prototypes, the label knowledge a federated bundle carries; ``--label-method
+auto`` compares against map's default, which reads a central bundle's expression prototypes);
 accuracy counts "Unknown" as wrong.
 
     PYTHONPATH=. python benchmarks/bench_federated_labels.py [--seeds 0 1 2 3 4]
@@ -32,7 +34,9 @@ QUERY = ["celseq2", "smartseq2"]
 ROUNDS, LOCAL_EPOCHS = 10, 5
 
 
-def _map_accuracy(bundle: Path, query: Path, out: Path, seed: int) -> tuple[float, float]:
+def _map_accuracy(
+    bundle: Path, query: Path, out: Path, seed: int, method: str
+) -> tuple[float, float]:
     import anndata as ad
 
     from scarches_fl.cli import main
@@ -54,6 +58,8 @@ def _map_accuracy(bundle: Path, query: Path, out: Path, seed: int) -> tuple[floa
             "--seed",
             str(seed),
             "--no-progress",
+            "--label-method",
+            method,
         ]
     )
     if rc != 0:
@@ -85,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--local-epochs", type=int, default=LOCAL_EPOCHS)
     ap.add_argument("--prox-mu", type=float, default=0.0)
+    ap.add_argument(
+        "--label-method",
+        default="prototype",
+        choices=("prototype", "auto"),
+        help="how map reads labels on both bundles: latent prototypes (what a federated bundle "
+        "carries), or map's default (expression prototypes where the bundle has them)",
+    )
     ap.add_argument("--label-min-cells", type=int, default=20)
     ap.add_argument("--label-site-floor", type=int, default=5)
     ap.add_argument(
@@ -139,10 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             t_fed = time.perf_counter() - t0
             acc_c, unk_c = _map_accuracy(
-                tmp_path / f"central-{seed}", query, tmp_path / f"central-{seed}.h5ad", seed
+                tmp_path / f"central-{seed}",
+                query,
+                tmp_path / f"central-{seed}.h5ad",
+                seed,
+                args.label_method,
             )
             acc_f, unk_f = _map_accuracy(
-                tmp_path / f"fed-{seed}", query, tmp_path / f"fed-{seed}.h5ad", seed
+                tmp_path / f"fed-{seed}",
+                query,
+                tmp_path / f"fed-{seed}.h5ad",
+                seed,
+                args.label_method,
             )
             run = {
                 "seed": seed,
@@ -171,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
         "prox_mu": args.prox_mu,
+        "label_method": args.label_method,
         "label_min_cells": args.label_min_cells,
         "label_site_floor": args.label_site_floor,
         "runs": runs,

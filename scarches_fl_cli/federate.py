@@ -368,6 +368,7 @@ def _verify(args: argparse.Namespace) -> int:
         "final_digest": report.final_digest,
         "contributions_verified": report.contributions_verified,
         "excluded": report.excluded,
+        "label_shares_from": report.label_shares_from,
     }
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -376,6 +377,12 @@ def _verify(args: argparse.Namespace) -> int:
             f"OK: run {report.run_id}, {report.rounds} rounds, "
             f"{report.contributions_verified} signed contributions verified, "
             f"{len(report.excluded)} exclusions recorded; final model {report.final_digest}"
+            + (
+                f"; label knowledge from the signed statistics of {len(report.label_shares_from)}"
+                " sites"
+                if report.label_shares_from
+                else ""
+            )
         )
     return 0
 

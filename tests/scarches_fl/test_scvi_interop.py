@@ -216,7 +216,6 @@ def test_export_refuses_a_native_bundle(tmp_path):
         export_scvi(ref, tmp_path / "out")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "n_reference_batches, module_kw",
     [(1, {"encode_covariates": True}), (3, {}), (3, {"dispersion": "gene-batch"})],

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from protocols.checkpoint import Checkpoint
+    from protocols.labels import LabelLedger
     from protocols.registry_client import LedgerEntry
     from protocols.update import UpdatePayload
     from site_agent.verify import VerifiedReference
@@ -166,8 +167,8 @@ class SiteEnrolment:
     key_ids: tuple[str, ...]
     last_sequence: int = 0
     expected_digest: str | None = None
-    #: the replayed label state (protocols.labels.LabelLedger) at this size
-    labels: Any = None
+    #: the replayed label state at this size
+    labels: LabelLedger | None = None
 
 
 def site_record_from_entries(

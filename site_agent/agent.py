@@ -312,6 +312,7 @@ def _check_contribution_setup(config: SiteConfig, adata: Any, verified: Verified
             f"(it has {sorted(levels) or 'none'}), so there is nothing to extend"
         )
     labels_state = verified.site_record.labels
+    assert labels_state is not None  # the ledger replay always records it
     dp = choose_dp(labels_state.policy, site_epsilon=config.label_dp_epsilon,
                    site_delta=config.label_dp_delta, site_clip_norm=config.label_dp_clip_norm)
     if config.label_epsilon_budget is not None:
@@ -343,6 +344,7 @@ def _contribute_labels(
 
     assert config.label_key and config.state
     labels_state = verified.site_record.labels
+    assert labels_state is not None  # the ledger replay always records it
     policy = labels_state.policy
     dp = choose_dp(policy, site_epsilon=config.label_dp_epsilon, site_delta=config.label_dp_delta,
                    site_clip_norm=config.label_dp_clip_norm)

@@ -222,7 +222,7 @@ def run_map(
             guard = check_outgoing(
                 payload_bytes=payload_bytes,
                 diff_bytes=diff_bytes, diff_tensors=sent_back,
-                base_manifest=verified.bundle.manifest, new_conditions=outcome.new_conditions,
+                base_manifest=verified.reference.manifest, new_conditions=outcome.new_conditions,
                 base_size=verified.tree_size, base_digest=verified.digest,
                 policy=GuardPolicy(site_id=config.site_id, max_value_abs=th.max_value_abs),
             )
@@ -305,7 +305,7 @@ def _check_contribution_setup(config: SiteConfig, adata: Any, verified: Verified
             f"--contribute-labels: obs has no column {config.label_key!r}; the prototypes are "
             "computed from this site's own annotation of its cells"
         )
-    levels = reference_levels(verified.bundle.manifest.get("labels"))
+    levels = reference_levels(verified.reference.manifest.get("labels"))
     if config.label_key not in levels:
         raise LabelContributionError(
             f"--contribute-labels: the reference carries no prototypes for {config.label_key!r} "

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocols.errors import ScarchesFLError, VerificationError
 from protocols.ledger import Receipt
 from site_agent import _protocol as proto
 from site_agent.state import SiteState
+
+if TYPE_CHECKING:
+    from protocols.bundle import ReferenceBundle
 
 __all__ = ["SiteTrustError", "VerifiedReference", "VerifiedLedger", "pull_and_verify",
            "verify_ledger", "verify_receipt", "verified_checkpoint_from_state"]
@@ -73,11 +76,18 @@ class VerifiedLedger:
 class VerifiedReference(VerifiedLedger):
     """A reference version whose every link to the pinned trust was checked (rules 1-5)."""
 
-    bundle: Any = None  # protocols.bundle.ReferenceBundle; always set by pull_and_verify
+    bundle: ReferenceBundle | None = None  # always set by pull_and_verify
+
+    @property
+    def reference(self) -> ReferenceBundle:
+        """The verified bundle."""
+        if self.bundle is None:
+            raise SiteTrustError("no verified reference bundle", reason_code="E_INTERNAL")
+        return self.bundle
 
     @property
     def digest(self) -> str:
-        return str(self.bundle.digest)
+        return str(self.reference.digest)
 
 
 def _wrap(exc: VerificationError, prefix: str) -> SiteTrustError:

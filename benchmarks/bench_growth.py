@@ -1,0 +1,472 @@
+"""Growth benchmark: a cell type the genesis reference lacks, learnt through the ledger.
+
+A type is removed from the genesis reference. Site A holds it (labelled), maps onto the
+reference and contributes its label prototypes (``site map --contribute-labels``: the same
+``site_agent.labels`` and ``protocols.labels`` code, through a real ``LedgerState``: genesis,
+enrolment, a signed ``label_contribution``, the operator's ``label-policy accept``). Site C,
+also holding the type, maps onto the same reference. We measure at site C:
+
+* ``new_before`` / ``new_after``: the fraction of C's cells of the type called by its name with the
+  genesis labels, and with the label knowledge after A's contribution (``Unknown`` is wrong);
+* ``known_before`` / ``known_after``: the same for C's cells of every other type;
+* ``new_after_new_only`` / ``known_after_new_only``: the same when site A sends the new type's
+  prototype only (not its prototypes of types the reference knows): where a loss comes from;
+* ``new_own_upper``: the new type's accuracy if C's own cells of the type were the contributed
+  prototype (no site shift between A and C): what the latent geometry allows at best;
+* the same after A's contribution under the Gaussian mechanism at epsilon 4 and 1 (delta 1e-5;
+  clip norm stated per dataset from public genesis numbers: the largest genesis prototype norm
+  plus two pooled standard deviations).
+
+Datasets (``--dataset``): ``cellbench5`` (CellBench 5-line, type A549: genesis = CEL-seq2 3-line
+plate + 5-line plate 1 without A549, site A = plate 2, site C = plate 3) and ``panc8`` (type
+ductal: genesis = inDrop 1, 2, 4 + CEL-seq + Fluidigm C1 without ductal, site A = inDrop 3 (30
+ductal cells), site C = Smart-seq2 (39)).
+
+Prints a table and writes ``benchmarks/results/growth_<dataset>.json`` (mean [min-max] over
+seeds, every seed's figures, the machine load).
+
+    python benchmarks/bench_growth.py --dataset cellbench5 --n-top-genes 2000 --seeds 0 1 2 3 4
+    python benchmarks/bench_growth.py --dataset panc8 --seeds 0 1 2 3 4
+    python benchmarks/bench_growth.py --plot benchmarks/results/growth_cellbench5.json \
+        benchmarks/results/growth_panc8.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._results import machine, save  # noqa: E402
+
+logger = logging.getLogger("bench_growth")
+BATCH, LABEL = "batch", "cell_type"
+ORIGIN = "bench.scarches-fl/growth"
+DATASETS = {
+    "cellbench5": {
+        "file": "cellbench_celllines.h5ad",
+        "genesis": ["CELseq2_3cl", "CELseq2_5cl_p1"],
+        "site_a": ["CELseq2_5cl_p2"],
+        "site_c": ["CELseq2_5cl_p3"],
+        "type": "A549",
+    },
+    "panc8": {
+        "file": "panc8_sub_nebula.h5ad",
+        "genesis": ["indrop1", "indrop2", "indrop4", "celseq", "fluidigmc1"],
+        "site_a": ["indrop3"],
+        "site_c": ["smartseq2"],
+        "type": "ductal",
+    },
+}
+EPSILONS = (4.0, 1.0)
+DELTA = 1e-5
+
+
+def shared_data_dir() -> Path:
+    for cand in (os.environ.get("SCARCHES_FL_SHARED"), ROOT.parent / "shared", ROOT / "shared"):
+        if cand and (Path(cand) / "data").is_dir():
+            return Path(cand) / "data"
+    raise SystemExit("shared/data not found beside the checkout; set SCARCHES_FL_SHARED")
+
+
+def split(name: str):
+    import anndata as ad
+
+    spec = DATASETS[name]
+    adata = ad.read_h5ad(shared_data_dir() / spec["file"])
+    adata.obs[BATCH] = adata.obs[BATCH].astype(str)
+    adata.obs[LABEL] = adata.obs[LABEL].astype(str)
+    b, y = adata.obs[BATCH], adata.obs[LABEL]
+    genesis = adata[(b.isin(spec["genesis"]) & (y != spec["type"])).to_numpy()].copy()
+    site_a = adata[b.isin(spec["site_a"]).to_numpy()].copy()
+    site_c = adata[b.isin(spec["site_c"]).to_numpy()].copy()
+    return genesis, site_a, site_c
+
+
+class _Ledger:
+    """A real ledger state: genesis, two enrolled sites, contributions and policy entries."""
+
+    def __init__(self, bundle: Any) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from protocols.checkpoint import NoteSigner
+        from protocols.ledger import LedgerState, enrol_entry, make_genesis
+        from protocols.policy import build_trust
+
+        self.operator = Ed25519PrivateKey.generate()
+        log = NoteSigner(ORIGIN, os.urandom(32))
+        trust = build_trust(
+            origin=ORIGIN,
+            log_public_key=log.verifier.vkey,
+            operator_keys=[self.operator.public_key()],
+        )
+        self.state = LedgerState(trust)
+        self.blobs: dict[str, bytes] = {}
+        g = make_genesis(bundle, origin=ORIGIN, operator_keys=[self.operator])
+        self.blobs.update(g.blobs)
+        self.state.apply(g.envelope, self.blobs.get)
+        self.sites = {s: Ed25519PrivateKey.generate() for s in ("site-a", "site-c")}
+        for s, k in self.sites.items():
+            self.state.apply(
+                enrol_entry(
+                    origin=ORIGIN,
+                    site_id=s,
+                    public_key=k.public_key(),
+                    operator_keys=[self.operator],
+                ),
+                self.blobs.get,
+            )
+        self.base = self.state.size
+        self.seq = {s: 0 for s in self.sites}
+
+    def policy(self, **kw: Any) -> None:
+        from protocols.labels import LabelPolicyChange, label_policy_entry
+
+        if "settings" in kw:
+            change = LabelPolicyChange("settings", ORIGIN, settings=kw["settings"])
+        else:
+            change = LabelPolicyChange(
+                kw["action"], ORIGIN, label_key=LABEL, name=kw["name"], target=kw["target"]
+            )
+        self.state.apply(label_policy_entry(change, [self.operator]), self.blobs.get)
+
+    def contribute(self, site: str, contrib: Any) -> int:
+        from protocols.keys import key_id
+        from protocols.labels import build_contribution_payload, sign_contribution
+
+        self.seq[site] += 1
+        st = self.state
+        payload = build_contribution_payload(
+            origin=ORIGIN,
+            site_id=site,
+            site_key_id=key_id(self.sites[site]),
+            sequence=self.seq[site],
+            base_size=self.base,
+            base_root=st.root_at(self.base),
+            base_digest=st.digest_at(self.base),
+            label_key=LABEL,
+            prototypes=contrib.prototypes,
+            privacy=contrib.privacy,
+        )
+        return st.apply(sign_contribution(payload, self.sites[site]), self.blobs.get).index
+
+
+def clip_norm_from_genesis(labels: dict) -> float:
+    """The operator's clip norm, from public genesis numbers only."""
+    proto = labels["levels"][LABEL]["prototype"]
+    norms = [float(np.linalg.norm(p["mean"])) for p in proto["prototypes"]]
+    spread = math.sqrt(float(np.trace(np.asarray(proto["shared_covariance"]))))
+    return float(round(max(norms) + 2.0 * spread, 2))
+
+
+def accuracy(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
+    return float(np.mean(pred[mask] == truth[mask])) if mask.any() else float("nan")
+
+
+def run_seed(
+    name: str,
+    seed: int,
+    *,
+    max_epochs: int | None,
+    surgery_epochs: int | None,
+    n_top_genes: int | None = None,
+) -> dict:
+    from protocols.labels import DPRequirement, LabelPolicy, merge_label_knowledge
+    from scarches_fl.labels import predict_labels
+    from scarches_fl.model import ReferenceModel
+    from site_agent.labels import build_site_prototypes, choose_dp
+
+    spec = DATASETS[name]
+    held = spec["type"]
+    genesis, site_a, site_c = split(name)
+    t0 = time.perf_counter()
+    model = ReferenceModel.train_reference(
+        genesis,
+        batch_key=BATCH,
+        label_key=LABEL,
+        max_epochs=max_epochs,
+        seed=seed,
+        progress=False,
+        n_top_genes=n_top_genes,
+    )
+    t1 = time.perf_counter()
+    res_a = model.surgery(
+        site_a,
+        batch_key=BATCH,
+        namespace="site-a",
+        max_epochs=surgery_epochs,
+        seed=seed,
+        progress=False,
+    )
+    res_c = model.surgery(
+        site_c,
+        batch_key=BATCH,
+        namespace="site-c",
+        max_epochs=surgery_epochs,
+        seed=seed,
+        progress=False,
+    )
+    t2 = time.perf_counter()
+    bundle = model.to_bundle()
+    labels = bundle.manifest["labels"]
+    truth_c = site_c.obs[LABEL].to_numpy().astype(str)
+    new_mask, known_mask = truth_c == held, truth_c != held
+
+    def predict(knowledge: dict) -> np.ndarray:
+        p = predict_labels(knowledge, {}, res_c.latent, label_key=LABEL, method="prototype")
+        return np.asarray(p.pred, dtype=str)
+
+    def figures(knowledge: dict) -> dict:
+        pred = predict(knowledge)
+        return {
+            "new": accuracy(pred, truth_c, new_mask),
+            "known": accuracy(pred, truth_c, known_mask),
+        }
+
+    before = figures(labels)
+    out: dict[str, Any] = {
+        "seed": seed,
+        "new_type": held,
+        "n_new_at_c": int(new_mask.sum()),
+        "n_known_at_c": int(known_mask.sum()),
+        "n_new_at_a": int((site_a.obs[LABEL].astype(str) == held).sum()),
+        "new_before": before["new"],
+        "known_before": before["known"],
+        "reference_train_s": round(t1 - t0, 1),
+        "surgeries_s": round(t2 - t1, 1),
+    }
+    policy = LabelPolicy()
+    # plain contribution
+    led = _Ledger(bundle)
+    contrib = build_site_prototypes(
+        res_a.latent, site_a.obs[LABEL].to_numpy(), label_key=LABEL, policy=policy, seed=seed
+    )
+    index = led.contribute("site-a", contrib)
+    led.policy(action="accept", name=f"site-a:{held}", target=held)
+    after = figures(led.state.label_knowledge())
+    out.update(
+        {
+            "new_after": after["new"],
+            "known_after": after["known"],
+            "contribution_entry": index,
+            "contributed_types": [(p["name"], p["count"]) for p in contrib.prototypes],
+        }
+    )
+    # where a loss comes from: site A contributing the new type only (not its known types)
+    led_new = _Ledger(bundle)
+    only_new = dataclasses.replace(
+        contrib, prototypes=[p for p in contrib.prototypes if p["name"] == held]
+    )
+    led_new.contribute("site-a", only_new)
+    led_new.policy(action="accept", name=f"site-a:{held}", target=held)
+    new_only = figures(led_new.state.label_knowledge())
+    out.update({"new_after_new_only": new_only["new"], "known_after_new_only": new_only["known"]})
+    # the geometry's bound: C's own cells of the type as the prototype
+    own = build_site_prototypes(
+        res_c.latent[new_mask], truth_c[new_mask], label_key=LABEL, policy=policy, seed=seed
+    )
+    led_own = _Ledger(bundle)
+    led_own.contribute("site-c", own)
+    led_own.policy(action="accept", name=f"site-c:{held}", target=held)
+    out["new_own_upper"] = figures(led_own.state.label_knowledge())["new"]
+    # DP
+    clip = clip_norm_from_genesis(labels)
+    out["dp_clip_norm"] = clip
+    for eps in EPSILONS:
+        dp_policy = LabelPolicy(dp=DPRequirement(clip_norm=clip, epsilon=eps, delta=DELTA))
+        led_dp = _Ledger(bundle)
+        led_dp.policy(settings=dp_policy)
+        dp_contrib = build_site_prototypes(
+            res_a.latent,
+            site_a.obs[LABEL].to_numpy(),
+            label_key=LABEL,
+            policy=dp_policy,
+            dp=choose_dp(dp_policy),
+            seed=seed,
+        )
+        led_dp.contribute("site-a", dp_contrib)
+        led_dp.policy(action="accept", name=f"site-a:{held}", target=held)
+        dp_fig = figures(led_dp.state.label_knowledge())
+        sig = [p["sigma"] for p in dp_contrib.prototypes if p["name"] == held]
+        out[f"new_after_eps{eps:g}"] = dp_fig["new"]
+        out[f"known_after_eps{eps:g}"] = dp_fig["known"]
+        out[f"sigma_eps{eps:g}"] = sig[0] if sig else None
+    # the merged knowledge without any contribution is the genesis's (a check, not a figure)
+    assert merge_label_knowledge(labels, _Ledger(bundle).state.labels) == dict(labels)
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    keys = [k for k, v in rows[0].items() if isinstance(v, float) and k != "seed"]
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows if isinstance(r.get(k), float) and not math.isnan(r[k])]
+        if vals:
+            out[k] = {
+                "mean": float(np.mean(vals)),
+                "min": float(np.min(vals)),
+                "max": float(np.max(vals)),
+            }
+    return out
+
+
+def _fmt(s: dict, k: str) -> str:
+    v = s.get(k)
+    return "-" if v is None else f"{v['mean']:.3f} [{v['min']:.3f}-{v['max']:.3f}]"
+
+
+def table(name: str, summary: dict) -> str:
+    rows = [
+        ("new type at site C, before", "new_before"),
+        ("new type at site C, after A contributes", "new_after"),
+        ("new type, C's own prototype (upper bound)", "new_own_upper"),
+        ("known types at site C, before", "known_before"),
+        ("known types at site C, after", "known_after"),
+        ("new type after, A sends the new type only", "new_after_new_only"),
+        ("known types after, A sends the new type only", "known_after_new_only"),
+    ]
+    for eps in EPSILONS:
+        rows += [
+            (f"new type after, DP epsilon {eps:g}", f"new_after_eps{eps:g}"),
+            (f"known types after, DP epsilon {eps:g}", f"known_after_eps{eps:g}"),
+            (f"noise sigma per dimension, epsilon {eps:g}", f"sigma_eps{eps:g}"),
+        ]
+    lines = [
+        f"growth benchmark: {name} (type {DATASETS[name]['type']}), mean [min-max] over seeds",
+        "| figure | value |",
+        "| --- | --- |",
+    ]
+    lines += [f"| {label} | {_fmt(summary, key)} |" for label, key in rows]
+    return "\n".join(lines)
+
+
+def plot(results: list[Path], out: Path) -> Path:
+    """Bars of the new type's accuracy at site C (before, after, after under DP, C's own
+    prototype) and the known types' (before, after), mean with min-max whiskers, one group per
+    dataset."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [
+        ("new_before", "new type, before"),
+        ("new_after", "new type, after"),
+        ("new_after_eps4", "after, DP eps 4"),
+        ("new_after_eps1", "after, DP eps 1"),
+        ("new_own_upper", "C's own prototype"),
+        ("known_before", "known types, before"),
+        ("known_after", "known types, after"),
+    ]
+    docs = [json.loads(p.read_text()) for p in results]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    width = 0.8 / len(bars)
+    for j, (key, label) in enumerate(bars):
+        xs, means, lo, hi = [], [], [], []
+        for i, doc in enumerate(docs):
+            v = doc["summary"].get(key)
+            if v is None:
+                continue
+            xs.append(i + (j - len(bars) / 2 + 0.5) * width)
+            means.append(v["mean"])
+            lo.append(v["mean"] - v["min"])
+            hi.append(v["max"] - v["mean"])
+        ax.bar(xs, means, width, yerr=[lo, hi], capsize=2, label=label)
+    ax.set_xticks(range(len(docs)))
+    ax.set_xticklabels(
+        [f"{d['dataset']} ({d['spec']['type']}), {len(d['seeds'])} seeds" for d in docs]
+    )
+    ax.set_ylabel("accuracy at site C")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.set_title("label knowledge grows: a type the genesis lacks, taught by site A")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=sorted(DATASETS), default="cellbench5")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument(
+        "--max-epochs", type=int, default=None, help="reference epochs (default: the library's)"
+    )
+    ap.add_argument("--surgery-epochs", type=int, default=None)
+    ap.add_argument(
+        "--n-top-genes",
+        type=int,
+        default=None,
+        help="train the genesis on this many highly variable genes of its own data "
+        "(default: every gene)",
+    )
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="only draw benchmarks/results/growth.png from these result files",
+    )
+    args = ap.parse_args(argv)
+    if args.plot:
+        plot(args.plot, ROOT / "benchmarks" / "results" / "growth.png")
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    load = os.getloadavg()[0]
+    rows = []
+    for seed in args.seeds:
+        t = time.perf_counter()
+        row = run_seed(
+            args.dataset,
+            seed,
+            max_epochs=args.max_epochs,
+            surgery_epochs=args.surgery_epochs,
+            n_top_genes=args.n_top_genes,
+        )
+        rows.append(row)
+        print(
+            f"seed {seed}: new {row['new_before']:.3f} -> {row['new_after']:.3f} (own "
+            f"{row['new_own_upper']:.3f}; eps4 {row['new_after_eps4']:.3f}, eps1 "
+            f"{row['new_after_eps1']:.3f}); known {row['known_before']:.3f} -> "
+            f"{row['known_after']:.3f} ({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
+    summary = summarize(rows)
+    print(table(args.dataset, summary))
+    doc = {
+        "benchmark": "growth",
+        "dataset": args.dataset,
+        "spec": DATASETS[args.dataset],
+        "seeds": args.seeds,
+        "max_epochs": args.max_epochs,
+        "surgery_epochs": args.surgery_epochs,
+        "n_top_genes": args.n_top_genes,
+        "epsilons": list(EPSILONS),
+        "delta": DELTA,
+        "summary": summary,
+        "per_seed": rows,
+        "machine": machine(load),
+    }
+    save(doc, args.out or ROOT / "benchmarks" / "results" / f"growth_{args.dataset}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

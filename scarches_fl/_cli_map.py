@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "register", "write_update", "predict_obs_labels", "training_summary", "write_mapped_h5ad",
@@ -140,7 +143,7 @@ def predict_obs_labels(
             str(p.method))
 
 
-def write_mapped_h5ad(path: Any, adata: Any, obs: Any, obsm: dict, uns: dict, *,
+def write_mapped_h5ad(path: Any, adata: AnnData, obs: Any, obsm: dict, uns: dict, *,
                       window: int = 16384) -> None:
     """Write the mapped query: in-memory input as a normal ``write_h5ad``; backed input as a
     shell (obs, var, obsm, uns) plus X appended window by window from the input file, so the

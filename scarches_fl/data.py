@@ -18,13 +18,16 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from protocols.bundle import NAMESPACE_RE
 from protocols.errors import ScarchesFLError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "DataError",
@@ -66,7 +69,7 @@ class DataWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 
 
-def _matrix(adata: Any, layer: str | None) -> Any:
+def _matrix(adata: AnnData, layer: str | None) -> Any:
     if layer is None:
         if adata.X is None:
             raise DataError("the AnnData has no X; pass --layer NAME to read counts from a layer")
@@ -98,7 +101,7 @@ class _BackedRows:
     opens the on-disk dataset once and maps view rows to file rows itself, so every read touches
     only the requested rows."""
 
-    def __init__(self, adata: Any) -> None:
+    def __init__(self, adata: AnnData) -> None:
         import h5py
         from anndata.io import sparse_dataset
 
@@ -132,7 +135,7 @@ class _BackedRows:
         return block
 
 
-def _row_reader(adata: Any, layer: str | None) -> Any:
+def _row_reader(adata: AnnData, layer: str | None) -> Any:
     """``read(lo, hi)`` over the count matrix; file-direct for backed X (see :class:`_BackedRows`)."""
     if layer is None and getattr(adata, "isbacked", False):
         return _BackedRows(adata).read
@@ -141,7 +144,7 @@ def _row_reader(adata: Any, layer: str | None) -> Any:
 
 
 def iter_count_windows(
-    adata: Any, *, layer: str | None = None, window: int = WINDOW_ROWS,
+    adata: AnnData, *, layer: str | None = None, window: int = WINDOW_ROWS,
     rows: np.ndarray | None = None,
 ) -> Iterator[tuple[int, sp.csr_matrix]]:
     """Yield ``(start, csr_block)`` row windows of the count matrix (X or ``layer``), float32.
@@ -168,7 +171,7 @@ def iter_count_windows(
 
 
 def read_counts(
-    adata: Any, *, layer: str | None = None, rows: np.ndarray | None = None,
+    adata: AnnData, *, layer: str | None = None, rows: np.ndarray | None = None,
     column_map: sp.csr_matrix | None = None, window: int = WINDOW_ROWS,
 ) -> sp.csr_matrix:
     """The whole count matrix as one float32 CSR (memory ~ nnz), read window by window, with an
@@ -202,7 +205,7 @@ def _on_model_genes(block: sp.csr_matrix, column_map: sp.csr_matrix | None) -> s
     return block
 
 
-def _in_memory_csr(adata: Any, layer: str | None) -> Any:
+def _in_memory_csr(adata: AnnData, layer: str | None) -> Any:
     """The AnnData's own CSR count matrix when it is in memory, else None."""
     if getattr(adata, "isbacked", False):
         return None
@@ -213,7 +216,7 @@ def _in_memory_csr(adata: Any, layer: str | None) -> Any:
 
 
 def _read_into_preallocated(
-    adata: Any, layer: str | None, max_nnz: int, column_map: sp.csr_matrix | None, window: int,
+    adata: AnnData, layer: str | None, max_nnz: int, column_map: sp.csr_matrix | None, window: int,
 ) -> sp.csr_matrix:
     n_rows = int(adata.n_obs)
     n_cols = int(column_map.shape[1]) if column_map is not None else int(adata.n_vars)
@@ -247,7 +250,7 @@ class BackedCounts:
     ``reads`` instrument the reader so tests can prove that nothing larger than a window is
     ever materialised."""
 
-    def __init__(self, adata: Any, *, layer: str | None = None,
+    def __init__(self, adata: AnnData, *, layer: str | None = None,
                  column_map: sp.csr_matrix | None = None) -> None:
         self.adata = adata
         self.layer = layer
@@ -311,7 +314,7 @@ def condition_names(batches: Sequence[str], namespace: str) -> dict[str, str]:
     return out
 
 
-def _obs_column(adata: Any, key: str, what: str) -> np.ndarray:
+def _obs_column(adata: AnnData, key: str, what: str) -> np.ndarray:
     if key not in adata.obs.columns:
         avail = ", ".join(map(str, adata.obs.columns)) or "(none)"
         flag = "--batch-key" if what == "batch" else "--label-key"
@@ -328,7 +331,7 @@ def _obs_column(adata: Any, key: str, what: str) -> np.ndarray:
     return col.astype(str).to_numpy()
 
 
-def filter_batches(adata: Any, batch_key: str, batches: Sequence[str]) -> Any:
+def filter_batches(adata: AnnData, batch_key: str, batches: Sequence[str]) -> Any:
     """Keep only cells whose ``obs[batch_key]`` is in ``batches`` (error names missing values)."""
     values = _obs_column(adata, batch_key, "batch")
     present = set(values)
@@ -476,7 +479,7 @@ def gene_alignment(
 
 
 def align_genes(
-    adata: Any, reference_genes: Sequence[str], *, min_coverage: float = 0.5,
+    adata: AnnData, reference_genes: Sequence[str], *, min_coverage: float = 0.5,
     layer: str | None = None,
 ) -> tuple[Any, GeneAlignmentReport]:
     """A copy of ``adata`` whose X holds the counts (X or ``layer``) on exactly the reference
@@ -518,7 +521,7 @@ class RegisteredData:
 
 
 def register(
-    adata: Any, *, batch_key: str, namespace: str, likelihood: str = "nb",
+    adata: AnnData, *, batch_key: str, namespace: str, likelihood: str = "nb",
     label_key: str | None = None, layer: str | None = None,
     reference_genes: Sequence[str] | None = None, min_gene_coverage: float = 0.5,
     stream: bool | None = None,

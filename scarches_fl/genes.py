@@ -13,9 +13,12 @@ extra genes dropped).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from scarches_fl.data import DataError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = ["GENE_SELECTION_METHOD", "select_highly_variable_genes"]
 
@@ -25,7 +28,7 @@ GENE_SELECTION_METHOD = "scanpy highly_variable_genes flavor=seurat_v3 (batch-aw
 
 
 def select_highly_variable_genes(
-    adata: Any, *, n_top_genes: int, batch_key: str, layer: str | None = None
+    adata: AnnData, *, n_top_genes: int, batch_key: str, layer: str | None = None
 ) -> list[str]:
     """The ``n_top_genes`` most variable genes of ``adata`` (raw counts in ``X`` or ``layer``),
     chosen within every batch of ``batch_key`` and combined, in the input's gene order."""

@@ -139,7 +139,7 @@ class MappedQuery:
         adata.uns["scarches_fl"] = self.record(ledger)
 
 
-def _apply_var_names(adata: Any, column: str | None) -> Any:
+def _apply_var_names(adata: AnnData, column: str | None) -> Any:
     if column is None:
         return adata
     if column not in adata.var.columns:
@@ -153,7 +153,7 @@ def _apply_var_names(adata: Any, column: str | None) -> Any:
     return adata
 
 
-def sharing_counts(adata: Any) -> Any:
+def sharing_counts(adata: AnnData) -> Any:
     """A new AnnData over the same count matrix (not a copy of X): obs, obsm and uns are its
     own, so the caller's object is left as it was."""
     import anndata as ad

@@ -31,11 +31,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scarches_fl.data import DataError, GeneAlignmentReport, RegisteredData, register
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "MODEL_CLASS",
@@ -189,7 +192,7 @@ class ReferenceModel:
 
     @classmethod
     def train_reference(
-        cls, adata: Any, *, batch_key: str, label_key: str | None = None,
+        cls, adata: AnnData, *, batch_key: str, label_key: str | None = None,
         layer: str | None = None, likelihood: str = "nb", namespace: str = "ref",
         n_hidden: int = 128, n_layers: int = 2, n_latent: int = 10,
         max_epochs: int | None = None, seed: int = 0, device: str = "cpu",
@@ -394,7 +397,7 @@ class ReferenceModel:
         return _cell_data_for(reg, cond)
 
     def get_latent(
-        self, adata: Any, *, batch_key: str | None = None, namespace: str | None = None,
+        self, adata: AnnData, *, batch_key: str | None = None, namespace: str | None = None,
         layer: str | None | _Registered = REGISTERED, batch_size: int = 4096,
         min_gene_coverage: float = 0.5, device: str = "cpu",
     ) -> np.ndarray:
@@ -420,7 +423,7 @@ class ReferenceModel:
     # -- surgery -------------------------------------------------------------------------------
 
     def surgery(
-        self, adata: Any, *, batch_key: str, namespace: str, layer: str | None = None,
+        self, adata: AnnData, *, batch_key: str, namespace: str, layer: str | None = None,
         mode: str = "conditions", max_epochs: int | None = None, seed: int = 0,
         min_gene_coverage: float = 0.5, progress: bool = True, device: str = "cpu",
         **kw: Any,

@@ -223,7 +223,7 @@ class QueryCheck:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _is_integer_matrix(adata: Any, layer: str | None, rows: int = 500) -> tuple[bool, bool]:
+def _is_integer_matrix(adata: AnnData, layer: str | None, rows: int = 500) -> tuple[bool, bool]:
     """(all integer, all non-negative) on the first ``rows`` rows of X or ``layer``, read
     with the data module's row reader (a backed file or view reads only those rows)."""
     from scarches_fl.data import iter_count_windows
@@ -236,7 +236,7 @@ def _is_integer_matrix(adata: Any, layer: str | None, rows: int = 500) -> tuple[
     return bool(finite and np.array_equal(data, np.round(data))), bool((data >= 0).all())
 
 
-def _best_var_column(adata: Any, reference_genes: Sequence[str]) -> tuple[str, float] | None:
+def _best_var_column(adata: AnnData, reference_genes: Sequence[str]) -> tuple[str, float] | None:
     ref = {str(g) for g in reference_genes}
     best = None
     for col in adata.var.columns:
@@ -251,7 +251,7 @@ def _best_var_column(adata: Any, reference_genes: Sequence[str]) -> tuple[str, f
 
 
 def _check_batches(
-    adata: Any,
+    adata: AnnData,
     batch_key: str,
     batches: Sequence[str] | None,
     min_cells_per_batch: int,
@@ -302,7 +302,7 @@ def _check_batches(
     return {str(b): int(c) for b, c in counts.items()}
 
 
-def _check_counts(adata: Any, layer: str | None, likelihood: str) -> str:
+def _check_counts(adata: AnnData, layer: str | None, likelihood: str) -> str:
     if layer is not None and layer not in adata.layers:
         avail = ", ".join(adata.layers.keys()) or "(none)"
         raise DataError(f"layer {layer!r} not found; the layers are: {avail}. Fix --layer")
@@ -337,7 +337,7 @@ def _check_counts(adata: Any, layer: str | None, likelihood: str) -> str:
 
 
 def _check_genes(
-    names: Sequence[str], adata: Any, reference_genes: Sequence[str], min_gene_coverage: float
+    names: Sequence[str], adata: AnnData, reference_genes: Sequence[str], min_gene_coverage: float
 ) -> float:
     ref = {str(g) for g in reference_genes}
     overlap = len(set(names) & ref)
@@ -374,7 +374,7 @@ def _check_genes(
 
 
 def _check_label_key(
-    label_key: str, labels_manifest: Mapping[str, Any] | None, adata: Any, notes: list[str]
+    label_key: str, labels_manifest: Mapping[str, Any] | None, adata: AnnData, notes: list[str]
 ) -> None:
     levels = sorted((labels_manifest or {}).get("levels", {}))
     if not levels:

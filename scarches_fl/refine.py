@@ -52,7 +52,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -66,6 +66,9 @@ from scarches_fl.labels import (
     _novelty_factor,
     _softmax,
 )
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "EXPRESSION_GENE_MEAN",
@@ -456,7 +459,7 @@ def project_counts(
 def query_scores(
     projection: Mapping[str, Any],
     tensors: Mapping[str, Any],
-    adata: Any,
+    adata: AnnData,
     genes: Sequence[str],
     *,
     layer: str | None = None,
@@ -618,7 +621,7 @@ def predict_cell_labels(
 
 def transfer_labels(
     model: Any,
-    adata: Any,
+    adata: AnnData,
     latent: Any,
     *,
     label_key: str,

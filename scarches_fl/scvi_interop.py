@@ -43,11 +43,14 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scarches_fl.data import DataError, condition_names
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -670,7 +673,7 @@ def _add_prototypes(
 
 
 def classifier_labels(
-    model: Any, adata: Any, *, batch_key: str, namespace: str, layer: str | None = None
+    model: Any, adata: AnnData, *, batch_key: str, namespace: str, layer: str | None = None
 ) -> np.ndarray:
     """The classifier's call for each cell (an imported SCANVI's ``predict()``)."""
     import torch

@@ -25,7 +25,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocols.errors import ScarchesFLError, TransportError
 from site_agent import _protocol as proto
@@ -34,6 +34,9 @@ from site_agent.guard import GuardPolicy, check_outgoing
 from site_agent.outbox import DELIVERED, PENDING, REJECTED, Outbox, OutboxEntry
 from site_agent.state import SiteState
 from site_agent.verify import VerifiedReference, pull_and_verify, verify_receipt
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "SiteSigningKey",
@@ -283,14 +286,14 @@ def _use_label_knowledge(model: Any, config: SiteConfig, verified: VerifiedRefer
                       f"{len(labels_state.contributions)} label contribution(s) in the ledger")
 
 
-def _study_key(adata: Any, config: SiteConfig) -> str:
+def _study_key(adata: AnnData, config: SiteConfig) -> str:
     from scarches_fl.data import condition_names
 
     batches = list(dict.fromkeys(adata.obs[config.batch_key].astype(str).to_numpy()))
     return ",".join(sorted(condition_names(batches, config.site_id or "").values()))
 
 
-def _check_contribution_setup(config: SiteConfig, adata: Any, verified: VerifiedReference) -> None:
+def _check_contribution_setup(config: SiteConfig, adata: AnnData, verified: VerifiedReference) -> None:
     """Fail fast, before any training: what ``--contribute-labels`` needs."""
     from protocols.labels import reference_levels
     from site_agent.labels import EpsilonLedger, LabelContributionError, choose_dp

@@ -28,11 +28,14 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from protocols.errors import ScarchesFLError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
 
 __all__ = [
     "SiteDataError",
@@ -59,7 +62,7 @@ class MappingOutcome:
     """What mapping produced: the output AnnData (stays here), the diff (may leave), and the
     library's :class:`scarches_fl.mapping.MappedQuery` it came from."""
 
-    adata: Any
+    adata: AnnData
     mapped: Any
     notes: list[str] = field(default_factory=list)
 
@@ -136,7 +139,7 @@ def open_query(path: str | Path, *, backed: bool | None = None) -> Iterator[Any]
 
 
 def map_query(
-    adata: Any, model: Any, *, site_id: str, batch_key: str, label_key: str | None,
+    adata: AnnData, model: Any, *, site_id: str, batch_key: str, label_key: str | None,
     layer: str | None, batches: Sequence[str] | None, min_gene_coverage: float,
     label_threshold: float, min_cells_per_batch: int, max_epochs: int | None, seed: int,
     var_names_column: str | None = None, progress: bool = False, label_method: str = "auto",

@@ -568,6 +568,9 @@ def register(
     x: sp.csr_matrix | None = None
     source: BackedCounts | None = None
     if stream:
+        from scarches_fl._memory import pin_mmap_threshold
+
+        pin_mmap_threshold()  # a pass over every window: resident memory bounded, ADR 0082
         # One pass over the file: validate every stored value and sum the library sizes.
         source = BackedCounts(adata, layer=layer, column_map=column_map)
         totals = np.empty(adata.n_obs, dtype=np.float32)

@@ -490,6 +490,10 @@ def fit(module: CVAE, data: AnyCellData, config: TrainingConfig, *,
     }
     if not params:
         return history
+    if isinstance(data, StreamingCellData) or (config.precompute and _first_layer_frozen(module)):
+        from scarches_fl._memory import pin_mmap_threshold
+
+        pin_mmap_threshold()  # chunked passes over every cell: resident memory bounded, ADR 0082
     old_threads = torch.get_num_threads()
     if config.num_threads:
         torch.set_num_threads(int(config.num_threads))

@@ -5,6 +5,7 @@ query embedding reuses the precomputed first layer."""
 from __future__ import annotations
 
 import os
+import platform
 
 import numpy as np
 import pytest
@@ -203,3 +204,14 @@ def test_thread_settings_are_restored():
     x, cond = _counts(300, seed=6)
     h = train.fit(_conditions_module(), train.CellData(x, cond), _cfg(max_epochs=1))
     assert h["precompute_threads"] >= 1 and torch.get_num_threads() == before
+
+
+def test_mmap_threshold_is_pinned_for_chunked_passes():
+    from scarches_fl import _memory
+
+    x, cond = _counts(200, seed=7)
+    train.fit(_conditions_module(), train.CellData(x, cond), _cfg(max_epochs=1))
+    # glibc: pinned by the fast path's precompute, and pinning again is a no-op
+    if platform.libc_ver()[0] == "glibc":
+        assert _memory._pinned is True
+    assert _memory.pin_mmap_threshold() is _memory._pinned

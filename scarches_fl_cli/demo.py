@@ -1,10 +1,13 @@
 """``scarches-fl demo``: a whole consortium on loopback, on the bundled data.
 
 The demo drives the real command line in real processes, exactly as an operator, three site
-admins and an auditor would: it trains a reference on the panc8 reference studies, initialises a
-coordinator (TLS on), enrols three sites, starts the registry server, lets every site map its own
-query study and contribute (concurrently, on the same base), audits the ledger, and prints a table.
-Every process it starts is stopped by its PID, also on Ctrl-C.
+admins and an auditor would: it trains a reference on the panc8 reference studies (without their
+ductal cells: the type the reference will learn from a site), initialises a coordinator (TLS on),
+enrols three sites, starts the registry server, lets every site map its own query study and
+contribute (concurrently, on the same base; hospital-b also contributes its label prototypes,
+among them ductal), then hospital-a maps its study again on the grown reference -- once with the
+genesis labels only, once with hospital-b's contribution -- audits the ledger, and prints two
+tables. Every process it starts is stopped by its PID, also on Ctrl-C.
 
 The demo owns its workdir: every run starts from an empty one (``--keep`` keeps only the trained
 reference), so a rerun never meets the previous run's coordinator keys, auditor state, plots or
@@ -33,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 PANC8 = "panc8_sub_nebula.h5ad"
 REFERENCE_STUDIES = ("indrop1", "indrop2", "indrop3", "indrop4", "celseq")
+#: The cell type the genesis reference lacks and hospital-b teaches it (39 ductal cells).
+GROWTH_TYPE = "ductal"
+#: The site that contributes label prototypes, and the later site that maps again.
+GROWTH_TEACHER, GROWTH_LEARNER = "hospital-b", "hospital-a"
 
 #: Written into a workdir the demo made; only such a workdir (or an empty one) is emptied.
 MARKER = ".scarches-fl-demo"
@@ -258,9 +265,11 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
     cli = _cli()
     reference = wd / "operator" / "reference"
     if not (args.keep and (reference / "manifest.json").is_file()):
-        print(f"[1/6] operator: training the reference on {', '.join(REFERENCE_STUDIES)}")
+        print(f"[1/7] operator: training the reference on {', '.join(REFERENCE_STUDIES)} "
+              f"(without their {GROWTH_TYPE} cells)")
+        genesis = _genesis_data(panc8, wd / "operator" / "genesis.h5ad")
         train = cli + [
-            "reference", "train", "--data", str(panc8), "--batch-key", "batch",
+            "reference", "train", "--data", str(genesis), "--batch-key", "batch",
             "--label-key", "cell_type", "--batches", ",".join(REFERENCE_STUDIES),
             "--seed", str(args.seed), "--out", str(reference), "--force",  # retrained on purpose
         ]
@@ -268,15 +277,15 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
             train += ["--max-epochs", str(args.max_epochs)]
         _run(train, logs / "reference.log", "reference training")
     else:
-        print("[1/6] operator: reusing the trained reference")
+        print("[1/7] operator: reusing the trained reference")
 
     state = wd / "operator" / "coordinator"
-    print("[2/6] operator: initialising the coordinator (log key, operator key, TLS, genesis)")
+    print("[2/7] operator: initialising the coordinator (log key, operator key, TLS, genesis)")
     _run(cli + ["coordinator", "init", "--dir", str(state), "--reference", str(reference),
                 "--origin", "demo.scarches-fl.local/ledger"], logs / "coordinator-init.log", "coordinator init")
     trust = state / "trust.json"
 
-    print(f"[3/6] sites: {len(DEMO_SITES)} site keys made at the sites, enrolled by the operator")
+    print(f"[3/7] sites: {len(DEMO_SITES)} site keys made at the sites, enrolled by the operator")
     for site in DEMO_SITES:
         site_dir = wd / "sites" / site.site_id
         _run(cli + ["site", "keygen", "--out", str(site_dir / "keys")], logs / f"{site.site_id}.log", "site keygen")
@@ -286,12 +295,13 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
 
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    print(f"[4/6] operator: serving the registry on {address} (TLS)")
+    print(f"[4/7] operator: serving the registry on {address} (TLS)")
     server_log = logs / "coordinator-serve.log"
     server = procs.start(cli + ["coordinator", "serve", "--dir", str(state), "--listen", address], server_log)
     _wait_healthy(address, trust, server, server_log)
 
-    print("[5/6] sites: each maps its own study on the same base and contributes (concurrently)")
+    print("[5/7] sites: each maps its own study on the same base and contributes (concurrently); "
+          f"{GROWTH_TEACHER} also contributes its label prototypes")
     running = []
     for site in DEMO_SITES:
         site_dir = wd / "sites" / site.site_id
@@ -302,6 +312,8 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
             "--label-key", "cell_type", "--batches", ",".join(site.studies),
             "--out", str(site_dir / "mapped.h5ad"),
         ]
+        if site.site_id == GROWTH_TEACHER:
+            argv.append("--contribute-labels")
         log = logs / f"{site.site_id}.log"
         running.append((site, procs.start(argv, log), time.monotonic(), log))
     site_seconds: dict[str, float] = {}
@@ -317,7 +329,28 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
             raise DemoError("the sites did not finish mapping within 30 minutes; logs in " + str(logs))
         time.sleep(0.1)
 
-    print("[6/6] auditor: verifying the ledger and replaying the served model")
+    # the operator accepts the teacher's new type into the shared vocabulary (until then it is
+    # "hospital-b:ductal", a type of that site alone)
+    _run(cli + ["coordinator", "label-policy", "accept", "--dir", str(state), "--label-key",
+                "cell_type", "--name", f"{GROWTH_TEACHER}:{GROWTH_TYPE}", "--as", GROWTH_TYPE],
+         logs / "coordinator-label-policy.log", "label-policy accept")
+    print(f"[6/7] {GROWTH_LEARNER}: maps its study again on the grown reference (latent "
+          f"prototypes), with the genesis labels only and with {GROWTH_TEACHER}'s contribution, "
+          f"whose {GROWTH_TYPE} the operator accepted into the vocabulary")
+    learner = next(s for s in DEMO_SITES if s.site_id == GROWTH_LEARNER)
+    learner_dir = wd / "sites" / learner.site_id
+    for name, extra in (("mapped-genesis-labels.h5ad", ["--genesis-labels-only"]),
+                        ("mapped-grown.h5ad", [])):
+        _run(cli + [
+            "site", "map", "--coordinator", address, "--trust", str(trust),
+            "--key", str(learner_dir / "keys" / "site.key"), "--site-id", learner.site_id,
+            "--state", str(learner_dir / "state"), "--data", str(panc8), "--batch-key", "batch",
+            "--label-key", "cell_type", "--batches", ",".join(learner.studies),
+            "--label-method", "prototype", "--out", str(learner_dir / name), *extra,
+        ], logs / f"{learner.site_id}.log", f"{learner.site_id} mapping again")
+    growth = _growth_row(learner_dir)
+
+    print("[7/7] auditor: verifying the ledger and replaying the served model")
     audit_report = wd / "auditor" / "audit-report.md"
     audit_report.parent.mkdir(parents=True, exist_ok=True)
     audit_out = _run(cli + ["audit", "--coordinator", address, "--trust", str(trust),
@@ -327,12 +360,14 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
     rows = _site_rows(wd, panc8, site_seconds)
     plots = _plots(wd, panc8, reference)
     _print_table(rows)
+    _print_growth(growth)
     verdict = [line for line in audit_out.splitlines() if line.strip()]
     print("\nauditor: " + (verdict[-1] if verdict else "(no output)"))
     print(f"audit report: {audit_report}")
     for p in plots:
         print(f"plot: {p}")
-    (wd / "demo-summary.json").write_text(json.dumps({"sites": rows, "plots": [str(p) for p in plots],
+    (wd / "demo-summary.json").write_text(json.dumps({"sites": rows, "growth": growth,
+                                                      "plots": [str(p) for p in plots],
                                                       "seconds": time.monotonic() - t_start}, indent=2))
     print(f"total: {time.monotonic() - t_start:.0f} s; summary in {wd / 'demo-summary.json'}")
     return 0
@@ -363,6 +398,52 @@ def _site_rows(wd: Path, panc8: Path, seconds: dict[str, float]) -> list[dict]:
     return rows
 
 
+def _genesis_data(panc8: Path, out: Path) -> Path:
+    """The operator's training data: the reference studies without their GROWTH_TYPE cells."""
+    import anndata as ad
+
+    full = ad.read_h5ad(panc8)
+    keep = (full.obs["batch"].astype(str).isin(REFERENCE_STUDIES)
+            & (full.obs["cell_type"].astype(str) != GROWTH_TYPE)).to_numpy()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    full[keep].copy().write_h5ad(out)
+    return out
+
+
+def _growth_row(site_dir: Path) -> dict:
+    """The learner's accuracy on GROWTH_TYPE and on the other types, before (genesis labels) and
+    after (with the contributed prototypes), and where the labels came from."""
+    import anndata as ad
+    import numpy as np
+
+    row: dict = {"site": GROWTH_LEARNER, "type": GROWTH_TYPE, "taught_by": GROWTH_TEACHER}
+    for when, name in (("before", "mapped-genesis-labels.h5ad"), ("after", "mapped-grown.h5ad")):
+        out = ad.read_h5ad(site_dir / name)
+        truth = out.obs["cell_type"].astype(str).to_numpy()
+        pred = out.obs["cell_type_pred"].astype(str).to_numpy()
+        new = truth == GROWTH_TYPE
+        row["cells_of_type"] = int(new.sum())
+        row[f"type_accuracy_{when}"] = float(np.mean(pred[new] == truth[new])) if new.any() else None
+        row[f"other_accuracy_{when}"] = float(np.mean(pred[~new] == truth[~new]))
+        source = out.obs["cell_type_source"].astype(str).to_numpy()  # genesis or <site>#<entry>
+        row[f"type_sources_{when}"] = sorted(set(source[new & (pred == GROWTH_TYPE)].tolist()))
+    return row
+
+
+def _print_growth(g: dict) -> None:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    print(f"\nlabel knowledge grows: {g['site']}'s {g['cells_of_type']} {g['type']} cells "
+          f"(a type the genesis reference lacks; {g['taught_by']} contributed its prototypes)")
+    print(f"{'labels used':<34} {g['type'] + ' acc.':>12} {'other types acc.':>17}")
+    print(f"{'genesis only':<34} {pct(g['type_accuracy_before']):>12} {pct(g['other_accuracy_before']):>17}")
+    print(f"{'genesis + ' + g['taught_by'] + ' contribution':<34} {pct(g['type_accuracy_after']):>12} "
+          f"{pct(g['other_accuracy_after']):>17}")
+    if g["type_sources_after"]:
+        print(f"obs['cell_type_source'] of those {g['type']} calls: {', '.join(g['type_sources_after'])}")
+
+
 def _bytes_sent(state: Path) -> int:
     """What left the site: the envelope and the diff of every delivered update in its outbox."""
     total = 0
@@ -387,7 +468,8 @@ def _plots(wd: Path, panc8: Path, reference: Path) -> list[Path]:
 
     model = ReferenceModel.from_bundle(reference)
     full = ad.read_h5ad(panc8)
-    ref = full[full.obs["batch"].isin(REFERENCE_STUDIES)].copy()
+    ref = full[(full.obs["batch"].isin(REFERENCE_STUDIES)
+                & (full.obs["cell_type"].astype(str) != GROWTH_TYPE)).to_numpy()].copy()
     ref_latent = model.get_latent(ref, batch_key="batch", namespace="ref")
     parts_latent = [ref_latent]
     ref_role = report.REFERENCE_PREFIX

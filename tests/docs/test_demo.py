@@ -36,6 +36,11 @@ def test_demo_end_to_end(tmp_path: Path, shared_data: Path) -> None:
         # a site sends its signed envelope and the condition columns: kilobytes, not data
         assert 0 < row["bytes_sent"] < 64_000
         assert 0.0 <= row["label_accuracy"] <= 1.0
+    growth = summary["growth"]  # a later site's ductal cells, before and after a contribution
+    assert growth["cells_of_type"] > 0 and growth["type"] == "ductal"
+    assert growth["type_accuracy_before"] == 0.0  # the genesis reference has no such type
+    assert 0.0 <= growth["type_accuracy_after"] <= 1.0
+    assert "label knowledge grows" in out
     for plot in summary["plots"]:
         assert Path(plot).is_file() and Path(plot).stat().st_size > 10_000
     assert "verified" in out.lower() or "ok" in out.lower()
@@ -51,7 +56,7 @@ def test_demo_stops_its_processes_on_ctrl_c(tmp_path: Path, shared_data: Path) -
         deadline = time.monotonic() + 600
         assert proc.stdout is not None
         for line in proc.stdout:
-            if "[5/6]" in line or time.monotonic() > deadline:
+            if "[5/7]" in line or time.monotonic() > deadline:
                 break
         me = psutil.Process(proc.pid)
         children = {c.pid for c in me.children(recursive=True)}

@@ -109,9 +109,9 @@ def test_contribute_labels_fails_fast_before_training(tmp_path):
     from tests.protocols._label_factories import labels_manifest
 
     adata = ad.AnnData(obs=pd.DataFrame({"batch": ["b1"] * 3, "cell_type": ["x"] * 3}))
+    bundle = SimpleNamespace(manifest={"labels": labels_manifest()})
     verified = SimpleNamespace(
-        bundle=SimpleNamespace(manifest={"labels": labels_manifest()}),
-        site_record=SimpleNamespace(labels=LabelLedger()),
+        bundle=bundle, reference=bundle, site_record=SimpleNamespace(labels=LabelLedger())
     )
     base = dict(site_id="site-a", state=tmp_path, batch_key="batch", contribute_labels=True)
     with pytest.raises(LabelContributionError, match="needs --label-key"):
@@ -132,8 +132,7 @@ def test_contribute_labels_fails_fast_before_training(tmp_path):
     )
     with pytest.raises(LabelContributionError, match="budget 2"):
         _check_contribution_setup(cfg, adata, verified)
-    unlabelled = SimpleNamespace(
-        bundle=SimpleNamespace(manifest={"labels": {}}), site_record=verified.site_record
-    )
+    empty = SimpleNamespace(manifest={"labels": {}})
+    unlabelled = SimpleNamespace(bundle=empty, reference=empty, site_record=verified.site_record)
     with pytest.raises(LabelContributionError, match="carries no prototypes"):
         _check_contribution_setup(SiteConfig(**base, label_key="cell_type"), adata, unlabelled)

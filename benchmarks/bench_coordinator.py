@@ -77,6 +77,8 @@ def _setup(workdir: Path, n_sites: int, n_genes: int):
     doc["rate_limit"] = {"enabled": False, "burst": 1, "per_second": 1.0}
     doc["limits"]["max_conditions_per_reference"] = 10_000_000
     doc["limits"]["max_conditions_per_site"] = 10_000_000
+    if SNAPSHOT_EVERY is not None:
+        doc["snapshot_every"] = SNAPSHOT_EVERY
     cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     cfg = load_config(state)
     op = load_private_key(cfg.path(cfg.paths.operator_key))
@@ -287,6 +289,10 @@ def run_sustained(n_sites: int, duration: float, window: float, n_genes: int) ->
         }
 
 
+#: ``--snapshot-every``: the coordinator's ``snapshot_every`` for the run (None: its default)
+SNAPSHOT_EVERY: int | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks._results import machine, save
 
@@ -297,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=0.0, help="seconds per level (sustained run)")
     ap.add_argument("--window", type=float, default=60.0, help="seconds per rate window")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--snapshot-every", type=int, default=None,
+        help="the coordinator's snapshot_every (default: its own; a huge value: no snapshot "
+        "during the run, to see what snapshots cost)",
+    )
     args = ap.parse_args(argv)
+    global SNAPSHOT_EVERY
+    SNAPSHOT_EVERY = args.snapshot_every
     name = "coordinator_sustained.json" if args.duration else "coordinator_accept.json"
     args.out = args.out or ROOT / "benchmarks" / "results" / name
     levels = [int(x) for x in args.sites.split(",")]

@@ -50,8 +50,9 @@ def read_federation_policy(path: str | os.PathLike[str]) -> FederationPolicy:
             data = fh.read(DEFAULT_LIMITS.max_trust_bytes + 1)
     except OSError as exc:
         raise ConfigError(
-            f"cannot read the federation policy {path}: {exc}; pass the file "
-            "written by 'scarches-fl federate policy'"
+            f"cannot read the federation policy {path}: {exc}; pass the file written by "
+            "'scarches-fl federate policy' with --policy (a Deployment Engine run does not copy "
+            "it into its records)"
         ) from exc
     return parse_federation_policy(data, what=str(path))
 

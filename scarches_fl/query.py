@@ -381,7 +381,8 @@ def _check_label_key(
         raise DataError(
             f"--label-key {label_key!r}: this reference carries no label knowledge, so it "
             "cannot predict labels; leave out --label-key, or train the reference with "
-            "--label-key"
+            "--label-key (a federated reference trained with --label-key carries its labels in "
+            "its bundle, not yet in the ledger: map against that bundle with --reference)"
         )
     if label_key not in levels:
         raise DataError(

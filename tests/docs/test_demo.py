@@ -20,6 +20,7 @@ def _env(shared_data: Path) -> dict[str, str]:
     return dict(os.environ, SCARCHES_FL_SHARED=str(shared_data.parent), PYTHONUNBUFFERED="1")
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path: Path, shared_data: Path) -> None:
     wd = tmp_path / "demo"
     res = subprocess.run(CLI + ["demo", "--workdir", str(wd), "--max-epochs", "5"],

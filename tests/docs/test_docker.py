@@ -121,6 +121,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.slow
 def test_compose_start_up_sequence_without_docker(tmp_path: Path, shared_data: Path) -> None:
     services = _compose()["services"]
     port = _free_port()

@@ -147,6 +147,7 @@ def _parsers():
 PARSERS = _parsers()
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.integers(0, 2**64 - 1))
 def test_fuzz_every_parser(n):

@@ -81,6 +81,7 @@ def _panc8(shared_data, holdout=None):
     return model, ref, truth, pred, res.latent
 
 
+@pytest.mark.slow
 def test_panc8_query_accuracy(shared_data):
     model, _, truth, pred, _ = _panc8(shared_data)
     # the target, 0.85, two ways (measured, seed 0: 0.871 and 0.861; seeds 0-4:
@@ -94,6 +95,7 @@ def test_panc8_query_accuracy(shared_data):
     assert M.open_set_accuracy(truth, pred.pred, classes) >= 0.85
 
 
+@pytest.mark.slow
 def test_panc8_held_out_alpha_is_flagged(shared_data):
     model, ref, truth, pred, latent = _panc8(shared_data, holdout="alpha")
     knowledge, _ = build_label_knowledge(

@@ -471,6 +471,8 @@ def deliver(
     state.record_contribution({
         "outbox_id": entry.id, "sequence": entry.sequence, "leaf_index": verified.leaf_index,
         "tree_size": verified.tree_size, "new_conditions": summ.get("new_conditions", []),
+        "kind": summ.get("kind", "site_update"),
+        "label_types": [str(p.get("name")) for p in summ.get("prototypes", [])],
         "base_tree_size": summ.get("base", {}).get("tree_size"),
         "duplicate": verified.duplicate,
     })

@@ -79,9 +79,12 @@ def render_status(info: dict[str, Any]) -> str:
     contrib = info.get("contributions", [])
     lines.append(f"contributions accepted: {len(contrib)}")
     for c in contrib:
+        if c.get("kind") == "label_contribution":
+            what = "label prototypes: " + (", ".join(c.get("label_types", [])) or "-")
+        else:
+            what = "conditions: " + (", ".join(c.get("new_conditions", [])) or "-")
         lines.append(f"  {c.get('outbox_id')}: sequence {c.get('sequence')}, log index "
-                     f"{c.get('leaf_index')} (tree size {c.get('tree_size')}), "
-                     f"{', '.join(c.get('new_conditions', []))}")
+                     f"{c.get('leaf_index')} (tree size {c.get('tree_size')}), {what}")
     box = info.get("outbox", {})
     lines.append("outbox: " + (", ".join(f"{n} {k}" for k, n in sorted(box.items())) or "empty"))
     if box.get("pending"):

@@ -330,3 +330,20 @@ def test_cli_flags_win_over_the_yaml_file(tmp_path):
     assert c.thresholds.label_uncertainty == 0.3 and c.insecure is False
     with pytest.raises(ConfigError, match="--trust"):
         c.require("trust")
+
+
+def test_status_tells_a_label_contribution_from_a_condition_update():
+    from site_agent.status import render_status
+
+    text = render_status({
+        "state": "/srv/site/state", "last_sequence": 2, "outbox": {},
+        "contributions": [
+            {"outbox_id": "update-000001", "sequence": 1, "leaf_index": 3, "tree_size": 4,
+             "new_conditions": ["site-a/q"]},
+            {"outbox_id": "update-000002", "sequence": 2, "leaf_index": 7, "tree_size": 8,
+             "kind": "label_contribution", "label_types": ["ductal", "beta"],
+             "new_conditions": []},
+        ],
+    })
+    assert "update-000001: sequence 1, log index 3 (tree size 4), conditions: site-a/q" in text
+    assert "update-000002: sequence 2, log index 7 (tree size 8), label prototypes: ductal, beta" in text

@@ -258,6 +258,28 @@ def tensor_digest(tensors: Mapping[str, np.ndarray]) -> str:
 # -- contributions ---------------------------------------------------------------------------
 
 
+def _open_site_envelope(
+    envelope: bytes, payload_type: str, site_keys: Mapping[str, Ed25519PublicKey], run_id: str
+) -> dict[str, Any]:
+    """The payload of a site-signed envelope of this run: the claimed site is enrolled
+    [``unknown_site``], its key signed it [``bad_signature``], it names this run
+    [``wrong_run``]; anything unreadable is [``malformed``]."""
+    try:
+        claimed = peek_payload(envelope)
+    except FederationError as exc:
+        raise ContributionRejected("malformed", str(exc)) from exc
+    site = claimed.get("site_id")
+    if not isinstance(site, str) or site not in site_keys:
+        raise ContributionRejected("unknown_site", f"site {site!r} is not enrolled")
+    try:
+        payload = open_envelope(envelope, payload_type, site_keys[site])
+    except FederationError as exc:
+        raise ContributionRejected("bad_signature", str(exc)) from exc
+    if payload.get("run_id") != run_id:
+        raise ContributionRejected("wrong_run", f"run {payload.get('run_id')!r}, not {run_id!r}")
+    return payload
+
+
 def verify_contribution(
     envelope: bytes,
     *,
@@ -271,19 +293,8 @@ def verify_contribution(
     """Check one contribution envelope against the policy and what arrived with it (the rules
     of the module docstring). Returns the verified payload; raises
     :class:`ContributionRejected`."""
-    try:
-        claimed = peek_payload(envelope)
-    except FederationError as exc:
-        raise ContributionRejected("malformed", str(exc)) from exc
-    site = claimed.get("site_id")
-    if not isinstance(site, str) or site not in site_keys:
-        raise ContributionRejected("unknown_site", f"site {site!r} is not enrolled")
-    try:
-        payload = open_envelope(envelope, CONTRIBUTION_PAYLOAD_TYPE, site_keys[site])
-    except FederationError as exc:
-        raise ContributionRejected("bad_signature", str(exc)) from exc
-    if payload.get("run_id") != run_id:
-        raise ContributionRejected("wrong_run", f"run {payload.get('run_id')!r}, not {run_id!r}")
+    payload = _open_site_envelope(envelope, CONTRIBUTION_PAYLOAD_TYPE, site_keys, run_id)
+    site = payload["site_id"]
     if payload.get("round") != server_round:
         raise ContributionRejected(
             "wrong_round", f"round {payload.get('round')!r}, not {server_round}"
@@ -317,19 +328,7 @@ def verify_label_share(
     rules of :func:`verify_contribution` for signature, run and base (here the final model's
     digest) and arrays, plus [``wrong_task``] when it answers another exchange, and
     [``malformed``] when ``types`` is not a list of distinct strings. Returns the payload."""
-    try:
-        claimed = peek_payload(envelope)
-    except FederationError as exc:
-        raise ContributionRejected("malformed", str(exc)) from exc
-    site = claimed.get("site_id")
-    if not isinstance(site, str) or site not in site_keys:
-        raise ContributionRejected("unknown_site", f"site {site!r} is not enrolled")
-    try:
-        payload = open_envelope(envelope, LABEL_SHARE_PAYLOAD_TYPE, site_keys[site])
-    except FederationError as exc:
-        raise ContributionRejected("bad_signature", str(exc)) from exc
-    if payload.get("run_id") != run_id:
-        raise ContributionRejected("wrong_run", f"run {payload.get('run_id')!r}, not {run_id!r}")
+    payload = _open_site_envelope(envelope, LABEL_SHARE_PAYLOAD_TYPE, site_keys, run_id)
     if payload.get("task") != task:
         raise ContributionRejected("wrong_task", f"task {payload.get('task')!r}, not {task!r}")
     if payload.get("base_digest") != model_digest:

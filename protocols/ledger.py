@@ -57,6 +57,7 @@ whether to append.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import json
@@ -66,7 +67,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -159,6 +160,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 GENESIS_TYPE = "application/vnd.scarches-fl.genesis.v1+json"
 POLICY_TYPE = "application/vnd.scarches-fl.policy.v1+json"
@@ -800,6 +802,13 @@ class LedgerState:
         self._label_history: list[tuple[int, LabelLedger]] = [(0, self._labels)]
 
     # -- views -----------------------------------------------------------------------------
+    def _in_force(self, history: Sequence[tuple[int, _T]], size: int) -> _T:
+        """The value of ``history`` (``(position, value)`` pairs in position order, the first at
+        0) in force for entry ``size``: the last one set at or before it (binary search)."""
+        if not 0 <= size <= self.size:
+            raise ValueError(f"size {size} outside [0, {self.size}]")
+        return history[bisect.bisect_right(history, size, key=lambda h: h[0]) - 1][1]
+
     @property
     def size(self) -> int:
         return self._tree.size
@@ -811,13 +820,7 @@ class LedgerState:
 
     def policy_at(self, size: int) -> TrustPolicy:
         """The policy in force for entry ``size`` (after entries ``[0, size)``)."""
-        if not 0 <= size <= self.size:
-            raise ValueError(f"size {size} outside [0, {self.size}]")
-        current = self._policy_history[0][1]
-        for at, pol in self._policy_history:
-            if at <= size:
-                current = pol
-        return current
+        return self._in_force(self._policy_history, size)
 
     @property
     def sequences(self) -> dict[str, int]:
@@ -886,13 +889,7 @@ class LedgerState:
 
     def labels_at(self, size: int) -> LabelLedger:
         """The label state after entries ``[0, size)``."""
-        if not 0 <= size <= self.size:
-            raise ValueError(f"size {size} outside [0, {self.size}]")
-        current = self._label_history[0][1]
-        for at, st in self._label_history:
-            if at <= size:
-                current = st
-        return current
+        return self._in_force(self._label_history, size)
 
     def label_knowledge(self, reference_labels: Any = None, *, size: int | None = None) -> Any:
         """The label knowledge of reference version ``size`` (default: the current one):

@@ -28,3 +28,34 @@ def save(doc: dict[str, Any], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def import_scvi_quietly() -> Any:
+    """``scvi`` with its and Lightning's warnings and progress logging silenced first."""
+    import logging
+    import warnings
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    import scvi
+
+    return scvi
+
+
+def scvi_epoch_timer() -> Any:
+    """A Lightning callback that records each training epoch's wall time in ``.times``."""
+    from lightning.pytorch.callbacks import Callback
+
+    class EpochTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._t = 0.0
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            self.times.append(time.perf_counter() - self._t)
+
+    return EpochTimer()

@@ -324,28 +324,12 @@ def run_yardstick(data_dir: Path, n: int, ref_dir: Path, epochs: int, sub: Any) 
 
 
 def _scvi_worker(args: argparse.Namespace) -> dict[str, Any]:
-    import logging
-    import warnings
-
     import anndata as ad
     import torch
 
-    warnings.simplefilter("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    import scvi
-    from lightning.pytorch.callbacks import Callback
+    from benchmarks._results import import_scvi_quietly, scvi_epoch_timer
 
-    class EpochTimer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._t = 0.0
-
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._t = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            self.times.append(time.perf_counter() - self._t)
+    scvi = import_scvi_quietly()
 
     torch.set_num_threads(args.threads)
     scvi.settings.seed = SEED
@@ -357,7 +341,7 @@ def _scvi_worker(args: argparse.Namespace) -> dict[str, Any]:
         q, str(Path(args.data_dir) / "ref_scvi"), freeze_dropout=True, accelerator="cpu"
     )
     setup = time.perf_counter() - t0
-    timer = EpochTimer()
+    timer = scvi_epoch_timer()
     qm.train(
         max_epochs=args.scvi_epochs,
         accelerator="cpu",

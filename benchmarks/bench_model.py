@@ -112,27 +112,11 @@ def _worker_ours(case: str, epochs: int, workdir: Path, threads: int) -> dict[st
 
 
 def _worker_scvi(case: str, epochs: int, workdir: Path, threads: int) -> dict[str, Any]:
-    import logging
-    import warnings
-
     import torch
 
-    warnings.simplefilter("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    import scvi
-    from lightning.pytorch.callbacks import Callback
+    from benchmarks._results import import_scvi_quietly, scvi_epoch_timer
 
-    class EpochTimer(Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self._t = 0.0
-
-        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-            self._t = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-            self.times.append(time.perf_counter() - self._t)
+    scvi = import_scvi_quietly()
 
     torch.set_num_threads(threads)
     scvi.settings.seed = 0
@@ -144,7 +128,7 @@ def _worker_scvi(case: str, epochs: int, workdir: Path, threads: int) -> dict[st
                 encode_covariates=True, deeply_inject_covariates=False)
     model = scvi.model.SCVI(ref, **arch)
     n_params_ref = sum(p.numel() for p in model.module.parameters() if p.requires_grad)
-    timer = EpochTimer()
+    timer = scvi_epoch_timer()
     t = time.perf_counter()
     model.train(max_epochs=epochs, batch_size=128, train_size=0.9, early_stopping=False,
                 accelerator="cpu", enable_progress_bar=False, callbacks=[timer])
@@ -155,7 +139,7 @@ def _worker_scvi(case: str, epochs: int, workdir: Path, threads: int) -> dict[st
     # Parameters that receive gradient (scvi-tools freezes with requires_grad and zeroes the
     # old batch columns' gradient with a hook; the whole first-layer weight stays a parameter).
     n_params_q = sum(p.numel() for p in qmodel.module.parameters() if p.requires_grad)
-    timer = EpochTimer()
+    timer = scvi_epoch_timer()
     t = time.perf_counter()
     qmodel.train(max_epochs=epochs, batch_size=128, train_size=0.9, early_stopping=False,
                  accelerator="cpu", enable_progress_bar=False, callbacks=[timer],

@@ -27,6 +27,8 @@ from protocols.keys import Ed25519PublicKey
 from protocols.limits import DEFAULT_LIMITS
 
 __all__ = [
+    "POLICY_FILENAME",
+    "run_policy_path",
     "read_federation_policy",
     "write_federation_policy",
     "coordinator_key_of",
@@ -40,6 +42,17 @@ def write_federation_policy(
     """Write a policy naming ``site_keys`` (site id -> Ed25519 public or private key; the
     public halves are written) and, optionally, the coordinator's record-signing key."""
     atomic_write(Path(path), federation_policy_bytes(site_keys, coordinator=coordinator))
+
+
+#: Where a run's record directory keeps a copy of its policy (a simulated run writes it there).
+POLICY_FILENAME = "federation-policy.json"
+
+
+def run_policy_path(
+    records: str | os.PathLike[str], policy: str | os.PathLike[str] | None = None
+) -> Path:
+    """``policy`` if given, else the copy in the run's record directory."""
+    return Path(policy) if policy else Path(records) / POLICY_FILENAME
 
 
 def read_federation_policy(path: str | os.PathLike[str]) -> FederationPolicy:

@@ -28,6 +28,7 @@ from typing import Any
 from coordinator.federated_files import (
     coordinator_key_of,
     read_federation_policy,
+    run_policy_path,
     verify_run_directory,
 )
 from protocols.federated import (
@@ -57,7 +58,7 @@ def publish_run(
     from protocols.bundle import read_bundle
 
     records = Path(records)
-    policy_path = Path(policy) if policy else records / "federation-policy.json"
+    policy_path = run_policy_path(records, policy)
     policy_doc = read_federation_policy(policy_path)
     coordinator_key = coordinator_key_of(policy_doc, policy_path)
     site_keys = dict(policy_doc.sites)

@@ -348,11 +348,12 @@ def _verify(args: argparse.Namespace) -> int:
     from coordinator.federated_files import (
         coordinator_key_of,
         read_federation_policy,
+        run_policy_path,
         verify_run_directory,
     )
 
     records = Path(args.records)
-    policy = Path(args.policy) if args.policy else records / "federation-policy.json"
+    policy = run_policy_path(records, args.policy)
     policy_doc = read_federation_policy(policy)
     report = verify_run_directory(
         records,

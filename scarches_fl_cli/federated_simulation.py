@@ -56,7 +56,7 @@ def plan_simulation(
 ) -> SimulationPlan:
     import anndata as ad
 
-    from coordinator.federated_files import write_federation_policy
+    from coordinator.federated_files import run_policy_path, write_federation_policy
     from protocols.keys import generate_private_key, save_private_key
     from scarches_fl import _federated as F
     from scarches_fl.data import DataError
@@ -97,7 +97,7 @@ def plan_simulation(
     ckey = generate_private_key()
     save_private_key(ckey, ckey_path, overwrite=True)
     Path(out).mkdir(parents=True, exist_ok=True)
-    policy_path = out / "federation-policy.json"
+    policy_path = run_policy_path(out)
     write_federation_policy(policy_path, pubs, coordinator=ckey.public_key())
     import json
 

@@ -2,7 +2,7 @@
 ``scarches-fl federate tls | node-keygen | superlink | register-node | supernode | run``.
 
 Every Flower process gets :data:`FLOWER_ENV` (telemetry, update
-checks, run-time dependency installs and Ray usage stats off) and a private ``FLWR_HOME``.
+checks, run-time dependency installs, Ray usage stats and Ray's replacement of ``print`` off) and a private ``FLWR_HOME``.
 
 * SuperLink (operator): TLS (a CA made here signs the SuperLink certificate) and SuperNode
   authentication on; run-time dependency installation off. One port serves the Fleet API (what
@@ -34,6 +34,10 @@ FLOWER_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Ray's driver otherwise replaces builtins.print with its own on the first worker log line;
+    # numba then cannot compile any nopython function that prints (numba.get_num_threads does),
+    # so a k-NN search with pynndescent later in the same process fails with a TypingError.
+    "RAY_TQDM_PATCH_PRINT": "0",
 }
 
 

@@ -17,6 +17,7 @@ the objects a deployment loads (docs/adr/0031-simulation-in-process.md).
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 from collections.abc import Sequence
@@ -221,6 +222,7 @@ def simulate(
     }
     from flwr.simulation import run_simulation
 
+    print_before = builtins.print
     try:
         run_simulation(
             server_app=server_app,
@@ -229,6 +231,9 @@ def simulate(
             backend_config=backend_config,
         )
     finally:
+        # Ray may still have replaced builtins.print (RAY_TQDM_PATCH_PRINT set by the caller's
+        # environment before ours); numba cannot compile against a replaced print.
+        builtins.print = print_before
         keys_tmp.cleanup()  # virtual sites' private keys exist only for the run
         if home_tmp is not None:
             os.environ.pop("FLWR_HOME", None)

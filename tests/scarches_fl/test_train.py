@@ -105,6 +105,9 @@ def test_epoch_ceiling_is_the_default_reason():
     h = train.fit(_conditions_module(), train.CellData(x, cond), _cfg(max_epochs=3))
     assert h["stop_reason"] == "max_epochs" and h["epochs"] == 3 and h["checks"] == []
     assert h["passes"] == pytest.approx(3.0, abs=0.02)
+    # wall and process CPU time of every epoch (the gene-selection speed benchmark reads both)
+    assert len(h["epoch_seconds"]) == len(h["epoch_cpu_seconds"]) == 3
+    assert all(v >= 0.0 for v in h["epoch_cpu_seconds"])
 
 
 def test_checks_inside_an_epoch_in_memory_and_streaming():

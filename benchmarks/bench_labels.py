@@ -619,12 +619,14 @@ def summarize(per_seed: list[dict]) -> dict:
     """Mean, min and max over seeds of every label-transfer figure and integration metric, per
     method and label variant: ``{method: {variant: {key: {"mean", "min", "max", "values"}}}}``.
     One seed's figure can sit far from the others on 280 query cells; the spread is the honest
-    figure to quote."""
+    figure to quote. A method that some runs lack (scvi-tools' left out with ``--skip-scvi`` on
+    some seeds) is summarised over the runs that have it; every entry names its ``seeds``."""
     out: dict = {}
-    methods = per_seed[0]["methods"]
-    for name in methods:
+    names = list(dict.fromkeys(name for r in per_seed for name in r["methods"]))
+    for name in names:
+        runs = [r for r in per_seed if name in r["methods"]]
         out[name] = {}
-        for variant, res in methods[name].items():
+        for variant, res in runs[0]["methods"][name].items():
             if variant == "run" or not isinstance(res, dict):
                 continue
             keys = [
@@ -634,12 +636,13 @@ def summarize(per_seed: list[dict]) -> dict:
                 keys = [k for k in keys if k in _SUMMARY_KEYS]
             cell = {}
             for k in keys:
-                vals = [float(r["methods"][name][variant][k]) for r in per_seed]
+                vals = [float(r["methods"][name][variant][k]) for r in runs]
                 cell[k] = {
                     "mean": float(np.mean(vals)),
                     "min": float(np.min(vals)),
                     "max": float(np.max(vals)),
                     "values": vals,
+                    "seeds": [r.get("seed") for r in runs],
                 }
             out[name][variant] = cell
     return out
@@ -655,11 +658,14 @@ def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
         ("known_fraction_called_unknown", "known->U"),
     ]
     head = f"{'method':14s} {'labels':23s} " + " ".join(f"{h:>19s}" for _, h in keys)
-    rows = []
+    rows, partial = [], []
     for name, variants in summary.items():
         for variant in _VARIANT_NAMES:
             if variant not in variants:
                 continue
+            some = next(iter(variants[variant].values()), {})
+            if some.get("seeds") is not None and list(some["seeds"]) != list(seeds):
+                partial.append(f"{name} {variant}: seeds {','.join(map(str, some['seeds']))} only")
             cells = []
             for k, _ in keys:
                 v = variants[variant].get(k)
@@ -669,7 +675,7 @@ def _summary_table(scenario: str, seeds: list[int], summary: dict) -> str:
             rows.append(f"{name:14s} {variant:23s} " + " ".join(f"{c:>19s}" for c in cells))
     return (
         f"== {scenario}: mean [min-max] over seeds {','.join(map(str, seeds))} ==\n{head}\n"
-        + "\n".join(rows)
+        + "\n".join(rows + partial)
     )
 
 

@@ -68,3 +68,16 @@ def test_merge_combines_one_seed_files_into_the_five_seed_format(tmp_path, capsy
     assert "0.700 [0.600-0.800]" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="twice"):
         main(["--merge", paths[0], paths[0], "--out-dir", str(tmp_path / "out")])
+
+
+def test_a_method_some_seeds_lack_is_summarised_over_the_seeds_that_have_it():
+    # scvi-tools' methods run on seed 0 only (``--skip-scvi`` on the others)
+    runs = [_run(0, 0.8, 0.9), _run(1, 0.6, 0.7), _run(2, 0.7, 0.8)]
+    runs[0]["methods"]["scanvi_surgery"] = {"predict": {"accuracy_top_label": 0.95}}
+    s = summarize(runs)
+    assert s["scarches_fl"]["prototype"]["novel_auroc"]["seeds"] == [0, 1, 2]
+    scanvi = s["scanvi_surgery"]["predict"]["accuracy_top_label"]
+    assert scanvi["values"] == [0.95] and scanvi["seeds"] == [0]
+    table = _summary_table("cellbench5", [0, 1, 2], s)
+    assert "scanvi_surgery predict: seeds 0 only" in table
+    assert "scarches_fl prototype: seeds" not in table

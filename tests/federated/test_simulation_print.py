@@ -47,8 +47,8 @@ def test_numba_compiles_a_printing_function_after_the_simulation_helper_ran(tmp_
                                                                             shared_data,
                                                                             monkeypatch):
     """The failure itself: numba typing ``get_num_threads`` (which holds a ``print``)."""
-    import numba
     import flwr.simulation
+    import numba
 
     from protocols.federated import FederationError
     from scarches_fl_cli.federated_simulation import simulate

@@ -13,16 +13,19 @@ Reference side (:func:`fit_expression_prototypes`, at ``reference train`` with a
 
 * ``x -> log1p(1e4 * x / total)`` on the bundle's genes (``total`` over those genes);
 * a principal subspace of ``n_components`` (default 100) fitted on labelled reference cells
-  (seeded randomized SVD of the centred matrix, at most ``max_cells_per_type`` cells per
-  type), stored as the tensors ``expression.gene_mean`` (genes) and
+  (at most ``max_cells_per_type`` cells per type): the leading eigenvectors of their gene-gene
+  covariance, from sums (:mod:`scarches_fl._expression_sums`, ADR 0037: a federation computes
+  the same numbers from its sites' sums; a seeded randomized SVD above
+  ``EXACT_PCA_MAX_GENES`` genes), stored as the tensors ``expression.gene_mean`` (genes) and
   ``expression.components`` (components x genes);
 * per label level and type: the mean of its cells in that subspace
   (``expression.<i>.means``), and one pooled within-type covariance
   (``expression.<i>.covariance``) shrunk towards its mean variance with ``kappa`` pseudo-cells
-  (default 10). A type with ``n`` cells is scored under ``(1 + 1 / n) S``: every labelled type
-  can be named, a type seen in few cells with the uncertainty of its mean (ADR 0018's rule);
-* from out-of-fold reference cells (two folds): the softmax temperature and the quantiles of
-  the novelty statistic (the smallest inflated squared Mahalanobis distance to a type).
+  (default 200), both after removing one offset per reference batch fitted with the labels.
+  A type with ``n`` cells is scored under ``(1 + 1 / n) S``: every labelled type can be named, a type seen in few cells with the uncertainty of its mean (ADR 0018's rule);
+* from out-of-fold reference cells (five folds): the softmax temperature and the quantiles of
+  the novelty statistic (the smallest inflated squared Mahalanobis distance to a type), read
+  off sums (the NLL on a grid of temperatures, a fixed-bin histogram of the statistic).
 
 Per-cell expression values never enter the bundle: the subspace, type means and covariance are
 summaries of hundreds of cells each, like the latent prototypes beside them.
@@ -57,12 +60,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from scarches_fl import _expression_sums as ES
+from scarches_fl._expression_sums import _distances, _project, _whiten, lognormalize
 from scarches_fl.labels import (
     UNKNOWN,
     LabelPrediction,
     LabelTransferError,
     _clean_labels,
-    _fit_temperature,
     _novelty_factor,
     _softmax,
 )
@@ -94,8 +98,6 @@ EXPRESSION_COMPONENTS = "expression.components"
 #: what ``map --label-method`` accepts; ``auto`` = expression where the bundle has it
 LABEL_METHODS = ("auto", "expression", "prototype", "knn")
 _N_QUANTILES = 41
-_N_FOLDS = 5  # out-of-fold calibration: each fold's model sees 80 % of the cells
-_TARGET_SUM = 1e4
 
 
 def _means_name(level_index: int) -> str:
@@ -106,18 +108,44 @@ def _covariance_name(level_index: int) -> str:
     return f"expression.{int(level_index)}.covariance"
 
 
-def lognormalize(counts: Any) -> sp.csr_matrix:
-    """``log1p(1e4 * x / total)`` per cell (CSR float32); a cell with no counts stays 0."""
-    x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-    total = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.where(total > 0, _TARGET_SUM / np.maximum(total, 1e-12), 0.0)
-    x.data = np.log1p(x.data * np.repeat(scale, np.diff(x.indptr))).astype(np.float32)
-    return x
+def expression_projection_info(n_components: int, n_cells: int) -> dict[str, Any]:
+    """``manifest["labels"]["expression"]``: how a query is projected."""
+    return {
+        "normalisation": "log1p(1e4 * counts / total over the bundle's genes)",
+        "n_components": int(n_components),
+        "gene_mean_tensor": EXPRESSION_GENE_MEAN,
+        "components_tensor": EXPRESSION_COMPONENTS,
+        "n_cells_fitted": int(n_cells),
+    }
 
 
-def _project(x: sp.csr_matrix, gene_mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """Scores of log-normalised cells on the stored subspace: ``(x - mean) C^T``."""
-    return np.asarray(x @ components.T, dtype=np.float64) - (gene_mean @ components.T)[None, :]
+def expression_level(
+    level_index: int,
+    model: ES.ExpressionTypeModel,
+    *,
+    cell_counts: Sequence[int],
+    kappa: float,
+    temperature: float,
+    quantiles: Sequence[float],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(``manifest["labels"]["levels"][name]["expression"]``, its float32 tensors) of a fitted
+    type model: the means and the shrunk pooled covariance; ``cell_counts``: the reference cells
+    behind each class (what the ``(1 + 1/n)`` inflation reads)."""
+    cov = ES.shrunk_covariance(model.within, model.counts, kappa)
+    tensors = {
+        _means_name(level_index): model.means.astype(np.float32),
+        _covariance_name(level_index): cov.astype(np.float32),
+    }
+    info = {
+        "classes": list(model.classes),
+        "cell_counts": [int(v) for v in cell_counts],
+        "kappa": float(kappa),
+        "temperature": float(temperature),
+        "novelty_quantiles": [float(q) for q in quantiles],
+        "means_tensor": _means_name(level_index),
+        "covariance_tensor": _covariance_name(level_index),
+    }
+    return info, tensors
 
 
 def _randomized_pca(
@@ -148,65 +176,6 @@ def _randomized_pca(
     # a sign convention, so that the same data give the same tensors
     signs = np.sign(comps[np.arange(comps.shape[0]), np.abs(comps).argmax(axis=1)])
     return mean, comps * np.where(signs == 0, 1.0, signs)[:, None]
-
-
-def _type_model(
-    y: np.ndarray, codes: np.ndarray, n_types: int, kappa: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-type means and the shrunk pooled within-type covariance of scores ``y``."""
-    p = y.shape[1]
-    means = np.zeros((n_types, p))
-    scatter = np.zeros((p, p))
-    n_w = 0
-    for c in range(n_types):
-        yc = y[codes == c]
-        if len(yc) == 0:
-            continue
-        means[c] = yc.mean(axis=0)
-        d = yc - means[c]
-        scatter += d.T @ d
-        n_w += len(yc) - 1
-    n_w = max(n_w, 1)
-    pooled = scatter / n_w
-    target = float(np.trace(pooled)) / p if p else 1.0
-    cov = (n_w * pooled + kappa * max(target, 1e-6) * np.eye(p)) / (n_w + kappa)
-    return means, cov
-
-
-def _remove_batch_offsets(
-    y: np.ndarray, codes: np.ndarray, batch_codes: np.ndarray, n_types: int, n_iter: int = 10
-) -> np.ndarray:
-    """``y`` with one offset per batch removed, fitted with the labels: the offsets and the
-    type means that best explain ``y = mean[type] + offset[batch]`` (alternating means, the
-    offsets centred on zero over cells), as the query's offset is removed at labelling."""
-    batches = np.unique(batch_codes)
-    if batches.size < 2:
-        return y
-    offsets = np.zeros((int(batch_codes.max()) + 1, y.shape[1]))
-    for _ in range(n_iter):
-        corrected = y - offsets[batch_codes]
-        means = np.zeros((n_types, y.shape[1]))
-        for c in range(n_types):
-            if (codes == c).any():
-                means[c] = corrected[codes == c].mean(axis=0)
-        resid = y - means[codes]
-        for b in batches:
-            offsets[b] = resid[batch_codes == b].mean(axis=0)
-        offsets -= offsets[batch_codes].mean(axis=0)[None, :]
-    return y - offsets[batch_codes]
-
-
-def _whiten(cov: np.ndarray) -> np.ndarray:
-    """``L^-1`` for the Cholesky factor ``L`` of ``cov``: ``|L^-1 v|^2`` is the Mahalanobis
-    norm of ``v``."""
-    chol = np.linalg.cholesky(cov)
-    return np.linalg.solve(chol, np.eye(cov.shape[0]))
-
-
-def _distances(w: np.ndarray, nu: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances between whitened cells ``w`` and whitened means ``nu``."""
-    d = (w * w).sum(axis=1)[:, None] - 2.0 * w @ nu.T + (nu * nu).sum(axis=1)[None, :]
-    return np.maximum(d, 0.0)
 
 
 def sample_reference_rows(
@@ -268,7 +237,10 @@ def fit_expression_prototypes(
     p = int(min(n_components, x.shape[0] - 1, x.shape[1]))
     if p < 1:
         raise LabelTransferError("too few reference cells or genes for expression prototypes")
-    gene_mean, comps = _randomized_pca(x, p, seed)
+    if x.shape[1] <= ES.EXACT_PCA_MAX_GENES:
+        gene_mean, comps = ES.subspace_from_moments(ES.expression_moments(x), p)
+    else:
+        gene_mean, comps = _randomized_pca(x, p, seed)
     tensors: dict[str, np.ndarray] = {
         EXPRESSION_GENE_MEAN: gene_mean.astype(np.float32),
         EXPRESSION_COMPONENTS: comps.astype(np.float32),
@@ -280,76 +252,41 @@ def fit_expression_prototypes(
         tensors[EXPRESSION_COMPONENTS].astype(np.float64),
     )
     info: dict[str, Any] = {
-        "projection": {
-            "normalisation": "log1p(1e4 * counts / total over the bundle's genes)",
-            "n_components": p,
-            "gene_mean_tensor": EXPRESSION_GENE_MEAN,
-            "components_tensor": EXPRESSION_COMPONENTS,
-            "n_cells_fitted": int(rows.size),
-        },
+        "projection": expression_projection_info(p, int(rows.size)),
         "levels": {},
     }
-    fold = rng.permutation(rows.size) % _N_FOLDS
+    fold = rng.permutation(rows.size) % ES.N_FOLDS
+    batch_names = (
+        np.asarray(batches).astype(str)[rows] if batches is not None else np.zeros(rows.size, str)
+    )
     for i, (name, values) in enumerate(cleaned.items()):
         lab = values[rows]
         ok = np.array([v is not None for v in lab])
         classes = sorted({str(v) for v in lab[ok]})
         if not classes:
             continue
-        lookup = {c: j for j, c in enumerate(classes)}
-        codes = np.array([lookup[str(v)] if v is not None else -1 for v in lab])
         counts_all = {c: 0 for c in classes}
         for v in values:
             if v is not None and str(v) in counts_all:
                 counts_all[str(v)] += 1
         given = (type_cell_counts or {}).get(name, {})
         counts_all = {c: max(int(given.get(c, 0)), counts_all[c]) for c in classes}
-        n_c = np.array([counts_all[c] for c in classes], dtype=np.float64)
-        y = y_raw
-        if batches is not None:
-            _names, batch_codes = np.unique(np.asarray(batches).astype(str), return_inverse=True)
-            y = y_raw.copy()
-            y[ok] = _remove_batch_offsets(y_raw[ok], codes[ok], batch_codes[ok], len(classes))
-        means, cov = _type_model(y[ok], codes[ok], len(classes), kappa)
-        inflation = 1.0 + 1.0 / n_c
-        # out-of-fold: fit on one half, score the other, for the temperature and novelty
-        oof_logits = np.full((rows.size, len(classes)), -np.inf)
-        oof_stat = np.full(rows.size, np.nan)
-        for f in range(_N_FOLDS):
-            fit_rows = ok & (fold != f)
-            score_rows = ok & (fold == f)
-            if not fit_rows.any() or not score_rows.any():
-                continue
-            m_f, c_f = _type_model(y[fit_rows], codes[fit_rows], len(classes), kappa)
-            present = np.bincount(codes[fit_rows], minlength=len(classes)) > 0
-            n_f = np.bincount(codes[fit_rows], minlength=len(classes)).astype(np.float64)
-            infl_f = 1.0 + 1.0 / np.maximum(n_f, 1.0)
-            wm = _whiten(c_f)
-            d2 = _distances(y[score_rows] @ wm.T, m_f @ wm.T) / infl_f[None, :]
-            d2[:, ~present] = np.inf
-            oof_logits[score_rows] = -0.5 * d2 - 0.5 * y.shape[1] * np.log(infl_f)[None, :]
-            oof_stat[score_rows] = d2.min(axis=1)
-        scorable = ok & np.isfinite(oof_stat)
-        if scorable.sum() >= 2:
-            lg = oof_logits[scorable]
-            temperature = _fit_temperature(np.where(np.isfinite(lg), lg, -1e30), codes[scorable])
-            quantiles = np.quantile(oof_stat[scorable], np.linspace(0.0, 1.0, _N_QUANTILES))
-        else:  # too few cells for folds: no calibration (temperature 1, in-sample quantiles)
-            wm = _whiten(cov)
-            d2 = _distances(y[ok] @ wm.T, means @ wm.T) / inflation[None, :]
-            temperature = 1.0
-            quantiles = np.quantile(d2.min(axis=1), np.linspace(0.0, 1.0, _N_QUANTILES))
-        tensors[_means_name(i)] = means.astype(np.float32)
-        tensors[_covariance_name(i)] = cov.astype(np.float32)
-        info["levels"][name] = {
-            "classes": classes,
-            "cell_counts": [int(v) for v in n_c],
-            "kappa": float(kappa),
-            "temperature": float(temperature),
-            "novelty_quantiles": [float(q) for q in quantiles],
-            "means_tensor": _means_name(i),
-            "covariance_tensor": _covariance_name(i),
-        }
+        types = [str(v) for v in lab[ok]]
+        groups = ES.group_moments(y_raw[ok], types, batch_names[ok], classes)
+        model = ES.type_model(groups, classes, p)
+        corrected = y_raw[ok] - np.stack([model.offsets[b] for b in batch_names[ok]])
+        calibration = ES.calibration_sums(model, corrected, types, fold[ok], kappa=kappa)
+        temperature, quantiles = ES.calibrate_expression([calibration])
+        level, level_tensors = expression_level(
+            i,
+            model,
+            cell_counts=[counts_all[c] for c in classes],
+            kappa=kappa,
+            temperature=temperature,
+            quantiles=quantiles,
+        )
+        tensors.update(level_tensors)
+        info["levels"][name] = level
     return info, tensors
 
 

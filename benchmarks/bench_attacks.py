@@ -4,7 +4,7 @@
                                        [--fuzz-per-handler 300] [--genes 200] [--versions 40]
                                        [--out benchmarks/results/attacks.json]
 
-Against ``python -m coordinator serve`` in its own process (TLS on, durable writes, default rate
+Against ``python -m scarches_fl_cli coordinator serve`` in its own process (TLS on, durable writes, default rate
 limit: burst 60, 30/s), on loopback, with a fresh state of a synthetic reference and two enrolled
 sites (site-00, site-01):
 

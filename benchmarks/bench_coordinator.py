@@ -7,7 +7,7 @@
 
 For each concurrency level it makes a fresh state directory from a synthetic reference of the
 default architecture (2 x 128 hidden, latent 10, NB with per-condition dispersion, ``--genes``
-genes, 8 reference studies), enrols the sites, starts ``python -m coordinator serve`` as its own
+genes, 8 reference studies), enrols the sites, starts ``python -m scarches_fl_cli coordinator serve`` as its own
 process (TLS on, ``durable: true``), builds and signs every update beforehand (signing is the
 sites' cost), then lets the sites submit concurrently, each on the same base, one condition per
 update, with the per-site rate limit lifted. It reports accepted updates per second (wall clock
@@ -108,8 +108,9 @@ def _start_server(state: Path) -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
-            "coordinator",
+            "scarches_fl_cli",
             "-q",
+            "coordinator",
             "serve",
             "--dir",
             str(state),

@@ -39,7 +39,7 @@ def _map_accuracy(
 ) -> tuple[float, float]:
     import anndata as ad
 
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     rc = main(
         [

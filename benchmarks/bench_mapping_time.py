@@ -11,7 +11,7 @@ on the same cells with the same architecture (its query timing needs a reference
 
 Per size:
 
-* **ours, default**: ``python -m scarches_fl.cli map --reference REF --data Q --batch-key batch
+* **ours, default**: ``python -m scarches_fl_cli map --reference REF --data Q --batch-key batch
   --label-key cell_type --update-out U --out O`` in a fresh process: wall time, peak RSS
   (``wait4``), the epochs / passes / stop reason it prints. No memory flag: a 1M-cell file is
   streamed because it would not fit comfortably (ADR 0017).
@@ -156,7 +156,7 @@ def _peak_child(cmd: list[str], env: dict[str, str]) -> tuple[int, str, float, f
 
 _CLI_WITH_PEAK = (
     "import sys\n"
-    "from scarches_fl.cli import main\n"
+    "from scarches_fl_cli.main import main\n"
     "try:\n"
     "    rc = main(sys.argv[1:])\n"
     "finally:\n"

@@ -104,8 +104,8 @@ def case_ref(args: argparse.Namespace) -> dict:
 
 
 def case_map(args: argparse.Namespace) -> dict:
-    from scarches_fl._cli_map import predict_obs_labels, write_mapped_h5ad
     from scarches_fl.model import ReferenceModel
+    from scarches_fl_cli.map import predict_obs_labels, write_mapped_h5ad
 
     model = ReferenceModel.from_bundle(args.bundle)
     adata = _open(args.data, args.input)
@@ -162,8 +162,8 @@ def case_cli(args: argparse.Namespace) -> dict:
     import io
     import logging
 
-    from scarches_fl.cli import main as cli_main
     from scarches_fl.query import choose_backed
+    from scarches_fl_cli.main import main as cli_main
 
     out = Path(args.bundle).with_name(f"cli_map_{Path(args.data).stem}.h5ad")
     plan = choose_backed(args.data)

@@ -3,8 +3,8 @@ registry gRPC server (TLS), and the Flower ServerApp for federated reference tra
 
 Entry points:
 
-* ``scarches-fl coordinator init | enroll | revoke | serve | status | backup | health`` (or
-  ``python -m coordinator ...``), implemented in :mod:`coordinator.admin`;
+* ``scarches-fl coordinator init | enroll | revoke | serve | status | backup | health``
+  (command line in :mod:`scarches_fl_cli.coordinator`), implemented in :mod:`coordinator.admin`;
 * :class:`coordinator.service.Registry` -- the accept pipeline and every read of a state
   directory; :class:`coordinator.server.RegistryServer` serves it over gRPC;
 * :mod:`coordinator.storage` -- SQLite (WAL) + content-addressed blobs, crash-safe appends;

@@ -39,10 +39,10 @@ def __getattr__(name: str) -> Any:
     try:
         value = getattr(importlib.import_module(module_name), name)
     except ModuleNotFoundError as exc:
-        from scarches_fl._extras import MissingExtraError, extra_for_module
+        from scarches_fl._extras import OWN_PACKAGES, MissingExtraError, extra_for_module
 
         top = (exc.name or "").partition(".")[0]
-        if top in {"scarches_fl", "protocols", "coordinator", "site_agent"}:
+        if top in OWN_PACKAGES:
             raise
         extra = extra_for_module(top) or "model"
         raise MissingExtraError(

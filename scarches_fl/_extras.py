@@ -33,7 +33,9 @@ IMPORT_NAMES = {
 }
 
 # Our own import packages: a missing module under one of them is a bug, not a missing extra.
-OWN_PACKAGES = frozenset({"scarches_fl", "protocols", "coordinator", "site_agent"})
+OWN_PACKAGES = frozenset(
+    {"scarches_fl", "protocols", "coordinator", "site_agent", "scarches_fl_cli"}
+)
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 _EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")

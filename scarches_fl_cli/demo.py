@@ -159,7 +159,7 @@ def _child_env() -> dict[str, str]:
 
 
 def _cli() -> list[str]:
-    return [sys.executable, "-m", "scarches_fl.cli"]
+    return [sys.executable, "-m", "scarches_fl_cli"]
 
 
 def _run(argv: list[str], log_path: Path, what: str) -> str:

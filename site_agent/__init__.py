@@ -1,7 +1,7 @@
 """The site agent: what a site admin runs next to private data.
 
 ``scarches-fl site keygen | map | status | outbox | retry | rotate-key``
-(``site_agent._cli``). The flow of ``site map`` is in :mod:`site_agent.agent`; pull-and-verify
+(command line in ``scarches_fl_cli.site``). The flow of ``site map`` is in :mod:`site_agent.agent`; pull-and-verify
 in :mod:`site_agent.verify`; mapping with the model library in :mod:`site_agent.mapping`; the
 privacy guard in :mod:`site_agent.guard`; the state directory and outbox in
 :mod:`site_agent.state` and :mod:`site_agent.outbox`; YAML configuration in

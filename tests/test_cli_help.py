@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from scarches_fl.cli import EXIT_BROKEN_PIPE, build_parser, main
+from scarches_fl_cli.main import EXIT_BROKEN_PIPE, build_parser, main
 
 
 def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -82,7 +82,7 @@ def test_reader_gone_ends_quietly_through_a_real_pipe(argv: list[str]) -> None:
     command writes; no BrokenPipeError traceback, exit 141 like any shell tool (argparse's own
     help printer swallows the error itself and exits 0)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scarches_fl.cli", *argv],
+        [sys.executable, "-m", "scarches_fl_cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -95,7 +95,7 @@ def test_reader_gone_ends_quietly_through_a_real_pipe(argv: list[str]) -> None:
 
 _BLOCK_SCIPY = (
     "import sys; sys.modules['scipy'] = None; "  # what a base install without [model] looks like
-    "from scarches_fl.cli import main; sys.exit(main(sys.argv[1:]))"
+    "from scarches_fl_cli.main import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
@@ -138,7 +138,7 @@ _FLOWER_COMMANDS = [
 _BLOCK_FLWR = """
 import contextlib, io, json, shlex, sys
 sys.modules["flwr"] = None
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 for command in sys.argv[1:]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -1,4 +1,4 @@
-from scarches_fl.cli import build_parser, main
+from scarches_fl_cli.main import build_parser, main
 
 
 def test_help_lists_commands(capsys):

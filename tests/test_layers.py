@@ -34,6 +34,7 @@ def test_the_layer_contracts_hold() -> None:
     kept = re.findall(r"^(.*) KEPT", out, re.M)
     assert len(kept) >= 3 and not re.search(r"BROKEN", out), out[-3000:]
     assert any("coordinator | site_agent <- scarches_fl_cli" in line for line in kept)
+    assert any("command-line code lives in scarches_fl_cli only" in line for line in kept)
 
 
 #: (module, the wrong import added to it, the contract it breaks, the chain lint-imports names)
@@ -58,6 +59,13 @@ WRONG_IMPORTS = [
         "import scarches_fl_cli.federate",
         "scarches_fl_cli",
         "coordinator.storage -> scarches_fl_cli.federate",
+    ),
+    # every command lives in the command-line package
+    (
+        "scarches_fl/genes.py",
+        "import argparse",
+        "command-line code lives in scarches_fl_cli only",
+        "scarches_fl.genes -> argparse",
     ),
     # the auditor's install has no torch
     ("protocols/canonical.py", "import torch", "no torch", "protocols.canonical -> torch"),

@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.gen_ledger import GeneratedLedger
 from protocols.audit import AUDIT_EXIT_CODES
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 from tests.audit.conftest import N_SITES, small_ledger
 
 

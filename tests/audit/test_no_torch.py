@@ -38,7 +38,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env["PYTHONPATH"] = os.pathsep.join([str(block), str(REPO)])
     return subprocess.run(
         [sys.executable, "-c",
-         "import sys; from scarches_fl.cli import main; rc = main(sys.argv[1:]); "
+         "import sys; from scarches_fl_cli.main import main; rc = main(sys.argv[1:]); "
          "assert not {'torch', 'anndata', 'flwr'} & set(sys.modules); sys.exit(rc)", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from protocols.audit import AUDIT_EXIT_CODES
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 from tests.coordinator.conftest import (  # noqa: F401 - pytest fixtures
     Consortium,
     RunningServer,

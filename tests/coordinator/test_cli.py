@@ -14,7 +14,7 @@ import pytest
 from protocols.bundle import write_bundle
 from protocols.keys import generate_private_key, save_public_key
 from protocols.policy import read_trust
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 from tests.coordinator.synth import synthetic_reference
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,7 +165,7 @@ def test_serve_refuses_bad_config_and_insecure_public(
 
 def _health(state: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "coordinator", "health", "--dir", str(state)],
+        [sys.executable, "-m", "scarches_fl_cli", "coordinator", "health", "--dir", str(state)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -182,6 +182,7 @@ def test_health_of_a_running_server(tmp_path: Path, reference: Path) -> None:
         [
             sys.executable,
             "-m",
+            "scarches_fl_cli",
             "coordinator",
             "serve",
             "--dir",
@@ -255,7 +256,9 @@ def test_enroll_prints_the_fingerprint_keygen_printed(
 def test_coordinator_never_imports_torch(tmp_path: Path) -> None:
     code = (
         "import sys\n"
-        "import coordinator.__main__, coordinator.admin, coordinator.service, coordinator.server\n"
+        "import coordinator.admin, coordinator.service, coordinator.server\n"
+        "from scarches_fl_cli.main import build_parser\n"
+        "build_parser()\n"
         "import protocols.registry_client\n"
         "assert 'torch' not in sys.modules, 'the coordinator imported torch'\n"
     )

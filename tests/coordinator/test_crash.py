@@ -38,6 +38,7 @@ def _start(state: Path, log: Path) -> tuple[subprocess.Popen, str]:
         [
             sys.executable,
             "-m",
+            "scarches_fl_cli",
             "coordinator",
             "serve",
             "--dir",

@@ -15,7 +15,7 @@ from protocols.dsse import parse_envelope
 from protocols.errors import ConfigError, VerificationError
 from protocols.keys import generate_private_key, key_id, public_key_text
 from protocols.ledger import enrol_entry, revoke_entry, rotation_request
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 from tests.coordinator.conftest import ORIGIN, make_site_update
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-CLI = [sys.executable, "-m", "scarches_fl.cli"]
+CLI = [sys.executable, "-m", "scarches_fl_cli"]
 
 
 def _env(shared_data: Path) -> dict[str, str]:
@@ -136,7 +136,7 @@ def test_demo_workdir_is_emptied_and_foreign_folders_are_refused(tmp_path: Path)
 
 def test_demo_refuses_a_foreign_workdir_before_doing_anything(tmp_path: Path, shared_data: Path,
                                                                capsys, monkeypatch) -> None:
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     monkeypatch.setenv("SCARCHES_FL_SHARED", str(shared_data.parent))
     (tmp_path / "notes.txt").write_text("mine")

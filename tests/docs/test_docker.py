@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scarches_fl.cli import build_parser
+from scarches_fl_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -127,7 +127,7 @@ def test_compose_start_up_sequence_without_docker(tmp_path: Path, shared_data: P
     port = _free_port()
     volumes = tmp_path / "volumes"
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
-    cli = [sys.executable, "-m", "scarches_fl.cli"]
+    cli = [sys.executable, "-m", "scarches_fl_cli"]
     server = None
     try:
         for name in _order(services):

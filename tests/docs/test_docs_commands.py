@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from scarches_fl.cli import build_parser
+from scarches_fl_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDES = ["architecture.md", "operator.md", "site-admin.md", "auditor.md", "protocol.md", "benchmarks.md"]

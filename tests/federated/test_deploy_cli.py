@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 
 pytestmark = [pytest.mark.flower]
 

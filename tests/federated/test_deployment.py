@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.flower, pytest.mark.network, pytest.mark.slow,
 
 SITES = {"hosp-a": ["indrop3"], "hosp-b": ["indrop1", "celseq", "fluidigmc1"],
          "hosp-c": ["indrop2", "indrop4"]}
-CLI = [sys.executable, "-m", "scarches_fl.cli"]
+CLI = [sys.executable, "-m", "scarches_fl_cli"]
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(900)]
 

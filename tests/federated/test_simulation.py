@@ -118,7 +118,7 @@ def _publish_and_audit(tmp_path, out, result, capsys):
     federated bundle."""
     from coordinator.admin import enroll_site, init_state
     from coordinator.federated_ledger import publish_run
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     records = out / "federation"
     state = tmp_path / "coordinator"

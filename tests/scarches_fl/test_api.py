@@ -15,9 +15,9 @@ import pytest
 import scipy.sparse as sp
 
 import scarches_fl
-from scarches_fl.cli import main
 from scarches_fl.data import DataError
 from scarches_fl.model import ReferenceModel
+from scarches_fl_cli.main import main
 
 REF_BATCHES = ["indrop1", "indrop2", "indrop3", "indrop4", "celseq", "fluidigmc1"]
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 
 from protocols.bundle import read_bundle
 from protocols.diff import apply_condition_diff, diff_from_bytes
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 
 DATA = "panc8_sub_nebula.h5ad"
 REF = "indrop1,indrop2,indrop3,indrop4,celseq,fluidigmc1"

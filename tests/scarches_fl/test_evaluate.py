@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from scarches_fl.cli import main
 from scarches_fl.report import (
     EvaluationError,
     EvaluationInput,
@@ -15,6 +14,7 @@ from scarches_fl.report import (
     embed_2d,
     plot_joint_embedding,
 )
+from scarches_fl_cli.main import main
 
 ad = pytest.importorskip("anndata")
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from protocols.bundle import read_bundle
-from scarches_fl.cli import main
 from scarches_fl.data import DataError
 from scarches_fl.genes import select_highly_variable_genes
 from scarches_fl.simulate import simulate_counts
+from scarches_fl_cli.main import main
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scarches_fl._cli_reference import describe_label_types
 from scarches_fl.labels import predict_labels
 from scarches_fl.model import ReferenceModel
 from scarches_fl.simulate import simulate_counts
+from scarches_fl_cli.reference import describe_label_types
 
 RARE = "type5"
 

@@ -156,7 +156,7 @@ def test_surgery_and_latent_on_backed_file(sim_path, monkeypatch):
 
 
 def test_map_cli_backed_writes_sparse_x_window_by_window(sim_path, tmp_path):
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     rc = main(["-q", "reference", "train", "--data", str(sim_path), "--batch-key", "batch",
                "--batches", "batch0,batch1", "--max-epochs", "1", "--n-hidden", "16",

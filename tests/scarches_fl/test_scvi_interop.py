@@ -18,7 +18,6 @@ scvi = pytest.importorskip(
 torch = pytest.importorskip("torch")
 
 from protocols.bundle import read_bundle  # noqa: E402
-from scarches_fl.cli import main  # noqa: E402
 from scarches_fl.model import ReferenceModel  # noqa: E402
 from scarches_fl.scvi_interop import (  # noqa: E402
     ScviImportError,
@@ -27,6 +26,7 @@ from scarches_fl.scvi_interop import (  # noqa: E402
     import_scvi,
     read_model_file,
 )
+from scarches_fl_cli.main import main  # noqa: E402
 from tests.scvi_models import (  # noqa: E402
     ARCHITECTURES,
     quiet,

@@ -12,7 +12,7 @@ from typing import Any
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "scarches_fl.cli", *args]
+    return [sys.executable, "-m", "scarches_fl_cli", *args]
 
 
 def run_cli(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:

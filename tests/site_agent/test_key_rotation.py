@@ -22,7 +22,7 @@ from protocols.keys import (
     save_private_key,
     save_public_key,
 )
-from scarches_fl.cli import main
+from scarches_fl_cli.main import main
 from site_agent.config import SiteConfig
 from site_agent.rotation import (
     RotationError,

@@ -10,9 +10,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scarches_fl.cli import main
 from scarches_fl.model import ReferenceModel
 from scarches_fl.query import MAPPING_RECORD_FIELDS
+from scarches_fl_cli.main import main
 
 LEDGER_FIELDS = {"tree_size", "checkpoint_root", "origin", "site_id"}
 

@@ -112,7 +112,7 @@ def test_coordinator_down_mid_submit_delivered_once_after_retry(consortium, evil
         run_map(cfg2, printer=None)
     assert [e.id for e in Outbox(state.outbox_path).pending()] == ["update-000002"]
     # `site retry` from the CLI, straight to the real coordinator over TLS
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     evil.tamper.mode = "pass"
     rc = main(["site", "retry", "--state", str(cfg.state), "--coordinator", consortium.address,

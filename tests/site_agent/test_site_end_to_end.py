@@ -122,7 +122,7 @@ def test_two_sites_same_base_then_a_third_pulls_both(consortium, panc8, tmp_path
         assert "site-a/celseq2" in bundle.conditions and "site-b/smartseq2" in bundle.conditions
 
     # status and outbox commands
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     capsys.readouterr()
     assert main(["site", "status", "--state", str(state)]) == 0

@@ -22,7 +22,7 @@ def _cfg(consortium, tmp_path, *, site_id, key, address=None, insecure=False, tr
 
 
 def test_unenrolled_site_is_refused_before_mapping(consortium, tmp_path):
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     assert main(["site", "keygen", "--out", str(tmp_path / "k")]) == 0
     cfg = _cfg(consortium, tmp_path, site_id="site-x", key=tmp_path / "k" / "site.key")

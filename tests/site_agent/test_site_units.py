@@ -257,7 +257,7 @@ def test_gzipped_h5ad_is_read(tmp_path):
 
 
 def test_keygen_cli(tmp_path, capsys):
-    from scarches_fl.cli import main
+    from scarches_fl_cli.main import main
 
     assert main(["site", "keygen", "--out", str(tmp_path / "k")]) == 0
     out = capsys.readouterr().out
@@ -316,8 +316,8 @@ def test_backed_input_is_mapped_in_windows(reference_bundle, panc8, tmp_path):
 
 
 def test_cli_flags_win_over_the_yaml_file(tmp_path):
-    from scarches_fl.cli import build_parser
-    from site_agent._cli import _config
+    from scarches_fl_cli.main import build_parser
+    from scarches_fl_cli.site import _config
 
     cfg = tmp_path / "site.yaml"
     cfg.write_text("coordinator: 127.0.0.1:7443\nsite_id: hospital-a\nbatch_key: batch\n"

@@ -1,7 +1,7 @@
 """``scarches-fl coordinator ...``: the consortium operator's commands.
 
 Only ``argparse`` at module level; grpc, numpy and the protocols core are imported inside the
-handlers (see ``scarches_fl/cli.py``).
+handlers (see ``scarches_fl_cli/main.py``).
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def register(subparsers: Any) -> None:
         metavar="F",
         help="cells with uncertainty above this are 'Unknown' (default 0.5)",
     )
-    from scarches_fl._cli_reference import add_memory_arguments
+    from scarches_fl_cli.reference import add_memory_arguments
 
     add_memory_arguments(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out file")

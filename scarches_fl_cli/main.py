@@ -1,8 +1,9 @@
 """The ``scarches-fl`` command line: one entry point, subcommands by role.
 
-Each role's commands live in their own module, which exposes ``register(subparsers)``. Those
-modules import only ``argparse`` at module level and import heavy code (torch, grpc, flwr) inside
-their handlers, so ``scarches-fl audit`` starts without torch. A command whose optional
+Every command lives in this package, one module per command group, each exposing
+``register(subparsers)``. Those modules import only the standard library at module level and
+import heavy code (torch, grpc, flwr) inside their handlers, so ``scarches-fl audit`` starts
+without torch (the auditor's base install). A command whose optional
 dependencies are not installed stops with a message naming the extra to install (no traceback).
 
 Shared by every command: the help shows each option's default (:class:`HelpFormatter`), a reader
@@ -13,11 +14,14 @@ as it ends any shell tool, and ``--version`` prints the installed version.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+from scarches_fl_cli import audit, coordinator, demo, evaluate, federate, reference, site
+from scarches_fl_cli import map as map_command
 
 __all__ = ["main", "build_parser", "HelpFormatter", "EXIT_BROKEN_PIPE"]
 
@@ -25,16 +29,16 @@ __all__ = ["main", "build_parser", "HelpFormatter", "EXIT_BROKEN_PIPE"]
 #: killed by SIGPIPE).
 EXIT_BROKEN_PIPE = 141
 
-# (module, extra that provides its dependencies). Order is the order of ``--help``.
-_COMMAND_MODULES: tuple[tuple[str, str], ...] = (
-    ("scarches_fl_cli.demo", "all"),
-    ("scarches_fl._cli_reference", "model"),
-    ("scarches_fl._cli_map", "model"),
-    ("scarches_fl._cli_evaluate", "model"),
-    ("coordinator._cli", ""),
-    ("site_agent._cli", "model"),
-    ("protocols._cli_audit", ""),
-    ("scarches_fl_cli.federate", "flower"),
+# (command module, extra that provides its dependencies). Order is the order of ``--help``.
+_COMMAND_MODULES: tuple[tuple[ModuleType, str], ...] = (
+    (demo, "all"),
+    (reference, "model"),
+    (map_command, "model"),
+    (evaluate, "model"),
+    (coordinator, ""),
+    (site, "model"),
+    (audit, ""),
+    (federate, "flower"),
 )
 
 
@@ -75,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--version", action="version", version=f"scarches-fl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, extra in _COMMAND_MODULES:
-        module = importlib.import_module(module_name)
+    for module, extra in _COMMAND_MODULES:
         before = set(sub.choices)
         module.register(sub)
         for name in set(sub.choices) - before:
@@ -88,7 +91,7 @@ def _configure_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("scarches_fl", "protocols", "coordinator", "site_agent"):
+    for name in ("scarches_fl", "protocols", "coordinator", "site_agent", "scarches_fl_cli"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level)
@@ -157,7 +160,3 @@ def _run(handler: object, args: argparse.Namespace) -> int:
         print(f"error: {message}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
     return int(rc or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

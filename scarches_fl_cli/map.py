@@ -29,7 +29,7 @@ UPDATE_FORMAT_VERSION = 1
 
 
 def register(subparsers: Any) -> None:
-    from scarches_fl._cli_reference import add_data_arguments
+    from scarches_fl_cli.reference import add_data_arguments
 
     p = subparsers.add_parser(
         "map", help="map a query .h5ad onto a reference (surgery + fine-tuning)",
@@ -183,11 +183,11 @@ def write_mapped_h5ad(path: Any, adata: AnnData, obs: Any, obsm: dict, uns: dict
 def _map(args: argparse.Namespace) -> int:
     import time
 
-    from scarches_fl._cli_reference import read_input
     from scarches_fl.data import DataError
     from scarches_fl.mapping import map_query
     from scarches_fl.model import ReferenceModel
     from scarches_fl.query import check_output_path
+    from scarches_fl_cli.reference import read_input
 
     t0 = time.perf_counter()
     if args.update_out and args.mode != "conditions":

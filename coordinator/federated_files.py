@@ -21,6 +21,7 @@ from protocols.federated import (
     labels_digest,
     parse_federation_policy,
     peek_payload,
+    tensor_digest,
     verify_round_chain,
 )
 from protocols.keys import Ed25519PublicKey
@@ -133,15 +134,31 @@ def verify_run_directory(
 
 
 def _check_labelled_bundle(bundle: Any, labels_env: bytes) -> None:
-    """The bundle is the final aggregate plus exactly the recorded label knowledge: its digest
-    with ``manifest["labels"]`` emptied is the record's model digest, and its label knowledge
-    hashes to the record's ``labels_digest``. (The signatures are checked by the chain.)"""
+    """The bundle is the final aggregate plus exactly the recorded label knowledge: its label
+    knowledge hashes to the record's ``labels_digest``, the expression prototypes' tensors the
+    record names (if any) to its ``expression.tensors_digest``, and its digest with
+    ``manifest["labels"]`` emptied and those tensors removed is the record's model digest. (The
+    signatures are checked by the chain.)"""
     record = peek_payload(labels_env)
     manifest = dict(bundle.manifest)
     if labels_digest(manifest.get("labels", {})) != record.get("labels_digest"):
         raise FederationError(
             "the bundle's label knowledge is not the one the run's label record names"
         )
+    tensors = dict(bundle.tensors)
+    expression = record.get("expression") or {}
+    names = [str(n) for n in expression.get("tensors", [])]
+    if any(n not in tensors for n in names) or tensor_digest(
+        {n: tensors[n] for n in names}
+    ) != expression.get("tensors_digest", tensor_digest({})):
+        raise FederationError(
+            "the bundle's expression prototypes are not the ones the run's label record names"
+        )
+    for n in names:
+        del tensors[n]
+    manifest["tensors"] = {
+        k: v for k, v in dict(manifest.get("tensors", {})).items() if k not in names
+    }
     manifest["labels"] = {}
-    if content_digest(manifest, bundle.tensors) != record.get("model_digest"):
+    if content_digest(manifest, tensors) != record.get("model_digest"):
         raise FederationError("the bundle's weights are not the run's final aggregate")

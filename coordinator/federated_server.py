@@ -138,6 +138,8 @@ class _Federation:
         self.left_out: set[int] = set()
         self.site_studies: dict[str, dict[str, int]] = {}
         self.site_label_types: dict[str, list[str]] = {}
+        #: the expression prototypes' tensors of the final bundle (with a label key)
+        self.label_tensors: dict[str, np.ndarray] = {}
         self.genes: list[str] | None = None
 
     # -- messaging -------------------------------------------------------------------------
@@ -213,7 +215,10 @@ class _Federation:
     # -- model bookkeeping ------------------------------------------------------------------
 
     def _model_bundle(
-        self, tensors: Mapping[str, np.ndarray], labels: Mapping[str, Any] | None = None
+        self,
+        tensors: Mapping[str, np.ndarray],
+        labels: Mapping[str, Any] | None = None,
+        extra_tensors: Mapping[str, np.ndarray] | None = None,
     ) -> Any:
         from scarches_fl.model import ReferenceModel
         from scarches_fl.module import CVAE
@@ -233,6 +238,7 @@ class _Federation:
             conditions=self.conditions,
             registration=self.registration,
             labels=labels,
+            extra_tensors=extra_tensors,
         )
         return model.to_bundle()
 
@@ -276,22 +282,31 @@ class _Federation:
         tensors: Mapping[str, np.ndarray],
         model_digest: str,
         config: Mapping[str, Any],
+        per_site: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> tuple[
         dict[str, tuple[dict[str, Any], dict[str, np.ndarray], bytes]], list[dict[str, Any]]
     ]:
-        """Ask every described site for its ``task`` share on the final model; returns the
+        """Ask every described site (with ``per_site``: every site it names, each with its own
+        additions to ``config``) for its ``task`` share on the final model; returns the
         verified shares by site (payload, arrays, envelope) and the excluded sites."""
         from flwr.app import ConfigRecord, RecordDict
 
         from coordinator.federated_strategy import arrays_to_record
 
         targets = {n: site for n, site in self.node_site.items() if site in self.site_studies}
-        content = RecordDict(
-            {"arrays": arrays_to_record(tensors), "config": ConfigRecord(dict(config))}
-        )
-        replies = self._exchange(
-            {n: content for n in targets}, f"query.{task}", self.s.round_timeout
-        )
+        if per_site is not None:
+            targets = {n: site for n, site in targets.items() if site in per_site}
+        record = arrays_to_record(tensors)
+        content = {
+            n: RecordDict(
+                {
+                    "arrays": record,
+                    "config": ConfigRecord({**config, **(per_site or {}).get(site, {})}),
+                }
+            )
+            for n, site in targets.items()
+        }
+        replies = self._exchange(content, f"query.{task}", self.s.round_timeout)
         shares: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], bytes]] = {}
         excluded: list[dict[str, Any]] = []
         for node, site in sorted(targets.items(), key=lambda kv: kv[1]):
@@ -384,10 +399,31 @@ class _Federation:
         labels = FL.label_knowledge(
             str(s.label_key), model, calibration, n_latent=int(self.hp["n_latent"])
         )
+        accepted: list[tuple[str, Mapping[str, Any], set[str]]] = [
+            ("label_statistics", stats, set(per_site)),
+            ("label_calibration", calib, set(calib)),
+        ]
+        expression = self._expression_knowledge(tensors, model_digest, config, model["classes"])
+        extra: dict[str, np.ndarray] = {}
+        expression_record: dict[str, Any] | None = None
+        if expression is not None:
+            projection, level, extra, exchanged, expression_excluded = expression
+            labels["expression"] = projection
+            labels["levels"][str(s.label_key)]["expression"] = level
+            accepted += exchanged
+            excluded += expression_excluded
+            expression_record = {
+                "classes": list(level["classes"]),
+                "cells": {
+                    c: int(n) for c, n in zip(level["classes"], level["cell_counts"], strict=True)
+                },
+                "n_components": int(projection["n_components"]),
+                "tensors": sorted(extra),
+                "tensors_digest": tensor_digest(extra),
+            }
         shares = []
-        for task, got in (("label_statistics", per_site), ("label_calibration", calib)):
-            source = stats if task == "label_statistics" else calib
-            for site in sorted(got):
+        for task, source, sites in accepted:
+            for site in sorted(sites):
                 payload, _arrays, env = source[site]
                 atomic_write(self.records_dir / f"labels.{site}.{task}.json", env)
                 share = {
@@ -412,20 +448,178 @@ class _Federation:
             "shares": shares,
             "excluded": excluded,
             "labels_digest": labels_digest(labels),
+            **({"expression": expression_record} if expression_record else {}),
         }
         env = self._sign_and_write("labels.json", LABELS_PAYLOAD_TYPE, record)
         log.info(
-            "label knowledge for %r: %d types from %d sites (%d below the floor of %d cells)",
+            "label knowledge for %r: %d types from %d sites (%d below the floor of %d cells)%s",
             s.label_key,
             len(model["classes"]),
             len(per_site),
             len(pooled) - len(model["classes"]),
             s.label_min_cells,
+            ", with expression prototypes" if expression_record else "",
         )
+        self.label_tensors = extra
         return labels, {
             "record_sha256": envelope_sha256(env),
             "labels_digest": record["labels_digest"],
         }
+
+    def _expression_knowledge(
+        self,
+        tensors: Mapping[str, np.ndarray],
+        model_digest: str,
+        config: Mapping[str, Any],
+        classes: list[str],
+    ) -> (
+        tuple[
+            dict[str, Any],
+            dict[str, Any],
+            dict[str, np.ndarray],
+            list[tuple[str, Mapping[str, Any], set[str]]],
+            list[dict[str, Any]],
+        ]
+        | None
+    ):
+        """The bundle's expression prototypes from three exchanges of sums
+        (``scarches_fl._expression_sums``, ADR 0037): the sites' expression moments give the
+        subspace, their (type, batch) groups the type model, their out-of-fold sums the
+        calibration. Returns (``labels["expression"]``, the level's ``expression`` section, the
+        tensors, the accepted shares by task, the excluded sites), or ``None`` where the gene
+        panel is too large or no site sent moments (the bundle then has latent prototypes
+        only)."""
+        from scarches_fl import _expression_sums as ES
+        from scarches_fl.refine import (
+            EXPRESSION_COMPONENTS,
+            EXPRESSION_GENE_MEAN,
+            expression_level,
+            expression_projection_info,
+        )
+
+        n_genes = len(self.genes or [])
+        if n_genes > ES.EXACT_PCA_MAX_GENES:
+            log.warning(
+                "no expression prototypes: %d genes is more than the %d whose covariance sites "
+                "send; train on fewer genes (--n-top-genes) for map's default label rule",
+                n_genes,
+                ES.EXACT_PCA_MAX_GENES,
+            )
+            return None
+        excluded: list[dict[str, Any]] = []
+
+        def read(task: str, got: Mapping[str, Any], parse: Any) -> dict[str, Any]:
+            out = {}
+            for site, (payload, arrays, _env) in sorted(got.items()):
+                if not arrays:
+                    excluded.append({"site_id": site, "task": task, "reason": "below_floor"})
+                    continue
+                try:
+                    out[site] = parse(site, payload, arrays)
+                except ValueError as exc:
+                    excluded.append(
+                        {"site_id": site, "task": task, "reason": "malformed",
+                         "detail": str(exc)[:200]}
+                    )
+            return out
+
+        task = "expression_moments"
+        got_moments, ex = self._label_exchange(task, tensors, model_digest, config)
+        excluded += ex
+        moments = read(
+            task, got_moments, lambda _s, _p, a: ES.moments_from_arrays(a, n_genes=n_genes)
+        )
+        if not moments or sum(m.n for m in moments.values()) < 3:
+            log.warning("no expression prototypes: no site sent the moments of its cells")
+            return None
+        pooled = ES.pool_moments(list(moments.values()))
+        p = int(min(ES.DEFAULT_N_COMPONENTS, pooled.n - 1, n_genes))
+        gene_mean, comps = ES.subspace_from_moments(pooled, p)
+        projection = (gene_mean.astype(np.float32), comps.astype(np.float32))
+        config = {
+            **config,
+            "expression-n-components": p,
+            "expression-gene-mean": projection[0].astype("<f4").tobytes(),
+            "expression-components": projection[1].astype("<f4").tobytes(),
+            "expression-classes": json.dumps(list(classes)).encode(),
+        }
+        task = "expression_statistics"
+        got_groups, ex = self._label_exchange(
+            task, tensors, model_digest, config, per_site={site: {} for site in moments}
+        )
+        excluded += ex
+        groups = read(
+            task,
+            got_groups,
+            lambda site, payload, a: ES.groups_from_arrays(
+                payload["types"], a, n_components=p, classes=classes, batch_prefix=f"{site}/"
+            ),
+        )
+        pooled_groups = ES.pool_groups(list(groups.values()))
+        present = sorted({t for t, _b in pooled_groups})
+        if not present:
+            log.warning("no expression prototypes: no (type, batch) group reached the floor")
+            return None
+        model = ES.type_model(pooled_groups, present, p)
+        kappa = ES.DEFAULT_KAPPA
+        per_site = {}
+        for site in groups:
+            prefix = f"{site}/"
+            own = ES.ExpressionTypeModel(
+                model.classes,
+                model.counts,
+                model.means,
+                model.within,
+                {b[len(prefix) :]: o for b, o in model.offsets.items() if b.startswith(prefix)},
+            )
+            per_site[site] = {
+                "expression-model": ES.model_to_json(own),
+                "expression-kappa": float(kappa),
+            }
+        task = "expression_calibration"
+        got_calib, ex = self._label_exchange(
+            task, tensors, model_digest, config, per_site=per_site
+        )
+        excluded += ex
+        want = {"nll", "novelty_hist", "in_sample_hist", "counts"}
+
+        def calib_arrays(_site: str, _payload: Any, a: Mapping[str, np.ndarray]) -> Any:
+            if set(a) != want or not all(np.all(np.isfinite(v)) for v in a.values()):
+                raise ValueError(f"calibration arrays must be exactly {sorted(want)}, finite")
+            return a
+
+        calibration = read(task, got_calib, calib_arrays)
+        try:
+            temperature, quantiles = ES.calibrate_expression(list(calibration.values()))
+        except ValueError as exc:
+            log.warning("no expression prototypes: %s", exc)
+            return None
+        level, level_tensors = expression_level(
+            0,
+            model,
+            cell_counts=[int(n) for n in model.counts],
+            kappa=kappa,
+            temperature=temperature,
+            quantiles=quantiles,
+        )
+        level["federated"] = True
+        out_tensors = {
+            EXPRESSION_GENE_MEAN: projection[0],
+            EXPRESSION_COMPONENTS: projection[1],
+            **level_tensors,
+        }
+        exchanged: list[tuple[str, Mapping[str, Any], set[str]]] = [
+            ("expression_moments", got_moments, set(moments)),
+            ("expression_statistics", got_groups, set(groups)),
+            ("expression_calibration", got_calib, set(calibration)),
+        ]
+        return (
+            expression_projection_info(p, pooled.n),
+            level,
+            out_tensors,
+            exchanged,
+            excluded,
+        )
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -535,7 +729,9 @@ class _Federation:
             labels, labels_named = self._label_knowledge(
                 best_tensors, final_model.digest, strategy.model.manifest_bytes
             )
-            bundle = self._model_bundle(best_tensors, labels=labels)
+            bundle = self._model_bundle(
+                best_tensors, labels=labels, extra_tensors=self.label_tensors
+            )
         bundle_dir = Path(s.bundle_dir) if s.bundle_dir else self.out / "bundle"
         write_bundle(bundle_dir, bundle)
         run_payload = {

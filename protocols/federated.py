@@ -93,8 +93,16 @@ ROUND_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-round+json"
 RUN_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-run+json"
 LABEL_SHARE_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-label-share+json"
 LABELS_PAYLOAD_TYPE = "application/vnd.scarches-fl.federated-labels+json"
-#: The two label exchanges after training (``scarches_fl._federated_labels``).
-LABEL_TASKS = ("label_statistics", "label_calibration")
+#: The label exchanges after training: the latent prototypes' statistics and calibration
+#: (``scarches_fl._federated_labels``), then the expression prototypes' moments, group
+#: statistics and calibration (``scarches_fl._expression_sums``, ADR 0037).
+LABEL_TASKS = (
+    "label_statistics",
+    "label_calibration",
+    "expression_moments",
+    "expression_statistics",
+    "expression_calibration",
+)
 POLICY_FORMAT = "scarches-fl.federation-policy"
 
 

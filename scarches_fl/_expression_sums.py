@@ -40,6 +40,8 @@ from scarches_fl.labels import _N_QUANTILES, _softmax
 
 __all__ = [
     "EXACT_PCA_MAX_GENES",
+    "DEFAULT_N_COMPONENTS",
+    "DEFAULT_KAPPA",
     "N_FOLDS",
     "ExpressionMoments",
     "GroupMoments",
@@ -69,6 +71,9 @@ __all__ = [
 #: central reference falls back to a randomized SVD and a federation stores no expression
 #: prototypes (a share would be 8 * genes^2 bytes).
 EXACT_PCA_MAX_GENES = 4096
+#: components of the subspace and pseudo-cells of the covariance shrinkage (ADR 0070)
+DEFAULT_N_COMPONENTS = 100
+DEFAULT_KAPPA = 200.0
 #: out-of-fold calibration: each fold's model sees 80 % of the cells
 N_FOLDS = 5
 _OFFSET_ITERATIONS = 10
@@ -463,11 +468,11 @@ def model_from_json(data: bytes) -> ExpressionTypeModel:
 # -- one holder's side (a federated site; a central reference is the holder of every cell) -----
 
 
-def _labelled(labels: Sequence[Any]) -> np.ndarray:
+def _labelled(labels: Any) -> np.ndarray:
     return np.asarray([v is not None for v in labels], dtype=bool)
 
 
-def site_expression_moments(counts: Any, labels: Sequence[Any]) -> ExpressionMoments:
+def site_expression_moments(counts: Any, labels: Any) -> ExpressionMoments:
     """Step 1 at a site: the moments of its labelled cells' log-normalised expression
     (``labels``: one per cell, ``None`` for unlabelled; ``counts``: raw, on the bundle's genes)."""
     rows = np.flatnonzero(_labelled(labels))
@@ -476,8 +481,8 @@ def site_expression_moments(counts: Any, labels: Sequence[Any]) -> ExpressionMom
 
 def _site_cells(
     counts: Any,
-    labels: Sequence[Any],
-    batches: Sequence[Any],
+    labels: Any,
+    batches: Any,
     projection: tuple[np.ndarray, np.ndarray],
     classes: Sequence[str],
     floor: int,
@@ -500,8 +505,8 @@ def _site_cells(
 
 def site_groups(
     counts: Any,
-    labels: Sequence[Any],
-    batches: Sequence[Any],
+    labels: Any,
+    batches: Any,
     projection: tuple[np.ndarray, np.ndarray],
     classes: Sequence[str],
     *,
@@ -515,8 +520,8 @@ def site_groups(
 
 def site_calibration(
     counts: Any,
-    labels: Sequence[Any],
-    batches: Sequence[Any],
+    labels: Any,
+    batches: Any,
     projection: tuple[np.ndarray, np.ndarray],
     model: ExpressionTypeModel,
     *,

@@ -203,8 +203,8 @@ def fit_expression_prototypes(
     *,
     type_cell_counts: Mapping[str, Mapping[str, int]] | None = None,
     batches: Any = None,
-    n_components: int = 100,
-    kappa: float = 200.0,
+    n_components: int = ES.DEFAULT_N_COMPONENTS,
+    kappa: float = ES.DEFAULT_KAPPA,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Expression prototypes of the reference (module docstring).

@@ -17,9 +17,16 @@ trusts when it joins):
   site floor of labelled cells, the count, latent sum and scatter; then, given the pooled
   prototypes, sums over the site's labelled cells (NLL per temperature, a novelty histogram,
   correct count). Signed like a contribution (``scarches_fl._federated_labels``).
+* ``query.expression_moments`` / ``query.expression_statistics`` /
+  ``query.expression_calibration`` (with a label key, after those): the sums of the expression
+  prototypes map's default rule reads (``scarches_fl._expression_sums``, ADR 0037): ``n``,
+  ``sum x`` and ``sum x x^T`` of the log-normalised expression of all the site's labelled
+  cells; then, on the pooled subspace, per (type, batch) group of at least the site floor of
+  cells, the count, sum and second moment of its scores; then out-of-fold calibration sums over
+  those cells. Signed like the label shares.
 
 The private data never leaves the process: only tensors of the model's shape, four numbers,
-and (with labels) per-type sums over at least the site floor of cells.
+and (with labels) sums over at least the site floor of cells.
 The site's own Ed25519 key (``scarches-fl site keygen``) signs; Flower's SuperNode
 authentication key is a separate ECDSA key that only authenticates the connection.
 
@@ -29,6 +36,7 @@ Node config (Deployment Engine, ``flower-supernode --node-config``): ``site-id``
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -328,6 +336,55 @@ def _label_share(cfg: FederatedSiteConfig, message: Any, task: str) -> Any:
     }))
 
 
+def _expression_share(cfg: FederatedSiteConfig, message: Any, task: str) -> Any:
+    """The site's sums for the bundle's expression prototypes (module docstring), signed; an
+    empty share when fewer than the site floor of its cells are labelled."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    from protocols.federated import LABEL_SHARE_PAYLOAD_TYPE, tensor_digest
+    from scarches_fl import _expression_sums as ES
+    from scarches_fl.labels import _clean_labels
+
+    config, manifest, _tensors, _ds = _received_model(cfg, message)
+    reg, _ = _registered(cfg, str(manifest["hyperparameters"]["likelihood"]))
+    raw = _site_labels(cfg, str(config["label-key"]))
+    labels = _clean_labels(raw, len(raw), str(config["label-key"]))
+    floor = int(config["site-floor"])
+    types: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    if sum(v is not None for v in labels) >= floor:
+        if task == "expression_moments":
+            arrays = ES.moments_to_arrays(ES.site_expression_moments(reg.x, labels))
+        else:
+            g, p = len(manifest["genes"]), int(config["expression-n-components"])
+            projection = (
+                np.frombuffer(bytes(config["expression-gene-mean"]), dtype="<f4").reshape(g),
+                np.frombuffer(bytes(config["expression-components"]), dtype="<f4").reshape(p, g),
+            )
+            if task == "expression_statistics":
+                classes = [str(c) for c in json.loads(bytes(config["expression-classes"]))]
+                groups = ES.site_groups(reg.x, labels, reg.batches, projection, classes,
+                                        floor=floor)
+                types, arrays = ES.groups_to_arrays(groups)
+            else:
+                model = ES.model_from_json(bytes(config["expression-model"]))
+                arrays = ES.site_calibration(
+                    reg.x, labels, reg.batches, projection, model, floor=floor,
+                    kappa=float(config["expression-kappa"]),
+                    seed=int(config["seed"]) * 100003 + _site_salt(cfg.site_id))
+    payload = {
+        "kind": "label_share", "task": task, "run_id": str(config["run-id"]),
+        "base_digest": str(config["base-digest"]), "share_digest": tensor_digest(arrays),
+        "types": types,
+    }
+    env = _signed(cfg, LABEL_SHARE_PAYLOAD_TYPE, payload)
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64))
+                          for k, v in arrays.items()})
+    return _reply(message, RecordDict({
+        "arrays": record, "signature": ConfigRecord({"envelope": env}),
+    }))
+
+
 def _array(v: np.ndarray) -> Any:
     from flwr.app import Array
 
@@ -358,6 +415,18 @@ def build_client_app(resolve: Callable[[Any], FederatedSiteConfig], *, mods: Seq
     @client_app.query("label_calibration")
     def _lc(message: Any, context: Any) -> Any:
         return _label_share(resolve(context), message, "label_calibration")
+
+    @client_app.query("expression_moments")
+    def _em(message: Any, context: Any) -> Any:
+        return _expression_share(resolve(context), message, "expression_moments")
+
+    @client_app.query("expression_statistics")
+    def _es(message: Any, context: Any) -> Any:
+        return _expression_share(resolve(context), message, "expression_statistics")
+
+    @client_app.query("expression_calibration")
+    def _ec(message: Any, context: Any) -> Any:
+        return _expression_share(resolve(context), message, "expression_calibration")
 
     @client_app.train()
     def _t(message: Any, context: Any) -> Any:

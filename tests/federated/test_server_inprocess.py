@@ -41,6 +41,11 @@ class InProcessGrid:
                 "query": C._describe, "train": C._train, "evaluate": C._evaluate,
                 "query.label_statistics": lambda c, m: C._label_share(c, m, "label_statistics"),
                 "query.label_calibration": lambda c, m: C._label_share(c, m, "label_calibration"),
+                **{
+                    f"query.{t}": (lambda c, m, t=t: C._expression_share(c, m, t))
+                    for t in ("expression_moments", "expression_statistics",
+                              "expression_calibration")
+                },
             }
             reply = handler[m.metadata.message_type](cfg, m)
             if cfg.site_id in self.mutate and m.metadata.message_type == "train":
@@ -228,5 +233,47 @@ def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(tmp_p
     protos[0]["label"], protos[1]["label"] = protos[1]["label"], protos[0]["label"]
     write_bundle(tmp_path / "forged", make_bundle(manifest, dict(bundle.tensors)))
     with pytest.raises(FederationError, match="label knowledge"):
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "forged")
+
+
+def test_label_key_gives_the_bundle_expression_prototypes_from_site_sums(tmp_path, site_configs):
+    """With a label key the bundle also carries expression prototypes built from the sites'
+    signed sums (ADR 0037), so that map's default rule reads it; every share is in the record,
+    each (type, batch) group a site sent has at least the site floor of cells, and a bundle
+    whose expression tensors were altered does not verify."""
+    from coordinator.federated_files import verify_run_directory
+    from coordinator.federated_server import run_federation
+    from protocols.bundle import make_bundle, read_bundle, write_bundle
+    from protocols.federated import FederationError, peek_payload
+    from scarches_fl.refine import has_expression_prototypes
+
+    configs, keys = site_configs
+    settings, ck = _settings(tmp_path, keys, rounds=1, label_key="cell_type")
+    run_federation(InProcessGrid(configs), settings)
+    bundle = read_bundle(tmp_path / "bundle")
+    labels = bundle.manifest["labels"]
+    assert has_expression_prototypes(labels, bundle.tensors, "cell_type")
+    level = labels["levels"]["cell_type"]
+    assert level["expression"]["classes"] == level["prototype"]["classes"]
+    record = peek_payload((tmp_path / "records" / "rounds" / "labels.json").read_bytes())
+    assert record["expression"]["classes"] == level["expression"]["classes"]
+    tasks = {(s["site_id"], s["task"]) for s in record["shares"]}
+    for task in ("expression_moments", "expression_statistics", "expression_calibration"):
+        assert {site for site, t in tasks if t == task} == {"s-a", "s-b", "s-c"}
+    for site in ("s-a", "s-b", "s-c"):
+        share = peek_payload(
+            (tmp_path / "records" / "rounds" / f"labels.{site}.expression_statistics.json")
+            .read_bytes())
+        assert share["types"]  # [type, batch] pairs; their counts are checked by the floor
+    verify_run_directory(tmp_path / "records", site_keys=keys, coordinator_key=ck.public_key(),
+                         bundle=tmp_path / "bundle")
+    manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
+    tensors = dict(bundle.tensors)
+    name = level["expression"]["means_tensor"]
+    tensors[name] = tensors[name].copy()
+    tensors[name].view(np.uint8)[0] ^= 1  # one flipped byte
+    write_bundle(tmp_path / "forged", make_bundle(manifest, tensors))
+    with pytest.raises(FederationError, match="expression prototypes"):
         verify_run_directory(tmp_path / "records", site_keys=keys,
                              coordinator_key=ck.public_key(), bundle=tmp_path / "forged")

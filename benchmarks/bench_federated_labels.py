@@ -4,15 +4,15 @@ panc8: reference studies indrop1-4, celseq, fluidigmc1; query studies celseq2, s
 seed, a central reference trained on the pooled studies (``label_key`` given, rounds x local
 epochs = 50 epochs by default, KL warm-up half of them) and a federated one (3 virtual sites on
 Flower's Simulation Engine, 10 rounds x 5 local epochs by default, the same epoch budget,
-patience = rounds; prototypes from the sites' signed
-per-type statistics, k = 20 pooled, site floor 5). The query is mapped onto each with
-``scarches-fl map --label-key cell_type --label-method prototype`` (surgery, fine-tuning, label
-transfer from the latent prototypes, the label knowledge a federated bundle carries; ``--label-method
-auto`` compares against map's default, which reads a central bundle's expression prototypes);
-accuracy counts "Unknown" as wrong.
+patience = rounds; latent prototypes from the sites' signed
+per-type statistics, k = 20 pooled, site floor 5; expression prototypes from the sites' signed
+sums, ADR 0037). The query is mapped onto each bundle with ``scarches-fl map --label-key
+cell_type --label-method M`` for each M of ``--label-methods``: ``auto`` (map's default: the
+expression prototypes with the per-batch offset, ADR 0070) and ``prototype`` (the latent
+prototypes); accuracy counts "Unknown" as wrong.
 
     PYTHONPATH=. python benchmarks/bench_federated_labels.py [--seeds 0 1 2 3 4]
-        [--out benchmarks/results/federated_labels.json]
+        [--label-methods auto prototype] [--out benchmarks/results/federated_labels.json]
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ ROUNDS, LOCAL_EPOCHS = 10, 5
 
 
 def _map_accuracy(
-    bundle: Path, query: Path, out: Path, seed: int, method: str
-) -> tuple[float, float]:
+    bundle: Path, query: Path, out: Path, seed: int, method: str, types: set[str]
+) -> tuple[float, float, float]:
+    """Accuracy, the fraction called Unknown, and the accuracy on the query cells whose type is
+    one of ``types``."""
     import anndata as ad
 
     from scarches_fl_cli.main import main
@@ -67,7 +69,19 @@ def _map_accuracy(
     mapped = ad.read_h5ad(out)
     truth = mapped.obs["cell_type"].astype(str).to_numpy()
     pred = mapped.obs["cell_type_pred"].astype(str).to_numpy()
-    return float(np.mean(pred == truth)), float(np.mean(pred == "Unknown"))
+    known = np.isin(truth, sorted(types))
+    return (
+        float(np.mean(pred == truth)),
+        float(np.mean(pred == "Unknown")),
+        float(np.mean(pred[known] == truth[known])),
+    )
+
+
+def _bundle_types(bundle: Path) -> set[str]:
+    from protocols.bundle import read_bundle
+
+    level = read_bundle(bundle).manifest["labels"]["levels"]["cell_type"]
+    return set(level["prototype"]["classes"])
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -92,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-epochs", type=int, default=LOCAL_EPOCHS)
     ap.add_argument("--prox-mu", type=float, default=0.0)
     ap.add_argument(
-        "--label-method",
-        default="prototype",
-        choices=("prototype", "auto"),
-        help="how map reads labels on both bundles: latent prototypes (what a federated bundle "
-        "carries), or map's default (expression prototypes where the bundle has them)",
+        "--label-methods",
+        nargs="+",
+        default=["auto", "prototype"],
+        choices=("auto", "prototype"),
+        help="how map reads labels on both bundles: map's default (expression prototypes where "
+        "the bundle has them) and/or the latent prototypes; each is reported",
     )
     ap.add_argument("--label-min-cells", type=int, default=20)
     ap.add_argument("--label-site-floor", type=int, default=5)
@@ -151,39 +166,51 @@ def main(argv: list[str] | None = None) -> int:
                 label_site_floor=args.label_site_floor,
             )
             t_fed = time.perf_counter() - t0
-            acc_c, unk_c = _map_accuracy(
-                tmp_path / f"central-{seed}",
-                query,
-                tmp_path / f"central-{seed}.h5ad",
-                seed,
-                args.label_method,
-            )
-            acc_f, unk_f = _map_accuracy(
-                tmp_path / f"fed-{seed}",
-                query,
-                tmp_path / f"fed-{seed}.h5ad",
-                seed,
-                args.label_method,
-            )
-            run = {
+            run: dict = {
                 "seed": seed,
-                "central_accuracy": acc_c,
-                "federated_accuracy": acc_f,
-                "central_unknown": unk_c,
-                "federated_unknown": unk_f,
                 "federated_final_round": result.final_round,
                 "central_seconds": round(t_central, 1),
                 "federated_seconds": round(t_fed, 1),
-                "loadavg_1m": round(os.getloadavg()[0], 2),
             }
-            runs.append(run)
-            print(
-                f"seed {seed}: central {acc_c:.3f} (Unknown {unk_c:.3f}), federated "
-                f"{acc_f:.3f} (Unknown {unk_f:.3f}), load {run['loadavg_1m']}",
-                flush=True,
+            # the types both bundles name (a federated bundle keeps those with k cells pooled)
+            shared = _bundle_types(tmp_path / f"central-{seed}") & _bundle_types(
+                tmp_path / f"fed-{seed}"
             )
-    deltas = [r["federated_accuracy"] - r["central_accuracy"] for r in runs]
-    doc = {
+            run["shared_types"] = sorted(shared)
+            for method in args.label_methods:
+                acc_c, unk_c, shared_c = _map_accuracy(
+                    tmp_path / f"central-{seed}",
+                    query,
+                    tmp_path / f"central-{seed}-{method}.h5ad",
+                    seed,
+                    method,
+                    shared,
+                )
+                acc_f, unk_f, shared_f = _map_accuracy(
+                    tmp_path / f"fed-{seed}",
+                    query,
+                    tmp_path / f"fed-{seed}-{method}.h5ad",
+                    seed,
+                    method,
+                    shared,
+                )
+                run[method] = {
+                    "central_accuracy": acc_c,
+                    "federated_accuracy": acc_f,
+                    "central_unknown": unk_c,
+                    "federated_unknown": unk_f,
+                    "central_accuracy_shared_types": shared_c,
+                    "federated_accuracy_shared_types": shared_f,
+                }
+                print(
+                    f"seed {seed} {method}: central {acc_c:.3f} (Unknown {unk_c:.3f}), "
+                    f"federated {acc_f:.3f} (Unknown {unk_f:.3f}); on the types both name: "
+                    f"central {shared_c:.3f}, federated {shared_f:.3f}",
+                    flush=True,
+                )
+            run["loadavg_1m"] = round(os.getloadavg()[0], 2)
+            runs.append(run)
+    doc: dict = {
         "benchmark": "federated_labels",
         "dataset": "panc8_sub_nebula",
         "reference": REFERENCE,
@@ -192,21 +219,27 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "local_epochs": args.local_epochs,
         "prox_mu": args.prox_mu,
-        "label_method": args.label_method,
+        "label_methods": args.label_methods,
         "label_min_cells": args.label_min_cells,
         "label_site_floor": args.label_site_floor,
         "runs": runs,
-        "central_accuracy": _summary([r["central_accuracy"] for r in runs]),
-        "federated_accuracy": _summary([r["federated_accuracy"] for r in runs]),
-        "federated_minus_central": _summary(deltas),
         "machine": machine(load0),
     }
-    c, f, d = doc["central_accuracy"], doc["federated_accuracy"], doc["federated_minus_central"]
-    print(
-        f"central {c['mean']:.3f} [{c['min']:.3f}-{c['max']:.3f}], federated {f['mean']:.3f} "
-        f"[{f['min']:.3f}-{f['max']:.3f}], federated - central {d['mean']:+.3f} "
-        f"[{d['min']:+.3f}-{d['max']:+.3f}] over seeds {args.seeds}"
-    )
+    for method in args.label_methods:
+        rows = [r[method] for r in runs]
+        deltas = [r["federated_accuracy"] - r["central_accuracy"] for r in rows]
+        c = doc[f"{method}_central_accuracy"] = _summary([r["central_accuracy"] for r in rows])
+        f = doc[f"{method}_federated_accuracy"] = _summary([r["federated_accuracy"] for r in rows])
+        d = doc[f"{method}_federated_minus_central"] = _summary(deltas)
+        for side in ("central", "federated"):
+            doc[f"{method}_{side}_accuracy_shared_types"] = _summary(
+                [r[f"{side}_accuracy_shared_types"] for r in rows]
+            )
+        print(
+            f"{method}: central {c['mean']:.3f} [{c['min']:.3f}-{c['max']:.3f}], federated "
+            f"{f['mean']:.3f} [{f['min']:.3f}-{f['max']:.3f}], federated - central "
+            f"{d['mean']:+.3f} [{d['min']:+.3f}-{d['max']:+.3f}] over seeds {args.seeds}"
+        )
     save(doc, Path(args.out))
     return 0
 

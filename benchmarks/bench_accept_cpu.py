@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def one_run(n_genes: int, n_updates: int) -> dict[str, float]:
     from benchmarks.bench_ledger_accept import _ledger, _updates
-    from coordinator import _ledger as cl
+    from coordinator import ledger as cl
     from protocols.limits import DEFAULT_LIMITS
 
     _trust, state, _entries, _blobs, ref, site = _ledger(6, n_genes)

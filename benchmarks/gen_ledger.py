@@ -352,7 +352,7 @@ def build_ledger(
                 put(w, env, kind)
     served_digest = replay.digest()
     if materialize:
-        # the coordinator's reference cache layout (coordinator/_ledger.py ReferenceCache)
+        # the coordinator's reference cache layout (coordinator/references.py ReferenceCache)
         bundle = replay.bundle()
         mbytes, sbytes = bundle_to_bytes(bundle)
         d = out / "cache" / f"v{last_model_index}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import ipaddress
 from collections.abc import Sequence
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from protocols.bundle import atomic_write
 
-__all__ = ["make_self_signed", "subject_alt_names", "DEFAULT_TLS_NAMES"]
+__all__ = ["make_self_signed", "subject_alt_names", "tls_server_name", "DEFAULT_TLS_NAMES"]
 
 DEFAULT_TLS_NAMES: tuple[str, ...] = ("localhost", "127.0.0.1")
 
@@ -87,3 +88,26 @@ def make_self_signed(
     atomic_write(Path(key_path), key_pem, mode=0o600)
     atomic_write(Path(cert_path), cert_pem, mode=0o644)
     return cert_pem
+
+
+def tls_server_name(trust: object, address: str) -> str | None:
+    """The name to check the server certificate against when ``address``'s host is not one of
+    the certificate's names (e.g. ``127.0.0.1`` for a certificate made for ``coordinator``)."""
+    pem = trust.get("tls_root_pem") if isinstance(trust, dict) else None
+    if not pem:
+        return None
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    names = [str(n) for n in san.get_values_for_type(x509.DNSName)]
+    ips = [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host in names or host in ips:
+        return None
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+    return names[0] if names else (ips[0] if ips else None)

@@ -22,14 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from coordinator import _ledger
-from coordinator._tls import DEFAULT_TLS_NAMES, make_self_signed
+from coordinator import ledger
+from coordinator._tls import DEFAULT_TLS_NAMES, make_self_signed, tls_server_name
+from coordinator.checkpoints import LogSigner, check_origin, load_log_signer, new_log_key
 from coordinator.config import CoordinatorConfig, load_config, write_config
 from coordinator.storage import StoredEntry
 from protocols.bundle import atomic_write, fsync_dir
 from protocols.errors import ConfigError
+from protocols.keys import (
+    generate_private_key,
+    load_private_key,
+    load_public_key,
+    save_private_key,
+)
+from protocols.proto.serde import BlobRef
 
 __all__ = [
     "InitResult",
@@ -89,7 +97,7 @@ def init_state(
     parse_listen(listen, where="--listen")
     bundle = read_bundle(reference)
     origin = origin or f"scarches-fl.local/{target.resolve().name}"
-    _ledger.check_origin(origin)
+    check_origin(origin)
     names = tuple(tls_names) if tls_names else DEFAULT_TLS_NAMES
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
@@ -97,8 +105,9 @@ def init_state(
         os.chmod(tmp, 0o750)
         cfg = CoordinatorConfig(origin=origin, listen=listen, durable=durable, state_dir=tmp)
         (tmp / "keys").mkdir(mode=0o700)
-        log_key = _ledger.new_log_key(cfg.path(cfg.paths.log_key), origin)
-        operator_key = _ledger.new_private_key(cfg.path(cfg.paths.operator_key))
+        log_key = new_log_key(cfg.path(cfg.paths.log_key), origin)
+        operator_key = generate_private_key()
+        save_private_key(operator_key, cfg.path(cfg.paths.operator_key))
         cert_pem = make_self_signed(
             cfg.path(cfg.tls.certificate), cfg.path(cfg.tls.private_key), names=names
         )
@@ -106,11 +115,11 @@ def init_state(
         blobs = BlobStore(cfg.path(cfg.paths.blobs), durable=durable)
         manifest_bytes, model_bytes = bundle_to_bytes(bundle)
         refs = [
-            _ledger.blob_ref("manifest", blobs.put(manifest_bytes), len(manifest_bytes)),
-            _ledger.blob_ref("safetensors", blobs.put(model_bytes), len(model_bytes)),
+            BlobRef(role="manifest", sha256=blobs.put(manifest_bytes), size=len(manifest_bytes)),
+            BlobRef(role="safetensors", sha256=blobs.put(model_bytes), size=len(model_bytes)),
         ]
-        signer = _ledger.load_log_signer(cfg.path(cfg.paths.log_key), origin=origin)
-        envelope = _ledger.genesis_envelope(operator_key, bundle=bundle, origin=origin, blobs=refs)
+        signer = load_log_signer(cfg.path(cfg.paths.log_key), origin=origin)
+        envelope = ledger.genesis_envelope(operator_key, bundle=bundle, origin=origin, blobs=refs)
         store = LedgerStore(cfg.path(cfg.paths.database), blobs, durable=durable)
         try:
             with store.writer() as w:
@@ -122,7 +131,7 @@ def init_state(
                 )
         finally:
             store.close()
-        trust_bytes = _ledger.trust_json(
+        trust_bytes = _trust_json(
             origin=origin,
             log_key=log_key,
             operator_keys=[operator_key],
@@ -145,7 +154,7 @@ def init_state(
         digest=bundle.digest,
         n_genes=len(bundle.genes),
         n_conditions=len(bundle.conditions),
-        log_key_id=_ledger.key_id_of(log_key),
+        log_key_id=log_key.vkey,
         tls_names=names,
         trust_path=target / cfg.paths.trust,
     )
@@ -168,14 +177,14 @@ def enroll_site(
     pub = (
         public_key
         if isinstance(public_key, Ed25519PublicKey)
-        else _ledger.read_public_key(public_key)
+        else load_public_key(public_key)
     )
     cfg = load_config(state_dir)
-    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    operator_key = load_private_key(cfg.path(cfg.paths.operator_key))
     with _open(state_dir) as reg:
         return reg.append_operator_entry(
             lambda state, size: (
-                _ledger.enroll_envelope(
+                ledger.enroll_envelope(
                     operator_key,
                     state,
                     site_id=site_id,
@@ -192,11 +201,11 @@ def enroll_site(
 def revoke_site(state_dir: str | os.PathLike[str], *, site_id: str) -> StoredEntry:
     """Append an operator-signed policy entry revoking every key of ``site_id``."""
     cfg = load_config(state_dir)
-    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    operator_key = load_private_key(cfg.path(cfg.paths.operator_key))
     with _open(state_dir) as reg:
         return reg.append_operator_entry(
             lambda state, size: (
-                _ledger.revoke_envelope(
+                ledger.revoke_envelope(
                     operator_key, state, site_id=site_id, origin=cfg.origin, log_size=size
                 ),
                 "policy",
@@ -233,7 +242,7 @@ def label_policy(
     from protocols.labels import DPRequirement, LabelPolicyChange, label_policy_entry
 
     cfg = load_config(state_dir)
-    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    operator_key = load_private_key(cfg.path(cfg.paths.operator_key))
 
     def build(state: Any, _size: int) -> tuple[bytes, str, list]:
         if action == "settings":
@@ -268,7 +277,7 @@ def label_policy(
                                        target=target)
         envelope = label_policy_entry(change, [operator_key])
         try:
-            return _ledger.checked(state, envelope), "label_policy", []
+            return ledger.checked(state, envelope), "label_policy", []
         except VerificationError as exc:
             raise ConfigError(f"label-policy {action}: {exc.message} [{exc.reason_code}]") from exc
 
@@ -289,19 +298,19 @@ def rotate_site_key(
     """Countersign a site's key rotation request (signed by its old and new key) with the
     operator key and append it. Returns (entry, site id)."""
     cfg = load_config(state_dir)
-    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    operator_key = load_private_key(cfg.path(cfg.paths.operator_key))
     path = Path(request)
     try:
         with path.open("rb") as fh:
             data = fh.read(1024 * 1024 + 1)
     except OSError as exc:
         raise ConfigError(f"--request {path}: cannot read it: {exc.strerror}") from exc
-    envelope, site_id = _ledger.countersign_rotation(
+    envelope, site_id = ledger.countersign_rotation(
         operator_key, data, origin=cfg.origin, what=str(path)
     )
     with _open(state_dir) as reg:
         entry = reg.append_operator_entry(
-            lambda state, _size: (_ledger.checked(state, envelope), "policy", [])
+            lambda state, _size: (ledger.checked(state, envelope), "policy", [])
         )
     return entry, site_id
 
@@ -414,7 +423,7 @@ def print_status(
         st = reg.status()
         if verify:
             reg.store.check_integrity()
-            _ledger.verify_checkpoint_note(reg.signer, st["checkpoint"]["note"].encode())
+            reg.signer.verify(st["checkpoint"]["note"].encode())
             st["verified"] = True
     if as_json:
         print(json.dumps(st, indent=2, sort_keys=True))
@@ -468,7 +477,7 @@ def check_health(
             return 1
         address, insecure = rec["address"], bool(rec.get("insecure"))
     trust = json.loads(cfg.path(cfg.paths.trust).read_bytes())
-    server_name = _ledger.tls_server_name(trust, address)
+    server_name = tls_server_name(trust, address)
     try:
         with RegistryClient(
             address,
@@ -584,7 +593,7 @@ def publish_federated_round(
     from protocols.ledger import entry_blobs, make_federated_round
 
     cfg = load_config(state_dir)
-    operator_key = _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    operator_key = load_private_key(cfg.path(cfg.paths.operator_key))
     entry = make_federated_round(
         aggregate,
         origin=cfg.origin,
@@ -598,7 +607,39 @@ def publish_federated_round(
         refs = []
         for ref in entry_blobs(entry.envelope):
             name = reg.blobs.put(entry.blobs[ref.sha256])
-            refs.append(_ledger.blob_ref(ref.role, name, ref.size))
+            refs.append(BlobRef(role=ref.role, sha256=name, size=ref.size))
         return reg.append_operator_entry(
             lambda _state, _size: (bytes(entry.envelope), "federated_round", refs)
         )
+
+
+def _trust_json(
+    *,
+    origin: str,
+    log_key: LogSigner,
+    operator_keys: list[Ed25519PrivateKey] | list[Ed25519PublicKey],
+    tls_root_pem: bytes,
+    witness_keys: tuple[str, ...] = (),
+    witnesses_required: int = 0,
+) -> bytes:
+    """The initial trust policy (no sites yet) as canonical JSON: what sites and auditors pin."""
+    from protocols.errors import PolicyError
+    from protocols.policy import build_trust
+
+    try:
+        policy = build_trust(
+            origin=origin,
+            log_public_key=log_key.vkey,
+            operator_keys=[
+                k.public_key() if hasattr(k, "public_key") else k for k in operator_keys
+            ],
+            tls_root_pem=tls_root_pem.decode("ascii"),
+            witness_keys=witness_keys,
+            witnesses_required=witnesses_required,
+        )
+    except PolicyError as exc:
+        raise ConfigError(
+            f"--witness / --witnesses-required: {exc.message}; pass verifier keys from "
+            "`scarches-fl audit witness-keygen` and a count between 0 and their number"
+        ) from exc
+    return bytes(policy.to_json())

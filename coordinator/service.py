@@ -44,12 +44,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator import _ledger
+from coordinator import ledger
 from coordinator._ratelimit import TokenBucketLimiter
+from coordinator.checkpoints import cosignature_lines_for, load_log_signer
 from coordinator.config import CoordinatorConfig
+from coordinator.references import ReferenceCache
 from coordinator.server import NotFoundError, RequestError
 from coordinator.storage import BlobStore, LedgerStore, StoredEntry, sha256_name
+from protocols.checkpoint import append_signatures
 from protocols.errors import REASON_CODES, ScarchesFLError, VerificationError
+from protocols.merkle import leaf_hash
 from protocols.proto.serde import (
     BlobRef,
     CheckpointInfo,
@@ -104,11 +108,11 @@ class Registry:
         self.origin = cfg.origin
         self.blobs = BlobStore(cfg.path(cfg.paths.blobs), durable=cfg.durable)
         self.store = LedgerStore(cfg.path(cfg.paths.database), self.blobs, durable=cfg.durable)
-        self.signer = _ledger.load_log_signer(cfg.path(cfg.paths.log_key), origin=cfg.origin)
-        self.limits = _ledger.protocol_limits(cfg)
+        self.signer = load_log_signer(cfg.path(cfg.paths.log_key), origin=cfg.origin)
+        self.limits = ledger.protocol_limits(cfg)
         self._state_lock = threading.RLock()
-        self.state = _ledger.replay_state(self.store, self.blobs, cfg)
-        self.references = _ledger.ReferenceCache(
+        self.state = ledger.replay_state(self.store, self.blobs, cfg)
+        self.references = ReferenceCache(
             self.store, self.blobs, cfg.path(cfg.paths.cache), durable=cfg.durable
         )
         rl = cfg.rate_limit
@@ -170,7 +174,7 @@ class Registry:
 
         def write() -> None:
             try:
-                _ledger.write_snapshot(cut, self.cfg)
+                ledger.write_snapshot(cut, self.cfg)
             except Exception:  # an optimisation: a failed snapshot costs a longer restart only
                 logger.exception("could not write the ledger snapshot at size %d", size)
 
@@ -201,7 +205,7 @@ class Registry:
             if new:
                 with self._state_lock:
                     for e in new:
-                        _ledger.apply_entry(self.state, e, self.blobs, self.cfg)
+                        ledger.apply_entry(self.state, e, self.blobs)
         finally:
             lock.release()
 
@@ -328,7 +332,7 @@ class Registry:
     def site_info(self, site_id: str) -> SiteInfo:
         self._refresh()
         with self._state_lock:
-            info = _ledger.site_status(self.state, site_id)
+            info = ledger.site_status(self.state, site_id)
         contributions = self.store.site_contributions().get(site_id, (0, 0))[0]
         return SiteInfo(site_id=site_id, contributions=contributions, **info)
 
@@ -339,13 +343,13 @@ class Registry:
         if cp is None:
             raise NotFoundError(f"no checkpoint of size {size}")
         lines = self.store.cosignature_lines(size)
-        return size, _ledger.append_signature_lines(cp.signed_note, lines)
+        return size, append_signatures(cp.signed_note, lines) if lines else cp.signed_note
 
     def add_cosignature(self, cosigned_note: bytes) -> tuple[bool, int, str]:
         if len(cosigned_note) > self.cfg.limits.max_note_bytes:
             return False, 0, f"note larger than {self.cfg.limits.max_note_bytes} bytes"
         try:
-            size, lines = _ledger.cosignature_lines_for(
+            size, lines = cosignature_lines_for(
                 self.store, self.signer, cosigned_note, tuple(self.state.trust.witness_keys)
             )
         except VerificationError as exc:
@@ -402,25 +406,25 @@ class Registry:
                 f"(limits.max_{what}_bytes); a site update carries only the new condition "
                 "columns, so check that the diff holds nothing else",
             )
-            claimed = _ledger.claimed_update(envelope, self.limits)
+            claimed = ledger.claimed_update(envelope, self.limits)
             self._log_result(result, None, None, t0, claimed=claimed)
             return result
-        lh = _ledger.leaf_hash(envelope)
+        lh = leaf_hash(envelope)
         existing = self.store.index_of_leaf_hash(lh)
         if existing is not None:
             result = SubmitResult(receipt=self.receipt(existing, duplicate=True))
-            self._log_result(result, *_ledger.claimed_update(envelope, self.limits), t0)
+            self._log_result(result, *ledger.claimed_update(envelope, self.limits), t0)
             return result
         # One attribute read, without the state lock (the writer holds it through each group
         # commit): the policy it reaches is replaced on change, never mutated. The writer checks
         # again against the policy in force when the update is appended.
         state = self.state
         try:
-            auth = _ledger.authenticate_submission(state, envelope, self.limits)
+            auth = ledger.authenticate_submission(state, envelope, self.limits)
         except VerificationError as exc:
             code = exc.reason_code if exc.reason_code in REASON_CODES else "E_ENVELOPE_MALFORMED"
             result = self._reject(code, exc.message)
-            claimed = _ledger.claimed_update(envelope, self.limits)
+            claimed = ledger.claimed_update(envelope, self.limits)
             self._log_result(result, None, None, t0, claimed=claimed)
             return result
         if self.limiter is not None:
@@ -526,13 +530,13 @@ class Registry:
 
     def _rebuild_state(self) -> None:
         with self._state_lock:
-            self.state = _ledger.replay_state(self.store, self.blobs, self.cfg)
+            self.state = ledger.replay_state(self.store, self.blobs, self.cfg)
 
     def _process_batch(self, batch: list[_Pending]) -> None:
         outcomes: list[tuple[_Pending, Any, str | None, int | None]] = []
         with self.store.writer() as w, self._state_lock:
             for e in w.caught_up:
-                _ledger.apply_entry(self.state, e, self.blobs, self.cfg)
+                ledger.apply_entry(self.state, e, self.blobs)
             seen: dict[bytes, int] = {}
             for p in batch:
                 existing = seen.get(p.leaf_hash)
@@ -542,7 +546,7 @@ class Registry:
                     outcomes.append((p, ("dup", existing), None, None))
                     continue
                 try:
-                    update = _ledger.check_and_apply_site_update(
+                    update = ledger.check_and_apply_site_update(
                         self.state, p.envelope, p.diff, self.limits, authenticated=p.authenticated
                     )
                 except VerificationError as exc:
@@ -593,12 +597,12 @@ class Registry:
         kind, blobs)`` under the write lock (used by ``enroll`` / ``revoke``)."""
         with self.store.writer() as w, self._state_lock:
             for e in w.caught_up:
-                _ledger.apply_entry(self.state, e, self.blobs, self.cfg)
+                ledger.apply_entry(self.state, e, self.blobs)
             envelope, kind, blobs = build(self.state, w.size)
             entry, _cp = w.append(
                 envelope, kind=kind, blobs=blobs, sign_checkpoint=self.signer.sign_checkpoint
             )
-            _ledger.apply_entry(self.state, entry, self.blobs, self.cfg)
+            ledger.apply_entry(self.state, entry, self.blobs)
         return entry
 
     # ------------------------------------------------------------------ status
@@ -609,8 +613,8 @@ class Registry:
         sites = {}
         contributions = self.store.site_contributions()
         with self._state_lock:
-            for site_id in _ledger.known_sites(self.state):
-                info = _ledger.site_status(self.state, site_id)
+            for site_id in sorted(self.state.policy.sites):
+                info = ledger.site_status(self.state, site_id)
                 n, last = contributions.get(site_id, (0, 0))
                 sites[site_id] = {
                     **info,

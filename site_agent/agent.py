@@ -27,16 +27,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocols.errors import ScarchesFLError, TransportError
-from site_agent import _protocol as proto
+from protocols.errors import ConfigError, ScarchesFLError, TransportError, VerificationError
+from protocols.policy import TrustPolicy
 from site_agent.config import SiteConfig
 from site_agent.guard import GuardPolicy, check_outgoing
 from site_agent.outbox import DELIVERED, PENDING, REJECTED, Outbox, OutboxEntry
 from site_agent.state import SiteState
-from site_agent.verify import VerifiedReference, pull_and_verify, verify_receipt
+from site_agent.verify import VerifiedReference, load_trust, pull_and_verify, verify_receipt
 
 if TYPE_CHECKING:
     from anndata import AnnData
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocols.update import UpdatePayload
 
 __all__ = [
     "SiteSigningKey",
@@ -81,7 +84,7 @@ def load_site_key(path: Any) -> SiteSigningKey:
     return SiteSigningKey(private=priv, key_id=key_id(priv), public_text=public_key_text(priv))
 
 
-def connect(config: SiteConfig, trust: proto.Trust) -> Any:
+def connect(config: SiteConfig, trust: TrustPolicy) -> Any:
     from protocols.registry_client import RegistryClient
 
     assert config.coordinator is not None
@@ -92,8 +95,14 @@ def connect(config: SiteConfig, trust: proto.Trust) -> Any:
         )
         return RegistryClient(config.coordinator, insecure=True, timeout=config.timeout_s,
                               retries=1)
-    return RegistryClient(config.coordinator, trust=trust.tls_source, timeout=config.timeout_s,
-                          retries=1)
+    if not trust.tls_root_pem:
+        raise ConfigError(
+            f"the pinned trust.json of {config.coordinator} carries no TLS root certificate "
+            "(tls_root_pem); ask the operator for a trust.json written by `scarches-fl "
+            "coordinator init`, or use --insecure on loopback only"
+        )
+    return RegistryClient(config.coordinator, trust=trust.tls_root_pem.encode(),
+                          timeout=config.timeout_s, retries=1)
 
 
 @dataclass
@@ -128,6 +137,8 @@ def run_map(
 ) -> MapReport:
     """The whole ``site map`` flow (see the module docstring)."""
     from protocols.diff import diff_from_bytes, diff_to_bytes
+    from protocols.limits import DEFAULT_LIMITS
+    from protocols.update import build_update_payload
     from site_agent.mapping import map_query, open_query, write_mapped
 
     config.require("coordinator", "trust", "key", "site_id", "state", "data", "batch_key", "out")
@@ -143,7 +154,7 @@ def run_map(
         raise SiteDataError(str(exc)) from exc
     state = SiteState(config.state)
     with state.locked():
-        trust = proto.load_trust(state.pin_trust(config.trust), source=str(config.trust))
+        trust = load_trust(state.pin_trust(config.trust), source=str(config.trust))
         key = load_site_key(config.key)
         state.remember(coordinator=config.coordinator, site_id=config.site_id,
                        key_id=key.key_id, insecure=bool(config.insecure))
@@ -211,17 +222,19 @@ def run_map(
 
             # -- the update: diff bytes, payload, privacy guard --
             diff_bytes = diff_to_bytes(outcome.diff)
-            sent_back = diff_from_bytes(diff_bytes, max_bytes=proto.max_diff_bytes())
+            sent_back = diff_from_bytes(diff_bytes, max_bytes=DEFAULT_LIMITS.max_diff_bytes)
             if dry_run:
                 sequence = max(state.last_sequence(), verified.site_record.last_sequence) + 1
             else:
                 sequence = state.allocate_sequence(at_least=verified.site_record.last_sequence)
-            payload = proto.build_update_payload(
-                trust=trust, site_id=config.site_id, key_id=key.key_id, sequence=sequence,
-                verified=verified, new_conditions=outcome.new_conditions, diff_bytes=diff_bytes,
-                diff_tensors=sent_back,
+            payload = build_update_payload(
+                origin=trust.origin, site_id=config.site_id, site_key_id=key.key_id,
+                sequence=sequence, base_size=verified.tree_size,
+                base_root=bytes(verified.checkpoint.root_hash), base_digest=verified.digest,
+                new_conditions=list(outcome.new_conditions), diff=sent_back,
+                diff_bytes=diff_bytes,
             )
-            payload_bytes = proto.payload_bytes(payload)
+            payload_bytes = bytes(payload.to_bytes())
             guard = check_outgoing(
                 payload_bytes=payload_bytes,
                 diff_bytes=diff_bytes, diff_tensors=sent_back,
@@ -249,7 +262,7 @@ def run_map(
                 return report
 
             # -- sign, submit, receipt --
-            envelope = proto.sign_update(payload, payload_bytes, key.private)
+            envelope = _sign_checked(payload, payload_bytes, key.private)
             entry.write_envelope(envelope)
             _say(printer, f"signed update {entry.id} (sequence {sequence}) with key "
                           f"{key.key_id[:16]}...; sending envelope.json ({len(envelope):,} bytes)"
@@ -332,7 +345,7 @@ def _check_contribution_setup(config: SiteConfig, adata: AnnData, verified: Veri
 
 def _contribute_labels(
     config: SiteConfig, outcome: Any, report: MapReport, *, client: Any, state: SiteState,
-    trust: proto.Trust, key: SiteSigningKey, verified: VerifiedReference, outbox: Outbox,
+    trust: TrustPolicy, key: SiteSigningKey, verified: VerifiedReference, outbox: Outbox,
     dry_run: bool, printer: Callable[[str], None] | None, after_sequence: int | None = None,
 ) -> None:
     """Build, guard, show, sign and send the label contribution (``--contribute-labels``)."""
@@ -419,7 +432,7 @@ def _contribute_labels(
 
 
 def deliver(
-    client: Any, entry: OutboxEntry, *, state: SiteState, trust: proto.Trust,
+    client: Any, entry: OutboxEntry, *, state: SiteState, trust: TrustPolicy,
     printer: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Send one signed outbox entry (its exact bytes), verify and store the receipt."""
@@ -516,7 +529,7 @@ def retry_pending(
             )
         if config.trust is not None:
             pinned = state.pin_trust(config.trust)
-        trust = proto.load_trust(pinned, source=str(state.trust_path))
+        trust = load_trust(pinned, source=str(state.trust_path))
         outbox = Outbox(state.outbox_path)
         entries = [outbox.get(i) for i in ids] if ids else outbox.pending()
         entries.sort(key=lambda e: e.sequence or 0)
@@ -533,3 +546,18 @@ def retry_pending(
                     )
                 out.append(deliver(client, entry, state=state, trust=trust, printer=printer))
         return out
+
+
+def _sign_checked(payload: UpdatePayload, checked_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
+    """Sign ``payload`` with the site key; the signed bytes must be exactly the bytes the
+    privacy guard checked."""
+    from protocols.dsse import parse_envelope
+    from protocols.update import sign_update
+
+    envelope = sign_update(payload, key)
+    if parse_envelope(envelope).payload != checked_bytes:
+        raise VerificationError(
+            "the envelope would carry other bytes than the privacy guard checked; nothing was "
+            "sent (a bug: report it)", reason_code="E_INTERNAL",
+        )
+    return envelope

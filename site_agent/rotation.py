@@ -37,13 +37,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protocols.errors import KeyFormatError, ScarchesFLError
-from site_agent import _protocol as proto
+from protocols.errors import KeyFormatError, ScarchesFLError, VerificationError
+from protocols.policy import TrustPolicy
 from site_agent.agent import _say, with_remembered_coordinator
 from site_agent.config import SiteConfig
 from site_agent.state import SiteState, StateError, atomic_write
+from site_agent.verify import load_trust
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "PendingRotation",
@@ -155,7 +159,7 @@ def _site_id(config: SiteConfig, state: SiteState) -> str:
     return str(site_id)
 
 
-def _trust(config: SiteConfig, state: SiteState) -> proto.Trust:
+def _trust(config: SiteConfig, state: SiteState) -> TrustPolicy:
     if state.pinned_trust() is None and config.trust is None:
         raise RotationError(
             f"{state.path} has no pinned trust.json; pass --trust with the trust.json the "
@@ -163,7 +167,7 @@ def _trust(config: SiteConfig, state: SiteState) -> proto.Trust:
         )
     raw = state.pin_trust(config.trust) if config.trust is not None else state.pinned_trust()
     assert raw is not None
-    return proto.load_trust(raw, source=str(state.trust_path))
+    return load_trust(raw, source=str(state.trust_path))
 
 
 def _refuse_if_pending(state: SiteState, key: Path) -> None:
@@ -230,7 +234,7 @@ def request_rotation(
                 f"{key_path.parent} must be writable (nothing was changed)"
             ) from exc
         try:
-            envelope = proto.build_rotation_request(
+            envelope = build_rotation_request(
                 trust=trust, site_id=site_id, old_key=old.private, new_key=new, note=note,
             )
             try:
@@ -326,7 +330,7 @@ def finish_rotation(
         pinned = state.pinned_trust()
         if pinned is None:  # pragma: no cover - request pins it
             raise RotationError(f"{state.path} has no pinned trust.json")
-        trust = proto.load_trust(pinned, source=str(state.trust_path))
+        trust = load_trust(pinned, source=str(state.trust_path))
         from site_agent.agent import connect
 
         factory = client_factory if client_factory is not None else connect
@@ -399,3 +403,33 @@ def cancel_rotation(
                   "If the operator appended the request after all, that file is now this site's "
                   "key: move it back over the site key")
     return moved
+
+
+def build_rotation_request(
+    *, trust: TrustPolicy, site_id: str, old_key: Ed25519PrivateKey, new_key: Ed25519PrivateKey,
+    note: str = "",
+) -> bytes:
+    """The site's rotation request (:func:`protocols.ledger.rotation_request`): a ``rotate``
+    policy change for the pinned origin, signed by the old and the new key. Read back and
+    checked before it is handed out: it parses as that change and both signatures verify."""
+    from protocols.dsse import parse_envelope, verify_envelope
+    from protocols.keys import key_id, public_key_text
+    from protocols.ledger import POLICY_TYPE, entry_payload, rotation_request
+    from protocols.policy import parse_policy_change
+
+    envelope = rotation_request(origin=trust.origin, site_id=site_id, old_key=old_key,
+                                new_key=new_key, note=note)
+    _kind, obj = entry_payload(envelope)
+    change = parse_policy_change(obj)
+    env = parse_envelope(envelope)
+    for key in (old_key, new_key):
+        verify_envelope(env, trusted_keys=[key.public_key()], threshold=1,
+                        payload_type=POLICY_TYPE)
+    if (change.action, change.origin, change.site_id, change.public_key,
+            change.previous_key_id) != ("rotate", trust.origin, site_id,
+                                        public_key_text(new_key), key_id(old_key)):
+        raise VerificationError(  # pragma: no cover - a bug in the builder
+            "the rotation request does not say what was asked; nothing was written (a bug: "
+            "report it)", reason_code="E_INTERNAL",
+        )
+    return envelope

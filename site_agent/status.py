@@ -15,7 +15,7 @@ __all__ = ["site_status", "render_status"]
 
 def site_status(state_dir: str | Path) -> dict[str, Any]:
     """A summary of the state directory (no network)."""
-    from site_agent import _protocol as proto
+    from site_agent.verify import load_trust
 
     state = SiteState(state_dir).require_existing()
     info: dict[str, Any] = {"state": str(state.path)}
@@ -23,15 +23,15 @@ def site_status(state_dir: str | Path) -> dict[str, Any]:
     if pinned is None:
         info["trust"] = None
     else:
-        trust = proto.load_trust(pinned, source=str(state.trust_path))
+        trust = load_trust(pinned, source=str(state.trust_path))
         info["trust"] = {
             "file": str(state.trust_path),
             "sha256": "sha256:" + hashlib.sha256(pinned).hexdigest(),
             "origin": trust.origin,
-            "log_keys": list(trust.log_key_names),
-            "operator_keys": list(trust.operator_key_ids),
-            "witnesses": list(trust.witness_names),
-            "witness_threshold": trust.witness_threshold,
+            "log_keys": ["+".join(trust.log_public_key.split("+")[:2])],  # name+key hash
+            "operator_keys": sorted(trust.operator_key_ids()),
+            "witnesses": [k.split("+", 1)[0] for k in trust.witness_keys],
+            "witness_threshold": trust.witnesses_required,
         }
     cp = state.last_checkpoint()
     info["last_checkpoint"] = None if cp is None else {

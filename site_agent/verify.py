@@ -30,14 +30,19 @@ from typing import TYPE_CHECKING, Any
 
 from protocols.errors import ScarchesFLError, VerificationError
 from protocols.ledger import Receipt
-from site_agent import _protocol as proto
+from protocols.policy import TrustPolicy
 from site_agent.state import SiteState
 
 if TYPE_CHECKING:
-    from protocols.bundle import ReferenceBundle
+    from collections.abc import Callable, Sequence
 
-__all__ = ["SiteTrustError", "VerifiedReference", "VerifiedLedger", "pull_and_verify",
-           "verify_ledger", "verify_receipt", "verified_checkpoint_from_state"]
+    from protocols.bundle import ReferenceBundle
+    from protocols.checkpoint import Checkpoint
+    from protocols.labels import LabelLedger
+    from protocols.registry_client import LedgerEntry
+
+__all__ = ["SiteTrustError", "SiteEnrolment", "VerifiedReference", "VerifiedLedger", "load_trust",
+           "pull_and_verify", "verify_ledger", "verify_receipt", "verified_checkpoint_from_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,111 @@ class SiteTrustError(VerificationError):
         super().__init__(message, reason_code=reason_code)
 
 
+def load_trust(data: bytes, *, source: str) -> TrustPolicy:
+    """The pinned trust.json (:func:`protocols.policy.parse_trust`); a file that does not parse
+    is a :class:`~protocols.errors.ConfigError` naming ``source``."""
+    from protocols.errors import ConfigError, PolicyError
+    from protocols.policy import parse_trust
+
+    try:
+        return parse_trust(data)
+    except PolicyError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from exc
+
+
+def _verify_checkpoint(note: bytes, trust: TrustPolicy) -> Checkpoint:
+    """Rule 1: the checkpoint in ``note``, signed by the pinned log key for the pinned origin."""
+    from protocols.checkpoint import verify_checkpoint
+
+    return verify_checkpoint(bytes(note), origin=trust.origin, log_verifier=[trust.log_public_key])
+
+
+def _verify_cosignatures(note: bytes, trust: TrustPolicy, *, expect: Checkpoint) -> dict[str, int]:
+    """Rule 2: witness cosignatures on the checkpoint ``expect`` (same size and root)."""
+    from protocols.checkpoint import verify_cosigned_checkpoint
+
+    res = verify_cosigned_checkpoint(
+        bytes(note), origin=trust.origin, log_verifier=[trust.log_public_key],
+        witnesses=list(trust.witness_keys), threshold=trust.witnesses_required,
+    )
+    if res.checkpoint.size != expect.size or res.checkpoint.root_hash != expect.root_hash:
+        raise VerificationError(
+            f"the cosigned checkpoint (size {res.checkpoint.size}) is not the one served "
+            f"(size {expect.size})", reason_code="E_CHECKPOINT_INVALID",
+        )
+    return dict(res.cosigned_at)
+
+
+def _check_entries_match(entries: Sequence[LedgerEntry], checkpoint: Checkpoint) -> None:
+    """The entries [0, size) are exactly the leaves the verified checkpoint commits to."""
+    import hmac
+
+    from protocols.merkle import leaf_hash, root
+
+    if len(entries) != checkpoint.size:
+        raise VerificationError(
+            f"the coordinator returned {len(entries)} entries for a log of size "
+            f"{checkpoint.size}", reason_code="E_LEDGER_ORDER",
+        )
+    for i, e in enumerate(entries):
+        if e.index != i:
+            raise VerificationError(f"entry {e.index} where {i} was due",
+                                    reason_code="E_LEDGER_ORDER")
+    got = root([leaf_hash(e.envelope) for e in entries])
+    if not hmac.compare_digest(got, bytes(checkpoint.root_hash)):
+        raise VerificationError(
+            f"the ledger entries do not hash to the root of the signed checkpoint of size "
+            f"{checkpoint.size}: the coordinator served entries other than the ones it signed",
+            reason_code="E_PROOF_INVALID",
+        )
+
+
+@dataclass(frozen=True)
+class SiteEnrolment:
+    """This site as the verified ledger sees it."""
+
+    site_id: str
+    enrolled: bool
+    revoked: bool
+    key_ids: tuple[str, ...]
+    last_sequence: int = 0
+    expected_digest: str | None = None
+    #: the replayed label state at this size
+    labels: LabelLedger | None = None
+
+
+def site_record_from_entries(
+    entries: Sequence[LedgerEntry], trust: TrustPolicy, *, site_id: str,
+    fetch_blob: Callable[[str], bytes],
+) -> SiteEnrolment:
+    """Replay the (already root-checked) entries from the pinned roots with
+    :func:`protocols.ledger.replay` (every signature, policy change, update rule and blob), and
+    read this site's enrolment, active keys, last accepted sequence number and the digest the
+    ledger implies for the reference version ``len(entries)``."""
+    from protocols.ledger import replay
+
+    cache: dict[str, bytes] = {}
+
+    def lookup(sha: str) -> bytes:
+        name = sha if sha.startswith("sha256:") else "sha256:" + sha
+        if name not in cache:
+            cache[name] = fetch_blob(name)
+        return cache[name]
+
+    state = replay(trust, [e.envelope for e in entries], lookup)
+    policy = state.policy
+    rec = policy.sites.get(site_id)
+    digest = state.digest_at(len(entries))
+    if rec is None:
+        return SiteEnrolment(site_id, enrolled=False, revoked=False, key_ids=(),
+                             expected_digest=digest, labels=state.labels)
+    active = tuple(k.key_id for k in rec.keys if k.status == "active")
+    revoked = not active and any(k.status == "revoked" for k in rec.keys)
+    return SiteEnrolment(site_id, enrolled=True, revoked=revoked, key_ids=active,
+                         last_sequence=int(state.sequences.get(site_id, 0)),
+                         expected_digest=digest, labels=state.labels)
+
+
 @dataclass
 class VerifiedLedger:
     """Rules 1-4: a checkpoint signed by the pinned log key (cosigned as trust.json asks),
@@ -58,7 +168,7 @@ class VerifiedLedger:
 
     checkpoint: Any  # protocols.checkpoint.Checkpoint
     note: bytes
-    site_record: proto.SiteEnrolment
+    site_record: SiteEnrolment
     entries_checked: int
     previous_size: int | None = None
     cosigned_by: dict[str, int] = field(default_factory=dict)
@@ -95,13 +205,13 @@ def _wrap(exc: VerificationError, prefix: str) -> SiteTrustError:
     return SiteTrustError(f"{prefix}: {exc}. Nothing was mapped or sent", reason_code=code)
 
 
-def verified_checkpoint_from_state(state: SiteState, trust: proto.Trust) -> Any | None:
+def verified_checkpoint_from_state(state: SiteState, trust: TrustPolicy) -> Any | None:
     """The last verified checkpoint, re-verified from its stored note (None on first contact)."""
     stored = state.last_checkpoint()
     if stored is None:
         return None
     try:
-        return proto.verify_checkpoint_note(stored.note, trust)
+        return _verify_checkpoint(stored.note, trust)
     except VerificationError as exc:
         raise SiteTrustError(
             f"the checkpoint stored in {state.path} no longer verifies against the pinned "
@@ -130,7 +240,7 @@ def _check_advance(client: Any, old: Any, new: Any) -> None:
 
 
 def verify_ledger(
-    client: Any, *, state: SiteState, trust: proto.Trust, site_id: str,
+    client: Any, *, state: SiteState, trust: TrustPolicy, site_id: str,
 ) -> VerifiedLedger:
     """Rules 1-4 of the module docstring, without judging the site's record (the caller does)
     and without storing anything."""
@@ -138,18 +248,18 @@ def verify_ledger(
     # 1. signature
     served = client.get_checkpoint()
     try:
-        cp = proto.verify_checkpoint_note(served.signed_note, trust)
+        cp = _verify_checkpoint(served.signed_note, trust)
     except VerificationError as exc:
         raise _wrap(exc, "the coordinator's checkpoint is not signed by the pinned log key") from exc
     # 2. witnesses
     cosigned: dict[str, int] = {}
-    if trust.witness_threshold > 0:
+    if trust.witnesses_required > 0:
         size, note = client.get_cosignatures(cp.size)
         try:
-            cosigned = proto.verify_cosignatures(note, trust, expect=cp)
+            cosigned = _verify_cosignatures(note, trust, expect=cp)
         except VerificationError as exc:
             raise _wrap(
-                exc, f"trust.json requires {trust.witness_threshold} witness cosignature(s) on "
+                exc, f"trust.json requires {trust.witnesses_required} witness cosignature(s) on "
                 f"the checkpoint of size {cp.size}"
             ) from exc
     # 3. rollback / fork
@@ -168,9 +278,9 @@ def verify_ledger(
     # 4. ledger entries and enrolment
     try:
         entries = client.get_entries(0, cp.size) if cp.size else []
-        proto.check_entries_match(entries, cp)
-        record = proto.site_record_from_entries(entries, trust, site_id=site_id,
-                                                fetch_blob=client.get_blob)
+        _check_entries_match(entries, cp)
+        record = site_record_from_entries(entries, trust, site_id=site_id,
+                                          fetch_blob=client.get_blob)
     except VerificationError as exc:
         raise _wrap(exc, "the ledger does not verify") from exc
     return VerifiedLedger(
@@ -180,7 +290,7 @@ def verify_ledger(
     )
 
 
-def _rotation_hint(state: SiteState, record: proto.SiteEnrolment) -> str:
+def _rotation_hint(state: SiteState, record: SiteEnrolment) -> str:
     """What to do when the key is not active because a rotation of this site was logged."""
     from site_agent.rotation import pending_rotation
 
@@ -198,7 +308,7 @@ def _rotation_hint(state: SiteState, record: proto.SiteEnrolment) -> str:
 
 
 def pull_and_verify(
-    client: Any, *, state: SiteState, trust: proto.Trust, site_id: str, key_id: str,
+    client: Any, *, state: SiteState, trust: TrustPolicy, site_id: str, key_id: str,
 ) -> VerifiedReference:
     """Rules 1-5 of the module docstring; stores the checkpoint when all pass."""
     from protocols.bundle import bundle_from_bytes
@@ -270,7 +380,7 @@ class VerifiedReceipt:
 
 
 def verify_receipt(
-    client: Any, receipt: Receipt, *, envelope: bytes, state: SiteState, trust: proto.Trust,
+    client: Any, receipt: Receipt, *, envelope: bytes, state: SiteState, trust: TrustPolicy,
 ) -> VerifiedReceipt:
     """Check a receipt: its leaf is our envelope, its checkpoint is signed by the pinned log key,
     the inclusion proof leads to that checkpoint's root, and that checkpoint is consistent with
@@ -279,7 +389,7 @@ def verify_receipt(
     from protocols.ledger import verify_receipt as verify_receipt_proof
 
     try:
-        cp = verify_receipt_proof(receipt, envelope, policy=trust.policy)
+        cp = verify_receipt_proof(receipt, envelope, policy=trust)
     except VerificationError as exc:
         raise _wrap(exc, "the coordinator's receipt does not prove this update was logged") from exc
     old = verified_checkpoint_from_state(state, trust)

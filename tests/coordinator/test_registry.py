@@ -411,8 +411,8 @@ def test_federated_round_replaces_the_model(consortium, server) -> None:
 def test_unpinned_cosignatures_cannot_crowd_out_pinned_witnesses(tmp_path: Path) -> None:
     """Junk from unknown keys is capped per checkpoint; a pinned witness always gets in, and a
     pinned witness's line must verify."""
-    from coordinator._ledger import MAX_UNPINNED_COSIGNATURES
     from coordinator.admin import init_state
+    from coordinator.checkpoints import MAX_UNPINNED_COSIGNATURES
     from coordinator.config import load_config
     from coordinator.service import Registry
     from protocols.bundle import write_bundle

@@ -1,4 +1,4 @@
-"""``coordinator rotate`` (``admin.rotate_site_key`` -> ``_ledger.countersign_rotation``): what
+"""``coordinator rotate`` (``admin.rotate_site_key`` -> ``ledger.countersign_rotation``): what
 it appends, and every request it refuses with nothing appended."""
 
 from __future__ import annotations
@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import _ledger
 from coordinator.admin import rotate_site_key
 from coordinator.config import load_config
 from coordinator.service import Registry
 from protocols.dsse import parse_envelope
 from protocols.errors import ConfigError, VerificationError
-from protocols.keys import generate_private_key, key_id, public_key_text
+from protocols.keys import generate_private_key, key_id, load_private_key, public_key_text
 from protocols.ledger import enrol_entry, revoke_entry, rotation_request
 from scarches_fl_cli.main import main
 from tests.coordinator.conftest import ORIGIN, make_site_update
@@ -32,7 +31,7 @@ def _request(tmp_path: Path, data: bytes, name: str = "rotation.dsse") -> Path:
 
 def _operator_key(state: Path):
     cfg = load_config(state)
-    return _ledger.load_key(cfg.path(cfg.paths.operator_key))
+    return load_private_key(cfg.path(cfg.paths.operator_key))
 
 
 def test_rotation_is_countersigned_appended_and_applied(consortium, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import _ledger
+from coordinator import ledger
 from coordinator.config import load_config
 from coordinator.service import Registry
 from protocols.ledger import LedgerState
@@ -31,7 +31,7 @@ def _grown(tmp_path: Path, n: int = 4):
 
 
 def _full_replay(cfg) -> LedgerState:
-    snap = cfg.path(cfg.paths.snapshot) / _ledger.SNAPSHOT_META
+    snap = cfg.path(cfg.paths.snapshot) / ledger.SNAPSHOT_META
     saved = snap.read_bytes()
     snap.unlink()
     try:
@@ -44,7 +44,7 @@ def _full_replay(cfg) -> LedgerState:
 def test_restart_from_the_snapshot_equals_the_full_replay(tmp_path: Path, caplog) -> None:
     cons = _grown(tmp_path)
     cfg = load_config(cons.state)
-    meta = json.loads((cfg.path(cfg.paths.snapshot) / _ledger.SNAPSHOT_META).read_bytes())
+    meta = json.loads((cfg.path(cfg.paths.snapshot) / ledger.SNAPSHOT_META).read_bytes())
     with caplog.at_level(logging.WARNING), Registry(cfg) as reg:
         assert meta["body"]["tree_size"] == reg.state.size  # written at shutdown, nothing after
         assert_same_state(reg.state, _full_replay(cfg))
@@ -58,7 +58,7 @@ def test_bad_snapshot_falls_back_to_the_full_replay(tmp_path: Path, caplog, atta
     cons = _grown(tmp_path)
     cfg = load_config(cons.state)
     d = cfg.path(cfg.paths.snapshot)
-    meta_path = d / _ledger.SNAPSHOT_META
+    meta_path = d / ledger.SNAPSHOT_META
     (tensors_path,) = d.glob("ledger-state-*.safetensors")
     if attack == "corrupt_tensors":
         data = bytearray(tensors_path.read_bytes())

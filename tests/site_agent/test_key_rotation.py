@@ -102,8 +102,7 @@ def test_rotation_end_to_end(served: SiteSetup, tmp_path: Path, capsys) -> None:
     """request (site CLI) -> finish refused while not logged -> `coordinator rotate` (CLI) ->
     old key's update E_KEY_ROTATED, new key's accepted -> `site map`'s check points at finish
     -> finish promotes the pending key; the old key is archived, never lost."""
-    from site_agent import _protocol as proto
-    from site_agent.verify import SiteTrustError, pull_and_verify
+    from site_agent.verify import SiteTrustError, load_trust, pull_and_verify
 
     s = served
     old_pem = s.key.read_bytes()
@@ -160,7 +159,7 @@ def test_rotation_end_to_end(served: SiteSetup, tmp_path: Path, capsys) -> None:
         assert res.rejection is not None and res.rejection.reason_code == "E_KEY_ROTATED"
         # `site map` with the old key stops at the key check and points at `finish`.
         state = SiteState(s.state)
-        trust = proto.load_trust(state.pinned_trust(), source="trust.json")
+        trust = load_trust(state.pinned_trust(), source="trust.json")
         with pytest.raises(SiteTrustError) as info:
             pull_and_verify(client, state=state, trust=trust, site_id="site-a", key_id=old_id)
         assert info.value.reason_code == "E_KEY_UNKNOWN"

@@ -186,7 +186,8 @@ def run_seed(
     from protocols.labels import DPRequirement, LabelPolicy, merge_label_knowledge
     from scarches_fl.labels import predict_labels
     from scarches_fl.model import ReferenceModel
-    from site_agent.labels import build_site_prototypes, choose_dp
+    from scarches_fl.refine import query_scores, transfer_labels
+    from site_agent.labels import build_site_prototypes, choose_dp, expression_clip_norm
 
     spec = DATASETS[name]
     held = spec["type"]
@@ -221,88 +222,112 @@ def run_seed(
     t2 = time.perf_counter()
     bundle = model.to_bundle()
     labels = bundle.manifest["labels"]
+    tensors = model.tensors()
     truth_c = site_c.obs[LABEL].to_numpy().astype(str)
     new_mask, known_mask = truth_c == held, truth_c != held
+    # what a site computes for the expression part: its cells on the public subspace
+    scores_a = query_scores(labels["expression"], tensors, site_a, model.genes)
+    scores_c = query_scores(labels["expression"], tensors, site_c, model.genes)
+    e_clip = expression_clip_norm(labels["levels"][LABEL]["expression"], tensors)
+    methods: dict[str, str] = {}
 
-    def predict(knowledge: dict) -> np.ndarray:
-        p = predict_labels(knowledge, {}, res_c.latent, label_key=LABEL, method="prototype")
+    def predict(knowledge: dict, rule: str) -> np.ndarray:
+        if rule == "latent":  # the latent prototype rule
+            p = predict_labels(knowledge, {}, res_c.latent, label_key=LABEL, method="prototype")
+        else:  # what map / site map do by default (--label-method auto)
+            kept = model.labels
+            model.labels = knowledge
+            try:
+                p = transfer_labels(model, site_c, res_c.latent, label_key=LABEL, batch_key=BATCH)
+            finally:
+                model.labels = kept
+            methods[p.method] = p.method
         return np.asarray(p.pred, dtype=str)
 
-    def figures(knowledge: dict) -> dict:
-        pred = predict(knowledge)
-        return {
-            "new": accuracy(pred, truth_c, new_mask),
-            "known": accuracy(pred, truth_c, known_mask),
-        }
+    def figures(knowledge: dict, prefix: str, out: dict) -> None:
+        for rule, tag in (("default", ""), ("latent", "_latent")):
+            pred = predict(knowledge, rule)
+            out[f"new_{prefix}{tag}"] = accuracy(pred, truth_c, new_mask)
+            out[f"known_{prefix}{tag}"] = accuracy(pred, truth_c, known_mask)
 
-    before = figures(labels)
     out: dict[str, Any] = {
         "seed": seed,
         "new_type": held,
         "n_new_at_c": int(new_mask.sum()),
         "n_known_at_c": int(known_mask.sum()),
         "n_new_at_a": int((site_a.obs[LABEL].astype(str) == held).sum()),
-        "new_before": before["new"],
-        "known_before": before["known"],
         "reference_train_s": round(t1 - t0, 1),
         "surgeries_s": round(t2 - t1, 1),
+        "expression_clip_norm": e_clip,
     }
+    figures(labels, "before", out)
     policy = LabelPolicy()
-    # plain contribution
-    led = _Ledger(bundle)
+    labels_a = site_a.obs[LABEL].to_numpy()
+
+    def knowledge_after(site: str, contrib: Any, *, settings: Any = None) -> dict:
+        led = _Ledger(bundle)
+        if settings is not None:
+            led.policy(settings=settings)
+        index = led.contribute(site, contrib)
+        led.policy(action="accept", name=f"{site}:{held}", target=held)
+        out.setdefault("contribution_entry", index)
+        return led.state.label_knowledge()
+
+    # the contribution as site map --contribute-labels makes it: latent and expression parts
     contrib = build_site_prototypes(
-        res_a.latent, site_a.obs[LABEL].to_numpy(), label_key=LABEL, policy=policy, seed=seed
+        res_a.latent, labels_a, label_key=LABEL, policy=policy, seed=seed, expression=scores_a
     )
-    index = led.contribute("site-a", contrib)
-    led.policy(action="accept", name=f"site-a:{held}", target=held)
-    after = figures(led.state.label_knowledge())
-    out.update(
-        {
-            "new_after": after["new"],
-            "known_after": after["known"],
-            "contribution_entry": index,
-            "contributed_types": [(p["name"], p["count"]) for p in contrib.prototypes],
-        }
-    )
-    # where a loss comes from: site A contributing the new type only (not its known types)
-    led_new = _Ledger(bundle)
+    out["contributed_types"] = [(p["name"], p["count"]) for p in contrib.prototypes]
+    figures(knowledge_after("site-a", contrib), "after", out)
+    # where a loss or gain comes from: site A sending the new type only (no anchors)
     only_new = dataclasses.replace(
         contrib, prototypes=[p for p in contrib.prototypes if p["name"] == held]
     )
-    led_new.contribute("site-a", only_new)
-    led_new.policy(action="accept", name=f"site-a:{held}", target=held)
-    new_only = figures(led_new.state.label_knowledge())
-    out.update({"new_after_new_only": new_only["new"], "known_after_new_only": new_only["known"]})
-    # the geometry's bound: C's own cells of the type as the prototype
+    figures(knowledge_after("site-a", only_new), "after_new_only", out)
+    # a format version 1 contribution (latent only), as before expression prototypes
+    latent_only = dataclasses.replace(
+        contrib,
+        prototypes=[{k: v for k, v in p.items() if k != "expression"} for p in contrib.prototypes],
+    )
+    figures(knowledge_after("site-a", latent_only), "after_v1", out)
+    # the geometry's bound: C's own cells as the prototypes (all its types, so that its own
+    # anchors place the new type; the latent rule's bound as before: the new type only)
     own = build_site_prototypes(
+        res_c.latent,
+        truth_c,
+        label_key=LABEL,
+        policy=policy,
+        seed=seed,
+        expression=scores_c,
+    )
+    own_fig: dict[str, Any] = {}
+    figures(knowledge_after("site-c", own), "own", own_fig)
+    out["new_own_upper"] = own_fig["new_own"]
+    own_new = build_site_prototypes(
         res_c.latent[new_mask], truth_c[new_mask], label_key=LABEL, policy=policy, seed=seed
     )
-    led_own = _Ledger(bundle)
-    led_own.contribute("site-c", own)
-    led_own.policy(action="accept", name=f"site-c:{held}", target=held)
-    out["new_own_upper"] = figures(led_own.state.label_knowledge())["new"]
+    figures(knowledge_after("site-c", own_new), "own_new", own_fig)
+    out["new_own_upper_latent"] = own_fig["new_own_new_latent"]
     # DP
     clip = clip_norm_from_genesis(labels)
     out["dp_clip_norm"] = clip
     for eps in EPSILONS:
         dp_policy = LabelPolicy(dp=DPRequirement(clip_norm=clip, epsilon=eps, delta=DELTA))
-        led_dp = _Ledger(bundle)
-        led_dp.policy(settings=dp_policy)
         dp_contrib = build_site_prototypes(
             res_a.latent,
-            site_a.obs[LABEL].to_numpy(),
+            labels_a,
             label_key=LABEL,
             policy=dp_policy,
             dp=choose_dp(dp_policy),
             seed=seed,
+            expression=scores_a,
+            expression_clip=e_clip,
         )
-        led_dp.contribute("site-a", dp_contrib)
-        led_dp.policy(action="accept", name=f"site-a:{held}", target=held)
-        dp_fig = figures(led_dp.state.label_knowledge())
-        sig = [p["sigma"] for p in dp_contrib.prototypes if p["name"] == held]
-        out[f"new_after_eps{eps:g}"] = dp_fig["new"]
-        out[f"known_after_eps{eps:g}"] = dp_fig["known"]
-        out[f"sigma_eps{eps:g}"] = sig[0] if sig else None
+        figures(knowledge_after("site-a", dp_contrib, settings=dp_policy), f"after_eps{eps:g}", out)
+        held_p = [p for p in dp_contrib.prototypes if p["name"] == held]
+        out[f"sigma_eps{eps:g}"] = held_p[0]["sigma"] if held_p else None
+        out[f"expression_sigma_eps{eps:g}"] = held_p[0]["expression"]["sigma"] if held_p else None
+    out["default_rule_methods"] = sorted(methods)
     # the merged knowledge without any contribution is the genesis's (a check, not a figure)
     assert merge_label_knowledge(labels, _Ledger(bundle).state.labels) == dict(labels)
     return out
@@ -328,20 +353,34 @@ def _fmt(s: dict, k: str) -> str:
 
 
 def table(name: str, summary: dict) -> str:
-    rows = [
-        ("new type at site C, before", "new_before"),
-        ("new type at site C, after A contributes", "new_after"),
-        ("new type, C's own prototype (upper bound)", "new_own_upper"),
-        ("known types at site C, before", "known_before"),
-        ("known types at site C, after", "known_after"),
-        ("new type after, A sends the new type only", "new_after_new_only"),
-        ("known types after, A sends the new type only", "known_after_new_only"),
+    rows = []
+    for tag, rule in (("", "default rule (expression)"), ("_latent", "latent prototype rule")):
+        rows += [
+            (f"{rule}: new type at site C, before", f"new_before{tag}"),
+            (f"{rule}: new type at site C, after A contributes", f"new_after{tag}"),
+            (f"{rule}: known types at site C, before", f"known_before{tag}"),
+            (f"{rule}: known types at site C, after", f"known_after{tag}"),
+            (f"{rule}: new type, A sends the new type only", f"new_after_new_only{tag}"),
+            (f"{rule}: known types, A sends the new type only", f"known_after_new_only{tag}"),
+            (f"{rule}: new type, latent-only contribution (v1)", f"new_after_v1{tag}"),
+            (f"{rule}: known types, latent-only contribution (v1)", f"known_after_v1{tag}"),
+        ]
+        for eps in EPSILONS:
+            rows += [
+                (f"{rule}: new type after, DP epsilon {eps:g}", f"new_after_eps{eps:g}{tag}"),
+                (f"{rule}: known types after, DP epsilon {eps:g}", f"known_after_eps{eps:g}{tag}"),
+            ]
+    rows += [
+        ("new type, C's own prototypes (default rule)", "new_own_upper"),
+        ("new type, C's own prototype (latent rule)", "new_own_upper_latent"),
     ]
     for eps in EPSILONS:
         rows += [
-            (f"new type after, DP epsilon {eps:g}", f"new_after_eps{eps:g}"),
-            (f"known types after, DP epsilon {eps:g}", f"known_after_eps{eps:g}"),
-            (f"noise sigma per dimension, epsilon {eps:g}", f"sigma_eps{eps:g}"),
+            (f"latent noise sigma per dimension, epsilon {eps:g}", f"sigma_eps{eps:g}"),
+            (
+                f"expression noise sigma per component, epsilon {eps:g}",
+                f"expression_sigma_eps{eps:g}",
+            ),
         ]
     lines = [
         f"growth benchmark: {name} (type {DATASETS[name]['type']}), mean [min-max] over seeds",
@@ -368,7 +407,8 @@ def plot(results: list[Path], out: Path) -> Path:
         ("new_after", "new type, after"),
         ("new_after_eps4", "after, DP eps 4"),
         ("new_after_eps1", "after, DP eps 1"),
-        ("new_own_upper", "C's own prototype"),
+        ("new_after_latent", "after, latent rule"),
+        ("new_own_upper", "C's own prototypes"),
         ("known_before", "known types, before"),
         ("known_after", "known types, after"),
     ]
@@ -444,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"seed {seed}: new {row['new_before']:.3f} -> {row['new_after']:.3f} (own "
             f"{row['new_own_upper']:.3f}; eps4 {row['new_after_eps4']:.3f}, eps1 "
-            f"{row['new_after_eps1']:.3f}); known {row['known_before']:.3f} -> "
-            f"{row['known_after']:.3f} ({time.perf_counter() - t:.0f} s)",
+            f"{row['new_after_eps1']:.3f}; latent rule {row['new_after_latent']:.3f}); known "
+            f"{row['known_before']:.3f} -> {row['known_after']:.3f} (eps4 "
+            f"{row['known_after_eps4']:.3f}, eps1 {row['known_after_eps1']:.3f}) "
+            f"({time.perf_counter() - t:.0f} s)",
             flush=True,
         )
     summary = summarize(rows)

@@ -158,29 +158,41 @@ def _labels(n_latent: int) -> dict[str, Any]:
         "schema": "scarches-fl.labels", "schema_version": 1, "unknown_label": "Unknown",
         "n_latent": n_latent, "novelty_tail": 0.05, "knowledge": ["prototypes"],
         "atlas": {"included": False},
+        # the expression subspace's description (its tensors are not needed to validate or
+        # replay contributions: only the number of components)
+        "expression": {"n_components": N_EXPRESSION},
         "levels": {"cell_type": {"index": 0, "prototype": {
             "min_cells": 20, "classes": ["alpha", "beta"], "cell_counts": [100, 100],
             "prototypes": protos, "shared_covariance": np.eye(n_latent).tolist(),
             "class_prior": [0.5, 0.5],
             "calibration": {"temperature": 1.0, "novelty_quantiles": [0.0, 1.0, 9.0]},
-        }}},
+        }, "expression": {"classes": ["alpha", "beta"], "cell_counts": [100, 100]}}},
     }
+
+
+#: components of the generated references' expression subspace
+N_EXPRESSION = 4
 
 
 def label_contribution(
     keys: LedgerKeys, site_id: str, *, sequence: int, base_size: int, base_root: bytes,
-    base_digest: str, n_latent: int, seed: int, origin: str = ORIGIN,
+    base_digest: str, n_latent: int, seed: int, origin: str = ORIGIN, expression: bool = False,
 ) -> bytes:
-    """A signed label contribution of one new type (``gamma``, 40 cells) by ``site_id``."""
+    """A signed label contribution of one new type (``gamma``, 40 cells) by ``site_id``; with
+    ``expression``, its prototype also carries an expression part (format version 2)."""
     from protocols.keys import key_id
     from protocols.labels import build_contribution_payload, sign_contribution
 
     rng = np.random.default_rng(seed)
+    proto: dict[str, Any] = {"name": "gamma", "count": 40, "mean": rng.standard_normal(n_latent),
+                             "std": np.ones(n_latent), "sigma": 0.0}
+    if expression:
+        proto["expression"] = {"mean": rng.standard_normal(N_EXPRESSION),
+                               "std": np.ones(N_EXPRESSION), "sigma": 0.0}
     payload = build_contribution_payload(
         origin=origin, site_id=site_id, site_key_id=key_id(keys.sites[site_id]), sequence=sequence,
         base_size=base_size, base_root=base_root, base_digest=base_digest, label_key="cell_type",
-        prototypes=[{"name": "gamma", "count": 40, "mean": rng.standard_normal(n_latent),
-                     "std": np.ones(n_latent), "sigma": 0.0}],
+        prototypes=[proto],
     )
     return sign_contribution(payload, keys.sites[site_id])
 
@@ -204,6 +216,7 @@ def build_ledger(
     wrong_base_digest_at: int | None = None,
     replayed_sequence_at: int | None = None,
     label_contributions: int = 0,
+    expression_contributions: bool = False,
     genesis_seed: int = 0,
     extra_entries: Sequence[tuple[str, bytes]] = (),
 ) -> GeneratedLedger:
@@ -218,7 +231,8 @@ def build_ledger(
     (a coordinator that accepted it anyway).
     ``replayed_sequence_at=u``: update ``u`` reuses its site's previous sequence number.
     ``label_contributions=n``: a labelled genesis and ``n`` label contributions right after the
-    enrolments. ``extra_entries``: ``(kind, envelope)`` appended as they are at the end (a
+    enrolments (with ``expression_contributions``, each with an expression part).
+    ``extra_entries``: ``(kind, envelope)`` appended as they are at the end (a
     coordinator that logged them anyway)."""
     from coordinator.storage import BlobStore, LedgerStore
     from protocols import merkle
@@ -292,7 +306,7 @@ def build_ledger(
             env = label_contribution(
                 keys, sid, sequence=sequences[sid], base_size=published,
                 base_root=tree.root(published), base_digest=digests[published], n_latent=10,
-                seed=i, origin=origin,
+                seed=i, origin=origin, expression=expression_contributions,
             )
             put(w, env, "label_contribution", site_id=sid, sequence=sequences[sid])
     batch = 500

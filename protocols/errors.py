@@ -133,6 +133,7 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_LABEL_DP_WEAK", 60, "The contribution's privacy mechanism or parameters are weaker than the label policy requires (epsilon, delta, clip norm, noise, released spread)."),
     ReasonCode("E_LABEL_LEVEL", 61, "The label level is not one the reference carries prototypes for; contribute to one of its levels."),
     ReasonCode("E_LABEL_POLICY", 62, "A label policy entry is malformed or not allowed (accepting a name already in the vocabulary, mapping onto an unknown type, ...)."),
+    ReasonCode("E_LABEL_EXPRESSION", 63, "A label prototype's expression part does not fit the reference: the level has no expression prototypes, or the dimension is not its expression subspace's; compute it on the reference you mapped on."),
 )
 
 

@@ -30,6 +30,17 @@ mean is the mean of latents clipped to L2 norm ``C`` plus N(0, sigma^2) noise pe
 mechanism of Balle and Wang, 2018: exact for every epsilon; ``2 C / count`` is the L2
 sensitivity of a mean of ``count`` or more clipped vectors when one cell is replaced).
 
+**Format version 2** (ADR 0045) adds the same cells' summary in the reference's public
+expression subspace (the bundle's ``labels.expression``, ``n_components`` components): the
+payload has ``"format_version": 2`` and one more field ``"n_expression": <int>``, and every
+prototype one more field ``"expression": {"mean": [n_expression floats], "std": [n_expression
+floats] | null, "sigma": <float >= 0>}``. Under ``gaussian`` the privacy object has one more
+field ``"expression_clip_norm": C_e`` and the two means of a type are one Gaussian mechanism:
+each cell's latent is clipped to ``C`` and its expression scores to ``C_e``, and the noise is
+``sigma >= C s`` and ``expression.sigma >= C_e s`` with ``s =`` :func:`joint_noise_scale`
+``(epsilon, delta, count, 2)`` (the concatenation of both parts, each divided by its clip
+norm, has sensitivity ``2 sqrt(2) / count``). Version 1 payloads stay valid.
+
 A **label policy** entry is operator-signed; ``action`` is one of::
 
     {"kind": "label_policy", "format_version": 1, "origin": ..., "action": "settings",
@@ -67,7 +78,9 @@ failure raises :class:`~protocols.errors.UpdateRejectedError` with the code in b
 6. ``label_key`` is a label level of the reference [E_LABEL_LEVEL];
 7. 1 to ``max_types`` prototypes [E_OVERSIZE];
 8. ``n_latent`` and every mean / std length equal the reference's latent dimension
-   [E_LABEL_LATENT_DIM]; every std > 0;
+   [E_LABEL_LATENT_DIM]; every std > 0; in version 2 the reference carries expression
+   prototypes for ``label_key``, ``n_expression`` and every expression mean / std length equal
+   its ``n_components`` [E_LABEL_EXPRESSION], every expression std > 0;
 9. every name is a plain type name: 1-64 printable characters, no ``:`` (the namespace
    separator: a site cannot name a type into another site's namespace), not ``Unknown`` nor a
    missing-value marker, unique after normalisation and equal to its normalised form
@@ -75,8 +88,10 @@ failure raises :class:`~protocols.errors.UpdateRejectedError` with the code in b
 10. every count >= ``k`` and a multiple of ``count_bucket`` [E_LABEL_BELOW_K];
 11. privacy at least the policy's: with a ``dp`` requirement the mechanism is ``gaussian``, its
     epsilon <= the policy's, delta <= the policy's, clip norm <= the policy's, every std null and
-    every sigma >= ``gaussian_sigma(epsilon, delta, 2 clip_norm / count)``; with ``none`` every
-    sigma is 0 and every std present [E_LABEL_DP_WEAK].
+    every sigma >= ``gaussian_sigma(epsilon, delta, 2 clip_norm / count)`` (version 2: every
+    std and expression std null, every sigma >= ``clip_norm s`` and expression sigma >=
+    ``expression_clip_norm s`` as above); with ``none`` every sigma is 0 and every std present
+    [E_LABEL_DP_WEAK].
 
 Rules of :func:`apply_label_policy` (pure): settings need ``1 <= count_bucket <= k``,
 ``max_types >= 1`` and DP parameters ``C > 0``, ``epsilon > 0``, ``0 < delta < 1``; ``accept``
@@ -86,7 +101,12 @@ the vocabulary [E_LABEL_POLICY].
 The label knowledge of reference version N (:func:`merge_label_knowledge`) is the reference
 bundle's own ``labels`` plus, per level, one prototype per accepted contribution prototype made
 on the current lineage before N, named through the vocabulary in force at N. Each carries its
-``source`` (``"<site>#<entry index>"``); the bundle's own ones are ``genesis``.
+``source`` (``"<site>#<entry index>"``); the bundle's own ones are ``genesis``. Where the level
+has expression prototypes, its ``expression`` section also lists ``contributed``: every
+contributed expression part in ledger order, its resolved ``label``, ``anchor`` (true where the
+reference's expression prototypes already hold that type: such a part only places its site's
+frame, it never changes the reference's own type), ``n_cells``, ``mean``, ``std``, ``sigma``,
+``source``. How a site labels with them is :func:`scarches_fl.refine.contributed_expression_types`.
 """
 
 from __future__ import annotations
@@ -137,6 +157,9 @@ __all__ = [
     "label_policy_entry",
     "resolve_name",
     "merge_label_knowledge",
+    "reference_expression_levels",
+    "joint_noise_scale",
+    "ExpressionPrototype",
 ]
 
 LABEL_CONTRIBUTION_TYPE = "application/vnd.scarches-fl.label-contribution.v1+json"
@@ -388,21 +411,43 @@ def label_policy_entry(
 
 
 @dataclass(frozen=True)
-class Prototype:
-    name: str
-    count: int
+class ExpressionPrototype:
+    """A type's mean (and spread, or the noise under DP) in the reference's public expression
+    subspace (format version 2)."""
+
     mean: tuple[float, ...]
     std: tuple[float, ...] | None
     sigma: float
 
     def to_json_obj(self) -> dict[str, Any]:
         return {
+            "mean": list(self.mean),
+            "std": None if self.std is None else list(self.std),
+            "sigma": self.sigma,
+        }
+
+
+@dataclass(frozen=True)
+class Prototype:
+    name: str
+    count: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...] | None
+    sigma: float
+    #: the same cells in the expression subspace; present exactly in format version 2
+    expression: ExpressionPrototype | None = None
+
+    def to_json_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
             "name": self.name,
             "count": self.count,
             "mean": list(self.mean),
             "std": None if self.std is None else list(self.std),
             "sigma": self.sigma,
         }
+        if self.expression is not None:
+            obj["expression"] = self.expression.to_json_obj()
+        return obj
 
 
 @dataclass(frozen=True)
@@ -418,11 +463,17 @@ class ContributionPayload:
     n_latent: int
     privacy: Mapping[str, Any]
     prototypes: tuple[Prototype, ...]
+    #: components of the expression subspace the prototypes also carry (format version 2)
+    n_expression: int | None = None
+
+    @property
+    def format_version(self) -> int:
+        return 1 if self.n_expression is None else 2
 
     def to_json_obj(self) -> dict[str, Any]:
-        return {
+        obj = {
             "kind": "label_contribution",
-            "format_version": 1,
+            "format_version": self.format_version,
             "origin": self.origin,
             "site_id": self.site_id,
             "key_id": self.key_id,
@@ -433,6 +484,9 @@ class ContributionPayload:
             "privacy": dict(self.privacy),
             "prototypes": [p.to_json_obj() for p in self.prototypes],
         }
+        if self.n_expression is not None:
+            obj["n_expression"] = self.n_expression
+        return obj
 
     def to_bytes(self) -> bytes:
         return canonical_json(self.to_json_obj())
@@ -456,19 +510,43 @@ def build_contribution_payload(
     privacy: Mapping[str, Any] | None = None,
 ) -> ContributionPayload:
     """The payload for ``prototypes`` (``{name, count, mean, std or None, sigma}`` each, count
-    already bucketed): numbers are stored at float32 precision, names normalised."""
+    already bucketed, and optionally ``expression``: ``{mean, std or None, sigma}`` in the
+    reference's expression subspace, then on every prototype: format version 2): numbers are
+    stored at float32 precision, names normalised."""
     protos = []
+    with_expression = [p.get("expression") is not None for p in prototypes]
+    if any(with_expression) and not all(with_expression):
+        raise _bad("either every prototype carries its expression part or none does")
     for p in prototypes:
         mean = _f32(p["mean"])
         std = None if p.get("std") is None else _f32(p["std"])
-        if not all(math.isfinite(v) for v in (*mean, *(std or ()))):
+        expr = None
+        if p.get("expression") is not None:
+            e = p["expression"]
+            expr = ExpressionPrototype(
+                _f32(e["mean"]),
+                None if e.get("std") is None else _f32(e["std"]),
+                float(e.get("sigma", 0.0)),
+            )
+        values = (*mean, *(std or ()))
+        if expr is not None:
+            values = (*values, *expr.mean, *(expr.std or ()))
+        if not all(math.isfinite(v) for v in values):
             raise _reject("E_NONFINITE", f"the prototype of {p['name']!r} holds NaN or Inf")
         protos.append(
             Prototype(
-                normalise_name(p["name"]), int(p["count"]), mean, std, float(p.get("sigma", 0.0))
+                normalise_name(p["name"]),
+                int(p["count"]),
+                mean,
+                std,
+                float(p.get("sigma", 0.0)),
+                expr,
             )
         )
     n_latent = len(protos[0].mean) if protos else 0
+    n_expression = None
+    if protos and protos[0].expression is not None:
+        n_expression = len(protos[0].expression.mean)
     root = base_root.hex() if isinstance(base_root, bytes | bytearray) else str(base_root)
     return ContributionPayload(
         origin=origin,
@@ -482,6 +560,7 @@ def build_contribution_payload(
         n_latent=n_latent,
         privacy=dict(privacy or {"mechanism": "none"}),
         prototypes=tuple(protos),
+        n_expression=n_expression,
     )
 
 
@@ -545,14 +624,13 @@ def parse_contribution_payload(
         "privacy",
         "prototypes",
     }
+    version = obj.get("format_version") if isinstance(obj, dict) else None
+    if type(version) is int and version == 2:
+        fields = fields | {"n_expression"}
     if not isinstance(obj, dict) or set(obj) != fields:
         raise _bad(f"a label contribution payload has exactly the fields {sorted(fields)}")
-    if (
-        obj["kind"] != "label_contribution"
-        or type(obj["format_version"]) is not int
-        or obj["format_version"] != 1
-    ):
-        raise _bad("kind must be 'label_contribution' with format_version 1")
+    if obj["kind"] != "label_contribution" or type(version) is not int or version not in (1, 2):
+        raise _bad("kind must be 'label_contribution' with format_version 1 or 2")
     for f in ("origin", "site_id", "key_id", "label_key"):
         if not isinstance(obj[f], str):
             raise _bad(f"{f} must be a string")
@@ -573,24 +651,43 @@ def parse_contribution_payload(
     if priv["mechanism"] == "none" and set(priv) != {"mechanism"}:
         raise _bad("privacy 'none' has no other field")
     if priv["mechanism"] == "gaussian":
-        if set(priv) != {"mechanism", "clip_norm", "epsilon", "delta"}:
-            raise _bad("privacy 'gaussian' has exactly mechanism, clip_norm, epsilon, delta")
-        for f in ("clip_norm", "epsilon", "delta"):
+        dp_fields = ["clip_norm", "epsilon", "delta"]
+        if version == 2:
+            dp_fields.append("expression_clip_norm")
+        if set(priv) != {"mechanism", *dp_fields}:
+            raise _bad(f"privacy 'gaussian' has exactly mechanism, {', '.join(dp_fields)}")
+        for f in dp_fields:
             if _num(priv[f], f"privacy.{f}") <= 0:
                 raise _bad(f"privacy.{f} must be > 0")
     protos_obj = obj["prototypes"]
     if not isinstance(protos_obj, list):
         raise _bad("prototypes must be a list")
     protos = []
+    proto_fields = {"name", "count", "mean", "std", "sigma"}
+    if version == 2:
+        proto_fields = proto_fields | {"expression"}
     for i, p in enumerate(protos_obj):
-        if not isinstance(p, dict) or set(p) != {"name", "count", "mean", "std", "sigma"}:
-            raise _bad(f"prototypes[{i}] has exactly name, count, mean, std, sigma")
+        if not isinstance(p, dict) or set(p) != proto_fields:
+            raise _bad(f"prototypes[{i}] has exactly {', '.join(sorted(proto_fields))}")
         if not isinstance(p["name"], str):
             raise _bad(f"prototypes[{i}].name must be a string")
         std = None if p["std"] is None else _vector(p["std"], f"prototypes[{i}].std")
         sigma = _num(p["sigma"], f"prototypes[{i}].sigma")
         if sigma < 0:
             raise _bad(f"prototypes[{i}].sigma must be >= 0")
+        expr = None
+        if version == 2:
+            e = p["expression"]
+            if not isinstance(e, dict) or set(e) != {"mean", "std", "sigma"}:
+                raise _bad(f"prototypes[{i}].expression has exactly mean, std, sigma")
+            e_sigma = _num(e["sigma"], f"prototypes[{i}].expression.sigma")
+            if e_sigma < 0:
+                raise _bad(f"prototypes[{i}].expression.sigma must be >= 0")
+            expr = ExpressionPrototype(
+                _vector(e["mean"], f"prototypes[{i}].expression.mean"),
+                None if e["std"] is None else _vector(e["std"], f"prototypes[{i}].expression.std"),
+                e_sigma,
+            )
         protos.append(
             Prototype(
                 p["name"],
@@ -598,6 +695,7 @@ def parse_contribution_payload(
                 _vector(p["mean"], f"prototypes[{i}].mean"),
                 std,
                 sigma,
+                expr,
             )
         )
     return ContributionPayload(
@@ -612,6 +710,7 @@ def parse_contribution_payload(
         n_latent=_int(obj["n_latent"], "n_latent", 1),
         privacy=priv,
         prototypes=tuple(protos),
+        n_expression=_int(obj["n_expression"], "n_expression", 1) if version == 2 else None,
     )
 
 
@@ -629,6 +728,8 @@ class LabelContext:
     last_sequence: Mapping[str, int]
     min_base_size: int
     levels: Mapping[str, int]
+    #: label levels with expression prototypes in the reference: name -> subspace components
+    expression_levels: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -780,6 +881,7 @@ def validate_label_contribution(
             )
         if p.std is not None and min(p.std) <= 0:
             raise _bad(f"the spread of {p.name[:80]!r} must be > 0 in every dimension")
+        _check_expression(p, payload, ctx)
         _check_type_name(p.name, "type name")
         if name_key(p.name) in keys:
             raise _reject(
@@ -795,6 +897,42 @@ def validate_label_contribution(
     return AcceptedContribution(payload, bytes(envelope))
 
 
+def _check_expression(p: Prototype, payload: ContributionPayload, ctx: LabelContext) -> None:
+    """Rule 9 (format version 2): the expression part fits the reference's subspace."""
+    if payload.n_expression is None:
+        return
+    want = ctx.expression_levels.get(payload.label_key)
+    if want is None:
+        raise _reject(
+            "E_LABEL_EXPRESSION",
+            f"the reference carries no expression prototypes for {payload.label_key[:80]!r}; "
+            "contribute latent prototypes only (format version 1)",
+        )
+    if payload.n_expression != want:
+        raise _reject(
+            "E_LABEL_EXPRESSION",
+            f"n_expression is {payload.n_expression}, the reference's expression subspace has "
+            f"{want} components",
+        )
+    e = p.expression
+    assert e is not None  # the parser requires it in version 2
+    if len(e.mean) != want or (e.std is not None and len(e.std) != want):
+        raise _reject(
+            "E_LABEL_EXPRESSION",
+            f"the expression prototype of {p.name[:80]!r} is not {want}-dimensional",
+        )
+    if e.std is not None and min(e.std) <= 0:
+        raise _bad(f"the expression spread of {p.name[:80]!r} must be > 0 in every component")
+
+
+def joint_noise_scale(epsilon: float, delta: float, count: int, parts: int) -> float:
+    """The noise, in units of each part's clip norm, with which releasing ``parts`` means of
+    the same ``count`` cells (each cell's vector clipped per part to its part's norm) is one
+    Gaussian mechanism at (``epsilon``, ``delta``): the concatenation of the parts, each
+    divided by its clip norm, has L2 sensitivity ``2 sqrt(parts) / count``."""
+    return gaussian_sigma(epsilon, delta, 2.0 * math.sqrt(parts) / max(int(count), 1))
+
+
 def _check_privacy(payload: ContributionPayload, lp: LabelPolicy) -> None:
     priv = payload.privacy
     if priv["mechanism"] == "none":
@@ -806,6 +944,11 @@ def _check_privacy(payload: ContributionPayload, lp: LabelPolicy) -> None:
         for p in payload.prototypes:
             if p.std is None or p.sigma != 0:
                 raise _bad(f"without a mechanism, {p.name!r} carries its spread and sigma 0")
+            e = p.expression
+            if e is not None and (e.std is None or e.sigma != 0):
+                raise _bad(
+                    f"without a mechanism, {p.name!r} carries its expression spread and sigma 0"
+                )
         return
     eps, delta, clip = float(priv["epsilon"]), float(priv["delta"]), float(priv["clip_norm"])
     if lp.dp is not None and (eps > lp.dp.epsilon or delta > lp.dp.delta or clip > lp.dp.clip_norm):
@@ -815,18 +958,31 @@ def _check_privacy(payload: ContributionPayload, lp: LabelPolicy) -> None:
         )
     if delta >= 1:
         raise _bad("privacy.delta must be below 1")
+    parts = 1 if payload.n_expression is None else 2
     for p in payload.prototypes:
-        if p.std is not None:
+        e = p.expression
+        if p.std is not None or (e is not None and e.std is not None):
             raise _reject(
                 "E_LABEL_DP_WEAK",
                 f"{p.name!r}: under the Gaussian mechanism the spread is not released (std must be null)",
             )
-        need = gaussian_sigma(eps, delta, 2.0 * clip / max(p.count, 1))
+        scale = joint_noise_scale(eps, delta, p.count, parts)
+        need = (
+            clip * scale if parts > 1 else gaussian_sigma(eps, delta, 2.0 * clip / max(p.count, 1))
+        )
         if p.sigma < need * (1.0 - _SIGMA_RTOL):
             raise _reject(
                 "E_LABEL_DP_WEAK",
                 f"{p.name!r}: sigma {p.sigma:.6g} is below the {need:.6g} that (epsilon {eps:g}, delta {delta:g}) needs for clip {clip:g} and {p.count} cells",
             )
+        if e is not None:
+            e_clip = float(priv["expression_clip_norm"])
+            e_need = e_clip * scale
+            if e.sigma < e_need * (1.0 - _SIGMA_RTOL):
+                raise _reject(
+                    "E_LABEL_DP_WEAK",
+                    f"{p.name!r}: expression sigma {e.sigma:.6g} is below the {e_need:.6g} that (epsilon {eps:g}, delta {delta:g}) needs for expression clip {e_clip:g} and {p.count} cells (one mechanism over both parts)",
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -930,6 +1086,15 @@ class LabelLedger:
                             tuple(p["mean"]),
                             None if p["std"] is None else tuple(p["std"]),
                             float(p["sigma"]),
+                            None
+                            if p.get("expression") is None
+                            else ExpressionPrototype(
+                                tuple(p["expression"]["mean"]),
+                                None
+                                if p["expression"]["std"] is None
+                                else tuple(p["expression"]["std"]),
+                                float(p["expression"]["sigma"]),
+                            ),
                         )
                         for p in c["prototypes"]
                     ),
@@ -955,6 +1120,23 @@ def reference_levels(reference_labels: Mapping[str, Any] | None) -> dict[str, in
         if isinstance(n, int) and isinstance(proto, Mapping) and proto.get("classes"):
             out[str(name)] = int(n)
     return out
+
+
+def reference_expression_levels(reference_labels: Mapping[str, Any] | None) -> dict[str, int]:
+    """Label levels that can take expression prototypes (the reference carries expression
+    prototypes for them): name -> components of its expression subspace."""
+    projection = (reference_labels or {}).get("expression")
+    n = projection.get("n_components") if isinstance(projection, Mapping) else None
+    if not isinstance(n, int) or isinstance(n, bool):
+        return {}
+    levels = reference_levels(reference_labels)
+    return {
+        name: n
+        for name, lv in _levels(reference_labels).items()
+        if str(name) in levels
+        and isinstance(lv, Mapping)
+        and isinstance(lv.get("expression"), Mapping)
+    }
 
 
 def apply_label_policy(
@@ -1005,6 +1187,41 @@ def resolve_name(state: LabelLedger, level: str, site_id: str, name: str, known:
     return own
 
 
+def _contributed_expression(
+    lv: Mapping[str, Any], state: LabelLedger, level: str
+) -> dict[str, Any] | None:
+    """The level's ``expression`` section with ``contributed``: one entry per contributed
+    prototype that carries an expression part, in ledger order (``label`` resolved through the
+    vocabulary, ``anchor`` true where the reference's expression prototypes already hold that
+    type); None when neither the level nor any contribution has expression prototypes."""
+    expr = lv.get("expression")
+    if not isinstance(expr, Mapping):
+        return None
+    own = set(expr.get("classes", []))
+    contributed = []
+    for c in state.contributions:
+        if c.label_key != level:
+            continue
+        for p, known in zip(c.prototypes, c.known or (None,) * len(c.prototypes), strict=True):
+            if p.expression is None:
+                continue
+            name = resolve_name(state, level, c.site_id, p.name, known)
+            contributed.append(
+                {
+                    "label": name,
+                    "anchor": name in own,
+                    "n_cells": int(p.count),
+                    "mean": list(p.expression.mean),
+                    "std": None if p.expression.std is None else list(p.expression.std),
+                    "sigma": p.expression.sigma,
+                    "source": f"{c.site_id}#{c.index}",
+                }
+            )
+    if not contributed:
+        return None
+    return {**expr, "contributed": contributed}
+
+
 def merge_label_knowledge(
     reference_labels: Mapping[str, Any] | None, state: LabelLedger
 ) -> dict[str, Any] | None:
@@ -1026,6 +1243,9 @@ def merge_label_knowledge(
         lv = out["levels"].get(level)
         if lv is None or "prototype" not in lv:
             continue
+        expression = _contributed_expression(lv, state, level)
+        if expression is not None:
+            lv = {**lv, "expression": expression}
         proto = dict(lv["prototype"])
         classes = list(proto["classes"])
         counts = {c: float(n) for c, n in zip(classes, proto.get("cell_counts", []), strict=False)}

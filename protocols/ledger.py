@@ -105,6 +105,7 @@ from protocols.labels import (
     LabelLedger,
     merge_label_knowledge,
     parse_label_policy,
+    reference_expression_levels,
     reference_levels,
     validate_label_contribution,
 )
@@ -914,6 +915,7 @@ class LedgerState:
             last_sequence=self._sequences,
             min_base_size=self._min_base_size,
             levels=reference_levels(_reference_labels(self._model)),
+            expression_levels=reference_expression_levels(_reference_labels(self._model)),
         )
 
     @property

@@ -78,6 +78,7 @@ __all__ = [
     "EXPRESSION_GENE_MEAN",
     "EXPRESSION_COMPONENTS",
     "LABEL_METHODS",
+    "contributed_expression_types",
     "fit_expression_prototypes",
     "reference_expression_prototypes",
     "sample_reference_rows",
@@ -447,6 +448,8 @@ def expression_label_posteriors(
     w = (scores @ wm.T.astype(np.float32)).astype(np.float32)
     nu = means @ wm.T
     inflation = 1.0 + 1.0 / np.maximum(np.asarray(level_info["cell_counts"], float), 1.0)
+    if "spread_factor" in level_info:  # contributed types: a wider or noisier region (ADR 0045)
+        inflation = inflation * np.asarray(level_info["spread_factor"], dtype=np.float64)
     temperature = float(level_info["temperature"])
     quantiles = np.asarray(level_info["novelty_quantiles"], dtype=np.float64)
     ref_median = float(quantiles[quantiles.size // 2])
@@ -499,6 +502,133 @@ def expression_label_posteriors(
     return probs, stat, offsets
 
 
+def contributed_expression_types(
+    level_info: Mapping[str, Any], tensors: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """The types that sites' label contributions add to the expression rule (ADR 0045), from
+    ``level_info["contributed"]`` (:func:`protocols.labels.merge_label_knowledge`), or None.
+
+    A contribution's prototypes are means of the site's own cells, in its technology's frame.
+    Its prototypes of types the reference already holds (``anchor``) place that frame: the
+    site's offset is their count-weighted mean of (contributed mean - the reference's mean of
+    the type) (0 without anchors). Each new type's mean is moved by its site's offset; a type
+    contributed by several sites gets the count-weighted mean ``m`` of theirs, ``N`` cells in
+    all, the per-component spread ``v = sum n_i (s_i^2 + sigma_i^2 + (m_i - m)^2) / N`` (``s_i``
+    the pooled covariance's where the spread was not sent, under DP), and is scored under
+    ``(1 + 1/N) max(1, mean_d(v_d / S_dd)) S``. Anchors never change the reference's own
+    types. Returns ``{"classes", "means" (types x components), "cell_counts",
+    "spread_factor", "sources"}``."""
+    entries = list(level_info.get("contributed") or [])
+    classes = list(level_info["classes"])
+    index = {c: j for j, c in enumerate(classes)}
+    means = np.asarray(tensors[level_info["means_tensor"]], dtype=np.float64)
+    diag = np.diag(np.asarray(tensors[level_info["covariance_tensor"]], dtype=np.float64))
+    offsets: dict[str, np.ndarray] = {}
+    for src in sorted({str(e["source"]) for e in entries}):
+        anchors = [e for e in entries if e["source"] == src and e["label"] in index]
+        n = np.array([float(e["n_cells"]) for e in anchors])
+        if n.sum() <= 0:
+            offsets[src] = np.zeros(means.shape[1])
+            continue
+        d = np.array([np.asarray(e["mean"], float) - means[index[e["label"]]] for e in anchors])
+        offsets[src] = (n[:, None] * d).sum(axis=0) / n.sum()
+    new: dict[str, list[dict[str, Any]]] = {}
+    for e in entries:
+        if e["label"] not in index:
+            new.setdefault(str(e["label"]), []).append(e)
+    if not new:
+        return None
+    out: dict[str, Any] = {
+        "classes": [],
+        "means": [],
+        "cell_counts": [],
+        "spread_factor": [],
+        "sources": [],
+    }
+    for label, group in new.items():
+        n = np.array([float(e["n_cells"]) for e in group])
+        m = np.array([np.asarray(e["mean"], float) - offsets[str(e["source"])] for e in group])
+        total = float(n.sum())
+        mean = (n[:, None] * m).sum(axis=0) / total
+        var = np.zeros_like(mean)
+        for ni, mi, e in zip(n, m, group, strict=True):
+            s2 = diag if e["std"] is None else np.square(np.asarray(e["std"], float))
+            var += ni * (s2 + float(e["sigma"]) ** 2 + np.square(mi - mean))
+        var /= total
+        out["classes"].append(label)
+        out["means"].append(mean)
+        out["cell_counts"].append(int(total))
+        out["spread_factor"].append(max(1.0, float(np.mean(var / diag))))
+        out["sources"].append("+".join(sorted({str(e["source"]) for e in group})))
+    out["means"] = np.asarray(out["means"])
+    return out
+
+
+def _with_contributed(
+    prediction: LabelPrediction,
+    level_info: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    scores: np.ndarray,
+    batches: Any,
+    *,
+    tail: float,
+    threshold: float,
+) -> LabelPrediction:
+    """``prediction`` (the reference's own types) with the types sites contributed
+    (:func:`contributed_expression_types`): a second pass over the reference's and the
+    contributed types, which reads expression alone (the latent head was trained without the
+    contributed types, so its confident cells of a batch that holds them are confidently wrong
+    and cannot anchor the batch's offset): the offset starts from the batch mean and is then
+    re-estimated from the confident cells, three rounds, as ADR 0070's rule does after the
+    head. A cell whose top type in that pass is a contributed one takes that pass's label and
+    uncertainty; every other cell keeps the first pass's call, so a contribution adds names and
+    never re-decides between the reference's own types (ADR 0045)."""
+    extra = contributed_expression_types(level_info, tensors)
+    if extra is None:
+        return prediction
+    own = list(level_info["classes"])
+    classes = own + list(extra["classes"])
+    means = np.vstack([np.asarray(tensors[level_info["means_tensor"]], np.float64), extra["means"]])
+    info = {
+        **level_info,
+        "classes": classes,
+        "cell_counts": [*level_info["cell_counts"], *extra["cell_counts"]],
+        "spread_factor": [1.0] * len(own) + list(extra["spread_factor"]),
+        "means_tensor": "contributed.means",
+        "covariance_tensor": level_info["covariance_tensor"],
+    }
+    probs, stat, _offsets = expression_label_posteriors(
+        info,
+        {**tensors, "contributed.means": means},
+        scores,
+        batches,
+        start=None,
+        rounds=3,
+        latent_weight=0.0,
+    )
+    top = probs.argmax(axis=1)
+    p_top = probs[np.arange(len(top)), top]
+    factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
+    uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
+    top_label = np.array(classes, dtype=object)[top]
+    takes = top >= len(own)
+    old_probs = np.zeros((len(top), len(classes)), dtype=np.float32)
+    old_probs[:, : len(own)] = prediction.probabilities
+    source = np.full(len(top), "genesis", dtype=object)
+    source[takes] = np.array(extra["sources"], dtype=object)[top[takes] - len(own)]
+    pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)
+    return LabelPrediction(
+        pred=np.where(takes, pred, prediction.pred).astype(object),
+        uncertainty=np.where(takes, uncertainty, prediction.uncertainty).astype(np.float32),
+        top_label=np.where(takes, top_label, prediction.top_label).astype(object),
+        probabilities=np.where(takes[:, None], probs.astype(np.float32), old_probs),
+        classes=classes,
+        method=prediction.method,
+        novelty=np.where(takes, (1.0 - factor).astype(np.float32), prediction.novelty),
+        source=source,
+    )
+
+
 def predict_cell_labels(
     labels_manifest: Mapping[str, Any],
     tensors: Mapping[str, Any],
@@ -545,7 +675,7 @@ def predict_cell_labels(
     pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)
     if not math.isfinite(float(uncertainty.sum())):  # pragma: no cover - defensive
         raise LabelTransferError("expression label transfer produced non-finite values")
-    return LabelPrediction(
+    prediction = LabelPrediction(
         pred=pred,
         uncertainty=uncertainty,
         top_label=top_label,
@@ -553,6 +683,9 @@ def predict_cell_labels(
         classes=classes,
         method="expression",
         novelty=(1.0 - factor).astype(np.float32),
+    )
+    return _with_contributed(
+        prediction, level_info, tensors, scores, batches, tail=tail, threshold=threshold
     )
 
 
@@ -573,11 +706,11 @@ def transfer_labels(
     query (raw counts in X or ``layer``, in memory or backed); ``latent``: its embedding.
     ``method``: ``"expression"`` (expression prototypes, this module), ``"prototype"`` /
     ``"knn"`` (:func:`scarches_fl.labels.predict_labels` on the latent), or ``"auto"``:
-    expression where the bundle carries it for ``label_key`` and knows no type beyond those it
-    was fitted on, else what :func:`~scarches_fl.labels.predict_labels` picks. (Types a bundle
-    learned later from sites' label contributions exist as latent prototypes only, so ``auto``
-    then reads the latent; ``expression`` can be asked for and names only the reference's
-    own types.)"""
+    expression where the bundle carries it for ``label_key`` and every type its label knowledge
+    holds has an expression prototype (the reference's own, or contributed with one: ADR 0045),
+    else what :func:`~scarches_fl.labels.predict_labels` picks. (Types learned from label
+    contributions without an expression part exist as latent prototypes only, so ``auto`` then
+    reads the latent; ``expression`` can be asked for and names only the types it has.)"""
     from scarches_fl.labels import predict_labels
 
     if method not in LABEL_METHODS:
@@ -593,20 +726,18 @@ def transfer_labels(
         )
     level = model.labels.get("levels", {}).get(label_key, {})
     proto_classes = set(level.get("prototype", {}).get("classes", []))
-    learned_later = sorted(
-        {
-            str(p.get("label"))
-            for p in level.get("prototype", {}).get("prototypes", [])
-            if "source" in p
-        }
-        | (proto_classes - set(level.get("expression", {}).get("classes", [])))
-    )
+    expression = level.get("expression", {})
+    nameable = set(expression.get("classes", [])) | {
+        str(e.get("label")) for e in expression.get("contributed", [])
+    }
+    learned_later = sorted(proto_classes - nameable)
     if method == "auto" and learned_later:
-        # types the reference learned from sites' label contributions exist as latent
-        # prototypes only: the expression rule could not name them
+        # types the reference learned from sites' label contributions without an expression
+        # part (format version 1) exist as latent prototypes only: the expression rule could
+        # not name them
         logger.info(
-            "label method auto: %d types were contributed after training (%s); reading the "
-            "latent so that they can be named",
+            "label method auto: %d types were contributed after training without expression "
+            "prototypes (%s); reading the latent so that they can be named",
             len(learned_later),
             ", ".join(learned_later[:5]),
         )

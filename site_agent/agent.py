@@ -194,6 +194,10 @@ def run_map(
                     seed=config.seed, var_names_column=var_names_column,
                     label_method=config.label_method,
                 )
+                scores = (
+                    _contribution_expression(config, outcome) if config.contribute_labels
+                    else None
+                )
             for n in outcome.notes:
                 _say(printer, f"  {n}")
             provenance = {
@@ -217,7 +221,7 @@ def run_map(
                 if config.contribute_labels:
                     _contribute_labels(config, outcome, report, client=client, state=state,
                                        trust=trust, key=key, verified=verified, outbox=outbox,
-                                       dry_run=dry_run, printer=printer)
+                                       dry_run=dry_run, printer=printer, expression=scores)
                 return report
 
             # -- the update: diff bytes, payload, privacy guard --
@@ -258,7 +262,8 @@ def run_map(
                 if config.contribute_labels:
                     _contribute_labels(config, outcome, report, client=client, state=state,
                                        trust=trust, key=key, verified=verified, outbox=outbox,
-                                       dry_run=True, printer=printer, after_sequence=sequence)
+                                       dry_run=True, printer=printer, after_sequence=sequence,
+                                       expression=scores)
                 return report
 
             # -- sign, submit, receipt --
@@ -273,7 +278,7 @@ def run_map(
             if config.contribute_labels:
                 _contribute_labels(config, outcome, report, client=client, state=state,
                                    trust=trust, key=key, verified=verified, outbox=outbox,
-                                   dry_run=False, printer=printer)
+                                   dry_run=False, printer=printer, expression=scores)
             return report
 
 
@@ -343,18 +348,36 @@ def _check_contribution_setup(config: SiteConfig, adata: AnnData, verified: Veri
                                           config.label_epsilon_budget)
 
 
+def _contribution_expression(config: SiteConfig, outcome: Any) -> Any:
+    """The query's scores on the reference's public expression subspace, for the expression
+    part of a label contribution (ADR 0045); None where the reference has no expression
+    prototypes for the label level (the contribution is then latent only, format version 1)."""
+    from scarches_fl.refine import has_expression_prototypes, query_scores
+
+    model = outcome.mapped.model
+    tensors = model.tensors()
+    if not config.label_key or not has_expression_prototypes(model.labels, tensors,
+                                                             config.label_key):
+        return None
+    return query_scores(model.labels["expression"], tensors, outcome.mapped.adata, model.genes,
+                        layer=config.layer)
+
+
 def _contribute_labels(
     config: SiteConfig, outcome: Any, report: MapReport, *, client: Any, state: SiteState,
     trust: TrustPolicy, key: SiteSigningKey, verified: VerifiedReference, outbox: Outbox,
     dry_run: bool, printer: Callable[[str], None] | None, after_sequence: int | None = None,
+    expression: Any = None,
 ) -> None:
-    """Build, guard, show, sign and send the label contribution (``--contribute-labels``)."""
+    """Build, guard, show, sign and send the label contribution (``--contribute-labels``);
+    ``expression``: the cells' scores on the reference's expression subspace, or None."""
     from protocols.labels import build_contribution_payload, sign_contribution
     from site_agent.labels import (
         EpsilonLedger,
         build_site_prototypes,
         check_outgoing_labels,
         choose_dp,
+        expression_clip_norm,
         render_contribution,
     )
 
@@ -369,9 +392,15 @@ def _contribute_labels(
     eps_ledger = EpsilonLedger(config.state)
     if dp is not None:
         eps_ledger.check(study, dp.epsilon, config.label_epsilon_budget)
+    e_clip = None
+    if expression is not None and dp is not None:
+        model = outcome.mapped.model
+        e_clip = expression_clip_norm(model.labels["levels"][config.label_key]["expression"],
+                                      model.tensors())
     contrib = build_site_prototypes(
         outcome.mapped.latent, adata.obs[config.label_key].astype(object).to_numpy(),
         label_key=config.label_key, policy=policy, dp=dp, seed=config.seed,
+        expression=expression, expression_clip=e_clip,
     )
     if not contrib.prototypes:
         _say(printer, f"no label contribution: no type of {config.label_key!r} has k={policy.k} "
@@ -393,7 +422,8 @@ def _contribute_labels(
     obj = payload.to_json_obj()
     check_outgoing_labels(obj, policy=policy, n_latent=int(outcome.mapped.latent.shape[1]),
                           cell_names=list(map(str, adata.obs_names)),
-                          payload_bytes=payload.to_bytes())
+                          payload_bytes=payload.to_bytes(),
+                          n_expression=None if expression is None else int(expression.shape[1]))
     spent = eps_ledger.spent(study) if dp is not None else None
     text = render_contribution(contrib, sequence=sequence, base_size=verified.tree_size,
                                spent=spent, budget=config.label_epsilon_budget)
@@ -405,7 +435,12 @@ def _contribute_labels(
         "prototypes": [
             {"name": p["name"], "cells_here": contrib.local_counts[p["name"]], "count": p["count"],
              "sigma": p["sigma"], "mean": [float(x) for x in p["mean"]],
-             "std": None if p["std"] is None else [float(x) for x in p["std"]]}
+             "std": None if p["std"] is None else [float(x) for x in p["std"]],
+             **({} if p.get("expression") is None else {"expression": {
+                 "sigma": p["expression"]["sigma"],
+                 "mean": [float(x) for x in p["expression"]["mean"]],
+                 "std": None if p["expression"]["std"] is None
+                 else [float(x) for x in p["expression"]["std"]]}})}
             for p in contrib.prototypes
         ],
         "kept_back": contrib.kept_back,

@@ -30,6 +30,7 @@ from protocols.labels import (
     LabelPolicy,
     bucket_count,
     gaussian_sigma,
+    joint_noise_scale,
     name_key,
     normalise_name,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "check_outgoing_labels",
     "render_contribution",
     "EpsilonLedger",
+    "expression_clip_norm",
 ]
 
 _MISSING = {"", "nan", "none", "na", "n/a", "unknown", "unassigned"}
@@ -109,10 +111,27 @@ class SiteContribution:
     local_counts: dict[str, int]
     kept_back: dict[str, str] = field(default_factory=dict)
     dp: DPChoice | None = None
+    #: the L2 norm each cell's expression scores are clipped to under DP (expression part only)
+    expression_clip_norm: float | None = None
 
     @property
     def privacy(self) -> dict[str, Any]:
-        return {"mechanism": "none"} if self.dp is None else self.dp.privacy()
+        if self.dp is None:
+            return {"mechanism": "none"}
+        priv = self.dp.privacy()
+        if self.expression_clip_norm is not None:
+            priv["expression_clip_norm"] = self.expression_clip_norm
+        return priv
+
+
+def expression_clip_norm(level_info: Mapping[str, Any], tensors: Mapping[str, Any]) -> float:
+    """The clip norm for expression scores under DP, from the reference's public numbers only:
+    the largest norm of its types' expression means plus two pooled standard deviations (the
+    square root of the pooled covariance's trace), rounded to 2 decimals."""
+    means = np.asarray(tensors[level_info["means_tensor"]], dtype=np.float64)
+    cov = np.asarray(tensors[level_info["covariance_tensor"]], dtype=np.float64)
+    norm = float(np.linalg.norm(means, axis=1).max()) + 2.0 * math.sqrt(float(np.trace(cov)))
+    return float(round(norm, 2))
 
 
 def build_site_prototypes(
@@ -123,15 +142,31 @@ def build_site_prototypes(
     policy: LabelPolicy,
     dp: DPChoice | None = None,
     seed: int = 0,
+    expression: Any = None,
+    expression_clip: float | None = None,
 ) -> SiteContribution:
     """Per-type prototypes of ``latent`` (cells x dims) grouped by ``labels`` (the site's own
     annotation, one per cell): mean, spread and bucketed count for each type with at least
     ``policy.k`` cells after bucketing. Under ``dp`` each latent is clipped to ``clip_norm``,
     the mean gets N(0, sigma^2) noise (sigma from :func:`protocols.labels.gaussian_sigma` with
-    sensitivity ``2 clip / count``) and the spread is not released."""
+    sensitivity ``2 clip / count``) and the spread is not released.
+
+    ``expression`` (cells x components: the cells' scores on the reference's public expression
+    subspace, :func:`scarches_fl.refine.query_scores`) adds each type's mean and spread there
+    (format version 2, ADR 0045). Under ``dp`` the two means of a type are one Gaussian
+    mechanism: each cell's scores are clipped to ``expression_clip`` (required) as its latent is
+    to ``clip_norm``, and both get noise ``clip x`` :func:`protocols.labels.joint_noise_scale`
+    (``parts`` 2)."""
     z = np.asarray(latent, dtype=np.float64)
     if z.ndim != 2 or z.shape[0] != len(labels):
         raise LabelContributionError("the latent and the labels differ in length")
+    x = None if expression is None else np.asarray(expression, dtype=np.float64)
+    if x is not None and (x.ndim != 2 or x.shape[0] != z.shape[0]):
+        raise LabelContributionError("the expression scores and the labels differ in length")
+    if x is not None and dp is not None and not (expression_clip and expression_clip > 0):
+        raise LabelContributionError(
+            "expression prototypes under DP need a clip norm for the expression scores"
+        )
     names = np.array(
         [normalise_name(str(v)) if v is not None else "" for v in labels], dtype=object
     )
@@ -162,30 +197,66 @@ def build_site_prototypes(
             )
             continue
         zc = z[names == name]
+        xc = None if x is None else x[names == name]
         if dp is None:
             mean = zc.mean(axis=0)
             std = np.maximum(zc.std(axis=0, ddof=1), 1e-6)
-            protos.append({"name": name, "count": count, "mean": mean, "std": std, "sigma": 0.0})
-        else:
-            norms = np.linalg.norm(zc, axis=1, keepdims=True)
-            clipped = zc * np.minimum(1.0, dp.clip_norm / np.maximum(norms, 1e-12))
-            sigma = gaussian_sigma(dp.epsilon, dp.delta, 2.0 * dp.clip_norm / count)
-            mean = clipped.mean(axis=0) + rng.normal(0.0, sigma, size=zc.shape[1])
-            protos.append(
-                {
-                    "name": name,
-                    "count": count,
-                    "mean": mean,
-                    "std": None,
-                    "sigma": float(np.float32(sigma * (1 + 1e-6))),
+            proto: dict[str, Any] = {
+                "name": name,
+                "count": count,
+                "mean": mean,
+                "std": std,
+                "sigma": 0.0,
+            }
+            if xc is not None:
+                proto["expression"] = {
+                    "mean": xc.mean(axis=0),
+                    "std": np.maximum(xc.std(axis=0, ddof=1), 1e-6),
+                    "sigma": 0.0,
                 }
-            )
+            protos.append(proto)
+        else:
+            if xc is None:
+                sigma = gaussian_sigma(dp.epsilon, dp.delta, 2.0 * dp.clip_norm / count)
+            else:
+                sigma = dp.clip_norm * joint_noise_scale(dp.epsilon, dp.delta, count, 2)
+            mean = _clipped_mean(zc, dp.clip_norm) + rng.normal(0.0, sigma, size=zc.shape[1])
+            proto = {
+                "name": name,
+                "count": count,
+                "mean": mean,
+                "std": None,
+                "sigma": float(np.float32(sigma * (1 + 1e-6))),
+            }
+            if xc is not None:
+                assert expression_clip is not None
+                e_sigma = expression_clip * joint_noise_scale(dp.epsilon, dp.delta, count, 2)
+                proto["expression"] = {
+                    "mean": _clipped_mean(xc, expression_clip)
+                    + rng.normal(0.0, e_sigma, size=xc.shape[1]),
+                    "std": None,
+                    "sigma": float(np.float32(e_sigma * (1 + 1e-6))),
+                }
+            protos.append(proto)
         if len(protos) > policy.max_types:
             raise LabelContributionError(
                 f"more than {policy.max_types} cell types qualify; the label policy allows "
                 f"{policy.max_types} per contribution: contribute a subset of the data"
             )
-    return SiteContribution(label_key, protos, local, kept_back, dp)
+    return SiteContribution(
+        label_key,
+        protos,
+        local,
+        kept_back,
+        dp,
+        expression_clip if (x is not None and dp is not None) else None,
+    )
+
+
+def _clipped_mean(v: np.ndarray, clip: float) -> np.ndarray:
+    """The mean of the rows of ``v``, each scaled down to L2 norm ``clip`` if longer."""
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return (v * np.minimum(1.0, clip / np.maximum(norms, 1e-12))).mean(axis=0)
 
 
 class PrivacyGuardLabelsError(LabelContributionError):
@@ -216,9 +287,11 @@ def check_outgoing_labels(
     n_latent: int,
     cell_names: Sequence[str] = (),
     payload_bytes: bytes | None = None,
+    n_expression: int | None = None,
 ) -> None:
     """The privacy guard of a label contribution: exactly the declared fields, one prototype
-    per type with a bucketed count >= k, vectors of the latent dimension (never one value per
+    per type with a bucketed count >= k, vectors of the latent dimension and, with
+    ``n_expression`` (format version 2), of the expression subspace's (never one value per
     cell), no cell name anywhere; with ``payload_bytes``, those exact bytes pass the
     coordinator's strict parser and say the same. Raises :class:`PrivacyGuardLabelsError`."""
 
@@ -236,24 +309,38 @@ def check_outgoing_labels(
         if parsed.to_json_obj() != payload:
             raise fail("the bytes to be signed say something else than the checked payload")
 
-    if set(payload) != _FIELDS:
-        raise fail(f"the payload has fields {sorted(payload)}, not the declared {sorted(_FIELDS)}")
+    fields = _FIELDS if n_expression is None else _FIELDS | {"n_expression"}
+    if set(payload) != fields:
+        raise fail(f"the payload has fields {sorted(payload)}, not the declared {sorted(fields)}")
+    if n_expression is not None and payload["n_expression"] != n_expression:
+        raise fail(f"n_expression is not the reference's {n_expression} components")
+    proto_fields = {"name", "count", "mean", "std", "sigma"}
+    if n_expression is not None:
+        proto_fields.add("expression")
     protos = payload["prototypes"]
     if not isinstance(protos, list) or len(protos) > policy.max_types:
         raise fail("prototypes must be a list of at most max_types entries")
     strings: list[str] = [str(payload["label_key"])]
     for p in protos:
-        if set(p) != {"name", "count", "mean", "std", "sigma"}:
+        if set(p) != proto_fields:
             raise fail(f"a prototype has fields {sorted(p)}")
         c = p["count"]
         if not isinstance(c, int) or c < policy.k or c % policy.count_bucket:
             raise fail(f"type {p['name']!r}: count {c} is below k or not bucketed")
-        for key in ("mean", "std"):
-            v = p[key]
+        vectors = [("mean", p["mean"], n_latent), ("std", p["std"], n_latent)]
+        if n_expression is not None:
+            e = p["expression"]
+            if not isinstance(e, dict) or set(e) != {"mean", "std", "sigma"}:
+                raise fail(f"type {p['name']!r}: expression has fields other than mean, std, sigma")
+            vectors += [
+                ("expression mean", e["mean"], n_expression),
+                ("expression std", e["std"], n_expression),
+            ]
+        for key, v, dim in vectors:
             if v is None:
                 continue
-            if not isinstance(v, list) or len(v) != n_latent:
-                raise fail(f"type {p['name']!r}: {key} is not a {n_latent}-vector")
+            if not isinstance(v, list) or len(v) != dim:
+                raise fail(f"type {p['name']!r}: {key} is not a {dim}-vector")
             if not all(isinstance(x, float | int) and math.isfinite(x) for x in v):
                 raise fail(f"type {p['name']!r}: {key} holds a non-finite value")
         strings.append(str(p["name"]))
@@ -304,9 +391,19 @@ def render_contribution(
             f"  {p['name']}: {contrib.local_counts[p['name']]} -> {p['count']}, sigma "
             f"{p['sigma']:.4g}; mean [{mean}]; spread [{std}]"
         )
+        e = p.get("expression")
+        if e is not None:
+            e_mean = ", ".join(f"{float(x):.4g}" for x in e["mean"])
+            e_std = (
+                "not sent" if e["std"] is None else ", ".join(f"{float(x):.4g}" for x in e["std"])
+            )
+            lines.append(
+                f"    in the reference's expression subspace ({len(e['mean'])} components), "
+                f"sigma {e['sigma']:.4g}: mean [{e_mean}]; spread [{e_std}]"
+            )
     for name, why in sorted(contrib.kept_back.items()):
         lines.append(f"  stays here: {name!r} ({why})")
-    lines.append("nothing else: no per-cell value, no cell name, no expression value")
+    lines.append("nothing else: no per-cell value, no cell name, no gene-level expression value")
     return "\n".join(lines) + "\n"
 
 

@@ -67,3 +67,33 @@ def test_contribution_replayed_onto_another_base(tmp_path: Path, pristine: Gener
     first = res.first_failure
     assert first is not None and first.entry_index == b.size - 1, res.findings
     assert first.reason_code == "E_BASE_UNKNOWN"
+
+
+def test_flipped_expression_prototype_byte_is_caught(
+    tmp_path: Path, pristine: GeneratedLedger
+) -> None:
+    led = small_ledger(
+        tmp_path / "lab", keys=pristine.keys, label_contributions=2, expression_contributions=True
+    )
+    clean = audit(led, tmp_path / "clean")
+    assert clean.ok, clean.findings
+    k = _contribution_indices(led)[1]
+    conn = db(led)
+    (env_bytes,) = conn.execute("SELECT envelope FROM entries WHERE idx = ?", (k,)).fetchone()
+    env = json.loads(env_bytes)
+    payload = base64.b64decode(env["payload"])
+    head, sep, rest = payload.partition(b'"expression":{"mean":[')
+    assert sep, payload[:200]
+    pos = len(head) + len(sep) + (1 if rest[:1] == b"-" else 0)
+    digit = payload[pos : pos + 1]
+    flipped = payload[:pos] + (b"8" if digit != b"8" else b"7") + payload[pos + 1 :]
+    env["payload"] = base64.b64encode(flipped).decode()
+    conn.execute(
+        "UPDATE entries SET envelope = ? WHERE idx = ?",
+        (json.dumps(env, separators=(",", ":")).encode(), k),
+    )
+    conn.close()
+    res = audit(led, tmp_path / "aud")
+    first = res.first_failure
+    assert first is not None and first.entry_index == k, res.findings
+    assert not res.ok and res.exit_code != 0

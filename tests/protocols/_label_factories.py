@@ -24,6 +24,8 @@ from tests.protocols._factories import (
 )
 
 N_LATENT = 3
+#: components of the labelled reference's expression subspace
+N_EXPRESSION = 2
 
 
 def labels_manifest(n_latent: int = N_LATENT) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def labels_manifest(n_latent: int = N_LATENT) -> dict[str, Any]:
         "novelty_tail": 0.05,
         "knowledge": ["prototypes"],
         "atlas": {"included": False},
+        "expression": {"n_components": N_EXPRESSION},
         "levels": {
             "cell_type": {
                 "index": 0,
@@ -68,9 +71,15 @@ def labels_manifest(n_latent: int = N_LATENT) -> dict[str, Any]:
                         "novelty_quantiles": [0.0, 1.0, 4.0, 9.0, 30.0],
                     },
                 },
+                "expression": {"classes": ["alpha", "beta"], "cell_counts": [100, 100]},
             }
         },
     }
+
+
+def expression_part(mean=(1.0, 2.0), std=(1.0, 1.0), sigma=0.0) -> dict[str, Any]:
+    """The expression part of a prototype (format version 2)."""
+    return {"mean": list(mean), "std": None if std is None else list(std), "sigma": sigma}
 
 
 def labelled_consortium(*sites: str, seed: int = 0) -> Consortium:

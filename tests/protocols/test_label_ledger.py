@@ -205,3 +205,66 @@ def test_a_new_latent_space_starts_without_contributions():
         "alpha",
         "beta",
     ]
+
+
+def test_expression_parts_replay_into_the_expression_section():
+    from tests.protocols._label_factories import expression_part
+
+    c = labelled_consortium()
+    before = c.state.size
+    protos = [
+        {
+            "name": "beta",
+            "count": 40,
+            "mean": [4.0, 0.0, 0.0],
+            "std": [1.0, 1.0, 1.0],
+            "sigma": 0.0,
+            "expression": expression_part(mean=(0.5, 0.5)),
+        },
+        {
+            "name": "delta",
+            "count": 30,
+            "mean": [0.0, 4.0, 0.0],
+            "std": [1.0, 1.0, 1.0],
+            "sigma": 0.0,
+            "expression": expression_part(mean=(3.0, -1.0), std=(2.0, 0.5)),
+        },
+    ]
+    applied = c.append(contribution(c, prototypes=protos))
+    c.append(
+        label_policy_entry(
+            LabelPolicyChange(
+                "accept", ORIGIN, label_key="cell_type", name="site-a:delta", target="delta"
+            ),
+            [c.operator],
+        )
+    )
+    old = c.state.label_knowledge(size=before)["levels"]["cell_type"]["expression"]
+    assert "contributed" not in old
+    new = c.state.label_knowledge()["levels"]["cell_type"]["expression"]
+    assert new["classes"] == ["alpha", "beta"]  # the reference's own stay as they are
+    src = f"site-a#{applied.index}"
+    assert new["contributed"] == [
+        {"label": "beta", "anchor": True, "n_cells": 40, "mean": [0.5, 0.5],
+         "std": [1.0, 1.0], "sigma": 0.0, "source": src},
+        {"label": "delta", "anchor": False, "n_cells": 30, "mean": [3.0, -1.0],
+         "std": [2.0, 0.5], "sigma": 0.0, "source": src},
+    ]  # fmt: skip
+    # a replay and a snapshot restore give the same knowledge, expression parts included
+    again = replay(c.trust, c.entries, c.lookup)
+    assert again.label_knowledge() == c.state.label_knowledge()
+    meta, tensors = capture_snapshot(c.state).encode()
+    restored = restore_state(
+        c.trust, meta, tensors, [c.state.tree.leaf_hash(i) for i in range(c.state.size)]
+    )
+    assert restored.label_knowledge() == c.state.label_knowledge()
+
+
+def test_joint_noise_covers_both_parts():
+    from protocols.labels import joint_noise_scale
+
+    # two parts of one mechanism: each part's noise, in units of its clip norm, is what one
+    # vector of sensitivity 2 sqrt(2) / count needs
+    s = joint_noise_scale(4.0, 1e-5, 30, 2)
+    assert s == pytest.approx(gaussian_sigma(4.0, 1e-5, 2 * math.sqrt(2) / 30), rel=1e-12)
+    assert s > joint_noise_scale(4.0, 1e-5, 30, 1)

@@ -267,3 +267,134 @@ def test_auto_reads_the_latent_once_sites_contributed_types(monkeypatch):
             batch_key="b",
             method="expression",
         )
+
+
+def _contributed(scores, types, source, classes):
+    """What the ledger replay lists for a site's contribution with expression parts."""
+    out = []
+    for t in sorted(set(types.tolist())):
+        rows = scores[types == t]
+        out.append(
+            {
+                "label": t,
+                "anchor": t in classes,
+                "n_cells": int(len(rows)) // 10 * 10,
+                "mean": rows.mean(axis=0).tolist(),
+                "std": rows.std(axis=0, ddof=1).tolist(),
+                "sigma": 0.0,
+                "source": source,
+            }
+        )
+    return out
+
+
+def test_a_contributed_type_is_named_and_known_calls_stay():
+    adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=11)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    ref = adata[(batch == "batch0") & (types != "type1")].copy()
+    site_a = adata[batch == "batch1"].copy()
+    query = adata[batch == "batch2"].copy()
+    manifest, tensors = _fit(ref, n_components=30)
+    level = manifest["levels"]["cell_type"]["expression"]
+    scores_a = project_counts(manifest["expression"], tensors, site_a.X)
+    before = _labels(manifest, tensors, query)
+    grown = json.loads(json.dumps(manifest))
+    grown["levels"]["cell_type"]["expression"]["contributed"] = _contributed(
+        scores_a, site_a.obs["cell_type"].astype(str).to_numpy(), "site-a#9", level["classes"]
+    )
+    after = _labels(grown, tensors, query)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    novel = truth == "type1"
+    assert np.mean(before.pred[novel] == "type1") == 0.0
+    assert np.mean(after.pred[novel] == "type1") > 0.8
+    assert set(after.source[after.top_label == "type1"]) == {"site-a#9"}
+    assert set(after.source[after.top_label != "type1"]) == {"genesis"}
+    # a contribution adds a name; it never re-decides between the reference's own types
+    stays = after.top_label != "type1"
+    assert np.array_equal(after.pred[stays], before.pred[stays])
+    assert np.array_equal(after.uncertainty[stays], before.uncertainty[stays])
+    assert after.classes == [*level["classes"], "type1"]
+    assert (
+        np.mean(after.pred[~novel] == truth[~novel])
+        >= np.mean(before.pred[~novel] == truth[~novel]) - 0.01
+    )
+
+
+def test_anchors_place_a_sites_frame():
+    from scarches_fl.refine import contributed_expression_types
+
+    means = np.array([[0.0, 0.0], [4.0, 0.0]])
+    tensors = {"m": means, "c": np.eye(2)}
+    level = {"classes": ["a", "b"], "means_tensor": "m", "covariance_tensor": "c"}
+    shift = np.array([1.0, -2.0])
+
+    def entry(label, mean, n, src, std=(1.0, 1.0), sigma=0.0):
+        return {
+            "label": label,
+            "anchor": label in ("a", "b"),
+            "n_cells": n,
+            "mean": list(mean),
+            "std": None if std is None else list(std),
+            "sigma": sigma,
+            "source": src,
+        }
+
+    level["contributed"] = [
+        entry("a", means[0] + shift, 40, "x#3"),
+        entry("b", means[1] + shift, 20, "x#3"),
+        entry("c", np.array([0.0, 6.0]) + shift, 30, "x#3"),
+        # another site, no anchor: its frame is taken as the reference's
+        entry("c", [0.0, 8.0], 10, "y#5", std=None, sigma=2.0),
+    ]
+    out = contributed_expression_types(level, tensors)
+    assert out["classes"] == ["c"] and out["cell_counts"] == [40]
+    np.testing.assert_allclose(out["means"][0], [0.0, (30 * 6.0 + 10 * 8.0) / 40])
+    # the spread: each site's (or the pooled covariance's) plus its noise plus the between-site
+    # scatter, against the pooled covariance's diagonal
+    m = (30 * 6.0 + 10 * 8.0) / 40
+    var = (30 * (1 + (6 - m) ** 2) + 10 * (1 + 4 + (8 - m) ** 2)) / 40
+    assert out["spread_factor"][0] == pytest.approx(((30 + 10 * 5) / 40 + var) / 2)
+    assert out["sources"] == ["x#3+y#5"]
+    level["contributed"] = level["contributed"][:2]  # anchors only: nothing to add
+    assert contributed_expression_types(level, tensors) is None
+
+
+def test_auto_reads_expression_when_contributed_types_carry_expression(monkeypatch):
+    from types import SimpleNamespace
+
+    import scarches_fl.refine as refine
+
+    seen = {}
+    monkeypatch.setattr(refine, "query_scores", lambda *a, **k: np.zeros((2, 2)))
+
+    def fake_predict(labels, tensors, scores, batches, latent, **kw):
+        seen["called"] = True
+        return "expression labels"
+
+    monkeypatch.setattr(refine, "predict_cell_labels", fake_predict)
+    level = {
+        "prototype": {
+            "classes": ["a", "b", "site-x:c"],
+            "prototypes": [{"label": "site-x:c", "source": "site-x#7"}],
+        },
+        "expression": {
+            "classes": ["a", "b"],
+            "means_tensor": "m",
+            "covariance_tensor": "c",
+            "contributed": [{"label": "site-x:c", "source": "site-x#7"}],
+        },
+    }
+    tensors = {EXPRESSION_GENE_MEAN: 0, EXPRESSION_COMPONENTS: 0, "m": 0, "c": 0}
+    model = SimpleNamespace(
+        labels={"levels": {"cell_type": level}, "expression": {}},
+        tensors=lambda: tensors,
+        extra_tensors={},
+        genes=["g"],
+        registration={},
+    )
+    query = SimpleNamespace(obs={"b": np.array(["x", "x"])})
+    out = refine.transfer_labels(
+        model, query, np.zeros((2, 2)), label_key="cell_type", batch_key="b"
+    )
+    assert out == "expression labels" and seen["called"]

@@ -84,13 +84,20 @@ def test_contribute_labels_end_to_end(reference_bundle: Path, panc8: Path, tmp_p
         assert dry.label_entry is not None and dry.label_entry.envelope_bytes is None
         raw = dry.label_entry.payload_bytes
         payload = json.loads(raw)
-        assert set(payload) == _FIELDS and payload["kind"] == "label_contribution"
-        n_latent = payload["n_latent"]
-        assert n_latent == 8
+        # the reference carries expression prototypes: format version 2 (ADR 0045)
+        assert set(payload) == _FIELDS | {"n_expression"} and payload["format_version"] == 2
+        assert payload["kind"] == "label_contribution"
+        n_latent, n_expression = payload["n_latent"], payload["n_expression"]
+        assert n_latent == 8 and n_expression == 100
         for p in payload["prototypes"]:
-            assert set(p) == {"name", "count", "mean", "std", "sigma"}
+            assert set(p) == {"name", "count", "mean", "std", "sigma", "expression"}
+            assert set(p["expression"]) == {"mean", "std", "sigma"}
+            assert len(p["expression"]["mean"]) == len(p["expression"]["std"]) == n_expression
             assert p["count"] >= 20 and p["count"] % 10 == 0
-        assert max(len(v) for v in _lists(payload)) <= max(n_latent, len(payload["prototypes"]))
+        # vectors of the latent or the expression subspace, one per type: never one per cell
+        n_cells = int((query.obs["batch"] == "celseq2").sum())
+        longest = max(len(v) for v in _lists(payload))
+        assert longest <= max(n_latent, n_expression, len(payload["prototypes"])) < n_cells
         text = raw.decode()
         assert not any(c in text for c in cells if len(c) >= 6)  # no cell name
         truth = query.obs.loc[query.obs["batch"] == "celseq2", "cell_type"].value_counts()
@@ -105,7 +112,14 @@ def test_contribute_labels_end_to_end(reference_bundle: Path, panc8: Path, tmp_p
         assert real.label_receipt is not None
         index = real.label_receipt["leaf_index"]
 
-        b = cfg("lab-b", "smartseq2", "b")
+        # lab-a annotated only types the reference knows: the default (expression) rule uses
+        # them to place lab-a's frame, never to relabel; the latent prototype rule uses every
+        # accepted prototype and says which cells took theirs from lab-a
+        b = cfg("lab-b", "smartseq2", "b-default")
+        run_map(b, printer=None)
+        out = ad.read_h5ad(tmp_path / "b-default.h5ad")
+        assert set(out.obs["cell_type_source"].astype(str)) == {"genesis"}
+        b = cfg("lab-b", "smartseq2", "b", label_method="prototype")
         run_map(b, printer=None)
         out = ad.read_h5ad(tmp_path / "b.h5ad")
         sources = set(out.obs["cell_type_source"].astype(str))

@@ -13,6 +13,7 @@ from protocols.labels import (
     LABEL_CONTRIBUTION_TYPE,
     LabelPolicy,
     LabelPolicyChange,
+    gaussian_sigma,
     label_policy_entry,
 )
 from protocols.ledger import replay, revoke_entry
@@ -204,3 +205,101 @@ def _payload_obj(c, envelope: bytes | None = None) -> dict:
 
 def _sign(c, obj: dict) -> bytes:
     return sign_envelope(LABEL_CONTRIBUTION_TYPE, canonical_json(obj), [c.site_keys["site-a"]])
+
+
+def _expr_proto(**kw):
+    from tests.protocols._label_factories import expression_part
+
+    p = _proto()
+    p["expression"] = expression_part()
+    p.update(kw)
+    return p
+
+
+def test_expression_part_is_accepted_on_a_reference_with_expression_prototypes():
+    c = labelled_consortium()
+    applied = c.append(contribution(c, prototypes=[_expr_proto()]))
+    assert applied.kind == "label_contribution"
+    assert _payload_obj(c, contribution(c, prototypes=[_expr_proto()]))["format_version"] == 2
+
+
+def test_expression_part_of_the_wrong_dimension():
+    from tests.protocols._label_factories import expression_part
+
+    c = labelled_consortium()
+    bad = _expr_proto(expression=expression_part(mean=(1.0, 2.0, 3.0), std=(1.0, 1.0, 1.0)))
+    assert_refused(c, contribution(c, prototypes=[bad]), "E_LABEL_EXPRESSION")
+    obj = _payload_obj(c, contribution(c, prototypes=[_expr_proto()]))
+    obj["n_expression"] = 5
+    assert_refused(c, _sign(c, obj), "E_LABEL_EXPRESSION")
+
+
+def test_expression_part_on_a_reference_without_expression_prototypes():
+    c = labelled_consortium()
+    # the same consortium's reference without its expression section: a fresh genesis
+    from protocols.bundle import make_bundle
+    from protocols.ledger import LedgerState, make_genesis
+    from tests.protocols._factories import tiny_manifest_and_tensors
+    from tests.protocols._label_factories import labels_manifest
+
+    manifest, tensors = tiny_manifest_and_tensors(seed=0)
+    labels = labels_manifest()
+    del labels["expression"]
+    manifest["labels"] = labels
+    c.state, c.blobs, c.entries = LedgerState(c.trust), {}, []
+    g = make_genesis(make_bundle(manifest, tensors), origin=ORIGIN, operator_keys=[c.operator])
+    c.append(g.envelope, g.blobs)
+    c.enrol("site-a", det_key(10))
+    assert_refused(c, contribution(c, prototypes=[_expr_proto()]), "E_LABEL_EXPRESSION")
+    c.append(contribution(c))  # a latent-only contribution (format version 1) still is fine
+
+
+def test_expression_part_every_prototype_or_none():
+    c = labelled_consortium()
+    obj = _payload_obj(c, contribution(c, prototypes=[_expr_proto(), _expr_proto(name="eta")]))
+    del obj["prototypes"][1]["expression"]
+    assert_refused(c, _sign(c, obj), "E_PAYLOAD_MALFORMED")
+    v1 = _payload_obj(c)
+    v1["prototypes"][0]["expression"] = _expr_proto()["expression"]
+    assert_refused(c, _sign(c, v1), "E_PAYLOAD_MALFORMED")  # version 1 has no expression
+
+
+def test_expression_part_non_finite():
+    c = labelled_consortium()
+    text = canonical_json(_payload_obj(c, contribution(c, prototypes=[_expr_proto()])))
+    assert b'"expression":{"mean":[1,2]' in text
+    text = text.replace(b'"expression":{"mean":[1,2]', b'"expression":{"mean":[1,1e400]')
+    env = sign_envelope(LABEL_CONTRIBUTION_TYPE, text, [c.site_keys["site-a"]])
+    assert_refused(c, env, "E_NONFINITE")
+
+
+def test_expression_part_under_dp_weaker_than_the_policy():
+    from protocols.labels import joint_noise_scale
+
+    c = labelled_consortium()
+    set_policy(c, LabelPolicy(dp=_dp(epsilon=1.0)))
+    scale = joint_noise_scale(1.0, 1e-5, 40, 2)
+    priv = {
+        "mechanism": "gaussian",
+        "clip_norm": 10.0,
+        "epsilon": 1.0,
+        "delta": 1e-5,
+        "expression_clip_norm": 50.0,
+    }
+
+    def dp_proto(latent_sigma: float, expr_sigma: float, expr_std=None) -> dict:
+        return _proto(
+            std=None,
+            sigma=latent_sigma,
+            expression={"mean": [1.0, 2.0], "std": expr_std, "sigma": expr_sigma},
+        )
+
+    ok = dp_proto(10.0 * scale * 1.001, 50.0 * scale * 1.001)
+    # the latent part alone noised as if it were the only part: too little for two parts
+    v1_sigma = gaussian_sigma(1.0, 1e-5, 2 * 10.0 / 40)
+    weak_latent = dp_proto(v1_sigma, 50.0 * scale * 1.001)
+    weak_expr = dp_proto(10.0 * scale * 1.001, 50.0 * scale * 0.9)
+    spread = dp_proto(10.0 * scale * 1.001, 50.0 * scale * 1.001, expr_std=[1.0, 1.0])
+    for bad in (weak_latent, weak_expr, spread):
+        assert_refused(c, contribution(c, prototypes=[bad], privacy=priv), "E_LABEL_DP_WEAK")
+    c.append(contribution(c, prototypes=[ok], privacy=priv))

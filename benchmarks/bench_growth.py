@@ -313,7 +313,20 @@ def run_seed(
     out["dp_clip_norm"] = clip
     for eps in EPSILONS:
         dp_policy = LabelPolicy(dp=DPRequirement(clip_norm=clip, epsilon=eps, delta=DELTA))
+        # what the agent sends under DP: the latent part only (format version 1)
         dp_contrib = build_site_prototypes(
+            res_a.latent,
+            labels_a,
+            label_key=LABEL,
+            policy=dp_policy,
+            dp=choose_dp(dp_policy),
+            seed=seed,
+        )
+        figures(knowledge_after("site-a", dp_contrib, settings=dp_policy), f"after_eps{eps:g}", out)
+        held_p = [p for p in dp_contrib.prototypes if p["name"] == held]
+        out[f"sigma_eps{eps:g}"] = held_p[0]["sigma"] if held_p else None
+        # both parts under one mechanism (format version 2): why the agent does not
+        joint = build_site_prototypes(
             res_a.latent,
             labels_a,
             label_key=LABEL,
@@ -323,9 +336,11 @@ def run_seed(
             expression=scores_a,
             expression_clip=e_clip,
         )
-        figures(knowledge_after("site-a", dp_contrib, settings=dp_policy), f"after_eps{eps:g}", out)
-        held_p = [p for p in dp_contrib.prototypes if p["name"] == held]
-        out[f"sigma_eps{eps:g}"] = held_p[0]["sigma"] if held_p else None
+        figures(
+            knowledge_after("site-a", joint, settings=dp_policy), f"after_eps{eps:g}_joint", out
+        )
+        held_p = [p for p in joint.prototypes if p["name"] == held]
+        out[f"joint_sigma_eps{eps:g}"] = held_p[0]["sigma"] if held_p else None
         out[f"expression_sigma_eps{eps:g}"] = held_p[0]["expression"]["sigma"] if held_p else None
     out["default_rule_methods"] = sorted(methods)
     # the merged knowledge without any contribution is the genesis's (a check, not a figure)
@@ -369,6 +384,14 @@ def table(name: str, summary: dict) -> str:
             rows += [
                 (f"{rule}: new type after, DP epsilon {eps:g}", f"new_after_eps{eps:g}{tag}"),
                 (f"{rule}: known types after, DP epsilon {eps:g}", f"known_after_eps{eps:g}{tag}"),
+                (
+                    f"{rule}: new type after, DP epsilon {eps:g}, both parts",
+                    f"new_after_eps{eps:g}_joint{tag}",
+                ),
+                (
+                    f"{rule}: known types after, DP epsilon {eps:g}, both parts",
+                    f"known_after_eps{eps:g}_joint{tag}",
+                ),
             ]
     rows += [
         ("new type, C's own prototypes (default rule)", "new_own_upper"),
@@ -377,6 +400,7 @@ def table(name: str, summary: dict) -> str:
     for eps in EPSILONS:
         rows += [
             (f"latent noise sigma per dimension, epsilon {eps:g}", f"sigma_eps{eps:g}"),
+            (f"latent noise sigma, epsilon {eps:g}, both parts", f"joint_sigma_eps{eps:g}"),
             (
                 f"expression noise sigma per component, epsilon {eps:g}",
                 f"expression_sigma_eps{eps:g}",

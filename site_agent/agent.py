@@ -377,7 +377,6 @@ def _contribute_labels(
         build_site_prototypes,
         check_outgoing_labels,
         choose_dp,
-        expression_clip_norm,
         render_contribution,
     )
 
@@ -392,15 +391,17 @@ def _contribute_labels(
     eps_ledger = EpsilonLedger(config.state)
     if dp is not None:
         eps_ledger.check(study, dp.epsilon, config.label_epsilon_budget)
-    e_clip = None
     if expression is not None and dp is not None:
-        model = outcome.mapped.model
-        e_clip = expression_clip_norm(model.labels["levels"][config.label_key]["expression"],
-                                      model.tensors())
+        # under DP the two parts share one mechanism, and at tens of cells per type the
+        # expression part is noise (sigma 5-8 per component at epsilon 4) while it costs the
+        # latent part sqrt(2) more noise: the agent sends the latent part only (ADR 0045)
+        _say(printer, "label contribution under DP: latent prototypes only (format version 1); "
+                      "the expression part is not sent (ADR 0045)")
+        expression = None
     contrib = build_site_prototypes(
         outcome.mapped.latent, adata.obs[config.label_key].astype(object).to_numpy(),
         label_key=config.label_key, policy=policy, dp=dp, seed=config.seed,
-        expression=expression, expression_clip=e_clip,
+        expression=expression,
     )
     if not contrib.prototypes:
         _say(printer, f"no label contribution: no type of {config.label_key!r} has k={policy.k} "

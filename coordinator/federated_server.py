@@ -551,16 +551,19 @@ class _Federation:
         groups = read(
             task,
             got_groups,
-            lambda site, payload, a: ES.groups_from_arrays(
-                payload["types"], a, n_components=p, classes=classes, batch_prefix=f"{site}/"
+            lambda site, payload, a: ES.sums_from_arrays(
+                payload["types"],
+                a,
+                n_components=p,
+                classes=classes,
+                floor=int(self.s.label_site_floor),
+                batch_prefix=f"{site}/",
             ),
         )
-        pooled_groups = ES.pool_groups(list(groups.values()))
-        present = sorted({t for t, _b in pooled_groups})
-        if not present:
-            log.warning("no expression prototypes: no (type, batch) group reached the floor")
+        if not groups:
+            log.warning("no expression prototypes: no site sent sums over the site floor")
             return None
-        model = ES.type_model(pooled_groups, present, p)
+        model = ES.type_model(ES.pool_sums(list(groups.values())), p)
         kappa = ES.DEFAULT_KAPPA
         per_site = {}
         for site in groups:

@@ -7,11 +7,12 @@ over cells, so cells held at several sites give the numbers the pooled cells giv
    (:func:`expression_moments`, pooled by addition) give the gene mean and the gene-gene
    covariance; its leading eigenvectors are the components (:func:`subspace_from_moments`, an
    exact eigendecomposition, for gene panels up to :data:`EXACT_PCA_MAX_GENES`).
-2. **Type model.** Per (cell type, batch) group: the count, the sum and the second moment of the
-   scores in that subspace (:func:`group_moments`). From the pooled groups,
-   :func:`type_model` fits one offset per batch together with the type means (the alternating
-   fit :mod:`scarches_fl.refine` documents), then the type means and the pooled within-type
-   scatter of the offset-corrected scores.
+2. **Type model.** Of the scores in that subspace: per type the count and sum, per batch the
+   count and sum, the type x batch count table and the second moment over all cells
+   (:func:`type_batch_sums`). From these, :func:`type_model` fits one offset per batch together
+   with the type means (the alternating fit :mod:`scarches_fl.refine` documents), then the type
+   means and the pooled within-type scatter of the offset-corrected scores. No sum over one
+   (type, batch) group is needed.
 3. **Calibration.** Each cell is scored out of fold: the model fitted without the cells of its
    fold is the pooled model with those cells' sums taken out, which whoever holds the cells can
    compute from the pooled means, counts and scatter (:func:`calibration_sums`); what is
@@ -21,8 +22,8 @@ over cells, so cells held at several sites give the numbers the pooled cells giv
    correct counts. :func:`calibrate_expression` picks the temperature and reads the quantiles.
 
 A central reference is the case of one holder of all cells (no floor); a federated one pools the
-sites' shares, where a (type, batch) group leaves a site only with at least the site floor of
-cells. No function here does I/O.
+sites' shares, where a type's or a batch's sums leave a site only over at least the site floor
+of cells. No function here does I/O.
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ __all__ = [
     "DEFAULT_KAPPA",
     "N_FOLDS",
     "ExpressionMoments",
-    "GroupMoments",
+    "TypeBatchSums",
     "ExpressionTypeModel",
     "expression_moments",
     "pool_moments",
     "moments_to_arrays",
     "moments_from_arrays",
     "subspace_from_moments",
-    "group_moments",
-    "groups_to_arrays",
-    "groups_from_arrays",
-    "pool_groups",
+    "included_cells",
+    "type_batch_sums",
+    "sums_to_arrays",
+    "sums_from_arrays",
+    "pool_sums",
     "type_model",
     "shrunk_covariance",
     "calibration_sums",
@@ -63,7 +65,7 @@ __all__ = [
     "model_from_json",
     "lognormalize",
     "site_expression_moments",
-    "site_groups",
+    "site_sums",
     "site_calibration",
 ]
 
@@ -87,15 +89,6 @@ class ExpressionMoments:
     n: int
     total: np.ndarray  # (genes,)
     gram: np.ndarray  # (genes, genes)
-
-
-@dataclass
-class GroupMoments:
-    """Count, sum and second moment of the scores (subspace coordinates) of one group."""
-
-    n: int
-    total: np.ndarray  # (p,)
-    gram: np.ndarray  # (p, p)
 
 
 @dataclass
@@ -184,151 +177,201 @@ def subspace_from_moments(m: ExpressionMoments, n_components: int) -> tuple[np.n
     return mean, comps * np.where(signs == 0, 1.0, signs)[:, None]
 
 
-def group_moments(
-    scores: np.ndarray,
-    types: Any,
-    batches: Any,
-    classes: Sequence[str],
-    *,
-    floor: int = 1,
-) -> dict[tuple[str, str], GroupMoments]:
-    """Per (type, batch) group of at least ``floor`` cells whose type is one of ``classes``:
-    its :class:`GroupMoments`. Cells of other types (or unlabelled: ``None``) count for
-    nothing; a smaller group does not leave its holder."""
-    y = np.asarray(scores, dtype=np.float64)
+@dataclass
+class TypeBatchSums:
+    """What the type model needs from a holder's cells (scores in the subspace): per type its
+    count and sum, per batch its count and sum, the type x batch count table, and the second
+    moment ``sum y y^T`` over all of them. Never a sum over one (type, batch) group."""
+
+    types: list[str]
+    batches: list[str]
+    counts: np.ndarray  # (T, B) cells per (type, batch)
+    type_sums: np.ndarray  # (T, p)
+    batch_sums: np.ndarray  # (B, p)
+    gram: np.ndarray  # (p, p)
+
+
+def included_cells(
+    types: Any, batches: Any, classes: Sequence[str], *, floor: int = 1
+) -> np.ndarray:
+    """Which cells a holder's sums cover: a type of ``classes`` with at least ``floor`` such
+    cells at the holder, in a batch with at least ``floor`` such cells (dropping a batch can
+    take a type under the floor, so both rules are applied until neither removes a cell)."""
     t = np.asarray([None if v is None else str(v) for v in types], dtype=object)
     b = np.asarray(batches).astype(str)
     wanted = set(classes)
-    out: dict[tuple[str, str], GroupMoments] = {}
-    keys = sorted({(str(tv), str(bv)) for tv, bv in zip(t, b, strict=True) if tv in wanted})
-    for tv, bv in keys:
-        rows = (t == tv) & (b == bv)
-        if int(rows.sum()) < max(1, int(floor)):
-            continue
-        yg = y[rows]
-        out[(tv, bv)] = GroupMoments(int(rows.sum()), yg.sum(axis=0), yg.T @ yg)
-    return out
+    keep = np.asarray([v in wanted for v in t], dtype=bool)
+    floor = max(1, int(floor))
+    while True:
+        before = int(keep.sum())
+        for values in (t, b):
+            names, inverse = np.unique(values[keep].astype(str), return_inverse=True)
+            small = names[np.bincount(inverse, minlength=len(names)) < floor]
+            if small.size:
+                keep &= ~np.isin(values.astype(str), small)
+        if int(keep.sum()) == before:
+            return keep
 
 
-def groups_to_arrays(
-    groups: Mapping[tuple[str, str], GroupMoments],
-) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(group names, each ``json.dumps([type, batch])``, and arrays ``counts`` (G,), ``sums``
-    (G, p), ``grams`` (G, p, p))."""
-    keys = sorted(groups)
-    if not keys:
+def type_batch_sums(
+    scores: np.ndarray, types: Any, batches: Any, classes: Sequence[str], *, floor: int = 1
+) -> TypeBatchSums:
+    """:class:`TypeBatchSums` of the cells :func:`included_cells` keeps."""
+    keep = included_cells(types, batches, classes, floor=floor)
+    y = np.asarray(scores, dtype=np.float64)[keep]
+    t = np.asarray([str(v) for v in np.asarray(types, dtype=object)[keep]])
+    b = np.asarray(batches).astype(str)[keep]
+    tn, ti = np.unique(t, return_inverse=True)
+    bn, bi = np.unique(b, return_inverse=True)
+    p = y.shape[1] if y.ndim == 2 else 0
+    counts = np.zeros((len(tn), len(bn)))
+    np.add.at(counts, (ti, bi), 1.0)
+    type_sums = np.zeros((len(tn), p))
+    np.add.at(type_sums, ti, y)
+    batch_sums = np.zeros((len(bn), p))
+    np.add.at(batch_sums, bi, y)
+    return TypeBatchSums(
+        [str(v) for v in tn], [str(v) for v in bn], counts, type_sums, batch_sums, y.T @ y
+    )
+
+
+def sums_to_arrays(s: TypeBatchSums) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(names: ``json.dumps(["type", name])`` per type then ``json.dumps(["batch", name])`` per
+    batch, arrays ``counts`` (T, B), ``type_sums``, ``batch_sums``, ``gram``)."""
+    if not s.types:
         return [], {}
-    return [json.dumps(list(k)) for k in keys], {
-        "counts": np.asarray([groups[k].n for k in keys], dtype=np.float64),
-        "sums": np.stack([groups[k].total for k in keys]).astype(np.float64),
-        "grams": np.stack([groups[k].gram for k in keys]).astype(np.float64),
+    names = [json.dumps(["type", t]) for t in s.types] + [
+        json.dumps(["batch", b]) for b in s.batches
+    ]
+    return names, {
+        "counts": np.asarray(s.counts, dtype=np.float64),
+        "type_sums": np.asarray(s.type_sums, dtype=np.float64),
+        "batch_sums": np.asarray(s.batch_sums, dtype=np.float64),
+        "gram": np.asarray(s.gram, dtype=np.float64),
     }
 
 
-def groups_from_arrays(
+def sums_from_arrays(
     names: Sequence[str],
     arrays: Mapping[str, np.ndarray],
     *,
     n_components: int,
     classes: Sequence[str],
+    floor: int = 1,
     batch_prefix: str = "",
-) -> dict[tuple[str, str], GroupMoments]:
-    """The inverse of :func:`groups_to_arrays` (batch names prefixed with ``batch_prefix``, so
-    that two holders' batches never share an offset); ``ValueError`` for a name that is not a
-    ``[type, batch]`` pair of a type in ``classes``, shapes that do not fit, non-finite values or
-    counts that are not positive integers."""
-    g = len(names)
-    if g == 0:
-        return {}
-    keys: list[tuple[str, str]] = []
+) -> TypeBatchSums:
+    """The inverse of :func:`sums_to_arrays` (batch names prefixed with ``batch_prefix``, so
+    that two holders' batches never share an offset). ``ValueError`` for a name that is not a
+    ``["type" | "batch", name]`` pair, a type not in ``classes``, shapes that do not fit,
+    non-finite values, counts that are not whole numbers, the sums of a type or a batch over
+    fewer than ``floor`` cells, or per-type and per-batch sums that disagree."""
+    kinds: dict[str, list[str]] = {"type": [], "batch": []}
     for name in names:
         try:
             pair = json.loads(name)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"group name {name!r} is not JSON") from exc
+            raise ValueError(f"name {name!r} is not JSON") from exc
         if not (
-            isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+            isinstance(pair, list)
+            and len(pair) == 2
+            and pair[0] in kinds
+            and isinstance(pair[1], str)
         ):
-            raise ValueError(f"group name {name!r} is not a [type, batch] pair")
-        if pair[0] not in classes:
-            raise ValueError(f"group {name!r} is of a type the federation does not keep")
-        keys.append((pair[0], batch_prefix + pair[1]))
-    if len(set(keys)) != g:
-        raise ValueError("a group is named twice")
-    p = int(n_components)
-    _check_arrays(arrays, {"counts": (g,), "sums": (g, p), "grams": (g, p, p)})
-    return {
-        k: GroupMoments(
-            _count(arrays["counts"][i]),
-            np.asarray(arrays["sums"][i], dtype=np.float64),
-            np.asarray(arrays["grams"][i], dtype=np.float64),
-        )
-        for i, k in enumerate(keys)
-    }
+            raise ValueError(f'name {name!r} is not a ["type" or "batch", name] pair')
+        kinds[pair[0]].append(pair[1])
+    types, batches = kinds["type"], kinds["batch"]
+    if len(set(types)) != len(types) or len(set(batches)) != len(batches):
+        raise ValueError("a type or a batch is named twice")
+    if any(t not in classes for t in types):
+        raise ValueError("a type the federation does not keep was sent")
+    t, b, p = len(types), len(batches), int(n_components)
+    _check_arrays(
+        arrays, {"counts": (t, b), "type_sums": (t, p), "batch_sums": (b, p), "gram": (p, p)}
+    )
+    counts = np.asarray(arrays["counts"], dtype=np.float64)
+    if np.any(counts < 0) or np.any(counts != np.round(counts)):
+        raise ValueError("counts must be whole numbers")
+    if t == 0 or b == 0:
+        raise ValueError("sums name no type or no batch")
+    if counts.sum(axis=1).min() < max(1, floor) or counts.sum(axis=0).min() < max(1, floor):
+        raise ValueError(f"a type or a batch has fewer than {floor} cells")
+    ts, bs = np.asarray(arrays["type_sums"]), np.asarray(arrays["batch_sums"])
+    if not np.allclose(
+        ts.sum(axis=0), bs.sum(axis=0), rtol=1e-6, atol=1e-6 * max(1.0, float(np.abs(ts).max()))
+    ):
+        raise ValueError("the per-type and per-batch sums do not cover the same cells")
+    return TypeBatchSums(
+        list(types),
+        [batch_prefix + v for v in batches],
+        counts,
+        np.asarray(ts, dtype=np.float64),
+        np.asarray(bs, dtype=np.float64),
+        np.asarray(arrays["gram"], dtype=np.float64),
+    )
 
 
-def pool_groups(
-    parts: Sequence[Mapping[tuple[str, str], GroupMoments]],
-) -> dict[tuple[str, str], GroupMoments]:
-    """Groups of several holders together (a group named by two holders adds up)."""
-    out: dict[tuple[str, str], GroupMoments] = {}
-    for part in parts:
-        for k, g in part.items():
-            if k in out:
-                o = out[k]
-                out[k] = GroupMoments(o.n + g.n, o.total + g.total, o.gram + g.gram)
-            else:
-                out[k] = GroupMoments(g.n, g.total.copy(), g.gram.copy())
-    return out
+def pool_sums(parts: Sequence[TypeBatchSums]) -> TypeBatchSums:
+    """Several holders' sums together (a type or batch named by two holders adds up)."""
+    types = sorted({t for s in parts for t in s.types})
+    batches = sorted({b for s in parts for b in s.batches})
+    ti = {t: i for i, t in enumerate(types)}
+    bi = {b: i for i, b in enumerate(batches)}
+    p = next((s.gram.shape[0] for s in parts), 0)
+    counts = np.zeros((len(types), len(batches)))
+    type_sums = np.zeros((len(types), p))
+    batch_sums = np.zeros((len(batches), p))
+    gram = np.zeros((p, p))
+    for s in parts:
+        rows = [ti[t] for t in s.types]
+        cols = [bi[b] for b in s.batches]
+        counts[np.ix_(rows, cols)] += s.counts
+        type_sums[rows] += s.type_sums
+        batch_sums[cols] += s.batch_sums
+        gram += s.gram
+    return TypeBatchSums(types, batches, counts, type_sums, batch_sums, gram)
 
 
-def type_model(
-    groups: Mapping[tuple[str, str], GroupMoments], classes: Sequence[str], n_components: int
-) -> ExpressionTypeModel:
+def type_model(s: TypeBatchSums, n_components: int) -> ExpressionTypeModel:
     """Batch offsets fitted with the type means (``y = mean[type] + offset[batch]``: alternate
     means and offsets ten times, the offsets centred on zero over cells; none with one batch),
-    then the type means and pooled within-type scatter of ``y - offset[batch]``."""
-    classes = list(classes)
+    then the type means and pooled within-type scatter of ``y - offset[batch]``, all from the
+    sums (the expansion of ``sum (y - o - m)(y - o - m)^T`` needs no per-group sum)."""
     p = int(n_components)
-    index = {c: i for i, c in enumerate(classes)}
-    batch_names = sorted({b for _t, b in groups})
-    bindex = {b: i for i, b in enumerate(batch_names)}
-    n_cb = np.zeros((len(classes), len(batch_names)))
-    s_cb = np.zeros((len(classes), len(batch_names), p))
-    for (t, b), g in groups.items():
-        n_cb[index[t], bindex[b]] += g.n
-        s_cb[index[t], bindex[b]] += g.total
+    n_cb = s.counts
     n_c = n_cb.sum(axis=1)
     n_b = n_cb.sum(axis=0)
     present = n_c > 0
-    offsets = np.zeros((len(batch_names), p))
+    offsets = np.zeros((len(s.batches), p))
 
     def means_given(off: np.ndarray) -> np.ndarray:
-        m = np.zeros((len(classes), p))
-        num = s_cb.sum(axis=1) - np.einsum("cb,bp->cp", n_cb, off)
+        m = np.zeros((len(s.types), p))
+        num = s.type_sums - n_cb @ off
         m[present] = num[present] / n_c[present, None]
         return m
 
-    if len(batch_names) >= 2:
+    if len(s.batches) >= 2:
         for _ in range(_OFFSET_ITERATIONS):
             means = means_given(offsets)
-            resid = s_cb.sum(axis=0) - np.einsum("cb,cp->bp", n_cb, means)
-            offsets = resid / np.maximum(n_b, 1.0)[:, None]
+            offsets = (s.batch_sums - n_cb.T @ means) / np.maximum(n_b, 1.0)[:, None]
             offsets -= (n_b @ offsets / max(n_b.sum(), 1.0))[None, :]
     means = means_given(offsets)
-    within = np.zeros((p, p))
-    for (_t, b), g in groups.items():
-        o = offsets[bindex[b]]
-        so = np.outer(g.total, o)
-        within += g.gram - so - so.T + g.n * np.outer(o, o)
-    within -= np.einsum("c,cp,cq->pq", n_c, means, means)
+    so = s.batch_sums.T @ offsets
+    sm = s.type_sums.T @ means
+    om = offsets.T @ n_cb.T @ means
+    within = (
+        s.gram
+        - so
+        - so.T
+        - sm
+        - sm.T
+        + offsets.T @ (n_b[:, None] * offsets)
+        + om
+        + om.T
+        + means.T @ (n_c[:, None] * means)
+    )
     within = 0.5 * (within + within.T)
     return ExpressionTypeModel(
-        classes,
-        n_c,
-        means,
-        within,
-        {b: offsets[i] for i, b in enumerate(batch_names)},
+        list(s.types), n_c, means, within, {b: offsets[i] for i, b in enumerate(s.batches)}
     )
 
 
@@ -487,23 +530,16 @@ def _site_cells(
     classes: Sequence[str],
     floor: int,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(scores, types, batches) of the cells whose (type, batch) group leaves the site: a type
-    of ``classes`` in a group of at least ``floor`` cells."""
+    """(scores, types, batches) of the cells :func:`included_cells` keeps."""
     lab = np.asarray([None if v is None else str(v) for v in labels], dtype=object)
     bat = np.asarray(batches).astype(str)
-    wanted = set(classes)
-    keep = np.asarray([v in wanted for v in lab], dtype=bool)
-    for t, b in {(str(t), str(b)) for t, b in zip(lab[keep], bat[keep], strict=True)}:
-        rows = keep & (lab == t) & (bat == b)
-        if int(rows.sum()) < max(1, int(floor)):
-            keep &= ~rows
-    idx = np.flatnonzero(keep)
+    idx = np.flatnonzero(included_cells(lab, bat, classes, floor=floor))
     gene_mean, comps = (np.asarray(a, dtype=np.float64) for a in projection)
     y = _project(lognormalize(sp.csr_matrix(counts)[idx]), gene_mean, comps)
     return y, [str(v) for v in lab[idx]], bat[idx]
 
 
-def site_groups(
+def site_sums(
     counts: Any,
     labels: Any,
     batches: Any,
@@ -511,11 +547,11 @@ def site_groups(
     classes: Sequence[str],
     *,
     floor: int,
-) -> dict[tuple[str, str], GroupMoments]:
-    """Step 2 at a site: :func:`group_moments` of its cells on the pooled subspace
+) -> TypeBatchSums:
+    """Step 2 at a site: :func:`type_batch_sums` of its cells on the pooled subspace
     (``projection`` = (gene mean, components) as the bundle stores them)."""
     y, types, bat = _site_cells(counts, labels, batches, projection, classes, floor)
-    return group_moments(y, types, bat, classes, floor=floor)
+    return type_batch_sums(y, types, bat, classes, floor=floor)
 
 
 def site_calibration(

@@ -273,8 +273,7 @@ def fit_expression_prototypes(
         given = (type_cell_counts or {}).get(name, {})
         counts_all = {c: max(int(given.get(c, 0)), counts_all[c]) for c in classes}
         types = [str(v) for v in lab[ok]]
-        groups = ES.group_moments(y_raw[ok], types, batch_names[ok], classes)
-        model = ES.type_model(groups, classes, p)
+        model = ES.type_model(ES.type_batch_sums(y_raw[ok], types, batch_names[ok], classes), p)
         corrected = y_raw[ok] - np.stack([model.offsets[b] for b in batch_names[ok]])
         calibration = ES.calibration_sums(model, corrected, types, fold[ok], kappa=kappa)
         temperature, quantiles = ES.calibrate_expression([calibration])

@@ -21,9 +21,9 @@ trusts when it joins):
   ``query.expression_calibration`` (with a label key, after those): the sums of the expression
   prototypes map's default rule reads (``scarches_fl._expression_sums``, ADR 0037): ``n``,
   ``sum x`` and ``sum x x^T`` of the log-normalised expression of all the site's labelled
-  cells; then, on the pooled subspace, per (type, batch) group of at least the site floor of
-  cells, the count, sum and second moment of its scores; then out-of-fold calibration sums over
-  those cells. Signed like the label shares.
+  cells; then, on the pooled subspace, per type and per batch with at least the site floor of
+  cells the count and sum of their scores, the type x batch count table and one second moment
+  over all of them; then out-of-fold calibration sums over those cells. Signed like the label shares.
 
 The private data never leaves the process: only tensors of the model's shape, four numbers,
 and (with labels) sums over at least the site floor of cells.
@@ -363,9 +363,8 @@ def _expression_share(cfg: FederatedSiteConfig, message: Any, task: str) -> Any:
             )
             if task == "expression_statistics":
                 classes = [str(c) for c in json.loads(bytes(config["expression-classes"]))]
-                groups = ES.site_groups(reg.x, labels, reg.batches, projection, classes,
-                                        floor=floor)
-                types, arrays = ES.groups_to_arrays(groups)
+                sums = ES.site_sums(reg.x, labels, reg.batches, projection, classes, floor=floor)
+                types, arrays = ES.sums_to_arrays(sums)
             else:
                 model = ES.model_from_json(bytes(config["expression-model"]))
                 arrays = ES.site_calibration(

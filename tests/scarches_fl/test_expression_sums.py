@@ -54,17 +54,19 @@ def test_federated_sums_reproduce_the_central_expression_prototypes(data):
     np.testing.assert_allclose(comps, central[EXPRESSION_COMPONENTS], rtol=1e-4, atol=1e-5)
     projection = (gene_mean.astype(np.float32), comps.astype(np.float32))
 
-    # 2. the type model from the sites' (type, batch) groups, batches namespaced per site
+    # 2. the type model from the sites' per-type and per-batch sums, batches namespaced per site
     parts = []
     for i, r in enumerate(sites):
-        groups = ES.site_groups(x[r], labels[r], batches[r], projection, classes, floor=1)
-        names, arrays = ES.groups_to_arrays(groups)
+        names, arrays = ES.sums_to_arrays(
+            ES.site_sums(x[r], labels[r], batches[r], projection, classes, floor=1)
+        )
         parts.append(
-            ES.groups_from_arrays(
+            ES.sums_from_arrays(
                 names, arrays, n_components=P, classes=classes, batch_prefix=f"site{i}/"
             )
         )
-    model = ES.type_model(ES.pool_groups(parts), classes, P)
+    model = ES.type_model(ES.pool_sums(parts), P)
+    assert model.classes == classes
     np.testing.assert_allclose(model.means, central[level["means_tensor"]], rtol=1e-4, atol=1e-4)
     cov = ES.shrunk_covariance(model.within, model.counts, KAPPA)
     np.testing.assert_allclose(cov, central[level["covariance_tensor"]], rtol=1e-4, atol=1e-4)
@@ -108,22 +110,28 @@ def test_federated_sums_reproduce_the_central_expression_prototypes(data):
     np.testing.assert_allclose(federated_quantiles[1:-1], quantiles[1:-1], rtol=0.15)
 
 
-def test_a_group_below_the_site_floor_does_not_leave(data):
+def test_only_types_and_batches_over_the_site_floor_leave(data):
     x, labels, batches = data
-    rows = np.flatnonzero(batches == sorted(set(batches))[0])
+    rows = np.flatnonzero(np.isin(batches, sorted(set(batches))[:2]))
     types = sorted({str(v) for v in labels[rows] if v is not None})
+    # four cells of the first type: under the floor of 5, they stay at the site
     few = np.flatnonzero(labels[rows] == types[0])[:4]
     keep = np.concatenate([few, np.flatnonzero(labels[rows] != types[0])])
     r = rows[np.sort(keep)]
     projection = (np.zeros(x.shape[1], np.float32), np.eye(P, x.shape[1], dtype=np.float32))
-    groups = ES.site_groups(x[r], labels[r], batches[r], projection, types, floor=5)
-    assert (types[0], batches[r][0]) not in groups
-    assert all(g.n >= 5 for g in groups.values())
-    names, arrays = ES.groups_to_arrays(groups)
-    # what leaves: per group a count, a P-vector and a P x P matrix; nothing sized by cells
-    assert set(arrays) == {"counts", "sums", "grams"}
-    assert arrays["sums"].shape == (len(names), P)
-    assert arrays["grams"].shape == (len(names), P, P)
+    sums = ES.site_sums(x[r], labels[r], batches[r], projection, types, floor=5)
+    assert types[0] not in sums.types and sums.types == types[1:]
+    assert sums.counts.sum(axis=1).min() >= 5 and sums.counts.sum(axis=0).min() >= 5
+    names, arrays = ES.sums_to_arrays(sums)
+    # what leaves: per type and per batch a count and a P-vector, one P x P matrix; nothing
+    # sized by cells and no sum over one (type, batch) group
+    assert set(arrays) == {"counts", "type_sums", "batch_sums", "gram"}
+    assert arrays["type_sums"].shape == (len(sums.types), P)
+    assert arrays["batch_sums"].shape == (len(sums.batches), P)
+    assert arrays["gram"].shape == (P, P)
+    assert len(names) == len(sums.types) + len(sums.batches)
+    with pytest.raises(ValueError, match="fewer than 500"):
+        ES.sums_from_arrays(names, arrays, n_components=P, classes=types, floor=500)
 
 
 def test_malformed_shares_are_refused():
@@ -139,8 +147,19 @@ def test_malformed_shares_are_refused():
         ES.moments_from_arrays({**good, "total": np.full(4, np.nan)}, n_genes=4)
     with pytest.raises(ValueError, match="positive integers"):
         ES.moments_from_arrays({**good, "count": np.asarray([2.5])}, n_genes=4)
-    arrays = {"counts": np.ones(1), "sums": np.zeros((1, 2)), "grams": np.zeros((1, 2, 2))}
+    arrays = {
+        "counts": np.ones((1, 1)),
+        "type_sums": np.zeros((1, 2)),
+        "batch_sums": np.zeros((1, 2)),
+        "gram": np.zeros((2, 2)),
+    }
+    names = ['["type", "ghost"]', '["batch", "b"]']
     with pytest.raises(ValueError, match="does not keep"):
-        ES.groups_from_arrays(['["ghost", "b"]'], arrays, n_components=2, classes=["a"])
+        ES.sums_from_arrays(names, arrays, n_components=2, classes=["a"])
     with pytest.raises(ValueError, match="pair"):
-        ES.groups_from_arrays(['"a"'], arrays, n_components=2, classes=["a"])
+        ES.sums_from_arrays(['"a"', '["batch", "b"]'], arrays, n_components=2, classes=["a"])
+    names = ['["type", "a"]', '["batch", "b"]']
+    with pytest.raises(ValueError, match="same cells"):
+        ES.sums_from_arrays(
+            names, {**arrays, "type_sums": np.ones((1, 2))}, n_components=2, classes=["a"]
+        )

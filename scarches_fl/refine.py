@@ -628,6 +628,40 @@ def _with_contributed(
     )
 
 
+def _with_latent_only_types(
+    prediction: LabelPrediction, overlay: LabelPrediction, types: Sequence[str]
+) -> LabelPrediction:
+    """``prediction`` (expression) where ``overlay`` (the latent prototypes over every accepted
+    prototype) does not put a cell on one of ``types`` (contributed without an expression
+    part); the overlay's label, uncertainty and source where it does. As for contributed
+    expression types, a contribution adds names and never re-decides between the types the
+    expression rule reads (ADR 0045)."""
+    takes = np.isin(np.asarray(overlay.top_label).astype(str), list(types))
+    classes = list(prediction.classes) + [c for c in overlay.classes if c not in prediction.classes]
+    col = {c: j for j, c in enumerate(classes)}
+    probs = np.zeros((len(takes), len(classes)), dtype=np.float32)
+    probs[:, : len(prediction.classes)] = prediction.probabilities
+    over = np.zeros_like(probs)
+    over[:, [col[c] for c in overlay.classes]] = overlay.probabilities
+    source = (
+        np.asarray(prediction.source, dtype=object)
+        if len(prediction.source) == len(takes)
+        else np.full(len(takes), "genesis", dtype=object)
+    )
+    novelty = prediction.novelty if len(prediction.novelty) == len(takes) else np.zeros(len(takes))
+    over_novelty = overlay.novelty if len(overlay.novelty) == len(takes) else np.zeros(len(takes))
+    return LabelPrediction(
+        pred=np.where(takes, overlay.pred, prediction.pred).astype(object),
+        uncertainty=np.where(takes, overlay.uncertainty, prediction.uncertainty).astype(np.float32),
+        top_label=np.where(takes, overlay.top_label, prediction.top_label).astype(object),
+        probabilities=np.where(takes[:, None], over, probs),
+        classes=classes,
+        method=prediction.method,
+        novelty=np.where(takes, over_novelty, novelty).astype(np.float32),
+        source=np.where(takes, np.asarray(overlay.source, dtype=object), source).astype(object),
+    )
+
+
 def predict_cell_labels(
     labels_manifest: Mapping[str, Any],
     tensors: Mapping[str, Any],
@@ -705,11 +739,12 @@ def transfer_labels(
     query (raw counts in X or ``layer``, in memory or backed); ``latent``: its embedding.
     ``method``: ``"expression"`` (expression prototypes, this module), ``"prototype"`` /
     ``"knn"`` (:func:`scarches_fl.labels.predict_labels` on the latent), or ``"auto"``:
-    expression where the bundle carries it for ``label_key`` and every type its label knowledge
-    holds has an expression prototype (the reference's own, or contributed with one: ADR 0045),
-    else what :func:`~scarches_fl.labels.predict_labels` picks. (Types learned from label
-    contributions without an expression part exist as latent prototypes only, so ``auto`` then
-    reads the latent; ``expression`` can be asked for and names only the types it has.)"""
+    expression where the bundle carries it for ``label_key``, else what
+    :func:`~scarches_fl.labels.predict_labels` picks. Types contributed with an expression part
+    are named by the expression rule's second pass; types contributed without one (format
+    version 1, e.g. under DP) exist as latent prototypes only, and ``auto`` names them where the
+    latent prototypes put a cell on one of them (ADR 0045); ``expression`` names only the types
+    with expression prototypes."""
     from scarches_fl.labels import predict_labels
 
     if method not in LABEL_METHODS:
@@ -730,21 +765,12 @@ def transfer_labels(
         str(e.get("label")) for e in expression.get("contributed", [])
     }
     learned_later = sorted(proto_classes - nameable)
-    if method == "auto" and learned_later:
-        # types the reference learned from sites' label contributions without an expression
-        # part (format version 1) exist as latent prototypes only: the expression rule could
-        # not name them
-        logger.info(
-            "label method auto: %d types were contributed after training without expression "
-            "prototypes (%s); reading the latent so that they can be named",
-            len(learned_later),
-            ", ".join(learned_later[:5]),
-        )
+    if method == "auto" and learned_later and not has_expr:
         method = "latent"
     if method in ("auto", "expression") and has_expr:
         scores = query_scores(model.labels["expression"], tensors, adata, model.genes, layer=layer)
         batches = np.asarray(adata.obs[batch_key]).astype(str)
-        return predict_cell_labels(
+        prediction = predict_cell_labels(
             model.labels,
             tensors,
             scores,
@@ -754,6 +780,25 @@ def transfer_labels(
             classifier_classes=list(model.registration.get("classifier_classes", [])),
             threshold=threshold,
         )
+        if method == "auto" and learned_later:
+            # types contributed without an expression part (format version 1, e.g. under DP)
+            # exist as latent prototypes only: they are named from the latent
+            logger.info(
+                "label method auto: %d types were contributed without expression prototypes "
+                "(%s); the latent prototypes name them",
+                len(learned_later),
+                ", ".join(learned_later[:5]),
+            )
+            overlay = predict_labels(
+                model.labels,
+                model.extra_tensors,
+                latent,
+                label_key=label_key,
+                threshold=threshold,
+                method="prototype",
+            )
+            return _with_latent_only_types(prediction, overlay, learned_later)
+        return prediction
     return predict_labels(
         model.labels,
         model.extra_tensors,

@@ -398,3 +398,34 @@ def test_auto_reads_expression_when_contributed_types_carry_expression(monkeypat
         model, query, np.zeros((2, 2)), label_key="cell_type", batch_key="b"
     )
     assert out == "expression labels" and seen["called"]
+
+
+def test_latent_only_types_are_named_from_the_latent_and_nothing_else_moves():
+    from scarches_fl.labels import LabelPrediction
+    from scarches_fl.refine import _with_latent_only_types
+
+    expr = LabelPrediction(
+        pred=np.array(["a", "b", "Unknown"], dtype=object),
+        uncertainty=np.array([0.1, 0.2, 0.7], np.float32),
+        top_label=np.array(["a", "b", "a"], dtype=object),
+        probabilities=np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32),
+        classes=["a", "b"],
+        method="expression",
+    )
+    latent = LabelPrediction(
+        pred=np.array(["b", "x:c", "x:c"], dtype=object),
+        uncertainty=np.array([0.3, 0.1, 0.2], np.float32),
+        top_label=np.array(["b", "x:c", "x:c"], dtype=object),
+        probabilities=np.array([[0.1, 0.6, 0.3], [0.0, 0.1, 0.9], [0.1, 0.1, 0.8]], np.float32),
+        classes=["a", "b", "x:c"],
+        method="prototype",
+        source=np.array(["genesis", "x#4", "x#4"], dtype=object),
+    )
+    out = _with_latent_only_types(expr, latent, ["x:c"])
+    # cell 0: the latent disagrees among the reference's own types; the expression call stays
+    assert list(out.pred) == ["a", "x:c", "x:c"]
+    assert list(out.source) == ["genesis", "x#4", "x#4"]
+    assert out.classes == ["a", "b", "x:c"] and out.method == "expression"
+    np.testing.assert_allclose(out.probabilities[0], [0.9, 0.1, 0.0])
+    np.testing.assert_allclose(out.probabilities[1], [0.0, 0.1, 0.9])
+    np.testing.assert_allclose(out.uncertainty, [0.1, 0.1, 0.2])

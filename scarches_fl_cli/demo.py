@@ -334,9 +334,10 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
     _run(cli + ["coordinator", "label-policy", "accept", "--dir", str(state), "--label-key",
                 "cell_type", "--name", f"{GROWTH_TEACHER}:{GROWTH_TYPE}", "--as", GROWTH_TYPE],
          logs / "coordinator-label-policy.log", "label-policy accept")
-    print(f"[6/7] {GROWTH_LEARNER}: maps its study again on the grown reference (latent "
-          f"prototypes), with the genesis labels only and with {GROWTH_TEACHER}'s contribution, "
-          f"whose {GROWTH_TYPE} the operator accepted into the vocabulary")
+    print(f"[6/7] {GROWTH_LEARNER}: maps its study again on the grown reference (default "
+          f"labels: expression prototypes), with the genesis labels only and with "
+          f"{GROWTH_TEACHER}'s contribution, whose {GROWTH_TYPE} the operator accepted into the "
+          f"vocabulary")
     learner = next(s for s in DEMO_SITES if s.site_id == GROWTH_LEARNER)
     learner_dir = wd / "sites" / learner.site_id
     for name, extra in (("mapped-genesis-labels.h5ad", ["--genesis-labels-only"]),
@@ -346,7 +347,7 @@ def _consortium(args: argparse.Namespace, panc8: Path, wd: Path, logs: Path, pro
             "--key", str(learner_dir / "keys" / "site.key"), "--site-id", learner.site_id,
             "--state", str(learner_dir / "state"), "--data", str(panc8), "--batch-key", "batch",
             "--label-key", "cell_type", "--batches", ",".join(learner.studies),
-            "--label-method", "prototype", "--out", str(learner_dir / name), *extra,
+            "--out", str(learner_dir / name), *extra,
         ], logs / f"{learner.site_id}.log", f"{learner.site_id} mapping again")
     growth = _growth_row(learner_dir)
 

@@ -447,8 +447,8 @@ def plot(results: list[Path], out: Path) -> Path:
                 continue
             xs.append(i + (j - len(bars) / 2 + 0.5) * width)
             means.append(v["mean"])
-            lo.append(v["mean"] - v["min"])
-            hi.append(v["max"] - v["mean"])
+            lo.append(max(0.0, v["mean"] - v["min"]))  # equal seeds: rounding, not spread
+            hi.append(max(0.0, v["max"] - v["mean"]))
         ax.bar(xs, means, width, yerr=[lo, hi], capsize=2, label=label)
     ax.set_xticks(range(len(docs)))
     ax.set_xticklabels(

@@ -338,6 +338,8 @@ def _transfer_labels(
     mapped.source = source.astype(str) if len(source) == n else np.full(n, "genesis")
     mapped.label_method = str(p.method)
     n_unknown = int(np.sum(mapped.pred == "Unknown"))
+    # the expression rule calls a cell Unknown on its novelty alone (ADR 0071)
+    rule = "novelty" if p.method == "expression" else "uncertainty"
     mapped.notes.append(
-        f"labels ({p.method}): {n_unknown} of {n} cells called Unknown (uncertainty > {threshold})"
+        f"labels ({p.method}): {n_unknown} of {n} cells called Unknown ({rule} > {threshold})"
     )

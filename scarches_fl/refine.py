@@ -85,6 +85,7 @@ __all__ = [
     "expression_label_posteriors",
     "has_expression_prototypes",
     "latent_classifier_probabilities",
+    "latent_novelty_factor",
     "lognormalize",
     "predict_cell_labels",
     "project_counts",
@@ -572,6 +573,7 @@ def _with_contributed(
     *,
     tail: float,
     threshold: float,
+    unknown: str = "novel",
 ) -> LabelPrediction:
     """``prediction`` (the reference's own types) with the types sites contributed
     (:func:`contributed_expression_types`): a second pass over the reference's and the
@@ -615,7 +617,9 @@ def _with_contributed(
     old_probs[:, : len(own)] = prediction.probabilities
     source = np.full(len(top), "genesis", dtype=object)
     source[takes] = np.array(extra["sources"], dtype=object)[top[takes] - len(own)]
-    pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)
+    # "Unknown" by the same rule as the first pass (ADR 0071)
+    called = (1.0 - factor) > threshold if unknown == "novel" else uncertainty > threshold
+    pred = np.where(called, UNKNOWN, top_label).astype(object)
     return LabelPrediction(
         pred=np.where(takes, pred, prediction.pred).astype(object),
         uncertainty=np.where(takes, uncertainty, prediction.uncertainty).astype(np.float32),
@@ -662,6 +666,47 @@ def _with_latent_only_types(
     )
 
 
+def latent_novelty_factor(
+    labels_manifest: Mapping[str, Any],
+    latent: Any,
+    batches: Any,
+    *,
+    label_key: str,
+    sure: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """The latent prototypes' novelty factor of query cells (ADR 0071), or ``None`` where the
+    bundle has no calibrated latent prototypes for ``label_key`` or ``latent`` does not fit them.
+
+    The statistic is the smallest (inflated) squared Mahalanobis distance to a prototype in the
+    latent, as :func:`scarches_fl.labels.predict_labels` computes it, divided per query batch by
+    that batch's residual scale (median statistic of its ``sure`` cells over the reference's
+    out-of-fold median, at least 1: a sparser technology lies farther from every prototype,
+    which is not novelty), then read on the reference's out-of-fold quantiles."""
+    from scarches_fl.labels import _proto_scores
+
+    level = (labels_manifest or {}).get("levels", {}).get(label_key, {})
+    proto = level.get("prototype") or {}
+    calibration = proto.get("calibration") or {}
+    if not proto.get("prototypes") or "novelty_quantiles" not in calibration or latent is None:
+        return None
+    z = np.asarray(latent, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != len(proto["prototypes"][0]["mean"]):
+        return None
+    stat = np.empty(z.shape[0])
+    for lo in range(0, z.shape[0], 8192):
+        _scores, stat[lo : lo + 8192] = _proto_scores(z[lo : lo + 8192], proto, proto["classes"])
+    quantiles = np.asarray(calibration["novelty_quantiles"], dtype=np.float64)
+    ref_median = max(float(quantiles[quantiles.size // 2]), 1e-12)
+    batches = np.asarray(batches).astype(str)
+    for b in sorted(set(batches.tolist())):
+        rows = batches == b
+        pick = rows & sure if sure is not None else rows
+        if pick.sum() >= 3:
+            stat[rows] /= max(1.0, float(np.median(stat[pick])) / ref_median)
+    tail = float(labels_manifest.get("novelty_tail", 0.05))
+    return _novelty_factor(stat, quantiles, tail)
+
+
 def predict_cell_labels(
     labels_manifest: Mapping[str, Any],
     tensors: Mapping[str, Any],
@@ -674,10 +719,33 @@ def predict_cell_labels(
     threshold: float = 0.5,
     rounds: int = 3,
     latent_weight: float = 1.0,
+    latent_novelty: bool = True,
+    unknown: str = "novel",
+    balanced_head: bool = True,
 ) -> LabelPrediction:
     """Labels from the bundle's expression prototypes, the per-batch offset and the latent
     classifier (module docstring); ``tensors``: every tensor of the bundle (the model's and
-    the extra ones). ``method`` of the result is ``"expression"``."""
+    the extra ones). ``method`` of the result is ``"expression"``.
+
+    ADR 0071 (the defaults; ``latent_novelty=False, unknown="uncertain", balanced_head=False``
+    is ADR 0070's rule):
+
+    * ``latent_novelty``: the novelty factor is the product of the expression rule's and the
+      latent prototypes' (:func:`latent_novelty_factor`), so a type the reference lacks that
+      projects onto a known type in the expression subspace is still flagged where the latent
+      sets it apart, and a cell at the edge of both is ranked above one at the edge of one;
+      the name stays the expression rule's.
+    * ``unknown="novel"``: a cell is called Unknown when its novelty (``1 - factor``) is above
+      ``threshold``: it lies outside what the reference covers. A cell torn between two known
+      types keeps the more probable name; its ``uncertainty`` (``1 - p_top * factor``, as
+      before) says how sure that is. ``"uncertain"``: Unknown where the uncertainty is above
+      ``threshold``, as the latent rules do.
+    * ``balanced_head``: the latent classifier's probabilities are divided by the reference's
+      class frequencies before they are combined, so the head brings the latent's evidence
+      without the reference's composition as a prior (the expression rule has none): a rare
+      type is not outvoted for being rare in the reference."""
+    if unknown not in ("novel", "uncertain"):
+        raise LabelTransferError(f"unknown must be 'novel' or 'uncertain', not {unknown!r}")
     if not 0.0 <= threshold <= 1.0:
         raise LabelTransferError("threshold must be in [0, 1]")
     if not has_expression_prototypes(labels_manifest, tensors, label_key):
@@ -688,6 +756,10 @@ def predict_cell_labels(
     level_info = labels_manifest["levels"][label_key]["expression"]
     classes = list(level_info["classes"])
     start = latent_classifier_probabilities(tensors, classifier_classes, latent, classes)
+    if start is not None and balanced_head:
+        freq = np.maximum(np.asarray(level_info["cell_counts"], dtype=np.float64), 1.0)
+        start = start / freq[None, :]
+        start = start / np.maximum(start.sum(axis=1, keepdims=True), 1e-300)
     probs, stat, _offsets = expression_label_posteriors(
         level_info,
         tensors,
@@ -703,9 +775,16 @@ def predict_cell_labels(
     p_top = probs[np.arange(len(top)), top]
     tail = float(labels_manifest.get("novelty_tail", 0.05))
     factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
+    if latent_novelty:
+        latent_factor = latent_novelty_factor(
+            labels_manifest, latent, batches, label_key=label_key, sure=p_top >= 0.5
+        )
+        if latent_factor is not None:
+            factor = factor * latent_factor
     uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
     top_label = np.array(classes, dtype=object)[top]
-    pred = np.where(uncertainty > threshold, UNKNOWN, top_label).astype(object)
+    called = (1.0 - factor) > threshold if unknown == "novel" else uncertainty > threshold
+    pred = np.where(called, UNKNOWN, top_label).astype(object)
     if not math.isfinite(float(uncertainty.sum())):  # pragma: no cover - defensive
         raise LabelTransferError("expression label transfer produced non-finite values")
     prediction = LabelPrediction(
@@ -718,7 +797,14 @@ def predict_cell_labels(
         novelty=(1.0 - factor).astype(np.float32),
     )
     return _with_contributed(
-        prediction, level_info, tensors, scores, batches, tail=tail, threshold=threshold
+        prediction,
+        level_info,
+        tensors,
+        scores,
+        batches,
+        tail=tail,
+        threshold=threshold,
+        unknown=unknown,
     )
 
 
@@ -732,6 +818,7 @@ def transfer_labels(
     layer: str | None = None,
     method: str = "auto",
     threshold: float = 0.5,
+    expression_options: Mapping[str, Any] | None = None,
 ) -> LabelPrediction:
     """Labels of a mapped query as ``map`` and ``site map`` write them.
 
@@ -744,7 +831,8 @@ def transfer_labels(
     are named by the expression rule's second pass; types contributed without one (format
     version 1, e.g. under DP) exist as latent prototypes only, and ``auto`` names them where the
     latent prototypes put a cell on one of them (ADR 0045); ``expression`` names only the types
-    with expression prototypes."""
+    with expression prototypes. ``expression_options``: keyword arguments for
+    :func:`predict_cell_labels` (benchmarks compare rules with them)."""
     from scarches_fl.labels import predict_labels
 
     if method not in LABEL_METHODS:
@@ -779,6 +867,7 @@ def transfer_labels(
             label_key=label_key,
             classifier_classes=list(model.registration.get("classifier_classes", [])),
             threshold=threshold,
+            **dict(expression_options or {}),
         )
         if method == "auto" and learned_later:
             # types contributed without an expression part (format version 1, e.g. under DP)

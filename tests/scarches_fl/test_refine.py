@@ -429,3 +429,154 @@ def test_latent_only_types_are_named_from_the_latent_and_nothing_else_moves():
     np.testing.assert_allclose(out.probabilities[0], [0.9, 0.1, 0.0])
     np.testing.assert_allclose(out.probabilities[1], [0.0, 0.1, 0.9])
     np.testing.assert_allclose(out.uncertainty, [0.1, 0.1, 0.2])
+
+
+def _with_latent_prototypes(manifest, ref, seed=0):
+    """The expression manifest plus latent prototypes built on a stand-in reference latent:
+    one well-separated Gaussian cluster per type (4 dimensions)."""
+    from scarches_fl.labels import build_label_knowledge
+
+    types = ref.obs["cell_type"].astype(str).to_numpy()
+    classes = sorted(set(types))
+    centres = {t: 6.0 * np.eye(4)[i % 4] * (1 + i // 4) for i, t in enumerate(classes)}
+    rng = np.random.default_rng(seed)
+    z = np.stack([centres[t] for t in types]) + rng.normal(size=(len(types), 4))
+    knowledge, _atlas = build_label_knowledge(z, {"cell_type": types}, seed=seed)
+    merged = {**knowledge, **manifest}
+    merged["levels"] = {
+        "cell_type": {**knowledge["levels"]["cell_type"], **manifest["levels"]["cell_type"]}
+    }
+    return merged, centres, rng
+
+
+def test_a_cell_the_latent_sets_apart_is_unknown_although_its_expression_is_typical(
+    strong_shift,
+):
+    """ADR 0071: the novelty factor is the product of the expression rule's and the latent
+    prototypes'. Query cells whose expression is an ordinary known type but whose latent lies
+    far from every prototype (a type the subspace cannot tell apart) are called Unknown; the
+    same cells placed on their type's latent prototype are named."""
+    ref, query = strong_shift
+    manifest, tensors = _fit(ref, n_components=30)
+    manifest, centres, rng = _with_latent_prototypes(manifest, ref)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    latent = np.stack([centres[t] for t in truth]) + rng.normal(size=(len(truth), 4))
+    apart = np.arange(len(truth)) % 4 == 0  # a quarter of the cells, every type and batch
+    far = latent.copy()
+    far[apart] += 25.0
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    batches = query.obs["batch"].to_numpy()
+
+    def call(z, **kw):
+        return predict_cell_labels(
+            manifest, tensors, scores, batches, z, label_key="cell_type", **kw
+        )
+
+    near, moved, own = call(latent), call(far), call(far, latent_novelty=False)
+    assert np.mean(moved.pred[apart] == "Unknown") > 0.95
+    assert np.mean(own.pred[apart] == "Unknown") <= 0.15
+    # the names are the expression rule's either way; only the novelty differs
+    np.testing.assert_array_equal(moved.top_label, own.top_label)
+    # cells the latent finds typical: hardly any more Unknown than by the expression alone
+    # (which calls some of this strongly shifted query Unknown without a latent head)
+    assert np.mean(moved.pred[~apart] == "Unknown") <= np.mean(own.pred[~apart] == "Unknown") + 0.03
+    assert np.mean(near.pred == "Unknown") <= np.mean(own.pred[~apart] == "Unknown") + 0.03
+    assert M.unknown_detection_auroc(moved.uncertainty, apart) > 0.97
+
+
+def test_latent_novelty_is_scaled_per_batch_and_absent_without_prototypes(strong_shift):
+    """A batch lying farther from every latent prototype as a whole (a sparser technology) is
+    not read as novel; a bundle without latent prototypes, or a latent of another width, has
+    no latent novelty factor."""
+    from scarches_fl.refine import latent_novelty_factor
+
+    ref, query = strong_shift
+    manifest, _tensors = _fit(ref, n_components=10)
+    merged, centres, rng = _with_latent_prototypes(manifest, ref)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    latent = np.stack([centres[t] for t in truth]) + rng.normal(size=(len(truth), 4))
+    batches = query.obs["batch"].to_numpy().astype(str)
+    wide = batches == batches[0]
+    spread = latent.copy()
+    spread[wide] = np.stack([centres[t] for t in truth[wide]]) + 2.5 * rng.normal(
+        size=(wide.sum(), 4)
+    )
+    scaled = latent_novelty_factor(merged, spread, batches, label_key="cell_type")
+    unscaled = latent_novelty_factor(
+        merged, spread, np.arange(len(truth)).astype(str), label_key="cell_type"
+    )
+    assert scaled is not None and unscaled is not None
+    assert np.mean(scaled[wide] < 0.5) <= 0.05
+    assert np.mean(unscaled[wide] < 0.5) > 0.2
+    assert latent_novelty_factor(manifest, latent, batches, label_key="cell_type") is None
+    assert latent_novelty_factor(merged, latent[:, :3], batches, label_key="cell_type") is None
+
+
+def test_unknown_follows_the_novelty_and_the_uncertainty_still_ranks():
+    """ADR 0071: with ``unknown="novel"`` (the default) a cell is Unknown exactly where its
+    novelty is above the threshold. On overlapping types (programs of fold 1.4) a cell torn
+    between two known types keeps its top label, which is right more often than not, where
+    the uncertainty rule calls it Unknown; the uncertainty is the same number under both."""
+    adata = simulate_counts(
+        1500, n_genes=300, n_batches=3, n_cell_types=5, seed=7, program_fold=1.4
+    )
+    ref, query = _split(adata, ("batch2",))
+    manifest, tensors = _fit(ref, n_components=30)
+    novel_rule = _labels(manifest, tensors, query)
+    uncertain_rule = _labels(manifest, tensors, query, unknown="uncertain")
+    np.testing.assert_array_equal(novel_rule.uncertainty, uncertain_rule.uncertainty)
+    np.testing.assert_array_equal(novel_rule.top_label, uncertain_rule.top_label)
+    np.testing.assert_array_equal(novel_rule.pred == "Unknown", novel_rule.novelty > 0.5)
+    np.testing.assert_array_equal(
+        uncertain_rule.pred == "Unknown", uncertain_rule.uncertainty > 0.5
+    )
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    torn = (novel_rule.novelty <= 0.5) & (novel_rule.uncertainty > 0.5)
+    assert torn.sum() >= 10
+    assert (novel_rule.pred[torn] == novel_rule.top_label[torn]).all()
+    assert (uncertain_rule.pred[torn] == "Unknown").all()
+    assert np.mean(novel_rule.top_label[torn] == truth[torn]) > 0.5
+    assert M.label_accuracy(truth, novel_rule.pred) > M.label_accuracy(truth, uncertain_rule.pred)
+    with pytest.raises(LabelTransferError, match="'novel' or 'uncertain'"):
+        _labels(manifest, tensors, query, unknown="sometimes")
+
+
+def test_a_balanced_head_brings_no_reference_composition():
+    """ADR 0071: the latent head's probabilities are divided by the reference's class
+    frequencies before they are combined. A head that knows nothing but the composition (its
+    bias the log frequencies) then counts exactly as a head with no preference at all, and a
+    type with 12 reference cells is named no less often than with the biased head."""
+    adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=7)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    is_ref = (adata.obs["batch"] != "batch2").to_numpy()
+    keep = is_ref.copy()
+    keep[np.flatnonzero(is_ref & (types == "type4"))[12:]] = False
+    ref, query = adata[keep].copy(), adata[~is_ref].copy()
+    manifest, tensors = _fit(ref, n_components=30)
+    level = manifest["levels"]["cell_type"]["expression"]
+    classes = level["classes"]
+    freq = np.asarray(level["cell_counts"], dtype=np.float64)
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    batches = query.obs["batch"].to_numpy()
+
+    def call(bias, **kw):
+        head = {"classifier.weight": np.zeros((len(classes), 2)), "classifier.bias": bias}
+        return predict_cell_labels(
+            manifest,
+            {**tensors, **head},
+            scores,
+            batches,
+            np.zeros((query.n_obs, 2)),
+            label_key="cell_type",
+            classifier_classes=classes,
+            **kw,
+        )
+
+    composition = np.log(freq / freq.sum())
+    balanced = call(composition)
+    flat = call(np.zeros(len(classes)), balanced_head=False)
+    biased = call(composition, balanced_head=False)
+    np.testing.assert_allclose(balanced.probabilities, flat.probabilities, rtol=1e-5, atol=1e-6)
+    rare = query.obs["cell_type"].astype(str).to_numpy() == "type4"
+    assert np.mean(balanced.pred[rare] == "type4") >= np.mean(biased.pred[rare] == "type4")
+    assert np.mean(balanced.pred[rare] == "type4") > 0.5

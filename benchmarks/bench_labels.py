@@ -248,11 +248,67 @@ def score(ref_latent, query_latent, ref, query, *, holdout, seed=0) -> dict:
     return out
 
 
+def _cache_dir(cache: Path, scenario: str, seed: int, settings: dict) -> Path:
+    """Where ``--model-cache`` keeps one trained and mapped model: the scenario, the seed and a
+    digest of the training settings name it, so a changed setting never reads a stale model."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return cache / f"{scenario}_seed{seed}_{key}"
+
+
+def _refit_expression_prototypes(mapped, ref, *, seed: int) -> None:
+    """Fit the expression prototypes of a cached model again with this checkout's code (as
+    ``reference train`` does, on the reference cells and the model's genes): they take
+    seconds, and a benchmark of label rules must measure the current fit, not the one the
+    cache was written with. The trained weights, the latents and the latent prototypes are the
+    cache's."""
+    from scarches_fl.data import register
+    from scarches_fl.model import _add_expression_prototypes
+
+    reg = register(
+        ref[:, mapped.genes].copy(),
+        batch_key=BATCH,
+        namespace="ref",
+        likelihood=mapped.hyperparameters.get("likelihood", "nb"),
+        label_key=LABEL,
+    )
+    _add_expression_prototypes(mapped, reg, LABEL, seed=seed)
+
+
 def run_scarches_fl(
-    ref, query, *, seed: int, max_epochs: int | None, surgery_epochs: int | None, model_kwargs: dict
+    ref,
+    query,
+    *,
+    seed: int,
+    max_epochs: int | None,
+    surgery_epochs: int | None,
+    model_kwargs: dict,
+    cache: Path | None = None,
+    scenario: str = "",
 ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train our reference, map the query; returns (reference latent, query latent, run info,
+    the mapped model). With ``cache``, a model mapped earlier with the same scenario, seed and
+    settings is read from there instead of trained (the label rules are scored afresh on it);
+    the run info is the training run's."""
     from scarches_fl.model import ReferenceModel
 
+    where = None
+    if cache is not None:
+        settings = {
+            "max_epochs": max_epochs,
+            "surgery_epochs": surgery_epochs,
+            "model_kwargs": model_kwargs,
+        }
+        where = _cache_dir(cache, scenario, seed, settings)
+        if (where / "latents.npz").is_file():
+            with np.load(where / "latents.npz", allow_pickle=False) as z:  # never pickle
+                zr, zq = z["reference"], z["query"]
+            info = json.loads((where / "run.json").read_text())
+            info["read_from_model_cache"] = str(where)
+            mapped = ReferenceModel.from_bundle(where / "mapped")
+            _refit_expression_prototypes(mapped, ref, seed=seed)
+            return zr, zq, info, mapped
     t0 = time.perf_counter()
     model = ReferenceModel.train_reference(
         ref,
@@ -283,17 +339,35 @@ def run_scarches_fl(
         "hyperparameters": model.hyperparameters,
         "n_genes": len(model.genes),
     }
+    if where is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        res.model.save(where / "mapped")
+        np.savez(where / "latents.npz", reference=ref_latent, query=res.latent)
+        (where / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return np.asarray(ref_latent), np.asarray(res.latent), info, res.model
 
 
-def score_expression(mapped_model, query_latent, ref, query, *, holdout) -> dict:
+#: ADR 0070's expression rule, before ADR 0071 (kept in the JSON as ``expression_adr0070``)
+ADR0070_RULE = {"latent_novelty": False, "unknown": "uncertain", "balanced_head": False}
+
+
+def score_expression(
+    mapped_model, query_latent, ref, query, *, holdout, options: dict | None = None
+) -> dict:
     """What ``map`` writes by default: expression prototypes with a per-batch offset
-    (``scarches_fl.refine.transfer_labels``, ADR 0070), and how it names the types the
-    reference has fewer than 20 cells of."""
+    (``scarches_fl.refine.transfer_labels``, ADRs 0070 and 0071; ``options``: another rule, e.g.
+    :data:`ADR0070_RULE`), and how it names the types the reference has fewer than 20 cells
+    of."""
     from scarches_fl.refine import transfer_labels
 
     pred = transfer_labels(
-        mapped_model, query, query_latent, label_key=LABEL, batch_key=BATCH, method="expression"
+        mapped_model,
+        query,
+        query_latent,
+        label_key=LABEL,
+        batch_key=BATCH,
+        method="expression",
+        expression_options=options,
     )
     truth = query.obs[LABEL].to_numpy().astype(str)
     out = label_figures(truth, pred.pred.astype(str), pred.top_label.astype(str), ref)
@@ -514,6 +588,7 @@ def run_scenario(
     model_kwargs: dict,
     max_epochs: int | None,
     surgery_epochs: int | None,
+    model_cache: Path | None = None,
 ) -> dict:
     ref, query = split(scenario)
     holdout = SCENARIOS[scenario]["holdout"]
@@ -542,10 +617,15 @@ def run_scenario(
         max_epochs=max_epochs,
         surgery_epochs=surgery_epochs,
         model_kwargs=model_kwargs,
+        cache=model_cache,
+        scenario=scenario,
     )
     result["methods"]["scarches_fl"] = {
         "run": info,
         "expression": score_expression(mapped, zq, ref, query, holdout=holdout),
+        "expression_adr0070": score_expression(
+            mapped, zq, ref, query, holdout=holdout, options=ADR0070_RULE
+        ),
         **score(zr, zq, ref, query, holdout=holdout, seed=seed),
     }
     truth = query.obs[LABEL].to_numpy().astype(str)
@@ -585,6 +665,7 @@ def run_scenario(
 # the no-integration classifier
 _VARIANT_NAMES = (
     "expression",
+    "expression_adr0070",
     "knn",
     "prototype",
     "knn_query_context",
@@ -759,6 +840,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument(
+        "--model-cache",
+        default=None,
+        metavar="DIR",
+        help="keep each trained and mapped model of ours (bundle + latents) under DIR and read "
+        "it back on a later run with the same scenario, seed and settings: label rules are then "
+        "re-scored without training again",
+    )
+    ap.add_argument(
         "--scvi-accelerator",
         choices=("cpu", "gpu"),
         default="cpu",
@@ -804,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_kwargs=json.loads(args.model_kwargs),
                 max_epochs=args.max_epochs,
                 surgery_epochs=args.surgery_epochs,
+                model_cache=Path(args.model_cache) if args.model_cache else None,
             )
             for seed in seed_list
         ]

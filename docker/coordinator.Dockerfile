@@ -1,5 +1,6 @@
 # The consortium operator's coordinator: the registry server, the ledger and the blob store.
-# No torch: the coordinator accepts and replays updates with numpy. Build from the repo root:
+# No torch and no site agent: the coordinator accepts and replays updates with numpy
+# (tests/coordinator/test_cli.py runs its commands with both unimportable). Build from the repo root:
 #   docker build -f docker/coordinator.Dockerfile -t scarches-fl-coordinator .
 FROM python:3.11-slim
 
@@ -15,7 +16,6 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY scarches_fl ./scarches_fl
 COPY protocols ./protocols
 COPY coordinator ./coordinator
-COPY site_agent ./site_agent
 COPY scarches_fl_cli ./scarches_fl_cli
 RUN pip install --no-cache-dir -c constraints.txt . \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin operator \

@@ -93,9 +93,23 @@ def missing_extra(exc: ModuleNotFoundError, *, command: str, fallback_extra: str
     missing module is one of our own (a bug: keep its traceback)."""
     module = exc.name or ""
     top = module.partition(".")[0]
+    if top in OWN_PACKAGES and module == top and not _importable(top):
+        return (
+            f"`scarches-fl {command}` needs the package {top!r}, which this install leaves out "
+            "(the coordinator's container image has no site agent); run it where scarches-fl "
+            "is installed whole (the site-agent image, or `pip install -c constraints.txt "
+            "'.[model]'` in the source tree)"
+        )
     if not top or top in OWN_PACKAGES:
         return None
     return _message(command, top, extra_for_module(top) or fallback_extra or "all")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def require_extra(extra: str, *, command: str) -> None:

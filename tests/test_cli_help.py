@@ -176,6 +176,25 @@ def test_a_missing_module_of_our_own_is_a_bug_with_its_traceback() -> None:
     assert message is not None and "'flower' extra" in message
 
 
+def test_a_package_of_ours_left_out_of_the_install_is_named(monkeypatch) -> None:
+    """The coordinator's image has no site_agent: ``site map`` there names what is missing."""
+    import importlib.util
+
+    from scarches_fl import _extras
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "site_agent" else real(name, *a)
+    )
+    exc = ModuleNotFoundError("No module named 'site_agent'", name="site_agent")
+    message = _extras.missing_extra(exc, command="site map", fallback_extra="model")
+    assert message is not None and "`scarches-fl site map`" in message
+    assert "'site_agent'" in message and "leaves out" in message
+    # installed but broken inside: still a bug with its traceback
+    exc = ModuleNotFoundError("No module named 'coordinator'", name="coordinator")
+    assert _extras.missing_extra(exc, command="coordinator init", fallback_extra="") is None
+
+
 def test_every_extra_requirement_maps_to_an_importable_module() -> None:
     """The distribution -> import name table in ``scarches_fl._extras`` covers every dependency
     of the extras the test install has (README: ``.[all,dev,bench]``)."""

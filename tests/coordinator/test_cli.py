@@ -253,22 +253,57 @@ def test_enroll_prints_the_fingerprint_keygen_printed(
     assert fingerprint in out.splitlines() and "second channel" in out
 
 
-def test_coordinator_never_imports_torch(tmp_path: Path) -> None:
+#: What the coordinator's image does not install: the science stack and the site agent.
+_NOT_IN_THE_IMAGE = ("torch", "anndata", "flwr", "site_agent")
+_BLOCKER = f"""
+import sys
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {_NOT_IN_THE_IMAGE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not in the image)", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocker())
+"""
+
+
+def test_coordinator_commands_need_no_torch_and_no_site_agent(
+    tmp_path: Path, reference: Path
+) -> None:
+    """The coordinator's image (docker/coordinator.Dockerfile) installs neither torch nor
+    site_agent: its commands run in a process where they cannot be imported."""
+    block = tmp_path / "blocker"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(_BLOCKER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), str(ROOT)])}
+    state = tmp_path / "state"
+    pub = tmp_path / "site.pub"
+    save_public_key(generate_private_key().public_key(), pub)
     code = (
         "import sys\n"
+        "from scarches_fl_cli.main import main\n"
+        "for argv in (['coordinator', 'init', '--dir', sys.argv[1], '--reference', sys.argv[2]],\n"
+        "             ['coordinator', 'enroll', '--dir', sys.argv[1], '--site-id', 'hosp-a',\n"
+        "              '--public-key', sys.argv[3]],\n"
+        "             ['coordinator', 'status', '--dir', sys.argv[1], '--verify']):\n"
+        "    assert main(argv) == 0, argv\n"
         "import coordinator.admin, coordinator.service, coordinator.server\n"
-        "from scarches_fl_cli.main import build_parser\n"
-        "build_parser()\n"
-        "import protocols.registry_client\n"
-        "assert 'torch' not in sys.modules, 'the coordinator imported torch'\n"
+        f"assert not set({_NOT_IN_THE_IMAGE!r}) & set(sys.modules), sorted(sys.modules)\n"
+        "assert main(['site', 'status', '--state', sys.argv[1]]) == 2\n"  # named, below
     )
-    subprocess.run(
-        [sys.executable, "-c", code],
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(state), str(reference), str(pub)],
         cwd=ROOT,
-        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "hosp-a" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert "`scarches-fl site status` needs the package 'site_agent'" in proc.stderr
 
 
 def test_backup_while_serving(consortium, server, tmp_path: Path, capsys) -> None:

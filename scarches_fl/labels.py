@@ -176,7 +176,7 @@ def _softmax(a: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _novelty_factor(stat: np.ndarray, quantiles: Sequence[float], tail: float) -> np.ndarray:
+def _novelty_factor(stat: np.ndarray, quantiles: Sequence[float] | np.ndarray, tail: float) -> np.ndarray:
     """``min(1, F / tail) * (1 - RANGE_SLOPE * (1 - F))`` where F = fraction of reference cells
     whose statistic is larger (more novel) than ``stat``. ``quantiles`` are the reference
     statistic's quantiles at evenly spaced levels 0..1 (larger = more novel)."""

@@ -86,6 +86,36 @@ def test_guard_refuses_per_cell_values_names_and_unbucketed_counts():
             )
 
 
+def test_expression_part_leaves_per_type_only_and_the_guard_checks_it():
+    z, labels = _data()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(len(labels), 3))  # the cells' scores on a 3-component subspace
+    c = build_site_prototypes(z, labels, label_key="cell_type", policy=LabelPolicy(), expression=x)
+    alpha = c.prototypes[1]
+    assert np.allclose(alpha["expression"]["mean"], x[:57].mean(axis=0))
+    assert len(alpha["expression"]["std"]) == 3 and alpha["expression"]["sigma"] == 0.0
+    text = render_contribution(c, sequence=3, base_size=9, spent=None, budget=None)
+    assert "expression subspace (3 components)" in text
+    e_ok = {"mean": [0.0, 1.0, 2.0], "std": [1.0, 1.0, 1.0], "sigma": 0.0}
+    ok = {"name": "alpha", "count": 20, "mean": [0.0, 1.0], "std": [1.0, 1.0], "sigma": 0.0}
+    v2 = {**_payload([{**ok, "expression": e_ok}]), "format_version": 2, "n_expression": 3}
+    check_outgoing_labels(v2, policy=LabelPolicy(), n_latent=2, n_expression=3)
+    bad = [
+        {**v2, "prototypes": [{**ok, "expression": {**e_ok, "mean": [0.0] * 57}}]},  # per cell
+        {**v2, "prototypes": [{**ok, "expression": {**e_ok, "cells": [1.0]}}]},
+        {**v2, "prototypes": [ok]},  # a version 2 prototype without its expression part
+        {**v2, "n_expression": 57},
+        _payload([{**ok, "expression": e_ok}]),  # version 1 fields, an undeclared part
+    ]
+    for payload in bad:
+        with pytest.raises(PrivacyGuardLabelsError):
+            check_outgoing_labels(payload, policy=LabelPolicy(), n_latent=2, n_expression=3)
+    with pytest.raises(PrivacyGuardLabelsError):  # an expression part the run did not declare
+        check_outgoing_labels(
+            _payload([{**ok, "expression": e_ok}]), policy=LabelPolicy(), n_latent=2
+        )
+
+
 def test_epsilon_budget_per_study(tmp_path):
     led = EpsilonLedger(tmp_path)
     led.check("site/a", 1.0, 1.5)

@@ -121,6 +121,7 @@ def verify_run_directory(
         digest = b.digest
         if labels_env is not None:
             _check_labelled_bundle(b, labels_env)
+            _replay_expression(b, labels_env, shares, records / "rounds")
     return verify_round_chain(
         run_env,
         rounds,
@@ -131,6 +132,78 @@ def verify_run_directory(
         labels_envelope=labels_env,
         label_share_envelopes=shares,
     )
+
+
+def _replay_expression(
+    bundle: Any, labels_env: bytes, envelopes: dict[tuple[str, str], bytes], rounds: Path
+) -> None:
+    """The bundle's expression prototypes are what the coordinator's stages give on the shares
+    the label record lists (ADR 0037): each share's stored arrays
+    (``labels.<site>.<task>.safetensors``) must hash to the digest the record (and the site's
+    signed envelope, checked by the chain) names, and replaying
+    :func:`scarches_fl._federated_expression.replay_expression` on them must give the bundle's
+    expression tensors and calibration."""
+    record = peek_payload(labels_env)
+    expression = record.get("expression")
+    if not expression:
+        return
+    import numpy as np
+    import safetensors.numpy as safetensors_numpy
+
+    from scarches_fl._federated_expression import replay_expression
+
+    tasks = ("expression_moments", "expression_statistics", "expression_calibration")
+    shares: dict[str, dict[str, Any]] = {t: {} for t in tasks}
+    for share in record.get("shares", []):
+        site, task = share.get("site_id"), share.get("task")
+        if task not in shares:
+            continue
+        path = rounds / f"labels.{site}.{task}.safetensors"
+        try:
+            arrays = safetensors_numpy.load(path.read_bytes())
+        except Exception as exc:  # OSError, or safetensors' own error type for a bad file
+            raise FederationError(f"the stored {task} share of {site} cannot be read: {exc}") from exc
+        if tensor_digest(arrays) != share.get("share_digest"):
+            raise FederationError(
+                f"the stored {task} share of {site} is not the one its site signed"
+            )
+        env = envelopes.get((str(site), str(task)))
+        if env is None:
+            raise FederationError(f"the {task} share of {site} is missing")
+        shares[task][str(site)] = (list(peek_payload(env).get("types", [])), arrays)
+    try:
+        _info, level, tensors = replay_expression(
+            shares,
+            classes=[str(c) for c in record.get("kept", [])],
+            n_genes=len(bundle.manifest["genes"]),
+            floor=int(record.get("site_floor", 1)),
+        )
+    except (ValueError, KeyError) as exc:
+        raise FederationError(f"the expression shares do not replay: {exc}") from exc
+    got = bundle.manifest.get("labels", {}).get("levels", {}).get(record.get("label_key"), {})
+    stored = got.get("expression", {})
+    try:
+        same = (
+            set(tensors) == set(expression.get("tensors", []))
+            and all(
+                n in bundle.tensors
+                and bundle.tensors[n].shape == t.shape
+                and np.allclose(bundle.tensors[n], t, rtol=1e-4, atol=1e-5)
+                for n, t in tensors.items()
+            )
+            and stored.get("classes") == level["classes"]
+            and stored.get("cell_counts") == level["cell_counts"]
+            and np.isclose(float(stored.get("temperature", np.nan)), level["temperature"])
+            and np.allclose(
+                stored.get("novelty_quantiles", []), level["novelty_quantiles"], rtol=1e-4
+            )
+        )
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        raise FederationError(
+            "the bundle's expression prototypes are not what the sites' signed shares give"
+        )
 
 
 def _check_labelled_bundle(bundle: Any, labels_env: bytes) -> None:

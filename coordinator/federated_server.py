@@ -357,6 +357,8 @@ class _Federation:
         """Statistics, pooling, calibration (``scarches_fl._federated_labels``); the signed
         ``federated_labels`` record and the shares are written beside the round records.
         Returns (the bundle's label knowledge, what the run record names of it)."""
+        import safetensors.numpy as safetensors_numpy
+
         from protocols.bundle import atomic_write
         from scarches_fl import _federated_labels as FL
 
@@ -424,8 +426,15 @@ class _Federation:
         shares = []
         for task, source, sites in accepted:
             for site in sorted(sites):
-                payload, _arrays, env = source[site]
+                payload, arrays, env = source[site]
                 atomic_write(self.records_dir / f"labels.{site}.{task}.json", env)
+                # the arrays themselves, so that a verifier recomputes what was built from them
+                atomic_write(
+                    self.records_dir / f"labels.{site}.{task}.safetensors",
+                    safetensors_numpy.save(
+                        {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+                    ),
+                )
                 share = {
                     "site_id": site,
                     "task": task,
@@ -490,12 +499,7 @@ class _Federation:
         panel is too large or no site sent moments (the bundle then has latent prototypes
         only)."""
         from scarches_fl import _expression_sums as ES
-        from scarches_fl.refine import (
-            EXPRESSION_COMPONENTS,
-            EXPRESSION_GENE_MEAN,
-            expression_level,
-            expression_projection_info,
-        )
+        from scarches_fl import _federated_expression as FE
 
         n_genes = len(self.genes or [])
         if n_genes > ES.EXACT_PCA_MAX_GENES:
@@ -532,10 +536,7 @@ class _Federation:
         if not moments or sum(m.n for m in moments.values()) < 3:
             log.warning("no expression prototypes: no site sent the moments of its cells")
             return None
-        pooled = ES.pool_moments(list(moments.values()))
-        p = int(min(ES.DEFAULT_N_COMPONENTS, pooled.n - 1, n_genes))
-        gene_mean, comps = ES.subspace_from_moments(pooled, p)
-        projection = (gene_mean.astype(np.float32), comps.astype(np.float32))
+        p, projection, n_cells = FE.federated_subspace(list(moments.values()), n_genes)
         config = {
             **config,
             "expression-n-components": p,
@@ -564,65 +565,32 @@ class _Federation:
             log.warning("no expression prototypes: no site sent sums over the site floor")
             return None
         model = ES.type_model(ES.pool_sums(list(groups.values())), p)
-        kappa = ES.DEFAULT_KAPPA
-        per_site = {}
-        for site in groups:
-            prefix = f"{site}/"
-            own = ES.ExpressionTypeModel(
-                model.classes,
-                model.counts,
-                model.means,
-                model.within,
-                {b[len(prefix) :]: o for b, o in model.offsets.items() if b.startswith(prefix)},
-            )
-            per_site[site] = {
-                "expression-model": ES.model_to_json(own),
-                "expression-kappa": float(kappa),
+        per_site = {
+            site: {
+                "expression-model": ES.model_to_json(FE.site_view(model, site)),
+                "expression-kappa": float(ES.DEFAULT_KAPPA),
             }
+            for site in groups
+        }
         task = "expression_calibration"
         got_calib, ex = self._label_exchange(
             task, tensors, model_digest, config, per_site=per_site
         )
         excluded += ex
-        want = {"nll", "novelty_hist", "in_sample_hist", "counts"}
-
-        def calib_arrays(_site: str, _payload: Any, a: Mapping[str, np.ndarray]) -> Any:
-            if set(a) != want or not all(np.all(np.isfinite(v)) for v in a.values()):
-                raise ValueError(f"calibration arrays must be exactly {sorted(want)}, finite")
-            return a
-
-        calibration = read(task, got_calib, calib_arrays)
+        calibration = read(task, got_calib, lambda _s, _p, a: FE.check_calibration_arrays(a))
         try:
-            temperature, quantiles = ES.calibrate_expression(list(calibration.values()))
+            projection_info, level, out_tensors = FE.federated_expression(
+                model, projection, p, n_cells, list(calibration.values())
+            )
         except ValueError as exc:
             log.warning("no expression prototypes: %s", exc)
             return None
-        level, level_tensors = expression_level(
-            0,
-            model,
-            cell_counts=[int(n) for n in model.counts],
-            kappa=kappa,
-            temperature=temperature,
-            quantiles=quantiles,
-        )
-        level["federated"] = True
-        out_tensors = {
-            EXPRESSION_GENE_MEAN: projection[0],
-            EXPRESSION_COMPONENTS: projection[1],
-            **level_tensors,
-        }
         exchanged: list[tuple[str, Mapping[str, Any], set[str]]] = [
             ("expression_moments", got_moments, set(moments)),
             ("expression_statistics", got_groups, set(groups)),
             ("expression_calibration", got_calib, set(calibration)),
         ]
-        return (
-            expression_projection_info(p, pooled.n),
-            level,
-            out_tensors,
-            exchanged,
-            excluded,
-        )
+        return projection_info, level, out_tensors, exchanged, excluded
 
     # -- the run ----------------------------------------------------------------------------
 

@@ -237,9 +237,12 @@ def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(tmp_p
                              coordinator_key=ck.public_key(), bundle=tmp_path / "forged")
 
 
-def test_label_key_gives_the_bundle_expression_prototypes_from_site_sums(tmp_path, site_configs):
+def test_label_key_gives_the_bundle_expression_prototypes_from_site_sums(
+        tmp_path, site_configs, monkeypatch):
     """With a label key the bundle also carries expression prototypes built from the sites'
     signed sums (ADR 0037), so that map's default rule reads it; every share is in the record,
+    verify recomputes the expression prototypes from the stored shares and catches a flipped byte
+    in one,
     each type's and batch's sums a site sent cover at least the site floor of cells, and a bundle
     whose expression tensors were altered does not verify."""
     from coordinator.federated_files import verify_run_directory
@@ -267,14 +270,34 @@ def test_label_key_gives_the_bundle_expression_prototypes_from_site_sums(tmp_pat
             .read_bytes())
         kinds = {json.loads(n)[0] for n in share["types"]}
         assert kinds == {"type", "batch"}  # per-type and per-batch sums, never per group
+    # verify replays the coordinator's arithmetic on the stored shares (torch-free)
     verify_run_directory(tmp_path / "records", site_keys=keys, coordinator_key=ck.public_key(),
                          bundle=tmp_path / "bundle")
+    stored = tmp_path / "records" / "rounds" / "labels.s-b.expression_statistics.safetensors"
+    original = stored.read_bytes()
+    flipped = bytearray(original)
+    flipped[-1] ^= 1  # one byte of the last array
+    stored.write_bytes(bytes(flipped))
+    with pytest.raises(FederationError, match="not the one its site signed"):
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
+    stored.write_bytes(original)
     manifest = {k: v for k, v in bundle.manifest.items() if k != "digest"}
     tensors = dict(bundle.tensors)
     name = level["expression"]["means_tensor"]
     tensors[name] = tensors[name].copy()
-    tensors[name].view(np.uint8)[0] ^= 1  # one flipped byte
+    tensors[name].reshape(-1).view(np.uint8)[0] ^= 1  # one flipped byte
     write_bundle(tmp_path / "forged", make_bundle(manifest, tensors))
     with pytest.raises(FederationError, match="expression prototypes"):
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "forged")
+    # the replay catches what the digest check cannot, prototypes a coordinator computed
+    # wrongly and signed: with the digest check switched off, a bundle whose type means moved
+    import coordinator.federated_files as FF
+
+    monkeypatch.setattr(FF, "_check_labelled_bundle", lambda *_a: None)
+    tensors[name] = bundle.tensors[name] + np.float32(0.5)
+    write_bundle(tmp_path / "forged", make_bundle(manifest, tensors))
+    with pytest.raises(FederationError, match="not what the sites' signed shares give"):
         verify_run_directory(tmp_path / "records", site_keys=keys,
                              coordinator_key=ck.public_key(), bundle=tmp_path / "forged")

@@ -14,6 +14,7 @@ from typing import Any
 from protocols.bundle import atomic_write, content_digest, read_bundle
 from protocols.errors import ConfigError
 from protocols.federated import (
+    LABEL_TASKS,
     ChainReport,
     FederationError,
     FederationPolicy,
@@ -121,6 +122,7 @@ def verify_run_directory(
         digest = b.digest
         if labels_env is not None:
             _check_labelled_bundle(b, labels_env)
+            _replay_latent(b, labels_env, shares, records / "rounds")
             _replay_expression(b, labels_env, shares, records / "rounds")
     return verify_round_chain(
         run_env,
@@ -134,25 +136,17 @@ def verify_run_directory(
     )
 
 
-def _replay_expression(
-    bundle: Any, labels_env: bytes, envelopes: dict[tuple[str, str], bytes], rounds: Path
-) -> None:
-    """The bundle's expression prototypes are what the coordinator's stages give on the shares
-    the label record lists (ADR 0037): each share's stored arrays
-    (``labels.<site>.<task>.safetensors``) must hash to the digest the record (and the site's
-    signed envelope, checked by the chain) names, and replaying
-    :func:`scarches_fl._federated_expression.replay_expression` on them must give the bundle's
-    expression tensors and calibration."""
-    record = peek_payload(labels_env)
-    expression = record.get("expression")
-    if not expression:
-        return
-    import numpy as np
+def _stored_shares(
+    record: dict[str, Any],
+    envelopes: dict[tuple[str, str], bytes],
+    rounds: Path,
+    tasks: tuple[str, ...],
+) -> dict[str, dict[str, Any]]:
+    """``{task: {site: (types, arrays)}}`` of the shares the label record lists for ``tasks``,
+    each read from ``labels.<site>.<task>.safetensors`` and checked against the digest the
+    record (and the site's signed envelope, checked by the chain) names."""
     import safetensors.numpy as safetensors_numpy
 
-    from scarches_fl._federated_expression import replay_expression
-
-    tasks = ("expression_moments", "expression_statistics", "expression_calibration")
     shares: dict[str, dict[str, Any]] = {t: {} for t in tasks}
     for share in record.get("shares", []):
         site, task = share.get("site_id"), share.get("task")
@@ -171,6 +165,73 @@ def _replay_expression(
         if env is None:
             raise FederationError(f"the {task} share of {site} is missing")
         shares[task][str(site)] = (list(peek_payload(env).get("types", [])), arrays)
+    return shares
+
+
+def _close(a: Any, b: Any) -> bool:
+    """JSON-like values equal, numbers within a relative 1e-4 (BLAS differs between machines)."""
+    import math
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+        return bool(a == b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-4, abs_tol=1e-6)
+    return bool(a == b)
+
+
+def _replay_latent(
+    bundle: Any, labels_env: bytes, envelopes: dict[tuple[str, str], bytes], rounds: Path
+) -> None:
+    """The bundle's latent prototypes are what the coordinator's pooling and calibration
+    (``scarches_fl._federated_labels``) give on the stored statistics and calibration shares
+    the label record lists."""
+    from scarches_fl import _federated_labels as FL
+
+    record = peek_payload(labels_env)
+    shares = _stored_shares(record, envelopes, rounds, LABEL_TASKS[:2])
+    key = str(record.get("label_key"))
+    try:
+        n_latent = int(bundle.manifest["hyperparameters"]["n_latent"])
+        stats = [
+            FL.statistics_from_arrays(types, arrays, n_latent=n_latent)
+            for _site, (types, arrays) in sorted(shares["label_statistics"].items())
+        ]
+        model = FL.prototype_model(FL.pool_statistics(stats), min_cells=int(record["min_cells"]))
+        calibration = FL.calibrate(
+            [arrays for _site, (_t, arrays) in sorted(shares["label_calibration"].items())]
+        )
+        labels = FL.label_knowledge(key, model, calibration, n_latent=n_latent)
+    except (ValueError, KeyError) as exc:
+        raise FederationError(f"the label shares do not replay: {exc}") from exc
+    got = bundle.manifest.get("labels", {}).get("levels", {}).get(key, {}).get("prototype")
+    if not _close(got, labels["levels"][key]["prototype"]):
+        raise FederationError(
+            "the bundle's latent prototypes are not what the sites' signed shares give"
+        )
+
+
+def _replay_expression(
+    bundle: Any, labels_env: bytes, envelopes: dict[tuple[str, str], bytes], rounds: Path
+) -> None:
+    """The bundle's expression prototypes are what the coordinator's stages give on the shares
+    the label record lists (ADR 0037): each share's stored arrays
+    (``labels.<site>.<task>.safetensors``) must hash to the digest the record (and the site's
+    signed envelope, checked by the chain) names, and replaying
+    :func:`scarches_fl._federated_expression.replay_expression` on them must give the bundle's
+    expression tensors and calibration."""
+    record = peek_payload(labels_env)
+    expression = record.get("expression")
+    if not expression:
+        return
+    import numpy as np
+
+    from scarches_fl._federated_expression import replay_expression
+
+    shares = _stored_shares(record, envelopes, rounds, LABEL_TASKS[2:])
     try:
         _info, level, tensors = replay_expression(
             shares,

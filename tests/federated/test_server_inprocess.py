@@ -200,7 +200,8 @@ def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_confi
     assert summary["rounds"][0]["missing"] == ["s-c"]
 
 
-def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(tmp_path, site_configs):
+def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(
+        tmp_path, site_configs, monkeypatch):
     """With a label key, training ends with the label exchanges: the bundle carries one
     prototype per type with k cells pooled, built from every site's signed share; the records
     verify, and a bundle whose label knowledge was altered does not."""
@@ -225,6 +226,15 @@ def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(tmp_p
                                   coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
     assert report.final_digest == bundle.digest == result.bundle_digest
     assert report.label_shares_from == ["s-a", "s-b", "s-c"]
+    # verify recomputed the latent prototypes from the stored shares; one flipped byte in a
+    # stored statistics share fails it
+    stored = tmp_path / "records" / "rounds" / "labels.s-a.label_statistics.safetensors"
+    original = stored.read_bytes()
+    stored.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(FederationError, match="not the one its site signed"):
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
+    stored.write_bytes(original)
     # Swap two prototypes' labels and rewrite the bundle (valid digest, wrong knowledge).
     from protocols.bundle import make_bundle
 
@@ -233,6 +243,14 @@ def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(tmp_p
     protos[0]["label"], protos[1]["label"] = protos[1]["label"], protos[0]["label"]
     write_bundle(tmp_path / "forged", make_bundle(manifest, dict(bundle.tensors)))
     with pytest.raises(FederationError, match="label knowledge"):
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "forged")
+    # the replay catches it without the digest check (a coordinator that signed prototypes the
+    # shares do not give)
+    import coordinator.federated_files as FF
+
+    monkeypatch.setattr(FF, "_check_labelled_bundle", lambda *_a: None)
+    with pytest.raises(FederationError, match="latent prototypes are not what"):
         verify_run_directory(tmp_path / "records", site_keys=keys,
                              coordinator_key=ck.public_key(), bundle=tmp_path / "forged")
 

@@ -82,6 +82,7 @@ __all__ = [
     "fit_expression_prototypes",
     "reference_expression_prototypes",
     "sample_reference_rows",
+    "shrunken_means",
     "expression_label_posteriors",
     "has_expression_prototypes",
     "latent_classifier_probabilities",
@@ -99,6 +100,9 @@ EXPRESSION_GENE_MEAN = "expression.gene_mean"
 EXPRESSION_COMPONENTS = "expression.components"
 #: what ``map --label-method`` accepts; ``auto`` = expression where the bundle has it
 LABEL_METHODS = ("auto", "expression", "prototype", "knn")
+#: types with fewer reference cells than this are rare (ADR 0018's prototype floor): their
+#: expression means are read shrunk (ADR 0072)
+RARE_BELOW = 20
 _N_QUANTILES = 41
 
 
@@ -417,6 +421,25 @@ def query_scores(
     )
 
 
+def shrunken_means(
+    nu: np.ndarray, cell_counts: Sequence[int], shrink: float, *, below: int = RARE_BELOW
+) -> np.ndarray:
+    """Type means (whitened, types x components) of the types with fewer than ``below``
+    reference cells shrunk towards the count-weighted centre of all types by soft thresholding
+    (nearest shrunken centroids, Tibshirani et al. 2002; ADR 0072): each component of such a
+    type's deviation from the centre loses ``shrink`` standard errors of its mean,
+    ``sqrt(1/n - 1/N)`` in whitened units (``n`` its reference cells, ``N`` all), and stops at
+    0. A type seen in 15 cells keeps the components that set it apart and loses the noise of
+    its mean in the others; the other types' means are as stored."""
+    n = np.maximum(np.asarray(cell_counts, dtype=np.float64), 1.0)
+    total = n.sum()
+    centre = (n[:, None] * nu).sum(axis=0) / total
+    se = np.sqrt(np.maximum(1.0 / n - 1.0 / total, 0.0))[:, None]
+    dev = nu - centre[None, :]
+    shrunk = centre[None, :] + np.sign(dev) * np.maximum(np.abs(dev) - shrink * se, 0.0)
+    return np.where((n < below)[:, None], shrunk, nu)
+
+
 def expression_label_posteriors(
     level_info: Mapping[str, Any],
     tensors: Mapping[str, Any],
@@ -427,11 +450,17 @@ def expression_label_posteriors(
     rounds: int = 3,
     confident: float = 0.5,
     latent_weight: float = 1.0,
+    shrink: float = 0.0,
+    trust_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class probabilities, the novelty statistic (batch-scaled) and the per-batch offsets
     (batches x components, whitened) of query cells (module docstring). ``scores``: the
     query's :func:`project_counts`; ``start`` the latent classifier's probabilities over
-    ``level_info["classes"]`` (or ``None``)."""
+    ``level_info["classes"]`` (or ``None``); ``shrink``: the type means are read through
+    :func:`shrunken_means` with that many standard errors (0: as stored). ``trust_out`` (one
+    float per cell): filled with how far the latent is trusted on each cell's batch,
+    ``max(0, 2a - 1)^2`` for the batch's agreement ``a`` between the head and the expression
+    labels (1 without a head: nothing to measure the latent by)."""
     classes = list(level_info["classes"])
     means = np.asarray(tensors[level_info["means_tensor"]], dtype=np.float64)
     cov = np.asarray(tensors[level_info["covariance_tensor"]], dtype=np.float64)
@@ -447,6 +476,8 @@ def expression_label_posteriors(
     wm = _whiten(cov)
     w = (scores @ wm.T.astype(np.float32)).astype(np.float32)
     nu = means @ wm.T
+    if shrink > 0:
+        nu = shrunken_means(nu, level_info["cell_counts"], shrink)
     inflation = 1.0 + 1.0 / np.maximum(np.asarray(level_info["cell_counts"], float), 1.0)
     if "spread_factor" in level_info:  # contributed types: a wider or noisier region (ADR 0045)
         inflation = inflation * np.asarray(level_info["spread_factor"], dtype=np.float64)
@@ -494,6 +525,10 @@ def expression_label_posteriors(
             # expression labels (a shift the latent could not absorb lowers it)
             agree = float(np.mean(cur.argmax(axis=1) == start[rows].argmax(axis=1)))
             weight = latent_weight * max(0.0, 2.0 * agree - 1.0) ** 2
+            if trust_out is not None:
+                trust_out[rows] = max(0.0, 2.0 * agree - 1.0) ** 2
+        elif trust_out is not None:
+            trust_out[rows] = 1.0  # no head to measure the latent by
         combined = np.log(np.clip(cur, 1e-300, 1.0)) + weight * log_start[rows]
         weights[bi] = weight
         probs[rows] = _softmax(combined)
@@ -722,6 +757,7 @@ def predict_cell_labels(
     latent_novelty: bool = True,
     unknown: str = "novel",
     balanced_head: bool = True,
+    shrink: float = 1.0,
 ) -> LabelPrediction:
     """Labels from the bundle's expression prototypes, the per-batch offset and the latent
     classifier (module docstring); ``tensors``: every tensor of the bundle (the model's and
@@ -743,7 +779,13 @@ def predict_cell_labels(
     * ``balanced_head``: the latent classifier's probabilities are divided by the reference's
       class frequencies before they are combined, so the head brings the latent's evidence
       without the reference's composition as a prior (the expression rule has none): a rare
-      type is not outvoted for being rare in the reference."""
+      type is not outvoted for being rare in the reference.
+
+    ``shrink`` (ADR 0072): the means of types with fewer than 20 reference cells are read as
+    nearest shrunken centroids, :func:`shrunken_means` with one standard error (0: as stored,
+    ADR 0071's rule), so a type seen in few reference cells is compared on the components that
+    set it apart, not on the noise of its mean. The types contributed by sites (second pass)
+    are read as stored."""
     if unknown not in ("novel", "uncertain"):
         raise LabelTransferError(f"unknown must be 'novel' or 'uncertain', not {unknown!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -760,16 +802,19 @@ def predict_cell_labels(
         freq = np.maximum(np.asarray(level_info["cell_counts"], dtype=np.float64), 1.0)
         start = start / freq[None, :]
         start = start / np.maximum(start.sum(axis=1, keepdims=True), 1e-300)
+    trust = np.ones(len(scores))
     probs, stat, _offsets = expression_label_posteriors(
         level_info,
         tensors,
         scores,
         batches,
+        trust_out=trust,
         start=start,
         # without the head the offset starts from the batch mean; relabelling rounds from
         # there drifted on a simulated strong shift (0.94 -> 0.75 accuracy), so none are run
         rounds=rounds if start is not None else 0,
         latent_weight=latent_weight if start is not None else 0.0,
+        shrink=shrink,
     )
     top = probs.argmax(axis=1)
     p_top = probs[np.arange(len(top)), top]
@@ -780,7 +825,10 @@ def predict_cell_labels(
             labels_manifest, latent, batches, label_key=label_key, sure=p_top >= 0.5
         )
         if latent_factor is not None:
-            factor = factor * latent_factor
+            # the latent is trusted on a batch as far as its head agrees with the expression
+            # (a shift the latent could not absorb moves known cells away from every latent
+            # prototype: that is not novelty)
+            factor = factor * latent_factor**trust
     uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
     top_label = np.array(classes, dtype=object)[top]
     called = (1.0 - factor) > threshold if unknown == "novel" else uncertainty > threshold

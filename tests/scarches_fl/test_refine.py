@@ -580,3 +580,80 @@ def test_a_balanced_head_brings_no_reference_composition():
     rare = query.obs["cell_type"].astype(str).to_numpy() == "type4"
     assert np.mean(balanced.pred[rare] == "type4") >= np.mean(biased.pred[rare] == "type4")
     assert np.mean(balanced.pred[rare] == "type4") > 0.5
+
+
+def test_a_rare_type_mean_keeps_the_components_that_set_it_apart():
+    """ADR 0072: the whitened mean of a type with fewer than 20 reference cells is soft-
+    thresholded towards the centre by one standard error of its mean per component; the
+    components where it truly differs survive, the noise in the others goes, and the means of
+    the other types are untouched."""
+    from scarches_fl.refine import shrunken_means
+
+    rng = np.random.default_rng(0)
+    p = 50
+    common = rng.normal(scale=3.0, size=(3, p))
+    truth = np.zeros(p)
+    truth[:4] = 4.0  # the rare type differs from the centre in 4 components
+    counts = [300, 300, 300, 12]
+    centre = (np.array(counts[:3], float)[:, None] * common).sum(0) / 912
+    noisy = centre + truth + rng.normal(scale=np.sqrt(1 / 12), size=p)
+    nu = np.vstack([common, noisy])
+    out = shrunken_means(nu, counts, 1.0)
+    np.testing.assert_array_equal(out[:3], nu[:3])
+    true_rare = centre + truth
+    err_before = np.sum((nu[3] - true_rare) ** 2)
+    err_after = np.sum((out[3] - true_rare) ** 2)
+    assert err_after < 0.5 * err_before
+    assert np.all(np.abs(out[3, :4] - out[3, :4].mean()) < 1.0)  # the signal stays
+    np.testing.assert_array_equal(shrunken_means(nu, counts, 0.0), nu)
+
+
+def test_the_latent_novelty_counts_as_far_as_the_head_agrees(strong_shift):
+    """ADR 0072: the latent novelty factor is raised to the batch's trust in the latent, the
+    head's agreement ``a`` with the expression labels as ``max(0, 2a - 1)^2`` (1 without a
+    head): the novelty is ``1 - f_expression * f_latent ** trust``."""
+    from scarches_fl.refine import latent_novelty_factor
+
+    ref, query = strong_shift
+    manifest, tensors = _fit(ref, n_components=30)
+    manifest, centres, rng = _with_latent_prototypes(manifest, ref)
+    level = manifest["levels"]["cell_type"]["expression"]
+    classes = level["classes"]
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    latent = np.stack([centres[t] for t in truth]) + rng.normal(size=(len(truth), 4))
+    latent[np.arange(len(truth)) % 4 == 0] += 6.0
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    batches = query.obs["batch"].to_numpy()
+    head = {
+        "classifier.weight": np.zeros((len(classes), 4)),
+        "classifier.bias": np.zeros(len(classes)),
+    }
+    start = latent_classifier_probabilities(head, classes, latent, classes)
+    trust = np.full(len(truth), np.nan)
+    expression_label_posteriors(level, tensors, scores, batches, start=start, trust_out=trust)
+    assert np.all((trust >= 0) & (trust < 1))
+    for b in set(batches):
+        assert np.unique(trust[batches == b]).size == 1  # one trust per batch
+    no_head = np.full(len(truth), np.nan)
+    expression_label_posteriors(level, tensors, scores, batches, trust_out=no_head)
+    assert np.all(no_head == 1.0)
+
+    def call(**kw):
+        return predict_cell_labels(
+            manifest,
+            {**tensors, **head},
+            scores,
+            batches,
+            latent,
+            label_key="cell_type",
+            classifier_classes=classes,
+            **kw,
+        )
+
+    both, own = call(), call(latent_novelty=False)
+    np.testing.assert_array_equal(both.probabilities, own.probabilities)
+    f_latent = latent_novelty_factor(
+        manifest, latent, batches, label_key="cell_type", sure=both.probabilities.max(1) >= 0.5
+    )
+    expected = (1.0 - own.novelty.astype(np.float64)) * f_latent**trust
+    np.testing.assert_allclose(1.0 - both.novelty.astype(np.float64), expected, atol=1e-6)

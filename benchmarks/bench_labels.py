@@ -348,7 +348,12 @@ def run_scarches_fl(
 
 
 #: ADR 0070's expression rule, before ADR 0071 (kept in the JSON as ``expression_adr0070``)
-ADR0070_RULE = {"latent_novelty": False, "unknown": "uncertain", "balanced_head": False}
+ADR0070_RULE = {
+    "latent_novelty": False,
+    "unknown": "uncertain",
+    "balanced_head": False,
+    "shrink": 0.0,
+}
 
 
 def score_expression(

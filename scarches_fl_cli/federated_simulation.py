@@ -198,7 +198,9 @@ def simulate(
         patience=patience,
         min_sites=n_sites,
         round_timeout=round_timeout,
-        wait_for_sites=30.0,
+        # The wait ends as soon as every virtual site has described itself; Ray starting N
+        # workers on a loaded machine took over 30 s (a run failed with 2 of 3 sites).
+        wait_for_sites=120.0,
         seed=seed,
         likelihood=likelihood,
         n_hidden=n_hidden,

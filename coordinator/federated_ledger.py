@@ -80,6 +80,10 @@ def publish_run(
             entries.append(enroll_site(state_dir, site_id=site_id, public_key=site_keys[site_id]))
             log.info("enrolled %s as ledger entry %d", site_id, entries[-1].index)
         size = int(entries[-1].index) + 1 if entries else size
+    else:
+        _require_contributors_enrolled(
+            Path(state_dir), records, final_round, site_keys, coordinator_key
+        )
     for rnd in range(1, final_round + 1):
         rec = open_envelope(
             (records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
@@ -104,6 +108,33 @@ def publish_run(
         size = int(entry.index) + 1
         log.info("appended round %d as ledger entry %d", rnd, entry.index)
     return entries
+
+
+def _require_contributors_enrolled(
+    state_dir: Path,
+    records: Path,
+    final_round: int,
+    site_keys: dict[str, Any],
+    coordinator_key: Any,
+) -> None:
+    """Before anything is appended: every site that contributed to a published round has an
+    active key in the ledger, else a :class:`FederationError` naming the sites and the fix (the
+    ledger would refuse the first round that names one, after earlier rounds were appended)."""
+    contributors: set[str] = set()
+    for rnd in range(1, final_round + 1):
+        rec = open_envelope(
+            (records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
+            ROUND_PAYLOAD_TYPE,
+            coordinator_key,
+        )
+        contributors.update(c["site_id"] for c in rec["contributors"])
+    missing = [s for s in _not_enrolled(state_dir, site_keys) if s in contributors]
+    if missing:
+        raise FederationError(
+            f"the run's contributors {', '.join(missing)} are not enrolled in this ledger; "
+            "enrol them first (`coordinator enroll --site-id ID --public-key FILE`), or publish "
+            "with --enroll to enrol the run's policy sites with the keys its policy names"
+        )
 
 
 def _not_enrolled(state_dir: Path, site_keys: dict[str, Any]) -> list[str]:

@@ -48,6 +48,12 @@ def test_publish_enroll_puts_a_simulated_run_into_the_ledger(
     assert main([*publish, "--dir", str(other_state)]) != 0
     assert "policy names another key" in capsys.readouterr().err
 
+    # Without --enroll, contributors this ledger does not know: refused before anything is
+    # appended, naming the fix.
+    assert main(["federate", "publish", "--records", str(records), "--dir", str(state)]) != 0
+    err = capsys.readouterr().err
+    assert "not enrolled in this ledger" in err and "--enroll" in err
+
     assert main([*publish, "--dir", str(state)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines.count("ledger entry 1: policy") == 1

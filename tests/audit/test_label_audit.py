@@ -17,6 +17,27 @@ def _contribution_indices(led: GeneratedLedger) -> list[int]:
     return [r[0] for r in rows]
 
 
+def _flip_first_digit_after(led: GeneratedLedger, k: int, marker: bytes) -> None:
+    """Rewrite entry ``k``'s stored envelope with one digit of the first number after ``marker``
+    in its payload changed (the signature no longer covers the payload)."""
+    conn = db(led)
+    (env_bytes,) = conn.execute("SELECT envelope FROM entries WHERE idx = ?", (k,)).fetchone()
+    env = json.loads(env_bytes)
+    payload = base64.b64decode(env["payload"])
+    head, sep, rest = payload.partition(marker)
+    assert sep, payload[:200]
+    # one byte of the first value: the digit after the sign / the first digit
+    pos = len(head) + len(sep) + (1 if rest[:1] == b"-" else 0)
+    digit = payload[pos : pos + 1]
+    flipped = payload[:pos] + (b"8" if digit != b"8" else b"7") + payload[pos + 1 :]
+    env["payload"] = base64.b64encode(flipped).decode()
+    conn.execute(
+        "UPDATE entries SET envelope = ? WHERE idx = ?",
+        (json.dumps(env, separators=(",", ":")).encode(), k),
+    )
+    conn.close()
+
+
 def test_label_contributions_replay_and_verify(tmp_path: Path, pristine: GeneratedLedger) -> None:
     led = small_ledger(tmp_path / "lab", keys=pristine.keys, label_contributions=3)
     res = audit(led, tmp_path / "aud")
@@ -29,22 +50,7 @@ def test_label_contributions_replay_and_verify(tmp_path: Path, pristine: Generat
 def test_flipped_prototype_byte_is_caught(tmp_path: Path, pristine: GeneratedLedger) -> None:
     led = small_ledger(tmp_path / "lab", keys=pristine.keys, label_contributions=3)
     k = _contribution_indices(led)[1]
-    conn = db(led)
-    (env_bytes,) = conn.execute("SELECT envelope FROM entries WHERE idx = ?", (k,)).fetchone()
-    env = json.loads(env_bytes)
-    payload = base64.b64decode(env["payload"])
-    head, sep, rest = payload.partition(b'"mean":[')
-    assert sep
-    # one byte of the first mean value: the digit after the sign / the first digit
-    pos = len(head) + len(sep) + (1 if rest[:1] == b"-" else 0)
-    digit = payload[pos : pos + 1]
-    flipped = payload[:pos] + (b"8" if digit != b"8" else b"7") + payload[pos + 1 :]
-    env["payload"] = base64.b64encode(flipped).decode()
-    conn.execute(
-        "UPDATE entries SET envelope = ? WHERE idx = ?",
-        (json.dumps(env, separators=(",", ":")).encode(), k),
-    )
-    conn.close()
+    _flip_first_digit_after(led, k, b'"mean":[')
     res = audit(led, tmp_path / "aud")
     first = res.first_failure
     assert first is not None and first.entry_index == k, res.findings
@@ -78,21 +84,7 @@ def test_flipped_expression_prototype_byte_is_caught(
     clean = audit(led, tmp_path / "clean")
     assert clean.ok, clean.findings
     k = _contribution_indices(led)[1]
-    conn = db(led)
-    (env_bytes,) = conn.execute("SELECT envelope FROM entries WHERE idx = ?", (k,)).fetchone()
-    env = json.loads(env_bytes)
-    payload = base64.b64decode(env["payload"])
-    head, sep, rest = payload.partition(b'"expression":{"mean":[')
-    assert sep, payload[:200]
-    pos = len(head) + len(sep) + (1 if rest[:1] == b"-" else 0)
-    digit = payload[pos : pos + 1]
-    flipped = payload[:pos] + (b"8" if digit != b"8" else b"7") + payload[pos + 1 :]
-    env["payload"] = base64.b64encode(flipped).decode()
-    conn.execute(
-        "UPDATE entries SET envelope = ? WHERE idx = ?",
-        (json.dumps(env, separators=(",", ":")).encode(), k),
-    )
-    conn.close()
+    _flip_first_digit_after(led, k, b'"expression":{"mean":[')
     res = audit(led, tmp_path / "aud")
     first = res.first_failure
     assert first is not None and first.entry_index == k, res.findings

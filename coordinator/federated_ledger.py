@@ -74,6 +74,14 @@ def publish_run(
             f"{report.initial_digest}; initialise the coordinator with --reference "
             f"{records / 'models' / 'round-0000'} before publishing the run"
         )
+    rounds = [
+        open_envelope(
+            (records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
+            ROUND_PAYLOAD_TYPE,
+            coordinator_key,
+        )
+        for rnd in range(1, final_round + 1)
+    ]
     entries = []
     if enroll:
         for site_id in _not_enrolled(Path(state_dir), site_keys):
@@ -81,15 +89,9 @@ def publish_run(
             log.info("enrolled %s as ledger entry %d", site_id, entries[-1].index)
         size = int(entries[-1].index) + 1 if entries else size
     else:
-        _require_contributors_enrolled(
-            Path(state_dir), records, final_round, site_keys, coordinator_key
-        )
-    for rnd in range(1, final_round + 1):
-        rec = open_envelope(
-            (records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
-            ROUND_PAYLOAD_TYPE,
-            coordinator_key,
-        )
+        contributing = {c["site_id"] for rec in rounds for c in rec["contributors"]}
+        _require_enrolled(Path(state_dir), contributing, site_keys)
+    for rnd, rec in enumerate(rounds, start=1):
         aggregate = read_bundle(records / "models" / f"round-{rnd:04d}")
         if aggregate.digest != rec["aggregate_digest"]:
             raise FederationError(
@@ -110,24 +112,10 @@ def publish_run(
     return entries
 
 
-def _require_contributors_enrolled(
-    state_dir: Path,
-    records: Path,
-    final_round: int,
-    site_keys: dict[str, Any],
-    coordinator_key: Any,
-) -> None:
+def _require_enrolled(state_dir: Path, contributors: set[str], site_keys: dict[str, Any]) -> None:
     """Before anything is appended: every site that contributed to a published round has an
     active key in the ledger, else a :class:`FederationError` naming the sites and the fix (the
     ledger would refuse the first round that names one, after earlier rounds were appended)."""
-    contributors: set[str] = set()
-    for rnd in range(1, final_round + 1):
-        rec = open_envelope(
-            (records / "rounds" / f"round-{rnd:04d}.json").read_bytes(),
-            ROUND_PAYLOAD_TYPE,
-            coordinator_key,
-        )
-        contributors.update(c["site_id"] for c in rec["contributors"])
     missing = [s for s in _not_enrolled(state_dir, site_keys) if s in contributors]
     if missing:
         raise FederationError(

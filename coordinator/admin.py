@@ -287,9 +287,14 @@ def label_policy(
 
 
 def label_state(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The label policy, vocabulary decisions and contributions in force (JSON-ready)."""
+    """The label policy, vocabulary decisions and contributions in force (JSON-ready), and
+    ``pending``: per label level, the site types (``<site>:<name>``) that contributions brought
+    and no ``accept`` or ``map`` decided yet, the only names those actions take (ADR 0046)."""
     with _open(state_dir) as reg:
-        return reg.state.labels.to_json_obj()
+        labels = reg.state.labels
+        levels = sorted({c.label_key for c in labels.contributions})
+        pending = {lvl: labels.pending_names(lvl) for lvl in levels}
+        return {**labels.to_json_obj(), "pending": {k: v for k, v in pending.items() if v}}
 
 
 def rotate_site_key(

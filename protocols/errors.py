@@ -134,6 +134,8 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_LABEL_LEVEL", 61, "The label level is not one the reference carries prototypes for; contribute to one of its levels."),
     ReasonCode("E_LABEL_POLICY", 62, "A label policy entry is malformed or not allowed (accepting a name already in the vocabulary, mapping onto an unknown type, ...)."),
     ReasonCode("E_LABEL_EXPRESSION", 63, "A label prototype's expression part does not fit the reference: the level has no expression prototypes, or the dimension is not its expression subspace's; compute it on the reference you mapped on."),
+    ReasonCode("E_LABEL_POLICY_SITE_UNKNOWN", 68, "A label policy accept or map names a site type '<site>:<name>' of a site the trust policy does not know (never enrolled); only an enrolled site's contributed names can be decided."),
+    ReasonCode("E_LABEL_POLICY_NOT_CONTRIBUTED", 69, "A label policy accept or map names a site type that no contribution of that site on the current reference brought (or that already matched the vocabulary); decide a name after its contribution is in the ledger (`coordinator label-policy show` lists the pending ones)."),
 )
 
 

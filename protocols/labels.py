@@ -94,9 +94,13 @@ failure raises :class:`~protocols.errors.UpdateRejectedError` with the code in b
     [E_LABEL_DP_WEAK].
 
 Rules of :func:`apply_label_policy` (pure): settings need ``1 <= count_bucket <= k``,
-``max_types >= 1`` and DP parameters ``C > 0``, ``epsilon > 0``, ``0 < delta < 1``; ``accept``
-names a ``<site>:<name>`` and a shared name not yet in the vocabulary; ``map`` names a target in
-the vocabulary [E_LABEL_POLICY].
+``max_types >= 1`` and DP parameters ``C > 0``, ``epsilon > 0``, ``0 < delta < 1``
+[E_LABEL_POLICY]. ``accept`` and ``map`` decide a name that exists (ADR 0046): ``<site>`` is a
+site of the trust policy in force [E_LABEL_POLICY_SITE_UNKNOWN]; ``<site>:<name>`` is not
+decided yet [E_LABEL_POLICY] and is, exactly, a site type that a contribution of that site on
+the current lineage brought (:meth:`LabelLedger.pending_names`) [E_LABEL_POLICY_NOT_CONTRIBUTED];
+``accept`` names a shared name not yet in the vocabulary; ``map`` a target in the vocabulary
+[E_LABEL_POLICY].
 
 The label knowledge of reference version N (:func:`merge_label_knowledge`) is the reference
 bundle's own ``labels`` plus, per level, one prototype per accepted contribution prototype made
@@ -114,7 +118,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -1012,10 +1016,29 @@ class LabelLedger:
     contributions: tuple[_Contribution, ...] = ()
 
     def with_policy_change(
-        self, change: LabelPolicyChange, reference_labels: Mapping[str, Any] | None
+        self,
+        change: LabelPolicyChange,
+        reference_labels: Mapping[str, Any] | None,
+        *,
+        enrolled: Collection[str],
     ) -> LabelLedger:
         """:func:`apply_label_policy`."""
-        return apply_label_policy(self, change, reference_labels)
+        return apply_label_policy(self, change, reference_labels, enrolled=enrolled)
+
+    def pending_names(self, level: str, site_id: str | None = None) -> list[str]:
+        """The site types (``"<site>:<name>"``) that contributions on the current lineage
+        brought to ``level`` and that no ``accept`` or ``map`` has decided yet, in ledger
+        order (of ``site_id`` only, if given): what an operator can accept or map."""
+        decided = {n for lvl, n, _ in (*self.accepted, *self.mapped) if lvl == level}
+        out: list[str] = []
+        for c in self.contributions:
+            if c.label_key != level or (site_id is not None and c.site_id != site_id):
+                continue
+            for p, known in zip(c.prototypes, c.known or (None,) * len(c.prototypes), strict=True):
+                own = f"{c.site_id}:{p.name}"
+                if known is None and own not in decided and own not in out:
+                    out.append(own)
+        return out
 
     def with_contribution(
         self, index: int, accepted: AcceptedContribution, reference_labels: Mapping[str, Any] | None
@@ -1140,9 +1163,15 @@ def reference_expression_levels(reference_labels: Mapping[str, Any] | None) -> d
 
 
 def apply_label_policy(
-    state: LabelLedger, change: LabelPolicyChange, reference_labels: Mapping[str, Any] | None
+    state: LabelLedger,
+    change: LabelPolicyChange,
+    reference_labels: Mapping[str, Any] | None,
+    *,
+    enrolled: Collection[str],
 ) -> LabelLedger:
-    """The label state after ``change`` (rules in the module docstring) [E_LABEL_POLICY]."""
+    """The label state after ``change`` (rules in the module docstring) [E_LABEL_POLICY,
+    E_LABEL_POLICY_SITE_UNKNOWN, E_LABEL_POLICY_NOT_CONTRIBUTED]. ``enrolled``: the site ids
+    the trust policy in force knows (enrolled, revoked keys included)."""
     if change.action == "settings":
         assert change.settings is not None
         return replace(state, policy=change.settings)
@@ -1150,8 +1179,29 @@ def apply_label_policy(
     level = change.label_key
     if level not in _levels(reference_labels):
         raise _policy_error(f"the reference has no label level {level!r}")
+    site = change.name.split(":", 1)[0]
+    if site not in enrolled:
+        raise _reject(
+            "E_LABEL_POLICY_SITE_UNKNOWN",
+            f"{change.name!r} names site {site!r}, which is not enrolled in this consortium; "
+            "a name can only be accepted or mapped once an enrolled site has contributed it "
+            "(`coordinator label-policy show` lists the names awaiting a decision)",
+        )
     if any(lvl == level and n == change.name for lvl, n, _ in (*state.accepted, *state.mapped)):
         raise _policy_error(f"{change.name!r} was already accepted or mapped at level {level!r}")
+    pending = state.pending_names(level, site)
+    if change.name not in pending:
+        raise _reject(
+            "E_LABEL_POLICY_NOT_CONTRIBUTED",
+            f"site {site!r} has not contributed a type {change.name.split(':', 1)[1]!r} at level "
+            f"{level!r} on the current reference, so there is nothing to {change.action}; "
+            + (
+                f"its names awaiting a decision: {', '.join(pending[:20])}"
+                if pending
+                else "it has no contributed name awaiting a decision"
+            )
+            + " (a name can be decided only after its contribution is in the ledger)",
+        )
     vocab = state.vocabulary(reference_labels, level)
     if change.action == "accept":
         if name_key(change.target) in vocab:

@@ -1090,7 +1090,7 @@ class LedgerState:
             assert label_change is not None
             try:
                 base.labels = self._labels.with_policy_change(
-                    label_change, _reference_labels(self._model)
+                    label_change, _reference_labels(self._model), enrolled=set(policy.sites)
                 )
             except UpdateRejectedError as exc:
                 raise LedgerError(exc.message, reason_code=exc.reason_code) from exc

@@ -64,6 +64,16 @@ def test_contributions_at_the_server_and_the_operator_policy(tmp_path: Path) -> 
         label_policy(
             cons.state, action="map", label_key="cell_type", name="site-a:delta", target="gamma"
         )
+    assert label_state(cons.state)["pending"] == {"cell_type": ["site-a:delta"]}
+    # the vocabulary rule (ADR 0046): only a name an enrolled site contributed can be decided
+    with pytest.raises(ConfigError, match="not enrolled.*E_LABEL_POLICY_SITE_UNKNOWN"):
+        label_policy(
+            cons.state, action="accept", label_key="cell_type", name="site-q:delta", target="delta"
+        )
+    with pytest.raises(ConfigError, match="site-a:delta.*E_LABEL_POLICY_NOT_CONTRIBUTED"):
+        label_policy(
+            cons.state, action="accept", label_key="cell_type", name="site-a:gamma", target="gamma"
+        )
     label_policy(
         cons.state, action="accept", label_key="cell_type", name="site-a:delta", target="delta"
     )
@@ -72,3 +82,4 @@ def test_contributions_at_the_server_and_the_operator_policy(tmp_path: Path) -> 
         weak = c.submit_update(_contribution(a, base), b"")
         assert weak.rejection is not None and weak.rejection.reason_code == "E_LABEL_DP_WEAK"
     assert label_state(cons.state)["accepted"] == [["cell_type", "site-a:delta", "delta"]]
+    assert label_state(cons.state)["pending"] == {}

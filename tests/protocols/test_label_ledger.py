@@ -143,6 +143,7 @@ def test_two_sites_same_new_name_stay_apart_until_the_operator_decides():
 )
 def test_label_policy_refuses_what_would_merge_or_escape(action, name, target):
     c = labelled_consortium()
+    c.append(contribution(c))  # site-a:delta exists: the refusal is about the merge
     env = label_policy_entry(
         LabelPolicyChange(action, ORIGIN, label_key="cell_type", name=name, target=target),
         [c.operator],

@@ -189,6 +189,67 @@ def test_label_policy_needs_the_operator():
     assert ei.value.reason_code in ("E_SIG_THRESHOLD", "E_SIG_INVALID")
 
 
+def _decide(c, action: str, name: str, target: str) -> bytes:
+    return label_policy_entry(
+        LabelPolicyChange(action, ORIGIN, label_key="cell_type", name=name, target=target),
+        [c.operator],
+    )
+
+
+@pytest.mark.parametrize("action,target", [("accept", "delta"), ("map", "beta")])
+def test_vocabulary_decision_for_a_site_never_enrolled_is_refused(action, target):
+    # an operator (or a forged policy entry) pre-creating a shared name under a site id the
+    # consortium does not know: any later site's "delta" would have merged into it
+    c = labelled_consortium()
+    c.append(contribution(c))
+    assert_refused(c, _decide(c, action, "site-z:delta", target), "E_LABEL_POLICY_SITE_UNKNOWN")
+
+
+@pytest.mark.parametrize("action,target", [("accept", "delta"), ("map", "beta")])
+def test_vocabulary_decision_for_a_name_the_site_never_contributed_is_refused(action, target):
+    c = labelled_consortium("site-a", "site-b")
+    c.append(contribution(c, "site-a"))
+    # site-b is enrolled but contributed nothing; site-a contributed delta, not gamma
+    for name in ("site-b:delta", "site-a:gamma", "site-a:Delta"):
+        assert_refused(c, _decide(c, action, name, target), "E_LABEL_POLICY_NOT_CONTRIBUTED")
+    # the same decision once its contribution is in the ledger is accepted
+    c.append(_decide(c, action, "site-a:delta", target))
+    assert c.state.labels.pending_names("cell_type") == []
+
+
+def test_vocabulary_decision_on_a_name_that_matched_the_vocabulary_is_refused():
+    # site-a's "BETA" joined the genesis type beta when it was appended: there is no site type
+    # site-a:BETA to decide on (mapping it elsewhere would re-decide a shared type)
+    c = labelled_consortium()
+    c.append(contribution(c, prototypes=[_proto(name="BETA")]))
+    assert_refused(c, _decide(c, "map", "site-a:BETA", "alpha"), "E_LABEL_POLICY_NOT_CONTRIBUTED")
+
+
+def test_vocabulary_decision_after_a_new_latent_space_is_refused():
+    # a contribution on an earlier lineage no longer counts, so neither does deciding its name
+    from protocols.bundle import make_bundle
+    from protocols.ledger import make_federated_round
+
+    c = labelled_consortium()
+    c.append(contribution(c))
+    b = c.state.bundle()
+    manifest = {k: v for k, v in b.manifest.items() if k != "digest"}
+    agg = make_bundle(manifest, dict(b.tensors))
+    r = make_federated_round(
+        agg,
+        origin=ORIGIN,
+        round_number=1,
+        base_size=c.state.size,
+        base_digest=b.digest,
+        contributors=[("site-a", "sha256:" + "cd" * 32)],
+        operator_keys=[c.operator],
+    )
+    c.append(r.envelope, r.blobs)
+    assert_refused(
+        c, _decide(c, "accept", "site-a:delta", "delta"), "E_LABEL_POLICY_NOT_CONTRIBUTED"
+    )
+
+
 def _dp(epsilon: float, delta: float = 1e-5, clip: float = 10.0):
     from protocols.labels import DPRequirement
 

@@ -516,13 +516,19 @@ def supernode_command(
     insecure: bool = False,
     port: int = 0,
     flwr_home: Path | None = None,
+    label_site_minimum: int = 5,
 ) -> tuple[list[str], dict[str, str]]:
-    """``flower-supernode`` for one site, its node config naming its data and keys."""
+    """``flower-supernode`` for one site, its node config naming its data and keys and the
+    site's own per-site minimum for label sums (ADR 0038)."""
     from protocols.bundle import NAMESPACE_RE
     from protocols.errors import ConfigError
 
     if not NAMESPACE_RE.fullmatch(site_id):
         raise ConfigError(f"site id {site_id!r} must match {NAMESPACE_RE.pattern}")
+    if int(label_site_minimum) < 1:
+        raise ConfigError(
+            f"--label-site-minimum {label_site_minimum} must be at least 1 (default 5)"
+        )
 
     def q(v: str) -> str:
         if '"' in v or "\\" in v:
@@ -537,6 +543,7 @@ def supernode_command(
             "data-path": str(Path(data).resolve()),
             "batch-key": batch_key,
             **({"layer": layer} if layer else {}),
+            "label-site-minimum": str(int(label_site_minimum)),
         }.items()
     )
     if not port:

@@ -16,8 +16,10 @@ from protocols.errors import ConfigError
 from protocols.federated import (
     LABEL_TASKS,
     ChainReport,
+    ContributionRejected,
     FederationError,
     FederationPolicy,
+    check_share_minimum,
     federation_policy_bytes,
     labels_digest,
     parse_federation_policy,
@@ -164,6 +166,12 @@ def _stored_shares(
         env = envelopes.get((str(site), str(task)))
         if env is None:
             raise FederationError(f"the {task} share of {site} is missing")
+        try:  # a share the per-site minimum forbids was not to be pooled (ADR 0038)
+            check_share_minimum(str(task), arrays, int(record.get("site_floor", 1)))
+        except ContributionRejected as exc:
+            raise ContributionRejected(
+                exc.reason, f"the stored {task} share of {site}: {exc}"
+            ) from exc
         shares[task][str(site)] = (list(peek_payload(env).get("types", [])), arrays)
     return shares
 

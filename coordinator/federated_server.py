@@ -50,6 +50,7 @@ from protocols.federated import (
     RUN_PAYLOAD_TYPE,
     ContributionRejected,
     FederationError,
+    check_share_minimum,
     envelope_sha256,
     labels_digest,
     open_envelope,
@@ -337,10 +338,18 @@ class _Federation:
                 )
                 if payload["site_id"] != site:
                     raise ContributionRejected("wrong_site", f"signed as {payload['site_id']}")
+                # no group smaller than the per-site minimum is pooled (ADR 0038)
+                check_share_minimum(task, arrays, self.s.label_site_floor)
             except ContributionRejected as exc:
                 log.warning("%s share of %s excluded: %s", task, site, exc)
                 excluded.append(
-                    {"site_id": site, "task": task, "reason": exc.reason, "detail": str(exc)[:200]}
+                    {
+                        "site_id": site,
+                        "task": task,
+                        "reason": exc.reason,
+                        "reason_code": exc.reason_code,
+                        "detail": str(exc)[:200],
+                    }
                 )
                 continue
             except (KeyError, TypeError, ValueError) as exc:

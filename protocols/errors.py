@@ -136,6 +136,7 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_LABEL_EXPRESSION", 63, "A label prototype's expression part does not fit the reference: the level has no expression prototypes, or the dimension is not its expression subspace's; compute it on the reference you mapped on."),
     ReasonCode("E_LABEL_POLICY_SITE_UNKNOWN", 68, "A label policy accept or map names a site type '<site>:<name>' of a site the trust policy does not know (never enrolled); only an enrolled site's contributed names can be decided."),
     ReasonCode("E_LABEL_POLICY_NOT_CONTRIBUTED", 69, "A label policy accept or map names a site type that no contribution of that site on the current reference brought (or that already matched the vocabulary); decide a name after its contribution is in the ledger (`coordinator label-policy show` lists the pending ones)."),
+    ReasonCode("E_LABEL_SHARE_MINIMUM", 64, "A federated label share holds a sum over fewer of one site's cells (a type, a batch, or all of them) than the federation's per-site minimum; a group that small never leaves a site."),
 )
 
 

@@ -22,6 +22,10 @@ Rules :func:`verify_contribution` enforces, in order (reason in brackets):
   [``wrong_base``], the arrays received [``digest_mismatch``], exactly the site's own condition
   columns [``wrong_conditions``], and a non-negative cell count [``malformed``].
 
+A label share (the exchanges that give a labelled federation's bundle its prototypes) also
+sums over at least the federation's per-site minimum of the site's cells in every group
+[``below_site_minimum``] (:func:`check_share_minimum`, ADR 0038).
+
 Rules :func:`verify_round_chain` enforces:
 
 * every record's signature verifies under the coordinator key; every contribution envelope it
@@ -83,6 +87,8 @@ __all__ = [
     "labels_digest",
     "verify_contribution",
     "verify_label_share",
+    "share_groups",
+    "check_share_minimum",
     "verify_round_chain",
     "ChainReport",
 ]
@@ -125,6 +131,7 @@ class ContributionRejected(FederationError):
         "malformed": "E_PAYLOAD_MALFORMED",
         "wrong_site": "E_SITE_MISMATCH",
         "wrong_tensors": "E_TENSOR_SHAPE",
+        "below_site_minimum": "E_LABEL_SHARE_MINIMUM",
     }
 
     def __init__(self, reason: str, message: str) -> None:
@@ -353,6 +360,54 @@ def verify_label_share(
     ):
         raise ContributionRejected("malformed", "types is not a list of distinct names")
     return payload
+
+
+def share_groups(task: str, arrays: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The cell groups a label share of ``task`` sums over, as ``(what, cells)``: per type for
+    ``label_statistics``; per type, per batch and all included cells for
+    ``expression_statistics``; all the site's cells it covers for the moments and the two
+    calibrations. An empty share (the site sent nothing) has none. [``malformed``] when the
+    count arrays are missing or of the wrong shape."""
+    if not arrays:
+        return []
+    try:
+        if task == "label_statistics":
+            counts = np.asarray(arrays["counts"], dtype=np.float64).reshape(-1)
+            return [(f"type {i}", float(c)) for i, c in enumerate(counts)]
+        if task == "expression_statistics":
+            table = np.asarray(arrays["counts"], dtype=np.float64)
+            if table.ndim != 2:
+                raise ValueError("counts is not a type x batch table")
+            return (
+                [(f"type {i}", float(c)) for i, c in enumerate(table.sum(axis=1))]
+                + [(f"batch {j}", float(c)) for j, c in enumerate(table.sum(axis=0))]
+                + [("all included cells", float(table.sum()))]
+            )
+        if task == "expression_moments":
+            return [("all labelled cells", float(np.asarray(arrays["count"]).reshape(-1)[0]))]
+        if task in ("label_calibration", "expression_calibration"):
+            scored = float(np.asarray(arrays["counts"]).reshape(-1)[0])
+            return [("all scored cells", scored)] if scored > 0 else []
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ContributionRejected("malformed", f"{task} share counts: {exc}") from exc
+    raise ContributionRejected("wrong_task", f"no label exchange {task!r}")
+
+
+def check_share_minimum(task: str, arrays: Mapping[str, Any], minimum: int) -> None:
+    """The per-site minimum (ADR 0038): every group a label share sums over
+    (:func:`share_groups`) holds at least ``minimum`` of the site's cells, else
+    [``below_site_minimum``]. A site never sends a smaller group; the coordinator and
+    ``federate verify`` check it on every share, so a share that breaks the rule is neither
+    pooled nor accepted in a record."""
+    floor = max(1, int(minimum))
+    small = [(what, n) for what, n in share_groups(task, arrays) if n < floor]
+    if small:
+        what, n = small[0]
+        raise ContributionRejected(
+            "below_site_minimum",
+            f"{task}: {what} sums over {n:g} cells, fewer than the federation's per-site "
+            f"minimum of {floor} ({len(small)} such group(s)); a site withholds groups that small",
+        )
 
 
 # -- chain verification ----------------------------------------------------------------------

@@ -210,6 +210,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sn.add_argument("--batch-key", required=True, help="obs column naming the study")
     sn.add_argument("--layer", default=None, help="read counts from this layer, not X")
     sn.add_argument(
+        "--label-site-minimum",
+        type=int,
+        default=5,
+        help="no label sum over fewer of this site's cells (a type, a batch) leaves it, even "
+        "if the coordinator asks for a smaller --label-site-floor (default 5)",
+    )
+    sn.add_argument(
         "--port", type=int, default=0, help="local ClientAppIo port (default: a free one)"
     )
     sn.set_defaults(handler=_supernode)
@@ -480,6 +487,7 @@ def _supernode(args: argparse.Namespace) -> int:
         data=Path(args.data),
         batch_key=args.batch_key,
         layer=args.layer,
+        label_site_minimum=args.label_site_minimum,
         root_cert=Path(args.root_cert) if args.root_cert else None,
         auth_key=Path(args.auth_key) if args.auth_key else None,
         insecure=args.insecure,

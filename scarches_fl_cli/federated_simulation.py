@@ -181,6 +181,8 @@ def simulate(
             batch_key=batch_key,
             site_key_path=plan.key_paths[p.site_id],
             studies={k: np.asarray(v).tolist() for k, v in p.studies.items()},
+            # the virtual sites hold the minimum the simulated federation asks for
+            label_site_minimum=max(1, int(label_site_floor)),
         )
         for p in plan.sites
     ]

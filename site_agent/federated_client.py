@@ -65,6 +65,14 @@ class FederatedSiteConfig:
     layer: str | None = None
     studies: Mapping[str, Any] | None = None  # study name -> row indices (simulation)
     validation_fraction: float = 0.1
+    #: the site's own per-site minimum (ADR 0038): no label sum over fewer of its cells leaves
+    #: it, whatever smaller minimum a coordinator asks for
+    label_site_minimum: int = 5
+
+    def site_floor(self, config: Mapping[str, Any]) -> int:
+        """The minimum this site applies: the federation's (``site-floor`` in the
+        coordinator's config) or its own, whichever is larger."""
+        return max(1, int(config["site-floor"]), int(self.label_site_minimum))
 
 
 def site_config_from_node_config(node_config: Mapping[str, Any]) -> FederatedSiteConfig:
@@ -76,10 +84,19 @@ def site_config_from_node_config(node_config: Mapping[str, Any]) -> FederatedSit
         raise ConfigError(
             f"the SuperNode's --node-config lacks {missing}; start it with "
             "'scarches-fl federate supernode' (see docs/federated.md)")
+    try:
+        minimum = int(node_config.get("label-site-minimum", 5))
+    except (TypeError, ValueError):
+        minimum = 0
+    if minimum < 1:
+        raise ConfigError(
+            f"label-site-minimum {node_config.get('label-site-minimum')!r} in the SuperNode's "
+            "--node-config is not a whole number >= 1; pass 'federate supernode "
+            "--label-site-minimum N' (default 5)")
     return FederatedSiteConfig(
         site_id=str(node_config["site-id"]), data_path=str(node_config["data-path"]),
         batch_key=str(node_config["batch-key"]), site_key_path=str(node_config["site-key"]),
-        layer=str(node_config.get("layer", "")) or None,
+        layer=str(node_config.get("layer", "")) or None, label_site_minimum=minimum,
     )
 
 
@@ -183,7 +200,7 @@ def _describe(cfg: FederatedSiteConfig, message: Any) -> Any:
         from scarches_fl._federated_labels import site_label_types
 
         descriptor["label_types"] = site_label_types(
-            _site_labels(cfg, str(config["label-key"])), site_floor=int(config["site-floor"]))
+            _site_labels(cfg, str(config["label-key"])), site_floor=cfg.site_floor(config))
     env = _signed(cfg, DESCRIPTOR_PAYLOAD_TYPE, descriptor)
     return _reply(message, RecordDict({"signature": ConfigRecord({"envelope": env})}))
 
@@ -315,11 +332,14 @@ def _label_share(cfg: FederatedSiteConfig, message: Any, task: str) -> Any:
     labels = _site_labels(cfg, str(config["label-key"]))
     z = F.site_latent(hp, G, C, tensors, ds)
     if task == "label_statistics":
-        stats = FL.site_statistics(z, labels, site_floor=int(config["site-floor"]))
+        stats = FL.site_statistics(z, labels, site_floor=cfg.site_floor(config))
         types, arrays = FL.statistics_to_arrays(stats)
     else:
         model = json.loads(bytes(config["prototype-model"]))
         arrays = FL.site_calibration(model, z, labels)
+        if 0 < arrays["counts"][0] < cfg.site_floor(config):
+            # sums over fewer cells than the minimum stay here: the share says "none scored"
+            arrays = {k: np.zeros_like(v) for k, v in arrays.items()}
         types = [str(c) for c in model["classes"]]
     payload = {
         "kind": "label_share", "task": task, "run_id": str(config["run-id"]),
@@ -349,7 +369,7 @@ def _expression_share(cfg: FederatedSiteConfig, message: Any, task: str) -> Any:
     reg, _ = _registered(cfg, str(manifest["hyperparameters"]["likelihood"]))
     raw = _site_labels(cfg, str(config["label-key"]))
     labels = _clean_labels(raw, len(raw), str(config["label-key"]))
-    floor = int(config["site-floor"])
+    floor = cfg.site_floor(config)
     types: list[str] = []
     arrays: dict[str, np.ndarray] = {}
     if sum(v is not None for v in labels) >= floor:

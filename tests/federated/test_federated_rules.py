@@ -198,3 +198,36 @@ def test_contribution_shape_error_names_the_tensor():
     assert name in (contribution_shape_error(specs, good, 3) or "")
     bad = dict(good, **{"decoder.out.bias": np.zeros(19, dtype=np.float32)})
     assert "decoder.out.bias" in (contribution_shape_error(specs, bad, 2) or "")
+
+
+def test_label_share_minimum_covers_every_group_a_share_sums_over():
+    """ADR 0038: every group a label share sums over (a type, a batch, all its cells) holds at
+    least the per-site minimum; the rejection names the group and carries its reason code."""
+    from protocols.federated import check_share_minimum, share_groups
+
+    stats = {"counts": np.array([5.0, 12.0]), "sums": np.zeros((2, 3)),
+             "scatter": np.zeros((2, 3, 3))}
+    assert share_groups("label_statistics", stats) == [("type 0", 5.0), ("type 1", 12.0)]
+    check_share_minimum("label_statistics", stats, 5)
+    with pytest.raises(ContributionRejected, match="type 0 sums over 5 cells") as exc:
+        check_share_minimum("label_statistics", stats, 6)
+    assert exc.value.reason == "below_site_minimum"
+    assert exc.value.reason_code == "E_LABEL_SHARE_MINIMUM"
+    # per type (rows) and per batch (columns) of the type x batch table, and all of it
+    table = {"counts": np.array([[4.0, 3.0], [6.0, 0.0]])}
+    groups = dict(share_groups("expression_statistics", table))
+    assert groups == {"type 0": 7.0, "type 1": 6.0, "batch 0": 10.0, "batch 1": 3.0,
+                      "all included cells": 13.0}
+    with pytest.raises(ContributionRejected, match="batch 1 sums over 3 cells"):
+        check_share_minimum("expression_statistics", table, 5)
+    check_share_minimum("expression_statistics", table, 3)
+    check_share_minimum("expression_moments", {"count": np.array([9.0])}, 9)
+    with pytest.raises(ContributionRejected, match="below_site_minimum"):
+        check_share_minimum("expression_moments", {"count": np.array([2.0])}, 5)
+    # a calibration over no cell ("none scored") and an empty share pass; over 2 cells not
+    check_share_minimum("label_calibration", {"counts": np.array([0.0, 0.0])}, 5)
+    check_share_minimum("expression_statistics", {}, 5)
+    with pytest.raises(ContributionRejected, match="all scored cells"):
+        check_share_minimum("expression_calibration", {"counts": np.array([2.0, 1.0])}, 5)
+    with pytest.raises(ContributionRejected, match="malformed"):
+        check_share_minimum("label_statistics", {"sums": np.zeros((1, 3))}, 5)

@@ -319,3 +319,91 @@ def test_label_key_gives_the_bundle_expression_prototypes_from_site_sums(
     with pytest.raises(FederationError, match="not what the sites' signed shares give"):
         verify_run_directory(tmp_path / "records", site_keys=keys,
                              coordinator_key=ck.public_key(), bundle=tmp_path / "forged")
+
+
+def _ignoring_the_minimum(cfg):
+    """A site whose agent ignores every per-site minimum (its own and the federation's)."""
+    from dataclasses import fields
+
+    from site_agent.federated_client import FederatedSiteConfig
+
+    careless = type("Careless", (FederatedSiteConfig,), {"site_floor": lambda self, c: 1})
+    return careless(**{f.name: getattr(cfg, f.name) for f in fields(cfg)})
+
+
+def test_a_label_share_below_the_site_minimum_is_rejected_with_its_reason_code(
+        tmp_path, site_configs):
+    """ADR 0038: s-b sends (and signs) per-type statistics over 1-3 of its cells; the
+    coordinator excludes that share with E_LABEL_SHARE_MINIMUM, pools the others, and the
+    records verify."""
+    from coordinator.federated_files import verify_run_directory
+    from coordinator.federated_server import run_federation
+    from protocols.bundle import read_bundle
+    from protocols.federated import peek_payload
+
+    configs, keys = site_configs
+    settings, ck = _settings(tmp_path, keys, rounds=1, label_key="cell_type")
+    grid = InProcessGrid([configs[0], _ignoring_the_minimum(configs[1]), configs[2]])
+    run_federation(grid, settings)
+    record = peek_payload((tmp_path / "records" / "rounds" / "labels.json").read_bytes())
+    rejected = [e for e in record["excluded"] if e["site_id"] == "s-b"]
+    assert ("label_statistics", "below_site_minimum", "E_LABEL_SHARE_MINIMUM") in {
+        (e["task"], e["reason"], e.get("reason_code")) for e in rejected}
+    assert "per-site minimum of 5" in rejected[0]["detail"]
+    stats_from = {s["site_id"] for s in record["shares"] if s["task"] == "label_statistics"}
+    assert stats_from == {"s-a", "s-c"}
+    assert not (tmp_path / "records" / "rounds" / "labels.s-b.label_statistics.json").exists()
+    report = verify_run_directory(tmp_path / "records", site_keys=keys,
+                                  coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
+    assert report.final_digest == read_bundle(tmp_path / "bundle").digest
+    assert report.label_shares_from == ["s-a", "s-c"]
+
+
+def test_a_type_below_the_site_minimum_never_leaves_and_verify_holds_the_record_to_it(
+        tmp_path, site_configs):
+    """The coordinator asks for a minimum of 1: s-a (its own minimum, 5, the default) still
+    sends no group of fewer than 5 of its cells in any label exchange; s-b, which ignores it,
+    does, and the coordinator (minimum 1) pools it. A label record that then claims a minimum
+    of 5 (re-signed by the coordinator) fails ``federate verify`` on that stored share."""
+    import safetensors.numpy as stn
+
+    from coordinator.federated_files import verify_run_directory
+    from coordinator.federated_server import run_federation
+    from protocols.federated import (
+        LABELS_PAYLOAD_TYPE,
+        RUN_PAYLOAD_TYPE,
+        ContributionRejected,
+        envelope_sha256,
+        peek_payload,
+        share_groups,
+        sign_payload,
+    )
+
+    configs, keys = site_configs
+    settings, ck = _settings(tmp_path, keys, rounds=1, label_key="cell_type",
+                             label_site_floor=1, label_min_cells=5)
+    grid = InProcessGrid([configs[0], _ignoring_the_minimum(configs[1]), configs[2]])
+    run_federation(grid, settings)
+    rounds = tmp_path / "records" / "rounds"
+    record = peek_payload((rounds / "labels.json").read_bytes())
+    assert record["site_floor"] == 1 and not record["excluded"]
+    smallest = {}
+    for share in record["shares"]:
+        arrays = stn.load((rounds / f"labels.{share['site_id']}.{share['task']}.safetensors")
+                          .read_bytes())
+        sizes = [n for _what, n in share_groups(share["task"], arrays)]
+        smallest[share["site_id"]] = min(sizes + [smallest.get(share["site_id"], 1e9)])
+    assert smallest["s-a"] >= 5 and smallest["s-c"] >= 5
+    assert smallest["s-b"] < 5  # the careless site's 1-cell types
+    verify_run_directory(tmp_path / "records", site_keys=keys, coordinator_key=ck.public_key(),
+                         bundle=tmp_path / "bundle")
+    # the same shares under a record that claims the default minimum
+    claimed = sign_payload(ck, LABELS_PAYLOAD_TYPE, {**record, "site_floor": 5})
+    (rounds / "labels.json").write_bytes(claimed)
+    run = peek_payload((rounds / "run.json").read_bytes())
+    run["final"]["labels"]["record_sha256"] = envelope_sha256(claimed)
+    (rounds / "run.json").write_bytes(sign_payload(ck, RUN_PAYLOAD_TYPE, run))
+    with pytest.raises(ContributionRejected, match="share of s-b") as exc:
+        verify_run_directory(tmp_path / "records", site_keys=keys,
+                             coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
+    assert exc.value.reason_code == "E_LABEL_SHARE_MINIMUM"

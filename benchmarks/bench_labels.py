@@ -354,13 +354,16 @@ ADR0070_RULE = {
     "balanced_head": False,
     "shrink": 0.0,
 }
+#: ADR 0072's rule, before ADR 0073 split the novelty tail between the two spaces (kept in the
+#: JSON as ``expression_adr0072``)
+ADR0072_RULE = {"split_tail": False}
 
 
 def score_expression(
     mapped_model, query_latent, ref, query, *, holdout, options: dict | None = None
 ) -> dict:
     """What ``map`` writes by default: expression prototypes with a per-batch offset
-    (``scarches_fl.refine.transfer_labels``, ADRs 0070 and 0071; ``options``: another rule, e.g.
+    (``scarches_fl.refine.transfer_labels``, ADRs 0070-0073; ``options``: another rule, e.g.
     :data:`ADR0070_RULE`), and how it names the types the reference has fewer than 20 cells
     of."""
     from scarches_fl.refine import transfer_labels
@@ -631,6 +634,9 @@ def run_scenario(
         "expression_adr0070": score_expression(
             mapped, zq, ref, query, holdout=holdout, options=ADR0070_RULE
         ),
+        "expression_adr0072": score_expression(
+            mapped, zq, ref, query, holdout=holdout, options=ADR0072_RULE
+        ),
         **score(zr, zq, ref, query, holdout=holdout, seed=seed),
     }
     truth = query.obs[LABEL].to_numpy().astype(str)
@@ -671,6 +677,7 @@ def run_scenario(
 _VARIANT_NAMES = (
     "expression",
     "expression_adr0070",
+    "expression_adr0072",
     "knn",
     "prototype",
     "knn_query_context",

@@ -708,9 +708,11 @@ def latent_novelty_factor(
     *,
     label_key: str,
     sure: np.ndarray | None = None,
+    tail: float | None = None,
 ) -> np.ndarray | None:
     """The latent prototypes' novelty factor of query cells (ADR 0071), or ``None`` where the
     bundle has no calibrated latent prototypes for ``label_key`` or ``latent`` does not fit them.
+    ``tail``: the novelty tail it is read on (default: the bundle's ``novelty_tail``).
 
     The statistic is the smallest (inflated) squared Mahalanobis distance to a prototype in the
     latent, as :func:`scarches_fl.labels.predict_labels` computes it, divided per query batch by
@@ -738,7 +740,8 @@ def latent_novelty_factor(
         pick = rows & sure if sure is not None else rows
         if pick.sum() >= 3:
             stat[rows] /= max(1.0, float(np.median(stat[pick])) / ref_median)
-    tail = float(labels_manifest.get("novelty_tail", 0.05))
+    if tail is None:
+        tail = float(labels_manifest.get("novelty_tail", 0.05))
     return _novelty_factor(stat, quantiles, tail)
 
 
@@ -758,6 +761,7 @@ def predict_cell_labels(
     unknown: str = "novel",
     balanced_head: bool = True,
     shrink: float = 1.0,
+    split_tail: bool = True,
 ) -> LabelPrediction:
     """Labels from the bundle's expression prototypes, the per-batch offset and the latent
     classifier (module docstring); ``tensors``: every tensor of the bundle (the model's and
@@ -785,7 +789,14 @@ def predict_cell_labels(
     nearest shrunken centroids, :func:`shrunken_means` with one standard error (0: as stored,
     ADR 0071's rule), so a type seen in few reference cells is compared on the components that
     set it apart, not on the noise of its mean. The types contributed by sites (second pass)
-    are read as stored."""
+    are read as stored.
+
+    ``split_tail`` (ADR 0073): where the latent factor joins the product, each space's factor
+    is read on half the novelty tail (a Bonferroni split), so that a cell typical of the
+    reference is called Unknown in either space at most as often as one space alone would call
+    it (``tail / 2`` of the reference's out-of-fold cells, not up to twice that). ``False``:
+    both on the whole tail (ADR 0072's rule). Without a latent factor the expression factor
+    keeps the whole tail."""
     if unknown not in ("novel", "uncertain"):
         raise LabelTransferError(f"unknown must be 'novel' or 'uncertain', not {unknown!r}")
     if not 0.0 <= threshold <= 1.0:
@@ -819,16 +830,27 @@ def predict_cell_labels(
     top = probs.argmax(axis=1)
     p_top = probs[np.arange(len(top)), top]
     tail = float(labels_manifest.get("novelty_tail", 0.05))
-    factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
+    latent_factor = None
     if latent_novelty:
+        # two spaces, each calibrated on the reference: half the tail each (ADR 0073)
         latent_factor = latent_novelty_factor(
-            labels_manifest, latent, batches, label_key=label_key, sure=p_top >= 0.5
+            labels_manifest,
+            latent,
+            batches,
+            label_key=label_key,
+            sure=p_top >= 0.5,
+            tail=0.5 * tail if split_tail else tail,
         )
-        if latent_factor is not None:
-            # the latent is trusted on a batch as far as its head agrees with the expression
-            # (a shift the latent could not absorb moves known cells away from every latent
-            # prototype: that is not novelty)
-            factor = factor * latent_factor**trust
+    if latent_factor is not None:
+        factor = _novelty_factor(
+            stat, level_info["novelty_quantiles"], 0.5 * tail if split_tail else tail
+        )
+        # the latent is trusted on a batch as far as its head agrees with the expression
+        # (a shift the latent could not absorb moves known cells away from every latent
+        # prototype: that is not novelty)
+        factor = factor * latent_factor**trust
+    else:
+        factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
     uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
     top_label = np.array(classes, dtype=object)[top]
     called = (1.0 - factor) > threshold if unknown == "novel" else uncertainty > threshold

@@ -611,7 +611,8 @@ def test_a_rare_type_mean_keeps_the_components_that_set_it_apart():
 def test_the_latent_novelty_counts_as_far_as_the_head_agrees(strong_shift):
     """ADR 0072: the latent novelty factor is raised to the batch's trust in the latent, the
     head's agreement ``a`` with the expression labels as ``max(0, 2a - 1)^2`` (1 without a
-    head): the novelty is ``1 - f_expression * f_latent ** trust``."""
+    head): the novelty is ``1 - f_expression * f_latent ** trust`` (both factors on the whole
+    tail here; ADR 0073 halves it for each, tested below)."""
     from scarches_fl.refine import latent_novelty_factor
 
     ref, query = strong_shift
@@ -647,6 +648,7 @@ def test_the_latent_novelty_counts_as_far_as_the_head_agrees(strong_shift):
             latent,
             label_key="cell_type",
             classifier_classes=classes,
+            split_tail=False,
             **kw,
         )
 
@@ -657,3 +659,62 @@ def test_the_latent_novelty_counts_as_far_as_the_head_agrees(strong_shift):
     )
     expected = (1.0 - own.novelty.astype(np.float64)) * f_latent**trust
     np.testing.assert_allclose(1.0 - both.novelty.astype(np.float64), expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def no_shift():
+    """A query of the reference's kind (no condition shift) with the expression rule fitted
+    and latent prototypes on a stand-in latent."""
+    adata = simulate_counts(1200, n_genes=300, n_batches=6, n_cell_types=5, seed=3)
+    ref, query = _split(adata)
+    manifest, tensors = _fit(ref, n_components=30)
+    manifest, centres, _rng = _with_latent_prototypes(manifest, ref)
+    return manifest, tensors, centres, query
+
+
+def test_the_two_spaces_share_the_novelty_tail(no_shift):
+    """ADR 0073: where the latent factor joins the product, each space's factor is read on half
+    the novelty tail, so a query cell typical of the reference is called Unknown in either
+    space at most about as often as one space alone calls it (``tail / 2``), not up to twice
+    that. A query latent with a heavier tail than the reference's (as a sparser technology's,
+    CellBench's Drop-seq) has under half as many known cells called Unknown; cells the latent
+    sets far apart are still Unknown; the rule is ADR 0072's on a bundle whose tail is half as
+    wide."""
+    manifest, tensors, centres, query = no_shift
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    batches = query.obs["batch"].to_numpy()
+    rng = np.random.default_rng(0)
+    centre = np.stack([centres[t] for t in truth])
+    gaussian = centre + rng.normal(size=centre.shape)  # as the reference's latent is drawn
+    heavy = centre + rng.standard_t(6, size=centre.shape)
+    apart = np.arange(len(truth)) % 5 == 0
+    far = gaussian.copy()
+    far[apart] += 25.0
+
+    def call(z, bundle=manifest, **kw):
+        return predict_cell_labels(bundle, tensors, scores, batches, z, label_key="cell_type", **kw)
+
+    def unknown(p, rows=slice(None)):
+        return float(np.mean(p.pred[rows] == "Unknown"))
+
+    for z in (gaussian, heavy):
+        split, whole = call(z), call(z, split_tail=False)
+        assert unknown(split) < unknown(whole)
+        assert np.all(split.novelty <= whole.novelty + 1e-6)  # halving a tail never adds novelty
+        np.testing.assert_array_equal(split.top_label, whole.top_label)
+    assert unknown(call(gaussian)) <= 0.5 * manifest["novelty_tail"]
+    assert unknown(call(heavy, split_tail=False)) > 0.05
+    assert unknown(call(heavy)) <= 0.5 * unknown(call(heavy, split_tail=False))
+    moved = call(far)
+    assert unknown(moved, apart) > 0.95
+    assert unknown(moved, ~apart) <= 0.5 * manifest["novelty_tail"]
+    halved = {**manifest, "novelty_tail": 0.5 * manifest["novelty_tail"]}
+    np.testing.assert_allclose(
+        moved.novelty, call(far, bundle=halved, split_tail=False).novelty, atol=1e-6
+    )
+    # without the latent factor the expression factor keeps the whole tail
+    np.testing.assert_array_equal(
+        call(far, latent_novelty=False).novelty,
+        call(far, latent_novelty=False, split_tail=False).novelty,
+    )

@@ -1,5 +1,6 @@
-"""The files of a federated run on the operator's disk: the federation policy
-(``federation-policy.json``) and the record directory a run writes (``BUNDLE_DIR/federation``).
+"""The files of a federated run on the operator's disk: the record directory a run writes
+(``BUNDLE_DIR/federation``). The keys they are verified against come from the ledger
+(:mod:`coordinator.federated_ledger`, ADR 0085).
 
 The rules live in :mod:`protocols.federated`; this module only reads and writes files and hands
 their bytes to it.
@@ -8,93 +9,40 @@ their bytes to it.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from protocols.bundle import atomic_write, content_digest, read_bundle
-from protocols.errors import ConfigError
+from protocols.bundle import content_digest, read_bundle
 from protocols.federated import (
     LABEL_TASKS,
     ChainReport,
     ContributionRejected,
     FederationError,
-    FederationPolicy,
     check_share_minimum,
-    federation_policy_bytes,
     labels_digest,
-    parse_federation_policy,
     peek_payload,
     tensor_digest,
     verify_round_chain,
 )
 from protocols.keys import Ed25519PublicKey
-from protocols.limits import DEFAULT_LIMITS
 
-__all__ = [
-    "POLICY_FILENAME",
-    "run_policy_path",
-    "read_federation_policy",
-    "write_federation_policy",
-    "coordinator_key_of",
-    "verify_run_directory",
-]
-
-
-def write_federation_policy(
-    path: str | os.PathLike[str], site_keys: Any, *, coordinator: Any = None
-) -> None:
-    """Write a policy naming ``site_keys`` (site id -> Ed25519 public or private key; the
-    public halves are written) and, optionally, the coordinator's record-signing key."""
-    atomic_write(Path(path), federation_policy_bytes(site_keys, coordinator=coordinator))
-
-
-#: Where a run's record directory keeps a copy of its policy (a simulated run writes it there).
-POLICY_FILENAME = "federation-policy.json"
-
-
-def run_policy_path(
-    records: str | os.PathLike[str], policy: str | os.PathLike[str] | None = None
-) -> Path:
-    """``policy`` if given, else the copy in the run's record directory."""
-    return Path(policy) if policy else Path(records) / POLICY_FILENAME
-
-
-def read_federation_policy(path: str | os.PathLike[str]) -> FederationPolicy:
-    """The policy in ``path``; :class:`ConfigError` names the file and what is wrong."""
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(DEFAULT_LIMITS.max_trust_bytes + 1)
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the federation policy {path}: {exc}; pass the file written by "
-            "'scarches-fl federate policy' with --policy (a Deployment Engine run does not copy "
-            "it into its records)"
-        ) from exc
-    return parse_federation_policy(data, what=str(path))
-
-
-def coordinator_key_of(policy: FederationPolicy, path: str | os.PathLike[str]) -> Ed25519PublicKey:
-    """The record-signing key the policy names, or a :class:`ConfigError` saying how to add it."""
-    if policy.coordinator is None:
-        raise ConfigError(
-            f"{path}: field 'coordinator' (the record-signing public key) is "
-            "missing; write it with 'scarches-fl federate policy --coordinator-key'"
-        )
-    return policy.coordinator
+__all__ = ["verify_run_directory"]
 
 
 def verify_run_directory(
     records: str | os.PathLike[str],
     *,
     site_keys: Any,
-    coordinator_key: Ed25519PublicKey,
+    coordinator_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
     bundle: str | os.PathLike[str] | None = None,
 ) -> ChainReport:
     """:func:`protocols.federated.verify_round_chain` over a record directory as the ServerApp
     writes it (``rounds/run.json``, ``rounds/round-NNNN.json``,
     ``rounds/round-NNNN.<site>.contribution.json``, and for a run with labels
-    ``rounds/labels.json`` and ``rounds/labels.<site>.<task>.json``); with ``bundle``, also that
+    ``rounds/labels.json`` and ``rounds/labels.<site>.<task>.json``), the sites' contributions
+    under ``site_keys`` and the records under ``coordinator_key`` (one operator key, or any of
+    several); with ``bundle``, also that
     the bundle verifies and is the run's final model (with label knowledge: the final aggregate's
     weights, and exactly the label knowledge the label record names)."""
     records = Path(records)

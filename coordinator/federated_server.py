@@ -3,10 +3,15 @@
 One run (see ``docs/federated.md``):
 
 1. **Describe.** Every connected SuperNode is asked (``query``) for its signed site descriptor:
-   site id, the studies it holds with cell counts, its gene list. Sites not enrolled in the
-   policy, or whose genes differ from the first site's, are left out (and say so in the log).
-   The global condition list is ``<site_id>/<study>`` sorted; the coordinator seeds the initial
-   weights.
+   site id, the studies it holds with cell counts, its gene list. The keys come from the
+   coordinator's ledger (ADR 0085). A run in two steps: ``federate init-model``
+   (``init_only``) reads the descriptors before any ledger exists, only to design the initial
+   model (global condition list ``<site_id>/<study>`` sorted, seeded weights), and writes it;
+   ``federate run --ledger`` starts from the ledger's current model (``initial_model``) and
+   leaves out a site without an active key in the ledger, whose signature does not verify, or
+   whose genes or studies are not the model's (and says so in the log). The simulation does
+   both in one run (``trust_initial_model`` publishes the initial model in its throw-away
+   ledger, and the descriptors read before are then verified under that ledger's keys).
 2. **Rounds.** Flower's ``Strategy.start`` drives the rounds with
    :class:`coordinator.federated_strategy.OwnedColumnsFedAvg` (a ``FedAvg`` subclass). Each
    round sends the current model (all tensors, the manifest, the KL weight of the round) as a
@@ -21,8 +26,9 @@ One run (see ``docs/federated.md``):
 3. **Stop.** Early stopping on the cell-weighted validation loss (after the KL warm-up); a final
    ``evaluate`` exchange scores the last aggregate. The best aggregate becomes the federated
    reference bundle (a genesis for ``coordinator init``; sites extend it by surgery).
-4. **Records.** Every round is a ``federated_round`` record signed by the coordinator key, with
-   the contribution envelopes beside it; the run record names the initial and final digests.
+4. **Records.** Every round is a ``federated_round`` record signed by the ledger's operator
+   key, with the contribution envelopes beside it; the run record names the initial and final
+   digests.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,10 +80,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class FederationSettings:
     """Everything the ServerApp needs. ``site_keys``: site id -> Ed25519 public key (the
-    policy); ``coordinator_key``: the Ed25519 private key that signs round records."""
+    ledger's enrolled, non-revoked sites; ``None`` while no ledger exists: the init step);
+    ``coordinator_key``: the Ed25519 private key that signs round records (the ledger's
+    operator key). ``initial_model``: the bundle the run starts from (the ledger's current
+    model); ``None`` designs one from the sites' descriptors. ``init_only``: stop once the
+    initial model is written (``federate init-model``). ``trust_initial_model``: called with
+    the designed initial model, returns ``(site_keys, coordinator_key)`` of a ledger that
+    publishes it (the simulation's throw-away ledger)."""
 
     out_dir: str  # signed records, summary
-    site_keys: Mapping[str, Any]
+    site_keys: Mapping[str, Any] | None
     coordinator_key: Any
     rounds: int = 10
     local_epochs: int = 5
@@ -103,6 +115,9 @@ class FederationSettings:
     run_id: str = ""
     bundle_dir: str | None = None  # default: <out_dir>/bundle
     keep_models: bool = True  # write the initial model and every aggregate under out_dir/models
+    initial_model: Any = None  # protocols.bundle.ReferenceBundle
+    init_only: bool = False
+    trust_initial_model: Callable[[Any], tuple[Mapping[str, Any], Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -142,6 +157,17 @@ class _Federation:
         #: the expression prototypes' tensors of the final bundle (with a label key)
         self.label_tensors: dict[str, np.ndarray] = {}
         self.genes: list[str] | None = None
+        #: site id -> public key (None until a ledger gives them: see FederationSettings)
+        self.site_keys: Mapping[str, Any] | None = settings.site_keys
+        self.coordinator_key = settings.coordinator_key
+        self.label_key = settings.label_key
+        #: the descriptor envelope each site sent (re-verified once keys are known)
+        self.descriptors: dict[str, bytes] = {}
+        #: with an initial model: its conditions (a site must announce exactly its own)
+        self.conditions: list[str] = []
+        self.fixed_conditions = False
+        self.hp: dict[str, Any] = {}
+        self.registration: dict[str, Any] = {}
 
     # -- messaging -------------------------------------------------------------------------
 
@@ -166,8 +192,8 @@ class _Federation:
         if not ask:
             return
         config: dict[str, Any] = {"run-id": self.run_id}
-        if self.s.label_key:
-            config.update({"label-key": str(self.s.label_key),
+        if self.label_key:
+            config.update({"label-key": str(self.label_key),
                            "site-floor": int(self.s.label_site_floor)})
         contents = {n: RecordDict({"config": ConfigRecord(config)}) for n in ask}
         replies = self._exchange(contents, "query", self.s.describe_timeout)
@@ -180,9 +206,19 @@ class _Federation:
                 env = bytes(reply.content.config_records["signature"]["envelope"])
                 claimed = peek_payload(env)
                 site = claimed.get("site_id")
-                if not isinstance(site, str) or site not in self.s.site_keys:
-                    raise FederationError(f"site {site!r} is not enrolled in the policy")
-                desc = open_envelope(env, DESCRIPTOR_PAYLOAD_TYPE, self.s.site_keys[site])
+                if not isinstance(site, str):
+                    raise FederationError(f"site id {site!r} is not a string")
+                if self.site_keys is None:
+                    # No ledger yet (the init step): read only to design the initial model,
+                    # which the operator publishes; the run verifies every descriptor again.
+                    desc = claimed
+                elif site not in self.site_keys:
+                    raise FederationError(
+                        f"site {site!r} has no active key in the ledger (not enrolled, or "
+                        "revoked)"
+                    )
+                else:
+                    desc = open_envelope(env, DESCRIPTOR_PAYLOAD_TYPE, self.site_keys[site])
                 if desc.get("run_id") != self.run_id:
                     raise FederationError("descriptor is for another run")
                 genes = [str(g) for g in desc["genes"]]
@@ -195,6 +231,15 @@ class _Federation:
                     )
                 studies = {str(k): int(v) for k, v in desc["studies"].items()}
                 label_types = [str(t) for t in desc.get("label_types", [])]
+                if self.fixed_conditions:
+                    own = sorted(
+                        c.split("/", 1)[1] for c in self.conditions if c.startswith(site + "/")
+                    )
+                    if sorted(studies) != own:
+                        raise FederationError(
+                            f"site {site} holds studies {sorted(studies)}, the initial model "
+                            f"has {own} for it"
+                        )
             except (FederationError, KeyError, TypeError, ValueError) as exc:
                 log.warning("node %s left out: %s", node, exc)
                 self.left_out.add(node)
@@ -203,6 +248,7 @@ class _Federation:
                 # A site that reconnected under a new node id: forget the old id.
                 self.node_site = {k: v for k, v in self.node_site.items() if v != site}
             self.node_site[node] = site
+            self.descriptors.setdefault(site, env)
             self.site_studies.setdefault(site, studies)
             self.site_label_types.setdefault(site, label_types)
             log.info(
@@ -248,7 +294,7 @@ class _Federation:
     def _sign_and_write(self, name: str, payload_type: str, payload: Mapping[str, Any]) -> bytes:
         from protocols.bundle import atomic_write
 
-        env = sign_payload(self.s.coordinator_key, payload_type, payload)
+        env = sign_payload(self.coordinator_key, payload_type, payload)
         atomic_write(self.records_dir / name, env)
         return env
 
@@ -330,7 +376,7 @@ class _Federation:
                 arrays = {k: a.numpy() for k, a in reply.content.array_records["arrays"].items()}
                 payload = verify_label_share(
                     env,
-                    site_keys=self.s.site_keys,
+                    site_keys=self.site_keys or {},
                     run_id=self.run_id,
                     model_digest=model_digest,
                     task=task,
@@ -377,7 +423,7 @@ class _Federation:
             "base-digest": model_digest,
             "manifest": manifest_bytes,
             "seed": int(s.seed),
-            "label-key": str(s.label_key),
+            "label-key": str(self.label_key),
             "site-floor": int(s.label_site_floor),
         }
         stats, excluded = self._label_exchange("label_statistics", tensors, model_digest, config)
@@ -408,7 +454,7 @@ class _Federation:
         excluded += calib_excluded
         calibration = FL.calibrate([arrays for _p, arrays, _e in calib.values()])
         labels = FL.label_knowledge(
-            str(s.label_key), model, calibration, n_latent=int(self.hp["n_latent"])
+            str(self.label_key), model, calibration, n_latent=int(self.hp["n_latent"])
         )
         accepted: list[tuple[str, Mapping[str, Any], set[str]]] = [
             ("label_statistics", stats, set(per_site)),
@@ -420,7 +466,7 @@ class _Federation:
         if expression is not None:
             projection, level, extra, exchanged, expression_excluded = expression
             labels["expression"] = projection
-            labels["levels"][str(s.label_key)]["expression"] = level
+            labels["levels"][str(self.label_key)]["expression"] = level
             accepted += exchanged
             excluded += expression_excluded
             expression_record = {
@@ -458,7 +504,7 @@ class _Federation:
             "kind": "federated_labels",
             "run_id": self.run_id,
             "model_digest": model_digest,
-            "label_key": str(s.label_key),
+            "label_key": str(self.label_key),
             "min_cells": int(s.label_min_cells),
             "site_floor": int(s.label_site_floor),
             "types": {t: int(v.n) for t, v in sorted(pooled.items())},
@@ -471,7 +517,7 @@ class _Federation:
         env = self._sign_and_write("labels.json", LABELS_PAYLOAD_TYPE, record)
         log.info(
             "label knowledge for %r: %d types from %d sites (%d below the floor of %d cells)%s",
-            s.label_key,
+            self.label_key,
             len(model["classes"]),
             len(per_site),
             len(pooled) - len(model["classes"]),
@@ -601,20 +647,12 @@ class _Federation:
         ]
         return projection_info, level, out_tensors, exchanged, excluded
 
-    # -- the run ----------------------------------------------------------------------------
+    # -- the initial model ------------------------------------------------------------------
 
-    def run(self) -> FederationResult:
-        from coordinator.federated_strategy import (
-            FederationModel,
-            OwnedColumnsFedAvg,
-            arrays_to_record,
-        )
-        from protocols.bundle import atomic_write, write_bundle
-        from scarches_fl import _federated as F
-        from scarches_fl.module import default_hyperparameters
-
+    def _wait_for_sites(self) -> list[str]:
+        """Describe the connected nodes until ``min_sites`` sites did (or the wait is over);
+        the sorted site ids."""
         s = self.s
-        self.records_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + s.wait_for_sites
         while True:
             self._describe(self.grid.get_node_ids())
@@ -627,6 +665,30 @@ class _Federation:
                 f"only {len(sites)} enrolled sites described themselves, {s.min_sites} needed; "
                 "check that the SuperNodes are connected and their site keys are enrolled"
             )
+        return sites
+
+    def _adopt(self, bundle: Any) -> None:
+        """Start from ``bundle`` (the ledger's current model): its genes, conditions,
+        hyperparameters and registration; the run id and label key of the step that designed
+        it, so that its records name the same run."""
+        manifest = bundle.manifest
+        self.genes = [str(g) for g in bundle.genes]
+        self.conditions = [str(c) for c in bundle.conditions]
+        self.fixed_conditions = True
+        self.hp = dict(manifest["hyperparameters"])
+        self.registration = dict(manifest.get("registration", {}))
+        federated = self.registration.get("federated") or {}
+        if federated.get("run_id"):
+            self.run_id = str(federated["run_id"])
+        self.label_key = self.registration.get("label_key") or None
+
+    def _design(self, sites: list[str]) -> dict[str, np.ndarray]:
+        """The initial model from the sites' descriptors: conditions, hyperparameters,
+        registration, seeded weights."""
+        from scarches_fl import _federated as F
+        from scarches_fl.module import default_hyperparameters
+
+        s = self.s
         self.conditions = F.condition_list(
             {site: sorted(self.site_studies[site]) for site in sites}
         )
@@ -641,10 +703,9 @@ class _Federation:
             n_labels=len(classes),
             classifier_weight=float(s.classifier_weight) if classes else 0.0,
         )
-        G, C = len(self.genes), len(self.conditions)
-        self.registration: dict[str, Any] = {
+        self.registration = {
             "batch_key": s.batch_key,
-            "label_key": s.label_key,
+            "label_key": self.label_key,
             "layer": None,
             "likelihood": s.likelihood,
             "input": (
@@ -661,11 +722,109 @@ class _Federation:
         }
         if classes:
             self.registration["classifier_classes"] = classes
-        tensors = F.initial_tensors(self.hp, G, C, seed=s.seed)
-        base_bundle = self._model_bundle(tensors)
+        return F.initial_tensors(self.hp, len(self.genes or []), len(self.conditions), seed=s.seed)
+
+    def _verify_descriptors(self) -> list[str]:
+        """Once a ledger gives the keys: every descriptor read before must verify under its
+        site's key; a site without an active key, or whose descriptor does not verify, is left
+        out. The sorted site ids that remain."""
+        assert self.site_keys is not None
+        for site, env in sorted(self.descriptors.items()):
+            try:
+                if site not in self.site_keys:
+                    raise FederationError(f"site {site!r} has no active key in the ledger")
+                open_envelope(env, DESCRIPTOR_PAYLOAD_TYPE, self.site_keys[site])
+            except FederationError as exc:
+                log.warning("site %s left out: %s", site, exc)
+                self.node_site = {n: v for n, v in self.node_site.items() if v != site}
+                self.site_studies.pop(site, None)
+                del self.descriptors[site]
+        sites = sorted(set(self.node_site.values()))
+        if len(sites) < self.s.min_sites:
+            raise FederationError(
+                f"only {len(sites)} sites verify under the ledger's keys, "
+                f"{self.s.min_sites} needed"
+            )
+        return sites
+
+    def _initial_model_only(self, bundle: Any, sites: list[str]) -> FederationResult:
+        """``federate init-model``: the initial model is written; say what it is built from
+        (each site's studies and the key id its descriptor names, to check against the keys
+        the operator enrols)."""
+        from protocols.bundle import atomic_write
+
+        announced = {
+            site: {
+                "key_id": str(peek_payload(self.descriptors[site]).get("key_id", "")),
+                "studies": dict(sorted(self.site_studies[site].items())),
+            }
+            for site in sites
+        }
+        summary = {
+            "run_id": self.run_id,
+            "initial_model": str(self.out / "models" / "round-0000"),
+            "initial_digest": bundle.digest,
+            "sites": announced,
+            "conditions": self.conditions,
+            "genes": len(self.genes or []),
+        }
+        atomic_write(
+            self.out / "initial-model.json",
+            json.dumps(summary, indent=2, sort_keys=True).encode(),
+        )
+        return FederationResult(
+            run_id=self.run_id,
+            bundle_dir=str(self.out / "models" / "round-0000"),
+            bundle_digest=bundle.digest,
+            final_round=0,
+            rounds=[],
+            conditions=self.conditions,
+            sites=sites,
+            stopped_early=False,
+            aggregate_digest=bundle.digest,
+        )
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def run(self) -> FederationResult:
+        from coordinator.federated_strategy import (
+            FederationModel,
+            OwnedColumnsFedAvg,
+            arrays_to_record,
+        )
+        from protocols.bundle import atomic_write, write_bundle
+
+        s = self.s
+        self.records_dir.mkdir(parents=True, exist_ok=True)
+        if s.initial_model is not None:
+            self._adopt(s.initial_model)
+        elif self.site_keys is None and not s.init_only and s.trust_initial_model is None:
+            raise FederationError(
+                "no site keys: a run takes them from the coordinator's ledger "
+                "(`federate run --ledger STATE`)"
+            )
+        sites = self._wait_for_sites()
+        if s.initial_model is not None:
+            tensors = {k: np.asarray(v) for k, v in s.initial_model.tensors.items()}
+            base_bundle = self._model_bundle(tensors)
+            if base_bundle.digest != s.initial_model.digest:
+                raise FederationError(
+                    f"the ledger's model {s.initial_model.digest} is not one this run can "
+                    f"rebuild (got {base_bundle.digest}); start from the model "
+                    "`federate init-model` wrote"
+                )
+        else:
+            tensors = self._design(sites)
+            base_bundle = self._model_bundle(tensors)
         initial_digest = base_bundle.digest
-        if s.keep_models:
+        if s.keep_models or s.init_only:
             write_bundle(self.out / "models" / "round-0000", base_bundle)
+        if s.init_only:
+            return self._initial_model_only(base_bundle, sites)
+        if s.initial_model is None and s.trust_initial_model is not None:
+            self.site_keys, self.coordinator_key = s.trust_initial_model(base_bundle)
+            sites = self._verify_descriptors()
+        G, C = len(self.genes or []), len(self.conditions)
         warmup = _kl_warmup(s)
         strategy = OwnedColumnsFedAvg(
             FederationModel(
@@ -673,7 +832,7 @@ class _Federation:
                 hp=self.hp,
                 n_genes=G,
                 conditions=self.conditions,
-                site_keys=s.site_keys,
+                site_keys=self.site_keys or {},
                 node_site=self.node_site,
                 describe=lambda: self._describe(self.grid.get_node_ids()),
                 bundle_digest=lambda t: self._model_bundle(t).digest,
@@ -705,7 +864,7 @@ class _Federation:
         if recorded.get(best_round) != final_model.digest:
             raise FederationError("internal: the final bundle is not a recorded aggregate")
         bundle, labels_named = final_model, None
-        if s.label_key:
+        if self.label_key:
             labels, labels_named = self._label_knowledge(
                 best_tensors, final_model.digest, strategy.model.manifest_bytes
             )
@@ -786,21 +945,40 @@ def build_server_app(settings: FederationSettings) -> ServerApp:
 
 
 def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSettings:
-    """Deployment: the run config written by ``scarches-fl federate run`` names the
-    coordinator key, the policy file and the training budget."""
-    from coordinator.federated_files import read_federation_policy
-    from protocols.keys import load_private_key
+    """Deployment: the run config written by ``scarches-fl federate init-model`` (``init-only``:
+    design and write the initial model, no keys yet) or ``federate run`` (``ledger``: the
+    coordinator state directory whose replayed ledger gives the site keys, the operator key
+    that signs the records, and the initial model), with the training budget."""
 
     def get(key: str, default: Any) -> Any:
         return run_config.get(key, default)
 
-    policy = read_federation_policy(Path(str(run_config["policy"]))).sites
-    label_key = str(get("label-key", "")) or None
+    init_only = bool(get("init-only", False))
+    site_keys: Mapping[str, Any] | None = None
+    coordinator_key: Any = None
+    initial_model: Any = None
+    if not init_only:
+        from coordinator.federated_ledger import federation_keys
+
+        ledger = str(get("ledger", ""))
+        if not ledger:
+            raise FederationError(
+                "the run config names no ledger; start the run with "
+                "`scarches-fl federate run --ledger STATE`"
+            )
+        keys = federation_keys(ledger)
+        site_keys, coordinator_key, initial_model = (
+            keys.site_keys,
+            keys.signing_key,
+            keys.model,
+        )
     return FederationSettings(
         out_dir=str(run_config["out"]),
         bundle_dir=str(get("bundle", "")) or None,
-        site_keys=policy,
-        coordinator_key=load_private_key(Path(str(run_config["coordinator-key"]))),
+        site_keys=site_keys,
+        coordinator_key=coordinator_key,
+        initial_model=initial_model,
+        init_only=init_only,
         rounds=int(get("rounds", 10)),
         local_epochs=int(get("local-epochs", 5)),
         lr=float(get("lr", 1e-3)),
@@ -818,7 +996,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
         n_layers=int(get("n-layers", 2)),
         n_latent=int(get("n-latent", 10)),
         batch_key=str(get("batch-key", "batch")),
-        label_key=label_key,
+        label_key=str(get("label-key", "")) or None,
         label_min_cells=int(get("label-min-cells", 20)),
         label_site_floor=int(get("label-site-floor", 5)),
     )
@@ -838,7 +1016,16 @@ def _make_deployment_app() -> ServerApp:
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             pkg.addHandler(handler)
             pkg.setLevel(logging.INFO)
-        result = run_federation(grid, settings_from_run_config(context.run_config))
+        settings = settings_from_run_config(context.run_config)
+        result = run_federation(grid, settings)
+        if settings.init_only:
+            log.info(
+                "initial model %s of %d sites written to %s",
+                result.bundle_digest,
+                len(result.sites),
+                result.bundle_dir,
+            )
+            return
         log.info(
             "federated reference %s (round %d) written to %s",
             result.bundle_digest,

@@ -60,6 +60,8 @@ __all__ = [
     "AuditStateError",
     "default_state_dir",
     "run_audit",
+    "read_ledger",
+    "verified_ledger_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -967,6 +969,27 @@ def read_ledger(source: Any, trust: TrustAnchors) -> AuditResult:
     """What ``scarches-fl ledger show`` lists: the checkpoint and Merkle root verified, every
     entry checked against the policy in force at its position (with the model replay; no
     auditor state is read or written, the served model is not fetched)."""
+    return _read_ledger(source, trust)[0]
+
+
+def verified_ledger_state(source: Any, trust: TrustAnchors) -> Any:
+    """The :class:`~protocols.ledger.LedgerState` a ledger replays to, after the checks of
+    :func:`read_ledger` (signed checkpoint, Merkle root, every entry under the policy in force
+    at its position) all passed; the first finding otherwise, as a :class:`VerificationError`
+    with its reason code. What a federated run's records are verified against (its site keys
+    and operator keys: ``federate verify --ledger``)."""
+    res, state = _read_ledger(source, trust)
+    if res.findings or state is None:
+        first = res.findings[0] if res.findings else None
+        raise VerificationError(
+            "the ledger does not verify against the pinned trust.json: "
+            + (first.message if first else "it holds no entry"),
+            reason_code=first.reason_code if first else "E_LEDGER_ORDER",
+        )
+    return state
+
+
+def _read_ledger(source: Any, trust: TrustAnchors) -> tuple[AuditResult, Any]:
     from protocols.merkle import MerkleTree, leaf_hash
 
     t0 = time.perf_counter()
@@ -977,7 +1000,7 @@ def read_ledger(source: Any, trust: TrustAnchors) -> AuditResult:
         cp = _verify_note(note, trust)
     except (VerificationError, ConfigError) as exc:
         res.findings.append(Finding("CHECKPOINT_INVALID", None, getattr(exc, "reason_code", "E_CHECKPOINT_INVALID"), str(exc)))
-        return res
+        return res, None
     res.tree_size, res.root_hex = cp.size, cp.root_hash.hex()
     entries = list(source.iter_entries(cp.size))
     contiguous = all(e.index == i for i, e in enumerate(entries)) and len(entries) == cp.size
@@ -988,9 +1011,9 @@ def read_ledger(source: Any, trust: TrustAnchors) -> AuditResult:
         for e in entries:
             rec = _record(e, None, False)
             res.entries.append(rec)
-        return res
+        return res, None
     replay = _check_entries(entries, source, trust, res)
     if replay is not None:
         res.replay_digest = replay.digest
     res.seconds = time.perf_counter() - t0
-    return res
+    return res, replay

@@ -1,5 +1,5 @@
-"""Federated reference training, the trust part: the federation policy, the signed records (site
-descriptor, contribution, round, run), the tensor digest that binds a signature to the arrays
+"""Federated reference training, the trust part: the signed records (site descriptor,
+contribution, round, run), the tensor digest that binds a signature to the arrays
 sent, and the check an auditor runs over a run's records. Bytes and trusted keys in, typed errors
 out: no I/O, no torch, no Flower (``docs/federated.md``, ``docs/adr/0032``).
 
@@ -7,16 +7,16 @@ Both sides use this module: the coordinator's ServerApp verifies what the sites 
 site's ClientApp signs with it; neither imports the other.
 
 Flower's SuperNode authentication signs a timestamp per request, not the payload, so every
-contribution carries its own DSSE envelope (Ed25519, the site key enrolled in the policy). The
+contribution carries its own DSSE envelope (Ed25519, the site key enrolled in the ledger). The
 payload binds the arrays sent (:func:`tensor_digest`), the round, the run, and the digest of the
 model the site started from. Each round becomes a ``federated_round`` record signed by the
-coordinator's key: the base model's digest, every contributor (site id, key id, contribution
+operator key of the ledger's ``trust.json``: the base model's digest, every contributor (site id, key id, contribution
 digest, cells, the sha256 of its envelope), every excluded or missing site with its reason, and
 the aggregate's digest (the bundle content digest of the model after the round).
 
 Rules :func:`verify_contribution` enforces, in order (reason in brackets):
 
-* the envelope parses [``malformed``]; its site is in the policy [``unknown_site``]; it verifies
+* the envelope parses [``malformed``]; its site is enrolled [``unknown_site``]; it verifies
   under that site's key [``bad_signature``];
 * it names this run [``wrong_run``], this round [``wrong_round``], the model sent
   [``wrong_base``], the arrays received [``digest_mismatch``], exactly the site's own condition
@@ -28,20 +28,17 @@ sums over at least the federation's per-site minimum of the site's cells in ever
 
 Rules :func:`verify_round_chain` enforces:
 
-* every record's signature verifies under the coordinator key; every contribution envelope it
-  lists verifies under the key the policy gives that site, and its sha256 is the listed one;
+* every record's signature verifies under one of the operator keys; every contribution envelope
+  it lists verifies under the key the ledger gives that site, and its sha256 is the listed one;
 * rounds are numbered 1, 2, ... without gaps, all of one run;
 * ``base_digest`` of round 1 is the initial digest; of round r > 1 the aggregate of round r-1;
 * the final model's digest is the aggregate digest of the round the run record names.
 
-The federation policy is a JSON document the operator keeps next to the coordinator::
-
-    {"format": "scarches-fl.federation-policy", "format_version": 1,
-     "sites": {"hosp-a": "ed25519:<base64 raw public key>", ...},
-     "coordinator": "ed25519:<base64>"}
-
-Only a site listed there can contribute; ``coordinator`` is the record-signing key an auditor
-pins. Site ids follow the condition namespace rule (:data:`protocols.bundle.NAMESPACE_RE`).
+The keys come from one trust root, the coordinator's ledger (ADR 0085): the site keys are the
+active keys of the sites its replayed policy enrols (a revoked site has none), the record-signing
+keys are the operator keys of its ``trust.json``. This module takes them as arguments
+(``site_keys``: site id -> public key; ``coordinator_key``: one operator key or several, any of
+which may sign); ``coordinator.federated_ledger`` reads them from a ledger.
 """
 
 from __future__ import annotations
@@ -53,16 +50,10 @@ from typing import Any
 
 import numpy as np
 
-from protocols.bundle import NAMESPACE_RE
 from protocols.canonical import canonical_json, parse_json_strict
 from protocols.dsse import parse_envelope, sign_envelope, verify_envelope
-from protocols.errors import ConfigError, ScarchesFLError, VerificationError
-from protocols.keys import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-    public_key_from_text,
-    public_key_text,
-)
+from protocols.errors import ScarchesFLError, VerificationError
+from protocols.keys import Ed25519PrivateKey, Ed25519PublicKey, public_key_from_text
 from protocols.limits import DEFAULT_LIMITS
 
 __all__ = [
@@ -73,12 +64,9 @@ __all__ = [
     "LABEL_SHARE_PAYLOAD_TYPE",
     "LABELS_PAYLOAD_TYPE",
     "LABEL_TASKS",
-    "POLICY_FORMAT",
-    "FederationPolicy",
-    "parse_federation_policy",
-    "federation_policy_bytes",
     "FederationError",
     "ContributionRejected",
+    "site_keys_of",
     "sign_payload",
     "open_envelope",
     "peek_payload",
@@ -109,7 +97,6 @@ LABEL_TASKS = (
     "expression_statistics",
     "expression_calibration",
 )
-POLICY_FORMAT = "scarches-fl.federation-policy"
 
 
 class FederationError(VerificationError):
@@ -141,64 +128,20 @@ class ContributionRejected(FederationError):
         self.reason = reason
 
 
-# -- the policy --------------------------------------------------------------------------------
+# -- the trust root ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FederationPolicy:
-    """Who may contribute (site id -> Ed25519 public key) and, when named, the coordinator's
-    record-signing public key."""
-
-    sites: Mapping[str, Ed25519PublicKey]
-    coordinator: Ed25519PublicKey | None = None
-
-
-def federation_policy_bytes(
-    site_keys: Mapping[str, Ed25519PublicKey | Ed25519PrivateKey],
-    *,
-    coordinator: Ed25519PublicKey | Ed25519PrivateKey | None = None,
-) -> bytes:
-    """The canonical policy document naming ``site_keys`` (public halves are written) and,
-    optionally, the coordinator's record-signing key."""
-    for site in site_keys:
-        if not NAMESPACE_RE.fullmatch(site):
-            raise ConfigError(f"site id {site!r} must match {NAMESPACE_RE.pattern}")
-    doc: dict[str, Any] = {
-        "format": POLICY_FORMAT,
-        "format_version": 1,
-        "sites": {s: public_key_text(k) for s, k in sorted(site_keys.items())},
-    }
-    if coordinator is not None:
-        doc["coordinator"] = public_key_text(coordinator)
-    return canonical_json(doc)
-
-
-def parse_federation_policy(data: bytes, *, what: str = "federation policy") -> FederationPolicy:
-    """Parse a policy document; raises :class:`ConfigError` naming ``what`` and the field."""
-    try:
-        doc = parse_json_strict(data, max_bytes=DEFAULT_LIMITS.max_trust_bytes, what=what)
-    except ScarchesFLError as exc:
-        raise ConfigError(f"{what}: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
-        raise ConfigError(f"{what}: field 'format' must be {POLICY_FORMAT!r}")
-    sites = doc.get("sites")
-    if not isinstance(sites, dict) or not sites:
-        raise ConfigError(f"{what}: field 'sites' must name at least one site")
+def site_keys_of(policy: Any) -> dict[str, Ed25519PublicKey]:
+    """The site keys a federated run trusts, from a ledger's replayed policy
+    (:class:`protocols.policy.TrustPolicy`): the active key of every enrolled site. A revoked
+    site has no active key and is not in the result, so it cannot take part; a rotated site
+    is trusted under its new key only."""
     out: dict[str, Ed25519PublicKey] = {}
-    for site, text in sites.items():
-        if not NAMESPACE_RE.fullmatch(site):
-            raise ConfigError(f"{what}: site id {site!r} must match {NAMESPACE_RE.pattern}")
-        try:
-            out[site] = public_key_from_text(str(text))
-        except ScarchesFLError as exc:
-            raise ConfigError(f"{what}: sites.{site}: {exc}") from exc
-    coordinator = None
-    if "coordinator" in doc:
-        try:
-            coordinator = public_key_from_text(str(doc["coordinator"]))
-        except ScarchesFLError as exc:
-            raise ConfigError(f"{what}: coordinator: {exc}") from exc
-    return FederationPolicy(sites=out, coordinator=coordinator)
+    for site_id, record in sorted(policy.sites.items()):
+        active = record.active_key
+        if active is not None:
+            out[str(site_id)] = public_key_from_text(active.public_key)
+    return out
 
 
 # -- DSSE envelopes (protocols.dsse, Ed25519) --------------------------------------------------
@@ -216,13 +159,19 @@ def envelope_sha256(envelope: bytes) -> str:
 
 
 def open_envelope(
-    envelope: bytes, payload_type: str, public_key: Ed25519PublicKey
+    envelope: bytes,
+    payload_type: str,
+    public_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
 ) -> dict[str, Any]:
-    """Verify ``envelope`` under ``public_key`` (threshold 1) and return its JSON payload.
-    Raises :class:`FederationError` for anything malformed or not signed by that key."""
+    """Verify ``envelope`` under ``public_key`` (or any one of several keys: threshold 1) and
+    return its JSON payload. Raises :class:`FederationError` for anything malformed or not
+    signed by such a key."""
+    keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
+    if not keys:
+        raise FederationError("no trusted key to verify the envelope with")
     try:
         verified = verify_envelope(
-            envelope, trusted_keys=[public_key], threshold=1, payload_type=payload_type
+            envelope, trusted_keys=keys, threshold=1, payload_type=payload_type
         )
         payload = parse_json_strict(
             verified.payload, max_bytes=DEFAULT_LIMITS.max_payload_bytes, require_canonical=True
@@ -431,7 +380,7 @@ def _verify_labels(
     labels_envelope: bytes | None,
     shares: Mapping[tuple[str, str], bytes],
     *,
-    coordinator_key: Ed25519PublicKey,
+    coordinator_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
     site_keys: Mapping[str, Ed25519PublicKey],
 ) -> list[str]:
     """The label record the run's final entry names: signed by the coordinator, of this run,
@@ -477,7 +426,7 @@ def verify_round_chain(
     round_envelopes: Sequence[bytes],
     contribution_envelopes: Mapping[tuple[int, str], bytes],
     *,
-    coordinator_key: Ed25519PublicKey,
+    coordinator_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
     site_keys: Mapping[str, Ed25519PublicKey],
     bundle_digest: str | None = None,
     labels_envelope: bytes | None = None,

@@ -1,12 +1,15 @@
 """``scarches-fl federate``: federated reference training over Flower.
 
 * ``simulate``: N virtual sites on this machine (Simulation Engine), one command.
-* ``verify``: the auditor's check of a run's signed records against a bundle.
+* ``verify``: the auditor's check of a run's signed records against a bundle, with the keys of
+  the coordinator's ledger.
 * ``publish``: append a verified run's rounds to the coordinator's ledger.
-* ``policy``: the operator writes the site policy (who may contribute, with which key).
 * ``tls``, ``node-keygen``: TLS material for the SuperLink; a site's SuperNode auth key.
-* ``superlink``, ``register-node``, ``supernode``, ``run``: the Deployment Engine, one
-  process per role (see ``docs/federated.md``).
+* ``superlink``, ``register-node``, ``supernode``, ``init-model``, ``run``: the Deployment
+  Engine, one process per role (see ``docs/federated.md``). A run has two steps around the
+  ledger, its one trust root (ADR 0085): ``init-model`` writes the initial model the operator
+  publishes (``coordinator init``) before enrolling the sites; ``run --ledger`` trains with the
+  keys the ledger gives.
 
 Only ``argparse`` at module level; flwr, torch and anndata load inside the handlers.
 """
@@ -60,18 +63,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--rounds", type=int, required=True, help="maximum federated rounds")
     sim.add_argument("--out", required=True, help="bundle directory to write")
     sim.add_argument(
+        "--ledger",
+        default=None,
+        metavar="STATE",
+        help="coordinator state directory to create for the run's throw-away keys (its "
+        "genesis is the initial model, the virtual sites are enrolled in it; default "
+        "OUT/federation/coordinator)",
+    )
+    sim.add_argument(
         "--batches", default=None, help="comma-separated studies to train on (default: every study)"
     )
-    _training_args(sim)
+    _model_args(sim)
+    _training_args(sim, seed=False)
     _label_args(sim)
     sim.set_defaults(handler=_simulate)
 
     ver = sub.add_parser(
         "verify",
         help="verify a run's signed records (and its bundle)",
-        description="The auditor's offline check of a federated run: every round record and "
-        "every site contribution signed by the keys the policy names, the chain of aggregates "
-        "from the initial model to the final one, and (with --bundle) that the bundle is it.",
+        description="The auditor's offline check of a federated run: every round record "
+        "signed by an operator key of the pinned trust.json, every site contribution by the "
+        "key the ledger enrols for that site (verified and replayed first), the chain of "
+        "aggregates from the initial model to the final one, and (with --bundle) that the "
+        "bundle is it.",
     )
     ver.add_argument(
         "--records",
@@ -80,10 +94,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     ver.add_argument("--bundle", default=None, help="bundle that must be the run's final model")
     ver.add_argument(
-        "--policy",
-        default=None,
-        help="policy naming site keys and the coordinator key "
-        "(default: RECORDS/federation-policy.json)",
+        "--ledger",
+        required=True,
+        metavar="STATE_DIR",
+        help="a copy of the coordinator's state directory the run took its keys from",
+    )
+    ver.add_argument(
+        "--trust",
+        required=True,
+        metavar="TRUST_JSON",
+        help="the trust.json the operator handed out (pins the log key and operator keys)",
     )
     ver.add_argument("--json", action="store_true", help="print the report as JSON")
     ver.set_defaults(handler=_verify)
@@ -93,8 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="append a verified run to the coordinator's ledger",
         description="Verify a federated run's records and append one operator-signed "
         "federated_round entry per round to the coordinator's ledger, so that the ledger's "
-        "replay ends in the federated bundle. The state directory must have been initialised "
-        "with --reference RECORDS/models/round-0000; --enroll enrols the policy's sites first.",
+        "replay ends in the federated bundle. The records must verify under this ledger's "
+        "keys: the run's (`federate run --ledger STATE`).",
     )
     pub.add_argument(
         "--dir",
@@ -103,40 +123,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="coordinator state directory, initialised with --reference RECORDS/models/round-0000",
     )
     pub.add_argument("--records", required=True, help="the run's record directory")
-    pub.add_argument(
-        "--policy",
-        default=None,
-        help="the policy whose keys signed the run (default: RECORDS/federation-policy.json)",
-    )
-    pub.add_argument(
-        "--enroll",
-        action="store_true",
-        help="first enrol every site of the policy that the ledger does not hold "
-        "yet, with the key the policy names (what a simulated run needs)",
-    )
     pub.set_defaults(handler=_publish)
-
-    pol = sub.add_parser(
-        "policy",
-        help="write the site policy (operator)",
-        description="Write federation-policy.json: which site may contribute, with which "
-        "public key, and the coordinator key that signs the round records.",
-    )
-    pol.add_argument("--out", required=True, help="policy file to write")
-    pol.add_argument(
-        "--coordinator-key",
-        required=True,
-        help="the coordinator's Ed25519 private or public key file (signs rounds)",
-    )
-    pol.add_argument(
-        "--site",
-        action="append",
-        default=[],
-        required=True,
-        metavar="ID=PUBKEY",
-        help="a site id and its site.pub (repeatable)",
-    )
-    pol.set_defaults(handler=_policy)
 
     tls = sub.add_parser(
         "tls",
@@ -204,7 +191,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sn.add_argument("--root-cert", default=None, help="the operator's ca.crt")
     sn.add_argument("--auth-key", default=None, help="node_auth.key from 'federate node-keygen'")
     sn.add_argument("--insecure", action="store_true", help="no TLS (loopback development only)")
-    sn.add_argument("--site-id", required=True, help="this site's id, as in the policy")
+    sn.add_argument("--site-id", required=True, help="this site's id, as enrolled in the ledger")
     sn.add_argument("--site-key", required=True, help="the site's Ed25519 site.key")
     sn.add_argument("--data", required=True, help="the site's .h5ad (never leaves the site)")
     sn.add_argument("--batch-key", required=True, help="obs column naming the study")
@@ -221,21 +208,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sn.set_defaults(handler=_supernode)
 
+    init = sub.add_parser(
+        "init-model",
+        help="ask the connected sites what they hold and write the initial model (operator)",
+        description="The first step of a run: submit a run to the SuperLink that asks every "
+        "connected SuperNode for its signed descriptor (studies, genes, cell types) and "
+        "writes the initial model only (OUT/federation/models/round-0000), with "
+        "OUT/federation/initial-model.json naming each site's studies and the key id its "
+        "descriptor was signed with. Publish it with `coordinator init --reference`, enrol "
+        "each site's key (`coordinator enroll`), then `federate run --ledger`.",
+    )
+    _superlink_args(init)
+    init.add_argument(
+        "--min-sites",
+        type=int,
+        default=1,
+        help="sites that must have described themselves before the model is designed",
+    )
+    init.add_argument("--batch-key", default="batch", help="obs column naming the study")
+    init.add_argument(
+        "--label-key",
+        default=None,
+        help="obs column of cell-type labels at every site: the model gets a classifier of "
+        "the types the sites name, and the run gives the bundle prototypes",
+    )
+    init.add_argument(
+        "--label-site-floor",
+        type=int,
+        default=5,
+        help="a cell type is named by a site only with at least this many labelled cells there",
+    )
+    init.add_argument("--out", required=True, help="bundle directory the run will write")
+    _model_args(init)
+    init.set_defaults(handler=_init_model)
+
     run = sub.add_parser(
         "run",
         help="submit a federated training run to the SuperLink (operator)",
         description="Submit a federated training run to the SuperLink and follow it until the "
-        "ServerApp finishes; writes the bundle and the signed round records.",
+        "ServerApp finishes; writes the bundle and the signed round records. The run starts "
+        "from the ledger's current model (the initial model `federate init-model` wrote, "
+        "published with `coordinator init`), takes a contribution only from a site with an "
+        "active key in the ledger, and signs its records with the ledger's operator key.",
     )
+    _superlink_args(run)
     run.add_argument(
-        "--superlink",
-        default="127.0.0.1:9092",
-        help="SuperLink HOST:PORT (its Control API; keep it local)",
+        "--ledger",
+        required=True,
+        metavar="STATE",
+        help="the coordinator state directory (its ledger gives the initial model, the site "
+        "keys and the operator key that signs the records)",
     )
-    run.add_argument("--tls", default=None, help="directory written by 'federate tls'")
-    run.add_argument("--insecure", action="store_true", help="no TLS (loopback development only)")
-    run.add_argument("--policy", required=True, help="policy from 'federate policy'")
-    run.add_argument("--coordinator-key", required=True, help="Ed25519 key that signs rounds")
     run.add_argument("--rounds", type=int, required=True, help="maximum federated rounds")
     run.add_argument(
         "--min-sites",
@@ -251,17 +274,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how long a round waits for the sites' answers; a site without an "
         "answer by then is recorded as missing",
     )
-    run.add_argument("--batch-key", default="batch", help="obs column naming the study")
-    run.add_argument(
-        "--label-key",
-        default=None,
-        help="obs column of cell-type labels at every site: the bundle gets prototypes from "
-        "the sites' per-type statistics",
-    )
     _label_args(run)
     run.add_argument("--out", required=True, help="bundle directory to write")
     _training_args(run)
     run.set_defaults(handler=_run)
+
+
+def _superlink_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--superlink",
+        default="127.0.0.1:9092",
+        help="SuperLink HOST:PORT (its Control API; keep it local)",
+    )
+    p.add_argument("--tls", default=None, help="directory written by 'federate tls'")
+    p.add_argument("--insecure", action="store_true", help="no TLS (loopback development only)")
 
 
 def _label_args(p: argparse.ArgumentParser) -> None:
@@ -281,7 +307,21 @@ def _label_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _training_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The initial model's design (``init-model``; ``simulate`` does both steps)."""
+    p.add_argument(
+        "--likelihood",
+        choices=("nb", "trvae"),
+        default="nb",
+        help="nb: negative binomial on raw counts; trvae: MSE + MMD",
+    )
+    p.add_argument("--n-latent", type=int, default=10, help="latent dimensions")
+    p.add_argument("--n-hidden", type=int, default=128, help="units per hidden layer")
+    p.add_argument("--n-layers", type=int, default=2, help="hidden layers of encoder and decoder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def _training_args(p: argparse.ArgumentParser, *, seed: bool = True) -> None:
     p.add_argument("--local-epochs", type=int, default=5, help="epochs per site per round")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the sites' Adam")
     p.add_argument("--batch-size", type=int, default=128, help="cells per minibatch at a site")
@@ -298,16 +338,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
         default=5,
         help="rounds without improvement of the aggregated validation loss",
     )
-    p.add_argument(
-        "--likelihood",
-        choices=("nb", "trvae"),
-        default="nb",
-        help="nb: negative binomial on raw counts; trvae: MSE + MMD",
-    )
-    p.add_argument("--n-latent", type=int, default=10, help="latent dimensions")
-    p.add_argument("--n-hidden", type=int, default=128, help="units per hidden layer")
-    p.add_argument("--n-layers", type=int, default=2, help="hidden layers of encoder and decoder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -324,6 +356,7 @@ def _simulate(args: argparse.Namespace) -> int:
         n_sites=args.sites,
         rounds=args.rounds,
         out=args.out,
+        ledger=args.ledger,
         batches=batches,
         local_epochs=args.local_epochs,
         lr=args.lr,
@@ -352,20 +385,21 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from coordinator.federated_files import (
-        coordinator_key_of,
-        read_federation_policy,
-        run_policy_path,
-        verify_run_directory,
-    )
+    from coordinator.federated_files import verify_run_directory
+    from protocols._audit_sources import open_source
+    from protocols.audit import load_trust_file, verified_ledger_state
+    from protocols.federated import site_keys_of
 
-    records = Path(args.records)
-    policy = run_policy_path(records, args.policy)
-    policy_doc = read_federation_policy(policy)
+    trust = load_trust_file(args.trust)
+    source = open_source(ledger=args.ledger, trust=trust)
+    try:
+        state = verified_ledger_state(source, trust)
+    finally:
+        source.close()
     report = verify_run_directory(
-        records,
-        site_keys=policy_doc.sites,
-        coordinator_key=coordinator_key_of(policy_doc, policy),
+        Path(args.records),
+        site_keys=site_keys_of(state.policy),
+        coordinator_key=state.policy.operator_public_keys(),
         bundle=args.bundle,
     )
     doc = {
@@ -398,31 +432,11 @@ def _verify(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from coordinator.federated_ledger import publish_run
 
-    entries = publish_run(args.dir, args.records, policy=args.policy, enroll=args.enroll)
+    entries = publish_run(args.dir, args.records)
     for e in entries:
         print(f"ledger entry {e.index}: {e.kind}")
     rounds = sum(1 for e in entries if e.kind == "federated_round")
     print(f"appended {rounds} federated rounds to {args.dir}")
-    return 0
-
-
-def _policy(args: argparse.Namespace) -> int:
-    from coordinator.federated_files import write_federation_policy
-    from protocols.errors import ConfigError
-    from protocols.keys import load_private_key, load_public_key
-
-    sites = {}
-    for spec in args.site:
-        site, _, path = spec.partition("=")
-        if not site or not path:
-            raise ConfigError(f"--site {spec!r} is not ID=PUBKEY_FILE")
-        sites[site] = load_public_key(path)
-    try:
-        coord = load_private_key(args.coordinator_key).public_key()
-    except Exception:  # noqa: BLE001 - a public key file is fine too
-        coord = load_public_key(args.coordinator_key)
-    write_federation_policy(Path(args.out), sites, coordinator=coord)
-    print(f"wrote {args.out} with {len(sites)} sites")
     return 0
 
 
@@ -496,8 +510,9 @@ def _supernode(args: argparse.Namespace) -> int:
     return _exec(cmd, env)
 
 
-def _run(args: argparse.Namespace) -> int:
-    _require_flower("federate run")
+def _submit(args: argparse.Namespace, command: str, run_config: dict[str, object]) -> int:
+    """Submit a run with ``run_config`` to the SuperLink and follow it (``flwr run --stream``)."""
+    _require_flower(command)
     import subprocess
 
     from coordinator.federated_deploy import check_superlink_reachable, run_command
@@ -508,15 +523,69 @@ def _run(args: argparse.Namespace) -> int:
         tls_dir=Path(args.tls) if args.tls else None,
         insecure=args.insecure,
         run_config={
-            "policy": str(Path(args.policy).resolve()),
-            "coordinator-key": str(Path(args.coordinator_key).resolve()),
             "out": str((Path(args.out) / "federation").resolve()),
             "bundle": str(Path(args.out).resolve()),
+            **run_config,
+        },
+    )
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        cleanup()
+
+
+def _init_model(args: argparse.Namespace) -> int:
+    rc = _submit(
+        args,
+        "federate init-model",
+        {
+            "init-only": True,
+            "min-sites": args.min_sites,
+            "batch-key": args.batch_key,
+            "label-key": args.label_key or "",
+            "label-site-floor": args.label_site_floor,
+            "likelihood": args.likelihood,
+            "n-latent": args.n_latent,
+            "n-hidden": args.n_hidden,
+            "n-layers": args.n_layers,
+            "seed": args.seed,
+        },
+    )
+    summary = Path(args.out) / "federation" / "initial-model.json"
+    if rc == 0 and summary.exists():
+        doc = json.loads(summary.read_text())
+        for site, info in sorted(doc["sites"].items()):
+            studies = ", ".join(f"{k} ({v} cells)" for k, v in info["studies"].items())
+            print(f"site {site}: key {info['key_id']}; {studies}")
+        print(
+            f"initial model {doc['initial_digest']} ({len(doc['conditions'])} conditions, "
+            f"{doc['genes']} genes) in {doc['initial_model']}; publish it with "
+            "`scarches-fl coordinator init --reference` and enrol each site's key with "
+            "`scarches-fl coordinator enroll` (check the key ids above), then "
+            "`scarches-fl federate run --ledger`"
+        )
+    return rc
+
+
+def _run(args: argparse.Namespace) -> int:
+    _require_flower("federate run")
+    from coordinator.federated_ledger import federation_keys
+
+    # Before anything is submitted: the ledger opens and enrols sites (the ServerApp reads it
+    # again, as the process that signs the records).
+    keys = federation_keys(args.ledger)
+    print(
+        f"run from the ledger's model {keys.model.digest} with the keys of "
+        f"{len(keys.site_keys)} enrolled sites: {', '.join(sorted(keys.site_keys))}"
+    )
+    rc = _submit(
+        args,
+        "federate run",
+        {
+            "ledger": str(Path(args.ledger).resolve()),
             "rounds": args.rounds,
             "min-sites": args.min_sites,
             "round-timeout": args.round_timeout,
-            "batch-key": args.batch_key,
-            "label-key": args.label_key or "",
             "label-min-cells": args.label_min_cells,
             "label-site-floor": args.label_site_floor,
             "local-epochs": args.local_epochs,
@@ -525,17 +594,9 @@ def _run(args: argparse.Namespace) -> int:
             "prox-mu": args.prox_mu,
             "kl-warmup-rounds": args.kl_warmup_rounds,
             "patience": args.patience,
-            "likelihood": args.likelihood,
-            "n-latent": args.n_latent,
-            "n-hidden": args.n_hidden,
-            "n-layers": args.n_layers,
             "seed": args.seed,
         },
     )
-    try:
-        rc = subprocess.call(cmd, env=env)
-    finally:
-        cleanup()
     summary = Path(args.out) / "federation" / "federation-summary.json"
     if rc == 0 and summary.exists():
         doc = json.loads(summary.read_text())

@@ -2,12 +2,18 @@
 
 ``simulate`` splits the studies of one AnnData over N virtual sites (each study at exactly one
 site; with more sites than studies the largest studies are divided into parts, see
-``scarches_fl._federated.plan_sites``), gives every site and the coordinator a throw-away
-Ed25519 key (in a temporary directory removed after the run; the public halves are enrolled in
-``OUT/federation/federation-policy.json``), runs the same ServerApp and ClientApp code as a
+``scarches_fl._federated.plan_sites``), gives every site a throw-away Ed25519 key (in a
+temporary directory removed after the run), runs the same ServerApp and ClientApp code as a
 deployment, and leaves ``OUT`` as the federated reference bundle (``manifest.json``,
 ``model.safetensors``) with ``OUT/federation/``: ``run.json`` and ``rounds/`` (signed records and
 contribution envelopes), ``site-plan.json``, ``federation-summary.json``.
+
+The keys come from a ledger, as in a deployment (ADR 0085): once the sites have described
+themselves, the initial model becomes the genesis of a throw-away coordinator state directory
+(``ledger``, default ``OUT/federation/coordinator``: ``coordinator init``), the virtual sites'
+public keys are enrolled in it (``coordinator enroll``), and the run trains with the keys its
+replayed ledger gives and signs its records with its operator key. ``federate verify --ledger``
+and ``federate publish --dir`` read that ledger.
 
 It uses ``flwr.simulation.run_simulation`` (the in-process Simulation Engine, Ray backend). It is
 marked deprecated in Flower 1.41 in favour of ``flwr run``; we keep it because it needs no local
@@ -27,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.federated_deploy import FLOWER_ENV
+from protocols.federated import FederationError
 
 __all__ = ["simulate", "SimulationPlan", "plan_simulation"]
 
@@ -34,15 +41,15 @@ log = logging.getLogger(__name__)
 
 
 class SimulationPlan:
-    """Which virtual site holds which cells, and where each site's key lives."""
+    """Which virtual site holds which cells, where each site's private key lives, and its
+    public key (enrolled in the simulation's ledger)."""
 
     def __init__(
-        self, sites: list[Any], key_paths: dict[str, str], coordinator_key: str, policy_path: str
+        self, sites: list[Any], key_paths: dict[str, str], public_keys: dict[str, Any]
     ) -> None:
         self.sites = sites
         self.key_paths = key_paths
-        self.coordinator_key = coordinator_key
-        self.policy_path = policy_path
+        self.public_keys = public_keys
 
 
 def plan_simulation(
@@ -57,7 +64,6 @@ def plan_simulation(
 ) -> SimulationPlan:
     import anndata as ad
 
-    from coordinator.federated_files import run_policy_path, write_federation_policy
     from protocols.keys import generate_private_key, save_private_key
     from scarches_fl import _federated as F
     from scarches_fl.data import DataError
@@ -94,12 +100,7 @@ def plan_simulation(
         save_private_key(k, path, overwrite=True)
         key_paths[p.site_id] = str(path)
         pubs[p.site_id] = k.public_key()
-    ckey_path = keys_dir / "coordinator.key"
-    ckey = generate_private_key()
-    save_private_key(ckey, ckey_path, overwrite=True)
     Path(out).mkdir(parents=True, exist_ok=True)
-    policy_path = run_policy_path(out)
-    write_federation_policy(policy_path, pubs, coordinator=ckey.public_key())
     import json
 
     from protocols.bundle import atomic_write
@@ -112,7 +113,7 @@ def plan_simulation(
             sort_keys=True,
         ).encode(),
     )
-    return SimulationPlan(plans, key_paths, str(ckey_path), str(policy_path))
+    return SimulationPlan(plans, key_paths, pubs)
 
 
 def simulate(
@@ -122,6 +123,7 @@ def simulate(
     n_sites: int,
     rounds: int,
     out: str | os.PathLike[str],
+    ledger: str | os.PathLike[str] | None = None,
     label_key: str | None = None,
     label_min_cells: int = 20,
     label_site_floor: int = 5,
@@ -143,12 +145,22 @@ def simulate(
     flwr_home: str | None = None,
 ) -> Any:
     """Run federated reference training on ``n_sites`` virtual sites; returns the
-    :class:`~coordinator.federated_server.FederationResult`. ``client_mods``: Flower client
+    :class:`~coordinator.federated_server.FederationResult`. ``ledger``: the coordinator state
+    directory to create for the run's keys (default ``OUT/federation/coordinator``; it must not
+    exist yet). ``client_mods``: Flower client
     mods around every virtual site's ClientApp (tests use them to make a site fail or to alter
     a contribution in transit; virtual site ``site-i`` is partition ``i``)."""
     import tempfile
 
     out = Path(out)
+    ledger_dir = Path(ledger) if ledger is not None else out / "federation" / "coordinator"
+    if ledger_dir.exists() and (not ledger_dir.is_dir() or any(ledger_dir.iterdir())):
+        from protocols.errors import ConfigError
+
+        raise ConfigError(
+            f"--ledger {ledger_dir}: already exists and is not empty; the simulation creates a "
+            "new coordinator state directory for its throw-away keys. Pick a new directory"
+        )
     out.mkdir(parents=True, exist_ok=True)
     os.environ.update(FLOWER_ENV)
     home_tmp = None
@@ -158,9 +170,9 @@ def simulate(
         # A private FLWR_HOME (its default config names a remote SuperLink), removed afterwards.
         home_tmp = tempfile.TemporaryDirectory(prefix="scarches-fl-flwr-home-")
         os.environ["FLWR_HOME"] = home_tmp.name
-    from coordinator.federated_files import read_federation_policy
+    from coordinator.admin import enroll_site, init_state
+    from coordinator.federated_ledger import federation_keys
     from coordinator.federated_server import FederationSettings, build_server_app
-    from protocols.keys import load_private_key
     from site_agent.federated_client import FederatedSiteConfig, build_client_app
 
     records = out / "federation"
@@ -186,11 +198,24 @@ def simulate(
         )
         for p in plan.sites
     ]
+
+    def trust_initial_model(initial: Any) -> tuple[dict[str, Any], Any]:
+        """The initial model (written to models/round-0000) becomes the genesis of the
+        throw-away ledger, which enrols the virtual sites; the run takes its keys from there."""
+        init_state(ledger_dir, reference=records / "models" / "round-0000")
+        for site_id, public_key in sorted(plan.public_keys.items()):
+            enroll_site(ledger_dir, site_id=site_id, public_key=public_key)
+        keys = federation_keys(ledger_dir)
+        if keys.model.digest != initial.digest:
+            raise FederationError("internal: the simulation's ledger does not serve its model")
+        return keys.site_keys, keys.signing_key
+
     settings = FederationSettings(
         out_dir=str(records),
         bundle_dir=str(out),
-        site_keys=read_federation_policy(Path(plan.policy_path)).sites,
-        coordinator_key=load_private_key(Path(plan.coordinator_key)),
+        site_keys=None,
+        coordinator_key=None,
+        trust_initial_model=trust_initial_model,
         rounds=rounds,
         local_epochs=local_epochs,
         lr=lr,
@@ -244,8 +269,6 @@ def simulate(
             home_tmp.cleanup()
     result = settings.extra.get("result")
     if result is None:
-        from protocols.federated import FederationError
-
         raise FederationError(
             "the federated simulation ended without a result; see the log "
             "above for the ServerApp's error"

@@ -131,7 +131,8 @@ _FLOWER_COMMANDS = [
     "federate superlink --state OUT --insecure",
     "federate supernode --superlink 127.0.0.1:1 --insecure --site-id s --site-key k "
     "--data D.h5ad --batch-key b",
-    "federate run --insecure --policy p.json --coordinator-key k --rounds 1 --out OUT",
+    "federate init-model --insecure --out OUT",
+    "federate run --insecure --ledger STATE --rounds 1 --out OUT",
 ]
 # One process runs every command with flwr blocked (an install without [flower]) and reports
 # each exit code and stderr as a JSON line.

@@ -1,6 +1,9 @@
 """Flower Deployment Engine on loopback: a SuperLink (TLS on, SuperNode authentication on) and
-three SuperNodes as real processes, started with the ``scarches-fl federate`` commands, run two
-rounds; the signed round records verify against the policy and the written bundle."""
+three SuperNodes as real processes, started with the ``scarches-fl federate`` commands; the run
+in two steps around the ledger (ADR 0085): ``init-model`` writes the initial model, the operator
+publishes it (``coordinator init``) and enrols the sites, ``run --ledger`` trains two rounds with
+the ledger's keys; the signed round records verify against the ledger and the written bundle, and
+publish into it."""
 
 from __future__ import annotations
 
@@ -58,17 +61,12 @@ def test_superlink_and_three_supernodes_with_tls_and_node_auth(tmp_path, shared_
                 "RAY_USAGE_STATS_ENABLED": "0", "FLWR_HOME": str(tmp_path / "flwr-home")})
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     a = ad.read_h5ad(shared_data / "panc8_sub_nebula.h5ad")
-    site_args = []
     for site, studies in SITES.items():
         a[a.obs["batch"].isin(studies)].copy().write_h5ad(tmp_path / f"{site}.h5ad")
         k = generate_private_key()
         save_private_key(k, tmp_path / f"{site}.key")
         save_public_key(k, tmp_path / f"{site}.pub")
-        site_args += ["--site", f"{site}={tmp_path / f'{site}.pub'}"]
-    save_private_key(generate_private_key(), tmp_path / "coordinator.key")
     _cli("federate", "tls", "--out", str(tmp_path / "tls"), env=env)
-    _cli("federate", "policy", "--out", str(tmp_path / "policy.json"), "--coordinator-key",
-         str(tmp_path / "coordinator.key"), *site_args, env=env)
     port = _free_port()
     link = f"127.0.0.1:{port}"
     procs: list[subprocess.Popen] = []
@@ -104,11 +102,29 @@ def test_superlink_and_three_supernodes_with_tls_and_node_auth(tmp_path, shared_
                  str(tmp_path / f"{site}.h5ad"), "--batch-key", "batch"],
                 env=env, stdout=log, stderr=subprocess.STDOUT))
         out = tmp_path / "reference"
+        # Step 1: the initial model from what the sites announce (no keys yet).
+        init = subprocess.run(
+            [*CLI, "federate", "init-model", "--superlink", link, "--tls",
+             str(tmp_path / "tls"), "--min-sites", "3", "--batch-key", "batch",
+             "--out", str(out)], env=env, capture_output=True, text=True, timeout=400)
+        assert init.returncode == 0, init.stdout[-3000:] + init.stderr[-3000:]
+        initial = out / "federation" / "models" / "round-0000"
+        deadline = time.monotonic() + 60
+        while not (out / "federation" / "initial-model.json").exists():
+            assert time.monotonic() < deadline, init.stdout[-3000:]
+            time.sleep(1.0)
+        assert not (out / "federation" / "rounds" / "run.json").exists()
+        # The operator publishes it and enrols the three sites: the ledger is the trust root.
+        state = tmp_path / "coord-state"
+        _cli("coordinator", "init", "--dir", str(state), "--reference", str(initial), env=env)
+        for site in SITES:
+            _cli("coordinator", "enroll", "--dir", str(state), "--site-id", site,
+                 "--public-key", str(tmp_path / f"{site}.pub"), env=env)
+        # Step 2: train with the ledger's keys.
         run = subprocess.run(
             [*CLI, "federate", "run", "--superlink", link, "--tls", str(tmp_path / "tls"),
-             "--policy", str(tmp_path / "policy.json"), "--coordinator-key",
-             str(tmp_path / "coordinator.key"), "--rounds", "2", "--min-sites", "3",
-             "--round-timeout", "300", "--batch-key", "batch", "--local-epochs", "1",
+             "--ledger", str(state), "--rounds", "2", "--min-sites", "3",
+             "--round-timeout", "300", "--local-epochs", "1",
              "--out", str(out)], env=env, capture_output=True, text=True, timeout=700)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         # ``flwr run --stream`` returns when the ServerApp finished; the bundle is written last.
@@ -116,9 +132,13 @@ def test_superlink_and_three_supernodes_with_tls_and_node_auth(tmp_path, shared_
         while not (out / "federation" / "rounds" / "run.json").exists():
             assert time.monotonic() < deadline, run.stdout[-3000:]
             time.sleep(1.0)
-        report = _cli("federate", "verify", "--records", str(out / "federation"), "--policy",
-                      str(tmp_path / "policy.json"), "--bundle", str(out), env=env)
+        report = _cli("federate", "verify", "--records", str(out / "federation"), "--ledger",
+                      str(state), "--trust", str(state / "trust.json"), "--bundle", str(out),
+                      env=env)
         assert "2 rounds, 6 signed contributions verified" in report
+        published = _cli("federate", "publish", "--dir", str(state), "--records",
+                         str(out / "federation"), env=env)
+        assert "federated rounds to" in published
     finally:
         _stop(procs[1:])  # SuperNodes first, then the SuperLink
         _stop(procs[:1])

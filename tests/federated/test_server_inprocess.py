@@ -161,7 +161,7 @@ def test_unsigned_metric_does_not_weigh_the_average(tmp_path, site_configs, monk
 
 
 def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_configs):
-    from coordinator.federated_files import verify_run_directory, write_federation_policy
+    from coordinator.federated_files import verify_run_directory
     from coordinator.federated_server import run_federation
     from protocols.bundle import read_bundle
 
@@ -192,7 +192,6 @@ def test_silent_site_is_missing_and_bad_shapes_are_excluded(tmp_path, site_confi
     assert [c["site_id"] for c in r2.contributors] == ["s-a", "s-c"]
     assert all(t == settings.round_timeout for t in grid.timeouts[1:])
     # The records verify; the bundle is the chosen aggregate.
-    write_federation_policy(tmp_path / "policy.json", keys, coordinator=ck.public_key())
     report = verify_run_directory(tmp_path / "records", site_keys=keys,
                                   coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
     assert report.final_digest == read_bundle(tmp_path / "bundle").digest

@@ -64,11 +64,13 @@ def _federated_accuracy(out, panc8):
 
 
 def _verify_records(out):
-    from coordinator.federated_files import read_federation_policy, verify_run_directory
+    """With the keys of the simulation's own ledger (its default place), the one trust root."""
+    from coordinator.federated_files import verify_run_directory
+    from coordinator.federated_ledger import federation_keys
 
-    policy = read_federation_policy(out / "federation" / "federation-policy.json")
-    return verify_run_directory(out / "federation", site_keys=policy.sites,
-                                coordinator_key=policy.coordinator, bundle=out)
+    keys = federation_keys(out / "federation" / "coordinator")
+    return verify_run_directory(out / "federation", site_keys=keys.site_keys,
+                                coordinator_key=keys.operator_keys, bundle=out)
 
 
 def test_three_sites_match_central_and_exclude_tampered_and_failed(
@@ -113,24 +115,18 @@ def test_three_sites_match_central_and_exclude_tampered_and_failed(
 
 
 def _publish_and_audit(tmp_path, out, result, capsys):
-    """The run becomes ledger entries (genesis = initial model, enrolments, one
-    federated_round per round up to the chosen one) and the auditor's replay ends in the
-    federated bundle."""
-    from coordinator.admin import enroll_site, init_state
+    """The run becomes ledger entries (genesis = initial model and the enrolments, made by the
+    simulation before training; one federated_round per round up to the chosen one) and the
+    auditor's replay ends in the federated bundle."""
     from coordinator.federated_ledger import publish_run
     from scarches_fl_cli.main import main
 
     records = out / "federation"
-    state = tmp_path / "coordinator"
-    init = init_state(state, reference=records / "models" / "round-0000")
-    policy = json.loads((records / "federation-policy.json").read_text())
-    for site, key_text in policy["sites"].items():
-        (tmp_path / f"{site}.pub").write_text(key_text + "\n")
-        enroll_site(state, site_id=site, public_key=tmp_path / f"{site}.pub")
+    state = records / "coordinator"
     entries = publish_run(state, records)
     assert [e.kind for e in entries] == ["federated_round"] * result.final_round
     capsys.readouterr()
-    assert main(["audit", "--ledger", str(state), "--trust", str(init.trust_path),
+    assert main(["audit", "--ledger", str(state), "--trust", str(state / "trust.json"),
                  "--state", str(tmp_path / "auditor")]) == 0
     report = capsys.readouterr().out
     assert "VERIFIED" in report and result.aggregate_digest in report

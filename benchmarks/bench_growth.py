@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -171,6 +173,72 @@ def clip_norm_from_genesis(labels: dict) -> float:
     return float(round(max(norms) + 2.0 * spread, 2))
 
 
+def second_pass_geometry(
+    knowledge: dict,
+    tensors: dict,
+    scores: np.ndarray,
+    batches: np.ndarray,
+    truth: np.ndarray,
+    held: str,
+) -> dict:
+    """Why the new type is or is not named at site C, read off the expression rule's second
+    pass (``scarches_fl.refine.contributed_pass``, the one the default rule runs): for each of
+    C's cells of the type whose top type there is another, its two best types and posteriors;
+    and, in whitened units of the reference's pooled covariance after C's offset, the distance
+    from the mean of C's cells of the type to the contributed prototype (as read: moved by A's
+    anchors) and to the nearest reference type, from the contributed prototype to that type,
+    and the type's spread (root mean per-component
+    variance of C's cells around their own mean; 1 is the pooled covariance's)."""
+    from scarches_fl._expression_sums import _whiten
+    from scarches_fl.refine import contributed_pass, read_type_means
+
+    level = knowledge["levels"][LABEL]["expression"]
+    second = contributed_pass(level, tensors, scores, batches)
+    if second is None:
+        return {}
+    classes, probs = second["classes"], second["probabilities"]
+    mask = truth == held
+    j = classes.index(held)
+    misses = []
+    for i in np.flatnonzero(mask & (probs.argmax(axis=1) != j)):
+        order = np.argsort(-probs[i])
+        misses.append(
+            {
+                "cell": int(i),
+                "top": classes[order[0]],
+                "p_top": round(float(probs[i, order[0]]), 3),
+                "p_new_type": round(float(probs[i, j]), 3),
+            }
+        )
+    cov = np.asarray(tensors[level["covariance_tensor"]], dtype=np.float64)
+    wm = _whiten(cov)
+    own = len(level["classes"])
+    means = read_type_means(
+        np.vstack([np.asarray(tensors[level["means_tensor"]], float), second["extra"]["means"]]),
+        cov,
+        [*level["cell_counts"], *second["extra"]["cell_counts"]],
+        1.0,
+    )
+    nu = means @ wm.T
+    names = sorted(set(np.asarray(batches).astype(str).tolist()))
+    w = (scores @ wm.T)[mask] - second["offsets"][names.index(str(batches[mask][0]))]
+    c_mean = w.mean(axis=0)
+    to_ref = np.linalg.norm(nu[:own] - c_mean[None, :], axis=1)
+    gap = nu[j] - c_mean
+    return {
+        "misses": misses,
+        "c_mean_to_contributed": round(float(np.linalg.norm(gap)), 3),
+        "largest_component_gap": round(float(np.abs(gap).max()), 3),
+        "c_mean_to_nearest_reference_type": round(float(to_ref.min()), 3),
+        "nearest_reference_type": level["classes"][int(to_ref.argmin())],
+        "contributed_to_that_type": round(
+            float(np.linalg.norm(nu[j] - nu[int(to_ref.argmin())])), 3
+        ),
+        "c_cells_spread": round(float(np.sqrt(np.mean(np.var(w, axis=0)))), 3),
+        "components": int(w.shape[1]),
+    }
+
+
 def accuracy(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     return float(np.mean(pred[mask] == truth[mask])) if mask.any() else float("nan")
 
@@ -182,6 +250,7 @@ def run_seed(
     max_epochs: int | None,
     surgery_epochs: int | None,
     n_top_genes: int | None = None,
+    cache: Path | None = None,
 ) -> dict:
     from protocols.labels import DPRequirement, LabelPolicy, merge_label_knowledge
     from scarches_fl.labels import predict_labels
@@ -192,34 +261,61 @@ def run_seed(
     spec = DATASETS[name]
     held = spec["type"]
     genesis, site_a, site_c = split(name)
-    t0 = time.perf_counter()
-    model = ReferenceModel.train_reference(
-        genesis,
-        batch_key=BATCH,
-        label_key=LABEL,
-        max_epochs=max_epochs,
-        seed=seed,
-        progress=False,
-        n_top_genes=n_top_genes,
-    )
-    t1 = time.perf_counter()
-    res_a = model.surgery(
-        site_a,
-        batch_key=BATCH,
-        namespace="site-a",
-        max_epochs=surgery_epochs,
-        seed=seed,
-        progress=False,
-    )
-    res_c = model.surgery(
-        site_c,
-        batch_key=BATCH,
-        namespace="site-c",
-        max_epochs=surgery_epochs,
-        seed=seed,
-        progress=False,
-    )
-    t2 = time.perf_counter()
+    where = None
+    if cache is not None:
+        settings = {
+            "dataset": name,
+            "max_epochs": max_epochs,
+            "surgery_epochs": surgery_epochs,
+            "n_top_genes": n_top_genes,
+        }
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        where = cache / f"{name}_seed{seed}_{key}"
+    if where is not None and (where / "latents.npz").is_file():
+        # a model trained and mapped earlier with the same settings: the label rules are
+        # scored afresh on it (the weights, latents and prototypes are the cache's)
+        model = ReferenceModel.from_bundle(where / "reference")
+        with np.load(where / "latents.npz", allow_pickle=False) as z:  # never pickle
+            latent_a, latent_c = z["site_a"], z["site_c"]
+        timing = {
+            **json.loads((where / "run.json").read_text()),
+            "read_from_model_cache": str(where),
+        }
+    else:
+        t0 = time.perf_counter()
+        model = ReferenceModel.train_reference(
+            genesis,
+            batch_key=BATCH,
+            label_key=LABEL,
+            max_epochs=max_epochs,
+            seed=seed,
+            progress=False,
+            n_top_genes=n_top_genes,
+        )
+        t1 = time.perf_counter()
+        latent_a = model.surgery(
+            site_a,
+            batch_key=BATCH,
+            namespace="site-a",
+            max_epochs=surgery_epochs,
+            seed=seed,
+            progress=False,
+        ).latent
+        latent_c = model.surgery(
+            site_c,
+            batch_key=BATCH,
+            namespace="site-c",
+            max_epochs=surgery_epochs,
+            seed=seed,
+            progress=False,
+        ).latent
+        t2 = time.perf_counter()
+        timing = {"reference_train_s": round(t1 - t0, 1), "surgeries_s": round(t2 - t1, 1)}
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
+            model.save(where / "reference")
+            np.savez(where / "latents.npz", site_a=latent_a, site_c=latent_c)
+            (where / "run.json").write_text(json.dumps(timing, indent=2, sort_keys=True))
     bundle = model.to_bundle()
     labels = bundle.manifest["labels"]
     tensors = model.tensors()
@@ -233,12 +329,12 @@ def run_seed(
 
     def predict(knowledge: dict, rule: str) -> np.ndarray:
         if rule == "latent":  # the latent prototype rule
-            p = predict_labels(knowledge, {}, res_c.latent, label_key=LABEL, method="prototype")
+            p = predict_labels(knowledge, {}, latent_c, label_key=LABEL, method="prototype")
         else:  # what map / site map do by default (--label-method auto)
             kept = model.labels
             model.labels = knowledge
             try:
-                p = transfer_labels(model, site_c, res_c.latent, label_key=LABEL, batch_key=BATCH)
+                p = transfer_labels(model, site_c, latent_c, label_key=LABEL, batch_key=BATCH)
             finally:
                 model.labels = kept
             methods[p.method] = p.method
@@ -256,8 +352,7 @@ def run_seed(
         "n_new_at_c": int(new_mask.sum()),
         "n_known_at_c": int(known_mask.sum()),
         "n_new_at_a": int((site_a.obs[LABEL].astype(str) == held).sum()),
-        "reference_train_s": round(t1 - t0, 1),
-        "surgeries_s": round(t2 - t1, 1),
+        **timing,
         "expression_clip_norm": e_clip,
     }
     figures(labels, "before", out)
@@ -275,10 +370,15 @@ def run_seed(
 
     # the contribution as site map --contribute-labels makes it: latent and expression parts
     contrib = build_site_prototypes(
-        res_a.latent, labels_a, label_key=LABEL, policy=policy, seed=seed, expression=scores_a
+        latent_a, labels_a, label_key=LABEL, policy=policy, seed=seed, expression=scores_a
     )
     out["contributed_types"] = [(p["name"], p["count"]) for p in contrib.prototypes]
-    figures(knowledge_after("site-a", contrib), "after", out)
+    after = knowledge_after("site-a", contrib)
+    figures(after, "after", out)
+    if methods.get("expression"):
+        out["second_pass"] = second_pass_geometry(
+            after, tensors, scores_c, site_c.obs[BATCH].to_numpy(), truth_c, held
+        )
     # where a loss or gain comes from: site A sending the new type only (no anchors)
     only_new = dataclasses.replace(
         contrib, prototypes=[p for p in contrib.prototypes if p["name"] == held]
@@ -293,7 +393,7 @@ def run_seed(
     # the geometry's bound: C's own cells as the prototypes (all its types, so that its own
     # anchors place the new type; the latent rule's bound as before: the new type only)
     own = build_site_prototypes(
-        res_c.latent,
+        latent_c,
         truth_c,
         label_key=LABEL,
         policy=policy,
@@ -304,7 +404,7 @@ def run_seed(
     figures(knowledge_after("site-c", own), "own", own_fig)
     out["new_own_upper"] = own_fig["new_own"]
     own_new = build_site_prototypes(
-        res_c.latent[new_mask], truth_c[new_mask], label_key=LABEL, policy=policy, seed=seed
+        latent_c[new_mask], truth_c[new_mask], label_key=LABEL, policy=policy, seed=seed
     )
     figures(knowledge_after("site-c", own_new), "own_new", own_fig)
     out["new_own_upper_latent"] = own_fig["new_own_new_latent"]
@@ -315,7 +415,7 @@ def run_seed(
         dp_policy = LabelPolicy(dp=DPRequirement(clip_norm=clip, epsilon=eps, delta=DELTA))
         # what the agent sends under DP: the latent part only (format version 1)
         dp_contrib = build_site_prototypes(
-            res_a.latent,
+            latent_a,
             labels_a,
             label_key=LABEL,
             policy=dp_policy,
@@ -327,7 +427,7 @@ def run_seed(
         out[f"sigma_eps{eps:g}"] = held_p[0]["sigma"] if held_p else None
         # both parts under one mechanism (format version 2): why the agent does not
         joint = build_site_prototypes(
-            res_a.latent,
+            latent_a,
             labels_a,
             label_key=LABEL,
             policy=dp_policy,
@@ -419,8 +519,6 @@ def plot(results: list[Path], out: Path) -> Path:
     """Bars of the new type's accuracy at site C (before, after, after under DP, C's own
     prototype) and the known types' (before, after), mean with min-max whiskers, one group per
     dataset."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -482,6 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
+        "--model-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep each seed's trained and mapped model here and read it on a rerun with the "
+        "same settings, so a label rule is re-scored without training again",
+    )
+    ap.add_argument(
         "--plot",
         type=Path,
         nargs="+",
@@ -503,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
             max_epochs=args.max_epochs,
             surgery_epochs=args.surgery_epochs,
             n_top_genes=args.n_top_genes,
+            cache=args.model_cache,
         )
         rows.append(row)
         print(
@@ -514,6 +621,23 @@ def main(argv: list[str] | None = None) -> int:
             f"({time.perf_counter() - t:.0f} s)",
             flush=True,
         )
+        geo = row.get("second_pass") or {}
+        if geo:
+            ties = ", ".join(
+                "{} {:.2f} vs {:.2f}".format(m["top"], m["p_top"], m["p_new_type"])
+                for m in geo["misses"]
+            )
+            print(
+                f"  second pass: {len(geo['misses'])} cells of the type called another "
+                f"({ties}); "
+                f"C's mean of the type is {geo['c_mean_to_contributed']:.2f} from the contributed "
+                f"prototype (largest component {geo['largest_component_gap']:.2f}) and "
+                f"{geo['c_mean_to_nearest_reference_type']:.2f} from "
+                f"{geo['nearest_reference_type']} (the contributed prototype "
+                f"{geo['contributed_to_that_type']:.2f}); C's cells spread {geo['c_cells_spread']:.2f} "
+                f"per component (whitened, {geo['components']} components)",
+                flush=True,
+            )
     summary = summarize(rows)
     print(table(args.dataset, summary))
     doc = {

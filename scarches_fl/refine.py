@@ -79,9 +79,11 @@ __all__ = [
     "EXPRESSION_COMPONENTS",
     "LABEL_METHODS",
     "contributed_expression_types",
+    "contributed_pass",
     "fit_expression_prototypes",
     "reference_expression_prototypes",
     "sample_reference_rows",
+    "read_type_means",
     "shrunken_means",
     "expression_label_posteriors",
     "has_expression_prototypes",
@@ -440,6 +442,19 @@ def shrunken_means(
     return np.where((n < below)[:, None], shrunk, nu)
 
 
+def read_type_means(
+    means: np.ndarray, cov: np.ndarray, cell_counts: Sequence[int], shrink: float
+) -> np.ndarray:
+    """Type means (types x components, in the subspace's own units) as the expression rule
+    reads them: :func:`shrunken_means` in the whitened frame of ``cov``, mapped back (``shrink``
+    0: as given). One reading for every type, the reference's and the contributed ones."""
+    if shrink <= 0:
+        return np.asarray(means, dtype=np.float64)
+    chol = np.linalg.cholesky(cov)
+    nu = np.linalg.solve(chol, np.asarray(means, dtype=np.float64).T).T
+    return shrunken_means(nu, cell_counts, shrink) @ chol.T
+
+
 def expression_label_posteriors(
     level_info: Mapping[str, Any],
     tensors: Mapping[str, Any],
@@ -538,7 +553,7 @@ def expression_label_posteriors(
 
 
 def contributed_expression_types(
-    level_info: Mapping[str, Any], tensors: Mapping[str, Any]
+    level_info: Mapping[str, Any], tensors: Mapping[str, Any], *, shrink: float = 0.0
 ) -> dict[str, Any] | None:
     """The types that sites' label contributions add to the expression rule (ADR 0045), from
     ``level_info["contributed"]`` (:func:`protocols.labels.merge_label_knowledge`), or None.
@@ -551,13 +566,18 @@ def contributed_expression_types(
     all, the per-component spread ``v = sum n_i (s_i^2 + sigma_i^2 + (m_i - m)^2) / N`` (``s_i``
     the pooled covariance's where the spread was not sent, under DP), and is scored under
     ``(1 + 1/N) max(1, mean_d(v_d / S_dd)) S``. Anchors never change the reference's own
-    types. Returns ``{"classes", "means" (types x components), "cell_counts",
-    "spread_factor", "sources"}``."""
+    types. An anchor is compared with the reference's mean as the rule reads it
+    (:func:`read_type_means` with ``shrink``: a rare type's mean shrunk, ADR 0072), the mean a
+    query cell of that type is compared with. Returns ``{"classes", "means" (types x
+    components), "cell_counts", "spread_factor", "sources"}``."""
     entries = list(level_info.get("contributed") or [])
     classes = list(level_info["classes"])
     index = {c: j for j, c in enumerate(classes)}
+    cov = np.asarray(tensors[level_info["covariance_tensor"]], dtype=np.float64)
     means = np.asarray(tensors[level_info["means_tensor"]], dtype=np.float64)
-    diag = np.diag(np.asarray(tensors[level_info["covariance_tensor"]], dtype=np.float64))
+    if shrink > 0:
+        means = read_type_means(means, cov, level_info["cell_counts"], shrink)
+    diag = np.diag(cov)
     offsets: dict[str, np.ndarray] = {}
     for src in sorted({str(e["source"]) for e in entries}):
         anchors = [e for e in entries if e["source"] == src and e["label"] in index]
@@ -599,29 +619,25 @@ def contributed_expression_types(
     return out
 
 
-def _with_contributed(
-    prediction: LabelPrediction,
+def contributed_pass(
     level_info: Mapping[str, Any],
     tensors: Mapping[str, Any],
     scores: np.ndarray,
     batches: Any,
     *,
-    tail: float,
-    threshold: float,
-    unknown: str = "novel",
-) -> LabelPrediction:
-    """``prediction`` (the reference's own types) with the types sites contributed
-    (:func:`contributed_expression_types`): a second pass over the reference's and the
-    contributed types, which reads expression alone (the latent head was trained without the
-    contributed types, so its confident cells of a batch that holds them are confidently wrong
-    and cannot anchor the batch's offset): the offset starts from the batch mean and is then
-    re-estimated from the confident cells, three rounds, as ADR 0070's rule does after the
-    head. A cell whose top type in that pass is a contributed one takes that pass's label and
-    uncertainty; every other cell keeps the first pass's call, so a contribution adds names and
-    never re-decides between the reference's own types (ADR 0045)."""
-    extra = contributed_expression_types(level_info, tensors)
+    shrink: float = 1.0,
+) -> dict[str, Any] | None:
+    """The second pass of the expression rule where sites contributed types (ADR 0045, read
+    by one rule with the reference's types since ADR 0047): the reference's and the
+    contributed types (:func:`contributed_expression_types`) in one table, read by
+    :func:`expression_label_posteriors` without the latent head (the offset starts from the
+    batch mean, three rounds) and with the same ``shrink`` as the first pass. None without
+    contributed types. Returns ``{"classes"`` (the reference's, then the contributed ones),
+    ``"probabilities"``, ``"novelty_statistic"``, ``"offsets"`` (per batch, whitened),
+    ``"extra"`` (:func:`contributed_expression_types`' result)``}``."""
+    extra = contributed_expression_types(level_info, tensors, shrink=shrink)
     if extra is None:
-        return prediction
+        return None
     own = list(level_info["classes"])
     classes = own + list(extra["classes"])
     means = np.vstack([np.asarray(tensors[level_info["means_tensor"]], np.float64), extra["means"]])
@@ -633,7 +649,7 @@ def _with_contributed(
         "means_tensor": "contributed.means",
         "covariance_tensor": level_info["covariance_tensor"],
     }
-    probs, stat, _offsets = expression_label_posteriors(
+    probs, stat, offsets = expression_label_posteriors(
         info,
         {**tensors, "contributed.means": means},
         scores,
@@ -641,10 +657,57 @@ def _with_contributed(
         start=None,
         rounds=3,
         latent_weight=0.0,
+        shrink=shrink,
     )
+    return {
+        "classes": classes,
+        "probabilities": probs,
+        "novelty_statistic": stat,
+        "offsets": offsets,
+        "extra": extra,
+    }
+
+
+def _with_contributed(
+    prediction: LabelPrediction,
+    level_info: Mapping[str, Any],
+    tensors: Mapping[str, Any],
+    scores: np.ndarray,
+    batches: Any,
+    *,
+    tail: float,
+    threshold: float,
+    unknown: str = "novel",
+    shrink: float = 0.0,
+    latent_factor: np.ndarray | None = None,
+) -> LabelPrediction:
+    """``prediction`` (the reference's own types) with the types sites contributed
+    (:func:`contributed_expression_types`): a second pass over the reference's and the
+    contributed types, which reads expression alone (the latent head was trained without the
+    contributed types, so its confident cells of a batch that holds them are confidently wrong
+    and cannot anchor the batch's offset): the offset starts from the batch mean and is then
+    re-estimated from the confident cells, three rounds, as ADR 0070's rule does after the
+    head. A cell whose top type in that pass is a contributed one takes that pass's label and
+    uncertainty; every other cell keeps the first pass's call, so a contribution adds names and
+    never re-decides between the reference's own types (ADR 0045).
+
+    Every type is read by the first pass's rule (ADR 0047): means through the same
+    ``shrink`` (a type with fewer than 20 cells, the reference's or a contributed one, is read
+    shrunk; anchors are compared with the reference's means as read), and the novelty that
+    calls "Unknown" is the expression factor, read on the first pass's ``tail`` (half the
+    novelty tail beside a latent factor, ADR 0073), times ``latent_factor`` (the first pass's
+    latent factor raised to its batch's trust, over every accepted latent prototype; None: the
+    expression factor alone)."""
+    second = contributed_pass(level_info, tensors, scores, batches, shrink=shrink)
+    if second is None:
+        return prediction
+    own, classes = list(level_info["classes"]), list(second["classes"])
+    probs, stat, extra = second["probabilities"], second["novelty_statistic"], second["extra"]
     top = probs.argmax(axis=1)
     p_top = probs[np.arange(len(top)), top]
     factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
+    if latent_factor is not None:
+        factor = factor * latent_factor
     uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
     top_label = np.array(classes, dtype=object)[top]
     takes = top >= len(own)
@@ -789,7 +852,7 @@ def predict_cell_labels(
     nearest shrunken centroids, :func:`shrunken_means` with one standard error (0: as stored,
     ADR 0071's rule), so a type seen in few reference cells is compared on the components that
     set it apart, not on the noise of its mean. The types contributed by sites (second pass)
-    are read as stored.
+    are read by the same rule (ADR 0047): the same shrinkage and the same novelty.
 
     ``split_tail`` (ADR 0073): where the latent factor joins the product, each space's factor
     is read on half the novelty tail (a Bonferroni split), so that a cell typical of the
@@ -814,6 +877,7 @@ def predict_cell_labels(
         start = start / freq[None, :]
         start = start / np.maximum(start.sum(axis=1, keepdims=True), 1e-300)
     trust = np.ones(len(scores))
+    latent_part: np.ndarray | None = None
     probs, stat, _offsets = expression_label_posteriors(
         level_info,
         tensors,
@@ -841,16 +905,14 @@ def predict_cell_labels(
             sure=p_top >= 0.5,
             tail=0.5 * tail if split_tail else tail,
         )
+    expression_tail = 0.5 * tail if split_tail and latent_factor is not None else tail
+    factor = _novelty_factor(stat, level_info["novelty_quantiles"], expression_tail)
     if latent_factor is not None:
-        factor = _novelty_factor(
-            stat, level_info["novelty_quantiles"], 0.5 * tail if split_tail else tail
-        )
         # the latent is trusted on a batch as far as its head agrees with the expression
         # (a shift the latent could not absorb moves known cells away from every latent
         # prototype: that is not novelty)
-        factor = factor * latent_factor**trust
-    else:
-        factor = _novelty_factor(stat, level_info["novelty_quantiles"], tail)
+        latent_part = latent_factor**trust
+        factor = factor * latent_part
     uncertainty = np.clip(1.0 - p_top * factor, 0.0, 1.0).astype(np.float32)
     top_label = np.array(classes, dtype=object)[top]
     called = (1.0 - factor) > threshold if unknown == "novel" else uncertainty > threshold
@@ -872,9 +934,11 @@ def predict_cell_labels(
         tensors,
         scores,
         batches,
-        tail=tail,
+        tail=expression_tail,
         threshold=threshold,
         unknown=unknown,
+        shrink=shrink,
+        latent_factor=latent_part,
     )
 
 

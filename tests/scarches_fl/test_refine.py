@@ -718,3 +718,143 @@ def test_the_two_spaces_share_the_novelty_tail(no_shift):
         call(far, latent_novelty=False).novelty,
         call(far, latent_novelty=False, split_tail=False).novelty,
     )
+
+
+def _level_without_last_type(level, tensors, n_last):
+    """The fitted level with its last type's count set to ``n_last``, and the same level
+    without that type plus a contribution of it: the same mean and count, the pooled
+    covariance's spread, no anchors (the site's frame is the reference's)."""
+    full = {**level, "cell_counts": [*level["cell_counts"][:-1], n_last]}
+    means = np.asarray(tensors[level["means_tensor"]], dtype=np.float64)
+    cov = np.asarray(tensors[level["covariance_tensor"]], dtype=np.float64)
+    less = {
+        **level,
+        "classes": level["classes"][:-1],
+        "cell_counts": level["cell_counts"][:-1],
+        "means_tensor": "fewer.means",
+        "contributed": [
+            {
+                "label": level["classes"][-1],
+                "anchor": False,
+                "n_cells": n_last,
+                "mean": means[-1].tolist(),
+                "std": np.sqrt(np.diag(cov)).tolist(),
+                "sigma": 0.0,
+                "source": "site-a#4",
+            }
+        ],
+    }
+    return full, less, {**tensors, "fewer.means": means[:-1]}
+
+
+@pytest.mark.parametrize("n_last", [10, 60])
+def test_a_contributed_type_is_read_as_a_reference_type_of_its_mean_and_count(n_last):
+    """ADR 0047: one rule for every type. The second pass reads a type contributed with mean
+    m from n cells as the reference's rule reads a type of mean m and n reference cells:
+    the same posteriors and novelty, the shrinkage of a rare type (n < 20) included."""
+    from scarches_fl.refine import contributed_pass
+
+    adata = simulate_counts(900, n_genes=200, n_batches=2, n_cell_types=4, seed=5)
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    ref, query = adata[batch == "batch0"].copy(), adata[batch == "batch1"].copy()
+    manifest, tensors = _fit(ref, n_components=20)
+    level = manifest["levels"]["cell_type"]["expression"]
+    full, less, tensors2 = _level_without_last_type(level, tensors, n_last)
+    scores = project_counts(manifest["expression"], tensors, query.X)
+    batches = query.obs["batch"].to_numpy()
+    second = contributed_pass(less, tensors2, scores, batches, shrink=1.0)
+    assert second is not None and second["classes"] == full["classes"]
+    probs, stat, _ = expression_label_posteriors(
+        full, tensors, scores, batches, start=None, rounds=3, latent_weight=0.0, shrink=1.0
+    )
+    np.testing.assert_allclose(second["probabilities"], probs, atol=1e-6)
+    np.testing.assert_allclose(second["novelty_statistic"], stat, rtol=1e-6)
+    unshrunk = contributed_pass(less, tensors2, scores, batches, shrink=0.0)
+    assert unshrunk is not None
+    moved = np.abs(unshrunk["novelty_statistic"] - second["novelty_statistic"]).max()
+    assert (moved > 1e-3) == (n_last < 20)  # only a rare type's mean is read shrunk
+
+
+def test_anchors_are_compared_with_the_reference_means_as_read():
+    """ADR 0047: a site's anchor of a rare reference type places its frame against the mean
+    the rule reads for that type (shrunk, ADR 0072), not the stored one."""
+    from scarches_fl.refine import contributed_expression_types, read_type_means
+
+    means = np.array([[0.0, 0.0], [6.0, 1.0], [0.0, 5.0]])
+    cov = np.eye(2)
+    counts = [200, 200, 5]  # the third type is rare: its mean is read shrunk
+    tensors = {"m": means, "c": cov}
+    read = read_type_means(means, cov, counts, 1.0)
+    assert not np.allclose(read[2], means[2]) and np.allclose(read[:2], means[:2])
+    shift = np.array([1.5, -0.5])
+    level = {
+        "classes": ["a", "b", "r"],
+        "cell_counts": counts,
+        "means_tensor": "m",
+        "covariance_tensor": "c",
+        "contributed": [
+            {
+                "label": label,
+                "anchor": label != "new",
+                "n_cells": 40,
+                "mean": (mean + shift).tolist(),
+                "std": [1.0, 1.0],
+                "sigma": 0.0,
+                "source": "site-a#2",
+            }
+            for label, mean in (("a", read[0]), ("r", read[2]), ("new", np.array([8.0, 8.0])))
+        ],
+    }
+    out = contributed_expression_types(level, tensors, shrink=1.0)
+    assert out is not None
+    np.testing.assert_allclose(out["means"][0], [8.0, 8.0])  # the site's frame exactly undone
+    stored = contributed_expression_types(level, tensors, shrink=0.0)
+    assert stored is not None and not np.allclose(stored["means"][0], [8.0, 8.0])
+
+
+def test_a_contributed_type_far_from_every_latent_prototype_is_unknown():
+    """ADR 0047: the second pass calls Unknown by the first pass's novelty, the expression
+    factor times the latent factor (over every accepted latent prototype) raised to the
+    batch's trust: cells of a contributed type whose latent lies far from every prototype are
+    Unknown, while the same cells on their type's latent prototype are named."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=11)
+    types = adata.obs["cell_type"].astype(str).to_numpy()
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    ref = adata[(batch == "batch0") & (types != "type1")].copy()
+    site_a = adata[batch == "batch1"].copy()
+    query = adata[batch == "batch2"].copy()
+    manifest, tensors = _fit(ref, n_components=30)
+    level = manifest["levels"]["cell_type"]["expression"]
+    scores_a = project_counts(manifest["expression"], tensors, site_a.X)
+    manifest["levels"]["cell_type"]["expression"] = {
+        **level,
+        "contributed": _contributed(
+            scores_a, site_a.obs["cell_type"].astype(str).to_numpy(), "site-a#9", level["classes"]
+        ),
+    }
+    # latent prototypes of every accepted type, type1 (the contributed one) included
+    everyone = SimpleNamespace(
+        obs=pd.DataFrame({"cell_type": np.concatenate([ref.obs["cell_type"], ["type1"] * 40])})
+    )
+    merged, centres, rng = _with_latent_prototypes(manifest, everyone)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    latent = np.stack([centres[t] for t in truth]) + rng.normal(size=(len(truth), 4))
+    novel = truth == "type1"
+    far = latent.copy()
+    far[novel] += 25.0
+    scores = project_counts(merged["expression"], tensors, query.X)
+
+    def call(z, **kw):
+        return predict_cell_labels(
+            merged, tensors, scores, query.obs["batch"].to_numpy(), z, label_key="cell_type", **kw
+        )
+
+    near, apart, expression_only = call(latent), call(far), call(far, latent_novelty=False)
+    assert np.mean(near.pred[novel] == "type1") > 0.8
+    assert np.mean(expression_only.pred[novel] == "type1") > 0.8
+    assert np.mean(apart.pred[novel] == "Unknown") > 0.8
+    assert set(apart.source[novel & (apart.top_label == "type1")]) == {"site-a#9"}

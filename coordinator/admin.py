@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -96,7 +97,10 @@ def init_state(
         )
     parse_listen(listen, where="--listen")
     bundle = read_bundle(reference)
-    origin = origin or f"scarches-fl.local/{target.resolve().name}"
+    # The origin names the log: an auditor keeps what it verified per origin, so two ledgers
+    # must not share one. Without --origin, the directory's name plus a random id recorded in
+    # trust.json and coordinator.yaml (two `coord-state` directories get different names).
+    origin = origin or f"scarches-fl.local/{target.resolve().name}-{secrets.token_hex(4)}"
     check_origin(origin)
     names = tuple(tls_names) if tls_names else DEFAULT_TLS_NAMES
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="NAME",
         help="log origin (checkpoint first line), e.g. consortium.example/ledger "
-        "(default: scarches-fl.local/<state dir name>)",
+        "(default: scarches-fl.local/<state dir name>-<8 random hex digits>, so that no two "
+        "ledgers share a name)",
     )
     init.add_argument(
         "--tls-name",

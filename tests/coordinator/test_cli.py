@@ -394,3 +394,24 @@ def test_key_rotation(consortium, server, tmp_path: Path, capsys) -> None:
 
 def _pair(u):
     return u.envelope, u.diff_bytes
+
+
+def test_default_origins_differ_so_one_auditor_audits_both(
+    tmp_path: Path, reference: Path, capsys, monkeypatch
+) -> None:
+    """Two state directories with the same name and no --origin: each log gets its own name, so
+    the auditor's default state (one per origin, under ~/.scarches-fl/auditor) keeps them apart
+    and both audits pass (with the directory's name alone, the second one exited 19)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    origins = []
+    for parent in ("a", "b"):
+        state = tmp_path / parent / "coord-state"
+        argv = ["coordinator", "init", "--dir", str(state), "--reference", str(reference)]
+        assert main(argv) == 0
+        origins.append(read_trust(state / "trust.json").origin)
+        capsys.readouterr()
+        trust = str(state / "trust.json")
+        assert main(["audit", "--ledger", str(state), "--trust", trust, "--no-served"]) == 0
+    assert origins[0] != origins[1]
+    assert all(o.startswith("scarches-fl.local/coord-state-") for o in origins)
+    assert len(list((tmp_path / "home" / ".scarches-fl" / "auditor").iterdir())) == 2

@@ -731,13 +731,21 @@ def _with_contributed(
 
 
 def _with_latent_only_types(
-    prediction: LabelPrediction, overlay: LabelPrediction, types: Sequence[str]
+    prediction: LabelPrediction,
+    overlay: LabelPrediction,
+    types: Sequence[str],
+    *,
+    novelty: np.ndarray | None = None,
+    threshold: float = 0.5,
 ) -> LabelPrediction:
     """``prediction`` (expression) where ``overlay`` (the latent prototypes over every accepted
     prototype) does not put a cell on one of ``types`` (contributed without an expression
     part); the overlay's label, uncertainty and source where it does. As for contributed
     expression types, a contribution adds names and never re-decides between the types the
-    expression rule reads (ADR 0045)."""
+    expression rule reads (ADR 0045). ``novelty`` (per cell): where given, a cell the overlay
+    puts on one of ``types`` is "Unknown" where its novelty is above ``threshold`` and named
+    otherwise, as the expression rule calls every other type (ADR 0071: Unknown means novel;
+    ADR 0047: one rule for every type); None: the overlay's own call (its uncertainty)."""
     takes = np.isin(np.asarray(overlay.top_label).astype(str), list(types))
     classes = list(prediction.classes) + [c for c in overlay.classes if c not in prediction.classes]
     col = {c: j for j, c in enumerate(classes)}
@@ -750,16 +758,27 @@ def _with_latent_only_types(
         if len(prediction.source) == len(takes)
         else np.full(len(takes), "genesis", dtype=object)
     )
-    novelty = prediction.novelty if len(prediction.novelty) == len(takes) else np.zeros(len(takes))
-    over_novelty = overlay.novelty if len(overlay.novelty) == len(takes) else np.zeros(len(takes))
+    first_novelty = (
+        prediction.novelty if len(prediction.novelty) == len(takes) else np.zeros(len(takes))
+    )
+    over_novelty: np.ndarray
+    if novelty is not None:
+        over_novelty = np.asarray(novelty, dtype=np.float32)
+        over_pred = np.where(over_novelty > threshold, UNKNOWN, overlay.top_label)
+    else:
+        over_novelty = np.asarray(
+            overlay.novelty if len(overlay.novelty) == len(takes) else np.zeros(len(takes)),
+            dtype=np.float32,
+        )
+        over_pred = np.asarray(overlay.pred, dtype=object)
     return LabelPrediction(
-        pred=np.where(takes, overlay.pred, prediction.pred).astype(object),
+        pred=np.where(takes, over_pred, prediction.pred).astype(object),
         uncertainty=np.where(takes, overlay.uncertainty, prediction.uncertainty).astype(np.float32),
         top_label=np.where(takes, overlay.top_label, prediction.top_label).astype(object),
         probabilities=np.where(takes[:, None], over, probs),
         classes=classes,
         method=prediction.method,
-        novelty=np.where(takes, over_novelty, novelty).astype(np.float32),
+        novelty=np.where(takes, over_novelty, first_novelty).astype(np.float32),
         source=np.where(takes, np.asarray(overlay.source, dtype=object), source).astype(object),
     )
 
@@ -1020,7 +1039,21 @@ def transfer_labels(
                 threshold=threshold,
                 method="prototype",
             )
-            return _with_latent_only_types(prediction, overlay, learned_later)
+            novelty = None
+            if dict(expression_options or {}).get("unknown", "novel") == "novel":
+                # "Unknown" by novelty, as for every other type (ADRs 0071, 0047): the latent
+                # factor alone (the whole tail), per batch as the expression rule reads it
+                factor = latent_novelty_factor(
+                    model.labels,
+                    latent,
+                    batches,
+                    label_key=label_key,
+                    sure=np.asarray(prediction.probabilities).max(axis=1) >= 0.5,
+                )
+                novelty = None if factor is None else 1.0 - factor
+            return _with_latent_only_types(
+                prediction, overlay, learned_later, novelty=novelty, threshold=threshold
+            )
         return prediction
     return predict_labels(
         model.labels,

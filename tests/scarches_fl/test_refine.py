@@ -429,6 +429,23 @@ def test_latent_only_types_are_named_from_the_latent_and_nothing_else_moves():
     np.testing.assert_allclose(out.probabilities[0], [0.9, 0.1, 0.0])
     np.testing.assert_allclose(out.probabilities[1], [0.0, 0.1, 0.9])
     np.testing.assert_allclose(out.uncertainty, [0.1, 0.1, 0.2])
+    # ADR 0047: with the cells' novelty, "Unknown" means novel for these types too, as for
+    # every other type: a cell torn between types but typical is named, a novel one is not
+    torn = LabelPrediction(
+        pred=np.array(["b", "Unknown", "Unknown"], dtype=object),
+        uncertainty=np.array([0.3, 0.6, 0.9], np.float32),
+        top_label=np.array(["b", "x:c", "x:c"], dtype=object),
+        probabilities=np.array([[0.1, 0.6, 0.3], [0.1, 0.4, 0.5], [0.1, 0.1, 0.8]], np.float32),
+        classes=["a", "b", "x:c"],
+        method="prototype",
+        source=np.array(["genesis", "x#4", "x#4"], dtype=object),
+    )
+    by_novelty = _with_latent_only_types(
+        expr, torn, ["x:c"], novelty=np.array([0.9, 0.2, 0.8]), threshold=0.5
+    )
+    assert list(by_novelty.pred) == ["a", "x:c", "Unknown"]  # cell 0 is not a latent-only call
+    np.testing.assert_allclose(by_novelty.novelty[1:], [0.2, 0.8])
+    assert list(_with_latent_only_types(expr, torn, ["x:c"]).pred) == ["a", "Unknown", "Unknown"]
 
 
 def _with_latent_prototypes(manifest, ref, seed=0):

@@ -4,6 +4,8 @@ next submission."""
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from coordinator.admin import label_policy, label_state
 from protocols.errors import ConfigError
 from protocols.keys import key_id
 from protocols.labels import build_contribution_payload, sign_contribution
+from scarches_fl_cli.main import main
 from tests.coordinator.conftest import ORIGIN, fetch_base, make_consortium, running_server
 from tests.protocols._label_factories import labels_manifest
 
@@ -40,6 +43,47 @@ def _contribution(site, base, *, count: int = 40, name: str = "delta") -> bytes:
         ],
     )
     return sign_contribution(payload, site.key)
+
+
+@pytest.fixture
+def package_loggers():
+    """main() configures the package loggers, as the CLI does once per process: put them back."""
+    names = ("scarches_fl", "protocols", "coordinator", "site_agent", "scarches_fl_cli")
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_label_policy_command_refuses_names_nobody_contributed(
+    tmp_path: Path, capsys, package_loggers
+) -> None:
+    """ADR 0046 at the operator's command line: accepting a name for a site that is not
+    enrolled, or one an enrolled site never contributed, exits with a message that names the
+    problem, the reason code and what can be decided; `label-policy show` lists it under
+    `pending`; nothing is appended."""
+    cons = make_consortium(tmp_path, sites=("site-a",), labels=labels_manifest(4))
+    a = cons.sites["site-a"]
+    with running_server(cons.state) as server, server.client(cons) as c:
+        assert c.submit_update(_contribution(a, fetch_base(c, cons)), b"").receipt is not None
+    argv = ["coordinator", "label-policy", "accept", "--dir", str(cons.state)]
+    argv += ["--label-key", "cell_type", "--as", "delta", "--name"]
+    capsys.readouterr()
+    assert main([*argv, "site-q:delta"]) == 2
+    err = capsys.readouterr().err
+    assert "'site-q', which is not enrolled" in err and "E_LABEL_POLICY_SITE_UNKNOWN" in err
+    assert main([*argv, "site-a:Delta"]) == 2
+    err = capsys.readouterr().err
+    assert "has not contributed a type 'Delta'" in err and "site-a:delta" in err
+    assert "E_LABEL_POLICY_NOT_CONTRIBUTED" in err
+    assert main(["coordinator", "label-policy", "show", "--dir", str(cons.state)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["pending"] == {"cell_type": ["site-a:delta"]} and shown["accepted"] == []
+    assert main([*argv, "site-a:delta"]) == 0
+    assert label_state(cons.state)["accepted"] == [["cell_type", "site-a:delta", "delta"]]
 
 
 def test_contributions_at_the_server_and_the_operator_policy(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ seed, a central reference trained on the pooled studies (``label_key`` given, ro
 epochs = 50 epochs by default, KL warm-up half of them) and a federated one (3 virtual sites on
 Flower's Simulation Engine, 10 rounds x 5 local epochs by default, the same epoch budget,
 patience = rounds; latent prototypes from the sites' signed
-per-type statistics, k = 20 pooled, site floor 5; expression prototypes from the sites' signed
+per-type statistics, k = 5 pooled and site floor 5, the defaults of ADR 0039 (``--label-min-cells
+20``: the earlier k); expression prototypes from the sites' signed
 sums, ADR 0037). The query is mapped onto each bundle with ``scarches-fl map --label-key
 cell_type --label-method M`` for each M of ``--label-methods``: ``auto`` (map's default: the
 expression prototypes with the per-batch offset, ADR 0070) and ``prototype`` (the latent
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         help="how map reads labels on both bundles: map's default (expression prototypes where "
         "the bundle has them) and/or the latent prototypes; each is reported",
     )
-    ap.add_argument("--label-min-cells", type=int, default=20)
+    ap.add_argument("--label-min-cells", type=int, default=5)
     ap.add_argument("--label-site-floor", type=int, default=5)
     ap.add_argument(
         "--out", default=str(Path(__file__).parent / "results" / "federated_labels.json")
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 "central_seconds": round(t_central, 1),
                 "federated_seconds": round(t_fed, 1),
             }
-            # the types both bundles name (a federated bundle keeps those with k cells pooled)
+            # the types both bundles name (a federated bundle keeps those with k cells pooled
+            # from shares over at least the site floor each)
             shared = _bundle_types(tmp_path / f"central-{seed}") & _bundle_types(
                 tmp_path / f"fed-{seed}"
             )

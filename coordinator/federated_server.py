@@ -109,7 +109,7 @@ class FederationSettings:
     n_latent: int = 10
     batch_key: str = "batch"
     label_key: str | None = None
-    label_min_cells: int = 20  # k: a type enters the bundle with this many cells pooled
+    label_min_cells: int = 5  # k: a type enters the bundle with this many cells pooled (ADR 0039)
     label_site_floor: int = 5  # a type leaves a site with this many labelled cells there
     classifier_weight: float = 10.0  # with a label key (scarches_fl.model.DEFAULT_CLASSIFIER_WEIGHT)
     run_id: str = ""
@@ -997,7 +997,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
         n_latent=int(get("n-latent", 10)),
         batch_key=str(get("batch-key", "batch")),
         label_key=str(get("label-key", "")) or None,
-        label_min_cells=int(get("label-min-cells", 20)),
+        label_min_cells=int(get("label-min-cells", 5)),
         label_site_floor=int(get("label-site-floor", 5)),
     )
 

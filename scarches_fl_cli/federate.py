@@ -294,9 +294,9 @@ def _label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--label-min-cells",
         type=int,
-        default=20,
+        default=5,
         help="k: a cell type becomes a prototype with at least this many labelled cells "
-        "summed over the sites",
+        "summed over the sites (default 5, the site floor: ADR 0039)",
     )
     p.add_argument(
         "--label-site-floor",

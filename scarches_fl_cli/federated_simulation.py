@@ -125,7 +125,7 @@ def simulate(
     out: str | os.PathLike[str],
     ledger: str | os.PathLike[str] | None = None,
     label_key: str | None = None,
-    label_min_cells: int = 20,
+    label_min_cells: int = 5,
     label_site_floor: int = 5,
     batches: Sequence[str] | None = None,
     local_epochs: int = 5,

@@ -216,7 +216,11 @@ def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(
     level = bundle.manifest["labels"]["levels"]["cell_type"]["prototype"]
     record = peek_payload((tmp_path / "records" / "rounds" / "labels.json").read_bytes())
     assert record["kept"] == level["classes"] and len(level["classes"]) >= 3
-    assert all(n >= 20 for n in level["type_cell_counts"].values())
+    # k on the pooled count (default 5, ADR 0039): every type the shares carry 5 cells of,
+    # including types under 20 pooled cells
+    k = settings.label_min_cells
+    assert level["classes"] == sorted(t for t, n in record["types"].items() if n >= k)
+    assert min(level["type_cell_counts"].values()) < 20
     assert {s["site_id"] for s in record["shares"]} == {"s-a", "s-b", "s-c"}
     for share in record["shares"]:
         if share["task"] == "label_statistics":

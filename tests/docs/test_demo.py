@@ -49,9 +49,13 @@ def test_demo_end_to_end(tmp_path: Path, shared_data: Path) -> None:
 
 def test_demo_stops_its_processes_on_ctrl_c(tmp_path: Path, shared_data: Path) -> None:
     wd = tmp_path / "demo"
+    # A shell without job control starts background jobs with SIGINT ignored, and a child keeps
+    # that disposition (Python then never installs its Ctrl-C handler). Give the demo the
+    # terminal's default, so the test checks the demo and not how pytest was launched.
     proc = subprocess.Popen(CLI + ["demo", "--workdir", str(wd), "--max-epochs", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(shared_data))
+                            env=_env(shared_data),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     children: set[int] = set()
     try:
         deadline = time.monotonic() + 600

@@ -239,6 +239,48 @@ def second_pass_geometry(
     }
 
 
+def site_to_site_residuals(contrib_a: Any, contrib_c: Any, level: dict, tensors: dict) -> dict:
+    """How far one type's cells at site A and at site C differ once each site's frame is
+    removed, from the two sites' contributions (public numbers): per type that both carry
+    with an expression part, the distance between A's and C's means, in whitened units of the
+    reference's pooled covariance, after each site's frame offset (the count-weighted mean of
+    its anchors' differences from the reference's means as read, as
+    ``scarches_fl.refine.contributed_expression_types`` computes it) is removed. For an anchor
+    this is what a per-batch offset leaves of the technology difference (the anchors also set
+    the offsets, so it is a lower bound); for the new type it is what A's prototype carries of
+    the difference."""
+    from scarches_fl._expression_sums import _whiten
+    from scarches_fl.refine import read_type_means
+
+    cov = np.asarray(tensors[level["covariance_tensor"]], dtype=np.float64)
+    wm = _whiten(cov)
+    ref = read_type_means(
+        np.asarray(tensors[level["means_tensor"]], dtype=np.float64),
+        cov,
+        level["cell_counts"],
+        1.0,
+    )
+    index = {c: i for i, c in enumerate(level["classes"])}
+
+    def parts(contrib: Any) -> dict[str, tuple[np.ndarray, int]]:
+        return {
+            p["name"]: (np.asarray(p["expression"]["mean"], dtype=np.float64), int(p["count"]))
+            for p in contrib.prototypes
+            if p.get("expression") is not None
+        }
+
+    def frame(site: dict[str, tuple[np.ndarray, int]]) -> np.ndarray:
+        anchors = [(m - ref[index[t]], n) for t, (m, n) in site.items() if t in index]
+        return sum(d * n for d, n in anchors) / max(sum(n for _, n in anchors), 1)
+
+    a, c = parts(contrib_a), parts(contrib_c)
+    fa, fc = frame(a), frame(c)
+    return {
+        t: round(float(np.linalg.norm(((a[t][0] - fa) - (c[t][0] - fc)) @ wm.T)), 3)
+        for t in sorted(set(a) & set(c))
+    }
+
+
 def accuracy(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> float:
     return float(np.mean(pred[mask] == truth[mask])) if mask.any() else float("nan")
 
@@ -400,6 +442,10 @@ def run_seed(
         seed=seed,
         expression=scores_c,
     )
+    if "second_pass" in out:
+        out["second_pass"]["site_to_site_residuals"] = site_to_site_residuals(
+            contrib, own, labels["levels"][LABEL]["expression"], tensors
+        )
     own_fig: dict[str, Any] = {}
     figures(knowledge_after("site-c", own), "own", own_fig)
     out["new_own_upper"] = own_fig["new_own"]
@@ -636,6 +682,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{geo['nearest_reference_type']} (the contributed prototype "
                 f"{geo['contributed_to_that_type']:.2f}); C's cells spread {geo['c_cells_spread']:.2f} "
                 f"per component (whitened, {geo['components']} components)",
+                flush=True,
+            )
+            print(
+                "  the same type at A and at C after each site's frame: "
+                + ", ".join(f"{t} {d:.2f}" for t, d in geo["site_to_site_residuals"].items()),
                 flush=True,
             )
     summary = summarize(rows)

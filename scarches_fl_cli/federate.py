@@ -552,7 +552,7 @@ def _init_model(args: argparse.Namespace) -> int:
         },
     )
     summary = Path(args.out) / "federation" / "initial-model.json"
-    if rc == 0 and summary.exists():
+    if rc == 0 and _written(summary):
         doc = json.loads(summary.read_text())
         for site, info in sorted(doc["sites"].items()):
             studies = ", ".join(f"{k} ({v} cells)" for k, v in info["studies"].items())
@@ -598,13 +598,26 @@ def _run(args: argparse.Namespace) -> int:
         },
     )
     summary = Path(args.out) / "federation" / "federation-summary.json"
-    if rc == 0 and summary.exists():
+    if rc == 0 and _written(summary):
         doc = json.loads(summary.read_text())
         print(
             f"federated reference {doc['bundle_digest']} (round {doc['final_round']}) in "
             f"{args.out}; records in {Path(args.out) / 'federation'}"
         )
     return rc
+
+
+def _written(path: Path, *, seconds: float = 60.0) -> bool:
+    """Whether ``path`` exists, waiting up to ``seconds``: ``flwr run --stream`` can return
+    before the ServerApp process wrote its last file."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
 
 
 def _exec(cmd: list[str], env: dict[str, str]) -> int:

@@ -114,6 +114,12 @@ def test_superlink_and_three_supernodes_with_tls_and_node_auth(tmp_path, shared_
             assert time.monotonic() < deadline, init.stdout[-3000:]
             time.sleep(1.0)
         assert not (out / "federation" / "rounds" / "run.json").exists()
+        # It names each site's key id, to check against the keys the operator enrols.
+        from protocols.keys import key_id, load_public_key
+
+        for site in SITES:
+            kid = key_id(load_public_key(tmp_path / f"{site}.pub"))
+            assert f"site {site}: key {kid}" in init.stdout, init.stdout[-3000:]
         # The operator publishes it and enrols the three sites: the ledger is the trust root.
         state = tmp_path / "coord-state"
         _cli("coordinator", "init", "--dir", str(state), "--reference", str(initial), env=env)

@@ -7,6 +7,11 @@ keys only."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.federated.test_server_inprocess import InProcessGrid, _task_identity, site_configs
@@ -15,12 +20,13 @@ pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
 
 __all__ = ["_task_identity", "site_configs"]  # the fixtures this module reuses
 
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(
     rounds=1, local_epochs=1, n_hidden=16, n_latent=4, round_timeout=7.5, wait_for_sites=0.0
 )
 
 
-def _initial_model(tmp_path, configs):
+def _initial_model(tmp_path, configs, **kw):
     """Step 1 (``federate init-model``): no keys; only round-0000 is written."""
     from coordinator.federated_server import FederationSettings, run_federation
 
@@ -31,6 +37,7 @@ def _initial_model(tmp_path, configs):
         init_only=True,
         min_sites=3,
         **SMALL,
+        **kw,
     )
     result = run_federation(InProcessGrid(configs), settings)
     assert result.rounds == [] and result.sites == ["s-a", "s-b", "s-c"]
@@ -69,7 +76,8 @@ def test_revoked_site_cannot_take_part_and_records_verify_under_the_ledger(
     from scarches_fl_cli.main import main
 
     configs, keys = site_configs
-    round0, init = _initial_model(tmp_path, configs)
+    # With a label key: the run (label key from the model) ends with the label exchanges.
+    round0, init = _initial_model(tmp_path, configs, label_key="cell_type")
     state = tmp_path / "coord"
     init_state(state, reference=round0)
     for site in ("s-a", "s-b", "s-c"):
@@ -118,6 +126,26 @@ def test_revoked_site_cannot_take_part_and_records_verify_under_the_ledger(
     capsys.readouterr()
     assert main(verify) == 0
     assert "2 signed contributions verified" in capsys.readouterr().out
+    # The auditor's install: the same check where torch, anndata and flwr cannot be imported
+    # (the label prototypes are recomputed from the stored shares with numpy).
+    code = (
+        "import sys\n"
+        "for name in ('torch', 'anndata', 'flwr'):\n"
+        "    sys.modules[name] = None\n"
+        "from scarches_fl_cli.main import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *verify],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 signed contributions verified" in proc.stdout
+    assert "label knowledge from the signed statistics of 2 sites" in proc.stdout
     # Records signed by another key than the ledger's operator key do not verify.
     other = tmp_path / "other"
     init_state(other, reference=round0)

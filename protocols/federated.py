@@ -372,6 +372,9 @@ class ChainReport:
     excluded: list[dict[str, Any]] = field(default_factory=list)
     #: sites whose signed label shares the final bundle's label knowledge was built from
     label_shares_from: list[str] = field(default_factory=list)
+    #: the floors the label knowledge was built under, as the signed label record names them:
+    #: ``{"min_cells": k, "site_floor": per-site minimum}`` (ADRs 0038-0039); empty without labels
+    label_floors: dict[str, int] = field(default_factory=dict)
 
 
 def _verify_labels(
@@ -385,7 +388,8 @@ def _verify_labels(
 ) -> list[str]:
     """The label record the run's final entry names: signed by the coordinator, of this run,
     on the final aggregate, and every share it lists verifies under its site's key with the
-    recorded envelope hash, task and model. Returns the sites that contributed statistics."""
+    recorded envelope hash, task and model. Returns the sites that contributed statistics and
+    the floors the record names (``min_cells``, ``site_floor``)."""
     if labels_envelope is None:
         raise FederationError("the run names label knowledge but its label record is missing")
     if envelope_sha256(labels_envelope) != final["labels"].get("record_sha256"):
@@ -418,7 +422,10 @@ def _verify_labels(
             raise FederationError(f"the {task} share of {site} does not match the label record")
         if task == LABEL_TASKS[0]:
             sites.append(str(site))
-    return sorted(sites)
+    floors = {k: rec.get(k) for k in ("min_cells", "site_floor")}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in floors.values()):
+        raise FederationError(f"the label record's floors {floors} are not whole numbers >= 1")
+    return sorted(sites), floors
 
 
 def verify_round_chain(
@@ -444,6 +451,7 @@ def verify_round_chain(
     prev = run.get("initial_digest")
     aggregates: dict[int, Any] = {}
     labelled_by: list[str] = []
+    floors: dict[str, int] = {}
     verified = 0
     excluded: list[dict[str, Any]] = []
     for i, env in enumerate(round_envelopes, start=1):
@@ -491,7 +499,7 @@ def verify_round_chain(
             )
         final_digest = final.get("bundle_digest")
         if "labels" in final:
-            labelled_by = _verify_labels(
+            labelled_by, floors = _verify_labels(
                 final,
                 run_id,
                 labels_envelope,
@@ -514,4 +522,5 @@ def verify_round_chain(
         contributions_verified=verified,
         excluded=excluded,
         label_shares_from=labelled_by,
+        label_floors=floors,
     )

@@ -411,6 +411,7 @@ def _verify(args: argparse.Namespace) -> int:
         "contributions_verified": report.contributions_verified,
         "excluded": report.excluded,
         "label_shares_from": report.label_shares_from,
+        "label_floors": report.label_floors,
     }
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -421,7 +422,8 @@ def _verify(args: argparse.Namespace) -> int:
             f"{len(report.excluded)} exclusions recorded; final model {report.final_digest}"
             + (
                 f"; label knowledge from the signed statistics of {len(report.label_shares_from)}"
-                " sites"
+                f" sites (k = {report.label_floors.get('min_cells')} pooled cells, site floor "
+                f"{report.label_floors.get('site_floor')})"
                 if report.label_shares_from
                 else ""
             )

@@ -229,6 +229,8 @@ def test_label_key_gives_the_bundle_prototypes_from_signed_site_statistics(
                                   coordinator_key=ck.public_key(), bundle=tmp_path / "bundle")
     assert report.final_digest == bundle.digest == result.bundle_digest
     assert report.label_shares_from == ["s-a", "s-b", "s-c"]
+    # the floors the bundle was built under, as the signed record names them (ADRs 0038-0039)
+    assert report.label_floors == {"min_cells": 5, "site_floor": 5}
     # verify recomputed the latent prototypes from the stored shares; one flipped byte in a
     # stored statistics share fails it
     stored = tmp_path / "records" / "rounds" / "labels.s-a.label_statistics.safetensors"

@@ -73,6 +73,7 @@ def _verify_records(out):
                                 coordinator_key=keys.operator_keys, bundle=out)
 
 
+@pytest.mark.slow  # a Flower simulation of the whole run: about 30 s on 2 cores
 def test_three_sites_match_central_and_exclude_tampered_and_failed(
         tmp_path, panc8, shared_data, central_accuracy, capsys):
     from protocols.bundle import read_bundle
@@ -135,6 +136,7 @@ def _publish_and_audit(tmp_path, out, result, capsys):
     assert "VERIFIED" in report and result.aggregate_digest in report
 
 
+@pytest.mark.slow  # a Flower simulation of the whole run: about 30 s on 2 cores
 def test_ten_sites_match_central(tmp_path, panc8, shared_data, central_accuracy):
     from scarches_fl_cli.federated_simulation import simulate
 

@@ -311,7 +311,7 @@ def rotate_site_key(
     path = Path(request)
     try:
         with path.open("rb") as fh:
-            data = fh.read(1024 * 1024 + 1)
+            data = fh.read(ledger.MAX_ROTATION_REQUEST_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"--request {path}: cannot read it: {exc.strerror}") from exc
     envelope, site_id = ledger.countersign_rotation(

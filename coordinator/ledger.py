@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.storage import BlobStore, LedgerStore, StoredEntry
 from protocols.bundle import atomic_write
 from protocols.errors import ConfigError, VerificationError
+from protocols.limits import DEFAULT_LIMITS
 from protocols.proto.serde import BlobRef
 
 if TYPE_CHECKING:
@@ -54,12 +55,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: a rotation request is one DSSE envelope: the protocol's envelope limit bounds it
+MAX_ROTATION_REQUEST_BYTES = DEFAULT_LIMITS.max_envelope_bytes
+
 
 def protocol_limits(cfg: CoordinatorConfig) -> Limits:
     """:class:`protocols.limits.Limits` with this coordinator's envelope and diff caps."""
     import dataclasses
-
-    from protocols.limits import DEFAULT_LIMITS
 
     return dataclasses.replace(
         DEFAULT_LIMITS,
@@ -390,8 +392,11 @@ def countersign_rotation(
     from protocols.ledger import entry_payload
     from protocols.policy import parse_policy_change
 
-    if len(request) > 1024 * 1024:
-        raise ConfigError(f"{what}: larger than 1 MiB; a rotation request is a few hundred bytes")
+    if len(request) > MAX_ROTATION_REQUEST_BYTES:
+        raise ConfigError(
+            f"{what}: larger than {MAX_ROTATION_REQUEST_BYTES / 2**20:g} MiB; a rotation request is a few "
+            "hundred bytes"
+        )
     try:
         kind, obj = entry_payload(request)
         if kind != "policy":

@@ -50,6 +50,7 @@ __all__ = [
     "check_health",
     "backup_state",
     "publish_federated_round",
+    "publish_federated_labels",
     "rotate_site_key",
     "SERVE_RECORD",
     "listen_addresses",
@@ -620,6 +621,52 @@ def publish_federated_round(
         return reg.append_operator_entry(
             lambda _state, _size: (bytes(entry.envelope), "federated_round", refs)
         )
+
+
+def publish_federated_labels(
+    state_dir: str | os.PathLike[str],
+    *,
+    labelled: Any,
+    tensor_names: list[str],
+    round_number: int,
+    labels_record: str,
+) -> StoredEntry:
+    """Append the operator-signed ``federated_labels`` entry that publishes a federated run's
+    label knowledge (``labelled``: the run's bundle, its final aggregate plus the label
+    knowledge and the tensors ``tensor_names``; ``labels_record``: ``"sha256:<hex>"`` of the
+    run's signed ``rounds/labels.json``). Its base is the ledger's head when the write lock is
+    held, which the ledger accepts only right after the round it labels (ADR 0049)."""
+    from protocols.ledger import entry_blobs, make_federated_labels
+
+    cfg = load_config(state_dir)
+    operator_key = load_private_key(cfg.path(cfg.paths.operator_key))
+
+    def make(size: int, digest: str) -> Any:
+        return make_federated_labels(
+            labelled,
+            tensor_names=tensor_names,
+            origin=cfg.origin,
+            round_number=round_number,
+            base_size=size,
+            base_digest=digest,
+            labels_record=labels_record,
+            operator_keys=[operator_key],
+        )
+
+    with _open(state_dir) as reg:
+        blobs = make(1, labelled.digest).blobs  # content-addressed: the same for every base
+        names = {sha: reg.blobs.put(data) for sha, data in blobs.items()}
+
+        def build(state: Any, size: int) -> tuple[bytes, str, list[BlobRef]]:
+            entry = make(size, str(state.digest_at(size)))
+            state.check(entry.envelope, entry.blobs.get)  # refused here: nothing is appended
+            refs = [
+                BlobRef(role=r.role, sha256=names[r.sha256], size=r.size)
+                for r in entry_blobs(entry.envelope)
+            ]
+            return bytes(entry.envelope), "federated_labels", refs
+
+        return reg.append_operator_entry(build)
 
 
 def _trust_json(

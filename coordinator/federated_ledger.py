@@ -17,7 +17,11 @@ chose (early stopping) becomes an operator-signed ``federated_round`` entry
 contributors are the verified contributions (site id and contribution digest), its aggregate is
 that round's model. Rounds after the chosen one stay in the run's signed records but are not
 appended, so the ledger's latest model is the federated reference bundle, and sites extend it by
-surgery. It verifies the run's records against the same ledger's keys first
+surgery. A run with label knowledge (``--label-key``) also appends one operator-signed
+``federated_labels`` entry right after the final round (ADR 0049): the bundle's label knowledge
+(``manifest["labels"]`` and the expression prototypes' tensors), bound to that round's aggregate
+and to the digest of the signed ``rounds/labels.json``, so the ledger serves the labelled bundle
+and ``site map --label-key`` works against the coordinator. It verifies the run's records against the same ledger's keys first
 (:func:`verify_run_directory`) and checks that the ledger's current model is the run's initial
 model.
 """
@@ -128,8 +132,21 @@ def publish_run(state_dir: str | os.PathLike[str], records: str | os.PathLike[st
             "(never enrolled, or revoked); the ledger would refuse the first round that names "
             "one. Enrol them first (`coordinator enroll --site-id ID --public-key FILE`)"
         )
+    labels_path = records / "rounds" / "labels.json"
+    labelled = None
+    if labels_path.exists():  # a run with --label-key: its bundle is BUNDLE_DIR, beside records
+        if not (records.parent / "manifest.json").is_file():
+            raise FederationError(
+                f"the run has label knowledge (rounds/labels.json) but {records.parent} holds no "
+                "bundle; publish the records inside the bundle directory the run wrote "
+                "(BUNDLE_DIR/federation)"
+            )
+        labelled = read_bundle(records.parent)
     report = verify_run_directory(
-        records, site_keys=keys.site_keys, coordinator_key=keys.operator_keys
+        records,
+        site_keys=keys.site_keys,
+        coordinator_key=keys.operator_keys,
+        bundle=records.parent if labelled is not None else None,
     )
     size = keys.size
     if keys.model.digest != report.initial_digest:
@@ -157,4 +174,34 @@ def publish_run(state_dir: str | os.PathLike[str], records: str | os.PathLike[st
         entries.append(entry)
         size = int(entry.index) + 1
         log.info("appended round %d as ledger entry %d", rnd, entry.index)
+    if labelled is not None:
+        entries.append(_publish_labels(state_dir, records, labelled, final_round))
     return entries
+
+
+def _publish_labels(state_dir: Any, records: Path, labelled: Any, final_round: int) -> Any:
+    """The ``federated_labels`` entry right after the final round: the verified bundle's label
+    knowledge, bound to the signed label record's digest (ADR 0049)."""
+    import hashlib
+
+    from coordinator.admin import publish_federated_labels
+    from protocols.errors import VerificationError
+    from protocols.federated import peek_payload
+
+    envelope = (records / "rounds" / "labels.json").read_bytes()
+    expression = peek_payload(envelope).get("expression") or {}
+    try:
+        entry = publish_federated_labels(
+            state_dir,
+            labelled=labelled,
+            tensor_names=[str(n) for n in expression.get("tensors", [])],
+            round_number=final_round,
+            labels_record="sha256:" + hashlib.sha256(envelope).hexdigest(),
+        )
+    except VerificationError as exc:
+        raise FederationError(
+            f"the ledger refused the run's label knowledge: {exc.message} [{exc.reason_code}]; "
+            "its rounds are appended, and the labels can only follow the final round directly"
+        ) from exc
+    log.info("appended the run's label knowledge as ledger entry %d", entry.index)
+    return entry

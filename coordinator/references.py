@@ -87,7 +87,7 @@ class ReferenceCache:
             self.store._conn()
             .execute(
                 "SELECT MAX(idx) FROM entries WHERE idx < ? AND kind IN "
-                "('genesis', 'site_update', 'federated_round')",
+                "('genesis', 'site_update', 'federated_round', 'federated_labels')",
                 (tree_size,),
             )
             .fetchone()
@@ -134,7 +134,8 @@ class ReferenceCache:
 
     def _bundle_at(self, model_index: int) -> ReferenceBundle:
         """The ReferenceBundle after entry ``model_index`` (a model-changing entry): from the
-        nearest cached version or full bundle (genesis, federated round) below it, plus every
+        nearest cached version or full bundle (genesis, federated round, a round's aggregate
+        with the label knowledge of a ``federated_labels`` entry) below it, plus every
         site diff since, concatenated and applied in one ``apply_condition_diff`` (the apply
         rule is concatenation, so one application of the joined diffs equals applying them one
         by one, at the cost of one digest instead of one per update)."""
@@ -164,6 +165,15 @@ class ReferenceCache:
                 base = bundle_from_bytes(
                     self.blobs.read(roles["manifest"].sha256),
                     self.blobs.read(roles["safetensors"].sha256),
+                )
+                break
+            if "labels" in roles and "label_tensors" in roles:  # federated_labels (ADR 0049)
+                from protocols.ledger import apply_federated_labels
+
+                base = apply_federated_labels(
+                    self._bundle_at(self._model_index(idx)),
+                    self.blobs.read(roles["labels"].sha256),
+                    self.blobs.read(roles["label_tensors"].sha256),
                 )
                 break
             if "diff" not in roles:

@@ -304,7 +304,7 @@ class StateDirSource:
         below ``size`` that changes the model). None when the copy holds no such files."""
         row = self._conn.execute(
             "SELECT MAX(idx) FROM entries WHERE idx < ? AND kind IN "
-            "('genesis', 'site_update', 'federated_round')",
+            "('genesis', 'site_update', 'federated_round', 'federated_labels')",
             (size,),
         ).fetchone()
         if row is None or row[0] is None:

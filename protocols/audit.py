@@ -890,6 +890,18 @@ def _record(e: Any, applied: Any, verified: bool) -> EntryRecord:
             "contributors": ", ".join(c.get("site_id", "?") for c in obj.get("contributors") or []),
             "aggregate_digest": (obj.get("aggregate") or {}).get("digest"),
         }
+    elif kind == "federated_labels":
+        base = obj.get("base") or {}
+        rec.base_size, rec.base_digest = base.get("size"), base.get("digest")
+        labels = obj.get("labels") or {}
+        rec.detail = {
+            "round": obj.get("round"),
+            "labels_record": obj.get("labels_record"),
+            "labelled_digest": obj.get("digest"),
+            "label_blobs": ", ".join(
+                f"sha256:{(labels.get(r) or {}).get('sha256')}" for r in ("json", "safetensors")
+            ),
+        }
     if not verified:
         rec.status = "not verified"
     return rec

@@ -137,6 +137,7 @@ REASON_CODES: dict[str, ReasonCode] = _registry(
     ReasonCode("E_LABEL_POLICY_SITE_UNKNOWN", 68, "A label policy accept or map names a site type '<site>:<name>' of a site the trust policy does not know (never enrolled); only an enrolled site's contributed names can be decided."),
     ReasonCode("E_LABEL_POLICY_NOT_CONTRIBUTED", 69, "A label policy accept or map names a site type that no contribution of that site on the current reference brought (or that already matched the vocabulary); decide a name after its contribution is in the ledger (`coordinator label-policy show` lists the pending ones)."),
     ReasonCode("E_LABEL_SHARE_MINIMUM", 64, "A federated label share holds a sum over fewer of one site's cells (a type, a batch, or all of them) than the federation's per-site minimum; a group that small never leaves a site."),
+    ReasonCode("E_FEDERATED_LABELS", 65, "A federated_labels entry does not label the ledger's current federated head (it must directly follow the federated_round it names, on that round's aggregate, once), or its label knowledge does not fit that aggregate; publish the run's label knowledge right after its final round (`federate publish`)."),
 )
 
 

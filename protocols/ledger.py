@@ -15,6 +15,7 @@ kind                payloadType                                                 
                                                                                  key for ``rotate``)
 ``label_contribution`` ``application/vnd.scarches-fl.label-contribution.v1+json`` the site's key
 ``label_policy``    ``application/vnd.scarches-fl.label-policy.v1+json``         operator threshold
+``federated_labels`` ``application/vnd.scarches-fl.federated-labels.v1+json``    operator threshold
 =================== ============================================================ ==================
 
 Payloads are canonical JSON (see ``docs/protocol.md`` for every field). Blobs (bundle files, diffs)
@@ -26,7 +27,7 @@ is ``trust.roots()`` with every policy entry before ``i`` applied.
 
 1. Entry 0 is a ``genesis`` and no other entry is [E_LEDGER_ORDER]. Every entry's payload names
    this log's origin [E_ORIGIN_MISMATCH] and is canonical JSON with exactly its fields.
-2. ``genesis`` / ``federated_round`` / ``policy`` envelopes verify under the operator keys with the
+2. ``genesis`` / ``federated_round`` / ``federated_labels`` / ``policy`` envelopes verify under the operator keys with the
    operator threshold of the policy in force [E_SIG_INVALID, E_SIG_THRESHOLD]; a ``rotate`` is also
    signed by the site's old and new key [E_ROTATION_SIGNATURES].
 3. Every blob an entry names is available [E_BLOB_MISSING] and hashes to its name
@@ -49,6 +50,20 @@ is ``trust.roots()`` with every policy entry before ``i`` applied.
    apply with :func:`protocols.labels.apply_label_policy`. Neither changes the model or its
    digest; a genesis or federated round starts a new lineage without contributions. The label
    knowledge of version N is :meth:`LedgerState.label_knowledge` ``(size=N)``.
+8. ``federated_labels`` (ADR 0049) publishes a federated run's label knowledge: two blobs, a
+   canonical JSON ``{"labels": <the bundle's manifest labels>, "tensors": {name: spec}}`` (at
+   most ``limits.max_manifest_bytes``) and a safetensors file of exactly those tensors (the
+   expression prototypes' arrays, at most ``limits.max_model_bytes``) [E_OVERSIZE, then rule 3].
+   Its base is the ledger's current federated head: the entry directly follows a
+   ``federated_round`` (so at most one per round), ``round`` is that round's, and ``base`` is
+   the version after it (size = this entry's index, that aggregate's digest); the aggregate
+   carries no label knowledge of its own; the labels and tensors add to it without replacing
+   a tensor; the result hashes to the signed ``digest`` [E_FEDERATED_LABELS]. It binds the
+   signed ``labels_record`` (sha256 of the run's signed ``rounds/labels.json`` envelope), which
+   ``federate verify`` checks against the shares (recomputing the prototypes is its job, not
+   the replay's). The labelled bundle (:func:`apply_federated_labels`) replaces the model as a
+   round does: label contributions after it add to its label knowledge as to a genesis's, and
+   updates whose base predates it are refused [E_BASE_STALE].
 
 A failed :meth:`LedgerState.apply` leaves the state unchanged (it raises a typed
 :class:`~protocols.errors.VerificationError`), so the coordinator uses the same object to decide
@@ -130,6 +145,7 @@ __all__ = [
     "GENESIS_TYPE",
     "POLICY_TYPE",
     "FEDERATED_ROUND_TYPE",
+    "FEDERATED_LABELS_TYPE",
     "SITE_UPDATE_TYPE",
     "PAYLOAD_TYPES",
     "BlobLookup",
@@ -152,6 +168,8 @@ __all__ = [
     "rotate_entry",
     "rotation_request",
     "make_federated_round",
+    "make_federated_labels",
+    "apply_federated_labels",
     "replay",
     "Receipt",
     "make_receipt",
@@ -166,6 +184,7 @@ _T = TypeVar("_T")
 GENESIS_TYPE = "application/vnd.scarches-fl.genesis.v1+json"
 POLICY_TYPE = "application/vnd.scarches-fl.policy.v1+json"
 FEDERATED_ROUND_TYPE = "application/vnd.scarches-fl.federated-round.v1+json"
+FEDERATED_LABELS_TYPE = "application/vnd.scarches-fl.federated-labels.v1+json"
 PAYLOAD_TYPES = {
     GENESIS_TYPE: "genesis",
     SITE_UPDATE_TYPE: "site_update",
@@ -173,6 +192,7 @@ PAYLOAD_TYPES = {
     POLICY_TYPE: "policy",
     LABEL_CONTRIBUTION_TYPE: "label_contribution",
     LABEL_POLICY_TYPE: "label_policy",
+    FEDERATED_LABELS_TYPE: "federated_labels",
 }
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -183,7 +203,8 @@ BlobLookup = Callable[[str], "bytes | None"]
 
 @dataclass(frozen=True)
 class BlobRef:
-    """A content-addressed blob an entry names: ``role`` is "manifest", "safetensors" or "diff"."""
+    """A content-addressed blob an entry names: ``role`` is "manifest", "safetensors", "diff",
+    or, of a ``federated_labels`` entry, "labels" and "label_tensors"."""
 
     role: str
     sha256: str
@@ -290,7 +311,67 @@ def entry_blobs(envelope: bytes, *, limits: Limits = DEFAULT_LIMITS) -> list[Blo
     if kind == "federated_round":
         m, s, _ = _bundle_ref_obj(obj.get("aggregate"), "aggregate")
         return [m, s]
+    if kind == "federated_labels":
+        return list(_labels_ref_obj(obj.get("labels")))
     return []
+
+
+def _labels_ref_obj(obj: Any) -> tuple[BlobRef, BlobRef]:
+    if not isinstance(obj, dict) or set(obj) != {"json", "safetensors"}:
+        raise LedgerError("federated_labels.labels has exactly json, safetensors", reason_code="E_PAYLOAD_MALFORMED")
+    return _blob_ref_obj(obj["json"], "labels"), _blob_ref_obj(obj["safetensors"], "label_tensors")
+
+
+def _label_blobs(labelled: ReferenceBundle, names: Sequence[str]) -> tuple[bytes, bytes]:
+    """The two blobs of a ``federated_labels`` entry: the labelled bundle's label knowledge
+    (``manifest["labels"]`` and the specs of the tensors ``names``) and those tensors."""
+    specs = labelled.manifest["tensors"]
+    missing = [n for n in names if n not in specs]
+    if missing:
+        raise LedgerError(f"the labelled bundle has no tensor {missing[0]!r}", reason_code="E_FEDERATED_LABELS")
+    obj = {"labels": labelled.manifest.get("labels") or {}, "tensors": {n: specs[n] for n in names}}
+    return canonical_json(obj), safetensors_to_bytes({n: labelled.tensors[n] for n in names})
+
+
+def apply_federated_labels(
+    aggregate: ReferenceBundle, labels_json: bytes, label_tensors: bytes, *, limits: Limits = DEFAULT_LIMITS
+) -> ReferenceBundle:
+    """The bundle a ``federated_labels`` entry serves: ``aggregate`` (a round's, without label
+    knowledge) with the blob's ``labels`` as ``manifest["labels"]`` and its tensors added.
+    Raises :class:`LedgerError` [E_FEDERATED_LABELS] when they do not fit it."""
+
+    def bad(why: str) -> LedgerError:
+        return LedgerError(f"federated_labels: {why}", reason_code="E_FEDERATED_LABELS")
+
+    try:
+        obj = parse_json_strict(
+            labels_json, max_bytes=limits.max_manifest_bytes, max_depth=limits.max_json_depth,
+            require_canonical=True, what="federated label knowledge",
+        )
+        tensors = safetensors_from_bytes(
+            label_tensors, max_bytes=limits.max_model_bytes, limits=limits, what="federated label tensors"
+        )
+    except VerificationError as exc:
+        raise bad(exc.message) from exc
+    if not isinstance(obj, dict) or set(obj) != {"labels", "tensors"}:
+        raise bad("the label knowledge blob is {labels, tensors}")
+    labels, specs = obj["labels"], obj["tensors"]
+    if not isinstance(labels, dict) or not isinstance(labels.get("levels"), dict) or not labels["levels"]:
+        raise bad("its labels name no label level (nothing to publish)")
+    if not isinstance(specs, dict) or set(specs) != set(tensors):
+        raise bad("its tensor specs and its safetensors file name different tensors")
+    if aggregate.manifest.get("labels"):
+        raise bad("the round's aggregate carries label knowledge of its own; publish onto a bare aggregate")
+    clash = sorted(set(tensors) & set(aggregate.tensors))
+    if clash:
+        raise bad(f"its tensor {clash[0]!r} would replace one of the aggregate's")
+    manifest = {k: v for k, v in aggregate.manifest.items() if k != "digest"}
+    manifest["labels"] = labels
+    manifest["tensors"] = {**manifest["tensors"], **specs}
+    try:
+        return make_bundle(manifest, {**aggregate.tensors, **tensors})
+    except VerificationError as exc:
+        raise bad(f"the labelled bundle does not verify: {exc.message}") from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +445,36 @@ def make_federated_round(
         "aggregate": ref,
     }
     return GenesisEntry(sign_envelope(FEDERATED_ROUND_TYPE, canonical_json(payload), operator_keys), blobs)
+
+
+def make_federated_labels(
+    labelled: ReferenceBundle,
+    *,
+    tensor_names: Sequence[str],
+    origin: str,
+    round_number: int,
+    base_size: int,
+    base_digest: str,
+    labels_record: str,
+    operator_keys: Sequence[Ed25519PrivateKey],
+) -> GenesisEntry:
+    """A ``federated_labels`` entry: ``labelled`` is the federated bundle (the round's aggregate
+    at ``base_size`` / ``base_digest`` plus label knowledge and the tensors ``tensor_names``);
+    ``labels_record`` is ``"sha256:<hex>"`` of the run's signed ``rounds/labels.json``."""
+    jbytes, tbytes = _label_blobs(labelled, tensor_names)
+    jh, th = hashlib.sha256(jbytes).hexdigest(), hashlib.sha256(tbytes).hexdigest()
+    payload = {
+        "kind": "federated_labels",
+        "format_version": 1,
+        "origin": origin,
+        "round": int(round_number),
+        "base": {"size": int(base_size), "digest": base_digest},
+        "labels_record": labels_record,
+        "labels": {"json": {"sha256": jh, "size": len(jbytes)}, "safetensors": {"sha256": th, "size": len(tbytes)}},
+        "digest": labelled.digest,
+    }
+    envelope = sign_envelope(FEDERATED_LABELS_TYPE, canonical_json(payload), operator_keys)
+    return GenesisEntry(envelope, {jh: jbytes, th: tbytes})
 
 
 def make_policy_entry(
@@ -1114,6 +1225,8 @@ class LedgerState:
             base.min_base_size = index + 1
             base.labels = self._labels.new_lineage()
             return base
+        if kind == "federated_labels":
+            return self._eval_federated_labels(obj, blobs, base, index)
         # federated_round
         _fields(
             obj, {"kind", "format_version", "origin", "round", "base", "contributors", "aggregate"},
@@ -1165,6 +1278,62 @@ class LedgerState:
         base.model = _Model.from_bundle(bundle)
         base.min_base_size = index + 1
         base.last_round = rnd
+        base.labels = self._labels.new_lineage()
+        return base
+
+    def _eval_federated_labels(
+        self, obj: dict[str, Any], blobs: BlobLookup, base: _Pending, index: int
+    ) -> _Pending:
+        """Rule 8 (the signature was checked by the caller)."""
+
+        def bad(why: str) -> LedgerError:
+            return LedgerError(f"federated_labels: {why}", reason_code="E_FEDERATED_LABELS")
+
+        _fields(
+            obj, {"kind", "format_version", "origin", "round", "base", "labels_record", "labels", "digest"},
+            "federated_labels",
+        )
+        if type(obj["format_version"]) is not int or obj["format_version"] != 1:
+            raise LedgerError("federated_labels format_version must be 1", reason_code="E_PAYLOAD_MALFORMED")
+        rnd = _int(obj["round"], "round", 1)
+        b = obj["base"]
+        if not isinstance(b, dict) or set(b) != {"size", "digest"}:
+            raise LedgerError("federated_labels base has exactly size, digest", reason_code="E_PAYLOAD_MALFORMED")
+        bsize = _int(b["size"], "base.size", 1)
+        for name in ("labels_record", "digest"):
+            if not isinstance(obj[name], str) or not _DIGEST.fullmatch(obj[name]):
+                raise LedgerError(f"federated_labels.{name} must be 'sha256:<64 hex>'", reason_code="E_PAYLOAD_MALFORMED")
+        jref, tref = _labels_ref_obj(obj["labels"])
+        if jref.size > self.limits.max_manifest_bytes or tref.size > self.limits.max_model_bytes:
+            raise LedgerError(
+                f"federated_labels blobs of {jref.size} and {tref.size} bytes are over the limits "
+                f"({self.limits.max_manifest_bytes}, {self.limits.max_model_bytes})",
+                reason_code="E_OVERSIZE",
+            )
+        if not self._kinds or self._kinds[-1] != "federated_round":
+            raise bad(
+                "it must directly follow the federated_round whose aggregate it labels (the last "
+                f"entry is a {self._kinds[-1] if self._kinds else 'nothing'}); at most one per round"
+            )
+        if rnd != self._last_round:
+            raise bad(f"it names round {rnd}, the ledger's last federated round is {self._last_round}")
+        if bsize != index or self.digest_at(bsize) != b["digest"]:
+            raise bad(
+                f"its base (size {bsize}, {str(b['digest'])[:80]}) is not the current federated head "
+                f"(size {index}, {self.digest_at(index)})"
+            )
+        assert self._model is not None
+        labelled = apply_federated_labels(
+            self._model.bundle(), self._blob(jref, blobs), self._blob(tref, blobs), limits=self.limits
+        )
+        if labelled.digest != obj["digest"]:
+            raise LedgerError(
+                f"the labelled aggregate hashes to {labelled.digest}, the entry signed {obj['digest']}",
+                reason_code="E_DIGEST_MISMATCH",
+            )
+        base.payload = obj
+        base.model = _Model.from_bundle(labelled)
+        base.min_base_size = index + 1
         base.labels = self._labels.new_lineage()
         return base
 

@@ -107,7 +107,7 @@ def register(subparsers: Any) -> None:
     show.add_argument(
         "--kind",
         metavar="KIND",
-        choices=["genesis", "site_update", "federated_round", "policy"],
+        choices=["genesis", "site_update", "federated_round", "federated_labels", "policy"],
         help="only entries of this kind",
     )
     show.add_argument("--json", action="store_true", help="JSON lines, one entry per line")

@@ -112,8 +112,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "publish",
         help="append a verified run to the coordinator's ledger",
         description="Verify a federated run's records and append one operator-signed "
-        "federated_round entry per round to the coordinator's ledger, so that the ledger's "
-        "replay ends in the federated bundle. The records must verify under this ledger's "
+        "federated_round entry per round to the coordinator's ledger (and, for a run with "
+        "--label-key, one federated_labels entry with the bundle's label knowledge), so that "
+        "the ledger's replay ends in the federated bundle. The records must verify under this ledger's "
         "keys: the run's (`federate run --ledger STATE`).",
     )
     pub.add_argument(
@@ -438,7 +439,12 @@ def _publish(args: argparse.Namespace) -> int:
     for e in entries:
         print(f"ledger entry {e.index}: {e.kind}")
     rounds = sum(1 for e in entries if e.kind == "federated_round")
-    print(f"appended {rounds} federated rounds to {args.dir}")
+    labels = any(e.kind == "federated_labels" for e in entries)
+    print(
+        f"appended {rounds} federated rounds"
+        + (" and the run's label knowledge" if labels else "")
+        + f" to {args.dir}"
+    )
     return 0
 
 

@@ -1,7 +1,8 @@
 """docs/federated.md's simulated run into a ledger: the simulation publishes its initial model
 in its own throw-away ledger and enrols the virtual sites there, `federate verify` checks the
-records with that ledger's keys, `federate publish` appends the rounds, and the auditor's
-replay ends in the federated bundle. Another ledger, or a contributor revoked after the run:
+records with that ledger's keys, `federate publish` appends the rounds and the run's label
+knowledge (ADR 0049), the auditor's replay ends in the federated bundle, and a site maps with
+`--label-key` against the coordinator. Another ledger, or a contributor revoked after the run:
 refused before anything is appended."""
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import anndata as ad
 import pytest
 
+from coordinator.admin import _open
+from protocols.bundle import read_bundle
+from protocols.keys import generate_private_key, save_private_key, save_public_key
 from scarches_fl_cli.main import main
+from tests.coordinator.conftest import running_server
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -19,7 +25,6 @@ pytestmark = [pytest.mark.flower, pytest.mark.slow, pytest.mark.timeout(900)]
 def test_simulated_run_verifies_and_publishes_under_its_ledger(
     tmp_path: Path, shared_data: Path, capsys
 ) -> None:
-    from protocols.keys import generate_private_key, save_public_key
     from scarches_fl_cli.federated_simulation import simulate
 
     out = tmp_path / "ref-fed"
@@ -74,7 +79,39 @@ def test_simulated_run_verifies_and_publishes_under_its_ledger(
     lines = capsys.readouterr().out.splitlines()
     assert not any(ln.endswith(": policy") for ln in lines)  # the sites were enrolled already
     assert sum(ln.endswith(": federated_round") for ln in lines) == result.final_round
+    assert lines[-2].endswith(": federated_labels") and "label knowledge" in lines[-1]
     argv = ["audit", "--ledger", str(state), "--trust", trust, "--state", str(tmp_path / "aud")]
     assert main(argv) == 0
     report = capsys.readouterr().out
-    assert "VERIFIED" in report and result.aggregate_digest in report
+    bundle = read_bundle(out)  # the ledger serves the labelled bundle the run wrote
+    assert "VERIFIED" in report and bundle.digest in report
+    with _open(state) as reg:
+        size = reg.state.size
+        assert reg.state.digest == bundle.digest
+        assert reg.state.digest_at(size - 1) == result.aggregate_digest  # the final round's
+
+    # a new site maps with --label-key against the coordinator: the served label knowledge
+    site_key = tmp_path / "site-q.key"
+    key = generate_private_key()
+    save_private_key(key, site_key)
+    save_public_key(key, tmp_path / "site-q.pub")
+    enroll = ["coordinator", "enroll", "--dir", str(state), "--site-id", "site-q"]
+    assert main([*enroll, "--public-key", str(tmp_path / "site-q.pub")]) == 0
+    mapped = tmp_path / "site-q.h5ad"
+    with running_server(state) as server:
+        argv = [
+            "site", "map", "--coordinator", server.address, "--trust", trust,
+            "--key", str(site_key), "--site-id", "site-q", "--state", str(tmp_path / "sq"),
+            "--data", str(shared_data / "panc8_sub_nebula.h5ad"), "--batch-key", "batch",
+            "--label-key", "cell_type", "--batches", "celseq2", "--out", str(mapped),
+            "--max-epochs", "2",
+        ]  # fmt: skip
+        capsys.readouterr()
+        assert main(argv) == 0, capsys.readouterr().err
+    obs = ad.read_h5ad(mapped).obs
+    assert int(ad.read_h5ad(mapped).uns["scarches_fl"]["tree_size"]) == size + 1  # + enrolment
+    classes = set(bundle.manifest["labels"]["levels"]["cell_type"]["prototype"]["classes"])
+    predicted = set(obs["cell_type_pred"].astype(str))
+    assert predicted <= classes | {"Unknown"} and predicted & classes
+    agree = float((obs["cell_type_pred"].astype(str) == obs["cell_type"].astype(str)).mean())
+    assert agree > 0.5, agree

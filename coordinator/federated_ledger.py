@@ -91,9 +91,15 @@ def federation_keys(state_dir: str | os.PathLike[str]) -> FederationKeys:
     return keys
 
 
-def publish_run(state_dir: str | os.PathLike[str], records: str | os.PathLike[str]) -> list[Any]:
+def publish_run(
+    state_dir: str | os.PathLike[str],
+    records: str | os.PathLike[str],
+    *,
+    bundle: str | os.PathLike[str] | None = None,
+) -> list[Any]:
     """Append the run in ``records`` (``BUNDLE_DIR/federation``) to the ledger in
-    ``state_dir``; returns the appended entries. Raises :class:`FederationError` when a
+    ``state_dir``; returns the appended entries. A run with label knowledge also appends its
+    bundle's (``bundle``, default ``BUNDLE_DIR``: the directory that holds ``records``). Raises :class:`FederationError` when a
     contributor has no active key in the ledger, when the records do not verify under the
     ledger's keys, or when the ledger does not serve the run's initial model."""
     from coordinator.admin import publish_federated_round
@@ -134,19 +140,19 @@ def publish_run(state_dir: str | os.PathLike[str], records: str | os.PathLike[st
         )
     labels_path = records / "rounds" / "labels.json"
     labelled = None
-    if labels_path.exists():  # a run with --label-key: its bundle is BUNDLE_DIR, beside records
-        if not (records.parent / "manifest.json").is_file():
+    bundle_dir = Path(bundle) if bundle is not None else records.parent
+    if labels_path.exists():  # a run with --label-key: its bundle carries the label knowledge
+        if not (bundle_dir / "manifest.json").is_file():
             raise FederationError(
-                f"the run has label knowledge (rounds/labels.json) but {records.parent} holds no "
-                "bundle; publish the records inside the bundle directory the run wrote "
-                "(BUNDLE_DIR/federation)"
+                f"the run has label knowledge (rounds/labels.json) but {bundle_dir} holds no "
+                "bundle; pass the bundle the run wrote (--bundle REF)"
             )
-        labelled = read_bundle(records.parent)
+        labelled = read_bundle(bundle_dir)
     report = verify_run_directory(
         records,
         site_keys=keys.site_keys,
         coordinator_key=keys.operator_keys,
-        bundle=records.parent if labelled is not None else None,
+        bundle=bundle_dir if labelled is not None else None,
     )
     size = keys.size
     if keys.model.digest != report.initial_digest:

@@ -124,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="coordinator state directory, initialised with --reference RECORDS/models/round-0000",
     )
     pub.add_argument("--records", required=True, help="the run's record directory")
+    pub.add_argument(
+        "--bundle",
+        metavar="REF",
+        help="the run's bundle, for a run with label knowledge (default: the directory that "
+        "holds --records, where `federate run` writes it)",
+    )
     pub.set_defaults(handler=_publish)
 
     tls = sub.add_parser(
@@ -435,7 +441,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from coordinator.federated_ledger import publish_run
 
-    entries = publish_run(args.dir, args.records)
+    entries = publish_run(args.dir, args.records, bundle=args.bundle)
     for e in entries:
         print(f"ledger entry {e.index}: {e.kind}")
     rounds = sum(1 for e in entries if e.kind == "federated_round")

@@ -48,7 +48,7 @@ def test_help_shows_defaults_and_choices(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["ledger", "show", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "one of: genesis, site_update, federated_round, policy" in text
+    assert "one of: genesis, site_update, federated_round, federated_labels, policy" in text
 
 
 def test_version(capsys) -> None:

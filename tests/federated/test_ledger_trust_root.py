@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.admin import _open
 from tests.federated.test_server_inprocess import InProcessGrid, _task_identity, site_configs
 
 pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
@@ -167,9 +168,15 @@ def test_revoked_site_cannot_take_part_and_records_verify_under_the_ledger(
     with pytest.raises(Exception, match="s-b have no active key"):
         publish_run(late, tmp_path / "records")
     assert federation_keys(late).size == size + 1  # only the revocation
-    entries = publish_run(state, tmp_path / "records")
-    assert [e.kind for e in entries] == ["federated_round"]
-    assert federation_keys(state).model.digest == result.aggregate_digest
+    with pytest.raises(Exception, match="holds no bundle"):  # a labelled run needs its bundle
+        publish_run(state, tmp_path / "records")
+    assert federation_keys(state).size == size
+    entries = publish_run(state, tmp_path / "records", bundle=tmp_path / "bundle")
+    assert [e.kind for e in entries] == ["federated_round", "federated_labels"]
+    # the ledger serves the labelled bundle, whose weights are the final aggregate
+    assert federation_keys(state).model.digest == read_bundle(tmp_path / "bundle").digest
+    with _open(state) as reg:
+        assert reg.state.digest_at(reg.state.size - 1) == result.aggregate_digest
 
 
 def test_a_site_whose_studies_are_not_the_initial_models_is_left_out(tmp_path, site_configs):

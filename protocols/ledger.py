@@ -48,7 +48,8 @@ is ``trust.roots()`` with every policy entry before ``i`` applied.
    against the state before them (the site's sequence space is shared with its updates) and add
    to the label knowledge of the current lineage; ``label_policy`` entries (operator-signed)
    apply with :func:`protocols.labels.apply_label_policy`. Neither changes the model or its
-   digest; a genesis or federated round starts a new lineage without contributions. The label
+   digest; a genesis, a federated round or a ``federated_labels`` entry starts a new lineage
+   without contributions. The label
    knowledge of version N is :meth:`LedgerState.label_knowledge` ``(size=N)``.
 8. ``federated_labels`` (ADR 0049) publishes a federated run's label knowledge: two blobs, a
    canonical JSON ``{"labels": <the bundle's manifest labels>, "tensors": {name: spec}}`` (at
@@ -57,8 +58,9 @@ is ``trust.roots()`` with every policy entry before ``i`` applied.
    Its base is the ledger's current federated head: the entry directly follows a
    ``federated_round`` (so at most one per round), ``round`` is that round's, and ``base`` is
    the version after it (size = this entry's index, that aggregate's digest); the aggregate
-   carries no label knowledge of its own; the labels and tensors add to it without replacing
-   a tensor; the result hashes to the signed ``digest`` [E_FEDERATED_LABELS]. It binds the
+   carries no label knowledge of its own; the labels name a level and their tensors add to
+   the aggregate's without replacing one [E_FEDERATED_LABELS]; the result hashes to the signed
+   ``digest`` [E_DIGEST_MISMATCH]. It binds the
    signed ``labels_record`` (sha256 of the run's signed ``rounds/labels.json`` envelope), which
    ``federate verify`` checks against the shares (recomputing the prototypes is its job, not
    the replay's). The labelled bundle (:func:`apply_federated_labels`) replaces the model as a

@@ -120,20 +120,23 @@ def test_three_sites_match_central_and_exclude_tampered_and_failed(
 
 def _publish_and_audit(tmp_path, out, result, capsys):
     """The run becomes ledger entries (genesis = initial model and the enrolments, made by the
-    simulation before training; one federated_round per round up to the chosen one) and the
-    auditor's replay ends in the federated bundle."""
+    simulation before training; one federated_round per round up to the chosen one, then the
+    run's label knowledge as one federated_labels entry) and the auditor's replay ends in the
+    federated bundle."""
     from coordinator.federated_ledger import publish_run
+    from protocols.bundle import read_bundle
     from scarches_fl_cli.main import main
 
     records = out / "federation"
     state = records / "coordinator"
     entries = publish_run(state, records)
-    assert [e.kind for e in entries] == ["federated_round"] * result.final_round
+    kinds = ["federated_round"] * result.final_round + ["federated_labels"]
+    assert [e.kind for e in entries] == kinds
     capsys.readouterr()
     assert main(["audit", "--ledger", str(state), "--trust", str(state / "trust.json"),
                  "--state", str(tmp_path / "auditor")]) == 0
     report = capsys.readouterr().out
-    assert "VERIFIED" in report and result.aggregate_digest in report
+    assert "VERIFIED" in report and read_bundle(out).digest in report
 
 
 @pytest.mark.slow  # a Flower simulation of the whole run: about 30 s on 2 cores

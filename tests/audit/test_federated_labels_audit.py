@@ -12,7 +12,12 @@ from coordinator.admin import _open, publish_federated_labels, publish_federated
 from protocols._audit_sources import StateDirSource
 from protocols.audit import AUDIT_EXIT_CODES, load_trust_file, run_audit
 from protocols.bundle import make_bundle
-from tests.coordinator.conftest import make_consortium
+from tests.coordinator.conftest import (
+    fetch_base,
+    make_consortium,
+    make_site_update,
+    running_server,
+)
 from tests.protocols._label_factories import labels_manifest
 
 
@@ -61,6 +66,22 @@ def test_audit_replays_the_federated_labels_and_the_served_labelled_bundle(tmp_p
     assert res.served_digest == res.replay_digest == labelled.digest
     (row,) = [e for e in res.entries if e.kind == "federated_labels"]
     assert row.index == entry.index and row.detail["labelled_digest"] == labelled.digest
+    # a site's surgery on the labelled reference: the coordinator serves the extension, with
+    # the federated label knowledge kept, and the audit replays it
+    with running_server(cons.state) as server, server.client(cons) as client:
+        base = fetch_base(client, cons)
+        assert base[2].digest == labelled.digest  # what a site maps on
+        update = make_site_update(cons.sites["site-a"], base)
+        client.submit_update(update.envelope, update.diff_bytes).raise_for_rejection()
+        size, _root, extended = fetch_base(client, cons)
+    assert extended.digest != labelled.digest
+    assert extended.manifest["labels"] == labelled.manifest["labels"]
+    with _open(cons.state) as reg:
+        served = reg.references.materialize(size)
+        assert served.digest == reg.state.digest == extended.digest
+    res = _audit(cons, tmp_path / "aud")
+    assert res.ok, res.findings
+    assert res.served_digest == served.digest
 
 
 def test_a_flipped_byte_in_the_label_blob_is_caught(tmp_path: Path):

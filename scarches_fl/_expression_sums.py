@@ -31,10 +31,12 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 from scarches_fl._federated_labels import NOVELTY_BINS, TEMPERATURE_GRID, _histogram_quantiles
 from scarches_fl.labels import _N_QUANTILES, _softmax
@@ -105,6 +107,8 @@ class ExpressionTypeModel:
 
 def lognormalize(counts: Any) -> sp.csr_matrix:
     """``log1p(1e4 * x / total)`` per cell (CSR float32); a cell with no counts stays 0."""
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     x = sp.csr_matrix(counts, dtype=np.float32, copy=True)
     total = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
     scale = np.where(total > 0, _TARGET_SUM / np.maximum(total, 1e-12), 0.0)
@@ -120,6 +124,8 @@ def _project(x: sp.csr_matrix, gene_mean: np.ndarray, components: np.ndarray) ->
 def expression_moments(x: Any) -> ExpressionMoments:
     """:class:`ExpressionMoments` of log-normalised cells ``x`` (cells x genes, sparse or
     dense)."""
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     m = sp.csr_matrix(x, dtype=np.float64)
     gram = m.T @ m
     gram = gram.toarray() if sp.issparse(gram) else np.asarray(gram)
@@ -518,6 +524,8 @@ def _labelled(labels: Any) -> np.ndarray:
 def site_expression_moments(counts: Any, labels: Any) -> ExpressionMoments:
     """Step 1 at a site: the moments of its labelled cells' log-normalised expression
     (``labels``: one per cell, ``None`` for unlabelled; ``counts``: raw, on the bundle's genes)."""
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     rows = np.flatnonzero(_labelled(labels))
     return expression_moments(lognormalize(sp.csr_matrix(counts)[rows]))
 
@@ -531,6 +539,8 @@ def _site_cells(
     floor: int,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """(scores, types, batches) of the cells :func:`included_cells` keeps."""
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     lab = np.asarray([None if v is None else str(v) for v in labels], dtype=object)
     bat = np.asarray(batches).astype(str)
     idx = np.flatnonzero(included_cells(lab, bat, classes, floor=floor))

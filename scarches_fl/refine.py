@@ -58,7 +58,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 from scarches_fl import _expression_sums as ES
 from scarches_fl._expression_sums import _distances, _project, _whiten, lognormalize
@@ -226,6 +228,8 @@ def fit_expression_prototypes(
     ``manifest["labels"]["levels"][name]["expression"]``, ``info["projection"]`` the JSON for
     ``manifest["labels"]["expression"]``, ``tensors`` the float32 arrays to store.
     """
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     if n_components < 1 or kappa < 0:
         raise LabelTransferError(
             "expression prototypes need n_components >= 1 and kappa >= 0; the defaults are "
@@ -300,6 +304,8 @@ def fit_expression_prototypes(
 def _rows_of(reg: Any, rows: np.ndarray, window: int = 16384) -> sp.csr_matrix:
     """Counts of ``rows`` (sorted) of registered data, in memory or streamed window by
     window from disk."""
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     if reg.x is not None:
         return sp.csr_matrix(reg.x[rows])
     source = reg.source
@@ -382,6 +388,8 @@ def project_counts(
 ) -> np.ndarray:
     """Scores (cells x components, float32) of raw-count row blocks on the bundle's genes
     (one matrix, or an iterable of CSR windows: the query is never read whole)."""
+    import scipy.sparse as sp  # model extra: the module imports without it (auditor install)
+
     gene_mean = np.asarray(tensors[projection["gene_mean_tensor"]], dtype=np.float64)
     comps = np.asarray(tensors[projection["components_tensor"]], dtype=np.float64)
     if sp.issparse(blocks) or isinstance(blocks, np.ndarray):

@@ -127,11 +127,13 @@ def test_revoked_site_cannot_take_part_and_records_verify_under_the_ledger(
     capsys.readouterr()
     assert main(verify) == 0
     assert "2 signed contributions verified" in capsys.readouterr().out
-    # The auditor's install: the same check where torch, anndata and flwr cannot be imported
-    # (the label prototypes are recomputed from the stored shares with numpy).
+    # The auditor's install (the base dependencies only): the same check where no module of the
+    # model or flower extras can be imported (the label prototypes are recomputed from the
+    # stored shares with numpy).
     code = (
         "import sys\n"
-        "for name in ('torch', 'anndata', 'flwr'):\n"
+        "for name in ('torch', 'anndata', 'flwr', 'scipy', 'sklearn', 'h5py', 'scanpy',\n"
+        "             'pynndescent', 'umap', 'matplotlib'):\n"
         "    sys.modules[name] = None\n"
         "from scarches_fl_cli.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n"

@@ -385,7 +385,7 @@ def _verify_labels(
     *,
     coordinator_key: Ed25519PublicKey | Sequence[Ed25519PublicKey],
     site_keys: Mapping[str, Ed25519PublicKey],
-) -> list[str]:
+) -> tuple[list[str], dict[str, int]]:
     """The label record the run's final entry names: signed by the coordinator, of this run,
     on the final aggregate, and every share it lists verifies under its site's key with the
     recorded envelope hash, task and model. Returns the sites that contributed statistics and
@@ -422,9 +422,12 @@ def _verify_labels(
             raise FederationError(f"the {task} share of {site} does not match the label record")
         if task == LABEL_TASKS[0]:
             sites.append(str(site))
-    floors = {k: rec.get(k) for k in ("min_cells", "site_floor")}
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in floors.values()):
-        raise FederationError(f"the label record's floors {floors} are not whole numbers >= 1")
+    named = {k: rec.get(k) for k in ("min_cells", "site_floor")}
+    floors = {
+        k: v for k, v in named.items() if isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    }
+    if len(floors) != len(named):
+        raise FederationError(f"the label record's floors {named} are not whole numbers >= 1")
     return sorted(sites), floors
 
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 __all__ = ["register"]
@@ -549,6 +550,7 @@ def _submit(args: argparse.Namespace, command: str, run_config: dict[str, object
 
 
 def _init_model(args: argparse.Namespace) -> int:
+    started = time.time()
     rc = _submit(
         args,
         "federate init-model",
@@ -566,7 +568,8 @@ def _init_model(args: argparse.Namespace) -> int:
         },
     )
     summary = Path(args.out) / "federation" / "initial-model.json"
-    if rc == 0 and _written(summary):
+    if rc == 0:
+        _require_written(summary, since=started, command="federate init-model")
         doc = json.loads(summary.read_text())
         for site, info in sorted(doc["sites"].items()):
             studies = ", ".join(f"{k} ({v} cells)" for k, v in info["studies"].items())
@@ -592,6 +595,7 @@ def _run(args: argparse.Namespace) -> int:
         f"run from the ledger's model {keys.model.digest} with the keys of "
         f"{len(keys.site_keys)} enrolled sites: {', '.join(sorted(keys.site_keys))}"
     )
+    started = time.time()
     rc = _submit(
         args,
         "federate run",
@@ -612,7 +616,8 @@ def _run(args: argparse.Namespace) -> int:
         },
     )
     summary = Path(args.out) / "federation" / "federation-summary.json"
-    if rc == 0 and _written(summary):
+    if rc == 0:
+        _require_written(summary, since=started, command="federate run")
         doc = json.loads(summary.read_text())
         print(
             f"federated reference {doc['bundle_digest']} (round {doc['final_round']}) in "
@@ -621,17 +626,38 @@ def _run(args: argparse.Namespace) -> int:
     return rc
 
 
-def _written(path: Path, *, seconds: float = 60.0) -> bool:
-    """Whether ``path`` exists, waiting up to ``seconds``: ``flwr run --stream`` can return
-    before the ServerApp process wrote its last file."""
-    import time
-
+def _written(path: Path, *, since: float, seconds: float = 60.0) -> bool:
+    """Whether ``path`` was written at or after ``since`` (wall clock), waiting up to
+    ``seconds``: ``flwr run --stream`` can return before the ServerApp process wrote its last
+    file, and an earlier run's file in the same directory must not count."""
     deadline = time.monotonic() + seconds
-    while not path.exists():
+    while True:
+        try:
+            if path.stat().st_mtime >= since - 1.0:
+                return True
+        except FileNotFoundError:
+            pass
         if time.monotonic() > deadline:
             return False
         time.sleep(0.5)
-    return True
+
+
+#: how long to wait, after ``flwr run`` returns, for the ServerApp's summary file
+SUMMARY_WAIT_SECONDS = 60.0
+
+
+def _require_written(path: Path, *, since: float, command: str) -> None:
+    """The ServerApp's summary of this run, or :class:`FederationError`: ``flwr run`` exits 0
+    even when the ServerApp fails (it prints the ServerApp's exit code instead)."""
+    from protocols.federated import FederationError
+
+    if not _written(path, since=since, seconds=SUMMARY_WAIT_SECONDS):
+        raise FederationError(
+            f"`{command}` did not finish: the ServerApp wrote no {path.name} in {path.parent} "
+            f"within {SUMMARY_WAIT_SECONDS:.0f} s of `flwr run` returning, so it failed; the Flower output "
+            "above says why (for example too few enrolled sites described themselves). Fix that "
+            "and run the command again."
+        )
 
 
 def _exec(cmd: list[str], env: dict[str, str]) -> int:

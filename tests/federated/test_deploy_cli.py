@@ -5,6 +5,7 @@ with an error instead of lingering."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -126,3 +127,28 @@ def test_register_node_says_when_nothing_listens(tmp_path: Path, capsys) -> None
     assert main([*argv, "--public-key", str(tmp_path / "node" / "node_auth.pub")]) == 2
     err = capsys.readouterr().err
     assert f"127.0.0.1:{port}: nothing answers there" in err and "federate superlink" in err
+
+
+def test_init_model_fails_when_the_server_app_wrote_no_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``flwr run --stream`` exits 0 when the ServerApp fails (it prints "Exit Code: 201"), so
+    the command decides from the ServerApp's summary file: none, or an earlier run's, is a
+    failure with a non-zero exit, never a success a cron job would believe."""
+    from scarches_fl_cli import federate
+
+    monkeypatch.setattr(federate, "SUMMARY_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(federate, "_require_flower", lambda command: None)
+    monkeypatch.setattr(federate, "_submit", lambda args, command, run_config: 0)
+    out = tmp_path / "ref-fed"
+    argv = ["federate", "init-model", "--insecure", "--out", str(out)]
+    assert main(argv) != 0
+    assert "did not finish" in capsys.readouterr().err
+    # An earlier run's summary in the same directory does not make this run a success.
+    summary = out / "federation" / "initial-model.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text("{}")
+    old = time.time() - 3600
+    os.utime(summary, (old, old))
+    assert main(argv) != 0
+    assert "did not finish" in capsys.readouterr().err

@@ -61,6 +61,7 @@ class FederationKeys:
     signing_key: Ed25519PrivateKey
     model: Any  # protocols.bundle.ReferenceBundle: the ledger's current model
     size: int
+    last_round: int = 0  # the last federated round the ledger holds (0: none)
 
 
 def federation_keys(state_dir: str | os.PathLike[str]) -> FederationKeys:
@@ -81,12 +82,30 @@ def federation_keys(state_dir: str | os.PathLike[str]) -> FederationKeys:
             signing_key=signing_key,
             model=state.bundle(),
             size=int(state.size),
+            last_round=int(state.last_round),
         )
     if not keys.site_keys:
         raise FederationError(
             f"the ledger in {state_dir} enrols no site with an active key; enrol each site "
             "first (`scarches-fl coordinator enroll --dir STATE --site-id ID --public-key "
             "site.pub`)"
+        )
+    return keys
+
+
+def run_keys(state_dir: str | os.PathLike[str]) -> FederationKeys:
+    """:func:`federation_keys` for a new run, which starts from an initial model: a
+    :class:`FederationError` when the ledger already holds federated rounds (its model is then
+    a published run's aggregate, and a new run's rounds, counted from 1, could never be
+    published there)."""
+    keys = federation_keys(state_dir)
+    if keys.last_round:
+        raise FederationError(
+            f"the ledger in {state_dir} already holds federated round {keys.last_round}: its "
+            "model is a published run's aggregate, not an initial model, and a new run's "
+            "rounds (from 1) could not be published after it. Start a new run with `scarches-fl "
+            "federate init-model` and a new ledger (`coordinator init --reference` its "
+            "round-0000)"
         )
     return keys
 

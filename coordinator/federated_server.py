@@ -958,7 +958,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
     coordinator_key: Any = None
     initial_model: Any = None
     if not init_only:
-        from coordinator.federated_ledger import federation_keys
+        from coordinator.federated_ledger import run_keys
 
         ledger = str(get("ledger", ""))
         if not ledger:
@@ -966,7 +966,7 @@ def settings_from_run_config(run_config: Mapping[str, Any]) -> FederationSetting
                 "the run config names no ledger; start the run with "
                 "`scarches-fl federate run --ledger STATE`"
             )
-        keys = federation_keys(ledger)
+        keys = run_keys(ledger)
         site_keys, coordinator_key, initial_model = (
             keys.site_keys,
             keys.signing_key,

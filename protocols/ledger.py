@@ -946,6 +946,11 @@ class LedgerState:
         return list(self._kinds)
 
     @property
+    def last_round(self) -> int:
+        """The last ``federated_round`` appended (0: none)."""
+        return self._last_round
+
+    @property
     def manifest(self) -> dict[str, Any]:
         """The current reference manifest (with its digest)."""
         if self._model is None:

@@ -586,11 +586,11 @@ def _init_model(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _require_flower("federate run")
-    from coordinator.federated_ledger import federation_keys
+    from coordinator.federated_ledger import run_keys
 
     # Before anything is submitted: the ledger opens and enrols sites (the ServerApp reads it
     # again, as the process that signs the records).
-    keys = federation_keys(args.ledger)
+    keys = run_keys(args.ledger)
     print(
         f"run from the ledger's model {keys.model.digest} with the keys of "
         f"{len(keys.site_keys)} enrolled sites: {', '.join(sorted(keys.site_keys))}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.admin import _open
+from protocols.federated import FederationError
 from tests.federated.test_server_inprocess import InProcessGrid, _task_identity, site_configs
 
 pytestmark = [pytest.mark.flower, pytest.mark.timeout(300)]
@@ -179,6 +180,12 @@ def test_revoked_site_cannot_take_part_and_records_verify_under_the_ledger(
     assert federation_keys(state).model.digest == read_bundle(tmp_path / "bundle").digest
     with _open(state) as reg:
         assert reg.state.digest_at(reg.state.size - 1) == result.aggregate_digest
+    # A new run cannot start from a published run's aggregate: its rounds, counted from 1,
+    # could never be published after this run's (refused before anything is submitted).
+    from coordinator.federated_ledger import run_keys
+
+    with pytest.raises(FederationError, match="already holds federated round 1"):
+        run_keys(state)
 
 
 def test_a_site_whose_studies_are_not_the_initial_models_is_left_out(tmp_path, site_configs):

@@ -29,9 +29,13 @@ builds ``uns["scarches_fl"]``: one schema (``MAPPING_RECORD_FIELDS``) for every 
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,11 +56,15 @@ __all__ = [
     "check_output_path",
     "check_query",
     "choose_backed",
+    "open_h5ad",
     "count_matrix_bytes",
     "mapping_record",
 ]
 
 log = logging.getLogger(__name__)
+
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 #: A batch key with more distinct values than this fraction of its cells names cells, not
 #: studies (refused when it also has more than ``MAX_BATCHES_UNCHECKED`` values).
@@ -509,3 +517,66 @@ def mapping_record(
     }
     assert tuple(record) == MAPPING_RECORD_FIELDS
     return {k: v for k, v in record.items() if v is not None}
+
+
+@contextlib.contextmanager
+def open_h5ad(
+    path: str | os.PathLike[str], *, backed: bool | None = None, what: str = "--data"
+) -> Iterator[Any]:
+    """Open an h5ad for any command (plain or gzip-compressed ``.h5ad.gz``, read through a
+    private temporary copy that is removed on exit; streamed when it would not fit comfortably
+    in memory, see :func:`choose_backed`; ``backed`` forces either way). A file that is missing,
+    not HDF5 or not written by anndata is a :class:`scarches_fl.data.DataError` naming the fix;
+    ``what`` is the option that named the file. Yields an AnnData."""
+    import anndata as ad
+
+    from scarches_fl.data import DataError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"{what} {path}: file not found; pass an existing .h5ad or .h5ad.gz")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    tmpdir = None
+    try:
+        if magic.startswith(_GZIP_MAGIC):
+            tmpdir = tempfile.mkdtemp(prefix="scarches-fl-site-")
+            os.chmod(tmpdir, 0o700)
+            plain = Path(tmpdir) / (path.name.removesuffix(".gz") or "query.h5ad")
+            log.info("%s is gzip-compressed; reading it through a private temporary copy",
+                        path)
+            try:
+                with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
+                    shutil.copyfileobj(src, dst, length=4 * 1024 * 1024)
+            except (OSError, EOFError) as exc:
+                raise DataError(
+                    f"{path} looks gzip-compressed but does not decompress ({exc}); check the "
+                    f"file, or decompress it yourself (gunzip -k {path}) and pass the .h5ad"
+                ) from exc
+            with open(plain, "rb") as fh:
+                magic = fh.read(8)
+            path = plain
+        if not magic.startswith(_HDF5_MAGIC):
+            raise DataError(
+                f"{path} is not an HDF5 .h5ad file; convert it first (e.g. "
+                "anndata.read_loom / read_csv / scanpy.read_10x_mtx, then .write_h5ad)"
+            )
+        plan = choose_backed(path, backed=backed)
+        backed = plan.backed
+        try:
+            adata = ad.read_h5ad(path, backed="r" if backed else None)
+        except Exception as exc:  # h5py / anndata raise many types for a broken file
+            raise DataError(
+                f"cannot read {path} as AnnData ({type(exc).__name__}: {exc}); check that it "
+                "was written by anndata (adata.write_h5ad)"
+            ) from exc
+        log.info("%s: %s", path.name, plan.reason)
+        try:
+            yield adata
+        finally:
+            if backed and getattr(adata, "file", None) is not None:
+                with contextlib.suppress(Exception):
+                    adata.file.close()
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)

@@ -187,7 +187,7 @@ def _map(args: argparse.Namespace) -> int:
     from scarches_fl.mapping import map_query
     from scarches_fl.model import ReferenceModel
     from scarches_fl.query import check_output_path
-    from scarches_fl_cli.reference import read_input
+    from scarches_fl_cli.reference import open_input
 
     t0 = time.perf_counter()
     if args.update_out and args.mode != "conditions":
@@ -197,47 +197,47 @@ def _map(args: argparse.Namespace) -> int:
         )
     check_output_path(args.out, force=args.force)
     model = ReferenceModel.from_bundle(args.reference)
-    adata = read_input(args)
-    mapped = map_query(
-        adata, model, batch_key=args.batch_key, namespace=args.namespace,
-        label_key=args.label_key, layer=args.layer, var_names_column=args.var_names_column,
-        mode=args.mode, max_epochs=args.max_epochs, seed=args.seed, threshold=args.threshold,
-        min_gene_coverage=args.min_gene_coverage, min_cells_per_batch=args.min_cells_per_batch,
-        progress=not args.no_progress, device=args.device, label_method=args.label_method,
-    )
-    for note in mapped.notes:
-        log.info("%s", note)
-    query = mapped.adata
-    update_bytes = None
-    if args.update_out:
-        if not mapped.new_conditions:
-            raise DataError(
-                "--update-out: every batch is already a condition of the reference, so there is "
-                "nothing new to contribute; leave out --update-out, or use another --namespace"
-            )
-        update_bytes = write_update(args.update_out, mapped, mapped.reference_digest,
-                                    query.n_obs)
-    obs = query.obs.copy()
-    for key, values in mapped.obs_columns().items():
-        obs[key] = values
-    write_mapped_h5ad(args.out, query, obs, {"X_scarches": mapped.latent},
-                      {"scarches_fl": mapped.record()})
-    a = mapped.alignment
-    added = (
-        f"conditions added: {', '.join(mapped.new_conditions)} (mode {mapped.mode}, "
-        f"{mapped.trainable_parameters} trainable parameters, "
-        f"{training_summary(mapped.training or {'epochs': mapped.epochs})})"
-        if mapped.new_conditions
-        else "no conditions added: every batch is already in the reference (embedded with them)"
-    )
-    lines = [
-        f"mapped {query.n_obs} cells (counts from {mapped.counts}): "
-        f"{a.n_overlap}/{a.n_reference_genes} reference genes "
-        f"covered ({100 * a.coverage:.1f}%), {a.n_extra} query genes dropped",
-        added,
-        f"wrote {args.out} in {time.perf_counter() - t0:.1f} s",
-    ]
-    if update_bytes is not None:
-        lines.append(f"update: {args.update_out} (diff {update_bytes} bytes)")
-    print("\n".join(lines))
-    return 0
+    with open_input(args) as adata:
+        mapped = map_query(
+            adata, model, batch_key=args.batch_key, namespace=args.namespace,
+            label_key=args.label_key, layer=args.layer, var_names_column=args.var_names_column,
+            mode=args.mode, max_epochs=args.max_epochs, seed=args.seed, threshold=args.threshold,
+            min_gene_coverage=args.min_gene_coverage, min_cells_per_batch=args.min_cells_per_batch,
+            progress=not args.no_progress, device=args.device, label_method=args.label_method,
+        )
+        for note in mapped.notes:
+            log.info("%s", note)
+        query = mapped.adata
+        update_bytes = None
+        if args.update_out:
+            if not mapped.new_conditions:
+                raise DataError(
+                    "--update-out: every batch is already a condition of the reference, so there is "
+                    "nothing new to contribute; leave out --update-out, or use another --namespace"
+                )
+            update_bytes = write_update(args.update_out, mapped, mapped.reference_digest,
+                                        query.n_obs)
+        obs = query.obs.copy()
+        for key, values in mapped.obs_columns().items():
+            obs[key] = values
+        write_mapped_h5ad(args.out, query, obs, {"X_scarches": mapped.latent},
+                          {"scarches_fl": mapped.record()})
+        a = mapped.alignment
+        added = (
+            f"conditions added: {', '.join(mapped.new_conditions)} (mode {mapped.mode}, "
+            f"{mapped.trainable_parameters} trainable parameters, "
+            f"{training_summary(mapped.training or {'epochs': mapped.epochs})})"
+            if mapped.new_conditions
+            else "no conditions added: every batch is already in the reference (embedded with them)"
+        )
+        lines = [
+            f"mapped {query.n_obs} cells (counts from {mapped.counts}): "
+            f"{a.n_overlap}/{a.n_reference_genes} reference genes "
+            f"covered ({100 * a.coverage:.1f}%), {a.n_extra} query genes dropped",
+            added,
+            f"wrote {args.out} in {time.perf_counter() - t0:.1f} s",
+        ]
+        if update_bytes is not None:
+            lines.append(f"update: {args.update_out} (diff {update_bytes} bytes)")
+        print("\n".join(lines))
+        return 0

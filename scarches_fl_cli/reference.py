@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["register"]
@@ -37,25 +39,18 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> None:
                    help="read the whole file into memory")
 
 
-def read_input(args: argparse.Namespace) -> Any:
-    """The --data file, streamed or read whole (``choose_backed``), with --batches applied."""
-    import anndata as ad
+@contextlib.contextmanager
+def open_input(args: argparse.Namespace) -> Iterator[Any]:
+    """The --data file through :func:`scarches_fl.query.open_h5ad` (the reader `site map` uses
+    too: .h5ad or .h5ad.gz, streamed or read whole), with --batches applied."""
+    from scarches_fl.data import filter_batches
+    from scarches_fl.query import open_h5ad
 
-    from scarches_fl.data import DataError, filter_batches
-    from scarches_fl.query import choose_backed
-
-    try:
-        plan = choose_backed(args.data, backed=args.backed)
-        log.info("%s: %s", args.data, plan.reason)
-        adata = ad.read_h5ad(args.data, backed="r" if plan.backed else None)
-    except FileNotFoundError as exc:
-        raise DataError(f"input file {args.data!r} not found; check --data") from exc
-    except OSError as exc:
-        raise DataError(f"cannot read {args.data!r} as .h5ad ({exc}); check --data") from exc
-    if args.batches:
-        wanted = [b.strip() for b in args.batches.split(",") if b.strip()]
-        adata = filter_batches(adata, args.batch_key, wanted)
-    return adata
+    with open_h5ad(args.data, backed=args.backed, what="--data") as adata:
+        if args.batches:
+            wanted = [b.strip() for b in args.batches.split(",") if b.strip()]
+            adata = filter_batches(adata, args.batch_key, wanted)
+        yield adata
 
 
 def register(subparsers: Any) -> None:
@@ -148,41 +143,41 @@ def _train(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     check_output_path(args.out, force=args.force)
-    adata = read_input(args)
-    reference = Reference.train(
-        adata,
-        batch_key=args.batch_key,
-        label_key=args.label_key,
-        layer=args.layer,
-        likelihood=args.likelihood,
-        namespace=args.namespace,
-        n_hidden=args.n_hidden,
-        n_layers=args.n_layers,
-        n_latent=args.n_latent,
-        max_epochs=args.max_epochs,
-        seed=args.seed,
-        device=args.device,
-        progress=not args.no_progress,
-        dispersion=args.dispersion,
-        include_atlas=args.include_atlas,
-        classifier_weight=args.classifier_weight,
-        n_top_genes=args.n_top_genes,
-    )
-    model = reference.model
-    bundle = model.save(args.out)
-    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
-    h = model.history
-    selected = f" (of {adata.n_vars}, --n-top-genes)" if args.n_top_genes else ""
-    print(
-        f"reference: {adata.n_obs} cells x {len(model.genes)} genes{selected}, "
-        f"{len(model.conditions)} conditions ({', '.join(model.conditions)}), "
-        f"likelihood {args.likelihood}, {h.get('epochs')} epochs in "
-        f"{time.perf_counter() - t0:.1f} s, {h.get('trainable_parameters')} parameters\n"
-        f"bundle: {args.out} ({size} bytes), digest {bundle.digest}"
-    )
-    if model.labels:
-        print(describe_label_types(model.labels))
-    return 0
+    with open_input(args) as adata:
+        reference = Reference.train(
+            adata,
+            batch_key=args.batch_key,
+            label_key=args.label_key,
+            layer=args.layer,
+            likelihood=args.likelihood,
+            namespace=args.namespace,
+            n_hidden=args.n_hidden,
+            n_layers=args.n_layers,
+            n_latent=args.n_latent,
+            max_epochs=args.max_epochs,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+            dispersion=args.dispersion,
+            include_atlas=args.include_atlas,
+            classifier_weight=args.classifier_weight,
+            n_top_genes=args.n_top_genes,
+        )
+        model = reference.model
+        bundle = model.save(args.out)
+        size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.is_file())
+        h = model.history
+        selected = f" (of {adata.n_vars}, --n-top-genes)" if args.n_top_genes else ""
+        print(
+            f"reference: {adata.n_obs} cells x {len(model.genes)} genes{selected}, "
+            f"{len(model.conditions)} conditions ({', '.join(model.conditions)}), "
+            f"likelihood {args.likelihood}, {h.get('epochs')} epochs in "
+            f"{time.perf_counter() - t0:.1f} s, {h.get('trainable_parameters')} parameters\n"
+            f"bundle: {args.out} ({size} bytes), digest {bundle.digest}"
+        )
+        if model.labels:
+            print(describe_label_types(model.labels))
+        return 0
 
 
 def _import_scvi(args: argparse.Namespace) -> int:

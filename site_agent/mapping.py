@@ -20,11 +20,8 @@ site.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +44,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class SiteDataError(ScarchesFLError):
@@ -81,61 +76,18 @@ class MappingOutcome:
 
 @contextlib.contextmanager
 def open_query(path: str | Path, *, backed: bool | None = None) -> Iterator[Any]:
-    """Open the site's h5ad (plain or gzip-compressed; streamed when it would not fit
-    comfortably in memory, see :func:`scarches_fl.query.choose_backed`; ``backed`` forces
-    either way). Yields an AnnData."""
-    import anndata as ad
+    """The site's h5ad, opened by :func:`scarches_fl.query.open_h5ad` (the one reader every
+    command uses: plain or gzip-compressed, streamed when it would not fit); a file it cannot
+    use is a :class:`SiteDataError` naming the fix, as every data error at the site is.
+    Yields an AnnData."""
+    from scarches_fl.data import DataError
+    from scarches_fl.query import open_h5ad
 
-    from scarches_fl.query import choose_backed
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise SiteDataError(f"no dataset at {path}; pass the query .h5ad with --data")
-    with open(path, "rb") as fh:
-        magic = fh.read(8)
-    tmpdir = None
     try:
-        if magic.startswith(_GZIP_MAGIC):
-            tmpdir = tempfile.mkdtemp(prefix="scarches-fl-site-")
-            os.chmod(tmpdir, 0o700)
-            plain = Path(tmpdir) / (path.name.removesuffix(".gz") or "query.h5ad")
-            logger.info("%s is gzip-compressed; reading it through a private temporary copy",
-                        path)
-            try:
-                with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-                    shutil.copyfileobj(src, dst, length=4 * 1024 * 1024)
-            except (OSError, EOFError) as exc:
-                raise SiteDataError(
-                    f"{path} looks gzip-compressed but does not decompress ({exc}); check the "
-                    f"file, or decompress it yourself (gunzip -k {path}) and pass the .h5ad"
-                ) from exc
-            with open(plain, "rb") as fh:
-                magic = fh.read(8)
-            path = plain
-        if not magic.startswith(_HDF5_MAGIC):
-            raise SiteDataError(
-                f"{path} is not an HDF5 .h5ad file; convert it first (e.g. "
-                "anndata.read_loom / read_csv / scanpy.read_10x_mtx, then .write_h5ad)"
-            )
-        plan = choose_backed(path, backed=backed)
-        backed = plan.backed
-        try:
-            adata = ad.read_h5ad(path, backed="r" if backed else None)
-        except Exception as exc:  # h5py / anndata raise many types for a broken file
-            raise SiteDataError(
-                f"cannot read {path} as AnnData ({type(exc).__name__}: {exc}); check that it "
-                "was written by anndata (adata.write_h5ad)"
-            ) from exc
-        logger.info("%s: %s", path.name, plan.reason)
-        try:
+        with open_h5ad(path, backed=backed, what="--data") as adata:
             yield adata
-        finally:
-            if backed and getattr(adata, "file", None) is not None:
-                with contextlib.suppress(Exception):
-                    adata.file.close()
-    finally:
-        if tmpdir is not None:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+    except DataError as exc:
+        raise SiteDataError(str(exc)) from exc
 
 
 def map_query(

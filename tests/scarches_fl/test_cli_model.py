@@ -91,3 +91,27 @@ def test_backed_input_and_trvae(shared_data, tmp_path, capsys):
     assert "site-b/Dropseq_3cl" in capsys.readouterr().out
     q = ad.read_h5ad(tmp_path / "q.h5ad")
     assert q.n_obs == 210 and q.obsm["X_scarches"].shape == (210, 10)
+
+
+def test_map_reads_a_gzipped_h5ad_like_site_map(shared_data, tmp_path, capsys):
+    """`map` and `site map` open --data through one reader: a gzip-compressed .h5ad works in
+    both, and a file that is not HDF5 gets the same message naming the fix."""
+    import gzip
+
+    data = shared_data / DATA
+    ref = tmp_path / "ref"
+    assert main(["reference", "train", "--data", str(data), "--batch-key", "batch",
+                 "--max-epochs", "2", "--no-progress", "--out", str(ref)]) == 0
+    gz = tmp_path / "q.h5ad.gz"
+    with open(data, "rb") as src, gzip.open(gz, "wb", compresslevel=1) as dst:
+        dst.write(src.read())
+    out = tmp_path / "mapped.h5ad"
+    assert main(["map", "--reference", str(ref), "--data", str(gz), "--batch-key", "batch",
+                 "--namespace", "q", "--max-epochs", "2", "--no-progress",
+                 "--out", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    (tmp_path / "x.csv").write_text("a,b\n")
+    assert main(["map", "--reference", str(ref), "--data", str(tmp_path / "x.csv"),
+                 "--batch-key", "batch", "--out", str(tmp_path / "m2.h5ad")]) == 2
+    assert "is not an HDF5 .h5ad file" in capsys.readouterr().err

@@ -98,6 +98,26 @@ def labelled_consortium(*sites: str, seed: int = 0) -> Consortium:
     return c
 
 
+def new_latent_space(c: Consortium, *, scale: float = 1.0) -> None:
+    """Append a ``federated_round`` whose aggregate is the served model's weights times
+    ``scale``: a new latent space, on which earlier contributions no longer count."""
+    from protocols.ledger import make_federated_round
+
+    b = c.state.bundle()
+    manifest = {k: v for k, v in b.manifest.items() if k != "digest"}
+    agg = make_bundle(manifest, {k: np.asarray(v) * scale for k, v in b.tensors.items()})
+    r = make_federated_round(
+        agg,
+        origin=ORIGIN,
+        round_number=1,
+        base_size=c.state.size,
+        base_digest=b.digest,
+        contributors=[("site-a", "sha256:" + "cd" * 32)],
+        operator_keys=[c.operator],
+    )
+    c.append(r.envelope, r.blobs)
+
+
 def contribution(
     c: Consortium,
     site_id: str = "site-a",

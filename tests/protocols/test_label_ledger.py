@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from protocols.errors import VerificationError
@@ -20,7 +19,12 @@ from protocols.labels import (
 )
 from protocols.ledger import capture_snapshot, replay, restore_state
 from tests.protocols._factories import ORIGIN
-from tests.protocols._label_factories import contribution, dp_contribution, labelled_consortium
+from tests.protocols._label_factories import (
+    contribution,
+    dp_contribution,
+    labelled_consortium,
+    new_latent_space,
+)
 
 
 def _delta(sigma: float, eps: float, sens: float) -> float:
@@ -184,24 +188,9 @@ def test_replay_and_snapshot_give_the_same_label_knowledge():
 
 
 def test_a_new_latent_space_starts_without_contributions():
-    from protocols.bundle import make_bundle
-    from protocols.ledger import make_federated_round
-
     c = labelled_consortium()
     c.append(contribution(c))
-    b = c.state.bundle()
-    manifest = {k: v for k, v in b.manifest.items() if k != "digest"}
-    agg = make_bundle(manifest, {k: np.asarray(v) * 2 for k, v in b.tensors.items()})
-    r = make_federated_round(
-        agg,
-        origin=ORIGIN,
-        round_number=1,
-        base_size=c.state.size,
-        base_digest=b.digest,
-        contributors=[("site-a", "sha256:" + "cd" * 32)],
-        operator_keys=[c.operator],
-    )
-    c.append(r.envelope, r.blobs)
+    new_latent_space(c, scale=2.0)
     assert c.state.label_knowledge()["levels"]["cell_type"]["prototype"]["classes"] == [
         "alpha",
         "beta",

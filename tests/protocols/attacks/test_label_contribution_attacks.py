@@ -22,6 +22,7 @@ from tests.protocols._label_factories import (
     contribution,
     dp_contribution,
     labelled_consortium,
+    new_latent_space,
     set_policy,
 )
 
@@ -227,24 +228,9 @@ def test_vocabulary_decision_on_a_name_that_matched_the_vocabulary_is_refused():
 
 def test_vocabulary_decision_after_a_new_latent_space_is_refused():
     # a contribution on an earlier lineage no longer counts, so neither does deciding its name
-    from protocols.bundle import make_bundle
-    from protocols.ledger import make_federated_round
-
     c = labelled_consortium()
     c.append(contribution(c))
-    b = c.state.bundle()
-    manifest = {k: v for k, v in b.manifest.items() if k != "digest"}
-    agg = make_bundle(manifest, dict(b.tensors))
-    r = make_federated_round(
-        agg,
-        origin=ORIGIN,
-        round_number=1,
-        base_size=c.state.size,
-        base_digest=b.digest,
-        contributors=[("site-a", "sha256:" + "cd" * 32)],
-        operator_keys=[c.operator],
-    )
-    c.append(r.envelope, r.blobs)
+    new_latent_space(c)
     assert_refused(
         c, _decide(c, "accept", "site-a:delta", "delta"), "E_LABEL_POLICY_NOT_CONTRIBUTED"
     )

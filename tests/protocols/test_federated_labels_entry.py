@@ -73,11 +73,17 @@ def labels_entry(c: Consortium, labelled, names, *, size=None, round_number=1, k
     )
 
 
-def published() -> tuple[Consortium, object, object]:
+def round_to_label() -> tuple[Consortium, object, list[str]]:
+    """A consortium whose head is one federated round, with that round's labelled bundle and
+    the names of its label tensors (the entry is not made)."""
     c = consortium()
     c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    labelled, names = labelled_of(federated_round(c))
+    return c, labelled, names
+
+
+def published() -> tuple[Consortium, object, object]:
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names)
     applied = c.append(entry.envelope, entry.blobs)
     assert applied.kind == "federated_labels"

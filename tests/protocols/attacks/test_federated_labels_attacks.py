@@ -16,12 +16,11 @@ from protocols.dsse import sign_envelope
 from protocols.errors import LedgerError
 from protocols.ledger import FEDERATED_LABELS_TYPE, entry_blobs, entry_payload
 from protocols.limits import Limits
-from tests.protocols._factories import consortium, det_key
 from tests.protocols.test_federated_labels_entry import (
     federated_round,
-    labelled_of,
     labels_entry,
     published,
+    round_to_label,
 )
 
 
@@ -40,10 +39,7 @@ def test_labels_entry_replayed_onto_a_later_round_is_refused():
 
 
 def test_labels_entry_replayed_after_a_site_update_is_refused():
-    c = consortium()
-    c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names)
     c.submit(c.update("site-a", sequence=1))
     _refused(c, entry.envelope, entry.blobs, "E_FEDERATED_LABELS")
@@ -61,19 +57,13 @@ def test_a_second_labels_entry_for_one_round_is_refused():
 
 
 def test_labels_entry_names_the_last_round():
-    c = consortium()
-    c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names, round_number=2)
     _refused(c, entry.envelope, entry.blobs, "E_FEDERATED_LABELS")
 
 
 def test_labels_signed_by_a_site_key_are_refused():
-    c = consortium()
-    c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names, keys=[c.site_keys["site-a"]])
     with pytest.raises(LedgerError) as ei:
         c.append(entry.envelope, entry.blobs)
@@ -87,20 +77,14 @@ def _resigned(c, entry, **changes) -> bytes:
 
 
 def test_a_labelled_digest_the_blobs_do_not_give_is_refused():
-    c = consortium()
-    c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names)
     forged = _resigned(c, entry, digest="sha256:" + "0" * 64)
     _refused(c, forged, entry.blobs, "E_DIGEST_MISMATCH")
 
 
 def test_a_flipped_blob_byte_is_refused():
-    c = consortium()
-    c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names)
     for ref in entry_blobs(entry.envelope):
         blobs = dict(entry.blobs)
@@ -121,10 +105,7 @@ def test_a_flipped_blob_byte_is_refused():
 
 
 def test_blobs_over_the_limits_are_refused_before_they_are_read():
-    c = consortium()
-    c.enrol("site-a", det_key(10))
-    agg = federated_round(c)
-    labelled, names = labelled_of(agg)
+    c, labelled, names = round_to_label()
     entry = labels_entry(c, labelled, names)
     c.state.limits = Limits(max_manifest_bytes=64)
     _refused(c, entry.envelope, {}, "E_OVERSIZE")  # no blob given: it was never looked up

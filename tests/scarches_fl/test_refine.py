@@ -288,7 +288,11 @@ def _contributed(scores, types, source, classes):
     return out
 
 
-def test_a_contributed_type_is_named_and_known_calls_stay():
+def _growth_split() -> tuple:
+    """The growth setting in small: a reference (batch0) without type1, a site A (batch1) that
+    holds it and contributes, a query (batch2). Returns the reference's expression prototypes
+    (manifest, tensors), the reference, site A, the query and site A's scores in the
+    reference's subspace."""
     adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=11)
     types = adata.obs["cell_type"].astype(str).to_numpy()
     batch = adata.obs["batch"].astype(str).to_numpy()
@@ -296,8 +300,13 @@ def test_a_contributed_type_is_named_and_known_calls_stay():
     site_a = adata[batch == "batch1"].copy()
     query = adata[batch == "batch2"].copy()
     manifest, tensors = _fit(ref, n_components=30)
-    level = manifest["levels"]["cell_type"]["expression"]
     scores_a = project_counts(manifest["expression"], tensors, site_a.X)
+    return manifest, tensors, ref, site_a, query, scores_a
+
+
+def test_a_contributed_type_is_named_and_known_calls_stay():
+    manifest, tensors, _, site_a, query, scores_a = _growth_split()
+    level = manifest["levels"]["cell_type"]["expression"]
     before = _labels(manifest, tensors, query)
     grown = json.loads(json.dumps(manifest))
     grown["levels"]["cell_type"]["expression"]["contributed"] = _contributed(
@@ -838,15 +847,8 @@ def test_a_contributed_type_far_from_every_latent_prototype_is_unknown():
 
     import pandas as pd
 
-    adata = simulate_counts(1500, n_genes=300, n_batches=3, n_cell_types=5, seed=11)
-    types = adata.obs["cell_type"].astype(str).to_numpy()
-    batch = adata.obs["batch"].astype(str).to_numpy()
-    ref = adata[(batch == "batch0") & (types != "type1")].copy()
-    site_a = adata[batch == "batch1"].copy()
-    query = adata[batch == "batch2"].copy()
-    manifest, tensors = _fit(ref, n_components=30)
+    manifest, tensors, ref, site_a, query, scores_a = _growth_split()
     level = manifest["levels"]["cell_type"]["expression"]
-    scores_a = project_counts(manifest["expression"], tensors, site_a.X)
     manifest["levels"]["cell_type"]["expression"] = {
         **level,
         "contributed": _contributed(
